@@ -1,0 +1,94 @@
+"""Engine selection and the contract every engine keeps.
+
+softrank has two engines with one interface: the compiled C++ core
+(``softrank._C``, "native") and a numba port of the same algorithms
+(``softrank._numba``, "numba"), used when the compiled module is absent or when
+``SOFTRANK_BACKEND=numba`` is set. Adapters never talk to an engine directly:
+they call :func:`engine`, which loads the engine once, lazily, so that
+``import softrank`` imports neither numba nor the compiled module.
+
+Engine contract
+---------------
+Every array argument is a C-contiguous 2-D numpy array of shape ``(rows, n)``
+(``n`` may be 0, ``rows`` may be 0); values are float32 or float64 and the
+outputs have the dtype of ``x`` (``y`` for isotonic). Integer bookkeeping is
+int32 (``n < 2**31``). The engine checks shapes, dtypes and contiguity and
+raises ``ValueError``/``TypeError``; it never crashes.
+
+``op``: 0 = soft rank, 1 = soft sort. ``reg``: 0 = l2, 1 = kl.
+``descending``: bool. ``eps``: float >= 0 (0 = hard operator, inf = the
+limit). The caller has validated the arguments already.
+
+soft_forward(x, op, reg, descending, eps) -> (out, perm, block_start)
+    out[r]: the operator on row r. perm[r, i]: the column of x that sits at
+    sorted position i (sorted by decreasing ``x'``, where ``x' = x`` for an
+    ascending rank or a descending sort and ``x' = -x`` otherwise; ties keep
+    increasing column order). block_start[r, i]: the sorted position where the
+    PAV block holding sorted position i starts. A row holding NaN or +-inf gets
+    NaN output and block_start = -1 everywhere.
+soft_vjp(x, out, perm, block_start, cotangent, op, reg, descending, eps) -> grad
+    The gradient of sum(cotangent * op(x)) with respect to x, from the stored
+    forward state, in O(n) per row.
+soft_jvp(x, out, perm, block_start, tangent, op, reg, descending, eps) -> tangent_out
+    The Jacobian-vector product, O(n) per row.
+isotonic_forward(y, weights_or_None, increasing) -> (solution, block_start)
+    Weighted l2 isotonic regression by PAV: argmin_v sum_i w_i (v_i - y_i)^2
+    subject to v non-decreasing (increasing=True) or non-increasing. Adjacent
+    blocks with equal values are pooled. block_start as above, over positions.
+isotonic_vjp(weights_or_None, block_start, cotangent) -> grad_y
+    grad_y[j] = w_j / W_B * sum_{i in B} cotangent[i] for j in block B.
+set_num_threads(k), get_num_threads()
+    Bound the CPU threads (k >= 1). Results are bitwise identical for any k.
+"""
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+OP_RANK = 0
+OP_SORT = 1
+REG_L2 = 0
+REG_KL = 1
+
+_engine: ModuleType | None = None
+_engine_name: str | None = None
+
+
+def _load() -> None:
+    global _engine, _engine_name
+    forced = os.environ.get("SOFTRANK_BACKEND", "").strip().lower()
+    if forced not in ("", "native", "numba"):
+        raise ValueError(
+            f"SOFTRANK_BACKEND must be 'native' or 'numba', got {forced!r}"
+        )
+    if forced != "numba":
+        try:
+            from softrank import _C  # type: ignore[attr-defined]
+        except ImportError:
+            if forced == "native":
+                raise
+        else:
+            _engine, _engine_name = _C, "native"
+            return
+    try:
+        from softrank import _numba
+    except ImportError as exc:  # numba missing and no compiled core
+        raise ImportError(
+            "softrank has no compiled core here and numba is not installed; "
+            "reinstall softrank with a C++ compiler or `pip install numba`"
+        ) from exc
+    _engine, _engine_name = _numba, "numba"
+
+
+def engine() -> ModuleType:
+    """Return the engine module, loading it on first use."""
+    if _engine is None:
+        _load()
+    return _engine  # type: ignore[return-value]
+
+
+def backend() -> str:
+    """Name the engine in use: ``"native"`` (the C++ core) or ``"numba"``."""
+    if _engine_name is None:
+        _load()
+    return _engine_name  # type: ignore[return-value]

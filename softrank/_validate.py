@@ -1,0 +1,103 @@
+"""Argument checks shared by every adapter.
+
+Each check raises at the Python boundary with a message that names the
+argument and what was expected, so that bad input never reaches an engine.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+REGULARIZATIONS = ("l2", "kl")
+DIRECTIONS = ("ascending", "descending")
+
+
+def check_eps(eps: Any) -> float:
+    """Return ``eps`` as a float, or raise if it is not a real number >= 0.
+
+    ``eps = 0`` selects the hard operator and ``eps = inf`` the limit of
+    infinite regularization; both are valid.
+    """
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        # numpy / framework 0-d scalars are accepted through float().
+        if hasattr(eps, "dtype") and getattr(eps, "shape", None) in ((), None):
+            kind = getattr(getattr(eps, "dtype", None), "kind", None)
+            if kind == "c":
+                raise TypeError(f"eps must be a real number, got complex {eps!r}")
+            try:
+                eps = float(eps)
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"eps must be a real number >= 0, got {type(eps).__name__}"
+                ) from None
+        elif hasattr(eps, "item") and hasattr(eps, "shape") and tuple(eps.shape) == ():
+            eps = float(eps.item())
+        else:
+            raise TypeError(
+                f"eps must be a real number >= 0, got {type(eps).__name__} {eps!r}"
+            )
+    value = float(eps)
+    if math.isnan(value):
+        raise ValueError("eps must be a number >= 0, got NaN")
+    if value < 0:
+        raise ValueError(f"eps must be >= 0 (0 gives the hard operator), got {value!r}")
+    return value
+
+
+def check_regularization(regularization: Any) -> int:
+    """Return the engine code of ``regularization`` ("l2" -> 0, "kl" -> 1)."""
+    if regularization not in REGULARIZATIONS or not isinstance(regularization, str):
+        raise ValueError(
+            f"regularization must be 'l2' or 'kl', got {regularization!r}"
+        )
+    return REGULARIZATIONS.index(regularization)
+
+
+def check_direction(direction: Any) -> bool:
+    """Return True for "descending", False for "ascending"; raise otherwise."""
+    if direction not in DIRECTIONS or not isinstance(direction, str):
+        raise ValueError(
+            f"direction must be 'ascending' or 'descending', got {direction!r}"
+        )
+    return direction == "descending"
+
+
+def check_axis(axis: Any, ndim: int, name: str = "axis") -> int:
+    """Return ``axis`` normalised to ``[0, ndim)``; raise if out of range.
+
+    ``ndim == 0`` is rejected: the operators need an axis to act along.
+    """
+    if ndim == 0:
+        raise ValueError(
+            "x must have at least one dimension (got a 0-d scalar); "
+            "the operator acts along an axis"
+        )
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(axis).__name__} {axis!r}")
+    axis = int(axis)
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"{name}={axis} is out of range for an input with {ndim} dimension(s); "
+            f"expected {-ndim} <= {name} < {ndim}"
+        )
+    return axis % ndim
+
+
+def check_float_dtype_kind(kind: str, dtype_name: str, allow_int: bool, name: str = "x") -> None:
+    """Reject complex, object, string and (unless ``allow_int``) integer dtypes.
+
+    ``kind`` is a numpy dtype kind code ('f', 'i', 'u', 'b', 'c', 'O', ...).
+    """
+    if kind == "f":
+        return
+    if kind in "iub" and allow_int:
+        return
+    if kind in "iub":
+        raise TypeError(
+            f"{name} must have a floating dtype (float16, bfloat16, float32 or "
+            f"float64), got {dtype_name}; cast it first, e.g. x.float()"
+        )
+    raise TypeError(
+        f"{name} must have a real floating dtype, got {dtype_name}"
+    )

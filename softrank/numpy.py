@@ -1,0 +1,355 @@
+"""softrank for numpy arrays: soft rank, soft sort, their vjp/jvp, isotonic regression.
+
+Every function acts along one ``axis`` of an array of any shape, independently
+for every other index, and returns an array of the input's shape and dtype.
+Integers, booleans and lists are cast to float64; float16 and bfloat16 are
+computed in float32 and returned in their own dtype.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Tuple
+
+import numpy as np
+
+from softrank import _engine
+from softrank._validate import (
+    check_axis,
+    check_direction,
+    check_eps,
+    check_float_dtype_kind,
+    check_regularization,
+)
+
+__all__ = [
+    "soft_rank",
+    "soft_sort",
+    "soft_rank_vjp",
+    "soft_sort_vjp",
+    "soft_rank_jvp",
+    "soft_sort_jvp",
+    "isotonic_regression",
+    "isotonic_regression_vjp",
+]
+
+
+def _compute_dtype(dtype: np.dtype, name: str) -> np.dtype:
+    """float64 stays float64; every narrower float (and bfloat16) runs in float32."""
+    if dtype.name == "bfloat16":  # ml_dtypes' bfloat16 has kind 'V'
+        return np.dtype(np.float32)
+    check_float_dtype_kind(dtype.kind, str(dtype), allow_int=True, name=name)
+    if dtype.kind in "iub" or dtype == np.float64:
+        return np.dtype(np.float64)
+    if dtype.itemsize > 8:  # longdouble: the core computes in double
+        return np.dtype(np.float64)
+    return np.dtype(np.float32)
+
+
+def _to_rows(
+    x: np.ndarray, axis: int, dtype: np.dtype
+) -> Tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """View ``x`` as C-contiguous ``(rows, n)`` with ``axis`` last.
+
+    Returns the rows and a function that maps a ``(rows, n)`` result back to
+    the layout of ``x`` (axis restored, original dtype).
+    """
+    moved = np.moveaxis(x, axis, -1)
+    moved_shape = moved.shape
+    n = moved_shape[-1]
+    rows = int(np.prod(moved_shape[:-1], dtype=np.int64))
+    flat = np.ascontiguousarray(moved, dtype=dtype).reshape(rows, n)
+    out_dtype = x.dtype if x.dtype.kind == "f" or x.dtype.name == "bfloat16" else dtype
+
+    def restore(result: np.ndarray) -> np.ndarray:
+        back = np.moveaxis(result.reshape(moved_shape), -1, axis)
+        return back.astype(out_dtype, copy=False)
+
+    return flat, restore
+
+
+def _prepare(x: Any, axis: Any, name: str = "x"):
+    array = np.asarray(x)
+    dtype = _compute_dtype(array.dtype, name)
+    ax = check_axis(axis, array.ndim)
+    rows, restore = _to_rows(array, ax, dtype)
+    return array, ax, rows, restore
+
+
+def _prepare_like(array: np.ndarray, other: Any, axis: int, dtype: np.dtype, name: str) -> np.ndarray:
+    """Bring a cotangent/tangent to the row layout of ``array``; shapes must match."""
+    other = np.asarray(other)
+    check_float_dtype_kind(other.dtype.kind, str(other.dtype), allow_int=True, name=name)
+    if other.shape != array.shape:
+        raise ValueError(
+            f"{name} must have the shape of x {array.shape}, got {other.shape}"
+        )
+    rows, _ = _to_rows(other, axis, dtype)
+    return rows
+
+
+def _soft_forward(x, eps, regularization, direction, axis, op):
+    eps = check_eps(eps)
+    reg = check_regularization(regularization)
+    descending = check_direction(direction)
+    array, ax, rows, restore = _prepare(x, axis)
+    out, perm, blocks = _engine.engine().soft_forward(rows, op, reg, descending, eps)
+    return array, ax, rows, restore, (out, perm, blocks), (op, reg, descending, eps)
+
+
+def soft_rank(
+    x: Any,
+    eps: float = 1.0,
+    *,
+    regularization: str = "l2",
+    direction: str = "ascending",
+    axis: int = -1,
+) -> np.ndarray:
+    """Soft (differentiable) ranks of ``x`` along ``axis``.
+
+    ``soft_rank(x) = P(x / eps, rho)``: the projection of ``x / eps`` onto the
+    permutahedron of ``rho = (n, ..., 1)`` (Blondel et al. 2020), exact, in
+    O(n log n) per row.
+
+    Parameters
+    ----------
+    x : array_like, shape (..., n, ...)
+        Values to rank. Any real dtype; ints and lists become float64.
+    eps : float, default 1.0
+        Regularization strength, >= 0. ``eps -> 0`` gives the hard ranks
+        (``eps = 0`` is the hard operator, ties get their mean rank);
+        ``eps = inf`` gives ``(n + 1) / 2`` everywhere.
+    regularization : {"l2", "kl"}
+        Quadratic or entropic regularization.
+    direction : {"ascending", "descending"}
+        "ascending": rank 1 is the smallest value.
+    axis : int, default -1
+        The axis to rank along.
+
+    Returns
+    -------
+    numpy.ndarray
+        Same shape and dtype as ``x``. Every row sums to ``n (n + 1) / 2``.
+        A row holding NaN or inf is NaN.
+
+    Notes
+    -----
+    Gradient: see :func:`soft_rank_vjp`; block-diagonal in sorted order, O(n).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from softrank.numpy import soft_rank
+    >>> soft_rank(np.array([3.0, 1.0, 2.0]), eps=0.1)
+    array([3., 1., 2.])
+    """
+    array, _, _, restore, (out, _, _), _ = _soft_forward(
+        x, eps, regularization, direction, axis, _engine.OP_RANK
+    )
+    return restore(out)
+
+
+def soft_sort(
+    x: Any,
+    eps: float = 1.0,
+    *,
+    regularization: str = "l2",
+    direction: str = "ascending",
+    axis: int = -1,
+) -> np.ndarray:
+    """Soft (differentiable) sort of ``x`` along ``axis``.
+
+    ``soft_sort(x) = P(rho / eps, x)``: the projection of ``rho / eps`` onto
+    the permutahedron of ``x`` (Blondel et al. 2020), exact, O(n log n).
+
+    Parameters
+    ----------
+    x : array_like, shape (..., n, ...)
+    eps : float, default 1.0
+        Regularization strength, >= 0. ``eps = 0`` returns the sorted values;
+        ``eps = inf`` the mean (l2) or log-mean-exp (kl) of each row.
+    regularization : {"l2", "kl"}
+    direction : {"ascending", "descending"}
+    axis : int, default -1
+
+    Returns
+    -------
+    numpy.ndarray
+        Same shape and dtype as ``x``; l2 preserves every row's sum.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from softrank.numpy import soft_sort
+    >>> soft_sort(np.array([3.0, 1.0, 2.0]), eps=0.1)
+    array([1., 2., 3.])
+    """
+    array, _, _, restore, (out, _, _), _ = _soft_forward(
+        x, eps, regularization, direction, axis, _engine.OP_SORT
+    )
+    return restore(out)
+
+
+def _soft_vjp(x, cotangent, eps, regularization, direction, axis, op, jvp=False):
+    array, ax, rows, restore, state, args = _soft_forward(
+        x, eps, regularization, direction, axis, op
+    )
+    name = "tangent" if jvp else "cotangent"
+    vec = _prepare_like(array, cotangent, ax, rows.dtype, name)
+    fn = _engine.engine().soft_jvp if jvp else _engine.engine().soft_vjp
+    return restore(fn(rows, *state, vec, *args))
+
+
+def soft_rank_vjp(
+    x: Any,
+    cotangent: Any,
+    eps: float = 1.0,
+    *,
+    regularization: str = "l2",
+    direction: str = "ascending",
+    axis: int = -1,
+) -> np.ndarray:
+    """Gradient of ``sum(cotangent * soft_rank(x))`` with respect to ``x``.
+
+    The Jacobian of the l2 soft rank is ``(I - B) / eps`` in sorted order,
+    with ``B`` the block-averaging matrix of the PAV blocks; for kl it is
+    ``(diag(r) - r r^T / R_B) / eps`` per block. Cost O(n) per row after the
+    forward pass. Zero for ``eps = 0`` and ``eps = inf``.
+
+    Parameters
+    ----------
+    x, eps, regularization, direction, axis : as in :func:`soft_rank`
+    cotangent : array_like, shape of ``x``
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape and dtype of ``x``.
+    """
+    return _soft_vjp(x, cotangent, eps, regularization, direction, axis, _engine.OP_RANK)
+
+
+def soft_sort_vjp(
+    x: Any,
+    cotangent: Any,
+    eps: float = 1.0,
+    *,
+    regularization: str = "l2",
+    direction: str = "ascending",
+    axis: int = -1,
+) -> np.ndarray:
+    """Gradient of ``sum(cotangent * soft_sort(x))`` with respect to ``x``.
+
+    l2: the block mean of the cotangent, sent back through the sorting
+    permutation; kl: the block softmax of the sorted values times the block
+    sum of the cotangent. ``eps = 0`` gives the permutation. O(n) per row.
+
+    Parameters
+    ----------
+    x, eps, regularization, direction, axis : as in :func:`soft_sort`
+    cotangent : array_like, shape of ``x``
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape and dtype of ``x``.
+    """
+    return _soft_vjp(x, cotangent, eps, regularization, direction, axis, _engine.OP_SORT)
+
+
+def soft_rank_jvp(
+    x: Any,
+    tangent: Any,
+    eps: float = 1.0,
+    *,
+    regularization: str = "l2",
+    direction: str = "ascending",
+    axis: int = -1,
+) -> np.ndarray:
+    """Jacobian-vector product of :func:`soft_rank` at ``x`` with ``tangent``.
+
+    The soft-rank Jacobian is symmetric, so this equals :func:`soft_rank_vjp`
+    with ``tangent`` as the cotangent. O(n) per row.
+    """
+    return _soft_vjp(x, tangent, eps, regularization, direction, axis, _engine.OP_RANK, jvp=True)
+
+
+def soft_sort_jvp(
+    x: Any,
+    tangent: Any,
+    eps: float = 1.0,
+    *,
+    regularization: str = "l2",
+    direction: str = "ascending",
+    axis: int = -1,
+) -> np.ndarray:
+    """Jacobian-vector product of :func:`soft_sort` at ``x`` with ``tangent``. O(n)."""
+    return _soft_vjp(x, tangent, eps, regularization, direction, axis, _engine.OP_SORT, jvp=True)
+
+
+def _isotonic_prepare(y, weights, axis):
+    array, ax, rows, restore = _prepare(y, axis, name="y")
+    w_rows = None
+    if weights is not None:
+        w_rows = _prepare_like(array, weights, ax, np.dtype(np.float64), "weights")
+        if not np.all(np.isfinite(w_rows)) or not np.all(w_rows > 0):
+            raise ValueError("weights must be finite and > 0 everywhere")
+        w_rows = w_rows.astype(rows.dtype, copy=False)
+        if not np.all(w_rows > 0):
+            raise ValueError(f"weights must stay > 0 in {rows.dtype} (underflow)")
+    return array, ax, rows, restore, w_rows
+
+
+def isotonic_regression(
+    y: Any,
+    *,
+    weights: Any = None,
+    increasing: bool = True,
+    axis: int = -1,
+) -> np.ndarray:
+    """Weighted l2 isotonic regression along ``axis`` by pool-adjacent-violators.
+
+    Solves ``argmin_v sum_i w_i (v_i - y_i)^2`` subject to ``v`` non-decreasing
+    (``increasing=True``) or non-increasing, exactly, in O(n) per row.
+
+    Parameters
+    ----------
+    y : array_like, shape (..., n, ...)
+    weights : array_like, shape of ``y``, optional
+        Positive finite weights; default all ones.
+    increasing : bool, default True
+    axis : int, default -1
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape and dtype of ``y``. Gradient: :func:`isotonic_regression_vjp`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from softrank.numpy import isotonic_regression
+    >>> isotonic_regression(np.array([1.0, 3.0, 2.0, 4.0]))
+    array([1. , 2.5, 2.5, 4. ])
+    """
+    _, _, rows, restore, w_rows = _isotonic_prepare(y, weights, axis)
+    solution, _ = _engine.engine().isotonic_forward(rows, w_rows, bool(increasing))
+    return restore(solution)
+
+
+def isotonic_regression_vjp(
+    y: Any,
+    cotangent: Any,
+    *,
+    weights: Any = None,
+    increasing: bool = True,
+    axis: int = -1,
+) -> np.ndarray:
+    """Gradient of ``sum(cotangent * isotonic_regression(y))`` with respect to ``y``.
+
+    Within each PAV block ``B`` the solution is the weighted mean of ``y``, so
+    ``grad_j = w_j / sum_B w * sum_B cotangent``. O(n) per row.
+    """
+    array, ax, rows, restore, w_rows = _isotonic_prepare(y, weights, axis)
+    vec = _prepare_like(array, cotangent, ax, rows.dtype, "cotangent")
+    eng = _engine.engine()
+    _, blocks = eng.isotonic_forward(rows, w_rows, bool(increasing))
+    return restore(eng.isotonic_vjp(w_rows, blocks, vec))
