@@ -92,3 +92,33 @@ def backend() -> str:
     if _engine_name is None:
         _load()
     return _engine_name  # type: ignore[return-value]
+
+
+def available_backends() -> list:
+    """The engines that can be loaded here, native first (used by the tests)."""
+    names = []
+    try:
+        from softrank import _C  # type: ignore[attr-defined]  # noqa: F401
+
+        names.append("native")
+    except ImportError:
+        pass
+    try:
+        import numba  # noqa: F401
+
+        names.append("numba")
+    except ImportError:
+        pass
+    return names
+
+
+def force_backend(name: str) -> None:
+    """Switch the engine in this process ("native" or "numba"); for tests and benchmarks."""
+    global _engine, _engine_name
+    if name == "native":
+        from softrank import _C as module  # type: ignore[attr-defined]
+    elif name == "numba":
+        from softrank import _numba as module
+    else:
+        raise ValueError(f"backend must be 'native' or 'numba', got {name!r}")
+    _engine, _engine_name = module, name
