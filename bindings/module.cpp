@@ -1,0 +1,256 @@
+// pybind11 bindings: softrank._C, the native engine. Converts and validates
+// numpy buffers and hands raw pointers to the core; no math here. Not built
+// against any ML framework. The engine contract is in softrank/_engine.py.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+
+#include "softrank/batched.h"
+#include "softrank/parallel.h"
+
+namespace py = pybind11;
+using softrank::index_t;
+
+namespace {
+
+enum class Kind { Float32, Float64 };
+
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t d = 0; d < a.ndim(); ++d) {
+    if (d) s += ", ";
+    s += std::to_string(a.shape(d));
+  }
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+// Checks that `a` is a C-contiguous 2-D float32/float64 array and returns its kind.
+Kind check_values(const py::array& a, const char* name) {
+  if (a.ndim() != 2)
+    throw py::value_error(std::string(name) + " must be a 2-D (rows, n) array, got shape " +
+                          shape_str(a));
+  if (!(a.flags() & py::array::c_style))
+    throw py::value_error(std::string(name) + " must be C-contiguous");
+  if (a.shape(1) > std::numeric_limits<index_t>::max())
+    throw py::value_error(std::string(name) + " rows longer than 2**31 - 1 are not supported");
+  if (a.dtype().is(py::dtype::of<float>()))
+    return Kind::Float32;
+  if (a.dtype().is(py::dtype::of<double>())) return Kind::Float64;
+  throw py::type_error(std::string(name) + " must be float32 or float64, got " +
+                       std::string(py::str(a.dtype())));
+}
+
+void check_same(const py::array& a, const py::array& ref, const char* name, const char* ref_name) {
+  if (a.ndim() != 2 || a.shape(0) != ref.shape(0) || a.shape(1) != ref.shape(1))
+    throw py::value_error(std::string(name) + " must have the shape of " + ref_name + " " +
+                          shape_str(ref) + ", got " + shape_str(a));
+  if (!(a.flags() & py::array::c_style))
+    throw py::value_error(std::string(name) + " must be C-contiguous");
+}
+
+void check_same_values(const py::array& a, const py::array& ref, const char* name,
+                       const char* ref_name) {
+  check_same(a, ref, name, ref_name);
+  if (!a.dtype().is(ref.dtype()))
+    throw py::type_error(std::string(name) + " must have the dtype of " + ref_name + " (" +
+                         std::string(py::str(ref.dtype())) + "), got " +
+                         std::string(py::str(a.dtype())));
+}
+
+void check_indices(const py::array& a, const py::array& ref, const char* name) {
+  check_same(a, ref, name, "x");
+  if (!a.dtype().is(py::dtype::of<std::int32_t>()))
+    throw py::type_error(std::string(name) + " must be int32, got " +
+                         std::string(py::str(a.dtype())));
+}
+
+softrank::OpSpec make_spec(int op, int reg, bool descending, double eps) {
+  if (op != 0 && op != 1) throw py::value_error("op must be 0 (rank) or 1 (sort)");
+  if (reg != 0 && reg != 1) throw py::value_error("reg must be 0 (l2) or 1 (kl)");
+  if (!(eps >= 0.0)) throw py::value_error("eps must be a number >= 0, got " + std::to_string(eps));
+  return softrank::OpSpec{static_cast<softrank::Op>(op), static_cast<softrank::Reg>(reg),
+                          descending, eps};
+}
+
+template <class T>
+T* data_of(py::array& a) {
+  return static_cast<T*>(a.mutable_data());
+}
+template <class T>
+const T* cdata_of(const py::array& a) {
+  return static_cast<const T*>(a.data());
+}
+
+py::tuple soft_forward(const py::array& x, int op, int reg, bool descending, double eps) {
+  const Kind kind = check_values(x, "x");
+  const softrank::OpSpec spec = make_spec(op, reg, descending, eps);
+  const std::int64_t rows = x.shape(0);
+  const index_t n = static_cast<index_t>(x.shape(1));
+  py::array out(x.dtype(), {x.shape(0), x.shape(1)});
+  py::array_t<index_t> perm({x.shape(0), x.shape(1)});
+  py::array_t<index_t> blocks({x.shape(0), x.shape(1)});
+  index_t* perm_ptr = perm.mutable_data();
+  index_t* block_ptr = blocks.mutable_data();
+  {
+    py::gil_scoped_release release;
+    if (kind == Kind::Float32)
+      softrank::soft_forward_batch(cdata_of<float>(x), rows, n, spec, data_of<float>(out),
+                                   perm_ptr, block_ptr);
+    else
+      softrank::soft_forward_batch(cdata_of<double>(x), rows, n, spec, data_of<double>(out),
+                                   perm_ptr, block_ptr);
+  }
+  return py::make_tuple(out, perm, blocks);
+}
+
+// perm entries index the row: out-of-range values would write out of bounds.
+void check_permutation_range(const py::array& perm) {
+  const index_t* p = cdata_of<index_t>(perm);
+  const std::int64_t size = perm.shape(0) * perm.shape(1);
+  const index_t n = static_cast<index_t>(perm.shape(1));
+  bool ok = true;
+  for (std::int64_t i = 0; i < size; ++i) ok &= (p[i] >= 0) & (p[i] < n);
+  if (!ok) throw py::value_error("perm holds an index outside [0, n): not a forward-pass state");
+}
+
+py::array soft_product(const py::array& x, const py::array& out, const py::array& perm,
+                       const py::array& blocks, const py::array& vec, int op, int reg,
+                       bool descending, double eps, bool transpose) {
+  const char* vec_name = transpose ? "cotangent" : "tangent";
+  const Kind kind = check_values(x, "x");
+  check_same_values(out, x, "out", "x");
+  check_same_values(vec, x, vec_name, "x");
+  check_indices(perm, x, "perm");
+  check_indices(blocks, x, "block_start");
+  check_permutation_range(perm);
+  const softrank::OpSpec spec = make_spec(op, reg, descending, eps);
+  const std::int64_t rows = x.shape(0);
+  const index_t n = static_cast<index_t>(x.shape(1));
+  py::array result(x.dtype(), {x.shape(0), x.shape(1)});
+  {
+    py::gil_scoped_release release;
+    if (kind == Kind::Float32)
+      softrank::soft_product_batch(cdata_of<float>(x), cdata_of<float>(out),
+                                   cdata_of<index_t>(perm), cdata_of<index_t>(blocks),
+                                   cdata_of<float>(vec), rows, n, spec, transpose,
+                                   data_of<float>(result));
+    else
+      softrank::soft_product_batch(cdata_of<double>(x), cdata_of<double>(out),
+                                   cdata_of<index_t>(perm), cdata_of<index_t>(blocks),
+                                   cdata_of<double>(vec), rows, n, spec, transpose,
+                                   data_of<double>(result));
+  }
+  return result;
+}
+
+template <class T>
+void check_weights_positive(const py::array& w) {
+  const T* p = cdata_of<T>(w);
+  const std::int64_t size = w.shape(0) * w.shape(1);
+  for (std::int64_t i = 0; i < size; ++i)
+    if (!(p[i] > 0) || !std::isfinite(static_cast<double>(p[i])))
+      throw py::value_error("weights must be finite and > 0 everywhere");
+}
+
+py::tuple isotonic_forward(const py::array& y, const py::object& weights, bool increasing) {
+  const Kind kind = check_values(y, "y");
+  py::array w;
+  const bool weighted = !weights.is_none();
+  if (weighted) {
+    w = py::reinterpret_borrow<py::array>(weights);
+    if (!py::isinstance<py::array>(weights)) throw py::type_error("weights must be an array or None");
+    check_same_values(w, y, "weights", "y");
+    if (kind == Kind::Float32)
+      check_weights_positive<float>(w);
+    else
+      check_weights_positive<double>(w);
+  }
+  const std::int64_t rows = y.shape(0);
+  const index_t n = static_cast<index_t>(y.shape(1));
+  py::array solution(y.dtype(), {y.shape(0), y.shape(1)});
+  py::array_t<index_t> blocks({y.shape(0), y.shape(1)});
+  index_t* block_ptr = blocks.mutable_data();
+  {
+    py::gil_scoped_release release;
+    if (kind == Kind::Float32)
+      softrank::isotonic_forward_batch(cdata_of<float>(y), weighted ? cdata_of<float>(w) : nullptr,
+                                       rows, n, increasing, data_of<float>(solution), block_ptr);
+    else
+      softrank::isotonic_forward_batch(cdata_of<double>(y),
+                                       weighted ? cdata_of<double>(w) : nullptr, rows, n,
+                                       increasing, data_of<double>(solution), block_ptr);
+  }
+  return py::make_tuple(solution, blocks);
+}
+
+py::array isotonic_vjp(const py::object& weights, const py::array& blocks,
+                       const py::array& cotangent) {
+  const Kind kind = check_values(cotangent, "cotangent");
+  check_indices(blocks, cotangent, "block_start");
+  py::array w;
+  const bool weighted = !weights.is_none();
+  if (weighted) {
+    if (!py::isinstance<py::array>(weights)) throw py::type_error("weights must be an array or None");
+    w = py::reinterpret_borrow<py::array>(weights);
+    check_same_values(w, cotangent, "weights", "cotangent");
+  }
+  const std::int64_t rows = cotangent.shape(0);
+  const index_t n = static_cast<index_t>(cotangent.shape(1));
+  py::array grad(cotangent.dtype(), {cotangent.shape(0), cotangent.shape(1)});
+  {
+    py::gil_scoped_release release;
+    if (kind == Kind::Float32)
+      softrank::isotonic_vjp_batch(weighted ? cdata_of<float>(w) : nullptr,
+                                   cdata_of<index_t>(blocks), cdata_of<float>(cotangent), rows, n,
+                                   data_of<float>(grad));
+    else
+      softrank::isotonic_vjp_batch(weighted ? cdata_of<double>(w) : nullptr,
+                                   cdata_of<index_t>(blocks), cdata_of<double>(cotangent), rows,
+                                   n, data_of<double>(grad));
+  }
+  return grad;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "softrank native engine (C++ core); see softrank/_engine.py for the contract";
+  m.def("soft_forward", &soft_forward, py::arg("x"), py::arg("op"), py::arg("reg"),
+        py::arg("descending"), py::arg("eps"),
+        "Soft rank/sort of every row: returns (out, perm, block_start).");
+  m.def(
+      "soft_vjp",
+      [](const py::array& x, const py::array& out, const py::array& perm, const py::array& blocks,
+         const py::array& cotangent, int op, int reg, bool descending, double eps) {
+        return soft_product(x, out, perm, blocks, cotangent, op, reg, descending, eps, true);
+      },
+      py::arg("x"), py::arg("out"), py::arg("perm"), py::arg("block_start"), py::arg("cotangent"),
+      py::arg("op"), py::arg("reg"), py::arg("descending"), py::arg("eps"),
+      "Vector-Jacobian product from the stored forward state, O(n) per row.");
+  m.def(
+      "soft_jvp",
+      [](const py::array& x, const py::array& out, const py::array& perm, const py::array& blocks,
+         const py::array& tangent, int op, int reg, bool descending, double eps) {
+        return soft_product(x, out, perm, blocks, tangent, op, reg, descending, eps, false);
+      },
+      py::arg("x"), py::arg("out"), py::arg("perm"), py::arg("block_start"), py::arg("tangent"),
+      py::arg("op"), py::arg("reg"), py::arg("descending"), py::arg("eps"),
+      "Jacobian-vector product from the stored forward state, O(n) per row.");
+  m.def("isotonic_forward", &isotonic_forward, py::arg("y"), py::arg("weights"),
+        py::arg("increasing"), "Weighted l2 isotonic regression: returns (solution, block_start).");
+  m.def("isotonic_vjp", &isotonic_vjp, py::arg("weights"), py::arg("block_start"),
+        py::arg("cotangent"), "Vector-Jacobian product of the isotonic regression.");
+  m.def(
+      "set_num_threads",
+      [](int k) {
+        if (k < 1) throw py::value_error("num_threads must be >= 1");
+        softrank::set_num_threads(k);
+      },
+      py::arg("num_threads"));
+  m.def("get_num_threads", &softrank::get_num_threads);
+}

@@ -1,0 +1,153 @@
+// Threading and scratch management for the batched entry points. The math is
+// in the headers (soft_ops.h, pav.h, sort.h); this file only splits rows into
+// tasks and hands each task a per-thread scratch area.
+#include "softrank/batched.h"
+
+#include <algorithm>
+#include <exception>
+#include <mutex>
+#include <vector>
+
+#include "softrank/parallel.h"
+#include "softrank/soft_ops.h"
+
+namespace softrank {
+namespace {
+
+// Per-thread scratch, grown to the longest row seen and then reused, so that
+// the per-row routines never allocate.
+struct ThreadScratch {
+  std::vector<std::uint64_t> packed32, packed32_tmp;
+  std::vector<KeyIndex64> keyed64, keyed64_tmp;
+  std::vector<std::uint32_t> counts;
+  std::vector<double> xs, ws, block_ref, block_stat, block_stat2;
+  std::vector<index_t> block_start;
+
+  RowScratch row(index_t n, bool wide) {
+    const std::size_t size = static_cast<std::size_t>(n) + 1;
+    if (wide) {
+      grow(keyed64, size);
+      grow(keyed64_tmp, size);
+    } else {
+      grow(packed32, size);
+      grow(packed32_tmp, size);
+    }
+    grow(counts, 6 * kRadixBuckets);
+    grow(xs, size);
+    grow(block_ref, size);
+    grow(block_stat, size);
+    grow(block_stat2, size);
+    grow(block_start, size);
+    RowScratch r;
+    r.sort.packed32 = packed32.data();
+    r.sort.packed32_tmp = packed32_tmp.data();
+    r.sort.keyed64 = keyed64.data();
+    r.sort.keyed64_tmp = keyed64_tmp.data();
+    r.sort.counts = counts.data();
+    r.xs = xs.data();
+    r.blocks = BlockStack{block_start.data(), block_ref.data(), block_stat.data(),
+                          block_stat2.data()};
+    return r;
+  }
+
+  template <class V>
+  static void grow(std::vector<V>& v, std::size_t size) {
+    if (v.size() < size) v.resize(size);
+  }
+};
+
+ThreadScratch& thread_scratch() {
+  thread_local ThreadScratch scratch;
+  return scratch;
+}
+
+// Below this many elements a call runs on the calling thread: waking the
+// pool costs more than it saves.
+constexpr std::int64_t kParallelMinElements = 16384;
+constexpr std::int64_t kElementsPerTask = 8192;
+
+// Calls row_fn(r) for every row, in parallel tasks of whole rows. Exceptions
+// (only std::bad_alloc can occur) are carried back to the caller.
+template <class RowFn>
+void for_each_row(std::int64_t rows, index_t n, RowFn&& row_fn) {
+  const std::int64_t total = rows * std::max<std::int64_t>(n, 1);
+  const std::int64_t rows_per_task =
+      total < kParallelMinElements
+          ? rows
+          : std::max<std::int64_t>(1, kElementsPerTask / std::max<std::int64_t>(n, 1));
+  if (rows == 0) return;
+  const std::int64_t tasks = (rows + rows_per_task - 1) / rows_per_task;
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  parallel_for(tasks, [&](std::int64_t t) {
+    try {
+      const std::int64_t begin = t * rows_per_task;
+      const std::int64_t end = std::min(rows, begin + rows_per_task);
+      for (std::int64_t r = begin; r < end; ++r) row_fn(r);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) error = std::current_exception();
+    }
+  });
+  if (error) std::rethrow_exception(error);
+}
+
+}  // namespace
+
+template <class T>
+void soft_forward_batch(const T* x, std::int64_t rows, index_t n, const OpSpec& spec, T* out,
+                        index_t* perm, index_t* block_start) {
+  for_each_row(rows, n, [&](std::int64_t r) {
+    const std::int64_t off = r * n;
+    RowScratch scratch = thread_scratch().row(n, sizeof(T) == 8);
+    soft_forward_row(x + off, n, spec, scratch, out + off, perm + off, block_start + off);
+  });
+}
+
+template <class T>
+void soft_product_batch(const T* x, const T* out, const index_t* perm, const index_t* block_start,
+                        const T* vec, std::int64_t rows, index_t n, const OpSpec& spec,
+                        bool transpose, T* result) {
+  for_each_row(rows, n, [&](std::int64_t r) {
+    const std::int64_t off = r * n;
+    soft_product_row(x + off, out + off, perm + off, block_start + off, vec + off, n, spec,
+                     transpose, result + off);
+  });
+}
+
+template <class T>
+void isotonic_forward_batch(const T* y, const T* w, std::int64_t rows, index_t n, bool increasing,
+                            T* solution, index_t* block_start) {
+  for_each_row(rows, n, [&](std::int64_t r) {
+    const std::int64_t off = r * n;
+    ThreadScratch& s = thread_scratch();
+    RowScratch scratch = s.row(n, sizeof(T) == 8);
+    ThreadScratch::grow(s.ws, static_cast<std::size_t>(n) + 1);
+    isotonic_forward_row(y + off, w ? w + off : nullptr, n, increasing, scratch.xs, s.ws.data(),
+                         scratch.blocks, solution + off, block_start + off);
+  });
+}
+
+template <class T>
+void isotonic_vjp_batch(const T* w, const index_t* block_start, const T* cotangent,
+                        std::int64_t rows, index_t n, T* grad) {
+  for_each_row(rows, n, [&](std::int64_t r) {
+    const std::int64_t off = r * n;
+    isotonic_vjp_row(w ? w + off : nullptr, block_start + off, cotangent + off, n, grad + off);
+  });
+}
+
+#define SOFTRANK_INSTANTIATE(T)                                                                 \
+  template void soft_forward_batch<T>(const T*, std::int64_t, index_t, const OpSpec&, T*,       \
+                                      index_t*, index_t*);                                      \
+  template void soft_product_batch<T>(const T*, const T*, const index_t*, const index_t*,       \
+                                      const T*, std::int64_t, index_t, const OpSpec&, bool, T*); \
+  template void isotonic_forward_batch<T>(const T*, const T*, std::int64_t, index_t, bool, T*,  \
+                                          index_t*);                                            \
+  template void isotonic_vjp_batch<T>(const T*, const index_t*, const T*, std::int64_t, index_t, \
+                                      T*);
+
+SOFTRANK_INSTANTIATE(float)
+SOFTRANK_INSTANTIATE(double)
+
+}  // namespace softrank

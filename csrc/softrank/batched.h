@@ -1,0 +1,33 @@
+// Batched entry points of the softrank core over raw, C-contiguous buffers of
+// shape (rows, n). Rows run in parallel on the thread pool; every row is
+// computed by the same routine whatever the thread count, so results are
+// bitwise identical for any number of threads. Arguments are validated by
+// the caller (the bindings) except where noted; these functions do not
+// throw for finite or non-finite data.
+#pragma once
+
+#include <cstdint>
+
+#include "common.h"
+
+namespace softrank {
+
+template <class T>
+void soft_forward_batch(const T* x, std::int64_t rows, index_t n, const OpSpec& spec, T* out,
+                        index_t* perm, index_t* block_start);
+
+// transpose = true: vector-Jacobian product; false: Jacobian-vector product.
+template <class T>
+void soft_product_batch(const T* x, const T* out, const index_t* perm, const index_t* block_start,
+                        const T* vec, std::int64_t rows, index_t n, const OpSpec& spec,
+                        bool transpose, T* result);
+
+template <class T>
+void isotonic_forward_batch(const T* y, const T* w, std::int64_t rows, index_t n, bool increasing,
+                            T* solution, index_t* block_start);
+
+template <class T>
+void isotonic_vjp_batch(const T* w, const index_t* block_start, const T* cotangent,
+                        std::int64_t rows, index_t n, T* grad);
+
+}  // namespace softrank

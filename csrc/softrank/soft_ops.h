@@ -1,0 +1,238 @@
+// Per-row soft rank / soft sort: forward, vector-Jacobian and Jacobian-vector
+// products, and isotonic regression. Templates over the value type T (float
+// or double); all arithmetic in double. The row routines take raw pointers
+// and caller-owned scratch, never allocate, and are the single source of the
+// math (ALGORITHM.md); the batched/threaded drivers live in the .cpp files.
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+#include "common.h"
+#include "pav.h"
+#include "sort.h"
+
+namespace softrank {
+
+struct RowScratch {
+  SortScratch sort;
+  double* xs;  // n sorted values
+  BlockStack blocks;
+};
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+// Iterate the blocks recorded in block_start: calls fn(s, e) per block.
+template <class Fn>
+SOFTRANK_HD void for_each_block(const index_t* block_start, index_t n, Fn&& fn) {
+  index_t s = 0;
+  while (s < n) {
+    index_t e = s + 1;
+    while (e < n && block_start[e] == s) ++e;
+    fn(s, e);
+    s = e;
+  }
+}
+
+template <class T>
+void soft_forward_row(const T* x, index_t n, const OpSpec& spec, RowScratch& w, T* out,
+                      index_t* perm, index_t* block_start) {
+  if (n == 0) return;
+  double* xs = w.xs;
+  if (!sort_row_descending(x, n, negates_input(spec), w.sort, perm, xs)) {
+    for (index_t i = 0; i < n; ++i) {
+      out[i] = static_cast<T>(kNaN);
+      perm[i] = i;
+      block_start[i] = -1;
+    }
+    return;
+  }
+  const double eps = spec.eps;
+  const BlockStack& b = w.blocks;
+  index_t count;
+  if (eps == 0.0) {
+    count = pav_hard(xs, n, spec.op, b);
+  } else if (spec.op == Op::Rank) {
+    count = spec.reg == Reg::L2 ? pav_rank_l2(xs, n, eps, b) : pav_rank_kl(xs, n, eps, b);
+  } else {
+    count = spec.reg == Reg::L2 ? pav_sort_l2(xs, n, eps, b) : pav_sort_kl(xs, n, eps, b);
+  }
+  const double sgn = spec.descending ? 1.0 : -1.0;  // sort output sign
+  for (index_t k = 0; k < count; ++k) {
+    const index_t s = b.start[k];
+    const index_t e = k + 1 < count ? b.start[k + 1] : n;
+    const double m = static_cast<double>(e - s);
+    const double ref = b.ref[k];
+    for (index_t i = s; i < e; ++i) block_start[i] = s;
+    if (eps == 0.0) {
+      if (spec.op == Op::Rank) {
+        const double r = rho_mean(n, s, e);
+        for (index_t i = s; i < e; ++i) out[perm[i]] = static_cast<T>(r);
+      } else {
+        out[s] = static_cast<T>(sgn * xs[s]);
+      }
+      continue;
+    }
+    if (spec.op == Op::Rank) {
+      if (spec.reg == Reg::L2) {
+        const double base = rho_mean(n, s, e), mean_offset = b.stat[k] / m;
+        for (index_t i = s; i < e; ++i)
+          out[perm[i]] = static_cast<T>(base + ((xs[i] - ref) - mean_offset) / eps);
+      } else {
+        const double r = rho_sum(n, s, e), lse = b.stat[k];
+        for (index_t i = s; i < e; ++i)
+          out[perm[i]] = static_cast<T>(r * std::exp((xs[i] - ref) / eps - lse));
+      }
+    } else {
+      if (spec.reg == Reg::L2) {
+        const double mean = ref + b.stat[k] / m, centre = 0.5 * (static_cast<double>(s + e) - 1.0);
+        for (index_t i = s; i < e; ++i)
+          out[i] = static_cast<T>(sgn * ((centre - static_cast<double>(i)) / eps + mean));
+      } else {
+        const double base = ref + b.stat[k] - b.stat2[k];
+        for (index_t i = s; i < e; ++i)
+          out[i] = static_cast<T>(sgn * (base - static_cast<double>(i - s) / eps));
+      }
+    }
+  }
+}
+
+// Block softmax of the sorted x' over [s, e): p_i = exp(xs_i - max - lse).
+// Recomputed from x and perm in the backward pass of the kl soft sort.
+template <class T>
+inline double block_log_norm(const T* x, const index_t* perm, index_t s, index_t e, bool negate,
+                             double* max_out) {
+  const double sign = negate ? -1.0 : 1.0;
+  const double top = sign * static_cast<double>(x[perm[s]]);
+  double sum = 0.0;
+  for (index_t i = s; i < e; ++i) sum += std::exp(sign * static_cast<double>(x[perm[i]]) - top);
+  *max_out = top;
+  return std::log(sum);
+}
+
+// Shared by vjp and jvp: `vec` is the cotangent (vjp) or the tangent (jvp).
+// For the rank both products are the same (symmetric Jacobian); for the sort
+// the vjp maps sorted positions to columns and the jvp columns to positions.
+template <class T>
+void soft_product_row(const T* x, const T* out, const index_t* perm, const index_t* block_start,
+                      const T* vec, index_t n, const OpSpec& spec, bool transpose, T* result) {
+  if (n == 0) return;
+  if (block_start[0] < 0) {
+    for (index_t i = 0; i < n; ++i) result[i] = static_cast<T>(kNaN);
+    return;
+  }
+  const double eps = spec.eps;
+  if (spec.op == Op::Rank) {
+    // eps = 0 (hard ranks) and eps = inf (constant ranks) have zero gradient.
+    const double scale =
+        (eps == 0.0 || std::isinf(eps)) ? 0.0 : (spec.descending ? -1.0 : 1.0) / eps;
+    for_each_block(block_start, n, [&](index_t s, index_t e) {
+      if (spec.reg == Reg::L2) {
+        double sum = 0.0;
+        for (index_t i = s; i < e; ++i) sum += static_cast<double>(vec[perm[i]]);
+        const double mean = sum / static_cast<double>(e - s);
+        for (index_t i = s; i < e; ++i)
+          result[perm[i]] = static_cast<T>(scale * (static_cast<double>(vec[perm[i]]) - mean));
+      } else {
+        double dot = 0.0;
+        for (index_t i = s; i < e; ++i)
+          dot += static_cast<double>(vec[perm[i]]) * static_cast<double>(out[perm[i]]);
+        const double c = dot / rho_sum(n, s, e);
+        for (index_t i = s; i < e; ++i) {
+          const double r = static_cast<double>(out[perm[i]]);
+          result[perm[i]] = static_cast<T>(scale * r * (static_cast<double>(vec[perm[i]]) - c));
+        }
+      }
+    });
+    return;
+  }
+  const bool negate = negates_input(spec);
+  for_each_block(block_start, n, [&](index_t s, index_t e) {
+    // vjp reads vec at sorted positions; jvp reads it at columns.
+    auto read = [&](index_t i) {
+      return static_cast<double>(transpose ? vec[i] : vec[perm[i]]);
+    };
+    auto write = [&](index_t i, double v) {
+      if (transpose)
+        result[perm[i]] = static_cast<T>(v);
+      else
+        result[i] = static_cast<T>(v);
+    };
+    if (spec.reg == Reg::L2 || spec.eps == 0.0) {
+      double sum = 0.0;
+      for (index_t i = s; i < e; ++i) sum += read(i);
+      const double mean = sum / static_cast<double>(e - s);
+      for (index_t i = s; i < e; ++i) write(i, mean);
+      return;
+    }
+    double top;
+    const double log_norm = block_log_norm(x, perm, s, e, negate, &top);
+    const double sign = negate ? -1.0 : 1.0;
+    auto prob = [&](index_t i) {
+      return std::exp(sign * static_cast<double>(x[perm[i]]) - top - log_norm);
+    };
+    if (transpose) {
+      double sum = 0.0;
+      for (index_t i = s; i < e; ++i) sum += read(i);
+      for (index_t i = s; i < e; ++i) write(i, prob(i) * sum);
+    } else {
+      double dot = 0.0;
+      for (index_t i = s; i < e; ++i) dot += prob(i) * read(i);
+      for (index_t i = s; i < e; ++i) write(i, dot);
+    }
+  });
+}
+
+// Weighted isotonic regression of one row. `w` may be null. Scratch: ys
+// (n doubles) and the block stack.
+template <class T>
+void isotonic_forward_row(const T* y, const T* w, index_t n, bool increasing, double* ys,
+                          double* ws, BlockStack b, T* solution, index_t* block_start) {
+  if (n == 0) return;
+  const double sign = increasing ? 1.0 : -1.0;
+  bool finite = true;
+  for (index_t i = 0; i < n; ++i) {
+    ys[i] = sign * static_cast<double>(y[i]);
+    finite = finite && std::isfinite(ys[i]);
+    if (w) ws[i] = static_cast<double>(w[i]);
+  }
+  if (!finite) {
+    for (index_t i = 0; i < n; ++i) {
+      solution[i] = static_cast<T>(kNaN);
+      block_start[i] = -1;
+    }
+    return;
+  }
+  const index_t count = pav_isotonic_increasing(ys, w ? ws : nullptr, n, b);
+  for (index_t k = 0; k < count; ++k) {
+    const index_t s = b.start[k];
+    const index_t e = k + 1 < count ? b.start[k + 1] : n;
+    const double value = sign * (b.ref[k] + b.stat[k] / b.stat2[k]);
+    for (index_t i = s; i < e; ++i) {
+      solution[i] = static_cast<T>(value);
+      block_start[i] = s;
+    }
+  }
+}
+
+template <class T>
+void isotonic_vjp_row(const T* w, const index_t* block_start, const T* cotangent, index_t n,
+                      T* grad) {
+  if (n == 0) return;
+  if (block_start[0] < 0) {
+    for (index_t i = 0; i < n; ++i) grad[i] = static_cast<T>(kNaN);
+    return;
+  }
+  for_each_block(block_start, n, [&](index_t s, index_t e) {
+    double sum = 0.0, wsum = 0.0;
+    for (index_t i = s; i < e; ++i) {
+      sum += static_cast<double>(cotangent[i]);
+      wsum += w ? static_cast<double>(w[i]) : 1.0;
+    }
+    const double per_weight = sum / wsum;
+    for (index_t i = s; i < e; ++i)
+      grad[i] = static_cast<T>((w ? static_cast<double>(w[i]) : 1.0) * per_weight);
+  });
+}
+
+}  // namespace softrank

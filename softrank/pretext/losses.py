@@ -1,0 +1,203 @@
+"""Pretext losses on shuffled patches (torch): reorder, classification, Gumbel-Sinkhorn.
+
+All three see the same thing: a batch of shuffled patch sequences, embedded
+patch by patch by one shared encoder, and the permutations that shuffled them
+(convention of :mod:`softrank.pretext.permutations`: ``shuffled[b, j] =
+patches[b, perm[b, j]]``).
+
+- :func:`reorder_loss` (Carr et al. 2021): one scalar score per patch, turned
+  into soft ranks by ``softrank.torch.soft_rank`` and compared with the ranks
+  that undo the shuffle. Any of the ``n!`` permutations can be used; cost
+  O(n log n) per example on top of the encoder.
+- :func:`permutation_classification_loss` (Noroozi & Favaro 2016): which of a
+  fixed set of ``K`` permutations was applied, as a ``K``-way cross entropy.
+- :func:`gumbel_sinkhorn_loss` (Mena et al. 2018): an ``n x n`` matrix of
+  assignment logits, Gumbel noise, then Sinkhorn normalisation, O(n^2) per
+  iteration, scored against the true permutation matrix.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "DEFAULT_EPS",
+    "reorder_loss",
+    "permutation_classification_loss",
+    "gumbel_sinkhorn",
+    "gumbel_sinkhorn_loss",
+    "sample_gumbel",
+]
+
+DEFAULT_EPS = 1.0
+"""Default soft-rank strength of :func:`reorder_loss`.
+
+With l2 regularisation the soft ranks equal the hard ranks exactly once every
+two consecutive sorted scores are at least ``eps`` apart, so ``eps = 1``
+asks the scores to be separated by one unit, the spacing of the ranks
+themselves; for scores closer than that the soft ranks blend linearly and the
+loss behaves like a regression of the scores onto ``eps * ranks``.
+"""
+
+
+def reorder_loss(
+    scores: torch.Tensor,
+    target_ranks: torch.Tensor,
+    eps: float = DEFAULT_EPS,
+    *,
+    regularization: str = "l2",
+) -> torch.Tensor:
+    """Mean squared error between the soft ranks of ``scores`` and the target ranks.
+
+    ``loss = mean_{b, j} ((soft_rank(scores, eps)[b, j] - target_ranks[b, j]) / n)^2``
+
+    Normalisation: the rank error is divided by ``n``, so the loss lies in
+    ``[0, 1)`` whatever the number of patches, and averaged over the batch and
+    the patches. It is exactly 0 when the scores are ordered like the targets
+    and (l2) every two consecutive sorted scores are at least ``eps`` apart.
+
+    Gradient: flows to ``scores`` through ``soft_rank``'s exact O(n) backward;
+    zero for an example whose scores are already correctly ordered with gaps
+    ``>= eps`` (l2).
+
+    Parameters
+    ----------
+    scores : torch.Tensor, shape (B, n), float
+        One score per shuffled patch; a higher score means later in the order.
+    target_ranks : torch.Tensor, shape (B, n)
+        1-based ascending ranks that undo the shuffle
+        (:func:`softrank.pretext.permutations.ranks_that_unshuffle`).
+    eps : float, default :data:`DEFAULT_EPS` (1.0)
+        Strength of ``soft_rank``, in units of the scores.
+    regularization : {"l2", "kl"}, default "l2"
+
+    Returns
+    -------
+    torch.Tensor, shape (), dtype of ``scores``
+
+    Examples
+    --------
+    >>> scores = torch.tensor([[3.0, 1.0, 2.0]])
+    >>> float(reorder_loss(scores, torch.tensor([[3.0, 1.0, 2.0]]), eps=0.5))
+    0.0
+    """
+    from softrank.torch import soft_rank  # lazy: the torch adapter is optional
+
+    if scores.shape != target_ranks.shape or scores.dim() != 2:
+        raise ValueError(
+            f"scores {tuple(scores.shape)} and target_ranks {tuple(target_ranks.shape)} "
+            "must both have shape (B, n)"
+        )
+    num_patches = scores.shape[1]
+    ranks = soft_rank(scores, eps, regularization=regularization, direction="ascending", dim=1)
+    error = (ranks - target_ranks.to(ranks.dtype)) / num_patches
+    return error.pow(2).mean()
+
+
+def permutation_classification_loss(logits: torch.Tensor, permutation_labels: torch.Tensor) -> torch.Tensor:
+    """Cross entropy over the ``K`` permutations of a fixed set (jigsaw baseline).
+
+    ``loss = mean_b -log softmax(logits[b])[label[b]]``
+
+    Parameters
+    ----------
+    logits : torch.Tensor, shape (B, K), float
+        From a head that sees all ``n`` patch embeddings of an example at once.
+    permutation_labels : torch.Tensor, shape (B,), int64
+        Index in the fixed set (:func:`~softrank.pretext.permutations.hamming_permutation_set`)
+        of the permutation that shuffled each example.
+
+    Returns
+    -------
+    torch.Tensor, shape (), dtype of ``logits``
+    """
+    return F.cross_entropy(logits, permutation_labels)
+
+
+def sample_gumbel(shape: torch.Size | tuple, *, generator: Optional[torch.Generator] = None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard Gumbel noise ``-log(-log(U))``, ``U ~ Uniform(0, 1)``, on the CPU.
+
+    Returns
+    -------
+    torch.Tensor, shape ``shape``, ``dtype``
+    """
+    tiny = torch.finfo(torch.float64).tiny
+    uniform = torch.rand(shape, generator=generator, dtype=torch.float64).clamp_(tiny, 1.0 - 1e-16)
+    return (-torch.log(-torch.log(uniform))).to(dtype)
+
+
+def gumbel_sinkhorn(
+    assignment_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    num_iterations: int = 20,
+    gumbel_noise: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Log of a soft permutation matrix by Sinkhorn normalisation (Mena et al. 2018).
+
+    ``log S = Sinkhorn^L((logits + noise) / temperature)``, alternating row and
+    column log-normalisation (log-sum-exp, so large logits stay finite); each
+    iteration costs O(n^2) per example. As ``temperature -> 0`` and
+    ``L -> inf`` ``S`` tends to the permutation matrix that maximises
+    ``sum_j logits[j, sigma(j)]``.
+
+    Parameters
+    ----------
+    assignment_logits : torch.Tensor, shape (B, n, n), float
+        ``[b, j, i]``: how much shuffled patch ``j`` belongs at original position ``i``.
+    temperature : float, default 1.0
+    num_iterations : int, default 20
+    gumbel_noise : torch.Tensor, shape (B, n, n), optional
+        Added to the logits before scaling (training); ``None`` for none.
+
+    Returns
+    -------
+    torch.Tensor, shape (B, n, n), dtype of ``assignment_logits``
+        ``log S``; ``S`` is (approximately) doubly stochastic.
+    """
+    log_alpha = assignment_logits
+    if gumbel_noise is not None:
+        log_alpha = log_alpha + gumbel_noise.to(log_alpha)
+    log_alpha = log_alpha / temperature
+    for _ in range(num_iterations):
+        log_alpha = log_alpha - torch.logsumexp(log_alpha, dim=2, keepdim=True)
+        log_alpha = log_alpha - torch.logsumexp(log_alpha, dim=1, keepdim=True)
+    return log_alpha
+
+
+def gumbel_sinkhorn_loss(
+    assignment_logits: torch.Tensor,
+    permutations: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    num_iterations: int = 20,
+    gumbel_noise: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Cross entropy between the Gumbel-Sinkhorn soft permutation and the true one.
+
+    ``loss = mean_{b, j} -log S[b, j, perm[b, j]]``: each shuffled patch ``j``
+    should be assigned to the original position it came from. Zero only in the
+    limit of a hard, correct ``S``; O(n^2) per Sinkhorn iteration.
+
+    Parameters
+    ----------
+    assignment_logits : torch.Tensor, shape (B, n, n), float
+    permutations : torch.Tensor, shape (B, n), int64
+        The permutations that shuffled the patches.
+    temperature, num_iterations, gumbel_noise : as in :func:`gumbel_sinkhorn`
+
+    Returns
+    -------
+    torch.Tensor, shape (), dtype of ``assignment_logits``
+    """
+    log_assignment = gumbel_sinkhorn(
+        assignment_logits,
+        temperature=temperature,
+        num_iterations=num_iterations,
+        gumbel_noise=gumbel_noise,
+    )
+    chosen = log_assignment.gather(2, permutations.unsqueeze(2).to(log_assignment.device))
+    return -chosen.mean()
