@@ -17,48 +17,72 @@ namespace softrank {
 struct BlockStack {
   index_t* start;  // first sorted position of each block
   double* ref;     // xs[start]
-  double* stat;    // l2: sum (xs - ref); kl: log sum exp((xs - ref) * c)
+  double* stat;    // l2: mean(xs) - ref; kl: log sum exp((xs - ref) * c)
   double* stat2;   // rank kl: log sum rho; sort kl: log sum exp(-k / eps)
 };
 
+// (a - b) / eps, by a multiplication where 1/eps is finite (it is not for
+// subnormal eps): the division is the slowest operation of the PAV loop.
+struct InverseScale {
+  double eps, inv;
+  bool multiply;
+  SOFTRANK_HD explicit InverseScale(double e)
+      : eps(e), inv(1.0 / e), multiply(std::isfinite(1.0 / e)) {}
+  SOFTRANK_HD double operator()(double v) const { return multiply ? v * inv : v / eps; }
+};
+
+// Pooled l2 block: mean offset of the union of A (m_a values, offset off_a
+// from ref_a) and B (m_b, off_b, ref_b), relative to ref_a.
+SOFTRANK_HD double pooled_offset(double ma, double off_a, double mb, double off_b, double ref_a,
+                                 double ref_b) {
+  return (ma * off_a + mb * (off_b + (ref_b - ref_a))) / (ma + mb);
+}
+
 // Returns the number of blocks. `merge_all` (eps = inf) pools everything.
+// l2 merge tests compare the difference of block means, dx, with eps * h or
+// h / eps (h = (m_a + m_b) / 2) in the form whose product cannot overflow
+// into a wrong answer: an overflow to inf there is the right limit.
 SOFTRANK_HD index_t pav_rank_l2(const double* xs, index_t n, double eps, BlockStack b) {
   const bool merge_all = std::isinf(eps);
   index_t top = 0;
   for (index_t i = 0; i < n; ++i) {
     index_t s = i;
-    double ref = xs[i], d = 0.0;
+    double ref = xs[i], off = 0.0;
     while (top > 0) {
       const index_t sa = b.start[top - 1];
       const double ma = static_cast<double>(s - sa), mb = static_cast<double>(i + 1 - s);
-      const double ref_a = b.ref[top - 1], d_a = b.stat[top - 1];
-      const double dx = (ref_a - ref) + d_a / ma - d / mb;
-      if (!(merge_all || dx / eps <= 0.5 * (ma + mb))) break;
-      d = d_a + d + mb * (ref - ref_a);
+      const double ref_a = b.ref[top - 1], off_a = b.stat[top - 1];
+      const double dx = (ref_a - ref) + (off_a - off);
+      if (!(merge_all || dx <= eps * (0.5 * (ma + mb)))) break;
+      off = pooled_offset(ma, off_a, mb, off, ref_a, ref);
       ref = ref_a;
       s = sa;
       --top;
     }
     b.start[top] = s;
     b.ref[top] = ref;
-    b.stat[top] = d;
+    b.stat[top] = off;
     ++top;
   }
   return top;
 }
 
-SOFTRANK_HD index_t pav_rank_kl(const double* xs, index_t n, double eps, BlockStack b) {
+// log_rho[i] = log(n - i), precomputed once per row length.
+SOFTRANK_HD index_t pav_rank_kl(const double* xs, const double* log_rho, index_t n, double eps,
+                                BlockStack b) {
   const bool merge_all = std::isinf(eps);
+  const InverseScale scale(eps);
   index_t top = 0;
   for (index_t i = 0; i < n; ++i) {
     index_t s = i;
-    double ref = xs[i], lse = 0.0, log_r = std::log(rho_sum(n, i, i + 1));
+    double ref = xs[i], lse = 0.0, log_r = log_rho[i];
     while (top > 0) {
       const index_t sa = b.start[top - 1];
       const double ref_a = b.ref[top - 1], lse_a = b.stat[top - 1], log_r_a = b.stat2[top - 1];
-      const double lhs = (ref_a - ref) / eps + lse_a - lse;
+      const double gap = scale(ref_a - ref);
+      const double lhs = gap + lse_a - lse;
       if (!(merge_all || lhs <= log_r_a - log_r)) break;
-      lse = log_add_exp(lse_a, lse + (ref - ref_a) / eps);
+      lse = log_add_exp(lse_a, lse - gap);
       ref = ref_a;
       s = sa;
       log_r = std::log(rho_sum(n, s, i + 1));
@@ -78,21 +102,21 @@ SOFTRANK_HD index_t pav_sort_l2(const double* xs, index_t n, double eps, BlockSt
   index_t top = 0;
   for (index_t i = 0; i < n; ++i) {
     index_t s = i;
-    double ref = xs[i], d = 0.0;
+    double ref = xs[i], off = 0.0;
     while (top > 0) {
       const index_t sa = b.start[top - 1];
       const double ma = static_cast<double>(s - sa), mb = static_cast<double>(i + 1 - s);
-      const double ref_a = b.ref[top - 1], d_a = b.stat[top - 1];
-      const double dx = (ref_a - ref) + d_a / ma - d / mb;
-      if (!(merge_all || (0.5 * (ma + mb)) / eps <= dx)) break;
-      d = d_a + d + mb * (ref - ref_a);
+      const double ref_a = b.ref[top - 1], off_a = b.stat[top - 1];
+      const double dx = (ref_a - ref) + (off_a - off);
+      if (!(merge_all || 0.5 * (ma + mb) <= dx * eps)) break;
+      off = pooled_offset(ma, off_a, mb, off, ref_a, ref);
       ref = ref_a;
       s = sa;
       --top;
     }
     b.start[top] = s;
     b.ref[top] = ref;
-    b.stat[top] = d;
+    b.stat[top] = off;
     ++top;
   }
   return top;
@@ -100,6 +124,7 @@ SOFTRANK_HD index_t pav_sort_l2(const double* xs, index_t n, double eps, BlockSt
 
 SOFTRANK_HD index_t pav_sort_kl(const double* xs, index_t n, double eps, BlockStack b) {
   const bool merge_all = std::isinf(eps);
+  const InverseScale scale(eps);
   index_t top = 0;
   for (index_t i = 0; i < n; ++i) {
     index_t s = i;
@@ -108,10 +133,11 @@ SOFTRANK_HD index_t pav_sort_kl(const double* xs, index_t n, double eps, BlockSt
       const index_t sa = b.start[top - 1];
       const double ma = static_cast<double>(s - sa);
       const double ref_a = b.ref[top - 1], lse_a = b.stat[top - 1], lse_rho_a = b.stat2[top - 1];
-      const double lhs = ma / eps + lse_rho_a - lse_rho;
+      const double shift = scale(ma);
+      const double lhs = shift + lse_rho_a - lse_rho;
       if (!(merge_all || lhs <= (ref_a - ref) + lse_a - lse)) break;
       lse = log_add_exp(lse_a, lse + (ref - ref_a));
-      lse_rho = log_add_exp(lse_rho_a, lse_rho - ma / eps);
+      lse_rho = log_add_exp(lse_rho_a, lse_rho - shift);
       ref = ref_a;
       s = sa;
       --top;

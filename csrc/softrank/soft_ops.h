@@ -16,7 +16,8 @@ namespace softrank {
 
 struct RowScratch {
   SortScratch sort;
-  double* xs;  // n sorted values
+  double* xs;             // n sorted values
+  const double* log_rho;  // log(n - i), i < n (rank kl only)
   BlockStack blocks;
 };
 
@@ -53,15 +54,16 @@ void soft_forward_row(const T* x, index_t n, const OpSpec& spec, RowScratch& w, 
   if (eps == 0.0) {
     count = pav_hard(xs, n, spec.op, b);
   } else if (spec.op == Op::Rank) {
-    count = spec.reg == Reg::L2 ? pav_rank_l2(xs, n, eps, b) : pav_rank_kl(xs, n, eps, b);
+    count = spec.reg == Reg::L2 ? pav_rank_l2(xs, n, eps, b)
+                                : pav_rank_kl(xs, w.log_rho, n, eps, b);
   } else {
     count = spec.reg == Reg::L2 ? pav_sort_l2(xs, n, eps, b) : pav_sort_kl(xs, n, eps, b);
   }
   const double sgn = spec.descending ? 1.0 : -1.0;  // sort output sign
+  const InverseScale scale(eps);
   for (index_t k = 0; k < count; ++k) {
     const index_t s = b.start[k];
     const index_t e = k + 1 < count ? b.start[k + 1] : n;
-    const double m = static_cast<double>(e - s);
     const double ref = b.ref[k];
     for (index_t i = s; i < e; ++i) block_start[i] = s;
     if (eps == 0.0) {
@@ -75,23 +77,23 @@ void soft_forward_row(const T* x, index_t n, const OpSpec& spec, RowScratch& w, 
     }
     if (spec.op == Op::Rank) {
       if (spec.reg == Reg::L2) {
-        const double base = rho_mean(n, s, e), mean_offset = b.stat[k] / m;
+        const double base = rho_mean(n, s, e), offset = b.stat[k];
         for (index_t i = s; i < e; ++i)
-          out[perm[i]] = static_cast<T>(base + ((xs[i] - ref) - mean_offset) / eps);
+          out[perm[i]] = static_cast<T>(base + scale((xs[i] - ref) - offset));
       } else {
         const double r = rho_sum(n, s, e), lse = b.stat[k];
         for (index_t i = s; i < e; ++i)
-          out[perm[i]] = static_cast<T>(r * std::exp((xs[i] - ref) / eps - lse));
+          out[perm[i]] = static_cast<T>(r * std::exp(scale(xs[i] - ref) - lse));
       }
     } else {
       if (spec.reg == Reg::L2) {
-        const double mean = ref + b.stat[k] / m, centre = 0.5 * (static_cast<double>(s + e) - 1.0);
+        const double mean = ref + b.stat[k], centre = 0.5 * (static_cast<double>(s + e) - 1.0);
         for (index_t i = s; i < e; ++i)
-          out[i] = static_cast<T>(sgn * ((centre - static_cast<double>(i)) / eps + mean));
+          out[i] = static_cast<T>(sgn * (scale(centre - static_cast<double>(i)) + mean));
       } else {
         const double base = ref + b.stat[k] - b.stat2[k];
         for (index_t i = s; i < e; ++i)
-          out[i] = static_cast<T>(sgn * (base - static_cast<double>(i - s) / eps));
+          out[i] = static_cast<T>(sgn * (base - scale(static_cast<double>(i - s))));
       }
     }
   }

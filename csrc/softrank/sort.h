@@ -2,12 +2,11 @@
 //
 // Floats are mapped to unsigned keys whose integer order is the float order,
 // then complemented so that an ascending integer sort yields decreasing
-// values. A float32 key and its 32-bit column index are packed into one
-// uint64 (key in the high half), so a plain ascending sort of the packed words
-// is already the stable order we need. Short rows use insertion sort or
-// std::sort, long rows an LSD radix sort over 11-bit digits that skips digits
-// shared by every key. The sorted values are decoded from the keys, which
-// avoids a random-access gather of x.
+// values. Short rows are sorted by counting ranks (vectorised), long rows by
+// a stable LSD radix sort that skips digits shared by every key; for float32
+// the key and its column are packed into one uint64 so that each radix pass
+// moves 8 bytes. The sorted values are decoded from the keys, which avoids a
+// random-access gather of x.
 #pragma once
 
 #include <algorithm>
@@ -18,11 +17,21 @@
 
 namespace softrank {
 
-constexpr int kRadixBits = 11;
-constexpr std::uint32_t kRadixBuckets = 1u << kRadixBits;
-// Rows at least this long use the radix sort (measured crossover on x86-64).
-constexpr index_t kRadixThreshold = 2048;
-constexpr index_t kInsertionThreshold = 24;
+// Rows up to this long are sorted by counting ranks (rank_sort.cpp), longer
+// ones by LSD radix: 8-bit digits up to kWideDigitThreshold, 11-bit above,
+// where fewer passes over memory beat smaller count tables.
+constexpr index_t kRankSortMax = 160;
+constexpr index_t kWideDigitThreshold = 1 << 16;
+constexpr std::uint32_t kMaxRadixBuckets = 1u << 11;
+constexpr int kMaxRadixPasses = 8;
+
+// Stable ascending order of keys (ties by position) by counting, for each
+// key, the keys that sort before it: O(n^2) compares but branch-free and
+// vectorised (runtime-dispatched to AVX2/AVX-512 where present), so faster
+// than any comparison sort for short rows. Writes order[rank] = position.
+// n <= kRankSortMax.
+void rank_sort(const std::uint32_t* keys, index_t n, index_t* order);
+void rank_sort(const std::uint64_t* keys, index_t n, index_t* order);
 
 inline std::uint32_t float_bits(float v) {
   std::uint32_t u;
@@ -72,33 +81,18 @@ struct KeyIndex64 {
   std::uint64_t key;
   std::uint32_t index;
 };
-inline bool operator<(const KeyIndex64& a, const KeyIndex64& b) {
-  return a.key < b.key || (a.key == b.key && a.index < b.index);
-}
 
 inline std::uint64_t radix_key(std::uint64_t packed) { return packed; }
 inline std::uint64_t radix_key(const KeyIndex64& item) { return item.key; }
-
-template <class Item>
-inline void insertion_sort(Item* a, index_t n) {
-  for (index_t i = 1; i < n; ++i) {
-    Item v = a[i];
-    index_t j = i;
-    while (j > 0 && v < a[j - 1]) {
-      a[j] = a[j - 1];
-      --j;
-    }
-    a[j] = v;
-  }
-}
 
 // Stable LSD radix sort of items by radix_key bits [lo_bit, hi_bit). Input
 // order must already be increasing in column for equal keys (it is: items
 // are built in column order). Returns the buffer that holds the result
 // (either `a` or `tmp`). `counts` has room for ceil((hi-lo)/11) * 2048 ints.
-template <class Item>
+template <int kRadixBits, class Item>
 inline Item* radix_sort(Item* a, Item* tmp, index_t n, int lo_bit, int hi_bit,
                         std::uint32_t* counts) {
+  constexpr std::uint32_t kRadixBuckets = 1u << kRadixBits;
   const int passes = (hi_bit - lo_bit + kRadixBits - 1) / kRadixBits;
   std::memset(counts, 0, sizeof(std::uint32_t) * kRadixBuckets * passes);
   for (index_t i = 0; i < n; ++i) {
@@ -136,7 +130,9 @@ struct SortScratch {
   std::uint64_t* packed32_tmp;
   KeyIndex64* keyed64;       // n items (float64 path)
   KeyIndex64* keyed64_tmp;
-  std::uint32_t* counts;     // 6 * 2048 counters
+  std::uint32_t* keys32;     // n keys (short float32 rows)
+  std::uint64_t* keys64;     // n keys (short float64 rows)
+  std::uint32_t* counts;     // kMaxRadixPasses * 2048 counters
 };
 
 // Sort x' (= x or -x) decreasingly. Writes perm (column at each sorted
@@ -144,22 +140,25 @@ struct SortScratch {
 // nothing, when the row holds NaN or +-inf.
 inline bool sort_row_descending(const float* x, index_t n, bool negate, SortScratch& s,
                                 index_t* perm, double* xs) {
-  std::uint64_t* a = s.packed32;
+  std::uint32_t* keys = s.keys32;
   std::uint32_t non_finite = 0;
   for (index_t i = 0; i < n; ++i) {
     // Adding +0.0f turns -0.0 into +0.0, so that both zeros share one key.
     const float v = (negate ? -x[i] : x[i]) + 0.0f;
     non_finite |= !is_finite_bits(float_bits(v));
-    a[i] = (static_cast<std::uint64_t>(descending_key(v)) << 32) | static_cast<std::uint32_t>(i);
+    keys[i] = descending_key(v);
   }
   if (non_finite) return false;
-  if (n <= kInsertionThreshold) {
-    insertion_sort(a, n);
-  } else if (n < kRadixThreshold) {
-    std::sort(a, a + n);
-  } else {
-    a = radix_sort(a, s.packed32_tmp, n, 32, 64, s.counts);
+  if (n <= kRankSortMax) {
+    rank_sort(keys, n, perm);
+    for (index_t i = 0; i < n; ++i) xs[i] = static_cast<double>(value_of_key(keys[perm[i]]));
+    return true;
   }
+  std::uint64_t* a = s.packed32;
+  for (index_t i = 0; i < n; ++i)
+    a[i] = (static_cast<std::uint64_t>(keys[i]) << 32) | static_cast<std::uint32_t>(i);
+  a = n < kWideDigitThreshold ? radix_sort<8>(a, s.packed32_tmp, n, 32, 64, s.counts)
+                              : radix_sort<11>(a, s.packed32_tmp, n, 32, 64, s.counts);
   for (index_t i = 0; i < n; ++i) {
     perm[i] = static_cast<index_t>(static_cast<std::uint32_t>(a[i]));
     xs[i] = static_cast<double>(value_of_key(static_cast<std::uint32_t>(a[i] >> 32)));
@@ -169,22 +168,26 @@ inline bool sort_row_descending(const float* x, index_t n, bool negate, SortScra
 
 inline bool sort_row_descending(const double* x, index_t n, bool negate, SortScratch& s,
                                 index_t* perm, double* xs) {
-  KeyIndex64* a = s.keyed64;
+  std::uint64_t* keys = s.keys64;
   std::uint64_t non_finite = 0;
   for (index_t i = 0; i < n; ++i) {
     const double v = (negate ? -x[i] : x[i]) + 0.0;
     non_finite |= !is_finite_bits(float_bits(v));
-    a[i].key = descending_key(v);
-    a[i].index = static_cast<std::uint32_t>(i);
+    keys[i] = descending_key(v);
   }
   if (non_finite) return false;
-  if (n <= kInsertionThreshold) {
-    insertion_sort(a, n);
-  } else if (n < kRadixThreshold) {
-    std::sort(a, a + n);
-  } else {
-    a = radix_sort(a, s.keyed64_tmp, n, 0, 64, s.counts);
+  if (n <= kRankSortMax) {
+    rank_sort(keys, n, perm);
+    for (index_t i = 0; i < n; ++i) xs[i] = value_of_key(keys[perm[i]]);
+    return true;
   }
+  KeyIndex64* a = s.keyed64;
+  for (index_t i = 0; i < n; ++i) {
+    a[i].key = keys[i];
+    a[i].index = static_cast<std::uint32_t>(i);
+  }
+  a = n < kWideDigitThreshold ? radix_sort<8>(a, s.keyed64_tmp, n, 0, 64, s.counts)
+                              : radix_sort<11>(a, s.keyed64_tmp, n, 0, 64, s.counts);
   for (index_t i = 0; i < n; ++i) {
     perm[i] = static_cast<index_t>(a[i].index);
     xs[i] = value_of_key(a[i].key);

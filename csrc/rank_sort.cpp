@@ -1,0 +1,54 @@
+// Counting-rank sort for short rows, compiled once per instruction set and
+// picked at load time (GCC/Clang function multiversioning), so a portable
+// wheel still uses AVX2 or AVX-512 where the CPU has them.
+#include <type_traits>
+
+#include "softrank/sort.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(SOFTRANK_NO_CLONES)
+#define SOFTRANK_SIMD_CLONES __attribute__((target_clones("arch=skylake-avx512", "avx2", "default")))
+#else
+#define SOFTRANK_SIMD_CLONES
+#endif
+
+namespace softrank {
+namespace {
+
+// rank(i) = #{j : k_j < k_i} + #{j < i : k_j == k_i}: the position of
+// (k_i, i) in the stable ascending order. Accumulated as an outer product:
+// for each j, one fixed-length, branch-free pass over all i that the
+// compiler turns into full-width vector compares. The keys are copied into a
+// buffer padded to a multiple of 16 with the largest key (never the key of a
+// finite value), so there is no scalar tail; counters have the key's width
+// so that every vector lane lines up.
+template <class Key>
+inline void rank_sort_impl(const Key* keys, index_t n, index_t* order) {
+  using Count = typename std::conditional<sizeof(Key) == 8, std::int64_t, std::int32_t>::type;
+  constexpr index_t kLanes = 16;
+  alignas(64) Key padded[kRankSortMax + kLanes];
+  alignas(64) Count rank[kRankSortMax + kLanes];
+  const index_t padded_n = (n + kLanes - 1) / kLanes * kLanes;
+  for (index_t i = 0; i < padded_n; ++i) {
+    padded[i] = i < n ? keys[i] : ~Key(0);
+    rank[i] = 0;
+  }
+  for (index_t j = 0; j < n; ++j) {
+    const Key kj = padded[j];
+    const Count jc = j;
+    for (index_t i = 0; i < padded_n; ++i)
+      rank[i] += static_cast<Count>((kj < padded[i]) | ((kj == padded[i]) & (jc < Count(i))));
+  }
+  for (index_t i = 0; i < n; ++i) order[rank[i]] = i;
+}
+
+}  // namespace
+
+SOFTRANK_SIMD_CLONES void rank_sort(const std::uint32_t* keys, index_t n, index_t* order) {
+  rank_sort_impl(keys, n, order);
+}
+
+SOFTRANK_SIMD_CLONES void rank_sort(const std::uint64_t* keys, index_t n, index_t* order) {
+  rank_sort_impl(keys, n, order);
+}
+
+}  // namespace softrank
