@@ -148,7 +148,8 @@ def _basis(D: np.ndarray, n: int):
     """Orthonormal bases of span(rows of D) and of its orthogonal complement."""
     if D.shape[0] == 0:
         return np.zeros((n, 0)), np.eye(n)
-    u, s, vt = np.linalg.svd(D, full_matrices=True)
+    # zero rows make vt square (n x n) without forming the huge U of a big face
+    _, s, vt = np.linalg.svd(np.vstack([D, np.zeros((n, n))]), full_matrices=False)
     r = int(np.sum(s > 1e-10 * max(1.0, s[0])))
     return vt[:r].T, vt[r:].T
 

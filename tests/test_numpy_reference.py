@@ -153,12 +153,12 @@ def test_bruteforce_agreement(backend, op, reg):
 @pytest.mark.parametrize("reg", ["l2", "kl"])
 @pytest.mark.parametrize("op", ["rank", "sort"])
 def test_exact_reference_agreement_larger_n(backend, op, reg):
-    """n up to 40 against the correctly rounded min-max reference, batched rows."""
+    """n up to 30 against the correctly rounded min-max reference, batched rows."""
     fn = OPS[op][0]
     rng = np.random.default_rng(7)
-    for n in (7, 13, 40):
+    for n in (7, 13, 30):
         X = rng.normal(size=(3, n)) * np.array([[0.3], [1.0], [4.0]])
-        for eps in (0.01, 0.2, 1.0, 10.0):
+        for eps in (0.01, 0.3, 3.0):
             for d in DIRECTIONS:
                 got = fn(X, eps, regularization=reg, direction=d)
                 for r in range(X.shape[0]):
