@@ -19,6 +19,8 @@ def check_eps(eps: Any) -> float:
     ``eps = 0`` selects the hard operator and ``eps = inf`` the limit of
     infinite regularization; both are valid.
     """
+    if type(eps) is float and eps >= 0.0:  # the common case, checked cheaply
+        return eps
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         # numpy / framework 0-d scalars are accepted through float().
         if hasattr(eps, "dtype") and getattr(eps, "shape", None) in ((), None):
@@ -47,6 +49,8 @@ def check_eps(eps: Any) -> float:
 
 def check_regularization(regularization: Any) -> int:
     """Return the engine code of ``regularization`` ("l2" -> 0, "kl" -> 1)."""
+    if regularization == "l2" and type(regularization) is str:
+        return 0
     if regularization not in REGULARIZATIONS or not isinstance(regularization, str):
         raise ValueError(
             f"regularization must be 'l2' or 'kl', got {regularization!r}"
@@ -56,6 +60,8 @@ def check_regularization(regularization: Any) -> int:
 
 def check_direction(direction: Any) -> bool:
     """Return True for "descending", False for "ascending"; raise otherwise."""
+    if direction == "ascending" and type(direction) is str:
+        return False
     if direction not in DIRECTIONS or not isinstance(direction, str):
         raise ValueError(
             f"direction must be 'ascending' or 'descending', got {direction!r}"
@@ -68,6 +74,8 @@ def check_axis(axis: Any, ndim: int, name: str = "axis") -> int:
 
     ``ndim == 0`` is rejected: the operators need an axis to act along.
     """
+    if type(axis) is int and -ndim <= axis < ndim:  # the common case
+        return axis % ndim
     if ndim == 0:
         raise ValueError(
             "x must have at least one dimension (got a 0-d scalar); "

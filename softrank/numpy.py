@@ -7,6 +7,7 @@ computed in float32 and returned in their own dtype.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Tuple
 
 import numpy as np
@@ -32,16 +33,25 @@ __all__ = [
 ]
 
 
+_COMPUTE_DTYPE: dict = {}
+
+
 def _compute_dtype(dtype: np.dtype, name: str) -> np.dtype:
     """float64 stays float64; every narrower float (and bfloat16) runs in float32."""
+    cached = _COMPUTE_DTYPE.get(dtype)
+    if cached is not None:
+        return cached
     if dtype.name == "bfloat16":  # ml_dtypes' bfloat16 has kind 'V'
-        return np.dtype(np.float32)
-    check_float_dtype_kind(dtype.kind, str(dtype), allow_int=True, name=name)
-    if dtype.kind in "iub" or dtype == np.float64:
-        return np.dtype(np.float64)
-    if dtype.itemsize > 8:  # longdouble: the core computes in double
-        return np.dtype(np.float64)
-    return np.dtype(np.float32)
+        result = np.dtype(np.float32)
+    else:
+        check_float_dtype_kind(dtype.kind, str(dtype), allow_int=True, name=name)
+        if dtype.kind in "iub" or dtype.itemsize >= 8:
+            # ints, float64 and longdouble: the core computes in double.
+            result = np.dtype(np.float64)
+        else:
+            result = np.dtype(np.float32)
+    _COMPUTE_DTYPE[dtype] = result
+    return result
 
 
 def _to_rows(
@@ -50,24 +60,27 @@ def _to_rows(
     """View ``x`` as C-contiguous ``(rows, n)`` with ``axis`` last.
 
     Returns the rows and a function that maps a ``(rows, n)`` result back to
-    the layout of ``x`` (axis restored, original dtype).
+    the layout of ``x`` (axis restored, original dtype). The common case, the
+    last axis of a contiguous array of the compute dtype, costs no copy.
     """
-    moved = np.moveaxis(x, axis, -1)
+    last = axis == x.ndim - 1
+    moved = x if last else np.moveaxis(x, axis, -1)
     moved_shape = moved.shape
     n = moved_shape[-1]
-    rows = int(np.prod(moved_shape[:-1], dtype=np.int64))
-    flat = np.ascontiguousarray(moved, dtype=dtype).reshape(rows, n)
+    flat = np.ascontiguousarray(moved, dtype=dtype).reshape(math.prod(moved_shape[:-1]), n)
     out_dtype = x.dtype if x.dtype.kind == "f" or x.dtype.name == "bfloat16" else dtype
 
     def restore(result: np.ndarray) -> np.ndarray:
-        back = np.moveaxis(result.reshape(moved_shape), -1, axis)
-        return back.astype(out_dtype, copy=False)
+        back = result.reshape(moved_shape)
+        if not last:
+            back = np.moveaxis(back, -1, axis)
+        return back if back.dtype == out_dtype else back.astype(out_dtype)
 
     return flat, restore
 
 
 def _prepare(x: Any, axis: Any, name: str = "x"):
-    array = np.asarray(x)
+    array = x if type(x) is np.ndarray else np.asarray(x)
     dtype = _compute_dtype(array.dtype, name)
     ax = check_axis(axis, array.ndim)
     rows, restore = _to_rows(array, ax, dtype)
