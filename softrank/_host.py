@@ -24,6 +24,8 @@ __all__ = ["forward", "vjp", "jvp", "hvp"]
 
 def _rows(array: np.ndarray) -> np.ndarray:
     """``array`` as a C-contiguous ``(rows, n)`` array (a view when possible)."""
+    if array.ndim == 2:
+        return np.ascontiguousarray(array)
     return np.ascontiguousarray(array).reshape(math.prod(array.shape[:-1]), array.shape[-1])
 
 
