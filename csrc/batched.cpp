@@ -22,8 +22,7 @@ struct ThreadScratch {
   std::vector<KeyIndex64> keyed64, keyed64_tmp;
   std::vector<std::uint32_t> counts, keys32;
   std::vector<std::uint64_t> keys64;
-  std::vector<double> xs, ws, block_ref, block_stat, block_stat2, log_rho;
-  index_t log_rho_n = -1;
+  std::vector<double> xs, ws, block_ref, block_stat, block_stat2;
   std::vector<index_t> block_start;
 
   RowScratch row(index_t n, bool wide) {
@@ -56,20 +55,9 @@ struct ThreadScratch {
     r.sort.keys64 = keys64.data();
     r.sort.counts = counts.data();
     r.xs = xs.data();
-    r.log_rho = nullptr;
     r.blocks = BlockStack{block_start.data(), block_ref.data(), block_stat.data(),
                           block_stat2.data()};
     return r;
-  }
-
-  // log(n - i) for i < n, rebuilt only when the row length changes.
-  const double* log_rho_table(index_t n) {
-    if (log_rho_n != n) {
-      grow(log_rho, static_cast<std::size_t>(n) + 1);
-      for (index_t i = 0; i < n; ++i) log_rho[i] = std::log(static_cast<double>(n - i));
-      log_rho_n = n;
-    }
-    return log_rho.data();
   }
 
   template <class V>
@@ -121,9 +109,7 @@ void soft_forward_batch(const T* x, std::int64_t rows, index_t n, const OpSpec& 
                         index_t* perm, index_t* block_start) {
   for_each_row(rows, n, [&](std::int64_t r) {
     const std::int64_t off = r * n;
-    ThreadScratch& s = thread_scratch();
-    RowScratch scratch = s.row(n, sizeof(T) == 8);
-    if (spec.op == Op::Rank && spec.reg == Reg::KL) scratch.log_rho = s.log_rho_table(n);
+    RowScratch scratch = thread_scratch().row(n, sizeof(T) == 8);
     soft_forward_row(x + off, n, spec, scratch, out + off, perm + off, block_start + off);
   });
 }

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cmath>
+#include <limits>
 
 #include "common.h"
 
@@ -16,12 +17,12 @@ namespace softrank {
 
 struct BlockStack {
   index_t* start;  // first sorted position of each block
-  double* ref;     // xs[start]
-  double* stat;    // l2: mean(xs) - ref; kl: log sum exp((xs - ref) * c)
-  double* stat2;   // rank kl: log sum rho; sort kl: log sum exp(-k / eps)
+  double* ref;     // xs[start], the block's largest value
+  double* stat;    // l2: sum (xs - ref); kl: S = sum exp((xs - ref) * c), in [1, m]
+  double* stat2;   // sort kl: Q = sum_{k < m} exp(-k / eps), in [1, m]
 };
 
-// (a - b) / eps, by a multiplication where 1/eps is finite (it is not for
+// v / eps, by a multiplication where 1/eps is finite (it is not for
 // subnormal eps): the division is the slowest operation of the PAV loop.
 struct InverseScale {
   double eps, inv;
@@ -31,67 +32,32 @@ struct InverseScale {
   SOFTRANK_HD double operator()(double v) const { return multiply ? v * inv : v / eps; }
 };
 
-// Pooled l2 block: mean offset of the union of A (m_a values, offset off_a
-// from ref_a) and B (m_b, off_b, ref_b), relative to ref_a.
-SOFTRANK_HD double pooled_offset(double ma, double off_a, double mb, double off_b, double ref_a,
-                                 double ref_b) {
-  return (ma * off_a + mb * (off_b + (ref_b - ref_a))) / (ma + mb);
-}
-
-// Returns the number of blocks. `merge_all` (eps = inf) pools everything.
-// l2 merge tests compare the difference of block means, dx, with eps * h or
-// h / eps (h = (m_a + m_b) / 2) in the form whose product cannot overflow
-// into a wrong answer: an overflow to inf there is the right limit.
+// The l2 block keeps d = sum (xs - ref): its update is an add and a multiply,
+// so the dependency chain from one merge to the next holds no division (the
+// divisions in the merge test are off that chain). The tests compare the
+// difference of block means, dx, with eps * h or h / eps (h = (m_a + m_b)/2)
+// in the product form, which overflows or underflows only where the limit
+// gives the same answer.
 SOFTRANK_HD index_t pav_rank_l2(const double* xs, index_t n, double eps, BlockStack b) {
   const bool merge_all = std::isinf(eps);
   index_t top = 0;
   for (index_t i = 0; i < n; ++i) {
     index_t s = i;
-    double ref = xs[i], off = 0.0;
+    double ref = xs[i], d = 0.0;
     while (top > 0) {
       const index_t sa = b.start[top - 1];
       const double ma = static_cast<double>(s - sa), mb = static_cast<double>(i + 1 - s);
-      const double ref_a = b.ref[top - 1], off_a = b.stat[top - 1];
-      const double dx = (ref_a - ref) + (off_a - off);
+      const double ref_a = b.ref[top - 1], d_a = b.stat[top - 1];
+      const double dx = (ref_a - ref) + (d_a / ma - d / mb);
       if (!(merge_all || dx <= eps * (0.5 * (ma + mb)))) break;
-      off = pooled_offset(ma, off_a, mb, off, ref_a, ref);
+      d = d_a + d + mb * (ref - ref_a);
       ref = ref_a;
       s = sa;
       --top;
     }
     b.start[top] = s;
     b.ref[top] = ref;
-    b.stat[top] = off;
-    ++top;
-  }
-  return top;
-}
-
-// log_rho[i] = log(n - i), precomputed once per row length.
-SOFTRANK_HD index_t pav_rank_kl(const double* xs, const double* log_rho, index_t n, double eps,
-                                BlockStack b) {
-  const bool merge_all = std::isinf(eps);
-  const InverseScale scale(eps);
-  index_t top = 0;
-  for (index_t i = 0; i < n; ++i) {
-    index_t s = i;
-    double ref = xs[i], lse = 0.0, log_r = log_rho[i];
-    while (top > 0) {
-      const index_t sa = b.start[top - 1];
-      const double ref_a = b.ref[top - 1], lse_a = b.stat[top - 1], log_r_a = b.stat2[top - 1];
-      const double gap = scale(ref_a - ref);
-      const double lhs = gap + lse_a - lse;
-      if (!(merge_all || lhs <= log_r_a - log_r)) break;
-      lse = log_add_exp(lse_a, lse - gap);
-      ref = ref_a;
-      s = sa;
-      log_r = std::log(rho_sum(n, s, i + 1));
-      --top;
-    }
-    b.start[top] = s;
-    b.ref[top] = ref;
-    b.stat[top] = lse;
-    b.stat2[top] = log_r;
+    b.stat[top] = d;
     ++top;
   }
   return top;
@@ -102,50 +68,92 @@ SOFTRANK_HD index_t pav_sort_l2(const double* xs, index_t n, double eps, BlockSt
   index_t top = 0;
   for (index_t i = 0; i < n; ++i) {
     index_t s = i;
-    double ref = xs[i], off = 0.0;
+    double ref = xs[i], d = 0.0;
     while (top > 0) {
       const index_t sa = b.start[top - 1];
       const double ma = static_cast<double>(s - sa), mb = static_cast<double>(i + 1 - s);
-      const double ref_a = b.ref[top - 1], off_a = b.stat[top - 1];
-      const double dx = (ref_a - ref) + (off_a - off);
+      const double ref_a = b.ref[top - 1], d_a = b.stat[top - 1];
+      const double dx = (ref_a - ref) + (d_a / ma - d / mb);
       if (!(merge_all || 0.5 * (ma + mb) <= dx * eps)) break;
-      off = pooled_offset(ma, off_a, mb, off, ref_a, ref);
+      d = d_a + d + mb * (ref - ref_a);
       ref = ref_a;
       s = sa;
       --top;
     }
     b.start[top] = s;
     b.ref[top] = ref;
-    b.stat[top] = off;
+    b.stat[top] = d;
     ++top;
   }
   return top;
 }
 
+// kl blocks keep S = sum exp((xs - ref)/eps) relative to the block's largest
+// value, so S is in [1, m]: no overflow, and a merge costs one exp and no log.
+// Merge when V_A <= V_B, i.e. S_a R_b <= S_b R_a exp(-(ref_a - ref_b)/eps);
+// an underflow of that exp to 0 is the right answer (no merge).
+SOFTRANK_HD index_t pav_rank_kl(const double* xs, index_t n, double eps, BlockStack b) {
+  const bool merge_all = std::isinf(eps);
+  const InverseScale scale(eps);
+  index_t top = 0;
+  for (index_t i = 0; i < n; ++i) {
+    index_t s = i;
+    double ref = xs[i], sum = 1.0;
+    while (top > 0) {
+      const index_t sa = b.start[top - 1];
+      const double ref_a = b.ref[top - 1], sum_a = b.stat[top - 1];
+      const double decay = std::exp(-scale(ref_a - ref));
+      if (!(merge_all ||
+            sum_a * rho_sum(n, s, i + 1) <= decay * sum * rho_sum(n, sa, s)))
+        break;
+      sum = sum_a + decay * sum;
+      ref = ref_a;
+      s = sa;
+      --top;
+    }
+    b.start[top] = s;
+    b.ref[top] = ref;
+    b.stat[top] = sum;
+    ++top;
+  }
+  return top;
+}
+
+// Sort kl: S = sum exp(xs - ref) and Q = sum_{k<m} exp(-k/eps), both in
+// [1, m]. Merge when Q_a S_b exp(-u) <= S_a Q_b exp(-v), u = ref_a - ref_b,
+// v = m_a / eps; where both exps underflow the same test runs on logs.
 SOFTRANK_HD index_t pav_sort_kl(const double* xs, index_t n, double eps, BlockStack b) {
   const bool merge_all = std::isinf(eps);
   const InverseScale scale(eps);
   index_t top = 0;
   for (index_t i = 0; i < n; ++i) {
     index_t s = i;
-    double ref = xs[i], lse = 0.0, lse_rho = 0.0;
+    double ref = xs[i], sum = 1.0, sum_rho = 1.0;
     while (top > 0) {
       const index_t sa = b.start[top - 1];
-      const double ma = static_cast<double>(s - sa);
-      const double ref_a = b.ref[top - 1], lse_a = b.stat[top - 1], lse_rho_a = b.stat2[top - 1];
-      const double shift = scale(ma);
-      const double lhs = shift + lse_rho_a - lse_rho;
-      if (!(merge_all || lhs <= (ref_a - ref) + lse_a - lse)) break;
-      lse = log_add_exp(lse_a, lse + (ref - ref_a));
-      lse_rho = log_add_exp(lse_rho_a, lse_rho - shift);
+      const double ref_a = b.ref[top - 1], sum_a = b.stat[top - 1], sum_rho_a = b.stat2[top - 1];
+      const double u = ref_a - ref, v = scale(static_cast<double>(s - sa));
+      const double eu = std::exp(-u), ev = std::exp(-v);
+      bool merge;
+      if (merge_all) {
+        merge = true;
+      } else if (eu >= std::numeric_limits<double>::min() &&
+                 ev >= std::numeric_limits<double>::min()) {
+        merge = sum_rho_a * sum * eu <= ev * sum_a * sum_rho;
+      } else {
+        merge = std::log(sum_rho_a * sum) - u <= std::log(sum_a * sum_rho) - v;
+      }
+      if (!merge) break;
+      sum = sum_a + eu * sum;
+      sum_rho = sum_rho_a + ev * sum_rho;
       ref = ref_a;
       s = sa;
       --top;
     }
     b.start[top] = s;
     b.ref[top] = ref;
-    b.stat[top] = lse;
-    b.stat2[top] = lse_rho;
+    b.stat[top] = sum;
+    b.stat2[top] = sum_rho;
     ++top;
   }
   return top;

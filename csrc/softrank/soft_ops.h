@@ -16,8 +16,7 @@ namespace softrank {
 
 struct RowScratch {
   SortScratch sort;
-  double* xs;             // n sorted values
-  const double* log_rho;  // log(n - i), i < n (rank kl only)
+  double* xs;  // n sorted values
   BlockStack blocks;
 };
 
@@ -54,8 +53,7 @@ void soft_forward_row(const T* x, index_t n, const OpSpec& spec, RowScratch& w, 
   if (eps == 0.0) {
     count = pav_hard(xs, n, spec.op, b);
   } else if (spec.op == Op::Rank) {
-    count = spec.reg == Reg::L2 ? pav_rank_l2(xs, n, eps, b)
-                                : pav_rank_kl(xs, w.log_rho, n, eps, b);
+    count = spec.reg == Reg::L2 ? pav_rank_l2(xs, n, eps, b) : pav_rank_kl(xs, n, eps, b);
   } else {
     count = spec.reg == Reg::L2 ? pav_sort_l2(xs, n, eps, b) : pav_sort_kl(xs, n, eps, b);
   }
@@ -77,21 +75,21 @@ void soft_forward_row(const T* x, index_t n, const OpSpec& spec, RowScratch& w, 
     }
     if (spec.op == Op::Rank) {
       if (spec.reg == Reg::L2) {
-        const double base = rho_mean(n, s, e), offset = b.stat[k];
+        const double base = rho_mean(n, s, e), offset = b.stat[k] / static_cast<double>(e - s);
         for (index_t i = s; i < e; ++i)
           out[perm[i]] = static_cast<T>(base + scale((xs[i] - ref) - offset));
       } else {
-        const double r = rho_sum(n, s, e), lse = b.stat[k];
+        const double r_over_sum = rho_sum(n, s, e) / b.stat[k];
         for (index_t i = s; i < e; ++i)
-          out[perm[i]] = static_cast<T>(r * std::exp(scale(xs[i] - ref) - lse));
+          out[perm[i]] = static_cast<T>(r_over_sum * std::exp(scale(xs[i] - ref)));
       }
     } else {
       if (spec.reg == Reg::L2) {
-        const double mean = ref + b.stat[k], centre = 0.5 * (static_cast<double>(s + e) - 1.0);
+        const double mean = ref + b.stat[k] / static_cast<double>(e - s), centre = 0.5 * (static_cast<double>(s + e) - 1.0);
         for (index_t i = s; i < e; ++i)
           out[i] = static_cast<T>(sgn * (scale(centre - static_cast<double>(i)) + mean));
       } else {
-        const double base = ref + b.stat[k] - b.stat2[k];
+        const double base = ref + (std::log(b.stat[k]) - std::log(b.stat2[k]));
         for (index_t i = s; i < e; ++i)
           out[i] = static_cast<T>(sgn * (base - scale(static_cast<double>(i - s))));
       }
