@@ -1,0 +1,148 @@
+"""Bad input raises ValueError/TypeError at the Python boundary, and the message
+names the offending argument (SPEC section 2)."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from softrank import numpy as srn
+
+X = np.array([[0.3, -1.0, 2.0, 0.5], [1.0, 1.0, 0.0, -2.0]])
+G = np.ones_like(X)
+
+FORWARD = [srn.soft_rank, srn.soft_sort]
+WITH_VECTOR = [srn.soft_rank_vjp, srn.soft_sort_vjp, srn.soft_rank_jvp, srn.soft_sort_jvp]
+
+
+def _calls(x=X, **kw):
+    """Every soft operator entry point with the same keyword arguments."""
+    calls = [(f.__name__, lambda f=f: f(x, **kw)) for f in FORWARD]
+    calls += [(f.__name__, lambda f=f: f(x, np.ones(np.shape(x)), **kw)) for f in WITH_VECTOR]
+    return calls
+
+
+def _raises_naming(fn, name, types=(ValueError, TypeError)):
+    with pytest.raises(types) as info:
+        fn()
+    msg = str(info.value)
+    assert re.search(rf"\b{re.escape(name)}\b", msg), f"message does not name {name!r}: {msg!r}"
+    return info.value
+
+
+def test_zero_dim_x(backend):
+    for x in (np.float64(1.5), np.array(2.0), 3.0):
+        for f in FORWARD:
+            _raises_naming(lambda: f(x), "x")
+        for f in WITH_VECTOR:
+            _raises_naming(lambda: f(x, 1.0), "x")
+
+
+def test_zero_dim_y_isotonic(backend):
+    # isotonic_regression's array argument is called y
+    for y in (np.float64(1.5), np.array(2.0), 3.0):
+        _raises_naming(lambda: srn.isotonic_regression(y), "y")
+        _raises_naming(lambda: srn.isotonic_regression_vjp(y, 1.0), "y")
+
+
+@pytest.mark.parametrize("eps", [-1.0, -1e-300, -np.inf, np.nan, np.float32("nan")])
+def test_bad_eps_value(backend, eps):
+    for name, call in _calls(eps=eps):
+        err = _raises_naming(call, "eps", ValueError)
+        assert isinstance(err, ValueError), name
+
+
+@pytest.mark.parametrize("eps", [1 + 2j, np.complex128(1.0), "1.0", None, [1.0], np.array([1.0, 2.0])])
+def test_bad_eps_type(backend, eps):
+    for name, call in _calls(eps=eps):
+        _raises_naming(call, "eps")
+
+
+def test_good_eps_spellings(backend):
+    """Real scalars of any kind are accepted: int, numpy float32/int64 scalars, 0-d arrays."""
+    expected = srn.soft_rank(X, 2.0)
+    for eps in (2, np.float32(2.0), np.int64(2), np.array(2.0)):
+        np.testing.assert_array_equal(srn.soft_rank(X, eps), expected)
+
+
+@pytest.mark.parametrize("regularization", ["l1", "L2", "", None, 2, "kl "])
+def test_bad_regularization(backend, regularization):
+    for name, call in _calls(regularization=regularization):
+        _raises_naming(call, "regularization")
+
+
+@pytest.mark.parametrize("direction", ["up", "asc", "", None, 1, "descending "])
+def test_bad_direction(backend, direction):
+    for name, call in _calls(direction=direction):
+        _raises_naming(call, "direction")
+
+
+@pytest.mark.parametrize("axis", [2, -3, 100])
+def test_axis_out_of_range(backend, axis):
+    for name, call in _calls(axis=axis):
+        _raises_naming(call, "axis", ValueError)
+    _raises_naming(lambda: srn.isotonic_regression(X, axis=axis), "axis", ValueError)
+    _raises_naming(lambda: srn.isotonic_regression_vjp(X, G, axis=axis), "axis", ValueError)
+
+
+@pytest.mark.parametrize("axis", [1.0, "0", None, 0.5, [0]])
+def test_axis_not_int(backend, axis):
+    for name, call in _calls(axis=axis):
+        _raises_naming(call, "axis")
+    _raises_naming(lambda: srn.isotonic_regression(X, axis=axis), "axis")
+
+
+def test_numpy_integer_axis_is_accepted(backend):
+    np.testing.assert_array_equal(srn.soft_rank(X, axis=np.int64(0)), srn.soft_rank(X, axis=0))
+
+
+@pytest.mark.parametrize("x", [
+    X.astype(np.complex128),
+    np.array([1.0, "a", None], dtype=object),
+    np.array([[1.0, 2.0], [3.0, 4.0]], dtype=object),
+    np.array(["b", "a", "c"]),
+    np.array([b"b", b"a"]),
+])
+def test_bad_x_dtype(backend, x):
+    for name, call in _calls(x=x):
+        _raises_naming(call, "x")
+    _raises_naming(lambda: srn.isotonic_regression(x), "y")
+
+
+def test_bad_cotangent_and_tangent(backend):
+    for f, name in ((srn.soft_rank_vjp, "cotangent"), (srn.soft_sort_vjp, "cotangent"),
+                    (srn.soft_rank_jvp, "tangent"), (srn.soft_sort_jvp, "tangent")):
+        for bad in (np.ones((4, 2)), np.ones(4), np.ones((2, 4, 1)), np.ones((2, 5)), 1.0):
+            _raises_naming(lambda: f(X, bad, 1.0), name, ValueError)
+        _raises_naming(lambda: f(X, G.astype(np.complex128), 1.0), name)
+        _raises_naming(lambda: f(X, np.full(X.shape, None, dtype=object), 1.0), name)
+    for bad in (np.ones((4, 2)), np.ones(4)):
+        _raises_naming(lambda: srn.isotonic_regression_vjp(X, bad), "cotangent", ValueError)
+
+
+@pytest.mark.parametrize("weights", [
+    np.array([[1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]),
+    np.array([[1.0, -2.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]),
+    np.array([[1.0, np.nan, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]),
+    np.array([[1.0, np.inf, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]),
+    np.ones((4, 2)),
+    np.ones(3),
+])
+def test_bad_weights(backend, weights):
+    _raises_naming(lambda: srn.isotonic_regression(X, weights=weights), "weights", ValueError)
+    _raises_naming(lambda: srn.isotonic_regression_vjp(X, G, weights=weights), "weights", ValueError)
+
+
+def test_bad_weights_dtype(backend):
+    _raises_naming(lambda: srn.isotonic_regression(X, weights=G.astype(np.complex128)), "weights")
+
+
+def test_rejects_before_computing(backend):
+    """A bad argument after a huge x is still rejected promptly (validation
+    happens at the boundary), and nothing is written to the input."""
+    x = np.random.default_rng(0).normal(size=(200, 1000))
+    before = x.copy()
+    _raises_naming(lambda: srn.soft_rank(x, -1.0), "eps", ValueError)
+    _raises_naming(lambda: srn.soft_rank_vjp(x, x[:, :10], 1.0), "cotangent", ValueError)
+    np.testing.assert_array_equal(x, before)
