@@ -444,8 +444,13 @@ def soft_sort_ref(x, eps=1.0, regularization="l2", direction="ascending", method
 # finite differences
 
 
-def jacobian_fd(f: Callable[[np.ndarray], np.ndarray], x, h: Optional[float] = None) -> np.ndarray:
-    """Central-difference Jacobian ``J[i, j] = d f_i / d x_j`` of a 1-D map."""
+def jacobian_fd(f: Callable[[np.ndarray], np.ndarray], x, h: Optional[float] = None,
+                side: str = "central") -> np.ndarray:
+    """Finite-difference Jacobian ``J[i, j] = d f_i / d x_j`` of a 1-D map.
+
+    side: "central" (default), "forward" or "backward" (one-sided, to detect
+    kinks of piecewise-linear maps: there the two one-sided Jacobians differ).
+    """
     x = np.asarray(x, dtype=np.float64)
     n = x.size
     f0 = np.asarray(f(x), dtype=np.float64)
@@ -454,9 +459,13 @@ def jacobian_fd(f: Callable[[np.ndarray], np.ndarray], x, h: Optional[float] = N
         step = (1e-6 if h is None else h) * max(1.0, abs(x[j]))
         xp = x.copy()
         xm = x.copy()
-        xp[j] += step
-        xm[j] -= step
-        J[:, j] = (np.asarray(f(xp), np.float64) - np.asarray(f(xm), np.float64)) / (xp[j] - xm[j])
+        if side in ("central", "forward"):
+            xp[j] += step
+        if side in ("central", "backward"):
+            xm[j] -= step
+        fp = f0 if side == "backward" else np.asarray(f(xp), np.float64)
+        fm = f0 if side == "forward" else np.asarray(f(xm), np.float64)
+        J[:, j] = (fp - fm) / (xp[j] - xm[j])
     return J
 
 
