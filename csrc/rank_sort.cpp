@@ -6,9 +6,17 @@
 #include "softrank/sort.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(SOFTRANK_NO_CLONES)
-#define SOFTRANK_SIMD_CLONES __attribute__((target_clones("arch=skylake-avx512", "avx2", "default")))
+#define SOFTRANK_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define SOFTRANK_SIMD_CLONES
+#endif
+// The body must be inlined into each clone: a separate function would be
+// compiled once, for the baseline instruction set, and the clones would only
+// call it.
+#if defined(__GNUC__) || defined(__clang__)
+#define SOFTRANK_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define SOFTRANK_ALWAYS_INLINE inline
 #endif
 
 namespace softrank {
@@ -22,7 +30,7 @@ namespace {
 // finite value), so there is no scalar tail; counters have the key's width
 // so that every vector lane lines up.
 template <class Key>
-inline void rank_sort_impl(const Key* keys, index_t n, index_t* order) {
+SOFTRANK_ALWAYS_INLINE void rank_sort_impl(const Key* keys, index_t n, index_t* order) {
   using Count = typename std::conditional<sizeof(Key) == 8, std::int64_t, std::int32_t>::type;
   constexpr index_t kLanes = 16;
   alignas(64) Key padded[kRankSortMax + kLanes];
