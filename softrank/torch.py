@@ -301,8 +301,8 @@ _function_modes = torch._C._is_torch_function_mode_enabled
 
 def _direct_call_allowed(x: Tensor) -> bool:
     return (
-        type(x) is Tensor
-        and not _is_compiling()
+        not _is_compiling()
+        and type(x) is Tensor
         and not _dispatch_modes()
         and not _function_modes()
         and not _is_functorch_wrapped(x)
@@ -316,7 +316,7 @@ def _soft_op(x: Any, eps: Any, regularization: Any, direction: Any, dim: Any, op
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if type(eps) is not float or not eps >= 0.0:
-        eps = check_eps(eps)
+        eps = check_eps(eps.detach() if isinstance(eps, Tensor) else eps)
     try:
         reg, descending = _CODES[regularization, direction]
     except (KeyError, TypeError):
@@ -377,8 +377,8 @@ def soft_rank(
         tensors raise TypeError. CUDA tensors make a host round trip (see the
         module docstring); the result is on ``x``'s device.
     eps : float, default 1.0
-        Regularization strength, >= 0 (a number or a 0-d tensor; under
-        ``torch.compile`` it is a constant of the graph). ``eps = 0`` gives
+        Regularization strength, >= 0 (a number or a 0-d tensor, not
+        differentiated; under ``torch.compile`` a constant of the graph). ``eps = 0`` gives
         the hard ranks (ties get their mean rank), ``eps = inf`` gives
         ``(n + 1) / 2`` everywhere.
     regularization : {"l2", "kl"}
