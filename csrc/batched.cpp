@@ -80,12 +80,13 @@ constexpr std::int64_t kElementsPerTask = 8192;
 // (only std::bad_alloc can occur) are carried back to the caller.
 template <class RowFn>
 void for_each_row(std::int64_t rows, index_t n, RowFn&& row_fn) {
-  const std::int64_t total = rows * std::max<std::int64_t>(n, 1);
+  // n = 0: every row is empty and there is nothing to do. Looping over the
+  // rows anyway would take hours for a valid zero-size array such as
+  // np.empty((2**40, 0)).
+  if (rows <= 0 || n <= 0) return;
+  const std::int64_t total = rows * static_cast<std::int64_t>(n);
   const std::int64_t rows_per_task =
-      total < kParallelMinElements
-          ? rows
-          : std::max<std::int64_t>(1, kElementsPerTask / std::max<std::int64_t>(n, 1));
-  if (rows == 0) return;
+      total < kParallelMinElements ? rows : std::max<std::int64_t>(1, kElementsPerTask / n);
   const std::int64_t tasks = (rows + rows_per_task - 1) / rows_per_task;
   std::exception_ptr error;
   std::mutex error_mutex;
