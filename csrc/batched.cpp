@@ -22,7 +22,7 @@ struct ThreadScratch {
   std::vector<KeyIndex64> keyed64, keyed64_tmp;
   std::vector<std::uint32_t> counts, keys32;
   std::vector<std::uint64_t> keys64;
-  std::vector<double> xs, ws, block_ref, block_stat, block_stat2;
+  std::vector<double> xs, work, ws, block_ref, block_stat, block_stat2;
   std::vector<index_t> block_start;
 
   RowScratch row(index_t n, bool wide) {
@@ -42,6 +42,7 @@ struct ThreadScratch {
     }
     grow(counts, kMaxRadixPasses * kMaxRadixBuckets);
     grow(xs, size);
+    grow(work, size);
     grow(block_ref, size);
     grow(block_stat, size);
     grow(block_stat2, size);
@@ -55,6 +56,7 @@ struct ThreadScratch {
     r.sort.keys64 = keys64.data();
     r.sort.counts = counts.data();
     r.xs = xs.data();
+    r.work = work.data();
     r.blocks = BlockStack{block_start.data(), block_ref.data(), block_stat.data(),
                           block_stat2.data()};
     return r;

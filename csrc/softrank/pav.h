@@ -19,7 +19,7 @@ struct BlockStack {
   index_t* start;  // first sorted position of each block
   double* ref;     // xs[start], the block's largest value
   double* stat;    // l2: sum (xs - ref); kl: S = sum exp((xs - ref) * c), in [1, m]
-  double* stat2;   // sort kl: Q = sum_{k < m} exp(-k / eps), in [1, m]
+  double* stat2;   // rank kl: exp((xs[last] - ref) / eps); sort kl: Q = sum_{k<m} exp(-k/eps)
 };
 
 // v / eps, by a multiplication where 1/eps is finite (it is not for
@@ -89,31 +89,38 @@ SOFTRANK_HD index_t pav_sort_l2(const double* xs, index_t n, double eps, BlockSt
 }
 
 // kl blocks keep S = sum exp((xs - ref)/eps) relative to the block's largest
-// value, so S is in [1, m]: no overflow, and a merge costs one exp and no log.
-// Merge when V_A <= V_B, i.e. S_a R_b <= S_b R_a exp(-(ref_a - ref_b)/eps);
-// an underflow of that exp to 0 is the right answer (no merge).
-SOFTRANK_HD index_t pav_rank_kl(const double* xs, index_t n, double eps, BlockStack b) {
+// value, so S is in [1, m]: no overflow. Merge when V_A <= V_B, i.e.
+// S_a R_b <= S_b R_a exp(-(ref_a - ref_b)/eps); an underflow of that factor
+// to 0 is the right answer (no merge). The factor is not an exp call in the
+// loop: `step[i] = exp((xs[i] - xs[i-1])/eps)` is computed beforehand, in one
+// vectorised pass, and each block carries `tail = exp((xs[last] - ref)/eps)`,
+// so the factor between adjacent blocks is tail_a * step[s_b]. (Products of
+// k steps carry at most k/2 ulp of rounding; the outputs themselves use
+// exact exps.)
+SOFTRANK_HD index_t pav_rank_kl(const double* xs, const double* step, index_t n, double eps,
+                                BlockStack b) {
   const bool merge_all = std::isinf(eps);
-  const InverseScale scale(eps);
   index_t top = 0;
   for (index_t i = 0; i < n; ++i) {
     index_t s = i;
-    double ref = xs[i], sum = 1.0;
+    double ref = xs[i], sum = 1.0, tail = 1.0;
     while (top > 0) {
       const index_t sa = b.start[top - 1];
-      const double ref_a = b.ref[top - 1], sum_a = b.stat[top - 1];
-      const double decay = std::exp(-scale(ref_a - ref));
+      const double sum_a = b.stat[top - 1];
+      const double decay = b.stat2[top - 1] * step[s];
       if (!(merge_all ||
             sum_a * rho_sum(n, s, i + 1) <= decay * sum * rho_sum(n, sa, s)))
         break;
       sum = sum_a + decay * sum;
-      ref = ref_a;
+      tail = decay * tail;
+      ref = b.ref[top - 1];
       s = sa;
       --top;
     }
     b.start[top] = s;
     b.ref[top] = ref;
     b.stat[top] = sum;
+    b.stat2[top] = tail;
     ++top;
   }
   return top;

@@ -11,16 +11,27 @@
 #include "common.h"
 #include "pav.h"
 #include "sort.h"
+#include "vector_math.h"
 
 namespace softrank {
 
 struct RowScratch {
   SortScratch sort;
-  double* xs;  // n sorted values
+  double* xs;    // n sorted values
+  double* work;  // n doubles (rank kl: the step decays)
   BlockStack blocks;
 };
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+// values[i] = exp(values[i]), values <= 0: vectorised on the CPU.
+inline void exp_nonpositive_buffer(double* values, index_t n) {
+#if defined(__CUDACC__)
+  for (index_t i = 0; i < n; ++i) values[i] = std::exp(values[i]);
+#else
+  exp_nonpositive_inplace(values, n);
+#endif
+}
 
 // Iterate the blocks recorded in block_start: calls fn(s, e) per block.
 template <class Fn>
@@ -53,12 +64,22 @@ void soft_forward_row(const T* x, index_t n, const OpSpec& spec, RowScratch& w, 
   if (eps == 0.0) {
     count = pav_hard(xs, n, spec.op, b);
   } else if (spec.op == Op::Rank) {
-    count = spec.reg == Reg::L2 ? pav_rank_l2(xs, n, eps, b) : pav_rank_kl(xs, n, eps, b);
+    if (spec.reg == Reg::L2) {
+      count = pav_rank_l2(xs, n, eps, b);
+    } else {
+      const InverseScale scale(eps);
+      double* step = w.work;
+      step[0] = 0.0;
+      for (index_t i = 1; i < n; ++i) step[i] = scale(xs[i] - xs[i - 1]);
+      exp_nonpositive_buffer(step, n);
+      count = pav_rank_kl(xs, step, n, eps, b);
+    }
   } else {
     count = spec.reg == Reg::L2 ? pav_sort_l2(xs, n, eps, b) : pav_sort_kl(xs, n, eps, b);
   }
   const double sgn = spec.descending ? 1.0 : -1.0;  // sort output sign
   const InverseScale scale(eps);
+  const bool rank_kl = eps != 0.0 && spec.op == Op::Rank && spec.reg == Reg::KL;
   for (index_t k = 0; k < count; ++k) {
     const index_t s = b.start[k];
     const index_t e = k + 1 < count ? b.start[k + 1] : n;
@@ -79,9 +100,8 @@ void soft_forward_row(const T* x, index_t n, const OpSpec& spec, RowScratch& w, 
         for (index_t i = s; i < e; ++i)
           out[perm[i]] = static_cast<T>(base + scale((xs[i] - ref) - offset));
       } else {
-        const double r_over_sum = rho_sum(n, s, e) / b.stat[k];
-        for (index_t i = s; i < e; ++i)
-          out[perm[i]] = static_cast<T>(r_over_sum * std::exp(scale(xs[i] - ref)));
+        // Exponents first (xs is not needed after this); exp and scatter below.
+        for (index_t i = s; i < e; ++i) xs[i] = scale(xs[i] - ref);
       }
     } else {
       if (spec.reg == Reg::L2) {
@@ -93,6 +113,16 @@ void soft_forward_row(const T* x, index_t n, const OpSpec& spec, RowScratch& w, 
         for (index_t i = s; i < e; ++i)
           out[i] = static_cast<T>(sgn * (base - scale(static_cast<double>(i - s))));
       }
+    }
+  }
+  if (rank_kl) {
+    // rank_i = R_B / S_B * exp((xs_i - ref_B) / eps)
+    exp_nonpositive_buffer(xs, n);
+    for (index_t k = 0; k < count; ++k) {
+      const index_t s = b.start[k];
+      const index_t e = k + 1 < count ? b.start[k + 1] : n;
+      const double factor = rho_sum(n, s, e) / b.stat[k];
+      for (index_t i = s; i < e; ++i) out[perm[i]] = static_cast<T>(factor * xs[i]);
     }
   }
 }
