@@ -1,0 +1,53 @@
+"""pytest configuration for the benchmark suites (never collected by the test suite:
+pyproject's testpaths is ["tests"]; run them with ``pytest benchmarks``).
+
+- registers the ``quick`` marker (``-m quick``: a few cells that run in seconds);
+- orders the cases so that every member of a pytest-benchmark group (one grid
+  cell: softrank, references, peers, across the numpy/torch/jax files) runs
+  back to back, then the thread-scaling cases;
+- lowers pytest-benchmark's time budget per benchmark to 0.5 s (a
+  ``benchmark`` marker) unless ``--benchmark-max-time`` is given, so the full grid fits in well under 30 min.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+DEFAULT_MAX_TIME = 0.5
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "quick: a small subset of the benchmark grid (seconds)")
+    config.addinivalue_line("markers", "threads: thread-scaling benchmarks")
+
+
+def _max_time_given(config) -> bool:
+    return any(str(a).startswith("--benchmark-max-time") for a in config.invocation_params.args)
+
+
+def _order(item):
+    callspec = getattr(item, "callspec", None)
+    case = callspec.params.get("case") if callspec is not None else None
+    order = getattr(case, "order", None)
+    if order is None:
+        return (1, (0, 0))
+    return (0, order)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    here = os.path.dirname(os.path.abspath(__file__))
+    bench = [i for i in items if os.path.dirname(str(i.path)) == here]
+    if not bench:
+        return
+    ids = {id(i) for i in bench}
+    position = {id(item): k for k, item in enumerate(items)}
+    rest = [i for i in items if id(i) not in ids]
+    bench.sort(key=lambda i: (_order(i), position[id(i)]))
+    if not _max_time_given(config):
+        for item in bench:
+            item.add_marker(pytest.mark.benchmark(max_time=DEFAULT_MAX_TIME))
+    items[:] = rest + bench
