@@ -91,8 +91,8 @@ class PatchEncoder(nn.Module):
         return torch.cat(chunks) if chunks else patches.new_zeros(0, patches.shape[1] * self.embedding_dim)
 
 
-def _mlp_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim))
+def _mlp_head(in_dim: int, hidden_dim: int, out_dim: int, output_bias: bool = True) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim, bias=output_bias))
 
 
 class PretextModel(nn.Module):
@@ -138,10 +138,12 @@ class PretextModel(nn.Module):
         self.sinkhorn_temperature = float(sinkhorn_temperature)
         self.sinkhorn_iterations = int(sinkhorn_iterations)
         d = encoder.embedding_dim
+        # The soft ranks are invariant to a shift of all scores, and Sinkhorn to a shift of a
+        # column of logits, so an output bias would get no gradient: leave it out.
         if method == "soft_rank":
-            self.head = _mlp_head(d, head_hidden_dim, 1)
+            self.head = _mlp_head(d, head_hidden_dim, 1, output_bias=False)
         elif method == "sinkhorn":
-            self.head = _mlp_head(d, head_hidden_dim, self.num_patches)
+            self.head = _mlp_head(d, head_hidden_dim, self.num_patches, output_bias=False)
         else:
             if not num_permutations or num_permutations < 1:
                 raise ValueError("num_permutations (K >= 1) is required for method='classification'")

@@ -1,0 +1,128 @@
+"""softrank.pretext.patches: every split has an exact inverse and numbers patches row-major."""
+from __future__ import annotations
+
+import importlib
+import os
+
+import numpy as np
+import pytest
+
+from softrank.pretext import patches as P
+
+
+def _require(module: str):
+    """Import ``module``; skip when it is missing, except under CI where it must be there."""
+    if os.environ.get("CI"):
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
+def _arange(shape):
+    return np.arange(int(np.prod(shape)), dtype=np.float64).reshape(shape)
+
+
+@pytest.mark.parametrize("kind, grid, expected", [
+    ("grid", (3, 2), (5, 2, 6, 1, 2, 3)),
+    ("grid", 2, (5, 2, 4, 1, 3, 3)),
+    ("vertical", 3, (5, 2, 3, 1, 6, 2)),
+    ("horizontal", 3, (5, 2, 3, 1, 2, 6)),
+])
+def test_image_round_trip_and_shape(kind, grid, expected):
+    images = _arange((5, 2, 1, 6, 6))
+    patches = P.split_image(images, kind, grid)
+    assert patches.shape == expected
+    np.testing.assert_array_equal(P.merge_image(patches, kind, grid), images)
+
+
+def test_image_grid_patches_are_row_major_tiles():
+    images = _arange((2, 3, 6, 4))  # (B, C, H, W)
+    patches = P.split_image(images, "grid", (3, 2))  # tiles of 2 x 2
+    for i in range(3):
+        for j in range(2):
+            np.testing.assert_array_equal(patches[:, i * 2 + j], images[:, :, 2 * i:2 * i + 2, 2 * j:2 * j + 2])
+
+
+def test_strips_are_full_height_or_width():
+    images = _arange((1, 1, 4, 6))
+    vertical = P.split_image(images, "vertical", 3)
+    np.testing.assert_array_equal(vertical[0, 1, 0], images[0, 0, :, 2:4])
+    horizontal = P.split_image(images, "horizontal", 2)
+    np.testing.assert_array_equal(horizontal[0, 1, 0], images[0, 0, 2:4, :])
+
+
+@pytest.mark.parametrize("kind, grid, expected", [
+    ("time", 4, (3, 4, 6, 2)),
+    ("frequency", 3, (3, 3, 2, 8)),
+    ("both", (3, 4), (3, 12, 2, 2)),
+    ("both", 2, (3, 4, 3, 4)),
+])
+def test_spectrogram_round_trip_and_shape(kind, grid, expected):
+    spectrograms = _arange((3, 6, 8))  # (B, F, T)
+    patches = P.split_spectrogram(spectrograms, kind, grid)
+    assert patches.shape == expected
+    np.testing.assert_array_equal(P.merge_spectrogram(patches, kind, grid), spectrograms)
+
+
+def test_spectrogram_time_segments_are_consecutive_frames():
+    spectrograms = _arange((1, 6, 8))
+    patches = P.split_spectrogram(spectrograms, "time", 4)
+    np.testing.assert_array_equal(patches[0, 3], spectrograms[0, :, 6:8])
+    tiles = P.split_spectrogram(spectrograms, "both", (3, 4))
+    np.testing.assert_array_equal(tiles[0, 1 * 4 + 2], spectrograms[0, 2:4, 4:6])
+
+
+@pytest.mark.parametrize("num_clips", [None, 8, 4, 2, 1])
+def test_video_round_trip(num_clips):
+    videos = _arange((2, 8, 3, 4, 5))  # (B, T, C, H, W)
+    patches = P.split_video(videos, num_clips)
+    clips = 8 if num_clips is None else num_clips
+    assert patches.shape == (2, clips, 8 // clips, 3, 4, 5)
+    np.testing.assert_array_equal(P.merge_video(patches, num_clips), videos)
+    np.testing.assert_array_equal(patches[:, -1, -1], videos[:, -1])
+
+
+@pytest.mark.parametrize("num_segments", [1, 2, 3, 12])
+def test_signal_round_trip(num_segments):
+    signals = _arange((4, 2, 12))
+    patches = P.split_signal(signals, num_segments)
+    assert patches.shape == (4, 2, num_segments, 12 // num_segments)
+    np.testing.assert_array_equal(P.merge_signal(patches, num_segments), signals)
+    np.testing.assert_array_equal(P.merge_signal(patches), signals)
+
+
+def test_no_batch_dimensions():
+    image = _arange((1, 6, 6))
+    assert P.split_image(image, "grid", 3).shape == (9, 1, 2, 2)
+    np.testing.assert_array_equal(P.merge_image(P.split_image(image, "grid", 3), "grid", 3), image)
+    signal = _arange((10,))
+    np.testing.assert_array_equal(P.merge_signal(P.split_signal(signal, 5)), signal)
+
+
+def test_torch_tensors_keep_dtype_and_round_trip_bitwise():
+    torch = _require("torch")
+    images = torch.randn(4, 3, 12, 12, dtype=torch.float32)
+    for kind, grid in (("grid", (3, 4)), ("vertical", 6), ("horizontal", 4)):
+        patches = P.split_image(images, kind, grid)
+        assert patches.dtype == torch.float32
+        assert torch.equal(P.merge_image(patches, kind, grid), images)
+    spectrograms = torch.randn(2, 24, 24, dtype=torch.float64)
+    for kind, grid in (("time", 6), ("frequency", 8), ("both", (3, 3))):
+        assert torch.equal(P.merge_spectrogram(P.split_spectrogram(spectrograms, kind, grid), kind, grid), spectrograms)
+    videos = torch.randn(2, 8, 1, 4, 4)
+    assert torch.equal(P.merge_video(P.split_video(videos)), videos)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: P.split_image(np.zeros((1, 1, 7, 6)), "grid", 3),
+    lambda: P.split_image(np.zeros((1, 1, 6, 6)), "vertical", 4),
+    lambda: P.split_image(np.zeros((1, 1, 6, 6)), "diagonal", 2),
+    lambda: P.split_image(np.zeros((6, 6)), "grid", 2),
+    lambda: P.split_spectrogram(np.zeros((2, 6, 7)), "time", 2),
+    lambda: P.split_spectrogram(np.zeros((2, 6, 8)), "spectral", 2),
+    lambda: P.merge_image(np.zeros((1, 5, 1, 2, 2)), "grid", 2),
+    lambda: P.split_video(np.zeros((2, 8, 1, 4, 4)), 3),
+    lambda: P.split_signal(np.zeros((2, 10)), 0),
+])
+def test_bad_sizes_raise_value_error(call):
+    with pytest.raises(ValueError):
+        call()

@@ -1,0 +1,121 @@
+"""softrank.pretext.permutations: sampling, apply/invert identities, Hamming sets."""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+
+import numpy as np
+import pytest
+
+
+def _require(module: str):
+    """Import ``module``; skip when it is missing, except under CI where it must be there."""
+    if os.environ.get("CI"):
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
+torch = _require("torch")
+from softrank.pretext import permutations as perm  # noqa: E402
+
+
+def _is_permutation(rows: np.ndarray) -> bool:
+    n = rows.shape[-1]
+    return bool((np.sort(rows, axis=-1) == np.arange(n)).all())
+
+
+def test_random_permutations_are_permutations_and_seeded():
+    a = perm.random_permutations(50, 16, generator=torch.Generator().manual_seed(3))
+    b = perm.random_permutations(50, 16, generator=torch.Generator().manual_seed(3))
+    assert a.dtype == torch.int64 and a.shape == (50, 16)
+    assert torch.equal(a, b)
+    assert _is_permutation(a.numpy())
+
+
+def test_random_permutations_are_uniform_over_all_orders():
+    # 3! = 6 orders, 12000 draws: each count is 2000 +- 41 (1 sigma); 5 sigma bounds.
+    draws = perm.random_permutations(12000, 3, generator=torch.Generator().manual_seed(0)).numpy()
+    codes = draws[:, 0] * 9 + draws[:, 1] * 3 + draws[:, 2]
+    _, counts = np.unique(codes, return_counts=True)
+    assert len(counts) == 6
+    assert np.all(np.abs(counts - 2000) < 5 * math.sqrt(12000 * (1 / 6) * (5 / 6)))
+
+
+def test_random_permutations_large_n_without_enumeration():
+    rows = perm.random_permutations(4, 1000, generator=torch.Generator().manual_seed(0))
+    assert _is_permutation(rows.numpy())
+
+
+def test_apply_then_unshuffle_is_identity():
+    g = torch.Generator().manual_seed(1)
+    patches = torch.randn(6, 9, 2, 3, 3, generator=g)
+    permutations = perm.random_permutations(6, 9, generator=g)
+    shuffled = perm.apply_permutations(patches, permutations)
+    for b in range(6):
+        for j in range(9):
+            assert torch.equal(shuffled[b, j], patches[b, permutations[b, j]])
+    assert torch.equal(perm.unshuffle(shuffled, permutations), patches)
+    inverse = perm.invert_permutations(permutations)
+    assert torch.equal(perm.apply_permutations(shuffled, inverse), patches)
+    assert torch.equal(perm.invert_permutations(inverse), permutations)
+    identity = torch.arange(9).expand(6, 9)
+    assert torch.equal(permutations.gather(1, inverse), identity)
+
+
+def test_ranks_that_unshuffle_sort_the_shuffled_patches_back():
+    g = torch.Generator().manual_seed(2)
+    patches = torch.randn(5, 7, 4, generator=g)
+    permutations = perm.random_permutations(5, 7, generator=g)
+    shuffled = perm.apply_permutations(patches, permutations)
+    ranks = perm.ranks_that_unshuffle(permutations)
+    assert ranks.dtype == torch.float32
+    assert ranks.min() == 1 and ranks.max() == 7
+    order = ranks.argsort(dim=1)
+    assert torch.equal(perm.apply_permutations(shuffled, order), patches)
+
+
+def test_apply_rejects_mismatched_shapes():
+    with pytest.raises(ValueError):
+        perm.apply_permutations(torch.zeros(2, 4, 3), torch.zeros(2, 5, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("k, n", [(100, 9), (30, 16), (24, 4), (10, 20), (2, 2)])
+def test_hamming_set_is_distinct_seeded_and_spread(k, n):
+    chosen = perm.hamming_permutation_set(k, n, seed=7, pool_size=2000)
+    assert chosen.shape == (k, n) and chosen.dtype == np.int64
+    assert _is_permutation(chosen)
+    assert len({tuple(row) for row in chosen}) == k
+    np.testing.assert_array_equal(chosen, perm.hamming_permutation_set(k, n, seed=7, pool_size=2000))
+    assert not np.array_equal(chosen, perm.hamming_permutation_set(k, n, seed=8, pool_size=2000)) or k == math.factorial(n)
+    minimum, mean = perm.hamming_set_summary(chosen)
+    assert minimum == perm.min_pairwise_hamming(chosen) >= 1
+    assert minimum <= mean <= n
+
+
+def test_hamming_set_beats_random_sets_on_average_distance():
+    chosen = perm.hamming_permutation_set(100, 9, seed=0)
+    random_set = np.argsort(np.random.default_rng(0).random((100, 9)), axis=1)
+    assert perm.mean_pairwise_hamming(chosen) > perm.mean_pairwise_hamming(random_set)
+    assert perm.min_pairwise_hamming(chosen) >= 3  # a random set of 100 has pairs at distance 2
+
+
+def test_hamming_set_min_distance_is_reported_correctly():
+    rows = np.array([[0, 1, 2, 3], [1, 0, 2, 3], [3, 2, 1, 0]])
+    assert perm.min_pairwise_hamming(rows) == 2
+    assert perm.mean_pairwise_hamming(rows) == pytest.approx((2 + 4 + 4) / 3)
+
+
+def test_hamming_set_for_n_16_does_not_enumerate():
+    chosen = perm.hamming_permutation_set(1000, 16, seed=0, pool_size=20000)
+    assert len({tuple(row) for row in chosen}) == 1000
+    assert perm.min_pairwise_hamming(chosen) >= 6
+
+
+def test_hamming_set_rejects_impossible_requests():
+    with pytest.raises(ValueError):
+        perm.hamming_permutation_set(7, 3)
+    with pytest.raises(ValueError):
+        perm.hamming_permutation_set(0, 3)
+    with pytest.raises(ValueError):
+        perm.hamming_permutation_set(10, 9, pool_size=5)
