@@ -218,3 +218,35 @@ def test_extreme_reference_is_nontrivial():
     x = -1e8 + np.array([0.1, -0.4, 1.3, 0.2, -0.25, 0.9])
     s = R.soft_sort_ref(x, 5.0, "kl", "ascending")
     assert np.max(np.abs(s - np.sort(x))) > 0.05
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known core precision defect (reported to the core authors): kl soft_sort "
+    "computes ref + L_B - Lr_B with L_B, Lr_B ~ log(block size), so its error is a few "
+    "ulps of 1 in absolute terms; for |x| << 1 the relative error is large (x ~ 1e-16: "
+    "100%). The problem itself is well conditioned (d out / dx is a softmax).",
+)
+def test_kl_sort_small_values_relative_precision(backend):
+    cases = [
+        (np.array([1e-4, 0.0, 0.0]), 1e5),
+        (np.array([1e-16, 2e-16, 3e-16]), 1e40),
+        (np.array([1e-16, 2e-16, 3e-16]), np.inf),
+        (np.array([3e-9, -1e-9, 2e-9, 0.0]), 1e12),
+    ]
+    worst = 0.0
+    for x, eps in cases:
+        for d in DIRECTIONS:
+            got = srn.soft_sort(x, eps, regularization="kl", direction=d)
+            if np.isinf(eps):
+                t = 1.0 if d == "descending" else -1.0
+                import mpmath
+
+                with mpmath.workprec(300):
+                    lme = mpmath.log(mpmath.fsum(mpmath.exp(t * mpmath.mpf(float(v))) for v in x) / len(x))
+                    lme = float(lme)
+                expected = np.full(len(x), t * lme)
+            else:
+                expected = ref("sort", "kl", d, eps, x)
+            worst = max(worst, R.rel_err(got, expected))
+    assert worst <= 1e-12, worst
