@@ -4,6 +4,7 @@
 #include "softrank/batched.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <exception>
 #include <mutex>
@@ -105,11 +106,140 @@ void for_each_row(std::int64_t rows, index_t n, RowFn&& row_fn) {
   if (error) std::rethrow_exception(error);
 }
 
+// One long row (or fewer rows than threads): the sort, the elementwise
+// passes and the output are split over the threads; PAV, a single O(n) scan,
+// stays serial. The result is the same bit for bit: the stable sort order is
+// unique and every output element is computed by the same expression.
+constexpr index_t kLongRow = 1 << 16;
+
+struct ParallelRanges {
+  int tasks;
+  template <class Fn>
+  void operator()(index_t n, Fn&& fn) const {
+    parallel_for(tasks, [&](std::int64_t t) {
+      const index_t lo = static_cast<index_t>(static_cast<std::int64_t>(n) * t / tasks);
+      const index_t hi = static_cast<index_t>(static_cast<std::int64_t>(n) * (t + 1) / tasks);
+      if (lo < hi) fn(lo, hi);
+    });
+  }
+};
+
+// Stable LSD radix sort (11-bit digits) of a[0, n) by radix_key bits
+// [lo_bit, hi_bit), each pass split into `chunks` contiguous parts: per-part
+// histograms, then offsets in (digit, part) order, so the scatter of part t
+// lands exactly where a serial pass would put it.
+template <class Item>
+Item* parallel_radix_sort(Item* a, Item* tmp, index_t n, int lo_bit, int hi_bit, int chunks) {
+  constexpr int kBits = 11;
+  constexpr std::uint32_t kBuckets = 1u << kBits;
+  std::vector<std::uint32_t> hist(static_cast<std::size_t>(chunks) * kBuckets);
+  auto bound = [&](int t) { return static_cast<index_t>(static_cast<std::int64_t>(n) * t / chunks); };
+  Item* src = a;
+  Item* dst = tmp;
+  for (int shift = lo_bit; shift < hi_bit; shift += kBits) {
+    parallel_for(chunks, [&](std::int64_t t) {
+      std::uint32_t* h = hist.data() + t * kBuckets;
+      std::fill(h, h + kBuckets, 0u);
+      for (index_t i = bound(static_cast<int>(t)); i < bound(static_cast<int>(t) + 1); ++i)
+        ++h[(radix_key(src[i]) >> shift) & (kBuckets - 1)];
+    });
+    std::uint32_t offset = 0;
+    bool trivial = false;
+    for (std::uint32_t d = 0; d < kBuckets; ++d) {
+      std::uint32_t total = 0;
+      for (int t = 0; t < chunks; ++t) {
+        std::uint32_t& h = hist[static_cast<std::size_t>(t) * kBuckets + d];
+        const std::uint32_t c = h;
+        h = offset;
+        offset += c;
+        total += c;
+      }
+      if (total == static_cast<std::uint32_t>(n)) trivial = true;  // one digit for all
+    }
+    if (trivial) continue;
+    parallel_for(chunks, [&](std::int64_t t) {
+      std::uint32_t* h = hist.data() + t * kBuckets;
+      for (index_t i = bound(static_cast<int>(t)); i < bound(static_cast<int>(t) + 1); ++i)
+        dst[h[(radix_key(src[i]) >> shift) & (kBuckets - 1)]++] = src[i];
+    });
+    std::swap(src, dst);
+  }
+  return src;
+}
+
+// Sorting a long row with the threads; false for a non-finite row.
+inline bool sort_long_row(const float* x, index_t n, bool negate, RowScratch& w, index_t* perm,
+                          const ParallelRanges& ranges) {
+  std::uint64_t* a = w.sort.packed32;
+  std::atomic<bool> non_finite{false};
+  ranges(n, [&](index_t lo, index_t hi) {
+    std::uint32_t bad = 0;
+    for (index_t i = lo; i < hi; ++i) {
+      const float v = (negate ? -x[i] : x[i]) + 0.0f;
+      bad |= !is_finite_bits(float_bits(v));
+      a[i] = (static_cast<std::uint64_t>(descending_key(v)) << 32) | static_cast<std::uint32_t>(i);
+    }
+    if (bad) non_finite.store(true);
+  });
+  if (non_finite.load()) return false;
+  a = parallel_radix_sort(a, w.sort.packed32_tmp, n, 32, 64, ranges.tasks);
+  double* xs = w.xs;
+  ranges(n, [&](index_t lo, index_t hi) {
+    for (index_t i = lo; i < hi; ++i) {
+      perm[i] = static_cast<index_t>(static_cast<std::uint32_t>(a[i]));
+      xs[i] = static_cast<double>(value_of_key(static_cast<std::uint32_t>(a[i] >> 32)));
+    }
+  });
+  return true;
+}
+
+inline bool sort_long_row(const double* x, index_t n, bool negate, RowScratch& w, index_t* perm,
+                          const ParallelRanges& ranges) {
+  KeyIndex64* a = w.sort.keyed64;
+  std::atomic<bool> non_finite{false};
+  ranges(n, [&](index_t lo, index_t hi) {
+    std::uint64_t bad = 0;
+    for (index_t i = lo; i < hi; ++i) {
+      const double v = (negate ? -x[i] : x[i]) + 0.0;
+      bad |= !is_finite_bits(float_bits(v));
+      a[i].key = descending_key(v);
+      a[i].index = static_cast<std::uint32_t>(i);
+    }
+    if (bad) non_finite.store(true);
+  });
+  if (non_finite.load()) return false;
+  a = parallel_radix_sort(a, w.sort.keyed64_tmp, n, 0, 64, ranges.tasks);
+  double* xs = w.xs;
+  ranges(n, [&](index_t lo, index_t hi) {
+    for (index_t i = lo; i < hi; ++i) {
+      perm[i] = static_cast<index_t>(a[i].index);
+      xs[i] = value_of_key(a[i].key);
+    }
+  });
+  return true;
+}
+
+bool use_long_row_path(std::int64_t rows, index_t n) {
+  return n >= kLongRow && rows < get_num_threads() && get_num_threads() > 1;
+}
+
 }  // namespace
 
 template <class T>
 void soft_forward_batch(const T* x, std::int64_t rows, index_t n, const OpSpec& spec, T* out,
                         index_t* perm, index_t* block_start) {
+  if (use_long_row_path(rows, n)) {
+    const ParallelRanges ranges{get_num_threads()};
+    RowScratch scratch = thread_scratch().row(n, sizeof(T) == 8);
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const std::int64_t off = r * n;
+      if (!sort_long_row(x + off, n, negates_input(spec), scratch, perm + off, ranges))
+        fill_non_finite_row(n, out + off, perm + off, block_start + off);
+      else
+        soft_forward_sorted(n, spec, scratch, out + off, perm + off, block_start + off, ranges);
+    }
+    return;
+  }
   for_each_row(rows, n, [&](std::int64_t r) {
     const std::int64_t off = r * n;
     RowScratch scratch = thread_scratch().row(n, sizeof(T) == 8);

@@ -45,21 +45,35 @@ SOFTRANK_HD void for_each_block(const index_t* block_start, index_t n, Fn&& fn) 
   }
 }
 
-template <class T>
-void soft_forward_row(const T* x, index_t n, const OpSpec& spec, RowScratch& w, T* out,
-                      index_t* perm, index_t* block_start) {
-  if (n == 0) return;
-  double* xs = w.xs;
-  if (!sort_row_descending(x, n, negates_input(spec), w.sort, perm, xs)) {
-    for (index_t i = 0; i < n; ++i) {
-      out[i] = static_cast<T>(kNaN);
-      perm[i] = i;
-      block_start[i] = -1;
-    }
-    return;
+// Runs fn(lo, hi) over [0, n): serially here; the long-row driver passes a
+// version that splits the range over threads. Every element's value depends
+// only on its own position, so the split never changes a bit of the result.
+struct SerialRanges {
+  template <class Fn>
+  void operator()(index_t n, Fn&& fn) const {
+    fn(index_t{0}, n);
   }
+};
+
+// Index of the block holding sorted position i (block starts are increasing).
+SOFTRANK_HD index_t block_of(const BlockStack& b, index_t count, index_t i) {
+  index_t lo = 0, hi = count;  // invariant: start[lo] <= i < start[hi] (start[count] = n)
+  while (hi - lo > 1) {
+    const index_t mid = lo + (hi - lo) / 2;
+    if (b.start[mid] <= i) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
+// After sorting (xs, perm filled): PAV and the outputs. `ranges` runs the
+// elementwise passes (see SerialRanges).
+template <class T, class Ranges>
+void soft_forward_sorted(index_t n, const OpSpec& spec, RowScratch& w, T* out,
+                         const index_t* perm, index_t* block_start, const Ranges& ranges) {
+  double* xs = w.xs;
   const double eps = spec.eps;
   const BlockStack& b = w.blocks;
+  const InverseScale scale(eps);
   index_t count;
   if (eps == 0.0) {
     count = pav_hard(xs, n, spec.op, b);
@@ -67,64 +81,90 @@ void soft_forward_row(const T* x, index_t n, const OpSpec& spec, RowScratch& w, 
     if (spec.reg == Reg::L2) {
       count = pav_rank_l2(xs, n, eps, b);
     } else {
-      const InverseScale scale(eps);
       double* step = w.work;
-      step[0] = 0.0;
-      for (index_t i = 1; i < n; ++i) step[i] = scale(xs[i] - xs[i - 1]);
-      exp_nonpositive_buffer(step, n);
+      ranges(n, [&](index_t lo, index_t hi) {
+        for (index_t i = lo; i < hi; ++i) step[i] = i == 0 ? 0.0 : scale(xs[i] - xs[i - 1]);
+        exp_nonpositive_buffer(step + lo, hi - lo);
+      });
       count = pav_rank_kl(xs, step, n, eps, b);
     }
   } else {
     count = spec.reg == Reg::L2 ? pav_sort_l2(xs, n, eps, b) : pav_sort_kl(xs, n, eps, b);
   }
   const double sgn = spec.descending ? 1.0 : -1.0;  // sort output sign
-  const InverseScale scale(eps);
   const bool rank_kl = eps != 0.0 && spec.op == Op::Rank && spec.reg == Reg::KL;
-  for (index_t k = 0; k < count; ++k) {
-    const index_t s = b.start[k];
-    const index_t e = k + 1 < count ? b.start[k + 1] : n;
-    const double ref = b.ref[k];
-    for (index_t i = s; i < e; ++i) block_start[i] = s;
-    if (eps == 0.0) {
+  ranges(n, [&](index_t lo, index_t hi) {
+    for (index_t k = block_of(b, count, lo); k < count && b.start[k] < hi; ++k) {
+      const index_t bs = b.start[k];
+      const index_t be = k + 1 < count ? b.start[k + 1] : n;
+      const index_t s = bs > lo ? bs : lo, e = be < hi ? be : hi;  // this range's part
+      const double ref = b.ref[k];
+      for (index_t i = s; i < e; ++i) block_start[i] = bs;
+      if (eps == 0.0) {
+        if (spec.op == Op::Rank) {
+          const double r = rho_mean(n, bs, be);
+          for (index_t i = s; i < e; ++i) out[perm[i]] = static_cast<T>(r);
+        } else {
+          for (index_t i = s; i < e; ++i) out[i] = static_cast<T>(sgn * xs[i]);
+        }
+        continue;
+      }
       if (spec.op == Op::Rank) {
-        const double r = rho_mean(n, s, e);
-        for (index_t i = s; i < e; ++i) out[perm[i]] = static_cast<T>(r);
+        if (spec.reg == Reg::L2) {
+          const double base = rho_mean(n, bs, be), offset = b.stat[k] / static_cast<double>(be - bs);
+          for (index_t i = s; i < e; ++i)
+            out[perm[i]] = static_cast<T>(base + scale((xs[i] - ref) - offset));
+        } else {
+          // Exponents first (xs is not needed after this); exp and scatter below.
+          for (index_t i = s; i < e; ++i) xs[i] = scale(xs[i] - ref);
+        }
       } else {
-        out[s] = static_cast<T>(sgn * xs[s]);
-      }
-      continue;
-    }
-    if (spec.op == Op::Rank) {
-      if (spec.reg == Reg::L2) {
-        const double base = rho_mean(n, s, e), offset = b.stat[k] / static_cast<double>(e - s);
-        for (index_t i = s; i < e; ++i)
-          out[perm[i]] = static_cast<T>(base + scale((xs[i] - ref) - offset));
-      } else {
-        // Exponents first (xs is not needed after this); exp and scatter below.
-        for (index_t i = s; i < e; ++i) xs[i] = scale(xs[i] - ref);
-      }
-    } else {
-      if (spec.reg == Reg::L2) {
-        const double mean = ref + b.stat[k] / static_cast<double>(e - s), centre = 0.5 * (static_cast<double>(s + e) - 1.0);
-        for (index_t i = s; i < e; ++i)
-          out[i] = static_cast<T>(sgn * (scale(centre - static_cast<double>(i)) + mean));
-      } else {
-        const double base = ref + (std::log(b.stat[k]) - std::log(b.stat2[k]));
-        for (index_t i = s; i < e; ++i)
-          out[i] = static_cast<T>(sgn * (base - scale(static_cast<double>(i - s))));
+        if (spec.reg == Reg::L2) {
+          const double mean = ref + b.stat[k] / static_cast<double>(be - bs);
+          const double centre = 0.5 * (static_cast<double>(bs + be) - 1.0);
+          for (index_t i = s; i < e; ++i)
+            out[i] = static_cast<T>(sgn * (scale(centre - static_cast<double>(i)) + mean));
+        } else {
+          const double base = ref + (std::log(b.stat[k]) - std::log(b.stat2[k]));
+          for (index_t i = s; i < e; ++i)
+            out[i] = static_cast<T>(sgn * (base - scale(static_cast<double>(i - bs))));
+        }
       }
     }
+    if (rank_kl) {
+      // rank_i = R_B / S_B * exp((xs_i - ref_B) / eps)
+      exp_nonpositive_buffer(xs + lo, hi - lo);
+      for (index_t k = block_of(b, count, lo); k < count && b.start[k] < hi; ++k) {
+        const index_t bs = b.start[k];
+        const index_t be = k + 1 < count ? b.start[k + 1] : n;
+        const index_t s = bs > lo ? bs : lo, e = be < hi ? be : hi;
+        const double factor = rho_sum(n, bs, be) / b.stat[k];
+        for (index_t i = s; i < e; ++i) out[perm[i]] = static_cast<T>(factor * xs[i]);
+      }
+    }
+  });
+}
+
+// A row holding NaN or +-inf: NaN output, block_start -1 (the backward pass
+// then returns NaN too).
+template <class T>
+void fill_non_finite_row(index_t n, T* out, index_t* perm, index_t* block_start) {
+  for (index_t i = 0; i < n; ++i) {
+    out[i] = static_cast<T>(kNaN);
+    perm[i] = i;
+    block_start[i] = -1;
   }
-  if (rank_kl) {
-    // rank_i = R_B / S_B * exp((xs_i - ref_B) / eps)
-    exp_nonpositive_buffer(xs, n);
-    for (index_t k = 0; k < count; ++k) {
-      const index_t s = b.start[k];
-      const index_t e = k + 1 < count ? b.start[k + 1] : n;
-      const double factor = rho_sum(n, s, e) / b.stat[k];
-      for (index_t i = s; i < e; ++i) out[perm[i]] = static_cast<T>(factor * xs[i]);
-    }
+}
+
+template <class T>
+void soft_forward_row(const T* x, index_t n, const OpSpec& spec, RowScratch& w, T* out,
+                      index_t* perm, index_t* block_start) {
+  if (n == 0) return;
+  if (!sort_row_descending(x, n, negates_input(spec), w.sort, perm, w.xs)) {
+    fill_non_finite_row(n, out, perm, block_start);
+    return;
   }
+  soft_forward_sorted(n, spec, w, out, perm, block_start, SerialRanges{});
 }
 
 // Block softmax of the sorted x' over [s, e): p_i = exp(xs_i - max - lse).

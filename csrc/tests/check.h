@@ -79,6 +79,16 @@ inline bool near(double a, double b, double tol) {
   return std::fabs(a - b) <= tol;
 }
 
+struct Near {
+  double a, b, t;
+  bool done = false;
+  Near(double a_, double b_, double t_) : a(a_), b(b_), t(t_) {}
+  bool ok() const {
+    ++state().checks;
+    return near(a, b, t);
+  }
+};
+
 inline std::string fmt(double v) {
   char buf[64];
   std::snprintf(buf, sizeof buf, "%.17g", v);
@@ -96,21 +106,22 @@ inline std::string fmt(double v) {
                                                                   &CHECK_CAT(test_##group##_, name)); \
   static void CHECK_CAT(test_##group##_, name)()
 
-#define CHECK(cond)                                       \
-  if ((++::check::state().checks, (cond))) {              \
-  } else                                                  \
-    ::check::Failure(__FILE__, __LINE__, "CHECK(" #cond ")")
+// Each CHECK is a one-shot for loop whose body reports the failure: no
+// if/else, so a CHECK inside an unbraced if cannot capture that if's else.
+#define CHECK(cond)                                                                  \
+  for (bool check_done_ = false; !check_done_ && (++::check::state().checks, !(cond)); \
+       check_done_ = true)                                                           \
+  ::check::Failure(__FILE__, __LINE__, "CHECK(" #cond ")")
 
-#define CHECK_NEAR(a, b, tol)                                                               \
-  if (double check_a_ = (a), check_b_ = (b), check_t_ = (tol);                             \
-      (++::check::state().checks, ::check::near(check_a_, check_b_, check_t_))) {          \
-  } else                                                                                    \
-    ::check::Failure(__FILE__, __LINE__,                                                    \
-                     std::string("CHECK_NEAR(" #a ", " #b ") ") + ::check::fmt(check_a_) +  \
-                         " vs " + ::check::fmt(check_b_) + " tol " + ::check::fmt(check_t_))
+#define CHECK_NEAR(A_, B_, TOL_)                                                           \
+  for (::check::Near check_n_((A_), (B_), (TOL_)); !check_n_.done && !check_n_.ok();       \
+       check_n_.done = true)                                                               \
+  ::check::Failure(__FILE__, __LINE__,                                                     \
+                   std::string("CHECK_NEAR(" #A_ ", " #B_ ") ") + ::check::fmt(check_n_.a) + \
+                       " vs " + ::check::fmt(check_n_.b) + " tol " + ::check::fmt(check_n_.t))
 
 // Bitwise equality of two doubles/floats (NaN == NaN of the same payload).
-#define CHECK_SAME(a, b) CHECK(::check::same_bits((a), (b))) << ::check::fmt(a) << "vs" << ::check::fmt(b)
+#define CHECK_SAME(A_, B_) CHECK(::check::same_bits((A_), (B_))) << ::check::fmt(A_) << "vs" << ::check::fmt(B_)
 
 namespace check {
 template <class T>

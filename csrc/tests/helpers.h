@@ -150,8 +150,8 @@ inline std::vector<double> random_row(Rng& rng, int n, int kind, double scale = 
   return x;
 }
 
-template <class T>
-inline std::vector<T> cast(const std::vector<double>& x) {
+template <class T, class U>
+inline std::vector<T> cast(const std::vector<U>& x) {
   return std::vector<T>(x.begin(), x.end());
 }
 

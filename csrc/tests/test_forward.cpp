@@ -97,7 +97,7 @@ TEST(pav, invariants_row_sums_bounds_monotone_ties) {
           else if (s.reg == Reg::L2)
             CHECK_NEAR(sum, xsum, 1e-12 * n * (hi - lo + 1.0)) << ctx;
           // Monotone: ranks follow x (or -x); sorted outputs are ordered.
-          const double sign = (s.op == Op::Rank) == s.descending ? -1.0 : 1.0;
+          const double sign = s.descending ? -1.0 : 1.0;
           for (int i = 0; i < n; ++i)
             for (int j = 0; j < n && s.op == Op::Rank && n <= 161; ++j) {
               if (x[i] < x[j])
@@ -126,7 +126,10 @@ TEST(special, eps_zero_is_the_hard_operator) {
         const Forward<double> f = forward(x, 1, n, s);
         const Forward<float> f32 = forward(cast<float>(x), 1, n, s);
         for (int i = 0; i < n; ++i) {
-          CHECK_SAME(f.out[i], static_cast<double>(ref[i])) << describe(s) << n << i;
+          // (== rather than bitwise: x' = -x + 0.0 drops the sign of zero, so
+          // an ascending hard sort may return -0.0 for +0.0.)
+          CHECK(f.out[i] == static_cast<double>(ref[i])) << describe(s) << n << i;
+          if (s.op == Op::Rank) CHECK_SAME(f.out[i], static_cast<double>(ref[i]));
           if (s.op == Op::Rank)
             CHECK_SAME(f32.out[i], static_cast<float>(ref[i])) << describe(s) << n << i;
         }
@@ -197,7 +200,7 @@ TEST(special, n0_and_n1) {
         std::vector<double> g{2.5};
         for (bool transpose : {true, false}) {
           std::vector<double> r = product(x, f, g, 1, 1, s, transpose);
-          CHECK_SAME(r[0], s.op == Op::Rank ? 0.0 : 2.5) << describe(s) << v << transpose;
+          CHECK(r[0] == (s.op == Op::Rank ? 0.0 : 2.5)) << describe(s) << v << transpose << r[0];
         }
       }
     }
@@ -259,8 +262,12 @@ TEST(special, ties_zeros_and_denormals) {
         g[0] = -2.0;
         const std::vector<double> r = product(x, f, g, 1, n, s, true);
         double sum = 0;
+        // The rank's Jacobian is O(1/eps): at a subnormal eps the gradient of
+        // tied entries is beyond the double range (inf is its rounding).
+        const bool representable = s.op == Op::Sort || eps >= 1e-300;
         for (int i = 0; i < n; ++i) {
-          CHECK(std::isfinite(f.out[i]) && std::isfinite(r[i])) << describe(s) << i << f.out[i];
+          CHECK(std::isfinite(f.out[i])) << describe(s) << i << f.out[i];
+          CHECK(representable ? std::isfinite(r[i]) : !std::isnan(r[i])) << describe(s) << i << r[i];
           // float32 rows with 1e300 hold inf (a non-finite row): all NaN.
           if (finite32)
             CHECK(std::isfinite(f32.out[i])) << describe(s) << "float32" << i;

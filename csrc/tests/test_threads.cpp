@@ -1,0 +1,156 @@
+// Threading: results bitwise independent of set_num_threads, and concurrent
+// callers (while the thread count changes under them) get the sequential
+// results.
+#include <atomic>
+#include <thread>
+
+#include "helpers.h"
+
+using namespace th;
+
+namespace {
+
+struct Case {
+  std::int64_t rows;
+  index_t n;
+};
+
+// Batches above the parallel threshold (16384 elements), with rows split into
+// tasks of several rows, of one row, and of rows shorter than a task.
+const Case kCases[] = {{40, 1000}, {3, 70000}, {2000, 20}, {7, 161}, {1, 100000}};
+
+struct Outputs {
+  std::vector<double> out, vjp, jvp, iso, iso_vjp;
+  std::vector<float> out32, vjp32;
+  std::vector<index_t> perm, block;
+};
+
+Outputs run_all(const std::vector<double>& x, const std::vector<double>& g,
+                const std::vector<double>& w, const Case& c, const OpSpec& s) {
+  Outputs o;
+  const Forward<double> f = forward(x, c.rows, c.n, s);
+  o.out = f.out;
+  o.perm = f.perm;
+  o.block = f.block;
+  o.vjp = product(x, f, g, c.rows, c.n, s, true);
+  o.jvp = product(x, f, g, c.rows, c.n, s, false);
+  const std::vector<float> x32 = cast<float>(x), g32 = cast<float>(g);
+  const Forward<float> f32 = forward(x32, c.rows, c.n, s);
+  o.out32 = f32.out;
+  o.vjp32 = product(x32, f32, g32, c.rows, c.n, s, true);
+  const Iso<double> iso = isotonic(x, &w, c.rows, c.n, s.descending);
+  o.iso = iso.sol;
+  o.iso_vjp = isotonic_vjp(&w, iso, g, c.rows, c.n);
+  return o;
+}
+
+template <class T>
+bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
+}
+
+bool same(const Outputs& a, const Outputs& b) {
+  return bitwise_equal(a.out, b.out) && bitwise_equal(a.vjp, b.vjp) &&
+         bitwise_equal(a.jvp, b.jvp) && bitwise_equal(a.iso, b.iso) &&
+         bitwise_equal(a.iso_vjp, b.iso_vjp) && bitwise_equal(a.out32, b.out32) &&
+         bitwise_equal(a.vjp32, b.vjp32) && bitwise_equal(a.perm, b.perm) &&
+         bitwise_equal(a.block, b.block);
+}
+
+struct Input {
+  std::vector<double> x, g, w;
+};
+
+Input make_input(Rng& rng, const Case& c) {
+  Input in;
+  const std::size_t size = static_cast<std::size_t>(c.rows) * static_cast<std::size_t>(c.n);
+  in.x.resize(size);
+  in.g.resize(size);
+  in.w.resize(size);
+  for (std::size_t i = 0; i < size; ++i) {
+    in.x[i] = (i % 7 == 0) ? std::floor(rng.normal()) : rng.normal();  // some ties
+    in.g[i] = rng.normal();
+    in.w[i] = rng.uniform(0.1, 3.0);
+  }
+  if (size > 5) in.x[size / 2] = kNaN;  // one NaN row too
+  return in;
+}
+
+}  // namespace
+
+TEST(threads, bitwise_identical_for_any_thread_count) {
+  Rng rng(31);
+  const int saved = softrank::get_num_threads();
+  for (const Case& c : kCases) {
+    const Input in = make_input(rng, c);
+    for (double eps : {0.0, 0.5, kInf})
+      for (const OpSpec& s : all_specs(eps)) {
+        softrank::set_num_threads(1);
+        const Outputs one = run_all(in.x, in.g, in.w, c, s);
+        for (int k : {2, 3, 8}) {
+          softrank::set_num_threads(k);
+          CHECK(softrank::get_num_threads() == k);
+          const Outputs many = run_all(in.x, in.g, in.w, c, s);
+          CHECK(same(one, many)) << describe(s) << "rows" << c.rows << "n" << c.n << "threads" << k;
+        }
+      }
+  }
+  softrank::set_num_threads(saved);
+}
+
+TEST(threads, concurrent_callers_get_sequential_results) {
+  Rng rng(32);
+  const int saved = softrank::get_num_threads();
+  softrank::set_num_threads(2);
+  struct Job {
+    Case c;
+    Input in;
+    OpSpec s;
+    Outputs expected;
+  };
+  std::vector<Job> jobs;
+  int k = 0;
+  for (const Case& c : {Case{40, 1000}, Case{2000, 20}, Case{5, 161}, Case{2, 30000}})
+    for (const OpSpec& s : all_specs(0.7)) {
+      if (++k % 2) continue;  // 16 jobs
+      Job j{c, make_input(rng, c), s, {}};
+      j.expected = run_all(j.in.x, j.in.g, j.in.w, j.c, j.s);
+      jobs.push_back(std::move(j));
+    }
+  std::atomic<bool> stop{false};
+  std::atomic<int> mismatches{0};
+  std::atomic<long> calls{0};
+  std::vector<std::thread> workers;
+  for (std::size_t t = 0; t < jobs.size(); ++t)
+    workers.emplace_back([&, t] {
+      for (int rep = 0; rep < 3; ++rep) {
+        const Job& j = jobs[(t + rep) % jobs.size()];
+        if (!same(run_all(j.in.x, j.in.g, j.in.w, j.c, j.s), j.expected)) ++mismatches;
+        ++calls;
+      }
+    });
+  // Change the thread count while the calls run.
+  std::thread toggler([&] {
+    int i = 0;
+    while (!stop.load()) {
+      softrank::set_num_threads(1 + (i++ % 4));
+      std::this_thread::yield();
+    }
+  });
+  for (auto& w : workers) w.join();
+  stop = true;
+  toggler.join();
+  CHECK(mismatches.load() == 0) << mismatches.load() << "of" << calls.load() << "calls differ";
+  softrank::set_num_threads(saved);
+}
+
+TEST(threads, set_num_threads_bounds) {
+  const int saved = softrank::get_num_threads();
+  CHECK(saved >= 1);
+  softrank::set_num_threads(0);  // clamped to 1 (the bindings refuse < 1)
+  CHECK(softrank::get_num_threads() == 1);
+  softrank::set_num_threads(-5);
+  CHECK(softrank::get_num_threads() == 1);
+  softrank::set_num_threads(saved);
+  CHECK(softrank::get_num_threads() == saved);
+}
