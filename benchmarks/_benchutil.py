@@ -178,8 +178,14 @@ SLOW_ROUNDS = 3
 VERY_SLOW_CALL_S = 3.0  # one round only
 
 
-def measure(benchmark, case: Case, fn: Callable[[], object], **extra) -> None:
-    """Time ``fn`` for ``case``: group, extra_info, one untimed warm-up call."""
+def measure(
+    benchmark, case: Case, fn: Callable[[], object], *, warmup: bool = True, **extra
+) -> None:
+    """Time ``fn`` for ``case``: group, extra_info, one untimed warm-up call.
+
+    ``warmup=False`` (for calls known to take tens of seconds): no warm-up, one
+    timed round.
+    """
     cell = case.cell
     benchmark.group = cell.group
     benchmark.extra_info.update(
@@ -194,6 +200,10 @@ def measure(benchmark, case: Case, fn: Callable[[], object], **extra) -> None:
         eps=EPS,
     )
     benchmark.extra_info.update(extra)
+    if not warmup:
+        benchmark.extra_info["rounds_capped"] = 1
+        benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=0)
+        return
     start = time.perf_counter()
     fn()  # warm-up: JIT compilation, lazy imports, first-touch allocations
     first = time.perf_counter() - start

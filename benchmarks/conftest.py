@@ -20,9 +20,47 @@ sys.path.insert(0, os.path.dirname(__file__))
 DEFAULT_MAX_TIME = 0.5
 
 
+def _loadavg() -> str:
+    try:
+        return "%.2f %.2f %.2f" % os.getloadavg()
+    except OSError:  # not on every platform
+        return "?"
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "quick: a small subset of the benchmark grid (seconds)")
     config.addinivalue_line("markers", "threads: thread-scaling benchmarks")
+    config._softrank_loadavg_start = _loadavg()
+
+
+def _versions() -> str:
+    import importlib
+    import importlib.metadata
+
+    import softrank
+
+    parts = [f"{softrank.__version__} backend={softrank.backend()} "
+             f"threads={softrank.get_num_threads()}"]
+    for name in ("numpy", "torch", "jax", "torchsort", "torchisotonic", "torchpsort", "numba"):
+        try:
+            mod = importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - optional, any import failure means absent
+            continue
+        extra = f" (threads={mod.get_num_threads()})" if name == "torch" else ""
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            version = getattr(mod, "__version__", "?")
+        parts.append(f"{name} {version}{extra}")
+    if os.environ.get("SOFTRANK_FAST_SOFT_SORT"):
+        parts.append(f"fast-soft-sort from {os.environ['SOFTRANK_FAST_SOFT_SORT']}")
+    return ", ".join(parts)
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["loadavg_start"] = getattr(config, "_softrank_loadavg_start", "?")
+    machine_info["loadavg_end"] = _loadavg()
+    machine_info["softrank"] = _versions()
 
 
 def _max_time_given(config) -> bool:
