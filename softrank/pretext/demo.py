@@ -43,8 +43,8 @@ of the global batch, so the run matches one process up to floating-point
 summation order (the slices' losses are averaged rather than summed at once).
 The probes are fitted identically on every process and only rank 0 prints,
 plots and writes JSON. ``--batch-size`` is the global batch and must be a
-multiple of the number of processes. Each process uses ``cores / world_size``
-threads unless ``--threads`` says otherwise.
+multiple of the number of processes. Each process uses one torch thread
+(``--threads``), so ``--nproc_per_node`` is the number of cores used.
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ class DemoConfig:
     seeds: Tuple[int, ...] = (0, 1, 2)
     num_permutations: Tuple[int, ...] = (100, 1000)
     patches: str = "grid"
-    pretrain_steps: int = 1500
+    pretrain_steps: int = 3000
     batch_size: int = 64
     learning_rate: float = 1e-3
     eps: float = DEFAULT_EPS
@@ -102,7 +102,7 @@ class DemoConfig:
     show_progress: bool = True
 
 
-QUICK = dict(pretrain_steps=400)
+QUICK = dict(pretrain_steps=1000)
 
 
 @dataclass
@@ -599,7 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--few-labels-per-class", type=int, default=defaults.few_labels_per_class)
     parser.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON")
     parser.add_argument("--plot", metavar="PATH", default="pretext_demo.png", help="PNG plot path")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per process (default 1: the models are so small that "
+                        "intra-op threads cost more than they give, badly so on a busy machine)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -623,13 +625,6 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
     return config
 
 
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point (``python -m softrank.pretext.demo``).
 
@@ -646,7 +641,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
     dist_info = init_distributed()
-    torch.set_num_threads(args.threads or max(1, _available_cores() // dist_info.world_size))
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     results = run_demo(config, dist_info)
     wall_time = time.perf_counter() - start
