@@ -214,7 +214,7 @@ def pretrain(
     learning_rate: float,
     seed: int,
     permutation_set: Optional[torch.Tensor] = None,
-    dist_info: Distributed = Distributed(),
+    dist_info: Optional[Distributed] = None,
     on_step: Optional[Callable[[int, float], None]] = None,
 ) -> PretrainResult:
     """Train ``model`` (encoder + pretext head) on shuffled ``train_patches`` with Adam.
@@ -235,7 +235,8 @@ def pretrain(
     seed : int
     permutation_set : torch.Tensor, shape (K, n), int64, optional
         Required for ``classification``.
-    dist_info : Distributed
+    dist_info : Distributed, optional
+        This process's rank and the world size; default a single process.
     on_step : callable (step, loss) -> None, optional
 
     Returns
@@ -243,6 +244,9 @@ def pretrain(
     PretrainResult
         Per-step wall times (sampling, forward, backward, update) and the last loss.
     """
+    dist_info = dist_info or Distributed()
+    if model.method == "classification" and permutation_set is None:
+        raise ValueError("permutation_set is required for method='classification'")
     if batch_size % dist_info.world_size:
         raise ValueError(f"batch_size={batch_size} must be a multiple of the world size {dist_info.world_size}")
     trained = _wrap_ddp(model, dist_info)
@@ -260,7 +264,6 @@ def pretrain(
         labels = None
         noise = None
         if model.method == "classification":
-            assert permutation_set is not None
             labels = torch.randint(len(permutation_set), (batch_size,), generator=permutation_generator)[local]
             permutations = permutation_set[labels]
         else:
@@ -373,7 +376,7 @@ def method_specs(config: DemoConfig, num_patches: int) -> List[MethodSpec]:
     return specs
 
 
-def run_demo(config: DemoConfig, dist_info: Distributed = Distributed()) -> List[Dict]:
+def run_demo(config: DemoConfig, dist_info: Optional[Distributed] = None) -> List[Dict]:
     """Pre-train, probe and summarise every data set x method x seed of ``config``.
 
     Returns
@@ -384,6 +387,7 @@ def run_demo(config: DemoConfig, dist_info: Distributed = Distributed()) -> List
     """
     from tqdm.auto import tqdm
 
+    dist_info = dist_info or Distributed()
     data = {name: load_patched(name, config.patches, config.num_examples) for name in config.datasets}
     plan = [(name, spec) for name in config.datasets for spec in method_specs(config, data[name].num_patches)]
     total_steps = sum(config.pretrain_steps for _, spec in plan if spec.method != "none") * len(config.seeds)
