@@ -194,15 +194,20 @@ void soft_product_row(const T* x, const T* out, const index_t* perm, const index
   const double eps = spec.eps;
   if (spec.op == Op::Rank) {
     // eps = 0 (hard ranks) and eps = inf (constant ranks) have zero gradient.
-    const double scale =
-        (eps == 0.0 || std::isinf(eps)) ? 0.0 : (spec.descending ? -1.0 : 1.0) / eps;
+    const double sg = spec.descending ? -1.0 : 1.0;
+    const double scale = (eps == 0.0 || std::isinf(eps)) ? 0.0 : sg / eps;
+    // Subnormal eps: 1/eps overflows, and inf * 0 would make the (zero)
+    // gradient of every singleton block NaN. Divide instead.
+    const bool divide = std::isinf(scale);
     for_each_block(block_start, n, [&](index_t s, index_t e) {
       if (spec.reg == Reg::L2) {
         double sum = 0.0;
         for (index_t i = s; i < e; ++i) sum += static_cast<double>(vec[perm[i]]);
         const double mean = sum / static_cast<double>(e - s);
-        for (index_t i = s; i < e; ++i)
-          result[perm[i]] = static_cast<T>(scale * (static_cast<double>(vec[perm[i]]) - mean));
+        for (index_t i = s; i < e; ++i) {
+          const double d = static_cast<double>(vec[perm[i]]) - mean;
+          result[perm[i]] = static_cast<T>(divide ? sg * (d / eps) : scale * d);
+        }
       } else {
         double dot = 0.0;
         for (index_t i = s; i < e; ++i)
@@ -210,7 +215,8 @@ void soft_product_row(const T* x, const T* out, const index_t* perm, const index
         const double c = dot / rho_sum(n, s, e);
         for (index_t i = s; i < e; ++i) {
           const double r = static_cast<double>(out[perm[i]]);
-          result[perm[i]] = static_cast<T>(scale * r * (static_cast<double>(vec[perm[i]]) - c));
+          const double d = static_cast<double>(vec[perm[i]]) - c;
+          result[perm[i]] = static_cast<T>(divide ? sg * (r * d / eps) : scale * r * d);
         }
       }
     });
