@@ -196,9 +196,10 @@ void soft_product_row(const T* x, const T* out, const index_t* perm, const index
     // eps = 0 (hard ranks) and eps = inf (constant ranks) have zero gradient.
     const double sg = spec.descending ? -1.0 : 1.0;
     const double scale = (eps == 0.0 || std::isinf(eps)) ? 0.0 : sg / eps;
-    // Subnormal eps: 1/eps overflows, and inf * 0 would make the (zero)
-    // gradient of every singleton block NaN. Divide instead.
-    const bool divide = std::isinf(scale);
+    // Subnormal eps: 1/eps (or 1/eps times a kl rank <= n) overflows, and
+    // inf * 0 would make the (zero) gradient of every singleton block NaN.
+    // Divide instead.
+    const bool divide = std::isinf(scale * static_cast<double>(n));
     for_each_block(block_start, n, [&](index_t s, index_t e) {
       if (spec.reg == Reg::L2) {
         double sum = 0.0;
