@@ -33,7 +33,13 @@ TEST(backward, vjp_and_jvp_match_central_differences) {
     for (int kind : {0, 1, 3})
       for (double eps : {0.02, 0.3, 1.0, 7.0, 300.0})
         for (const OpSpec& s : all_specs(eps)) {
-          const std::vector<double> x = random_row(rng, n, kind, 2.0);
+          // The sort is not differentiable at ties (the one-sided derivatives
+          // differ, the core returns one of them): no finite differences
+          // there. The rank is symmetric in tied entries and differentiable.
+          const bool fd_valid = !(kind == 1 && s.op == Op::Sort);
+          // An irrational scale keeps integer ties off the kinks, where the
+          // merge tests hold with equality (gap = eps * (m_a + m_b) / 2).
+          const std::vector<double> x = random_row(rng, n, kind, 1.7320508075688772);
           std::vector<double> g(n), t(n);
           for (int i = 0; i < n; ++i) {
             g[i] = rng.normal();
@@ -48,7 +54,7 @@ TEST(backward, vjp_and_jvp_match_central_differences) {
           for (double v : vjp) gmax = std::max(gmax, std::fabs(v));
           const double h = 1e-6 * std::min(1.0, eps);
           // vjp, one coordinate at a time (capped for long rows).
-          for (int j = 0; j < std::min(n, 24); ++j) {
+          for (int j = 0; j < (fd_valid ? std::min(n, 24) : 0); ++j) {
             auto fd = [&](double step) {
               std::vector<double> xp = x, xm = x;
               xp[j] += step;
@@ -65,7 +71,7 @@ TEST(backward, vjp_and_jvp_match_central_differences) {
             CHECK_NEAR(vjp[j], d1, tol) << ctx << "vjp j" << j;
           }
           // jvp, along t.
-          {
+          if (fd_valid) {
             std::vector<double> xp = x, xm = x, xp2 = x, xm2 = x;
             for (int i = 0; i < n; ++i) {
               xp[i] += h * t[i];
@@ -91,13 +97,15 @@ TEST(backward, vjp_and_jvp_match_central_differences) {
             }
           }
           // Adjointness: <g, J t> = <J^T g, t>.
-          double a = 0, b = 0, scale = 0;
+          // Both sides cancel terms of size |g| |t| |J|, |J| <= n / eps.
+          double a = 0, b = 0, gn = 0, tn = 0;
           for (int i = 0; i < n; ++i) {
             a += g[i] * jvp[i];
             b += vjp[i] * t[i];
-            scale += std::fabs(g[i] * jvp[i]) + std::fabs(vjp[i] * t[i]);
+            gn += std::fabs(g[i]);
+            tn += std::fabs(t[i]);
           }
-          CHECK_NEAR(a, b, 1e-12 * (scale + 1e-300)) << ctx << "adjoint";
+          CHECK_NEAR(a, b, 1e-13 * gn * tn * (1.0 + n / std::min(eps, 1.0))) << ctx << "adjoint";
         }
   // Finite differences must have been checkable almost everywhere.
   CHECK(g_fd.skipped * 10 < g_fd.compared) << g_fd.skipped << "skipped of" << g_fd.compared;

@@ -123,6 +123,7 @@ TEST(special, eps_zero_is_the_hard_operator) {
       for (const OpSpec& s : all_specs(0.0)) {
         const std::vector<double> x = random_row(rng, n, kind);
         const std::vector<LD> ref = reference(x, s);
+        const std::vector<LD> ref32 = reference(cast<double>(cast<float>(x)), s);
         const Forward<double> f = forward(x, 1, n, s);
         const Forward<float> f32 = forward(cast<float>(x), 1, n, s);
         for (int i = 0; i < n; ++i) {
@@ -130,8 +131,8 @@ TEST(special, eps_zero_is_the_hard_operator) {
           // an ascending hard sort may return -0.0 for +0.0.)
           CHECK(f.out[i] == static_cast<double>(ref[i])) << describe(s) << n << i;
           if (s.op == Op::Rank) CHECK_SAME(f.out[i], static_cast<double>(ref[i]));
-          if (s.op == Op::Rank)
-            CHECK_SAME(f32.out[i], static_cast<float>(ref[i])) << describe(s) << n << i;
+          if (s.op == Op::Rank)  // float32 rounding may create ties: its own reference
+            CHECK_SAME(f32.out[i], static_cast<float>(ref32[i])) << describe(s) << n << i;
         }
       }
 }
