@@ -73,8 +73,9 @@ def hvp(
       ``A c = r * (c - cbar)``, ``cbar = sum_B(r c) / R_B``. Differentiating
       ``<c, A t>`` gives ``s^2 A q`` with ``q = (c - cbar) * (t - tbar)``;
       since ``vjp(c) = s r (c - cbar)`` this is
-      ``vjp(vjp(c) * vjp(t) / r^2) / s`` (``r > 0``: it is a softmax times
-      ``R_B >= 1``). ``eps = 0`` and ``eps = inf`` give 0.
+      ``vjp(vjp(c) * vjp(t) / r^2) / s`` (``r`` is a softmax times
+      ``R_B >= 1``; where it underflows to 0 its terms vanish with it).
+      ``eps = 0`` and ``eps = inf`` give 0.
     - kl sort: ``J[i, k] = p_k`` for ``k`` in the block of sorted position
       ``i``, with ``p`` the block softmax of ``x' = sgn x`` (``sgn = +1``
       descending, ``-1`` ascending); differentiating ``p`` gives
@@ -93,6 +94,8 @@ def hvp(
         grad_t = vjp(x, out, perm, block_start, tangent, op, reg, descending, eps)
         with np.errstate(divide="ignore", invalid="ignore"):
             weight = (grad_c / out) * (grad_t / out)
+        # A rank that underflowed to 0 carries a factor r = 0 in every term.
+        weight = np.where(out == 0, 0, weight).astype(x.dtype, copy=False)
         inverse_scale = -eps if descending else eps
         return vjp(x, out, perm, block_start, weight, op, reg, descending, eps) * x.dtype.type(
             inverse_scale
