@@ -20,9 +20,10 @@ same for every thread count. Nothing is compiled at import time: numba
 compiles a kernel on its first call (and caches it on disk), so importing this
 module only costs importing numba.
 
-``fastmath`` is off on purpose: NaN rows must be detected, ``-inf`` must flow
-through ``logaddexp`` and the merge tests must be evaluated exactly as written
-(no reassociation), or the two engines would drift apart near ties.
+``fastmath`` is off on purpose: NaN rows must be detected, underflows and
+infinities must behave as IEEE says, and the merge tests must be evaluated
+exactly as written (no reassociation), or the two engines would take
+different merge decisions near ties.
 """
 from __future__ import annotations
 
@@ -54,12 +55,16 @@ _RUN = 16
 
 # Settings shared by every jitted function. cache=True keeps the compiled code
 # on disk so that only the very first call in an environment pays for
-# compilation; fastmath=False: see the module docstring.
-_JIT = dict(cache=True, fastmath=False, nogil=True)
+# compilation; fastmath=False: see the module docstring. error_model="numpy":
+# a float division by zero gives inf/NaN as in IEEE arithmetic (and in the C++
+# core) instead of raising ZeroDivisionError, e.g. 1/eps for eps = 0.
+_JIT = dict(cache=True, fastmath=False, nogil=True, error_model="numpy")
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _INT32 = np.dtype(np.int32)
 _MAX_N = 2**31 - 1
+# The smallest normal double: below it the sort kl merge test runs on logs.
+_DBL_MIN = float(np.finfo(np.float64).tiny)
 
 
 # ---------------------------------------------------------------------------
@@ -68,17 +73,30 @@ _MAX_N = 2**31 - 1
 
 
 @njit(**_JIT)
-def _logaddexp(a, b):
-    """``log(exp(a) + exp(b))`` without overflow; exact when one side is -inf.
+def _scale(v, eps, inv, multiply):
+    """``v / eps``, as ``v * (1/eps)`` where ``1/eps`` is finite.
 
-    The -inf case matters: for a tiny ``eps`` the shifted block statistic
-    ``L_B + (ref_B - ref_A) / eps`` is -inf and the merge must keep ``L_A``.
+    ALGORITHM.md: the product differs from the quotient by at most an ulp and
+    a division is the slowest operation in the PAV loop; for a subnormal eps
+    ``1/eps`` overflows, so the quotient is used there. ``eps = inf`` gives
+    ``inv = 0`` (finite), so every scaled difference is 0: the limit.
     """
-    if a < b:
-        a, b = b, a
-    if b == -np.inf:
-        return a
-    return a + np.log1p(np.exp(b - a))
+    if multiply:
+        return v * inv
+    return v / eps
+
+
+@njit(**_JIT)
+def _rho_sum(n, s, e):
+    """``sum_{i in [s, e)} rho_i`` with ``rho_i = n - i``, in closed form."""
+    m = float(e - s)
+    return 0.5 * m * (2.0 * n - float(s) - float(e) + 1.0)
+
+
+@njit(**_JIT)
+def _rho_mean(n, s, e):
+    """Mean of ``rho`` over sorted positions ``[s, e)``: the hard (tied) rank."""
+    return float(n) - 0.5 * (float(s) + float(e) - 1.0)
 
 
 @njit(**_JIT)
@@ -165,85 +183,122 @@ def _argsort_decreasing(key, idx, key_buf, idx_buf):
 
 
 @njit(**_JIT)
-def _pav_soft(xs, op, reg, eps, bstart, bsize, bref, bacc, blr):
-    """PAV over the sorted row ``xs`` (non-increasing) for one op/reg.
+def _pav_soft(xs, op, reg, eps, bstart, bref, bstat, bstat2):
+    """PAV over the sorted row ``xs`` (non-increasing), ``eps > 0``.
 
-    Blocks live on a stack of parallel arrays: start position, size ``m``,
-    ``ref`` (the block's first, largest value), ``acc`` (``d`` for l2, ``L``
-    for kl) and ``Lr`` (sort kl only). The merge tests are those of the table
-    in ALGORITHM.md, written so that only differences of nearby values are
-    divided by ``eps`` (never ``x / eps`` of a large value, never ``* (1/eps)``).
+    The block stack lives in parallel arrays: start position, ``ref`` (the
+    block's first, largest value) and the statistics relative to ``ref``
+    (ALGORITHM.md): l2 ``d = sum (xs - ref)``; rank kl ``S = sum exp((xs -
+    ref)/eps)``; sort kl ``S = sum exp(xs - ref)`` and ``Q = sum_k exp(-k/eps)``.
+    The kl sums lie in ``[1, m]`` (every exponent is <= 0), so they cannot
+    overflow. The newest block B is held in locals and merged into the stack
+    top A while "V_A <= V_B" (equal values are pooled too); the tests are the
+    overflow-free product forms of the table in ALGORITHM.md, evaluated in
+    exactly the order the C++ core uses so that both engines take the same
+    merge decisions even at ties. ``eps = inf`` merges everything.
 
     Returns
     -------
     int
-        The number of blocks on the stack.
+        The number of blocks.
     """
     n = xs.shape[0]
-    k = 0
+    merge_all = eps == np.inf
+    inv = 1.0 / eps
+    multiply = np.isfinite(inv)
+    is_l2 = reg == _REG_L2
+    top = 0
     for i in range(n):
-        bstart[k] = i
-        bsize[k] = 1
-        bref[k] = xs[i]
-        bacc[k] = 0.0
-        blr[k] = 0.0
-        k += 1
-        while k >= 2:
-            a = k - 2
-            b = k - 1
-            m_a = float(bsize[a])
-            m_b = float(bsize[b])
-            if reg == _REG_L2:
-                # Difference of block means of xs.
-                dx = (bref[a] - bref[b]) + bacc[a] / m_a - bacc[b] / m_b
+        s = i
+        ref = xs[i]
+        stat = 0.0 if is_l2 else 1.0
+        stat2 = 1.0
+        while top > 0:
+            sa = bstart[top - 1]
+            ref_a = bref[top - 1]
+            stat_a = bstat[top - 1]
+            if is_l2:
+                m_a = float(s - sa)
+                m_b = float(i + 1 - s)
+                # Difference of the block means of xs.
+                dx = (ref_a - ref) + (stat_a / m_a - stat / m_b)
                 if op == _OP_RANK:
-                    merge = dx / eps <= (m_a + m_b) / 2.0
+                    merge = merge_all or dx <= eps * (0.5 * (m_a + m_b))
                 else:
-                    merge = ((m_a + m_b) / 2.0) / eps <= dx
+                    merge = merge_all or 0.5 * (m_a + m_b) <= dx * eps
+                if not merge:
+                    break
+                stat = stat_a + stat + m_b * (ref - ref_a)
             elif op == _OP_RANK:
-                # R = sum of rho over the block, in closed form.
-                s_a = bstart[a]
-                e_a = s_a + bsize[a]
-                s_b = bstart[b]
-                e_b = s_b + bsize[b]
-                r_a = m_a * float(2 * n - s_a - e_a + 1) / 2.0
-                r_b = m_b * float(2 * n - s_b - e_b + 1) / 2.0
-                merge = (bref[a] - bref[b]) / eps + bacc[a] - bacc[b] <= np.log(
-                    r_a
-                ) - np.log(r_b)
+                # An underflow of decay to 0 is the right answer: no merge.
+                decay = np.exp(-_scale(ref_a - ref, eps, inv, multiply))
+                merge = merge_all or stat_a * _rho_sum(n, s, i + 1) <= (
+                    decay * stat * _rho_sum(n, sa, s)
+                )
+                if not merge:
+                    break
+                stat = stat_a + decay * stat
             else:
-                merge = m_a / eps + blr[a] - blr[b] <= (bref[a] - bref[b]) + bacc[
-                    a
-                ] - bacc[b]
-            if not merge:
-                break
-            # Pool B into A; A keeps its reference value.
-            if reg == _REG_L2:
-                bacc[a] = bacc[a] + bacc[b] + m_b * (bref[b] - bref[a])
-            elif op == _OP_RANK:
-                bacc[a] = _logaddexp(bacc[a], bacc[b] + (bref[b] - bref[a]) / eps)
-            else:
-                bacc[a] = _logaddexp(bacc[a], bacc[b] + (bref[b] - bref[a]))
-                blr[a] = _logaddexp(blr[a], blr[b] - m_a / eps)
-            bsize[a] = bsize[a] + bsize[b]
-            k -= 1
-    return k
+                stat2_a = bstat2[top - 1]
+                u = ref_a - ref
+                v = _scale(float(s - sa), eps, inv, multiply)
+                eu = np.exp(-u)
+                ev = np.exp(-v)
+                if merge_all:
+                    merge = True
+                elif eu >= _DBL_MIN and ev >= _DBL_MIN:
+                    merge = stat2_a * stat * eu <= ev * stat_a * stat2
+                else:
+                    # Both sides would underflow: the same test on logs.
+                    merge = np.log(stat2_a * stat) - u <= np.log(stat_a * stat2) - v
+                if not merge:
+                    break
+                stat = stat_a + eu * stat
+                stat2 = stat2_a + ev * stat2
+            ref = ref_a
+            s = sa
+            top -= 1
+        bstart[top] = s
+        bref[top] = ref
+        bstat[top] = stat
+        bstat2[top] = stat2
+        top += 1
+    return top
+
+
+@njit(**_JIT)
+def _pav_hard(xs, op, bstart, bref):
+    """Blocks of the hard operator (``eps = 0``).
+
+    Rank: the runs of equal values (tied entries share their mean rank).
+    Sort: singletons (the output is the sorted row).
+    """
+    n = xs.shape[0]
+    top = 0
+    for i in range(n):
+        if op == _OP_RANK and top > 0 and xs[i] == bref[top - 1]:
+            continue
+        bstart[top] = i
+        bref[top] = xs[i]
+        top += 1
+    return top
 
 
 @njit(**_JIT)
 def _forward_row(x, out, perm, bs, op, reg, descending, eps,
-                 keys, key_buf, idx_buf, bstart, bsize, bref, bacc, blr):
+                 keys, key_buf, idx_buf, bstart, bref, bstat, bstat2):
     """Soft rank / soft sort of one row; see ALGORITHM.md "Outputs".
 
     ``out`` is written in the dtype of ``x`` (the only narrowing); ``perm``
-    and ``bs`` (block_start) are int32. The remaining arguments are float64 /
-    int scratch arrays of length >= n owned by the calling chunk.
+    and ``bs`` (block_start) are int32. The remaining arguments are scratch
+    arrays of length n owned by the calling chunk.
     """
     n = x.shape[0]
     if n == 0:
         return
     # x' = x for an ascending rank or a descending sort, -x otherwise; adding
-    # +0.0 turns -0.0 into +0.0 so that no signed zero reaches the sort.
+    # +0.0 turns -0.0 into +0.0 so that no signed zero reaches the sort (the
+    # C++ core sorts on the bit patterns, where -0.0 and +0.0 differ).
     if (op == _OP_RANK) != descending:
         sx = 1.0
     else:
@@ -261,97 +316,66 @@ def _forward_row(x, out, perm, bs, op, reg, descending, eps,
             perm[j] = j  # unspecified by the contract; a valid index is safest
             bs[j] = -1
         return
-    xs = keys[:n]
+    xs = keys
     _argsort_decreasing(xs, perm, key_buf, idx_buf)
-    # sgn: the sign that maps the decreasing-order sort problem back to the
-    # requested direction (+1 descending, -1 ascending).
-    sgn = 1.0 if descending else -1.0
-    nf = float(n)
 
     if eps == 0.0:
-        # The hard operator.
-        if op == _OP_RANK:
-            # Runs of equal values share the mean of their ranks.
-            s = 0
-            while s < n:
-                e = s + 1
-                while e < n and xs[e] == xs[s]:
-                    e += 1
-                val = nf - (s + e - 1) / 2.0
+        count = _pav_hard(xs, op, bstart, bref)
+    else:
+        count = _pav_soft(xs, op, reg, eps, bstart, bref, bstat, bstat2)
+    # The sort output sign maps the decreasing-order problem back to the
+    # requested direction (+1 descending, -1 ascending).
+    sgn = 1.0 if descending else -1.0
+    inv = 1.0 / eps
+    multiply = np.isfinite(inv)
+    for k in range(count):
+        s = bstart[k]
+        e = bstart[k + 1] if k + 1 < count else n
+        ref = bref[k]
+        for i in range(s, e):
+            bs[i] = s
+        if eps == 0.0:
+            if op == _OP_RANK:
+                r = _rho_mean(n, s, e)
                 for i in range(s, e):
-                    bs[i] = s
-                    out[perm[i]] = val
-                s = e
-        else:
-            for i in range(n):
-                bs[i] = i
-                out[i] = sgn * xs[i]
-        return
-
-    if eps == np.inf:
-        # The limit: one block [0, n).
-        for i in range(n):
-            bs[i] = 0
-        if op == _OP_RANK:
-            val = (nf + 1.0) / 2.0
-            for i in range(n):
-                out[i] = val
-            return
-        ref = xs[0]
-        acc = 0.0
-        if reg == _REG_L2:
-            # The l2 merge formula with singleton blocks: d += 1 * (xs[j] - ref).
-            for j in range(1, n):
-                acc = acc + 0.0 + 1.0 * (xs[j] - ref)
-            val = ref + acc / nf
-        else:
-            # The kl merge formula with c = 1: L = logaddexp(L, xs[j] - ref).
-            for j in range(1, n):
-                acc = _logaddexp(acc, 0.0 + (xs[j] - ref))
-            val = ref + acc - np.log(nf)
-        for i in range(n):
-            out[i] = sgn * val
-        return
-
-    nblocks = _pav_soft(xs, op, reg, eps, bstart, bsize, bref, bacc, blr)
-    for b in range(nblocks):
-        s = bstart[b]
-        e = s + bsize[b]
-        m = float(bsize[b])
-        ref = bref[b]
-        acc = bacc[b]
-        if op == _OP_RANK:
-            if reg == _REG_L2:
-                base = nf - (s + e - 1) / 2.0
-                for i in range(s, e):
-                    bs[i] = s
-                    out[perm[i]] = base + ((xs[i] - ref) - acc / m) / eps
+                    out[perm[i]] = r
             else:
-                r_b = m * float(2 * n - s - e + 1) / 2.0
+                out[s] = sgn * xs[s]
+        elif op == _OP_RANK:
+            if reg == _REG_L2:
+                base = _rho_mean(n, s, e)
+                offset = bstat[k] / float(e - s)
                 for i in range(s, e):
-                    bs[i] = s
-                    out[perm[i]] = r_b * np.exp((xs[i] - ref) / eps - acc)
+                    out[perm[i]] = base + _scale((xs[i] - ref) - offset, eps, inv,
+                                                 multiply)
+            else:
+                # rank_i = R_B / S_B * exp((xs_i - ref) / eps); exponent <= 0.
+                factor = _rho_sum(n, s, e) / bstat[k]
+                for i in range(s, e):
+                    out[perm[i]] = factor * np.exp(_scale(xs[i] - ref, eps, inv,
+                                                          multiply))
         else:
             if reg == _REG_L2:
-                mean = ref + acc / m
+                mean = ref + bstat[k] / float(e - s)
+                centre = 0.5 * (float(s + e) - 1.0)
                 for i in range(s, e):
-                    bs[i] = s
-                    out[i] = sgn * (((s + e - 1) / 2.0 - i) / eps + mean)
+                    out[i] = sgn * (_scale(centre - float(i), eps, inv, multiply)
+                                    + mean)
             else:
-                lr = blr[b]
+                base = ref + (np.log(bstat[k]) - np.log(bstat2[k]))
                 for i in range(s, e):
-                    bs[i] = s
-                    out[i] = sgn * (-(i - s) / eps - lr + ref + acc)
+                    out[i] = sgn * (base - _scale(float(i - s), eps, inv, multiply))
 
 
 @njit(**_JIT)
-def _backward_row(x, out, perm, bs, vec, res, op, reg, descending, eps, jvp, xs):
+def _backward_row(x, out, perm, bs, vec, res, op, reg, descending, eps, jvp):
     """vjp (``jvp=False``) or jvp of one row from the stored forward state.
 
     See ALGORITHM.md "Backward". Blocks are recovered from ``bs``
-    (block_start) as maximal runs of equal entries; ``bs`` is only compared,
-    never used as an index, and ``perm`` is range-checked first, so a
-    malformed state cannot make the kernel read out of bounds.
+    (block_start) as maximal runs of positions whose entry equals the run's
+    start; ``bs`` is only compared, never used as an index, and ``perm`` is
+    range-checked first, so a malformed state cannot make the kernel read out
+    of bounds.
 
     Returns
     -------
@@ -361,170 +385,178 @@ def _backward_row(x, out, perm, bs, vec, res, op, reg, descending, eps, jvp, xs)
     n = x.shape[0]
     if n == 0:
         return 0
-    for i in range(n):
-        if bs[i] < 0:
-            # A NaN/inf row of the forward pass.
-            for j in range(n):
-                res[j] = np.nan
-            return 0
+    if bs[0] < 0:
+        # A NaN/inf row of the forward pass.
+        for j in range(n):
+            res[j] = np.nan
+        return 0
     for i in range(n):
         if perm[i] < 0 or perm[i] >= n:
             return 1
 
     if op == _OP_RANK:
+        # eps = 0 (hard ranks) and eps = inf (constant ranks): zero Jacobian.
+        # The factor is 0 rather than skipping the loop so that a NaN in the
+        # cotangent still propagates, as in the C++ core.
         if eps == 0.0 or eps == np.inf:
-            # The rank is piecewise constant (eps = 0) or constant (eps = inf).
-            for j in range(n):
-                res[j] = 0.0
-            return 0
-        sg = -1.0 if descending else 1.0
+            scale = 0.0
+        else:
+            scale = (-1.0 if descending else 1.0) / eps
         s = 0
         while s < n:
             e = s + 1
-            while e < n and bs[e] == bs[s]:
+            while e < n and bs[e] == s:
                 e += 1
-            m = float(e - s)
             if reg == _REG_L2:
                 tot = 0.0
                 for i in range(s, e):
                     tot += np.float64(vec[perm[i]])
-                mean = tot / m
+                mean = tot / float(e - s)
                 for i in range(s, e):
                     p = perm[i]
-                    res[p] = sg / eps * (np.float64(vec[p]) - mean)
+                    res[p] = scale * (np.float64(vec[p]) - mean)
             else:
-                r_b = m * float(2 * n - s - e + 1) / 2.0
-                tot = 0.0
+                dot = 0.0
                 for i in range(s, e):
                     p = perm[i]
-                    tot += np.float64(vec[p]) * np.float64(out[p])
-                q = tot / r_b
+                    dot += np.float64(vec[p]) * np.float64(out[p])
+                c = dot / _rho_sum(n, s, e)
                 for i in range(s, e):
                     p = perm[i]
-                    res[p] = sg / eps * np.float64(out[p]) * (np.float64(vec[p]) - q)
+                    res[p] = scale * np.float64(out[p]) * (np.float64(vec[p]) - c)
             s = e
         return 0
 
     # Soft sort. An ascending sort negates both x and the output, so the
     # Jacobian is the same for both directions once x' is formed.
-    if reg == _REG_KL:
-        sx = 1.0 if descending else -1.0
-        for i in range(n):
-            xs[i] = sx * np.float64(x[perm[i]]) + 0.0
+    sx = 1.0 if descending else -1.0
     s = 0
     while s < n:
         e = s + 1
-        while e < n and bs[e] == bs[s]:
+        while e < n and bs[e] == s:
             e += 1
-        m = float(e - s)
-        if reg == _REG_L2:
+        if reg == _REG_L2 or eps == 0.0:
+            # l2 (and every singleton block of eps = 0): the block mean.
             tot = 0.0
             if jvp:
                 for i in range(s, e):
                     tot += np.float64(vec[perm[i]])
-                mean = tot / m
+                mean = tot / float(e - s)
                 for i in range(s, e):
                     res[i] = mean
             else:
                 for i in range(s, e):
                     tot += np.float64(vec[i])
-                mean = tot / m
+                mean = tot / float(e - s)
                 for i in range(s, e):
                     res[perm[i]] = mean
         else:
-            # Block softmax of the sorted values: p_i = exp(xs_i - ref - L).
-            # ref = xs[s] is the block maximum, so the sum lies in [1, m].
-            ref = xs[s]
+            # Block softmax of the sorted x' (not of rho/eps), recomputed from
+            # x: p_i = exp(x'_i - top - log_norm); top = x' at the block start
+            # is the block maximum, so the normaliser lies in [1, m].
+            top = sx * np.float64(x[perm[s]])
             tot = 0.0
             for i in range(s, e):
-                tot += np.exp(xs[i] - ref)
-            lse = np.log(tot)
-            acc = 0.0
+                tot += np.exp(sx * np.float64(x[perm[i]]) - top)
+            log_norm = np.log(tot)
             if jvp:
+                dot = 0.0
                 for i in range(s, e):
-                    acc += np.exp((xs[i] - ref) - lse) * np.float64(vec[perm[i]])
+                    p = perm[i]
+                    dot += np.exp(sx * np.float64(x[p]) - top - log_norm) * np.float64(
+                        vec[p]
+                    )
                 for i in range(s, e):
-                    res[i] = acc
+                    res[i] = dot
             else:
+                tot = 0.0
                 for i in range(s, e):
-                    acc += np.float64(vec[i])
+                    tot += np.float64(vec[i])
                 for i in range(s, e):
-                    res[perm[i]] = np.exp((xs[i] - ref) - lse) * acc
+                    p = perm[i]
+                    res[p] = np.exp(sx * np.float64(x[p]) - top - log_norm) * tot
         s = e
     return 0
 
 
 @njit(**_JIT)
-def _isotonic_row(y, w, has_w, increasing, sol, bs, bstart, bref, bw, bd):
+def _isotonic_row(y, w, has_w, increasing, sol, bs, ys, bstart, bref, bstat, bw):
     """Weighted l2 isotonic regression of one row by PAV.
 
-    Blocks keep ``ref = y[s]``, ``W = sum w`` and ``d = sum w (y - ref)``;
-    the block value is ``ref + d / W``. Adjacent blocks with equal values are
-    pooled (``>=`` / ``<=``), as in the soft operators.
+    A non-increasing fit is the negated non-decreasing fit of ``-y``. Blocks
+    keep ``ref = y[s]``, ``W = sum w`` and ``d = sum w (y - ref)``; the block
+    value is ``ref + d / W``. Adjacent blocks with equal values are pooled
+    (the test is ``>= 0``), as in the soft operators.
     """
     n = y.shape[0]
     if n == 0:
         return
+    sign = 1.0 if increasing else -1.0
+    finite = True
     for j in range(n):
-        if not np.isfinite(np.float64(y[j])):
-            for i in range(n):
-                sol[i] = np.nan
-                bs[i] = -1
-            return
-    k = 0
+        ys[j] = sign * np.float64(y[j])
+        if not np.isfinite(ys[j]):
+            finite = False
+    if not finite:
+        for i in range(n):
+            sol[i] = np.nan
+            bs[i] = -1
+        return
+    top = 0
     for i in range(n):
-        bstart[k] = i
-        bref[k] = np.float64(y[i])
-        bw[k] = np.float64(w[i]) if has_w else 1.0
-        bd[k] = 0.0
-        k += 1
-        while k >= 2:
-            a = k - 2
-            b = k - 1
-            v_a = bref[a] + bd[a] / bw[a]
-            v_b = bref[b] + bd[b] / bw[b]
-            if increasing:
-                merge = v_a >= v_b
-            else:
-                merge = v_a <= v_b
-            if not merge:
+        s = i
+        ref = ys[i]
+        d = 0.0
+        wsum = np.float64(w[i]) if has_w else 1.0
+        while top > 0:
+            ref_a = bref[top - 1]
+            d_a = bstat[top - 1]
+            w_a = bw[top - 1]
+            # value_A >= value_B violates (or ties) the non-decreasing order.
+            if not ((ref_a - ref) + d_a / w_a - d / wsum >= 0.0):
                 break
-            bd[a] = bd[a] + bd[b] + bw[b] * (bref[b] - bref[a])
-            bw[a] = bw[a] + bw[b]
-            k -= 1
-    for b in range(k):
-        s = bstart[b]
-        e = bstart[b + 1] if b + 1 < k else n
-        val = bref[b] + bd[b] / bw[b]
+            d = d_a + d + wsum * (ref - ref_a)
+            wsum = w_a + wsum
+            ref = ref_a
+            s = bstart[top - 1]
+            top -= 1
+        bstart[top] = s
+        bref[top] = ref
+        bstat[top] = d
+        bw[top] = wsum
+        top += 1
+    for k in range(top):
+        s = bstart[k]
+        e = bstart[k + 1] if k + 1 < top else n
+        value = sign * (bref[k] + bstat[k] / bw[k])
         for i in range(s, e):
+            sol[i] = value
             bs[i] = s
-            sol[i] = val
 
 
 @njit(**_JIT)
 def _isotonic_vjp_row(w, has_w, bs, g, res):
-    """``grad_j = w_j / W_B * sum_B g`` for one row; NaN for a NaN row."""
+    """``grad_j = w_j * (sum_B g / W_B)`` for one row; NaN for a NaN row."""
     n = g.shape[0]
     if n == 0:
         return
-    for i in range(n):
-        if bs[i] < 0:
-            for j in range(n):
-                res[j] = np.nan
-            return
+    if bs[0] < 0:
+        for j in range(n):
+            res[j] = np.nan
+        return
     s = 0
     while s < n:
         e = s + 1
-        while e < n and bs[e] == bs[s]:
+        while e < n and bs[e] == s:
             e += 1
         tot = 0.0
         wsum = 0.0
         for i in range(s, e):
             tot += np.float64(g[i])
             wsum += np.float64(w[i]) if has_w else 1.0
+        per_weight = tot / wsum
         for i in range(s, e):
-            wi = np.float64(w[i]) if has_w else 1.0
-            res[i] = wi / wsum * tot
+            res[i] = (np.float64(w[i]) if has_w else 1.0) * per_weight
         s = e
 
 
@@ -546,26 +578,24 @@ def _soft_forward_kernel(x, out, perm, bs, op, reg, descending, eps, chunks):
         key_buf = np.empty(n, np.float64)
         idx_buf = np.empty(n, np.int32)
         bstart = np.empty(n, np.int64)
-        bsize = np.empty(n, np.int64)
         bref = np.empty(n, np.float64)
-        bacc = np.empty(n, np.float64)
-        blr = np.empty(n, np.float64)
+        bstat = np.empty(n, np.float64)
+        bstat2 = np.empty(n, np.float64)
         for r in range(r0, r1):
             _forward_row(x[r], out[r], perm[r], bs[r], op, reg, descending, eps,
-                         keys, key_buf, idx_buf, bstart, bsize, bref, bacc, blr)
+                         keys, key_buf, idx_buf, bstart, bref, bstat, bstat2)
 
 
 @njit(parallel=True, **_JIT)
 def _soft_backward_kernel(x, out, perm, bs, vec, res, op, reg, descending, eps,
                           jvp, status, chunks):
-    rows, n = x.shape
+    rows = x.shape[0]
     for c in prange(chunks):
         r0 = c * rows // chunks
         r1 = (c + 1) * rows // chunks
-        xs = np.empty(n, np.float64)
         for r in range(r0, r1):
             status[r] = _backward_row(x[r], out[r], perm[r], bs[r], vec[r],
-                                      res[r], op, reg, descending, eps, jvp, xs)
+                                      res[r], op, reg, descending, eps, jvp)
 
 
 @njit(parallel=True, **_JIT)
@@ -574,15 +604,16 @@ def _isotonic_forward_kernel(y, w, has_w, increasing, sol, bs, chunks):
     for c in prange(chunks):
         r0 = c * rows // chunks
         r1 = (c + 1) * rows // chunks
+        ys = np.empty(n, np.float64)
         bstart = np.empty(n, np.int64)
         bref = np.empty(n, np.float64)
+        bstat = np.empty(n, np.float64)
         bw = np.empty(n, np.float64)
-        bd = np.empty(n, np.float64)
         for r in range(r0, r1):
             # Without weights, w is a (1, 0) placeholder and never read.
             wr = w[r] if has_w else w[0]
             _isotonic_row(y[r], wr, has_w, increasing, sol[r], bs[r],
-                          bstart, bref, bw, bd)
+                          ys, bstart, bref, bstat, bw)
 
 
 @njit(parallel=True, **_JIT)
@@ -794,9 +825,9 @@ def isotonic_vjp(weights, block_start, cotangent):
         ``grad[j] = w_j / W_B * sum_{i in B} cotangent[i]``, dtype of
         ``cotangent``; NaN on NaN rows (block_start -1).
     """
-    cotangent = _check_array(cotangent, "cotangent")
-    shape = cotangent.shape
-    block_start = _check_array(block_start, "block_start", _INT32, shape)
+    block_start = _check_array(block_start, "block_start", _INT32)
+    shape = block_start.shape
+    cotangent = _check_array(cotangent, "cotangent", None, shape)
     w, has_w = _weights_or_placeholder(weights, cotangent.dtype, shape)
     rows, n = shape
     res = np.empty_like(cotangent)
