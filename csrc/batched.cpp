@@ -23,7 +23,7 @@ struct ThreadScratch {
   std::vector<KeyIndex64> keyed64, keyed64_tmp;
   std::vector<std::uint32_t> counts, keys32;
   std::vector<std::uint64_t> keys64;
-  std::vector<double> xs, work, ws, block_ref, block_stat, block_stat2;
+  std::vector<double> xs, work, work2, ws, block_ref, block_stat, block_stat2, block_tail;
   std::vector<index_t> block_start;
 
   RowScratch row(index_t n, bool wide) {
@@ -44,6 +44,8 @@ struct ThreadScratch {
     grow(counts, kMaxRadixPasses * kMaxRadixBuckets);
     grow(xs, size);
     grow(work, size);
+    grow(work2, size);
+    grow(block_tail, size);
     grow(block_ref, size);
     grow(block_stat, size);
     grow(block_stat2, size);
@@ -58,8 +60,9 @@ struct ThreadScratch {
     r.sort.counts = counts.data();
     r.xs = xs.data();
     r.work = work.data();
+    r.work2 = work2.data();
     r.blocks = BlockStack{block_start.data(), block_ref.data(), block_stat.data(),
-                          block_stat2.data()};
+                          block_stat2.data(), block_tail.data()};
     return r;
   }
 
@@ -253,8 +256,14 @@ void soft_product_batch(const T* x, const T* out, const index_t* perm, const ind
                         bool transpose, T* result) {
   for_each_row(rows, n, [&](std::int64_t r) {
     const std::int64_t off = r * n;
+    double* work = nullptr;
+    if (spec.op == Op::Sort && spec.reg == Reg::KL) {
+      ThreadScratch& s = thread_scratch();
+      ThreadScratch::grow(s.work, static_cast<std::size_t>(n) + 1);
+      work = s.work.data();
+    }
     soft_product_row(x + off, out + off, perm + off, block_start + off, vec + off, n, spec,
-                     transpose, result + off);
+                     transpose, result + off, work);
   });
 }
 

@@ -20,6 +20,7 @@ struct BlockStack {
   double* ref;     // xs[start], the block's largest value
   double* stat;    // l2: sum (xs - ref); kl: S = sum exp((xs - ref) * c), in [1, m]
   double* stat2;   // rank kl: exp((xs[last] - ref) / eps); sort kl: Q = sum_{k<m} exp(-k/eps)
+  double* tail;    // sort kl: exp(xs[last] - ref)
 };
 
 // v / eps, by a multiplication where 1/eps is finite (it is not for
@@ -128,19 +129,22 @@ SOFTRANK_HD index_t pav_rank_kl(const double* xs, const double* step, index_t n,
 
 // Sort kl: S = sum exp(xs - ref) and Q = sum_{k<m} exp(-k/eps), both in
 // [1, m]. Merge when Q_a S_b exp(-u) <= S_a Q_b exp(-v), u = ref_a - ref_b,
-// v = m_a / eps; where both exps underflow the same test runs on logs.
-SOFTRANK_HD index_t pav_sort_kl(const double* xs, index_t n, double eps, BlockStack b) {
+// v = m_a / eps; where either factor underflows the same test runs on logs.
+// As in the rank kl loop there is no exp call: `step[i] = exp(xs[i] -
+// xs[i-1])` and `decay[k] = exp(-k/eps)` are tabulated beforehand (vectorised)
+// and each block carries `tail = exp(xs[last] - ref)`.
+SOFTRANK_HD index_t pav_sort_kl(const double* xs, const double* step, const double* decay,
+                                index_t n, double eps, BlockStack b) {
   const bool merge_all = std::isinf(eps);
   const InverseScale scale(eps);
   index_t top = 0;
   for (index_t i = 0; i < n; ++i) {
     index_t s = i;
-    double ref = xs[i], sum = 1.0, sum_rho = 1.0;
+    double ref = xs[i], sum = 1.0, sum_rho = 1.0, tail = 1.0;
     while (top > 0) {
       const index_t sa = b.start[top - 1];
       const double ref_a = b.ref[top - 1], sum_a = b.stat[top - 1], sum_rho_a = b.stat2[top - 1];
-      const double u = ref_a - ref, v = scale(static_cast<double>(s - sa));
-      const double eu = std::exp(-u), ev = std::exp(-v);
+      const double eu = b.tail[top - 1] * step[s], ev = decay[s - sa];
       bool merge;
       if (merge_all) {
         merge = true;
@@ -148,11 +152,13 @@ SOFTRANK_HD index_t pav_sort_kl(const double* xs, index_t n, double eps, BlockSt
                  ev >= std::numeric_limits<double>::min()) {
         merge = sum_rho_a * sum * eu <= ev * sum_a * sum_rho;
       } else {
+        const double u = ref_a - ref, v = scale(static_cast<double>(s - sa));
         merge = std::log(sum_rho_a * sum) - u <= std::log(sum_a * sum_rho) - v;
       }
       if (!merge) break;
       sum = sum_a + eu * sum;
       sum_rho = sum_rho_a + ev * sum_rho;
+      tail = eu * tail;
       ref = ref_a;
       s = sa;
       --top;
@@ -161,6 +167,7 @@ SOFTRANK_HD index_t pav_sort_kl(const double* xs, index_t n, double eps, BlockSt
     b.ref[top] = ref;
     b.stat[top] = sum;
     b.stat2[top] = sum_rho;
+    b.tail[top] = tail;
     ++top;
   }
   return top;

@@ -17,8 +17,9 @@ namespace softrank {
 
 struct RowScratch {
   SortScratch sort;
-  double* xs;    // n sorted values
-  double* work;  // n doubles (rank kl: the step decays)
+  double* xs;     // n sorted values
+  double* work;   // n + 1 doubles (kl: the step decays)
+  double* work2;  // n + 1 doubles (sort kl: exp(-k / eps))
   BlockStack blocks;
 };
 
@@ -89,7 +90,21 @@ void soft_forward_sorted(index_t n, const OpSpec& spec, RowScratch& w, T* out,
       count = pav_rank_kl(xs, step, n, eps, b);
     }
   } else {
-    count = spec.reg == Reg::L2 ? pav_sort_l2(xs, n, eps, b) : pav_sort_kl(xs, n, eps, b);
+    if (spec.reg == Reg::L2) {
+      count = pav_sort_l2(xs, n, eps, b);
+    } else {
+      double* step = w.work;
+      double* decay = w.work2;
+      ranges(n, [&](index_t lo, index_t hi) {
+        for (index_t i = lo; i < hi; ++i) {
+          step[i] = i == 0 ? 0.0 : xs[i] - xs[i - 1];
+          decay[i] = -scale(static_cast<double>(i));
+        }
+        exp_nonpositive_buffer(step + lo, hi - lo);
+        exp_nonpositive_buffer(decay + lo, hi - lo);
+      });
+      count = pav_sort_kl(xs, step, decay, n, eps, b);
+    }
   }
   const double sgn = spec.descending ? 1.0 : -1.0;  // sort output sign
   const bool rank_kl = eps != 0.0 && spec.op == Op::Rank && spec.reg == Reg::KL;
@@ -167,25 +182,30 @@ void soft_forward_row(const T* x, index_t n, const OpSpec& spec, RowScratch& w, 
   soft_forward_sorted(n, spec, w, out, perm, block_start, SerialRanges{});
 }
 
-// Block softmax of the sorted x' over [s, e): p_i = exp(xs_i - max - lse).
-// Recomputed from x and perm in the backward pass of the kl soft sort.
+// Block softmax of the sorted x' over [s, e): p_i = exp(xs_i - max) / sum,
+// written to p[s, e). Recomputed from x and perm in the backward pass of the
+// kl soft sort.
 template <class T>
-inline double block_log_norm(const T* x, const index_t* perm, index_t s, index_t e, bool negate,
-                             double* max_out) {
+inline void block_softmax(const T* x, const index_t* perm, index_t s, index_t e, bool negate,
+                          double* p) {
   const double sign = negate ? -1.0 : 1.0;
-  const double top = sign * static_cast<double>(x[perm[s]]);
+  const double top = sign * static_cast<double>(x[perm[s]]);  // the block's largest x'
+  for (index_t i = s; i < e; ++i) p[i] = sign * static_cast<double>(x[perm[i]]) - top;
+  exp_nonpositive_buffer(p + s, e - s);
   double sum = 0.0;
-  for (index_t i = s; i < e; ++i) sum += std::exp(sign * static_cast<double>(x[perm[i]]) - top);
-  *max_out = top;
-  return std::log(sum);
+  for (index_t i = s; i < e; ++i) sum += p[i];
+  const double inv = 1.0 / sum;
+  for (index_t i = s; i < e; ++i) p[i] *= inv;
 }
 
-// Shared by vjp and jvp: `vec` is the cotangent (vjp) or the tangent (jvp).
+// Shared by vjp and jvp: `vec` is the cotangent (vjp) or the tangent (jvp);
+// `work` is n doubles of scratch (used by the kl soft sort).
 // For the rank both products are the same (symmetric Jacobian); for the sort
 // the vjp maps sorted positions to columns and the jvp columns to positions.
 template <class T>
 void soft_product_row(const T* x, const T* out, const index_t* perm, const index_t* block_start,
-                      const T* vec, index_t n, const OpSpec& spec, bool transpose, T* result) {
+                      const T* vec, index_t n, const OpSpec& spec, bool transpose, T* result,
+                      double* work) {
   if (n == 0) return;
   if (block_start[0] < 0) {
     for (index_t i = 0; i < n; ++i) result[i] = static_cast<T>(kNaN);
@@ -242,19 +262,14 @@ void soft_product_row(const T* x, const T* out, const index_t* perm, const index
       for (index_t i = s; i < e; ++i) write(i, mean);
       return;
     }
-    double top;
-    const double log_norm = block_log_norm(x, perm, s, e, negate, &top);
-    const double sign = negate ? -1.0 : 1.0;
-    auto prob = [&](index_t i) {
-      return std::exp(sign * static_cast<double>(x[perm[i]]) - top - log_norm);
-    };
+    block_softmax(x, perm, s, e, negate, work);
     if (transpose) {
       double sum = 0.0;
       for (index_t i = s; i < e; ++i) sum += read(i);
-      for (index_t i = s; i < e; ++i) write(i, prob(i) * sum);
+      for (index_t i = s; i < e; ++i) write(i, work[i] * sum);
     } else {
       double dot = 0.0;
-      for (index_t i = s; i < e; ++i) dot += prob(i) * read(i);
+      for (index_t i = s; i < e; ++i) dot += work[i] * read(i);
       for (index_t i = s; i < e; ++i) write(i, dot);
     }
   });
