@@ -69,7 +69,7 @@ def check_direction(direction: Any) -> bool:
     return direction == "descending"
 
 
-def check_axis(axis: Any, ndim: int, name: str = "axis") -> int:
+def check_axis(axis: Any, ndim: int, name: str = "axis", array_name: str = "x") -> int:
     """Return ``axis`` normalised to ``[0, ndim)``; raise if out of range.
 
     ``ndim == 0`` is rejected: the operators need an axis to act along.
@@ -78,7 +78,7 @@ def check_axis(axis: Any, ndim: int, name: str = "axis") -> int:
         return axis % ndim
     if ndim == 0:
         raise ValueError(
-            "x must have at least one dimension (got a 0-d scalar); "
+            f"{array_name} must have at least one dimension (got a 0-d scalar); "
             "the operator acts along an axis"
         )
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):

@@ -82,7 +82,7 @@ def _to_rows(
 def _prepare(x: Any, axis: Any, name: str = "x"):
     array = x if type(x) is np.ndarray else np.asarray(x)
     dtype = _compute_dtype(array.dtype, name)
-    ax = check_axis(axis, array.ndim)
+    ax = check_axis(axis, array.ndim, array_name=name)
     rows, restore = _to_rows(array, ax, dtype)
     return array, ax, rows, restore
 
