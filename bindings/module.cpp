@@ -148,6 +148,35 @@ py::array soft_product(const py::array& x, const py::array& out, const py::array
   return result;
 }
 
+py::array soft_hvp(const py::array& x, const py::array& out, const py::array& perm,
+                   const py::array& blocks, const py::array& cotangent, const py::array& tangent,
+                   int op, int reg, bool descending, double eps) {
+  const Kind kind = check_values(x, "x");
+  check_same_values(out, x, "out", "x");
+  check_same_values(cotangent, x, "cotangent", "x");
+  check_same_values(tangent, x, "tangent", "x");
+  check_indices(perm, x, "perm");
+  check_indices(blocks, x, "block_start");
+  check_permutation_range(perm);
+  const softrank::OpSpec spec = make_spec(op, reg, descending, eps);
+  const std::int64_t rows = x.shape(0);
+  const index_t n = static_cast<index_t>(x.shape(1));
+  py::array result(x.dtype(), {x.shape(0), x.shape(1)});
+  {
+    py::gil_scoped_release release;
+    if (kind == Kind::Float32)
+      softrank::soft_hvp_batch(cdata_of<float>(x), cdata_of<float>(out), cdata_of<index_t>(perm),
+                               cdata_of<index_t>(blocks), cdata_of<float>(cotangent),
+                               cdata_of<float>(tangent), rows, n, spec, data_of<float>(result));
+    else
+      softrank::soft_hvp_batch(cdata_of<double>(x), cdata_of<double>(out),
+                               cdata_of<index_t>(perm), cdata_of<index_t>(blocks),
+                               cdata_of<double>(cotangent), cdata_of<double>(tangent), rows, n,
+                               spec, data_of<double>(result));
+  }
+  return result;
+}
+
 template <class T>
 void check_weights_positive(const py::array& w) {
   const T* p = cdata_of<T>(w);
@@ -241,6 +270,10 @@ PYBIND11_MODULE(_C, m) {
       py::arg("x"), py::arg("out"), py::arg("perm"), py::arg("block_start"), py::arg("tangent"),
       py::arg("op"), py::arg("reg"), py::arg("descending"), py::arg("eps"),
       "Jacobian-vector product from the stored forward state, O(n) per row.");
+  m.def("soft_hvp", &soft_hvp, py::arg("x"), py::arg("out"), py::arg("perm"),
+        py::arg("block_start"), py::arg("cotangent"), py::arg("tangent"), py::arg("op"),
+        py::arg("reg"), py::arg("descending"), py::arg("eps"),
+        "Gradient with respect to x of <cotangent, J(x) tangent> (double backward), O(n) per row.");
   m.def("isotonic_forward", &isotonic_forward, py::arg("y"), py::arg("weights"),
         py::arg("increasing"), "Weighted l2 isotonic regression: returns (solution, block_start).");
   m.def("isotonic_vjp", &isotonic_vjp, py::arg("weights"), py::arg("block_start"),

@@ -268,6 +268,19 @@ void soft_product_batch(const T* x, const T* out, const index_t* perm, const ind
 }
 
 template <class T>
+void soft_hvp_batch(const T* x, const T* out, const index_t* perm, const index_t* block_start,
+                    const T* c, const T* t, std::int64_t rows, index_t n, const OpSpec& spec,
+                    T* result) {
+  for_each_row(rows, n, [&](std::int64_t r) {
+    const std::int64_t off = r * n;
+    ThreadScratch& s = thread_scratch();
+    ThreadScratch::grow(s.work, static_cast<std::size_t>(n) + 1);
+    soft_hvp_row(x + off, out + off, perm + off, block_start + off, c + off, t + off, n, spec,
+                 result + off, s.work.data());
+  });
+}
+
+template <class T>
 void isotonic_forward_batch(const T* y, const T* w, std::int64_t rows, index_t n, bool increasing,
                             T* solution, index_t* block_start) {
   for_each_row(rows, n, [&](std::int64_t r) {
@@ -294,6 +307,8 @@ void isotonic_vjp_batch(const T* w, const index_t* block_start, const T* cotange
                                       index_t*, index_t*);                                      \
   template void soft_product_batch<T>(const T*, const T*, const index_t*, const index_t*,       \
                                       const T*, std::int64_t, index_t, const OpSpec&, bool, T*); \
+  template void soft_hvp_batch<T>(const T*, const T*, const index_t*, const index_t*, const T*,  \
+                                  const T*, std::int64_t, index_t, const OpSpec&, T*);           \
   template void isotonic_forward_batch<T>(const T*, const T*, std::int64_t, index_t, bool, T*,  \
                                           index_t*);                                            \
   template void isotonic_vjp_batch<T>(const T*, const index_t*, const T*, std::int64_t, index_t, \

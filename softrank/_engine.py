@@ -31,6 +31,9 @@ soft_vjp(x, out, perm, block_start, cotangent, op, reg, descending, eps) -> grad
     forward state, in O(n) per row.
 soft_jvp(x, out, perm, block_start, tangent, op, reg, descending, eps) -> tangent_out
     The Jacobian-vector product, O(n) per row.
+soft_hvp(x, out, perm, block_start, cotangent, tangent, op, reg, descending, eps) -> grad
+    The gradient with respect to x of <cotangent, J(x) tangent> (the second
+    derivative that double backward needs), O(n) per row; 0 for l2.
 isotonic_forward(y, weights_or_None, increasing) -> (solution, block_start)
     Weighted l2 isotonic regression by PAV: argmin_v sum_i w_i (v_i - y_i)^2
     subject to v non-decreasing (increasing=True) or non-increasing. Adjacent

@@ -22,6 +22,12 @@ void soft_product_batch(const T* x, const T* out, const index_t* perm, const ind
                         const T* vec, std::int64_t rows, index_t n, const OpSpec& spec,
                         bool transpose, T* result);
 
+// Gradient with respect to x of <c, J(x) t> (double backward).
+template <class T>
+void soft_hvp_batch(const T* x, const T* out, const index_t* perm, const index_t* block_start,
+                    const T* c, const T* t, std::int64_t rows, index_t n, const OpSpec& spec,
+                    T* result);
+
 template <class T>
 void isotonic_forward_batch(const T* y, const T* w, std::int64_t rows, index_t n, bool increasing,
                             T* solution, index_t* block_start);

@@ -275,6 +275,69 @@ void soft_product_row(const T* x, const T* out, const index_t* perm, const index
   });
 }
 
+// Second derivative: the gradient with respect to x of <c, J(x) t> (what
+// double backward needs), from the stored forward state, O(n) per row. The
+// blocks and perm are locally constant, so:
+// - l2: J is locally constant: 0.
+// - rank kl: with r the ranks, R_B = sum_B rho, s = sg/eps, cbar = sum_B(r c)/R_B
+//   (tbar likewise) and q = (c - cbar)(t - tbar): s^2 r_i (q_i - sum_B(r q)/R_B).
+// - sort kl: with p the block softmax of x' and C_B = sum_B c (c at sorted
+//   positions, t at columns), tbar = sum_B p t: sgn * C_B * p_k (t_k - tbar),
+//   sgn = +1 for a descending sort, -1 for an ascending one.
+// `work` is n doubles of scratch (the kl sort's softmax).
+template <class T>
+void soft_hvp_row(const T* x, const T* out, const index_t* perm, const index_t* block_start,
+                  const T* c, const T* t, index_t n, const OpSpec& spec, T* result, double* work) {
+  if (n == 0) return;
+  if (block_start[0] < 0) {
+    for (index_t i = 0; i < n; ++i) result[i] = static_cast<T>(kNaN);
+    return;
+  }
+  const double eps = spec.eps;
+  if (spec.reg == Reg::L2 || eps == 0.0 || std::isinf(eps)) {
+    for (index_t i = 0; i < n; ++i) result[i] = static_cast<T>(0.0);
+    return;
+  }
+  if (spec.op == Op::Rank) {
+    const double scale = (spec.descending ? -1.0 : 1.0) / eps;
+    for_each_block(block_start, n, [&](index_t s, index_t e) {
+      const double inv_r = 1.0 / rho_sum(n, s, e);
+      double c_dot = 0.0, t_dot = 0.0;
+      for (index_t i = s; i < e; ++i) {
+        const double r = static_cast<double>(out[perm[i]]);
+        c_dot += r * static_cast<double>(c[perm[i]]);
+        t_dot += r * static_cast<double>(t[perm[i]]);
+      }
+      const double c_bar = c_dot * inv_r, t_bar = t_dot * inv_r;
+      double q_dot = 0.0;
+      for (index_t i = s; i < e; ++i) {
+        const double q = (static_cast<double>(c[perm[i]]) - c_bar) *
+                         (static_cast<double>(t[perm[i]]) - t_bar);
+        work[i] = q;
+        q_dot += static_cast<double>(out[perm[i]]) * q;
+      }
+      const double q_bar = q_dot * inv_r;
+      for (index_t i = s; i < e; ++i)
+        result[perm[i]] = static_cast<T>(scale * scale * static_cast<double>(out[perm[i]]) *
+                                         (work[i] - q_bar));
+    });
+    return;
+  }
+  const bool negate = negates_input(spec);
+  const double sgn = spec.descending ? 1.0 : -1.0;
+  for_each_block(block_start, n, [&](index_t s, index_t e) {
+    block_softmax(x, perm, s, e, negate, work);
+    double c_sum = 0.0, t_bar = 0.0;
+    for (index_t i = s; i < e; ++i) {
+      c_sum += static_cast<double>(c[i]);
+      t_bar += work[i] * static_cast<double>(t[perm[i]]);
+    }
+    for (index_t i = s; i < e; ++i)
+      result[perm[i]] =
+          static_cast<T>(sgn * c_sum * work[i] * (static_cast<double>(t[perm[i]]) - t_bar));
+  });
+}
+
 // Weighted isotonic regression of one row. `w` may be null. Scratch: ys
 // (n doubles) and the block stack.
 template <class T>
