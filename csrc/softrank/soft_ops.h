@@ -72,9 +72,39 @@ template <class T, class Ranges>
 void soft_forward_sorted(index_t n, const OpSpec& spec, RowScratch& w, T* out,
                          const index_t* perm, index_t* block_start, const Ranges& ranges) {
   double* xs = w.xs;
-  const double eps = spec.eps;
+  double eps = spec.eps;
+  // Rows at the ends of the double range run at a power-of-two scale f
+  // (exact): ranks depend on x / eps only, and the l2 sort is homogeneous,
+  // sort(x, eps) = sort(f x, eps / f) / f. Without it, |x| beyond ~1e300
+  // overflows the differences and block sums of x (inf or NaN outputs), and
+  // a rank at subnormal eps keeps its block statistics with an absolute
+  // precision of 2^-1074, i.e. O(1) relative to eps (wrong row sums). The kl
+  // sort needs neither. The check is O(1): xs is sorted.
+  double unscale = 1.0;  // sort l2: maps the scaled block means back
+  if (n > 0 && eps != 0.0 && !(spec.op == Op::Sort && spec.reg == Reg::KL)) {
+    constexpr int kMaxExponent = 960;  // |x| f < 2^960: sums of n differences stay finite
+    int exponent;
+    std::frexp(std::fmax(std::fabs(xs[0]), std::fabs(xs[n - 1])), &exponent);
+    int k = 0;
+    if (exponent > kMaxExponent)
+      k = kMaxExponent - exponent;
+    else if (spec.op == Op::Rank && eps < std::numeric_limits<double>::min())
+      k = std::min(64, kMaxExponent - exponent);
+    if (k != 0) {
+      const double f = std::ldexp(1.0, k);
+      ranges(n, [&](index_t lo, index_t hi) {
+        for (index_t i = lo; i < hi; ++i) xs[i] *= f;
+      });
+      if (spec.op == Op::Rank) {
+        eps *= f;
+      } else {
+        eps /= f;
+        unscale = 1.0 / f;
+      }
+    }
+  }
   const BlockStack& b = w.blocks;
-  const InverseScale scale(eps);
+  const InverseScale scale(eps), scale_out(spec.eps);
   index_t count;
   if (eps == 0.0) {
     count = pav_hard(xs, n, spec.op, b);
@@ -135,10 +165,11 @@ void soft_forward_sorted(index_t n, const OpSpec& spec, RowScratch& w, T* out,
         }
       } else {
         if (spec.reg == Reg::L2) {
-          const double mean = ref + b.stat[k] / static_cast<double>(be - bs);
-          const double centre = 0.5 * (static_cast<double>(bs + be) - 1.0);
+          const double mean = unscale * (ref + b.stat[k] / static_cast<double>(be - bs));
+          // (double: bs + be overflows index_t for rows longer than 2^30)
+          const double centre = 0.5 * (static_cast<double>(bs) + static_cast<double>(be) - 1.0);
           for (index_t i = s; i < e; ++i)
-            out[i] = static_cast<T>(sgn * (scale(centre - static_cast<double>(i)) + mean));
+            out[i] = static_cast<T>(sgn * (scale_out(centre - static_cast<double>(i)) + mean));
         } else {
           const double base = ref + (std::log(b.stat[k]) - std::log(b.stat2[k]));
           for (index_t i = s; i < e; ++i)
