@@ -377,10 +377,15 @@ void isotonic_forward_row(const T* y, const T* w, index_t n, bool increasing, do
   if (n == 0) return;
   const double sign = increasing ? 1.0 : -1.0;
   bool finite = true;
+  double ymax = 0.0, wmax = 0.0;
   for (index_t i = 0; i < n; ++i) {
     ys[i] = sign * static_cast<double>(y[i]);
     finite = finite && std::isfinite(ys[i]);
-    if (w) ws[i] = static_cast<double>(w[i]);
+    ymax = std::fmax(ymax, std::fabs(ys[i]));
+    if (w) {
+      ws[i] = static_cast<double>(w[i]);
+      wmax = std::fmax(wmax, ws[i]);
+    }
   }
   if (!finite) {
     for (index_t i = 0; i < n; ++i) {
@@ -389,11 +394,32 @@ void isotonic_forward_row(const T* y, const T* w, index_t n, bool increasing, do
     }
     return;
   }
+  // Power-of-two scaling (exact, so the same bits wherever nothing over- or
+  // underflows): the block sums d = sum w (y - ref) overflowed for |y| near
+  // 1e308 or weights near 1e300 (inf/NaN solutions for finite input). Values
+  // are brought below 2^960, weights below 1 (a weight more than 2^1074 times
+  // smaller than the largest stays at the smallest positive double).
+  int exponent;
+  std::frexp(ymax, &exponent);
+  double unscale = 1.0;
+  if (exponent > 960) {
+    const double f = std::ldexp(1.0, 960 - exponent);
+    for (index_t i = 0; i < n; ++i) ys[i] *= f;
+    unscale = 1.0 / f;
+  }
+  if (w) {
+    std::frexp(wmax, &exponent);
+    if (exponent > 1 || exponent < -64) {
+      const double f = std::ldexp(1.0, -exponent);
+      for (index_t i = 0; i < n; ++i)
+        ws[i] = std::fmax(ws[i] * f, std::numeric_limits<double>::denorm_min());
+    }
+  }
   const index_t count = pav_isotonic_increasing(ys, w ? ws : nullptr, n, b);
   for (index_t k = 0; k < count; ++k) {
     const index_t s = b.start[k];
     const index_t e = k + 1 < count ? b.start[k + 1] : n;
-    const double value = sign * (b.ref[k] + b.stat[k] / b.stat2[k]);
+    const double value = sign * unscale * (b.ref[k] + b.stat[k] / b.stat2[k]);
     for (index_t i = s; i < e; ++i) {
       solution[i] = static_cast<T>(value);
       block_start[i] = s;
@@ -415,9 +441,19 @@ void isotonic_vjp_row(const T* w, const index_t* block_start, const T* cotangent
       sum += static_cast<double>(cotangent[i]);
       wsum += w ? static_cast<double>(w[i]) : 1.0;
     }
+    double f = 1.0;  // weights whose sum overflows: scaled by a power of two
+    if (!std::isfinite(wsum)) {
+      double wmax = 0.0;
+      for (index_t i = s; i < e; ++i) wmax = std::fmax(wmax, static_cast<double>(w[i]));
+      int exponent;
+      std::frexp(wmax, &exponent);
+      f = std::ldexp(1.0, -exponent);
+      wsum = 0.0;
+      for (index_t i = s; i < e; ++i) wsum += static_cast<double>(w[i]) * f;
+    }
     const double per_weight = sum / wsum;
     for (index_t i = s; i < e; ++i)
-      grad[i] = static_cast<T>((w ? static_cast<double>(w[i]) : 1.0) * per_weight);
+      grad[i] = static_cast<T>((w ? static_cast<double>(w[i]) * f : 1.0) * per_weight);
   });
 }
 
