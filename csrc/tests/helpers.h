@@ -269,6 +269,33 @@ inline std::vector<LD> reference(const std::vector<double>& x, const OpSpec& s) 
   return out;
 }
 
+// v_i = max_{j <= i} min_{k >= i} wavg(j..k) (non-decreasing), in long double.
+inline std::vector<LD> minmax_isotonic(const std::vector<double>& y, const std::vector<double>* w,
+                                bool increasing) {
+  const int n = static_cast<int>(y.size());
+  std::vector<LD> v(n);
+  auto wavg = [&](int j, int k) {
+    LD s = 0, ws = 0;
+    for (int i = j; i <= k; ++i) {
+      const LD wi = w ? static_cast<LD>((*w)[i]) : LD(1);
+      s += wi * static_cast<LD>(y[i]);
+      ws += wi;
+    }
+    return s / ws;
+  };
+  for (int i = 0; i < n; ++i) {
+    LD best = increasing ? -std::numeric_limits<LD>::infinity() : std::numeric_limits<LD>::infinity();
+    for (int j = 0; j <= i; ++j) {
+      LD inner = increasing ? std::numeric_limits<LD>::infinity() : -std::numeric_limits<LD>::infinity();
+      for (int k = i; k < n; ++k)
+        inner = increasing ? std::min(inner, wavg(j, k)) : std::max(inner, wavg(j, k));
+      best = increasing ? std::max(best, inner) : std::min(best, inner);
+    }
+    v[i] = best;
+  }
+  return v;
+}
+
 // Optimality certificate of a soft operator's output (0 < eps < inf).
 // Returns the worst violation relative to the problem's scale: <= ~1e-12 for
 // the exact projection in double; the caller picks the tolerance.
