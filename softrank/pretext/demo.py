@@ -532,7 +532,7 @@ def claims(results: Sequence[Dict]) -> List[str]:
             for rival in rivals:
                 difference = ours["probe_accuracy_mean"] - rival["probe_accuracy_mean"]
                 spread = math.hypot(ours["probe_accuracy_std"], rival["probe_accuracy_std"])
-                word = "beats" if difference > 0 else "loses to"
+                word = "beats" if difference > 0 else "loses to" if difference < 0 else "ties with"
                 clear = " (within noise)" if abs(difference) <= spread else ""
                 verdicts.append(f"{word} {_label(rival)} by {100 * difference:+.1f} pts{clear}")
             lines.append(f"{dataset}, {budget} labels: soft_rank " + "; ".join(verdicts))
