@@ -285,6 +285,29 @@ def _pav_hard(xs, op, bstart, bref):
 
 
 @njit(**_JIT)
+def _sort_kl_log_ratio(xs, s, e, ref, total, total_rho, eps, inv, multiply):
+    """log(S / Q) of a kl sort block [s, e); see ALGORITHM.md "Outputs".
+
+    Where S and Q are close, log S - log Q keeps only a few ulps of 1 in
+    absolute terms, so there it is log1p((S - Q) / Q) with S - Q summed
+    termwise as exp(b) * expm1(a - b), a = xs_j - ref, b = -(j - s)/eps.
+    """
+    log_ratio = np.log(total) - np.log(total_rho)
+    if e - s > 1 and abs(log_ratio) < 1.0:
+        diff = 0.0
+        for j in range(s + 1, e):
+            a = xs[j] - ref
+            shift = _scale(float(j - s), eps, inv, multiply)
+            gap = a + shift
+            if abs(gap) < 0.5:
+                diff += np.exp(-shift) * np.expm1(gap)
+            else:
+                diff += np.exp(a) - np.exp(-shift)
+        log_ratio = np.log1p(diff / total_rho)
+    return log_ratio
+
+
+@njit(**_JIT)
 def _forward_row(x, out, perm, bs, op, reg, descending, eps,
                  keys, key_buf, idx_buf, bstart, bref, bstat, bstat2):
     """Soft rank / soft sort of one row; see ALGORITHM.md "Outputs".
@@ -362,7 +385,8 @@ def _forward_row(x, out, perm, bs, op, reg, descending, eps,
                     out[i] = sgn * (_scale(centre - float(i), eps, inv, multiply)
                                     + mean)
             else:
-                base = ref + (np.log(bstat[k]) - np.log(bstat2[k]))
+                base = ref + _sort_kl_log_ratio(xs, s, e, ref, bstat[k], bstat2[k],
+                                                eps, inv, multiply)
                 for i in range(s, e):
                     out[i] = sgn * (base - _scale(float(i - s), eps, inv, multiply))
 

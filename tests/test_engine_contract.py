@@ -344,6 +344,38 @@ def test_bad_state_raises(eng):
         eng.isotonic_vjp(None, bs.astype(np.float64), x)
 
 
+def test_out_of_range_perm_raises_not_crashes(eng):
+    x = np.zeros((2, 4))
+    for op in OPS:
+        out, perm, bs = eng.soft_forward(x, op, 0, False, 1.0)
+        perm = perm.copy()
+        perm[1, 2] = 10**6
+        with pytest.raises(ValueError):
+            eng.soft_vjp(x, out, perm, bs, x, op, 0, False, 1.0)
+        perm[1, 2] = -1
+        with pytest.raises(ValueError):
+            eng.soft_jvp(x, out, perm, bs, x, op, 0, False, 1.0)
+
+
+def test_read_only_inputs(eng):
+    # e.g. numpy views of jax arrays are read-only.
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(3, 9))
+    g = rng.normal(size=x.shape)
+    expected = eng.soft_forward(x, 0, 1, False, 0.5)
+    expected_vjp = eng.soft_vjp(x, *expected, g, 0, 1, False, 0.5)
+    state = [a.copy() for a in expected]
+    for a in [x, g] + state:
+        a.setflags(write=False)
+    got = eng.soft_forward(x, 0, 1, False, 0.5)
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(eng.soft_vjp(x, *state, g, 0, 1, False, 0.5), expected_vjp)
+    sol, bs = eng.isotonic_forward(x, None, True)
+    bs.setflags(write=False)
+    eng.isotonic_vjp(None, bs, g)
+
+
 def test_results_independent_of_thread_count(eng):
     rng = np.random.default_rng(10)
     x = np.concatenate([rng.normal(size=(40, 33)), _tied_rows(rng, 40, 33)])
