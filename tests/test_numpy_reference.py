@@ -220,13 +220,6 @@ def test_extreme_reference_is_nontrivial():
     assert np.max(np.abs(s - np.sort(x))) > 0.05
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known core precision defect (reported to the core authors): kl soft_sort "
-    "computes ref + L_B - Lr_B with L_B, Lr_B ~ log(block size), so its error is a few "
-    "ulps of 1 in absolute terms; for |x| << 1 the relative error is large (x ~ 1e-16: "
-    "100%). The problem itself is well conditioned (d out / dx is a softmax).",
-)
 def test_kl_sort_small_values_relative_precision(backend):
     cases = [
         (np.array([1e-4, 0.0, 0.0]), 1e5),

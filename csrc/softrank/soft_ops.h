@@ -66,6 +66,31 @@ SOFTRANK_HD index_t block_of(const BlockStack& b, index_t count, index_t i) {
   return lo;
 }
 
+// Sort kl: replaces each block's S by log(S / Q) (Q in stat2 stays). Where
+// S and Q are close, log S - log Q would keep only a few ulps of 1 in
+// absolute terms (for |x| << 1 that is a large relative error), so there it
+// is log1p((S - Q) / Q), with S - Q summed termwise as
+// exp(b) * expm1(a - b), a = xs_j - ref, b = -(j - s)/eps.
+inline void sort_kl_log_ratios(const double* xs, const double* decay, index_t count, index_t n,
+                               const InverseScale& scale, const BlockStack& b) {
+  for (index_t k = 0; k < count; ++k) {
+    const index_t bs = b.start[k];
+    const index_t be = k + 1 < count ? b.start[k + 1] : n;
+    double log_ratio = std::log(b.stat[k]) - std::log(b.stat2[k]);
+    if (be - bs > 1 && std::fabs(log_ratio) < 1.0) {
+      double diff = 0.0;
+      for (index_t j = bs + 1; j < be; ++j) {  // j = bs contributes exp(0) - exp(0) = 0
+        const double a = xs[j] - b.ref[k];
+        const double gap = a + scale(static_cast<double>(j - bs));  // a - b
+        diff += std::fabs(gap) < 0.5 ? decay[j - bs] * std::expm1(gap)
+                                     : std::exp(a) - decay[j - bs];
+      }
+      log_ratio = std::log1p(diff / b.stat2[k]);
+    }
+    b.stat[k] = log_ratio;
+  }
+}
+
 // After sorting (xs, perm filled): PAV and the outputs. `ranges` runs the
 // elementwise passes (see SerialRanges).
 template <class T, class Ranges>
@@ -134,6 +159,7 @@ void soft_forward_sorted(index_t n, const OpSpec& spec, RowScratch& w, T* out,
         exp_nonpositive_buffer(decay + lo, hi - lo);
       });
       count = pav_sort_kl(xs, step, decay, n, eps, b);
+      sort_kl_log_ratios(xs, decay, count, n, scale, b);
     }
   }
   const double sgn = spec.descending ? 1.0 : -1.0;  // sort output sign
@@ -171,7 +197,7 @@ void soft_forward_sorted(index_t n, const OpSpec& spec, RowScratch& w, T* out,
           for (index_t i = s; i < e; ++i)
             out[i] = static_cast<T>(sgn * (scale_out(centre - static_cast<double>(i)) + mean));
         } else {
-          const double base = ref + (std::log(b.stat[k]) - std::log(b.stat2[k]));
+          const double base = ref + b.stat[k];  // log(S/Q), see sort_kl_log_ratios
           for (index_t i = s; i < e; ++i)
             out[i] = static_cast<T>(sgn * (base - scale(static_cast<double>(i - bs))));
         }
