@@ -622,6 +622,94 @@ def _soft_backward_kernel(x, out, perm, bs, vec, res, op, reg, descending, eps,
                                       res[r], op, reg, descending, eps, jvp)
 
 
+@njit(**_JIT)
+def _hvp_row(x, out, perm, bs, c, t, res, work, op, reg, descending, eps):
+    """Gradient w.r.t. x of <c, J(x) t> for one row (double backward).
+
+    Mirrors ``soft_hvp_row`` of the C++ core: 0 for l2 (J is locally
+    constant); rank kl: s^2 r_i (q_i - sum_B(r q) / R_B) with
+    q = (c - cbar)(t - tbar); sort kl: sgn * C_B * p_k (t_k - tbar).
+    Returns 0, or 1 if ``perm`` holds an entry outside ``[0, n)``.
+    """
+    n = x.shape[0]
+    if n == 0:
+        return 0
+    if bs[0] < 0:
+        for j in range(n):
+            res[j] = np.nan
+        return 0
+    for i in range(n):
+        if perm[i] < 0 or perm[i] >= n:
+            return 1
+    if reg == _REG_L2 or eps == 0.0 or eps == np.inf:
+        for j in range(n):
+            res[j] = 0.0
+        return 0
+    if op == _OP_RANK:
+        scale = (-1.0 if descending else 1.0) / eps
+        s = 0
+        while s < n:
+            e = s + 1
+            while e < n and bs[e] == s:
+                e += 1
+            inv_r = 1.0 / _rho_sum(n, s, e)
+            c_dot = 0.0
+            t_dot = 0.0
+            for i in range(s, e):
+                p = perm[i]
+                r = np.float64(out[p])
+                c_dot += r * np.float64(c[p])
+                t_dot += r * np.float64(t[p])
+            c_bar = c_dot * inv_r
+            t_bar = t_dot * inv_r
+            q_dot = 0.0
+            for i in range(s, e):
+                p = perm[i]
+                q = (np.float64(c[p]) - c_bar) * (np.float64(t[p]) - t_bar)
+                work[i] = q
+                q_dot += np.float64(out[p]) * q
+            q_bar = q_dot * inv_r
+            for i in range(s, e):
+                p = perm[i]
+                res[p] = scale * scale * np.float64(out[p]) * (work[i] - q_bar)
+            s = e
+        return 0
+    sx = 1.0 if descending else -1.0
+    s = 0
+    while s < n:
+        e = s + 1
+        while e < n and bs[e] == s:
+            e += 1
+        top = sx * np.float64(x[perm[s]])
+        tot = 0.0
+        for i in range(s, e):
+            work[i] = np.exp(sx * np.float64(x[perm[i]]) - top)
+            tot += work[i]
+        c_sum = 0.0
+        t_bar = 0.0
+        for i in range(s, e):
+            work[i] /= tot
+            c_sum += np.float64(c[i])
+            t_bar += work[i] * np.float64(t[perm[i]])
+        for i in range(s, e):
+            p = perm[i]
+            res[p] = sx * c_sum * work[i] * (np.float64(t[p]) - t_bar)
+        s = e
+    return 0
+
+
+@njit(parallel=True, **_JIT)
+def _hvp_kernel(x, out, perm, bs, c, t, res, op, reg, descending, eps, status, chunks):
+    rows, n = x.shape
+    for k in prange(chunks):
+        r0 = k * rows // chunks
+        r1 = (k + 1) * rows // chunks
+        work = np.empty(n, np.float64)
+        for r in range(r0, r1):
+            status[r] = _hvp_row(x[r], out[r], perm[r], bs[r], c[r], t[r], res[r], work,
+                                 op, reg, descending, eps)
+
+
 @njit(parallel=True, **_JIT)
 def _isotonic_forward_kernel(y, w, has_w, increasing, sol, bs, chunks):
     rows, n = y.shape
@@ -750,6 +838,40 @@ def _soft_backward(x, out, perm, block_start, vec, vec_name, op, reg, descending
         status = np.zeros(rows, np.int8)
         _soft_backward_kernel(x, out, perm, block_start, vec, res, op, reg,
                               descending, eps, jvp, status, _chunks(rows))
+        if status.any():
+            bad = int(np.flatnonzero(status)[0])
+            raise ValueError(f"perm row {bad} holds an index outside [0, {n})")
+    return res
+
+
+def soft_hvp(x, out, perm, block_start, cotangent, tangent, op, reg, descending, eps):
+    """Gradient w.r.t. ``x`` of ``<cotangent, J(x) tangent>`` (double backward), O(n) per row.
+
+    Parameters
+    ----------
+    x, out, perm, block_start, op, reg, descending, eps : as in :func:`soft_vjp`
+    cotangent, tangent : numpy.ndarray, dtype and shape of ``x``
+
+    Returns
+    -------
+    numpy.ndarray
+        dtype and shape of ``x``; zero for l2, NaN on the rows where the
+        forward was NaN.
+    """
+    x = _check_array(x, "x")
+    shape = x.shape
+    out = _check_array(out, "out", x.dtype, shape)
+    perm = _check_array(perm, "perm", _INT32, shape)
+    block_start = _check_array(block_start, "block_start", _INT32, shape)
+    cotangent = _check_array(cotangent, "cotangent", x.dtype, shape)
+    tangent = _check_array(tangent, "tangent", x.dtype, shape)
+    op, reg, descending, eps = _check_codes(op, reg, descending, eps)
+    rows, n = shape
+    res = np.empty_like(x)
+    if rows and n:
+        status = np.zeros(rows, np.int8)
+        _hvp_kernel(x, out, perm, block_start, cotangent, tangent, res, op, reg,
+                    descending, eps, status, _chunks(rows))
         if status.any():
             bad = int(np.flatnonzero(status)[0])
             raise ValueError(f"perm row {bad} holds an index outside [0, {n})")
