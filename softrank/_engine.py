@@ -13,7 +13,8 @@ Every array argument is a C-contiguous 2-D numpy array of shape ``(rows, n)``
 (``n`` may be 0, ``rows`` may be 0); values are float32 or float64 and the
 outputs have the dtype of ``x`` (``y`` for isotonic). Integer bookkeeping is
 int32 (``n < 2**31``). The engine checks shapes, dtypes and contiguity and
-raises ``ValueError``/``TypeError``; it never crashes.
+raises ``ValueError``/``TypeError``; it never crashes. Cotangents,
+tangents and weights must have the dtype of ``x`` (``y``).
 
 ``op``: 0 = soft rank, 1 = soft sort. ``reg``: 0 = l2, 1 = kl.
 ``descending``: bool. ``eps``: float >= 0 (0 = hard operator, inf = the
