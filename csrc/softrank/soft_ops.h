@@ -374,9 +374,11 @@ void soft_hvp_row(const T* x, const T* out, const index_t* perm, const index_t* 
         q_dot += static_cast<double>(out[perm[i]]) * q;
       }
       const double q_bar = q_dot * inv_r;
-      for (index_t i = s; i < e; ++i)
-        result[perm[i]] = static_cast<T>(scale * scale * static_cast<double>(out[perm[i]]) *
-                                         (work[i] - q_bar));
+      for (index_t i = s; i < e; ++i) {
+        const double r = static_cast<double>(out[perm[i]]);
+        result[perm[i]] = static_cast<T>(divide ? r * (work[i] - q_bar) / eps / eps
+                                                : scale * scale * r * (work[i] - q_bar));
+      }
     });
     return;
   }
