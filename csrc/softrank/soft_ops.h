@@ -351,12 +351,18 @@ void soft_hvp_row(const T* x, const T* out, const index_t* perm, const index_t* 
     return;
   }
   const double eps = spec.eps;
-  if (spec.reg == Reg::L2 || eps == 0.0 || std::isinf(eps)) {
+  // Zero: l2 (piecewise linear), eps = 0 (piecewise constant Jacobian), and
+  // the rank at eps = inf (constant). Not the kl sort at eps = inf: that is
+  // the log-mean-exp, whose Jacobian (the softmax) depends on x.
+  if (spec.reg == Reg::L2 || eps == 0.0 || (std::isinf(eps) && spec.op == Op::Rank)) {
     for (index_t i = 0; i < n; ++i) result[i] = static_cast<T>(0.0);
     return;
   }
   if (spec.op == Op::Rank) {
     const double scale = (spec.descending ? -1.0 : 1.0) / eps;
+    // eps below ~1e-154: 1/eps^2 (times a rank <= n) overflows, and inf * 0
+    // would make the (zero) result of every singleton block NaN. Divide.
+    const bool divide = std::isinf(scale * scale * static_cast<double>(n));
     for_each_block(block_start, n, [&](index_t s, index_t e) {
       const double inv_r = 1.0 / rho_sum(n, s, e);
       double c_dot = 0.0, t_dot = 0.0;
