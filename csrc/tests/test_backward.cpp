@@ -211,3 +211,54 @@ TEST(backward, extreme_eps_and_magnitudes_stay_finite) {
           }
         }
 }
+
+// soft_hvp_batch: the gradient of <c, J(x) t> with respect to x (double
+// backward), against central differences of the jvp.
+TEST(backward, hvp_matches_finite_differences_of_the_jvp) {
+  Rng rng(15);
+  long compared = 0, skipped = 0;
+  for (int n : {1, 2, 3, 6, 11, 40})
+    for (int kind : {0, 3})
+      for (double eps : {0.0, 0.05, 0.4, 1.0, 9.0, kInf})
+        for (const OpSpec& s : all_specs(eps)) {
+          const std::vector<double> x = random_row(rng, n, kind, 1.7320508075688772);
+          std::vector<double> c(n), t(n);
+          for (int i = 0; i < n; ++i) {
+            c[i] = rng.normal();
+            t[i] = rng.normal();
+          }
+          const Forward<double> f = forward(x, 1, n, s);
+          std::vector<double> hvp(n, sentinel<double>());
+          softrank::soft_hvp_batch(x.data(), f.out.data(), f.perm.data(), f.block.data(), c.data(),
+                                   t.data(), 1, n, s, hvp.data());
+          auto objective = [&](const std::vector<double>& xx) {
+            const Forward<double> ff = forward(xx, 1, n, s);
+            const std::vector<double> j = product(xx, ff, t, 1, n, s, false);
+            double v = 0;
+            for (int i = 0; i < n; ++i) v += c[i] * j[i];
+            return v;
+          };
+          double hmax = 0;
+          for (double v : hvp) hmax = std::max(hmax, std::fabs(v));
+          const double h = 1e-6 * (std::isfinite(eps) && eps > 0 ? std::min(1.0, eps) : 1.0);
+          for (int j = 0; j < n; ++j) {
+            CHECK(std::isfinite(hvp[j])) << describe(s) << j;
+            auto fd = [&](double step) {
+              std::vector<double> xp = x, xm = x;
+              xp[j] += step;
+              xm[j] -= step;
+              return (objective(xp) - objective(xm)) / (2 * step);
+            };
+            const double d1 = fd(h), d2 = fd(2 * h);
+            const double tol = 1e-4 * (1.0 + hmax) * (1.0 + n / 10.0);
+            if (std::fabs(d1 - d2) > tol) {
+              ++skipped;
+              continue;
+            }
+            ++compared;
+            CHECK_NEAR(hvp[j], d1, tol) << describe(s) << "n" << n << "j" << j;
+          }
+        }
+  CHECK(skipped * 10 < compared) << skipped << compared;
+  std::printf("  hvp finite differences: %ld compared, %ld skipped at kinks\n", compared, skipped);
+}

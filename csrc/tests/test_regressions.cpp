@@ -175,3 +175,20 @@ TEST(regressions, isotonic_with_extreme_values_and_weights) {
         CHECK_NEAR(gs, 10.0, 1e-12) << "sum of the gradient = sum of the cotangent";
       }
 }
+
+// Bug: the kl rank's double-backward product multiplied by (1/eps)^2, which
+// overflows for eps below ~1e-154, so singleton blocks (true value 0) got
+// inf * 0 = NaN. Found by the fuzzer (fuzz/fuzz_core.cpp). Fixed in
+// soft_ops.h: divide by eps twice where the product overflows.
+TEST(regressions, rank_hvp_at_tiny_eps_is_not_nan) {
+  for (double eps : {kDenorm, 1e-300, 1e-200, 1e-160})
+    for (const OpSpec& s : all_specs(eps)) {
+      const std::vector<double> x{42.0, -1.0, 3.5};
+      const std::vector<double> c{1.0, -2.0, 0.5}, t{0.25, 4.0, -1.0};
+      const Forward<double> f = forward(x, 1, 3, s);
+      std::vector<double> r(3, kNaN);
+      softrank::soft_hvp_batch(x.data(), f.out.data(), f.perm.data(), f.block.data(), c.data(),
+                               t.data(), 1, 3, s, r.data());
+      for (int i = 0; i < 3; ++i) CHECK(r[i] == 0.0) << describe(s) << i << r[i];
+    }
+}
