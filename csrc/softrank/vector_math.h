@@ -57,12 +57,14 @@ SOFTRANK_FORCE_INLINE double exp_nonpositive(double x) {
   p = p * r + 0.5;
   p = p * r + 1.0;
   p = p * r + 1.0;
-  // k in [-1077, 0]: 2^k = 2^k1 * 2^k2 with k1 = k / 2 rounded down, both
-  // factors normal doubles.
-  const std::int64_t ki = static_cast<std::int64_t>(to_bits(shifted) - to_bits(kRoundMagic));
-  const std::int64_t k1 = ki >> 1, k2 = ki - k1;
-  const double f1 = from_bits(static_cast<std::uint64_t>(k1 + 1023) << 52);
-  const double f2 = from_bits(static_cast<std::uint64_t>(k2 + 1023) << 52);
+  // k in [-1077, 0]: 2^k = 2^k1 * 2^k2 with k1 = round(k / 2) and
+  // k2 = k - k1 in [-539, 1], both factors normal doubles. Their exponent fields come from the same round-to-integer
+  // trick (an exact integer in the low mantissa bits) and a logical shift, so
+  // that AVX2, which has no 64-bit arithmetic shift, vectorises this too.
+  const double k1 = (0.5 * k + kRoundMagic) - kRoundMagic, k2 = k - k1;
+  const std::uint64_t magic_bits = to_bits(kRoundMagic);
+  const double f1 = from_bits((to_bits(k1 + 1023.0 + kRoundMagic) - magic_bits) << 52);
+  const double f2 = from_bits((to_bits(k2 + 1023.0 + kRoundMagic) - magic_bits) << 52);
   const double result = p * f1 * f2;
   return x < kMin ? 0.0 : result;
 }
