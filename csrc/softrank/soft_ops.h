@@ -444,9 +444,9 @@ void isotonic_forward_row(const T* y, const T* w, index_t n, bool increasing, do
   if (w) {
     std::frexp(wmax, &exponent);
     if (exponent > 1 || exponent < -64) {
-      const double f = std::ldexp(1.0, -exponent);
+      // (ldexp per element: 2^-exponent itself overflows for subnormal weights)
       for (index_t i = 0; i < n; ++i)
-        ws[i] = std::fmax(ws[i] * f, std::numeric_limits<double>::denorm_min());
+        ws[i] = std::fmax(std::ldexp(ws[i], -exponent), std::numeric_limits<double>::denorm_min());
     }
   }
   const index_t count = pav_isotonic_increasing(ys, w ? ws : nullptr, n, b);
@@ -475,19 +475,26 @@ void isotonic_vjp_row(const T* w, const index_t* block_start, const T* cotangent
       sum += static_cast<double>(cotangent[i]);
       wsum += w ? static_cast<double>(w[i]) : 1.0;
     }
-    double f = 1.0;  // weights whose sum overflows: scaled by a power of two
-    if (!std::isfinite(wsum)) {
+    // Weights whose sum overflows, or is so small that sum / wsum overflows:
+    // scaled by a power of two (exact; ldexp, as 2^-exponent itself
+    // overflows for subnormal weights).
+    int shift = 0;
+    if (w && !(wsum >= 0x1p-960 && wsum <= 0x1p960)) {
       double wmax = 0.0;
       for (index_t i = s; i < e; ++i) wmax = std::fmax(wmax, static_cast<double>(w[i]));
-      int exponent;
-      std::frexp(wmax, &exponent);
-      f = std::ldexp(1.0, -exponent);
+      std::frexp(wmax, &shift);
+      shift = -shift;
       wsum = 0.0;
-      for (index_t i = s; i < e; ++i) wsum += static_cast<double>(w[i]) * f;
+      for (index_t i = s; i < e; ++i) wsum += std::ldexp(static_cast<double>(w[i]), shift);
     }
     const double per_weight = sum / wsum;
+    if (shift != 0) {
+      for (index_t i = s; i < e; ++i)
+        grad[i] = static_cast<T>(std::ldexp(static_cast<double>(w[i]), shift) * per_weight);
+      return;
+    }
     for (index_t i = s; i < e; ++i)
-      grad[i] = static_cast<T>((w ? static_cast<double>(w[i]) * f : 1.0) * per_weight);
+      grad[i] = static_cast<T>((w ? static_cast<double>(w[i]) : 1.0) * per_weight);
   });
 }
 
