@@ -192,3 +192,23 @@ TEST(regressions, rank_hvp_at_tiny_eps_is_not_nan) {
       for (int i = 0; i < 3; ++i) CHECK(r[i] == 0.0) << describe(s) << i << r[i];
     }
 }
+
+// Bug: the isotonic vjp divided by the block's weight sum, which for
+// subnormal weights is so small that sum / wsum overflowed: inf gradients
+// (found by the fuzzer). Fixed in soft_ops.h: such blocks are rescaled too.
+TEST(regressions, isotonic_vjp_with_subnormal_weights) {
+  const std::vector<double> y{3.0, 1.0, 2.0, 0.0};
+  for (const std::vector<double>& w : {std::vector<double>{kDenorm, 2 * kDenorm, 1e-323, kDenorm},
+                                       std::vector<double>{1e-310, 1e-300, 1e-320, 1.0}})
+    for (bool increasing : {true, false}) {
+      const Iso<double> r = isotonic(y, &w, 1, 4, increasing);
+      const std::vector<double> g{1.0, 2.0, 3.0, 4.0};
+      const std::vector<double> grad = isotonic_vjp(&w, r, g, 1, 4);
+      double gs = 0;
+      for (int i = 0; i < 4; ++i) {
+        CHECK(std::isfinite(r.sol[i]) && std::isfinite(grad[i])) << i << r.sol[i] << grad[i];
+        gs += grad[i];
+      }
+      CHECK_NEAR(gs, 10.0, 1e-12);
+    }
+}
