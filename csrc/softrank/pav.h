@@ -38,9 +38,11 @@ struct InverseScale {
 // divisions in the merge test are off that chain). The tests compare the
 // difference of block means, dx, with eps * h or h / eps (h = (m_a + m_b)/2)
 // in the product form, which overflows or underflows only where the limit
-// gives the same answer.
-SOFTRANK_HD index_t pav_rank_l2(const double* xs, index_t n, double eps, BlockStack b) {
-  const bool merge_all = std::isinf(eps);
+// gives the same answer. One l2 PAV loop serves both operators; `merge(dx, h)` decides on the
+// difference of block means dx and h = (m_a + m_b) / 2.
+template <class MergeTest>
+SOFTRANK_HD index_t pav_l2(const double* xs, index_t n, bool merge_all, BlockStack b,
+                           MergeTest merge) {
   index_t top = 0;
   for (index_t i = 0; i < n; ++i) {
     index_t s = i;
@@ -50,7 +52,7 @@ SOFTRANK_HD index_t pav_rank_l2(const double* xs, index_t n, double eps, BlockSt
       const double ma = static_cast<double>(s - sa), mb = static_cast<double>(i + 1 - s);
       const double ref_a = b.ref[top - 1], d_a = b.stat[top - 1];
       const double dx = (ref_a - ref) + (d_a / ma - d / mb);
-      if (!(merge_all || dx <= eps * (0.5 * (ma + mb)))) break;
+      if (!(merge_all || merge(dx, 0.5 * (ma + mb)))) break;
       d = d_a + d + mb * (ref - ref_a);
       ref = ref_a;
       s = sa;
@@ -64,29 +66,14 @@ SOFTRANK_HD index_t pav_rank_l2(const double* xs, index_t n, double eps, BlockSt
   return top;
 }
 
+// Rank: V = mean(xs)/eps - mean(rho); merge when dx <= eps * h.
+SOFTRANK_HD index_t pav_rank_l2(const double* xs, index_t n, double eps, BlockStack b) {
+  return pav_l2(xs, n, std::isinf(eps), b, [eps](double dx, double h) { return dx <= eps * h; });
+}
+
+// Sort: V = mean(rho)/eps - mean(xs); merge when h <= dx * eps.
 SOFTRANK_HD index_t pav_sort_l2(const double* xs, index_t n, double eps, BlockStack b) {
-  const bool merge_all = std::isinf(eps);
-  index_t top = 0;
-  for (index_t i = 0; i < n; ++i) {
-    index_t s = i;
-    double ref = xs[i], d = 0.0;
-    while (top > 0) {
-      const index_t sa = b.start[top - 1];
-      const double ma = static_cast<double>(s - sa), mb = static_cast<double>(i + 1 - s);
-      const double ref_a = b.ref[top - 1], d_a = b.stat[top - 1];
-      const double dx = (ref_a - ref) + (d_a / ma - d / mb);
-      if (!(merge_all || 0.5 * (ma + mb) <= dx * eps)) break;
-      d = d_a + d + mb * (ref - ref_a);
-      ref = ref_a;
-      s = sa;
-      --top;
-    }
-    b.start[top] = s;
-    b.ref[top] = ref;
-    b.stat[top] = d;
-    ++top;
-  }
-  return top;
+  return pav_l2(xs, n, std::isinf(eps), b, [eps](double dx, double h) { return h <= dx * eps; });
 }
 
 // kl blocks keep S = sum exp((xs - ref)/eps) relative to the block's largest
