@@ -49,13 +49,28 @@ bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
   return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
 }
 
-bool same(const Outputs& a, const Outputs& b) {
-  return bitwise_equal(a.out, b.out) && bitwise_equal(a.vjp, b.vjp) &&
-         bitwise_equal(a.jvp, b.jvp) && bitwise_equal(a.iso, b.iso) &&
-         bitwise_equal(a.iso_vjp, b.iso_vjp) && bitwise_equal(a.out32, b.out32) &&
-         bitwise_equal(a.vjp32, b.vjp32) && bitwise_equal(a.perm, b.perm) &&
-         bitwise_equal(a.block, b.block);
+template <class T>
+std::string first_difference(const char* name, const std::vector<T>& a, const std::vector<T>& b) {
+  for (std::size_t i = 0; i < std::min(a.size(), b.size()); ++i)
+    if (!check::same_bits(a[i], b[i]))
+      return std::string(name) + "[" + std::to_string(i) + "] " + check::fmt(a[i]) + " vs " +
+             check::fmt(b[i]);
+  return a.size() == b.size() ? "" : std::string(name) + ": sizes differ";
 }
+
+// "" when bitwise equal, else the first differing output and position.
+std::string difference(const Outputs& a, const Outputs& b) {
+  for (const std::string& d :
+       {first_difference("out", a.out, b.out), first_difference("vjp", a.vjp, b.vjp),
+        first_difference("jvp", a.jvp, b.jvp), first_difference("iso", a.iso, b.iso),
+        first_difference("iso_vjp", a.iso_vjp, b.iso_vjp),
+        first_difference("out32", a.out32, b.out32), first_difference("vjp32", a.vjp32, b.vjp32),
+        first_difference("perm", a.perm, b.perm), first_difference("block", a.block, b.block)})
+    if (!d.empty()) return d;
+  return "";
+}
+
+bool same(const Outputs& a, const Outputs& b) { return difference(a, b).empty(); }
 
 struct Input {
   std::vector<double> x, g, w;
@@ -91,7 +106,9 @@ TEST(threads, bitwise_identical_for_any_thread_count) {
           softrank::set_num_threads(k);
           CHECK(softrank::get_num_threads() == k);
           const Outputs many = run_all(in.x, in.g, in.w, c, s);
-          CHECK(same(one, many)) << describe(s) << "rows" << c.rows << "n" << c.n << "threads" << k;
+          const std::string diff = difference(one, many);
+          CHECK(diff.empty()) << describe(s) << "rows" << c.rows << "n" << c.n << "threads" << k
+                              << diff;
         }
       }
   }
