@@ -130,7 +130,10 @@ TEST(sort_paths, soft_outputs_across_thresholds_are_optimal) {
         const Forward<double> f = forward(x, 1, n, s);
         const Certificate c = certify(x, f.out, s);
         const std::string ctx = describe(s) + " n=" + std::to_string(n);
-        CHECK(c.majorization <= 1e-13 && c.total <= 1e-13 && c.inequality <= 1e-12)
+        // Long rows: the prefix sums carry n roundings (and valgrind runs
+        // long double as double), so the bound grows with n.
+        const double tol = 1e-13 * std::max(1.0, n / 1000.0);
+        CHECK(c.majorization <= tol && c.total <= tol && c.inequality <= 10 * tol)
             << ctx << check::fmt(static_cast<double>(c.majorization))
             << check::fmt(static_cast<double>(c.total))
             << check::fmt(static_cast<double>(c.inequality));
