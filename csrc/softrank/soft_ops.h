@@ -111,10 +111,17 @@ void soft_forward_sorted(index_t n, const OpSpec& spec, RowScratch& w, T* out,
     int exponent;
     std::frexp(std::fmax(std::fabs(xs[0]), std::fabs(xs[n - 1])), &exponent);
     int k = 0;
-    if (exponent > kMaxExponent)
+    if (exponent > kMaxExponent) {
       k = kMaxExponent - exponent;
-    else if (spec.op == Op::Rank && eps < std::numeric_limits<double>::min())
+      // A rank whose eps 2^k would leave the normal range pools only values
+      // within ~n eps of each other, never across the large ones (their
+      // overflowing differences read as "no merge", rightly): no scaling,
+      // which would only cost the small values their digits.
+      if (spec.op == Op::Rank && !(std::ldexp(eps, k) >= std::numeric_limits<double>::min()))
+        k = 0;
+    } else if (spec.op == Op::Rank && eps < std::numeric_limits<double>::min()) {
       k = std::min(64, kMaxExponent - exponent);
+    }
     if (k != 0) {
       const double f = std::ldexp(1.0, k);
       ranges(n, [&](index_t lo, index_t hi) {
