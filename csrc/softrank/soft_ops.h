@@ -442,12 +442,15 @@ void isotonic_forward_row(const T* y, const T* w, index_t n, bool increasing, do
   // smaller than the largest stays at the smallest positive double).
   int exponent;
   std::frexp(ymax, &exponent);
-  double unscale = 1.0;
-  if (exponent > 960) {
-    const double f = std::ldexp(1.0, 960 - exponent);
-    for (index_t i = 0; i < n; ++i) ys[i] *= f;
-    unscale = 1.0 / f;
-  }
+  // Tiny rows (max |y| below 2^-960) are scaled up likewise: their block
+  // means would round to the subnormal grid, even outside [min y, max y].
+  int shift = 0;
+  if (exponent > 960)
+    shift = 960 - exponent;
+  else if (ymax > 0.0 && exponent < -960)
+    shift = -exponent;
+  if (shift != 0)
+    for (index_t i = 0; i < n; ++i) ys[i] = std::ldexp(ys[i], shift);
   if (w) {
     std::frexp(wmax, &exponent);
     if (exponent > 1 || exponent < -64) {
@@ -460,7 +463,8 @@ void isotonic_forward_row(const T* y, const T* w, index_t n, bool increasing, do
   for (index_t k = 0; k < count; ++k) {
     const index_t s = b.start[k];
     const index_t e = k + 1 < count ? b.start[k + 1] : n;
-    const double value = sign * unscale * (b.ref[k] + b.stat[k] / b.stat2[k]);
+    double value = sign * (b.ref[k] + b.stat[k] / b.stat2[k]);
+    if (shift != 0) value = std::ldexp(value, -shift);
     for (index_t i = s; i < e; ++i) {
       solution[i] = static_cast<T>(value);
       block_start[i] = s;
