@@ -241,3 +241,24 @@ TEST(regressions, rank_of_large_and_subnormal_values_at_tiny_eps) {
           CHECK_NEAR(f.out[i], g.out[i - 1] + (desc ? 1.0 : 0.0), 1e-12 * n) << describe(s) << i;
       }
 }
+
+// Bug: isotonic regression of a row of subnormal values rounded its block
+// means (sum w (y - ref) / W) to the subnormal grid, up to n units away, even
+// outside [min y, max y] (found by the fuzzer). Fixed in soft_ops.h: such
+// rows are scaled up by a power of two (exact), like rows near DBL_MAX are
+// scaled down.
+TEST(regressions, isotonic_of_subnormal_values) {
+  const std::vector<double> y{8.0868664911295234e-320, 1e-321, 3e-320, 7e-320, 5e-324, 2e-320};
+  const std::vector<double> w{0.3, 0.9, 0.55, 0.7, 0.61, 0.8};
+  for (bool increasing : {true, false})
+    for (const std::vector<double>* ww : {static_cast<const std::vector<double>*>(nullptr), &w}) {
+      const Iso<double> r = isotonic(y, ww, 1, 6, increasing);
+      std::vector<double> big(6);
+      for (int i = 0; i < 6; ++i) big[i] = std::ldexp(y[i], 1000);
+      const Iso<double> rb = isotonic(big, ww, 1, 6, increasing);
+      for (int i = 0; i < 6; ++i) {
+        CHECK(r.sol[i] >= 5e-324 && r.sol[i] <= 8.0868664911295234e-320) << increasing << i << r.sol[i];
+        CHECK_SAME(r.sol[i], std::ldexp(rb.sol[i], -1000)) << increasing << (ww != nullptr) << i;
+      }
+    }
+}
