@@ -65,6 +65,15 @@ _INT32 = np.dtype(np.int32)
 _MAX_N = 2**31 - 1
 # The smallest normal double: below it the sort kl merge test runs on logs.
 _DBL_MIN = float(np.finfo(np.float64).tiny)
+# The smallest positive (subnormal) double.
+_DENORM_MIN = 5e-324
+# Rows whose largest |x| (|y|) has a binary exponent above this run at a
+# power-of-two scale that brings it to 2^960: sums of n differences stay finite.
+_MAX_EXPONENT = 960
+# The isotonic vjp rescales the weights of a block whose weight sum lies
+# outside [2^-960, 2^960] (sum / wsum could overflow).
+_VJP_WSUM_MIN = 2.0**-960
+_VJP_WSUM_MAX = 2.0**960
 
 
 # ---------------------------------------------------------------------------
@@ -84,6 +93,16 @@ def _scale(v, eps, inv, multiply):
     if multiply:
         return v * inv
     return v / eps
+
+
+@njit(**_JIT)
+def _fmax(a, b):
+    """``std::fmax``: the larger of ``a`` and ``b``, ignoring a NaN operand."""
+    if a != a:
+        return b
+    if b != b:
+        return a
+    return a if a >= b else b
 
 
 @njit(**_JIT)
@@ -342,6 +361,40 @@ def _forward_row(x, out, perm, bs, op, reg, descending, eps,
     xs = keys
     _argsort_decreasing(xs, perm, key_buf, idx_buf)
 
+    # Rows at the ends of the double range run at a power-of-two scale f
+    # (exact), as in the C++ core (soft_forward_sorted): ranks depend on
+    # x / eps only, and the l2 sort is homogeneous, sort(x, eps) =
+    # sort(f x, eps / f) / f. Without it, |x| beyond ~1e300 overflows the
+    # differences and block sums of x, and a rank at subnormal eps keeps its
+    # block statistics with an absolute precision of 2^-1074 (wrong row
+    # sums). The kl sort needs neither. O(1): xs is sorted. From here on
+    # ``eps`` is the scaled strength; ``eps_out`` (the caller's) scales the
+    # l2 sort's output offsets.
+    eps_out = eps
+    unscale = 1.0  # sort l2: maps the scaled block means back
+    if eps != 0.0 and not (op == _OP_SORT and reg == _REG_KL):
+        exponent = math.frexp(max(abs(xs[0]), abs(xs[n - 1])))[1]
+        k = 0
+        if exponent > _MAX_EXPONENT:
+            k = _MAX_EXPONENT - exponent
+            # A rank whose eps 2^k would leave the normal range pools only
+            # values within ~n eps of each other, never across the large ones
+            # (their overflowing differences read as "no merge", rightly): no
+            # scaling, which would only cost the small values their digits.
+            if op == _OP_RANK and not (math.ldexp(eps, k) >= _DBL_MIN):
+                k = 0
+        elif op == _OP_RANK and eps < _DBL_MIN:
+            k = min(64, _MAX_EXPONENT - exponent)
+        if k != 0:
+            f = math.ldexp(1.0, k)
+            for i in range(n):
+                xs[i] *= f
+            if op == _OP_RANK:
+                eps *= f
+            else:
+                eps /= f
+                unscale = 1.0 / f
+
     if eps == 0.0:
         count = _pav_hard(xs, op, bstart, bref)
     else:
@@ -351,6 +404,8 @@ def _forward_row(x, out, perm, bs, op, reg, descending, eps,
     sgn = 1.0 if descending else -1.0
     inv = 1.0 / eps
     multiply = np.isfinite(inv)
+    inv_out = 1.0 / eps_out
+    multiply_out = np.isfinite(inv_out)
     for k in range(count):
         s = bstart[k]
         e = bstart[k + 1] if k + 1 < count else n
@@ -379,11 +434,11 @@ def _forward_row(x, out, perm, bs, op, reg, descending, eps,
                                                           multiply))
         else:
             if reg == _REG_L2:
-                mean = ref + bstat[k] / float(e - s)
-                centre = 0.5 * (float(s + e) - 1.0)
+                mean = unscale * (ref + bstat[k] / float(e - s))
+                centre = 0.5 * (float(s) + float(e) - 1.0)
                 for i in range(s, e):
-                    out[i] = sgn * (_scale(centre - float(i), eps, inv, multiply)
-                                    + mean)
+                    out[i] = sgn * (_scale(centre - float(i), eps_out, inv_out,
+                                           multiply_out) + mean)
             else:
                 base = ref + _sort_kl_log_ratio(xs, s, e, ref, bstat[k], bstat2[k],
                                                 eps, inv, multiply)
@@ -422,10 +477,15 @@ def _backward_row(x, out, perm, bs, vec, res, op, reg, descending, eps, jvp):
         # eps = 0 (hard ranks) and eps = inf (constant ranks): zero Jacobian.
         # The factor is 0 rather than skipping the loop so that a NaN in the
         # cotangent still propagates, as in the C++ core.
+        sg = -1.0 if descending else 1.0
         if eps == 0.0 or eps == np.inf:
             scale = 0.0
         else:
-            scale = (-1.0 if descending else 1.0) / eps
+            scale = sg / eps
+        # Subnormal eps: 1/eps (or 1/eps times a kl rank <= n) overflows, and
+        # inf * 0 would make the (zero) gradient of every singleton block
+        # NaN. Divide instead, as the C++ core does.
+        divide = np.isinf(scale * float(n))
         s = 0
         while s < n:
             e = s + 1
@@ -438,7 +498,11 @@ def _backward_row(x, out, perm, bs, vec, res, op, reg, descending, eps, jvp):
                 mean = tot / float(e - s)
                 for i in range(s, e):
                     p = perm[i]
-                    res[p] = scale * (np.float64(vec[p]) - mean)
+                    d = np.float64(vec[p]) - mean
+                    if divide:
+                        res[p] = sg * (d / eps)
+                    else:
+                        res[p] = scale * d
             else:
                 dot = 0.0
                 for i in range(s, e):
@@ -447,7 +511,12 @@ def _backward_row(x, out, perm, bs, vec, res, op, reg, descending, eps, jvp):
                 c = dot / _rho_sum(n, s, e)
                 for i in range(s, e):
                     p = perm[i]
-                    res[p] = scale * np.float64(out[p]) * (np.float64(vec[p]) - c)
+                    r = np.float64(out[p])
+                    d = np.float64(vec[p]) - c
+                    if divide:
+                        res[p] = sg * (r * d / eps)
+                    else:
+                        res[p] = scale * r * d
             s = e
         return 0
 
@@ -504,7 +573,7 @@ def _backward_row(x, out, perm, bs, vec, res, op, reg, descending, eps, jvp):
 
 
 @njit(**_JIT)
-def _isotonic_row(y, w, has_w, increasing, sol, bs, ys, bstart, bref, bstat, bw):
+def _isotonic_row(y, w, has_w, increasing, sol, bs, ys, ws, bstart, bref, bstat, bw):
     """Weighted l2 isotonic regression of one row by PAV.
 
     A non-increasing fit is the negated non-decreasing fit of ``-y``. Blocks
@@ -517,21 +586,51 @@ def _isotonic_row(y, w, has_w, increasing, sol, bs, ys, bstart, bref, bstat, bw)
         return
     sign = 1.0 if increasing else -1.0
     finite = True
+    ymax = 0.0
+    wmax = 0.0
     for j in range(n):
         ys[j] = sign * np.float64(y[j])
         if not np.isfinite(ys[j]):
             finite = False
+        ymax = _fmax(ymax, abs(ys[j]))
+        if has_w:
+            ws[j] = np.float64(w[j])
+            wmax = _fmax(wmax, ws[j])
     if not finite:
         for i in range(n):
             sol[i] = np.nan
             bs[i] = -1
         return
+    # Power-of-two scaling, as in the C++ core (isotonic_forward_row; exact,
+    # so the same bits wherever nothing over- or underflows): the block sums
+    # d = sum w (y - ref) overflowed for |y| near 1e308 or weights near 1e300.
+    # Values are brought below 2^960, weights below 1 (a weight more than
+    # 2^1074 times smaller than the largest stays at the smallest positive
+    # double).
+    exponent = math.frexp(ymax)[1]
+    # Tiny rows (max |y| below 2^-960) are scaled up likewise: their block
+    # means would round to the subnormal grid, even outside [min y, max y].
+    shift = 0
+    if exponent > _MAX_EXPONENT:
+        shift = _MAX_EXPONENT - exponent
+    elif ymax > 0.0 and exponent < -_MAX_EXPONENT:
+        shift = -exponent
+    if shift != 0:
+        for j in range(n):
+            ys[j] = math.ldexp(ys[j], shift)
+    if has_w:
+        exponent = math.frexp(wmax)[1]
+        if exponent > 1 or exponent < -64:
+            # (ldexp per element: 2^-exponent itself overflows for subnormal
+            # weights)
+            for j in range(n):
+                ws[j] = _fmax(math.ldexp(ws[j], -exponent), _DENORM_MIN)
     top = 0
     for i in range(n):
         s = i
         ref = ys[i]
         d = 0.0
-        wsum = np.float64(w[i]) if has_w else 1.0
+        wsum = ws[i] if has_w else 1.0
         while top > 0:
             ref_a = bref[top - 1]
             d_a = bstat[top - 1]
@@ -553,6 +652,8 @@ def _isotonic_row(y, w, has_w, increasing, sol, bs, ys, bstart, bref, bstat, bw)
         s = bstart[k]
         e = bstart[k + 1] if k + 1 < top else n
         value = sign * (bref[k] + bstat[k] / bw[k])
+        if shift != 0:
+            value = math.ldexp(value, -shift)
         for i in range(s, e):
             sol[i] = value
             bs[i] = s
@@ -578,9 +679,26 @@ def _isotonic_vjp_row(w, has_w, bs, g, res):
         for i in range(s, e):
             tot += np.float64(g[i])
             wsum += np.float64(w[i]) if has_w else 1.0
+        # Weights whose sum overflows, or is so small that sum / wsum
+        # overflows: scaled by a power of two, as in the C++ core
+        # (isotonic_vjp_row; exact; ldexp, as 2^-exponent itself overflows
+        # for subnormal weights).
+        shift = 0
+        if has_w and not (wsum >= _VJP_WSUM_MIN and wsum <= _VJP_WSUM_MAX):
+            wmax = 0.0
+            for i in range(s, e):
+                wmax = _fmax(wmax, np.float64(w[i]))
+            shift = -math.frexp(wmax)[1]
+            wsum = 0.0
+            for i in range(s, e):
+                wsum += math.ldexp(np.float64(w[i]), shift)
         per_weight = tot / wsum
-        for i in range(s, e):
-            res[i] = (np.float64(w[i]) if has_w else 1.0) * per_weight
+        if shift != 0:
+            for i in range(s, e):
+                res[i] = math.ldexp(np.float64(w[i]), shift) * per_weight
+        else:
+            for i in range(s, e):
+                res[i] = (np.float64(w[i]) if has_w else 1.0) * per_weight
         s = e
 
 
@@ -627,8 +745,10 @@ def _hvp_row(x, out, perm, bs, c, t, res, work, op, reg, descending, eps):
     """Gradient w.r.t. x of <c, J(x) t> for one row (double backward).
 
     Mirrors ``soft_hvp_row`` of the C++ core: 0 for l2 (J is locally
-    constant); rank kl: s^2 r_i (q_i - sum_B(r q) / R_B) with
-    q = (c - cbar)(t - tbar); sort kl: sgn * C_B * p_k (t_k - tbar).
+    constant), eps = 0 and the rank at eps = inf; rank kl: s^2 r_i (q_i -
+    sum_B(r q) / R_B) with q = (c - cbar)(t - tbar), divided by eps twice
+    where (1/eps)^2 overflows; sort kl (eps = inf included): sgn * C_B * p_k
+    (t_k - tbar).
     Returns 0, or 1 if ``perm`` holds an entry outside ``[0, n)``.
     """
     n = x.shape[0]
@@ -641,12 +761,19 @@ def _hvp_row(x, out, perm, bs, c, t, res, work, op, reg, descending, eps):
     for i in range(n):
         if perm[i] < 0 or perm[i] >= n:
             return 1
-    if reg == _REG_L2 or eps == 0.0 or eps == np.inf:
+    # Zero: l2 (piecewise linear), eps = 0 (piecewise constant Jacobian), and
+    # the rank at eps = inf (constant). Not the kl sort at eps = inf: that is
+    # the log-mean-exp, whose Jacobian (the softmax) depends on x.
+    if reg == _REG_L2 or eps == 0.0 or (eps == np.inf and op == _OP_RANK):
         for j in range(n):
             res[j] = 0.0
         return 0
     if op == _OP_RANK:
         scale = (-1.0 if descending else 1.0) / eps
+        # eps below ~1e-154: 1/eps^2 (times a rank <= n) overflows, and
+        # inf * 0 would make the (zero) result of every singleton block NaN.
+        # Divide instead, as the C++ core does.
+        divide = np.isinf(scale * scale * float(n))
         s = 0
         while s < n:
             e = s + 1
@@ -671,7 +798,11 @@ def _hvp_row(x, out, perm, bs, c, t, res, work, op, reg, descending, eps):
             q_bar = q_dot * inv_r
             for i in range(s, e):
                 p = perm[i]
-                res[p] = scale * scale * np.float64(out[p]) * (work[i] - q_bar)
+                r = np.float64(out[p])
+                if divide:
+                    res[p] = r * (work[i] - q_bar) / eps / eps
+                else:
+                    res[p] = scale * scale * r * (work[i] - q_bar)
             s = e
         return 0
     sx = 1.0 if descending else -1.0
@@ -717,6 +848,7 @@ def _isotonic_forward_kernel(y, w, has_w, increasing, sol, bs, chunks):
         r0 = c * rows // chunks
         r1 = (c + 1) * rows // chunks
         ys = np.empty(n, np.float64)
+        ws = np.empty(n, np.float64)
         bstart = np.empty(n, np.int64)
         bref = np.empty(n, np.float64)
         bstat = np.empty(n, np.float64)
@@ -725,7 +857,7 @@ def _isotonic_forward_kernel(y, w, has_w, increasing, sol, bs, chunks):
             # Without weights, w is a (1, 0) placeholder and never read.
             wr = w[r] if has_w else w[0]
             _isotonic_row(y[r], wr, has_w, increasing, sol[r], bs[r],
-                          ys, bstart, bref, bstat, bw)
+                          ys, ws, bstart, bref, bstat, bw)
 
 
 @njit(parallel=True, **_JIT)
