@@ -5,6 +5,7 @@ pyproject's testpaths is ["tests"]; run them with ``pytest benchmarks``).
 - orders the cases so that every member of a pytest-benchmark group (one grid
   cell: softrank, references, peers, across the numpy/torch/jax files) runs
   back to back, then the thread-scaling cases;
+- keeps the saved JSON small (no per-round raw data, see the last hook);
 - lowers pytest-benchmark's time budget per benchmark to 0.5 s (a
   ``benchmark`` marker) unless ``--benchmark-max-time`` is given, so the full grid fits in well under 30 min.
 """
@@ -89,3 +90,13 @@ def pytest_collection_modifyitems(session, config, items):
         for item in bench:
             item.add_marker(pytest.mark.benchmark(max_time=DEFAULT_MAX_TIME))
     items[:] = rest + bench
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """Drop every round's raw timing from the saved JSON (200 MB for the full grid)
+    unless SOFTRANK_BENCH_RAW=1; the statistics stay."""
+    if os.environ.get("SOFTRANK_BENCH_RAW") == "1":
+        return
+    for bench in output_json.get("benchmarks", []):
+        bench.pop("params", None)  # the Case objects: an unserialisable repr; "param" has the id
+        bench.get("stats", {}).pop("data", None)

@@ -94,8 +94,9 @@ def _sinkhorn(case: Case):
                     "(O(n^2) memory and time) is prohibitive")
     cap = SINKHORN_MAX_FWD if cell.pass_ == "fwd" else SINKHORN_MAX_BWD
     if size > cap:
+        why = "autograd keeps every iteration's" if cell.pass_ == "fwdbwd" else "a few"
         pytest.skip(f"sinkhorn: batch * n^2 = {size} > {cap} for {cell.pass_} "
-                    "(O(n^2) memory; autograd keeps every iteration)")
+                    f"(O(n^2) memory and time: {why} (batch, n, n) temporaries)")
     return sinkhorn.soft_rank
 
 
@@ -135,5 +136,6 @@ def test_sinkhorn_is_a_soft_rank():
     import sinkhorn
 
     x = torch.tensor(np.random.default_rng(0).permutation(20).astype(np.float64))[None]
-    ranks = sinkhorn.soft_rank(x, iterations=200, tau=1e-4)
-    np.testing.assert_allclose(ranks.numpy(), x.numpy() + 1, atol=0.05)
+    ranks = sinkhorn.soft_rank(x, iterations=500, tau=1e-3)
+    np.testing.assert_allclose(ranks.numpy(), x.numpy() + 1, atol=0.25)
+    np.testing.assert_allclose(float(ranks.sum()), 20 * 21 / 2, rtol=1e-9)
