@@ -2,6 +2,7 @@
 
     python benchmarks/report.py benchmarks/results/full.json
     python benchmarks/report.py a.json b.json --name merged --stat median
+    python benchmarks/report.py benchmarks/results/full-2core.json.gz    # gzip is read too
 
 Writes ``benchmarks/results/<name>.md`` (``<name>`` defaults to the first JSON's
 stem) and ``benchmarks/results/<name>-<op>-<dtype>-<pass>.png`` (log-log time
@@ -22,9 +23,9 @@ all numbers from the run(s) given, with one statistic of each benchmark
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -52,7 +53,8 @@ def load(paths: List[Path], stat: str):
     threads: Dict[CellKey, Dict[int, float]] = defaultdict(dict)
     meta = []
     for path in paths:
-        with open(path) as fh:
+        opener = gzip.open if str(path).endswith(".gz") else open
+        with opener(path, "rt") as fh:
             run = json.load(fh)
         meta.append(
             {
@@ -343,7 +345,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
 
-    name = args.name or args.json[0].stem
+    name = args.name or args.json[0].name.split(".json")[0]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     cells, threads, meta = load(args.json, args.stat)
     checks: List = []
