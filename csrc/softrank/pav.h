@@ -175,26 +175,32 @@ SOFTRANK_HD index_t pav_hard(const double* xs, index_t n, Op op, BlockStack b) {
 
 // Weighted isotonic regression, non-decreasing, by PAV. `w` may be null
 // (unit weights). Equal adjacent block values are pooled. Block stats: ref,
-// stat = sum w (y - ref), stat2 = sum w.
+// stat = the block's weighted mean minus ref, stat2 = sum w. The mean is
+// updated by a convex combination (the weight fraction is in [0, 1]), never
+// through sums w (y - ref): those products under- or overflow when weights
+// and values span a wide range together (weights 1e-284 and 1e-14 with y
+// near 1e-245 gave block means outside [min y, max y]).
 SOFTRANK_HD index_t pav_isotonic_increasing(const double* y, const double* w, index_t n,
                                             BlockStack b) {
   index_t top = 0;
   for (index_t i = 0; i < n; ++i) {
     index_t s = i;
-    double ref = y[i], d = 0.0, wsum = w ? w[i] : 1.0;
+    double ref = y[i], off = 0.0, wsum = w ? w[i] : 1.0;
     while (top > 0) {
-      const double ref_a = b.ref[top - 1], d_a = b.stat[top - 1], w_a = b.stat2[top - 1];
+      const double ref_a = b.ref[top - 1], off_a = b.stat[top - 1], w_a = b.stat2[top - 1];
       // value_A >= value_B violates (or ties) the non-decreasing order.
-      if (!((ref_a - ref) + d_a / w_a - d / wsum >= 0.0)) break;
-      d = d_a + d + wsum * (ref - ref_a);
-      wsum = w_a + wsum;
+      const double gap = (ref - ref_a) + (off - off_a);  // value_B - value_A
+      if (!(gap <= 0.0)) break;
+      const double total = w_a + wsum;
+      off = off_a + (wsum / total) * gap;
+      wsum = total;
       ref = ref_a;
       s = b.start[top - 1];
       --top;
     }
     b.start[top] = s;
     b.ref[top] = ref;
-    b.stat[top] = d;
+    b.stat[top] = off;
     b.stat2[top] = wsum;
     ++top;
   }

@@ -436,14 +436,14 @@ void isotonic_forward_row(const T* y, const T* w, index_t n, bool increasing, do
     return;
   }
   // Power-of-two scaling (exact, so the same bits wherever nothing over- or
-  // underflows): the block sums d = sum w (y - ref) overflowed for |y| near
-  // 1e308 or weights near 1e300 (inf/NaN solutions for finite input). Values
-  // are brought below 2^960, weights below 1 (a weight more than 2^1074 times
-  // smaller than the largest stays at the smallest positive double).
+  // underflows): differences of y overflow for |y| near 1e308, block means of
+  // rows below 2^-960 round to the subnormal grid (even outside [min y,
+  // max y]), and weight sums overflow for weights near 1e308 and lose digits
+  // for subnormal ones. Values are brought below 2^960 or up from the
+  // subnormals, weights to a largest one near 1 (a weight more than 2^1074
+  // times smaller than the largest stays at the smallest positive double).
   int exponent;
   std::frexp(ymax, &exponent);
-  // Tiny rows (max |y| below 2^-960) are scaled up likewise: their block
-  // means would round to the subnormal grid, even outside [min y, max y].
   int shift = 0;
   if (exponent > 960)
     shift = 960 - exponent;
@@ -463,7 +463,7 @@ void isotonic_forward_row(const T* y, const T* w, index_t n, bool increasing, do
   for (index_t k = 0; k < count; ++k) {
     const index_t s = b.start[k];
     const index_t e = k + 1 < count ? b.start[k + 1] : n;
-    double value = sign * (b.ref[k] + b.stat[k] / b.stat2[k]);
+    double value = sign * (b.ref[k] + b.stat[k]);
     if (shift != 0) value = std::ldexp(value, -shift);
     for (index_t i = s; i < e; ++i) {
       solution[i] = static_cast<T>(value);
