@@ -262,3 +262,39 @@ TEST(regressions, isotonic_of_subnormal_values) {
       }
     }
 }
+
+// Bug: weighted isotonic regression kept d = sum w (y - ref); with weights
+// and values spanning a wide range together (weights 1e-284 ... 2e-14, y
+// near 1e-245 ... 4e-53) the products underflowed and a block mean came out
+// 0.3% above max y (found by the fuzzer). Fixed in pav.h: the block mean is
+// updated by a convex combination (weight fraction in [0, 1]).
+TEST(regressions, isotonic_with_weights_and_values_spanning_wide_ranges) {
+  const std::vector<double> y{2.7474204799246171e-245, 4.220228436993321e-53, 6.379215924577309e-168,
+                              5.457505988762236e-284,  9.25734842866565e-92,  1.249290446121458e-206,
+                              1.33466e-318,            0.0,                   2.7474204794535227e-245,
+                              2.0202173279511396e-153, 1.821197339722543e-269};
+  const std::vector<double> w{5.457505988762236e-284, 1.821197339722543e-269, 4.589113599959378e-24,
+                              9.319946361249448e-144, 6.685649849603677e-29,  8.536535134603708e-260,
+                              4.220228436993321e-53,  2.7474204794535227e-245, 1.9761022533653776e-101,
+                              2.1493415773254752e-14, 2.878503697907845e-106};
+  for (bool increasing : {true, false}) {
+    const Iso<double> r = isotonic(y, &w, 1, 11, increasing);
+    double lo = kInf, hi = -kInf;
+    for (double v : y) lo = std::min(lo, v), hi = std::max(hi, v);
+    for (int i = 0; i < 11; ++i) {
+      CHECK(r.sol[i] >= lo && r.sol[i] <= hi) << increasing << i << check::fmt(r.sol[i]);
+      if (i > 0) CHECK(increasing ? r.sol[i] >= r.sol[i - 1] : r.sol[i] <= r.sol[i - 1]) << i;
+    }
+    // Against the min-max formula in long double, on the values and weights
+    // scaled into a moderate range (exact powers of two).
+    std::vector<double> ys(11), ws(11);
+    for (int i = 0; i < 11; ++i) {
+      ys[i] = std::ldexp(y[i], 170);
+      ws[i] = std::ldexp(w[i], 45);
+    }
+    const std::vector<LD> ref = minmax_isotonic(ys, &ws, increasing);
+    for (int i = 0; i < 11; ++i)
+      CHECK_NEAR(std::ldexp(r.sol[i], 170), static_cast<double>(ref[i]), 1e-12 * std::ldexp(hi, 170))
+          << increasing << i;
+  }
+}
