@@ -1,0 +1,191 @@
+"""Thread safety and determinism: many Python threads calling every op at once
+get the sequential results bit for bit; results are bitwise independent of
+softrank.set_num_threads (including the long-row path, n >= 65536 with fewer
+rows than threads); changing the thread count while calls run is safe.
+numpy adapter and the raw engine; torch/jax/tensorflow adapters too (CI
+requires them, elsewhere they are skipped when missing).
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import softrank
+import softrank.numpy as srn
+from softrank import _engine
+from frameworks import require
+
+KWARGS = [
+    dict(regularization=reg, direction=d) for reg in ("l2", "kl") for d in ("ascending", "descending")
+]
+# Shapes: below and above the parallel threshold (16384 elements), and one
+# long row (the path that splits a single row over the threads).
+SHAPES = [(5, 40), (64, 700), (3, 161), (2, 70000)]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    saved = softrank.get_num_threads()
+    yield
+    softrank.set_num_threads(saved)
+
+
+def _inputs(shape, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=shape)
+    x[..., ::9] = np.round(x[..., ::9])  # ties
+    g = rng.normal(size=shape)
+    w = rng.uniform(0.1, 3.0, size=shape)
+    return x, g, w
+
+
+def _every_op(x, g, w, eps=0.6):
+    """Every public numpy op plus the raw engine; a tuple of arrays."""
+    outs = []
+    for kw in KWARGS:
+        outs += [
+            srn.soft_rank(x, eps, **kw),
+            srn.soft_sort(x, eps, **kw),
+            srn.soft_rank_vjp(x, g, eps, **kw),
+            srn.soft_sort_vjp(x, g, eps, **kw),
+            srn.soft_rank_jvp(x, g, eps, **kw),
+            srn.soft_sort_jvp(x, g, eps, **kw),
+            srn.soft_rank(x.astype(np.float32), eps, **kw),
+        ]
+    outs += [
+        srn.isotonic_regression(x, weights=w),
+        srn.isotonic_regression(x, increasing=False),
+        srn.isotonic_regression_vjp(x, g, weights=w),
+    ]
+    eng = _engine.engine()
+    x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+    g2 = np.ascontiguousarray(g.reshape(x2.shape))
+    for op in (0, 1):
+        for reg in (0, 1):
+            state = eng.soft_forward(x2, op, reg, True, eps)
+            outs += list(state)
+            outs.append(eng.soft_hvp(x2, *state, g2, g2, op, reg, True, eps))
+    return tuple(outs)
+
+
+def _assert_bitwise(a, b, context):
+    assert len(a) == len(b)
+    for i, (u, v) in enumerate(zip(a, b)):
+        assert u.dtype == v.dtype and u.shape == v.shape, (context, i)
+        assert u.tobytes() == v.tobytes(), (context, i, np.argwhere(u != v)[:3])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bitwise_independent_of_set_num_threads(backend, shape):
+    x, g, w = _inputs(shape, 1)
+    softrank.set_num_threads(1)
+    ref = _every_op(x, g, w)
+    for k in (2, 3, 4, 8):
+        softrank.set_num_threads(k)
+        assert 1 <= softrank.get_num_threads() <= k  # (numba caps it at its own pool size)
+        _assert_bitwise(_every_op(x, g, w), ref, (shape, k))
+
+
+def test_many_threads_at_once_give_the_sequential_results(backend):
+    softrank.set_num_threads(2)
+    jobs = [(_inputs(shape, seed), shape) for seed, shape in enumerate(SHAPES * 2)]
+    expected = [_every_op(*inp) for inp, _ in jobs]
+    n_threads = 12
+    barrier = threading.Barrier(n_threads)
+
+    def worker(t):
+        barrier.wait()  # all start together
+        results = []
+        for rep in range(2):
+            j = (t + rep) % len(jobs)
+            results.append((j, _every_op(*jobs[j][0])))
+        return results
+
+    with ThreadPoolExecutor(n_threads) as pool:
+        for results in pool.map(worker, range(n_threads)):
+            for j, got in results:
+                _assert_bitwise(got, expected[j], ("job", j, jobs[j][1]))
+
+
+def test_changing_the_thread_count_during_calls(backend):
+    x, g, w = _inputs((64, 700), 5)
+    xl, gl, wl = _inputs((1, 70000), 6)
+    softrank.set_num_threads(1)
+    ref, ref_long = _every_op(x, g, w), _every_op(xl, gl, wl)
+    stop = threading.Event()
+
+    def toggler():
+        k = 0
+        while not stop.is_set():
+            softrank.set_num_threads(1 + k % 4)
+            k += 1
+
+    t = threading.Thread(target=toggler)
+    t.start()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(_every_op, x, g, w) for _ in range(4)]
+            futures += [pool.submit(_every_op, xl, gl, wl) for _ in range(2)]
+            for i, f in enumerate(futures):
+                _assert_bitwise(f.result(), ref if i < 4 else ref_long, ("call", i))
+    finally:
+        stop.set()
+        t.join()
+
+
+def test_nan_rows_do_not_leak_into_other_rows_under_threads(backend):
+    softrank.set_num_threads(4)
+    x, g, _ = _inputs((64, 700), 7)
+    x[10, 3] = np.nan
+    x[20, 0] = np.inf
+    for kw in KWARGS:
+        r = srn.soft_rank(x, 0.5, **kw)
+        assert np.all(np.isnan(r[[10, 20]]))
+        clean = np.delete(np.arange(64), [10, 20])
+        np.testing.assert_array_equal(r[clean], srn.soft_rank(x[clean], 0.5, **kw))
+
+
+# ---------------------------------------------------------------- framework adapters
+
+def _framework_ops(name):
+    """(to_framework, to_numpy, soft_rank, soft_sort) for one adapter."""
+    if name == "torch":
+        torch = require("torch")
+        import softrank.torch as srt
+
+        return (lambda a: torch.from_numpy(a), lambda t: t.detach().numpy(),
+                lambda t, **kw: srt.soft_rank(t, 0.6, **kw), lambda t, **kw: srt.soft_sort(t, 0.6, **kw))
+    if name == "jax":
+        jnp = require("jax.numpy")
+        require("jax").config.update("jax_enable_x64", True)
+        import softrank.jax as srj
+
+        return (lambda a: jnp.asarray(a), lambda t: np.asarray(t),
+                lambda t, **kw: srj.soft_rank(t, 0.6, **kw), lambda t, **kw: srj.soft_sort(t, 0.6, **kw))
+    tf = require("tensorflow")
+    import softrank.tensorflow as srtf
+
+    return (lambda a: tf.constant(a), lambda t: t.numpy(),
+            lambda t, **kw: srtf.soft_rank(t, 0.6, **kw), lambda t, **kw: srtf.soft_sort(t, 0.6, **kw))
+
+
+@pytest.mark.parametrize("name", ["torch", "jax", "tensorflow"])
+def test_framework_adapters_threads_and_thread_count(name):
+    to_fw, to_np, rank, sort = _framework_ops(name)
+    x, _, _ = _inputs((64, 700), 8)
+    softrank.set_num_threads(1)
+    ref = [to_np(f(to_fw(x), **kw)) for kw in KWARGS for f in (rank, sort)]
+    for kw_i, kw in enumerate(KWARGS):  # the adapters agree with numpy
+        np.testing.assert_allclose(ref[2 * kw_i], srn.soft_rank(x, 0.6, **kw), rtol=1e-12, atol=1e-12)
+    softrank.set_num_threads(4)
+
+    def run(_):
+        return [to_np(f(to_fw(x), **kw)) for kw in KWARGS for f in (rank, sort)]
+
+    with ThreadPoolExecutor(6) as pool:
+        for got in pool.map(run, range(6)):
+            for a, b in zip(got, ref):
+                assert a.tobytes() == b.tobytes()
