@@ -460,10 +460,13 @@ void isotonic_forward_row(const T* y, const T* w, index_t n, bool increasing, do
     }
   }
   const index_t count = pav_isotonic_increasing(ys, w ? ws : nullptr, n, b);
+  // A block mean lies within [-max |y|, max |y|]; its rounding may not, and
+  // for max |y| = DBL_MAX scaling back would overflow to inf: clamp.
+  const double bound = shift != 0 ? std::ldexp(ymax, shift) : ymax;
   for (index_t k = 0; k < count; ++k) {
     const index_t s = b.start[k];
     const index_t e = k + 1 < count ? b.start[k + 1] : n;
-    double value = sign * (b.ref[k] + b.stat[k]);
+    double value = std::fmin(std::fmax(sign * (b.ref[k] + b.stat[k]), -bound), bound);
     if (shift != 0) value = std::ldexp(value, -shift);
     for (index_t i = s; i < e; ++i) {
       solution[i] = static_cast<T>(value);
