@@ -36,7 +36,8 @@ def raw_floats(vals):
 def main():
     os.makedirs(OUT, exist_ok=True)
     for name in os.listdir(OUT):
-        os.remove(os.path.join(OUT, name))
+        if not name.startswith("regression_"):  # inputs that once failed stay
+            os.remove(os.path.join(OUT, name))
     rows = {
         "ties": [3.0, 1.0, 3.0, 2.0, 1.0, 3.0, 0.0, 2.0],
         "constant": [0.75] * 9,
