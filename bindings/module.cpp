@@ -7,8 +7,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "softrank/batched.h"
 #include "softrank/parallel.h"
@@ -86,7 +88,22 @@ const T* cdata_of(const py::array& a) {
   return static_cast<const T*>(a.data());
 }
 
-py::tuple soft_forward(const py::array& x, int op, int reg, bool descending, double eps) {
+// numpy allows C-contiguous arrays that are not aligned to their item size
+// (np.frombuffer with an offset, and np.ascontiguousarray keeps them so):
+// reading their elements through a T* is undefined behaviour (UBSan flags
+// every load; strict-alignment CPUs may fault). Such an argument is copied
+// once into an aligned array; anything else is returned as is, so the
+// layout checks still see (and refuse) non-contiguous input.
+py::array aligned(const py::array& a) {
+  const int flags = a.flags();
+  if (!(flags & py::array::c_style) || (flags & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) return a;
+  py::array copy(a.dtype(), std::vector<py::ssize_t>(a.shape(), a.shape() + a.ndim()));
+  std::memcpy(copy.mutable_data(), a.data(), static_cast<std::size_t>(a.nbytes()));
+  return copy;
+}
+
+py::tuple soft_forward(const py::array& x_arg, int op, int reg, bool descending, double eps) {
+  const py::array x = aligned(x_arg);
   const Kind kind = check_values(x, "x");
   const softrank::OpSpec spec = make_spec(op, reg, descending, eps);
   const std::int64_t rows = x.shape(0);
@@ -118,9 +135,12 @@ void check_permutation_range(const py::array& perm) {
   if (!ok) throw py::value_error("perm holds an index outside [0, n): not a forward-pass state");
 }
 
-py::array soft_product(const py::array& x, const py::array& out, const py::array& perm,
-                       const py::array& blocks, const py::array& vec, int op, int reg,
-                       bool descending, double eps, bool transpose) {
+py::array soft_product(const py::array& x_arg, const py::array& out_arg,
+                       const py::array& perm_arg, const py::array& blocks_arg,
+                       const py::array& vec_arg, int op, int reg, bool descending, double eps,
+                       bool transpose) {
+  const py::array x = aligned(x_arg), out = aligned(out_arg), perm = aligned(perm_arg);
+  const py::array blocks = aligned(blocks_arg), vec = aligned(vec_arg);
   const char* vec_name = transpose ? "cotangent" : "tangent";
   const Kind kind = check_values(x, "x");
   check_same_values(out, x, "out", "x");
@@ -148,9 +168,12 @@ py::array soft_product(const py::array& x, const py::array& out, const py::array
   return result;
 }
 
-py::array soft_hvp(const py::array& x, const py::array& out, const py::array& perm,
-                   const py::array& blocks, const py::array& cotangent, const py::array& tangent,
-                   int op, int reg, bool descending, double eps) {
+py::array soft_hvp(const py::array& x_arg, const py::array& out_arg, const py::array& perm_arg,
+                   const py::array& blocks_arg, const py::array& cotangent_arg,
+                   const py::array& tangent_arg, int op, int reg, bool descending, double eps) {
+  const py::array x = aligned(x_arg), out = aligned(out_arg), perm = aligned(perm_arg);
+  const py::array blocks = aligned(blocks_arg), cotangent = aligned(cotangent_arg);
+  const py::array tangent = aligned(tangent_arg);
   const Kind kind = check_values(x, "x");
   check_same_values(out, x, "out", "x");
   check_same_values(cotangent, x, "cotangent", "x");
@@ -186,13 +209,14 @@ void check_weights_positive(const py::array& w) {
       throw py::value_error("weights must be finite and > 0 everywhere");
 }
 
-py::tuple isotonic_forward(const py::array& y, const py::object& weights, bool increasing) {
+py::tuple isotonic_forward(const py::array& y_arg, const py::object& weights, bool increasing) {
+  const py::array y = aligned(y_arg);
   const Kind kind = check_values(y, "y");
   py::array w;
   const bool weighted = !weights.is_none();
   if (weighted) {
-    w = py::reinterpret_borrow<py::array>(weights);
     if (!py::isinstance<py::array>(weights)) throw py::type_error("weights must be an array or None");
+    w = aligned(py::reinterpret_borrow<py::array>(weights));
     check_same_values(w, y, "weights", "y");
     if (kind == Kind::Float32)
       check_weights_positive<float>(w);
@@ -217,15 +241,16 @@ py::tuple isotonic_forward(const py::array& y, const py::object& weights, bool i
   return py::make_tuple(solution, blocks);
 }
 
-py::array isotonic_vjp(const py::object& weights, const py::array& blocks,
-                       const py::array& cotangent) {
+py::array isotonic_vjp(const py::object& weights, const py::array& blocks_arg,
+                       const py::array& cotangent_arg) {
+  const py::array blocks = aligned(blocks_arg), cotangent = aligned(cotangent_arg);
   const Kind kind = check_values(cotangent, "cotangent");
   check_indices(blocks, cotangent, "block_start");
   py::array w;
   const bool weighted = !weights.is_none();
   if (weighted) {
     if (!py::isinstance<py::array>(weights)) throw py::type_error("weights must be an array or None");
-    w = py::reinterpret_borrow<py::array>(weights);
+    w = aligned(py::reinterpret_borrow<py::array>(weights));
     check_same_values(w, cotangent, "weights", "cotangent");
   }
   const std::int64_t rows = cotangent.shape(0);
