@@ -113,7 +113,9 @@ void for_each_row(std::int64_t rows, index_t n, RowFn&& row_fn) {
 // passes and the output are split over the threads; PAV, a single O(n) scan,
 // stays serial. The result is the same bit for bit: the stable sort order is
 // unique and every output element is computed by the same expression.
-constexpr index_t kLongRow = 1 << 16;
+// Below this the serial path is faster: each pass of the threaded sort costs a
+// synchronisation, which a row of 1e5 elements does not amortise (measured).
+constexpr index_t kLongRow = 1 << 18;
 
 struct ParallelRanges {
   int tasks;
@@ -232,7 +234,9 @@ template <class T>
 void soft_forward_batch(const T* x, std::int64_t rows, index_t n, const OpSpec& spec, T* out,
                         index_t* perm, index_t* block_start) {
   if (use_long_row_path(rows, n)) {
-    const ParallelRanges ranges{get_num_threads()};
+    // More tasks than threads: a thread that is descheduled (a loaded machine)
+    // then holds up only a small share of the work.
+    const ParallelRanges ranges{4 * get_num_threads()};
     RowScratch scratch = thread_scratch().row(n, sizeof(T) == 8);
     for (std::int64_t r = 0; r < rows; ++r) {
       const std::int64_t off = r * n;

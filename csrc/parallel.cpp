@@ -11,19 +11,37 @@
 namespace softrank {
 namespace {
 
+// One parallel_for call. Helpers hold it by shared_ptr, so one that wakes
+// after the call has returned finds no task left and touches nothing else.
+struct Job {
+  const std::function<void(std::int64_t)>* task;
+  std::int64_t num_tasks;
+  int helpers;  // how many pool threads may join
+  std::atomic<std::int64_t> next{0};
+  std::atomic<std::int64_t> done{0};
+  std::mutex mutex;
+  std::condition_variable finished;
+
+  // Runs tasks until none is left. A task index is only ever taken while
+  // tasks remain, so `task` (owned by the caller) is alive whenever it runs.
+  void drain() {
+    for (;;) {
+      const std::int64_t t = next.fetch_add(1);
+      if (t >= num_tasks) return;
+      (*task)(t);
+      if (done.fetch_add(1) + 1 == num_tasks) {
+        std::lock_guard<std::mutex> lock(mutex);
+        finished.notify_all();
+      }
+    }
+  }
+};
+
 class ThreadPool {
  public:
   ThreadPool() {
     const unsigned hw = std::thread::hardware_concurrency();
     limit_ = hw == 0 ? 1 : static_cast<int>(hw);
-  }
-  ~ThreadPool() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stopping_ = true;
-    }
-    wake_.notify_all();
-    for (auto& t : workers_) t.join();
   }
 
   void set_limit(int k) {
@@ -36,76 +54,70 @@ class ThreadPool {
     std::unique_lock<std::mutex> run_lock(run_mutex_, std::try_to_lock);
     const int threads = static_cast<int>(std::min<std::int64_t>(limit_, num_tasks));
     if (!run_lock.owns_lock() || threads <= 1) {
+      // Busy (another caller holds the pool) or nothing to share: run here.
       for (std::int64_t t = 0; t < num_tasks; ++t) task(t);
       return;
     }
     ensure_workers(threads - 1);
+    auto job = std::make_shared<Job>();
+    job->task = &task;
+    job->num_tasks = num_tasks;
+    job->helpers = threads - 1;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      task_ = &task;
-      num_tasks_ = num_tasks;
-      next_.store(0);
-      active_helpers_ = threads - 1;
-      pending_helpers_ = threads - 1;
+      current_ = job;
       ++generation_;
     }
     wake_.notify_all();
-    drain();
-    std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [&] { return pending_helpers_ == 0; });
-    task_ = nullptr;
+    job->drain();
+    // Wait for the tasks still running on helpers, never for a helper that
+    // has not woken up yet: on a loaded machine that can take a time slice.
+    std::unique_lock<std::mutex> lock(job->mutex);
+    job->finished.wait(lock, [&] { return job->done.load() == num_tasks; });
   }
 
  private:
-  void drain() {
-    for (;;) {
-      const std::int64_t t = next_.fetch_add(1);
-      if (t >= num_tasks_) return;
-      (*task_)(t);
-    }
-  }
-
   void ensure_workers(int count) {
     while (static_cast<int>(workers_.size()) < count) {
       const int id = static_cast<int>(workers_.size());
       workers_.emplace_back([this, id] { worker_loop(id); });
+      workers_.back().detach();
     }
   }
 
   void worker_loop(int id) {
     std::uint64_t seen = 0;
     for (;;) {
+      // Calls often come back to back (the passes of one long row, the
+      // forward then the backward): spin briefly before sleeping, since a
+      // futex wake-up costs tens of microseconds.
+      for (int spin = 0; spin < kSpins && generation_.load() == seen; ++spin)
+        std::this_thread::yield();
+      std::shared_ptr<Job> job;
       {
         std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return stopping_ || (generation_ != seen && id < active_helpers_); });
-        if (stopping_) return;
-        seen = generation_;
+        wake_.wait(lock, [&] { return generation_.load() != seen; });
+        seen = generation_.load();
+        job = current_;
       }
-      drain();
-      {
-        std::lock_guard<std::mutex> lock(mutex_);
-        if (--pending_helpers_ == 0) done_.notify_one();
-      }
+      if (job && id < job->helpers) job->drain();
     }
   }
 
+  static constexpr int kSpins = 2000;
+
   std::mutex run_mutex_;  // one parallel job at a time
   std::mutex mutex_;
-  std::condition_variable wake_, done_;
+  std::condition_variable wake_;
   std::vector<std::thread> workers_;
-  const std::function<void(std::int64_t)>* task_ = nullptr;
-  std::int64_t num_tasks_ = 0;
-  std::atomic<std::int64_t> next_{0};
-  std::uint64_t generation_ = 0;
-  int active_helpers_ = 0;
-  int pending_helpers_ = 0;
+  std::shared_ptr<Job> current_;
+  std::atomic<std::uint64_t> generation_{0};
   int limit_ = 1;
-  bool stopping_ = false;
 };
 
 ThreadPool& pool() {
-  // Leaked on purpose: joining threads during interpreter shutdown can
-  // deadlock, and the OS reclaims them at exit.
+  // Leaked on purpose, with detached workers: joining threads during
+  // interpreter shutdown can deadlock, and the OS reclaims them at exit.
   static ThreadPool* instance = new ThreadPool();
   return *instance;
 }
