@@ -106,6 +106,16 @@ def _fmax(a, b):
 
 
 @njit(**_JIT)
+def _fmin(a, b):
+    """``std::fmin``: the smaller of ``a`` and ``b``, ignoring a NaN operand."""
+    if a != a:
+        return b
+    if b != b:
+        return a
+    return a if a <= b else b
+
+
+@njit(**_JIT)
 def _rho_sum(n, s, e):
     """``sum_{i in [s, e)} rho_i`` with ``rho_i = n - i``, in closed form."""
     m = float(e - s)
@@ -577,9 +587,12 @@ def _isotonic_row(y, w, has_w, increasing, sol, bs, ys, ws, bstart, bref, bstat,
     """Weighted l2 isotonic regression of one row by PAV.
 
     A non-increasing fit is the negated non-decreasing fit of ``-y``. Blocks
-    keep ``ref = y[s]``, ``W = sum w`` and ``d = sum w (y - ref)``; the block
-    value is ``ref + d / W``. Adjacent blocks with equal values are pooled
-    (the test is ``>= 0``), as in the soft operators.
+    keep ``ref = y[s]``, ``W = sum w`` and ``off`` = the block's weighted mean
+    minus ``ref``, updated by a convex combination (pav_isotonic_increasing:
+    never through sums ``w (y - ref)``, which under- or overflow); the block
+    value is ``ref + off``, clamped to ``[-max |y|, max |y|]``. Adjacent blocks
+    with equal values are pooled (the test is ``gap <= 0``), as in the soft
+    operators.
     """
     n = y.shape[0]
     if n == 0:
@@ -602,14 +615,14 @@ def _isotonic_row(y, w, has_w, increasing, sol, bs, ys, ws, bstart, bref, bstat,
             bs[i] = -1
         return
     # Power-of-two scaling, as in the C++ core (isotonic_forward_row; exact,
-    # so the same bits wherever nothing over- or underflows): the block sums
-    # d = sum w (y - ref) overflowed for |y| near 1e308 or weights near 1e300.
-    # Values are brought below 2^960, weights below 1 (a weight more than
-    # 2^1074 times smaller than the largest stays at the smallest positive
-    # double).
+    # so the same bits wherever nothing over- or underflows): differences of
+    # y overflow for |y| near 1e308, block means of rows below 2^-960 round
+    # to the subnormal grid (even outside [min y, max y]), and weight sums
+    # overflow for weights near 1e308 and lose digits for subnormal ones.
+    # Values are brought below 2^960 or up from the subnormals, weights to a
+    # largest one near 1 (a weight more than 2^1074 times smaller than the
+    # largest stays at the smallest positive double).
     exponent = math.frexp(ymax)[1]
-    # Tiny rows (max |y| below 2^-960) are scaled up likewise: their block
-    # means would round to the subnormal grid, even outside [min y, max y].
     shift = 0
     if exponent > _MAX_EXPONENT:
         shift = _MAX_EXPONENT - exponent
@@ -629,29 +642,34 @@ def _isotonic_row(y, w, has_w, increasing, sol, bs, ys, ws, bstart, bref, bstat,
     for i in range(n):
         s = i
         ref = ys[i]
-        d = 0.0
+        off = 0.0
         wsum = ws[i] if has_w else 1.0
         while top > 0:
             ref_a = bref[top - 1]
-            d_a = bstat[top - 1]
+            off_a = bstat[top - 1]
             w_a = bw[top - 1]
             # value_A >= value_B violates (or ties) the non-decreasing order.
-            if not ((ref_a - ref) + d_a / w_a - d / wsum >= 0.0):
+            gap = (ref - ref_a) + (off - off_a)  # value_B - value_A
+            if not (gap <= 0.0):
                 break
-            d = d_a + d + wsum * (ref - ref_a)
-            wsum = w_a + wsum
+            total = w_a + wsum
+            off = off_a + (wsum / total) * gap
+            wsum = total
             ref = ref_a
             s = bstart[top - 1]
             top -= 1
         bstart[top] = s
         bref[top] = ref
-        bstat[top] = d
+        bstat[top] = off
         bw[top] = wsum
         top += 1
+    # A block mean lies within [-max |y|, max |y|]; its rounding may not, and
+    # for max |y| = DBL_MAX scaling back would overflow to inf: clamp.
+    bound = math.ldexp(ymax, shift) if shift != 0 else ymax
     for k in range(top):
         s = bstart[k]
         e = bstart[k + 1] if k + 1 < top else n
-        value = sign * (bref[k] + bstat[k] / bw[k])
+        value = _fmin(_fmax(sign * (bref[k] + bstat[k]), -bound), bound)
         if shift != 0:
             value = math.ldexp(value, -shift)
         for i in range(s, e):
