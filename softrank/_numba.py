@@ -106,16 +106,6 @@ def _fmax(a, b):
 
 
 @njit(**_JIT)
-def _fmin(a, b):
-    """``std::fmin``: the smaller of ``a`` and ``b``, ignoring a NaN operand."""
-    if a != a:
-        return b
-    if b != b:
-        return a
-    return a if a <= b else b
-
-
-@njit(**_JIT)
 def _rho_sum(n, s, e):
     """``sum_{i in [s, e)} rho_i`` with ``rho_i = n - i``, in closed form."""
     m = float(e - s)
@@ -669,7 +659,13 @@ def _isotonic_row(y, w, has_w, increasing, sol, bs, ys, ws, bstart, bref, bstat,
     for k in range(top):
         s = bstart[k]
         e = bstart[k + 1] if k + 1 < top else n
-        value = _fmin(_fmax(sign * (bref[k] + bstat[k]), -bound), bound)
+        # Clamped only when outside, as in the C++ core (fmin/fmax of +-0 may
+        # return either zero).
+        value = sign * (bref[k] + bstat[k])
+        if value > bound:
+            value = bound
+        if value < -bound:
+            value = -bound
         if shift != 0:
             value = math.ldexp(value, -shift)
         for i in range(s, e):

@@ -466,7 +466,11 @@ void isotonic_forward_row(const T* y, const T* w, index_t n, bool increasing, do
   for (index_t k = 0; k < count; ++k) {
     const index_t s = b.start[k];
     const index_t e = k + 1 < count ? b.start[k + 1] : n;
-    double value = std::fmin(std::fmax(sign * (b.ref[k] + b.stat[k]), -bound), bound);
+    // Clamped only when outside: fmin/fmax may return either zero for +-0,
+    // which would make an all-zero row's sign platform-dependent.
+    double value = sign * (b.ref[k] + b.stat[k]);
+    if (value > bound) value = bound;
+    if (value < -bound) value = -bound;
     if (shift != 0) value = std::ldexp(value, -shift);
     for (index_t i = s; i < e; ++i) {
       solution[i] = static_cast<T>(value);
