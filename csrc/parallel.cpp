@@ -112,7 +112,9 @@ class ThreadPool {
   std::vector<std::thread> workers_;
   std::shared_ptr<Job> current_;
   std::atomic<std::uint64_t> generation_{0};
-  int limit_ = 1;
+  // Atomic: set_num_threads writes it (under run_mutex_) while callers that
+  // did not get run_mutex_, and get_num_threads, read it without the lock.
+  std::atomic<int> limit_{1};
 };
 
 ThreadPool& pool() {
