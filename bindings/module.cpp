@@ -135,19 +135,26 @@ void check_permutation_range(const py::array& perm) {
   if (!ok) throw py::value_error("perm holds an index outside [0, n): not a forward-pass state");
 }
 
+// The arrays a forward pass returned, handed back for a derivative: checked
+// together (shapes, dtypes, perm in range). Returns the value kind of x.
+Kind check_forward_state(const py::array& x, const py::array& out, const py::array& perm,
+                         const py::array& blocks) {
+  const Kind kind = check_values(x, "x");
+  check_same_values(out, x, "out", "x");
+  check_indices(perm, x, "perm");
+  check_indices(blocks, x, "block_start");
+  check_permutation_range(perm);
+  return kind;
+}
+
 py::array soft_product(const py::array& x_arg, const py::array& out_arg,
                        const py::array& perm_arg, const py::array& blocks_arg,
                        const py::array& vec_arg, int op, int reg, bool descending, double eps,
                        bool transpose) {
   const py::array x = aligned(x_arg), out = aligned(out_arg), perm = aligned(perm_arg);
   const py::array blocks = aligned(blocks_arg), vec = aligned(vec_arg);
-  const char* vec_name = transpose ? "cotangent" : "tangent";
-  const Kind kind = check_values(x, "x");
-  check_same_values(out, x, "out", "x");
-  check_same_values(vec, x, vec_name, "x");
-  check_indices(perm, x, "perm");
-  check_indices(blocks, x, "block_start");
-  check_permutation_range(perm);
+  const Kind kind = check_forward_state(x, out, perm, blocks);
+  check_same_values(vec, x, transpose ? "cotangent" : "tangent", "x");
   const softrank::OpSpec spec = make_spec(op, reg, descending, eps);
   const std::int64_t rows = x.shape(0);
   const index_t n = static_cast<index_t>(x.shape(1));
@@ -174,13 +181,9 @@ py::array soft_hvp(const py::array& x_arg, const py::array& out_arg, const py::a
   const py::array x = aligned(x_arg), out = aligned(out_arg), perm = aligned(perm_arg);
   const py::array blocks = aligned(blocks_arg), cotangent = aligned(cotangent_arg);
   const py::array tangent = aligned(tangent_arg);
-  const Kind kind = check_values(x, "x");
-  check_same_values(out, x, "out", "x");
+  const Kind kind = check_forward_state(x, out, perm, blocks);
   check_same_values(cotangent, x, "cotangent", "x");
   check_same_values(tangent, x, "tangent", "x");
-  check_indices(perm, x, "perm");
-  check_indices(blocks, x, "block_start");
-  check_permutation_range(perm);
   const softrank::OpSpec spec = make_spec(op, reg, descending, eps);
   const std::int64_t rows = x.shape(0);
   const index_t n = static_cast<index_t>(x.shape(1));
