@@ -36,8 +36,8 @@ struct ThreadScratch {
       }
     } else {
       grow(keys32, size);
+      grow(packed32, size);  // the network sort's items too
       if (n > kRankSortMax) {
-        grow(packed32, size);
         grow(packed32_tmp, size);
       }
     }

@@ -33,6 +33,17 @@ constexpr int kMaxRadixPasses = 8;
 void rank_sort(const std::uint32_t* keys, index_t n, index_t* order);
 void rank_sort(const std::uint64_t* keys, index_t n, index_t* order);
 
+// Float32 rows up to this long are sorted by a bitonic network in AVX-512
+// registers where the CPU has AVX-512F (network_sort.cpp): items are
+// key << 32 | column, sorted ascending in place. network_sort returns false,
+// doing nothing, where it is not available or n > kNetworkSortMax.
+constexpr index_t kNetworkSortMax = 128;
+bool network_sort_available();
+bool network_sort(std::uint64_t* items, index_t n);
+// sort_row_descending's float32 path for 1 <= n <= kNetworkSortMax where
+// network_sort_available(), keys built and decoded in registers too.
+bool network_sort_row(const float* x, index_t n, bool negate, index_t* perm, double* xs);
+
 inline std::uint32_t float_bits(float v) {
   std::uint32_t u;
   std::memcpy(&u, &v, sizeof u);
@@ -138,10 +149,20 @@ struct SortScratch {
 // Sort x' (= x or -x) decreasingly. Writes perm (column at each sorted
 // position) and xs (the sorted x' in double). Returns false, writing
 // nothing, when the row holds NaN or +-inf.
+// Unpacks sorted key << 32 | column items into perm and the sorted values.
+inline void unpack_sorted(const std::uint64_t* a, index_t n, index_t* perm, double* xs) {
+  for (index_t i = 0; i < n; ++i) {
+    perm[i] = static_cast<index_t>(static_cast<std::uint32_t>(a[i]));
+    xs[i] = static_cast<double>(value_of_key(static_cast<std::uint32_t>(a[i] >> 32)));
+  }
+}
+
 inline bool sort_row_descending(const float* x, index_t n, bool negate, SortScratch& s,
                                 index_t* perm, double* xs) {
-  std::uint32_t* keys = s.keys32;
   std::uint32_t non_finite = 0;
+  if (n <= kNetworkSortMax && n > 0 && network_sort_available())
+    return network_sort_row(x, n, negate, perm, xs);
+  std::uint32_t* keys = s.keys32;
   for (index_t i = 0; i < n; ++i) {
     // Adding +0.0f turns -0.0 into +0.0, so that both zeros share one key.
     const float v = (negate ? -x[i] : x[i]) + 0.0f;
@@ -159,10 +180,7 @@ inline bool sort_row_descending(const float* x, index_t n, bool negate, SortScra
     a[i] = (static_cast<std::uint64_t>(keys[i]) << 32) | static_cast<std::uint32_t>(i);
   a = n < kWideDigitThreshold ? radix_sort<8>(a, s.packed32_tmp, n, 32, 64, s.counts)
                               : radix_sort<11>(a, s.packed32_tmp, n, 32, 64, s.counts);
-  for (index_t i = 0; i < n; ++i) {
-    perm[i] = static_cast<index_t>(static_cast<std::uint32_t>(a[i]));
-    xs[i] = static_cast<double>(value_of_key(static_cast<std::uint32_t>(a[i] >> 32)));
-  }
+  unpack_sorted(a, n, perm, xs);
   return true;
 }
 

@@ -1,4 +1,5 @@
-// The sorting paths: counting ranks (n <= 160), 8-bit radix (n < 65536),
+// The sorting paths: the AVX-512 network (float32, n <= 128, where the CPU
+// has it), counting ranks (n <= 160), 8-bit radix (n < 65536),
 // 11-bit radix (longer), for float32 and float64, against std::stable_sort;
 // soft outputs across the thresholds against the optimality certificate;
 // permutation equivariance.
@@ -11,8 +12,9 @@ using namespace th;
 
 namespace {
 
-const int kLengths[] = {0,   1,   2,   3,   15,  16,  17,   150,   155,   159,   160,   161,
-                        162, 165, 170, 255, 256, 2000, 65535, 65536, 65537, 70000};
+const int kLengths[] = {0,   1,   2,   3,   7,   8,   9,   15,   16,    17,    63,    64,
+                        65,  100, 127, 128, 129, 150, 155, 159,  160,   161,   162,   165,
+                        170, 255, 256, 2000, 65535, 65536, 65537, 70000};
 
 // Rows that stress the key mapping: ties, signed zeros, subnormals, the
 // extremes of the type, negative values.
@@ -117,6 +119,63 @@ TEST(sort_paths, rank_sort_direct) {
       for (int i = 0; i < n; ++i) ok = ok && o32[i] == r32[i] && o64[i] == r64[i];
       CHECK(ok) << "rank_sort n=" << n << "kind" << kind;
     }
+}
+
+// Every register count of the network (1..16 registers of 8 items, partial
+// last register), with ties and the extreme keys, against std::sort; and the
+// whole float32 row path (keys, network, decode) against std::stable_sort.
+TEST(sort_paths, network_sort_direct) {
+  Rng rng(26);
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  CHECK(softrank::network_sort_available() == (__builtin_cpu_supports("avx512f") != 0))
+      << "network sort availability";
+#endif
+  for (int n = 0; n <= softrank::kNetworkSortMax + 1; ++n)
+    for (int kind = 0; kind < 3; ++kind) {
+      std::vector<std::uint64_t> items(n + 1);
+      for (int i = 0; i < n; ++i) {
+        const std::uint64_t r = rng.gen();
+        const std::uint64_t key = kind == 0 ? r >> 32 : kind == 1 ? r % 4 : (r % 2 ? 0xffffffffu : 0u);
+        items[i] = key << 32 | static_cast<std::uint32_t>(i);
+      }
+      items[n] = 12345;  // must not be touched
+      std::vector<std::uint64_t> ref(items.begin(), items.begin() + n);
+      std::sort(ref.begin(), ref.end());
+      const bool ran = softrank::network_sort(items.data(), n);
+      CHECK(ran == (softrank::network_sort_available() && n <= softrank::kNetworkSortMax))
+          << "network_sort ran n=" << n;
+      if (!ran) continue;
+      bool ok = items[n] == 12345;
+      for (int i = 0; i < n; ++i) ok = ok && items[i] == ref[i];
+      CHECK(ok) << "network_sort n=" << n << " kind=" << kind;
+    }
+  for (int n = 1; n <= softrank::kNetworkSortMax; ++n)
+    for (int kind = 0; kind < 6; ++kind)
+      for (bool negate : {false, true}) {
+        const std::vector<float> x = stress_row<float>(rng, n, kind);
+        const std::vector<index_t> ref = reference_perm(x, negate);
+        std::vector<index_t> perm(n + 1, -7);
+        std::vector<double> xs(n + 1, -7.0);
+        if (!softrank::network_sort_row(x.data(), n, negate, perm.data(), xs.data())) {
+          CHECK(!softrank::network_sort_available()) << "finite row refused n=" << n;
+          continue;
+        }
+        bool ok = perm[n] == -7 && xs[n] == -7.0;
+        for (int i = 0; i < n; ++i) {
+          const float v = negate ? -x[ref[i]] : x[ref[i]];
+          ok = ok && perm[i] == ref[i] && xs[i] == static_cast<double>(v);
+        }
+        CHECK(ok) << "network_sort_row n=" << n << " kind=" << kind << " negate=" << negate;
+        // One non-finite entry anywhere makes the row refused.
+        std::vector<float> bad = x;
+        const float specials[] = {std::numeric_limits<float>::infinity(),
+                                  -std::numeric_limits<float>::infinity(),
+                                  std::numeric_limits<float>::quiet_NaN()};
+        bad[rng.integer(0, n - 1)] = specials[rng.integer(0, 2)];
+        CHECK(!softrank::network_sort_row(bad.data(), n, negate, perm.data(), xs.data()) ||
+              !softrank::network_sort_available())
+            << "non-finite row accepted n=" << n;
+      }
 }
 
 TEST(sort_paths, soft_outputs_across_thresholds_are_optimal) {

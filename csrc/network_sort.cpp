@@ -1,0 +1,227 @@
+// Sorting network for short float32 rows: each item is the row's order key
+// (high 32 bits) packed with its column (low 32 bits), so that one 64-bit
+// integer order is the stable order of the row. Up to kNetworkSortMax items
+// are held in (at most 16) AVX-512 registers and sorted by a bitonic network
+// of vector min/max and lane permutes: no branches, no memory traffic, about
+// 4 cycles per item at n = 64 where counting ranks cost ~13. Compiled for
+// AVX-512F only, picked at run time; other CPUs keep the counting-rank sort.
+#include "softrank/sort.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(SOFTRANK_NO_CLONES)
+#define SOFTRANK_HAVE_NETWORK_SORT 1
+#include <immintrin.h>
+#endif
+
+namespace softrank {
+
+#if defined(SOFTRANK_HAVE_NETWORK_SORT)
+namespace {
+
+#define SOFTRANK_AVX512 __attribute__((target("avx512f"), always_inline)) inline
+
+// The network used everywhere below is the "flip" form of Batcher's bitonic
+// sort, whose comparators all put the minimum at the lower index: for each
+// run length k = 2, 4, ..., N, item i is compared with i ^ (k - 1) (the flip),
+// then with i ^ j for j = k/4, ..., 1 (half-cleaners). Within a register of 8
+// lanes a comparator layer with partner i ^ m is a permute, a min, a max and
+// a blend; `mask` has a bit set for every lane that receives the maximum.
+SOFTRANK_AVX512 __m512i layer(__m512i v, __m512i partner_index, __mmask8 max_lanes) {
+  const __m512i partner = _mm512_permutexvar_epi64(partner_index, v);
+  return _mm512_mask_blend_epi64(max_lanes, _mm512_min_epu64(v, partner),
+                                 _mm512_max_epu64(v, partner));
+}
+
+SOFTRANK_AVX512 __m512i lanes_xor(int m) {
+  return _mm512_set_epi64(7 ^ m, 6 ^ m, 5 ^ m, 4 ^ m, 3 ^ m, 2 ^ m, 1 ^ m, 0 ^ m);
+}
+
+// Half-cleaners j = 4, 2, 1 inside each register: the tail of every merge.
+SOFTRANK_AVX512 __m512i clean_lanes(__m512i v) {
+  v = layer(v, lanes_xor(4), 0xF0);
+  v = layer(v, lanes_xor(2), 0xCC);
+  return layer(v, lanes_xor(1), 0xAA);
+}
+
+// Sorts the 8 lanes of v ascending (k = 2, 4, 8 with their half-cleaners).
+SOFTRANK_AVX512 __m512i sort_lanes(__m512i v) {
+  v = layer(v, lanes_xor(1), 0xAA);
+  v = layer(v, lanes_xor(3), 0xCC);
+  v = layer(v, lanes_xor(1), 0xAA);
+  v = layer(v, lanes_xor(7), 0xF0);
+  v = layer(v, lanes_xor(2), 0xCC);
+  return layer(v, lanes_xor(1), 0xAA);
+}
+
+// Sorts R registers where only the first `used` hold items: a register past
+// them is all padding (the largest key), stays so through the network, and
+// every comparator whose upper register is padding is a no-op, so skipping
+// them costs a 100-item row 13 registers of work instead of 16.
+template <int R, int used>
+SOFTRANK_AVX512 void sort_registers_used(__m512i* v) {
+  const __m512i reverse = lanes_xor(7);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    if (r < used) v[r] = sort_lanes(v[r]);
+#pragma GCC unroll 4
+  for (int g = 2; g <= R; g *= 2) {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const int q = r ^ (g - 1);
+      if (q <= r || q >= used) continue;
+      const __m512i b = _mm512_permutexvar_epi64(reverse, v[q]);
+      const __m512i lo = _mm512_min_epu64(v[r], b);
+      const __m512i hi = _mm512_max_epu64(v[r], b);
+      v[r] = lo;
+      v[q] = _mm512_permutexvar_epi64(reverse, hi);
+    }
+#pragma GCC unroll 4
+    for (int h = g / 2; h >= 1; h /= 2) {
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        if ((r & h) || r + h >= used) continue;
+        const __m512i lo = _mm512_min_epu64(v[r], v[r + h]);
+        const __m512i hi = _mm512_max_epu64(v[r], v[r + h]);
+        v[r] = lo;
+        v[r + h] = hi;
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+      if (r < used) v[r] = clean_lanes(v[r]);
+  }
+}
+
+SOFTRANK_AVX512 __mmask8 valid_lanes(index_t n, int r) {
+  const index_t left = n - 8 * r;
+  return left >= 8 ? __mmask8(0xFF) : left <= 0 ? __mmask8(0) : __mmask8((1u << left) - 1);
+}
+
+// Loads n items (padded with the largest key, which sorts after every item
+// of a finite row), sorts, stores the first n back.
+template <int R>
+__attribute__((target("avx512f"))) void sort_items(std::uint64_t* items, index_t n) {
+  __m512i v[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    v[r] = _mm512_mask_loadu_epi64(_mm512_set1_epi64(-1), valid_lanes(n, r), items + 8 * r);
+  sort_registers_used<R, R>(v);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) _mm512_mask_storeu_epi64(items + 8 * r, valid_lanes(n, r), v[r]);
+}
+
+// The whole float32 row path of sort_row_descending (sort.h) in registers:
+// order keys of x' (= x or -x, -0 as +0) packed with their columns, the
+// network, then perm and the decoded sorted values. Returns false where the
+// row holds NaN or +-inf (perm and xs are then unspecified).
+// R registers (a power of two), the first `used` = ceil(n / 8) holding items:
+// both compile-time, so that the network is straight-line code over registers.
+template <int R, int used>
+__attribute__((target("avx512f"))) bool sort_row(const float* x, index_t n, bool negate,
+                                                 index_t* perm, double* xs) {
+  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  const __m512i exponent = _mm512_set1_epi32(0x7f800000);
+  const __m512i flip = negate ? sign : _mm512_setzero_si512();
+  const __m512i lane_index = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  __mmask16 non_finite = 0;
+  __m512i v[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    if (r >= used) {
+      v[r] = _mm512_set1_epi64(-1);
+      continue;
+    }
+    const __mmask8 valid = valid_lanes(n, r);
+    const __m512 loaded = _mm512_maskz_loadu_ps(static_cast<__mmask16>(valid), x + 8 * r);
+    // -x by its sign bit, then + 0.0f so that -0.0 and +0.0 share a key.
+    const __m512 value = _mm512_add_ps(
+        _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(loaded), flip)),
+        _mm512_setzero_ps());
+    const __m512i bits = _mm512_castps_si512(value);
+    non_finite |= _mm512_mask_cmpeq_epi32_mask(static_cast<__mmask16>(valid),
+                                               _mm512_and_si512(bits, exponent), exponent);
+    // descending_key: ~(u ^ (negative ? 0xffffffff : 0x80000000)).
+    const __m512i ordered = _mm512_xor_si512(bits, _mm512_or_si512(_mm512_srai_epi32(bits, 31), sign));
+    const __m512i key = _mm512_xor_si512(ordered, _mm512_set1_epi32(-1));
+    const __m512i packed = _mm512_or_si512(
+        _mm512_slli_epi64(_mm512_cvtepu32_epi64(_mm512_castsi512_si256(key)), 32),
+        _mm512_add_epi64(lane_index, _mm512_set1_epi64(8 * r)));
+    v[r] = _mm512_mask_mov_epi64(_mm512_set1_epi64(-1), valid, packed);
+  }
+  if (non_finite) return false;
+  sort_registers_used<R, used>(v);
+  const __m512i low_sign = _mm512_set1_epi64(0x80000000ll);
+  const __m512i low_ones = _mm512_set1_epi64(0xffffffffll);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    if (r >= used) continue;
+    const __mmask8 valid = valid_lanes(n, r);
+    _mm512_mask_cvtepi64_storeu_epi32(perm + 8 * r, valid, v[r]);
+    // value_of_key: ordered = ~key; u = ordered ^ (ordered < 0 ? 0x80000000 : 0xffffffff).
+    const __m512i ordered = _mm512_xor_si512(_mm512_srli_epi64(v[r], 32), low_ones);
+    const __mmask8 negative_order = _mm512_test_epi64_mask(ordered, low_sign);
+    const __m512i u = _mm512_mask_xor_epi64(_mm512_xor_si512(ordered, low_ones), negative_order,
+                                            ordered, low_sign);
+    const __m256 value = _mm256_castsi256_ps(_mm512_cvtepi64_epi32(u));
+    _mm512_mask_storeu_pd(xs + 8 * r, valid, _mm512_cvtps_pd(value));
+  }
+  return true;
+}
+
+bool cpu_has_avx512f() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f");
+}
+
+const bool kHaveAvx512 = cpu_has_avx512f();
+
+}  // namespace
+
+bool network_sort_available() { return kHaveAvx512; }
+
+bool network_sort(std::uint64_t* items, index_t n) {
+  if (!kHaveAvx512 || n > kNetworkSortMax) return false;
+  if (n <= 8) {
+    sort_items<1>(items, n);
+  } else if (n <= 16) {
+    sort_items<2>(items, n);
+  } else if (n <= 32) {
+    sort_items<4>(items, n);
+  } else if (n <= 64) {
+    sort_items<8>(items, n);
+  } else {
+    sort_items<16>(items, n);
+  }
+  return true;
+}
+
+bool network_sort_row(const float* x, index_t n, bool negate, index_t* perm, double* xs) {
+  switch ((n + 7) / 8) {
+    case 1: return sort_row<1, 1>(x, n, negate, perm, xs);
+    case 2: return sort_row<2, 2>(x, n, negate, perm, xs);
+    case 3: return sort_row<4, 3>(x, n, negate, perm, xs);
+    case 4: return sort_row<4, 4>(x, n, negate, perm, xs);
+    case 5: return sort_row<8, 5>(x, n, negate, perm, xs);
+    case 6: return sort_row<8, 6>(x, n, negate, perm, xs);
+    case 7: return sort_row<8, 7>(x, n, negate, perm, xs);
+    case 8: return sort_row<8, 8>(x, n, negate, perm, xs);
+    case 9: return sort_row<16, 9>(x, n, negate, perm, xs);
+    case 10: return sort_row<16, 10>(x, n, negate, perm, xs);
+    case 11: return sort_row<16, 11>(x, n, negate, perm, xs);
+    case 12: return sort_row<16, 12>(x, n, negate, perm, xs);
+    case 13: return sort_row<16, 13>(x, n, negate, perm, xs);
+    case 14: return sort_row<16, 14>(x, n, negate, perm, xs);
+    case 15: return sort_row<16, 15>(x, n, negate, perm, xs);
+    default: return sort_row<16, 16>(x, n, negate, perm, xs);
+  }
+}
+
+#else
+
+bool network_sort_row(const float*, index_t, bool, index_t*, double*) { return false; }
+bool network_sort_available() { return false; }
+bool network_sort(std::uint64_t*, index_t) { return false; }
+
+#endif
+
+}  // namespace softrank
