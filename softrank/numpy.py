@@ -11,6 +11,7 @@ import math
 from typing import Any, Callable, Tuple
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from softrank import _engine
 from softrank._validate import (
@@ -26,6 +27,8 @@ __all__ = [
     "soft_sort",
     "soft_rank_vjp",
     "soft_sort_vjp",
+    "soft_rank_with_vjp",
+    "soft_sort_with_vjp",
     "soft_rank_jvp",
     "soft_sort_jvp",
     "isotonic_regression",
@@ -87,13 +90,15 @@ def _prepare(x: Any, axis: Any, name: str = "x"):
     return array, ax, rows, restore
 
 
-def _prepare_like(array: np.ndarray, other: Any, axis: int, dtype: np.dtype, name: str) -> np.ndarray:
-    """Bring a cotangent/tangent to the row layout of ``array``; shapes must match."""
+def _prepare_like(
+    shape: Tuple[int, ...], other: Any, axis: int, dtype: np.dtype, name: str
+) -> np.ndarray:
+    """Bring a cotangent/tangent to the row layout of an array of ``shape``; shapes must match."""
     other = np.asarray(other)
     check_float_dtype_kind(other.dtype.kind, str(other.dtype), allow_int=True, name=name)
-    if other.shape != array.shape:
+    if other.shape != shape:
         raise ValueError(
-            f"{name} must have the shape of x {array.shape}, got {other.shape}"
+            f"{name} must have the shape of x {shape}, got {other.shape}"
         )
     rows, _ = _to_rows(other, axis, dtype)
     return rows
@@ -201,14 +206,64 @@ def soft_sort(
     return restore(out)
 
 
+def _soft_product(shape, ax, rows, restore, state, args, vector, jvp):
+    """vjp (or jvp) of the forward pass whose results are ``rows, restore, state, args``.
+
+    ``shape`` is the shape of ``x``; ``vector`` the caller's cotangent (tangent),
+    validated and brought to the ``(rows, n)`` layout here. O(n) per row.
+    """
+    name = "tangent" if jvp else "cotangent"
+    vec = _prepare_like(shape, vector, ax, rows.dtype, name)
+    fn = _engine.engine().soft_jvp if jvp else _engine.engine().soft_vjp
+    return restore(fn(rows, *state, vec, *args))
+
+
 def _soft_vjp(x, cotangent, eps, regularization, direction, axis, op, jvp=False):
     array, ax, rows, restore, state, args = _soft_forward(
         x, eps, regularization, direction, axis, op
     )
-    name = "tangent" if jvp else "cotangent"
-    vec = _prepare_like(array, cotangent, ax, rows.dtype, name)
-    fn = _engine.engine().soft_jvp if jvp else _engine.engine().soft_vjp
-    return restore(fn(rows, *state, vec, *args))
+    return _soft_product(array.shape, ax, rows, restore, state, args, cotangent, jvp)
+
+
+def _caller_may_write(buffer: np.ndarray, array: np.ndarray, source: Any) -> bool:
+    """Whether ``buffer``, made from ``array = np.asarray(source)``, is memory the caller holds.
+
+    ``buffer`` is either a view of ``array`` or a fresh conversion, and a fresh
+    allocation cannot overlap the live ``array``: the bounds check of
+    ``np.may_share_memory`` is exact here (and O(1), unlike ``np.shares_memory``
+    on strided input). An ``array`` that ``np.asarray`` built from a list owns
+    its data and nobody else holds it.
+    """
+    if not np.may_share_memory(buffer, array):
+        return False
+    return array is source or not array.flags.owndata
+
+
+def _soft_with_vjp(x, eps, regularization, direction, axis, op, name):
+    array, ax, rows, restore, state, args = _soft_forward(
+        x, eps, regularization, direction, axis, op
+    )
+    out = state[0]
+    value = restore(out)
+    # The pullback must not see later in-place changes to x or to the value
+    # returned (the engine's vjp may read x and out): copy only what aliases
+    # the caller's memory. perm and block_start are the forward's own.
+    if _caller_may_write(rows, array, x):
+        rows = rows.copy()
+    if np.may_share_memory(value, out):  # value is out, or a view of it
+        state = (out.copy(),) + tuple(state[1:])
+    shape = array.shape
+
+    def vjp(cotangent: ArrayLike) -> np.ndarray:
+        return _soft_product(shape, ax, rows, restore, state, args, cotangent, False)
+
+    vjp.__name__ = vjp.__qualname__ = name + "_vjp"
+    vjp.__doc__ = (
+        f"Gradient of ``sum(cotangent * {name}(x))`` with respect to ``x``, from the "
+        f"stored forward state, O(n) per row. ``cotangent`` must have the shape of "
+        f"``x`` {shape}; the result has the shape and dtype of ``x``."
+    )
+    return value, vjp
 
 
 def soft_rank_vjp(
@@ -268,6 +323,108 @@ def soft_sort_vjp(
     return _soft_vjp(x, cotangent, eps, regularization, direction, axis, _engine.OP_SORT)
 
 
+def soft_rank_with_vjp(
+    x: Any,
+    eps: float = 1.0,
+    *,
+    regularization: str = "l2",
+    direction: str = "ascending",
+    axis: int = -1,
+) -> Tuple[np.ndarray, Callable[[ArrayLike], np.ndarray]]:
+    """Soft ranks of ``x`` and their pullback, from one forward pass (like ``jax.vjp``).
+
+    ``soft_rank(x, ...)`` followed by ``soft_rank_vjp(x, cotangent, ...)``
+    sorts ``x`` twice; this sorts it once and keeps the forward state (the
+    sorting permutation and the PAV blocks), from which every vjp costs O(n)
+    per row.
+
+    Parameters
+    ----------
+    x, eps, regularization, direction, axis : as in :func:`soft_rank`
+        Checked here: bad arguments raise at this call, as in :func:`soft_rank`.
+
+    Returns
+    -------
+    value : numpy.ndarray
+        ``soft_rank(x, eps, ...)``, bitwise: same shape and dtype as ``x``
+        (float64 for ints, booleans and lists).
+    vjp : callable
+        ``vjp(cotangent) -> numpy.ndarray``: the gradient of
+        ``sum(cotangent * value)`` with respect to ``x``, equal bitwise to
+        ``soft_rank_vjp(x, cotangent, eps, ...)``. ``cotangent`` is
+        array_like with the shape of ``x`` (else ``ValueError``) and a real
+        or integer dtype, computed in the dtype of the forward pass; the
+        gradient has the shape and dtype of ``value``. It may be called any
+        number of times, and changing ``x`` or ``value`` in place afterwards
+        does not change it (it keeps a private copy of what it reads when
+        that would alias them).
+
+    See Also
+    --------
+    soft_rank_vjp : the same gradient, recomputing the forward pass.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from softrank.numpy import soft_rank_with_vjp
+    >>> x = np.array([2.0, 0.5, 3.0, -1.0])
+    >>> ranks, vjp = soft_rank_with_vjp(x, eps=2.0)
+    >>> ranks
+    array([2.9375, 2.1875, 3.4375, 1.4375])
+    >>> vjp(np.array([1.0, 0.0, 0.0, 0.0]))  # gradient of ranks[0]
+    array([ 0.375, -0.125, -0.125, -0.125])
+    """
+    return _soft_with_vjp(x, eps, regularization, direction, axis, _engine.OP_RANK, "soft_rank")
+
+
+def soft_sort_with_vjp(
+    x: Any,
+    eps: float = 1.0,
+    *,
+    regularization: str = "l2",
+    direction: str = "ascending",
+    axis: int = -1,
+) -> Tuple[np.ndarray, Callable[[ArrayLike], np.ndarray]]:
+    """Soft sort of ``x`` and its pullback, from one forward pass (like ``jax.vjp``).
+
+    The value and gradient of :func:`soft_sort` / :func:`soft_sort_vjp` with
+    one sort of ``x`` instead of two; every vjp costs O(n) per row.
+
+    Parameters
+    ----------
+    x, eps, regularization, direction, axis : as in :func:`soft_sort`
+        Checked here: bad arguments raise at this call, as in :func:`soft_sort`.
+
+    Returns
+    -------
+    value : numpy.ndarray
+        ``soft_sort(x, eps, ...)``, bitwise: same shape and dtype as ``x``
+        (float64 for ints, booleans and lists).
+    vjp : callable
+        ``vjp(cotangent) -> numpy.ndarray``: the gradient of
+        ``sum(cotangent * value)`` with respect to ``x``, equal bitwise to
+        ``soft_sort_vjp(x, cotangent, eps, ...)``. ``cotangent``: array_like
+        with the shape of ``x`` (else ``ValueError``), real or integer dtype;
+        the gradient has the shape and dtype of ``value``. Callable any number
+        of times; unaffected by later in-place changes to ``x`` or ``value``.
+
+    See Also
+    --------
+    soft_sort_vjp : the same gradient, recomputing the forward pass.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from softrank.numpy import soft_sort_with_vjp
+    >>> values, vjp = soft_sort_with_vjp(np.array([3.0, 1.0, 2.0]), eps=0.1)
+    >>> values
+    array([1., 2., 3.])
+    >>> vjp(np.array([0.0, 0.0, 1.0]))  # gradient of the largest value
+    array([1., 0., 0.])
+    """
+    return _soft_with_vjp(x, eps, regularization, direction, axis, _engine.OP_SORT, "soft_sort")
+
+
 def soft_rank_jvp(
     x: Any,
     tangent: Any,
@@ -302,7 +459,7 @@ def _isotonic_prepare(y, weights, axis):
     array, ax, rows, restore = _prepare(y, axis, name="y")
     w_rows = None
     if weights is not None:
-        w_rows = _prepare_like(array, weights, ax, np.dtype(np.float64), "weights")
+        w_rows = _prepare_like(array.shape, weights, ax, np.dtype(np.float64), "weights")
         if not np.all(np.isfinite(w_rows)) or not np.all(w_rows > 0):
             raise ValueError("weights must be finite and > 0 everywhere")
         w_rows = w_rows.astype(rows.dtype, copy=False)
@@ -362,7 +519,7 @@ def isotonic_regression_vjp(
     ``grad_j = w_j / sum_B w * sum_B cotangent``. O(n) per row.
     """
     array, ax, rows, restore, w_rows = _isotonic_prepare(y, weights, axis)
-    vec = _prepare_like(array, cotangent, ax, rows.dtype, "cotangent")
+    vec = _prepare_like(array.shape, cotangent, ax, rows.dtype, "cotangent")
     eng = _engine.engine()
     _, blocks = eng.isotonic_forward(rows, w_rows, bool(increasing))
     return restore(eng.isotonic_vjp(w_rows, blocks, vec))
