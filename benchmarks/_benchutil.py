@@ -47,6 +47,7 @@ QUICK_SHAPES = {(1, 100), (1, 1000), (256, 100)}  # sinkhorn: n = 100 only
 # the floor references, then peers and baselines), with their kind.
 IMPLS: Dict[str, str] = {
     "softrank.numpy": "softrank",
+    "softrank.numpy[stateless]": "softrank-variant",
     "softrank.numpy[vjp-only]": "softrank-variant",
     "softrank.torch": "softrank",
     "softrank.jax": "softrank",

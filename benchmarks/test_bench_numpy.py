@@ -1,11 +1,14 @@
 """softrank.numpy against np.argsort and fast-soft-sort's numpy ops, on the full grid.
 
-Passes: ``fwd`` is the op; ``fwdbwd`` is the op then its ``*_vjp`` (the value
-and the gradient, as a numpy user gets them; the vjp recomputes the forward,
-so ``softrank.numpy[vjp-only]`` times the vjp call alone). ``np.argsort`` of the
-same array is the floor in both passes. fast-soft-sort takes 1-D arrays, so
-batches loop over rows in Python, as its users do; where batch * n >= 10^6 it
-is timed by a single call without warm-up (up to ~40 s a call).
+Passes: ``fwd`` is the op; ``fwdbwd`` is the value and the gradient as a numpy
+user gets them: ``soft_*_with_vjp(x, ...)`` then its pullback on the cotangent
+(one forward pass). Two variants time the fwdbwd cells only:
+``softrank.numpy[stateless]`` is the op then its ``*_vjp`` (two calls; the vjp
+recomputes the forward) and ``softrank.numpy[vjp-only]`` the ``*_vjp`` call
+alone. ``np.argsort`` of the same array is the floor in both passes.
+fast-soft-sort takes 1-D arrays, so batches loop over rows in Python, as its
+users do; where batch * n >= 10^6 it is timed by a single call without warm-up
+(up to ~40 s a call).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ FSS_ONE_CALL = 10**6
 
 IMPLS = {
     "softrank.numpy": lambda cell: True,
+    "softrank.numpy[stateless]": lambda cell: cell.pass_ == "fwdbwd",
     "softrank.numpy[vjp-only]": lambda cell: cell.pass_ == "fwdbwd",
     "np.argsort": lambda cell: True,
     "fast-soft-sort": lambda cell: True,
@@ -32,14 +36,18 @@ def _softrank(case: Case, x, cot):
     cell = case.cell
     op = getattr(srn, cell.op)
     vjp = getattr(srn, cell.op + "_vjp")
+    with_vjp = getattr(srn, cell.op + "_with_vjp")
     reg = cell.reg
     if case.impl == "softrank.numpy[vjp-only]":
         return lambda: vjp(x, cot, EPS, regularization=reg)
+    if case.impl == "softrank.numpy[stateless]":
+        return lambda: (op(x, EPS, regularization=reg), vjp(x, cot, EPS, regularization=reg))
     if cell.pass_ == "fwd":
         return lambda: op(x, EPS, regularization=reg)
 
     def forward_backward():
-        return op(x, EPS, regularization=reg), vjp(x, cot, EPS, regularization=reg)
+        value, pullback = with_vjp(x, EPS, regularization=reg)
+        return value, pullback(cot)
 
     return forward_backward
 
@@ -67,6 +75,7 @@ def _fast_soft_sort(case: Case, x, cot):
 
 BUILDERS = {
     "softrank.numpy": _softrank,
+    "softrank.numpy[stateless]": _softrank,
     "softrank.numpy[vjp-only]": _softrank,
     "np.argsort": _argsort,
     "fast-soft-sort": _fast_soft_sort,
