@@ -239,12 +239,13 @@ def _pav_soft(xs, op, reg, eps, bstart, bref, bstat, bstat2):
             if is_l2:
                 m_a = float(s - sa)
                 m_b = float(i + 1 - s)
-                # Difference of the block means of xs.
-                dx = (ref_a - ref) + (stat_a / m_a - stat / m_b)
+                # w times the difference of the block means of xs (division-free).
+                w = m_a * m_b
+                x = w * (ref_a - ref) + (m_b * stat_a - m_a * stat)
                 if op == _OP_RANK:
-                    merge = merge_all or dx <= eps * (0.5 * (m_a + m_b))
+                    merge = merge_all or x <= eps * ((0.5 * (m_a + m_b)) * w)
                 else:
-                    merge = merge_all or 0.5 * (m_a + m_b) <= dx * eps
+                    merge = merge_all or (0.5 * (m_a + m_b)) * w <= x * eps
                 if not merge:
                     break
                 stat = stat_a + stat + m_b * (ref - ref_a)

@@ -33,47 +33,76 @@ struct InverseScale {
   SOFTRANK_HD double operator()(double v) const { return multiply ? v * inv : v / eps; }
 };
 
-// The l2 block keeps d = sum (xs - ref): its update is an add and a multiply,
-// so the dependency chain from one merge to the next holds no division (the
-// divisions in the merge test are off that chain). The tests compare the
-// difference of block means, dx, with eps * h or h / eps (h = (m_a + m_b)/2)
-// in the product form, which overflows or underflows only where the limit
-// gives the same answer. One l2 PAV loop serves both operators; `merge(dx, h)` decides on the
-// difference of block means dx and h = (m_a + m_b) / 2.
+// The l2 block keeps d = sum (xs - ref), updated by an add and a multiply.
+// The merge tests compare the difference of the block means,
+// dx = (ref_a - ref_b) + d_a / m_a - d_b / m_b, with h = (m_a + m_b) / 2
+// (rank: dx <= eps h; sort: h <= dx eps), multiplied through by w = m_a m_b
+// so that the loop holds no division (the divider was its bottleneck):
+// X = w (ref_a - ref_b) + (m_b d_a - m_a d_b) = w dx. Rows reach PAV with
+// |x| < 2^960 (soft_forward_sorted scales them), so |X| < 2^1023 for any
+// m_a m_b <= 2^60; an overflow of eps h w or X eps to inf, or an underflow
+// to 0, happens only where the limit gives the same answer.
+//
+// The block being built (the top of the stack) lives in registers and only
+// the blocks below it in memory: a merge chain then never waits on a store
+// it has just made (store-to-load forwarding was most of the loop's time).
+// One l2 PAV loop serves both operators; `merge(X, w, h)` decides.
 template <class MergeTest>
 SOFTRANK_HD index_t pav_l2(const double* xs, index_t n, bool merge_all, BlockStack b,
                            MergeTest merge) {
-  index_t top = 0;
-  for (index_t i = 0; i < n; ++i) {
-    index_t s = i;
-    double ref = xs[i], d = 0.0;
+  if (n <= 0) return 0;
+  index_t top = 0;  // blocks stored below the current one
+  index_t cur_start = 0;
+  double cur_ref = xs[0], cur_d = 0.0;
+  for (index_t i = 1; i < n; ++i) {
+    const double ref_i = xs[i];
+    // The new singleton block (m_b = 1, d_b = 0) against the current block.
+    const double m_cur = static_cast<double>(i - cur_start);
+    const double x_cur = m_cur * (cur_ref - ref_i) + cur_d;
+    if (!(merge_all || merge(x_cur, m_cur, 0.5 * (m_cur + 1.0)))) {
+      b.start[top] = cur_start;
+      b.ref[top] = cur_ref;
+      b.stat[top] = cur_d;
+      ++top;
+      cur_start = i;
+      cur_ref = ref_i;
+      cur_d = 0.0;
+      continue;
+    }
+    index_t s = cur_start;
+    double ref = cur_ref, d = cur_d + (ref_i - cur_ref);
     while (top > 0) {
       const index_t sa = b.start[top - 1];
       const double ma = static_cast<double>(s - sa), mb = static_cast<double>(i + 1 - s);
       const double ref_a = b.ref[top - 1], d_a = b.stat[top - 1];
-      const double dx = (ref_a - ref) + (d_a / ma - d / mb);
-      if (!(merge_all || merge(dx, 0.5 * (ma + mb)))) break;
+      const double w = ma * mb;
+      const double x = w * (ref_a - ref) + (mb * d_a - ma * d);
+      if (!(merge_all || merge(x, w, 0.5 * (ma + mb)))) break;
       d = d_a + d + mb * (ref - ref_a);
       ref = ref_a;
       s = sa;
       --top;
     }
-    b.start[top] = s;
-    b.ref[top] = ref;
-    b.stat[top] = d;
-    ++top;
+    cur_start = s;
+    cur_ref = ref;
+    cur_d = d;
   }
-  return top;
+  b.start[top] = cur_start;
+  b.ref[top] = cur_ref;
+  b.stat[top] = cur_d;
+  return top + 1;
 }
 
 // Rank: V = mean(xs)/eps - mean(rho); merge when dx <= eps * h.
 SOFTRANK_HD index_t pav_rank_l2(const double* xs, index_t n, double eps, BlockStack b) {
-  return pav_l2(xs, n, std::isinf(eps), b, [eps](double dx, double h) { return dx <= eps * h; });
+  return pav_l2(xs, n, std::isinf(eps), b,
+                [eps](double x, double w, double h) { return x <= eps * (h * w); });
 }
 
 // Sort: V = mean(rho)/eps - mean(xs); merge when h <= dx * eps.
 SOFTRANK_HD index_t pav_sort_l2(const double* xs, index_t n, double eps, BlockStack b) {
-  return pav_l2(xs, n, std::isinf(eps), b, [eps](double dx, double h) { return h <= dx * eps; });
+  return pav_l2(xs, n, std::isinf(eps), b,
+                [eps](double x, double w, double h) { return h * w <= x * eps; });
 }
 
 // kl blocks keep S = sum exp((xs - ref)/eps) relative to the block's largest
@@ -87,11 +116,35 @@ SOFTRANK_HD index_t pav_sort_l2(const double* xs, index_t n, double eps, BlockSt
 // exact exps.)
 SOFTRANK_HD index_t pav_rank_kl(const double* xs, const double* step, index_t n, double eps,
                                 BlockStack b) {
+  if (n <= 0) return 0;
   const bool merge_all = std::isinf(eps);
+  // As in pav_l2, the current block is kept in registers.
   index_t top = 0;
-  for (index_t i = 0; i < n; ++i) {
+  index_t cur_start = 0;
+  double cur_ref = xs[0], cur_sum = 1.0, cur_tail = 1.0;
+  for (index_t i = 1; i < n; ++i) {
     index_t s = i;
     double ref = xs[i], sum = 1.0, tail = 1.0;
+    {
+      const double decay = cur_tail * step[s];
+      if (!(merge_all ||
+            cur_sum * rho_sum(n, s, i + 1) <= decay * sum * rho_sum(n, cur_start, s))) {
+        b.start[top] = cur_start;
+        b.ref[top] = cur_ref;
+        b.stat[top] = cur_sum;
+        b.stat2[top] = cur_tail;
+        ++top;
+        cur_start = s;
+        cur_ref = ref;
+        cur_sum = sum;
+        cur_tail = tail;
+        continue;
+      }
+      sum = cur_sum + decay * sum;
+      tail = decay * tail;
+      ref = cur_ref;
+      s = cur_start;
+    }
     while (top > 0) {
       const index_t sa = b.start[top - 1];
       const double sum_a = b.stat[top - 1];
@@ -105,13 +158,16 @@ SOFTRANK_HD index_t pav_rank_kl(const double* xs, const double* step, index_t n,
       s = sa;
       --top;
     }
-    b.start[top] = s;
-    b.ref[top] = ref;
-    b.stat[top] = sum;
-    b.stat2[top] = tail;
-    ++top;
+    cur_start = s;
+    cur_ref = ref;
+    cur_sum = sum;
+    cur_tail = tail;
   }
-  return top;
+  b.start[top] = cur_start;
+  b.ref[top] = cur_ref;
+  b.stat[top] = cur_sum;
+  b.stat2[top] = cur_tail;
+  return top + 1;
 }
 
 // Sort kl: S = sum exp(xs - ref) and Q = sum_{k<m} exp(-k/eps), both in

@@ -172,9 +172,22 @@ void soft_forward_sorted(index_t n, const OpSpec& spec, RowScratch& w, T* out,
   const double sgn = spec.descending ? 1.0 : -1.0;  // sort output sign
   const bool rank_kl = eps != 0.0 && spec.op == Op::Rank && spec.reg == Reg::KL;
   ranges(n, [&](index_t lo, index_t hi) {
+    // rank kl: the span of sorted positions in blocks of two or more, the
+    // only ones whose outputs need an exp.
+    index_t exp_lo = hi, exp_hi = lo;
     for (index_t k = block_of(b, count, lo); k < count && b.start[k] < hi; ++k) {
       const index_t bs = b.start[k];
       const index_t be = k + 1 < count ? b.start[k + 1] : n;
+      if (spec.op == Op::Rank && eps != 0.0 && be - bs == 1) {
+        // A singleton's soft rank is its hard rank n - bs, exactly: the
+        // general expressions below give (n - bs) + scale(0) (l2) and
+        // (n - bs) / 1 * exp(0) (kl). Most blocks are singletons where eps is
+        // small relative to the gaps, and this skips their exps.
+        block_start[bs] = bs;
+        out[perm[bs]] = static_cast<T>(static_cast<double>(n - bs));
+        xs[bs] = 0.0;  // (it may lie in the span passed to the kl exp below)
+        continue;
+      }
       const index_t s = bs > lo ? bs : lo, e = be < hi ? be : hi;  // this range's part
       const double ref = b.ref[k];
       for (index_t i = s; i < e; ++i) block_start[i] = bs;
@@ -195,6 +208,8 @@ void soft_forward_sorted(index_t n, const OpSpec& spec, RowScratch& w, T* out,
         } else {
           // Exponents first (xs is not needed after this); exp and scatter below.
           for (index_t i = s; i < e; ++i) xs[i] = scale(xs[i] - ref);
+          exp_lo = s < exp_lo ? s : exp_lo;
+          exp_hi = e;
         }
       } else {
         if (spec.reg == Reg::L2) {
@@ -210,12 +225,13 @@ void soft_forward_sorted(index_t n, const OpSpec& spec, RowScratch& w, T* out,
         }
       }
     }
-    if (rank_kl) {
+    if (rank_kl && exp_lo < exp_hi) {
       // rank_i = R_B / S_B * exp((xs_i - ref_B) / eps)
-      exp_nonpositive_buffer(xs + lo, hi - lo);
-      for (index_t k = block_of(b, count, lo); k < count && b.start[k] < hi; ++k) {
+      exp_nonpositive_buffer(xs + exp_lo, exp_hi - exp_lo);
+      for (index_t k = block_of(b, count, exp_lo); k < count && b.start[k] < exp_hi; ++k) {
         const index_t bs = b.start[k];
         const index_t be = k + 1 < count ? b.start[k + 1] : n;
+        if (be - bs == 1) continue;  // written above
         const index_t s = bs > lo ? bs : lo, e = be < hi ? be : hi;
         const double factor = rho_sum(n, bs, be) / b.stat[k];
         for (index_t i = s; i < e; ++i) out[perm[i]] = static_cast<T>(factor * xs[i]);
