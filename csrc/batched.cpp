@@ -91,15 +91,24 @@ void for_each_row(std::int64_t rows, index_t n, RowFn&& row_fn) {
   // np.empty((2**40, 0)).
   if (rows <= 0 || n <= 0) return;
   const std::int64_t total = rows * static_cast<std::int64_t>(n);
-  const std::int64_t rows_per_task =
-      total < kParallelMinElements ? rows : std::max<std::int64_t>(1, kElementsPerTask / n);
-  const std::int64_t tasks = (rows + rows_per_task - 1) / rows_per_task;
+  // About kElementsPerTask per task, the count rounded up to a multiple of
+  // the thread count and the rows spread evenly: (256, 100) used to make
+  // tasks of 81, 81, 81 and 13 rows, so one of 2 threads ran 162 rows.
+  std::int64_t tasks = 1;
+  if (total >= kParallelMinElements) {
+    const std::int64_t threads = std::max(1, get_num_threads());
+    tasks = (total + kElementsPerTask - 1) / kElementsPerTask;
+    tasks = (tasks + threads - 1) / threads * threads;
+    tasks = std::min(tasks, rows);
+  }
   std::exception_ptr error;
   std::mutex error_mutex;
   parallel_for(tasks, [&](std::int64_t t) {
     try {
-      const std::int64_t begin = t * rows_per_task;
-      const std::int64_t end = std::min(rows, begin + rows_per_task);
+      // floor(rows * t / tasks), without forming rows * t: (rows % tasks) * t <
+      // tasks^2 <= (total / 8192 + threads)^2, far below 2^63 for any array in memory.
+      const std::int64_t begin = rows / tasks * t + rows % tasks * t / tasks;
+      const std::int64_t end = rows / tasks * (t + 1) + rows % tasks * (t + 1) / tasks;
       for (std::int64_t r = begin; r < end; ++r) row_fn(r);
     } catch (...) {
       std::lock_guard<std::mutex> lock(error_mutex);
