@@ -246,11 +246,14 @@ def _soft_with_vjp(x, eps, regularization, direction, axis, op, name):
     out = state[0]
     value = restore(out)
     # The pullback must not see later in-place changes to x or to the value
-    # returned (the engine's vjp may read x and out): copy only what aliases
-    # the caller's memory. perm and block_start are the forward's own.
-    if _caller_may_write(rows, array, x):
+    # returned: copy what aliases the caller's memory and is read by the
+    # engine's vjp. Per ALGORITHM.md ("Backward"), the Jacobian depends on
+    # perm and the blocks only, plus the output for the kl rank and x for
+    # the kl sort; perm and block_start are the forward's own.
+    kl = args[1] == _engine.REG_KL
+    if kl and op == _engine.OP_SORT and _caller_may_write(rows, array, x):
         rows = rows.copy()
-    if np.may_share_memory(value, out):  # value is out, or a view of it
+    if kl and op == _engine.OP_RANK and np.may_share_memory(value, out):
         state = (out.copy(),) + tuple(state[1:])
     shape = array.shape
 

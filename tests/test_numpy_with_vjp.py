@@ -176,13 +176,15 @@ def _kept_arrays(vjp):
 
 
 def test_pullback_holds_no_alias_of_x_or_value(backend):
-    """What the pullback keeps shares no memory with x or with the value,
-    whether the forward viewed x (contiguous float64) or converted it."""
+    """kl (whose vjp reads x for the sort and the output for the rank): what
+    the pullback keeps shares no memory with x or with the value, whether the
+    forward viewed x (contiguous float64) or converted it. (The l2 vjp reads
+    neither, so it keeps them uncopied; the mutation tests cover it.)"""
     rng = np.random.default_rng(2)
     for x in (rng.normal(size=(3, 5)), rng.normal(size=(3, 5)).astype(np.float32),
               np.arange(12).reshape(3, 4)[:, ::-1], rng.normal(size=(2, 3, 4))):
         for with_vjp in (srn.soft_rank_with_vjp, srn.soft_sort_with_vjp):
-            value, vjp = with_vjp(x, 1.0, axis=0)
+            value, vjp = with_vjp(x, 1.0, regularization="kl", axis=0)
             kept = _kept_arrays(vjp)
             assert len(kept) == 4  # rows of x, out, perm, block_start
             assert not any(np.may_share_memory(a, x) for a in kept)
