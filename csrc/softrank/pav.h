@@ -122,13 +122,20 @@ SOFTRANK_HD index_t pav_rank_kl(const double* xs, const double* step, index_t n,
   index_t top = 0;
   index_t cur_start = 0;
   double cur_ref = xs[0], cur_sum = 1.0, cur_tail = 1.0;
+  // R of the current block, rho_sum(n, cur_start, i), kept as a running sum:
+  // every partial sum is an integer below n (n + 1) / 2 <= 2^53, so it equals
+  // the closed form bit for bit. (Longer rows take the closed form.)
+  const bool exact_sums = n <= (index_t{1} << 26);
+  double cur_rho = static_cast<double>(n);
   for (index_t i = 1; i < n; ++i) {
     index_t s = i;
     double ref = xs[i], sum = 1.0, tail = 1.0;
     {
       const double decay = cur_tail * step[s];
-      if (!(merge_all ||
-            cur_sum * rho_sum(n, s, i + 1) <= decay * sum * rho_sum(n, cur_start, s))) {
+      // rho_sum(n, i, i + 1) = n - i.
+      const double rho_i = static_cast<double>(n - i);
+      const double rho_cur = exact_sums ? cur_rho : rho_sum(n, cur_start, s);
+      if (!(merge_all || cur_sum * rho_i <= decay * sum * rho_cur)) {
         b.start[top] = cur_start;
         b.ref[top] = cur_ref;
         b.stat[top] = cur_sum;
@@ -138,12 +145,14 @@ SOFTRANK_HD index_t pav_rank_kl(const double* xs, const double* step, index_t n,
         cur_ref = ref;
         cur_sum = sum;
         cur_tail = tail;
+        cur_rho = rho_i;
         continue;
       }
       sum = cur_sum + decay * sum;
       tail = decay * tail;
       ref = cur_ref;
       s = cur_start;
+      cur_rho += rho_i;
     }
     while (top > 0) {
       const index_t sa = b.start[top - 1];
@@ -157,6 +166,7 @@ SOFTRANK_HD index_t pav_rank_kl(const double* xs, const double* step, index_t n,
       ref = b.ref[top - 1];
       s = sa;
       --top;
+      if (exact_sums) cur_rho = rho_sum(n, s, i + 1);  // (a cascade is rare)
     }
     cur_start = s;
     cur_ref = ref;
