@@ -125,6 +125,27 @@ py::tuple soft_forward(const py::array& x_arg, int op, int reg, bool descending,
   return py::make_tuple(out, perm, blocks);
 }
 
+// soft_forward's values only (no state for a backward pass).
+py::array soft_forward_value(const py::array& x_arg, int op, int reg, bool descending,
+                             double eps) {
+  const py::array x = aligned(x_arg);
+  const Kind kind = check_values(x, "x");
+  const softrank::OpSpec spec = make_spec(op, reg, descending, eps);
+  const std::int64_t rows = x.shape(0);
+  const index_t n = static_cast<index_t>(x.shape(1));
+  py::array out(x.dtype(), {x.shape(0), x.shape(1)});
+  {
+    py::gil_scoped_release release;
+    if (kind == Kind::Float32)
+      softrank::soft_forward_batch(cdata_of<float>(x), rows, n, spec, data_of<float>(out),
+                                   nullptr, nullptr);
+    else
+      softrank::soft_forward_batch(cdata_of<double>(x), rows, n, spec, data_of<double>(out),
+                                   nullptr, nullptr);
+  }
+  return out;
+}
+
 // perm entries index the row: out-of-range values would write out of bounds.
 void check_permutation_range(const py::array& perm) {
   const index_t* p = cdata_of<index_t>(perm);
@@ -280,6 +301,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("soft_forward", &soft_forward, py::arg("x"), py::arg("op"), py::arg("reg"),
         py::arg("descending"), py::arg("eps"),
         "Soft rank/sort of every row: returns (out, perm, block_start).");
+  m.def("soft_forward_value", &soft_forward_value, py::arg("x"), py::arg("op"), py::arg("reg"),
+        py::arg("descending"), py::arg("eps"),
+        "soft_forward's out alone, without the state for a backward pass.");
   m.def(
       "soft_vjp",
       [](const py::array& x, const py::array& out, const py::array& perm, const py::array& blocks,

@@ -25,6 +25,7 @@ struct ThreadScratch {
   std::vector<std::uint64_t> keys64;
   std::vector<double> xs, work, work2, ws, block_ref, block_stat, block_stat2, block_tail;
   std::vector<index_t> block_start;
+  std::vector<index_t> state_perm, state_blocks;  // a row's forward state when not returned
 
   RowScratch row(index_t n, bool wide) {
     const std::size_t size = static_cast<std::size_t>(n) + 1;
@@ -242,24 +243,44 @@ bool use_long_row_path(std::int64_t rows, index_t n) {
 template <class T>
 void soft_forward_batch(const T* x, std::int64_t rows, index_t n, const OpSpec& spec, T* out,
                         index_t* perm, index_t* block_start) {
+  // perm = block_start = nullptr: the caller wants the values only. Each
+  // row's state then goes to per-thread scratch (in cache) instead of two
+  // more (rows, n) arrays that the caller would allocate, fault in and drop.
+  const bool keep_state = perm != nullptr;
   if (use_long_row_path(rows, n)) {
     // More tasks than threads: a thread that is descheduled (a loaded machine)
     // then holds up only a small share of the work.
     const ParallelRanges ranges{4 * get_num_threads()};
     RowScratch scratch = thread_scratch().row(n, sizeof(T) == 8);
+    std::vector<index_t> own_perm, own_blocks;
+    if (!keep_state) {
+      own_perm.resize(static_cast<std::size_t>(n));
+      own_blocks.resize(static_cast<std::size_t>(n));
+    }
     for (std::int64_t r = 0; r < rows; ++r) {
       const std::int64_t off = r * n;
-      if (!sort_long_row(x + off, n, negates_input(spec), scratch, perm + off, ranges))
-        fill_non_finite_row(n, out + off, perm + off, block_start + off);
+      index_t* row_perm = keep_state ? perm + off : own_perm.data();
+      index_t* row_blocks = keep_state ? block_start + off : own_blocks.data();
+      if (!sort_long_row(x + off, n, negates_input(spec), scratch, row_perm, ranges))
+        fill_non_finite_row(n, out + off, row_perm, row_blocks);
       else
-        soft_forward_sorted(n, spec, scratch, out + off, perm + off, block_start + off, ranges);
+        soft_forward_sorted(n, spec, scratch, out + off, row_perm, row_blocks, ranges);
     }
     return;
   }
   for_each_row(rows, n, [&](std::int64_t r) {
     const std::int64_t off = r * n;
-    RowScratch scratch = thread_scratch().row(n, sizeof(T) == 8);
-    soft_forward_row(x + off, n, spec, scratch, out + off, perm + off, block_start + off);
+    ThreadScratch& s = thread_scratch();
+    index_t* row_perm = perm + off;
+    index_t* row_blocks = block_start + off;
+    if (!keep_state) {
+      ThreadScratch::grow(s.state_perm, static_cast<std::size_t>(n));
+      ThreadScratch::grow(s.state_blocks, static_cast<std::size_t>(n));
+      row_perm = s.state_perm.data();
+      row_blocks = s.state_blocks.data();
+    }
+    RowScratch scratch = s.row(n, sizeof(T) == 8);
+    soft_forward_row(x + off, n, spec, scratch, out + off, row_perm, row_blocks);
   });
 }
 

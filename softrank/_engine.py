@@ -27,6 +27,10 @@ soft_forward(x, op, reg, descending, eps) -> (out, perm, block_start)
     increasing column order). block_start[r, i]: the sorted position where the
     PAV block holding sorted position i starts. A row holding NaN or +-inf gets
     NaN output and block_start = -1 everywhere.
+soft_forward_value(x, op, reg, descending, eps) -> out
+    soft_forward's ``out`` alone, bit for bit, for callers that need no
+    backward pass (the native engine then keeps perm and block_start in
+    per-thread scratch instead of returning two more arrays).
 soft_vjp(x, out, perm, block_start, cotangent, op, reg, descending, eps) -> grad
     The gradient of sum(cotangent * op(x)) with respect to x, from the stored
     forward state, in O(n) per row.

@@ -35,6 +35,7 @@ from numba import njit, prange
 
 __all__ = [
     "soft_forward",
+    "soft_forward_value",
     "soft_vjp",
     "soft_jvp",
     "isotonic_forward",
@@ -968,6 +969,15 @@ def soft_forward(x, op, reg, descending, eps):
         _soft_forward_kernel(x, out, perm, block_start, op, reg, descending, eps,
                              _chunks(rows))
     return out, perm, block_start
+
+
+def soft_forward_value(x, op, reg, descending, eps):
+    """``out`` of :func:`soft_forward` alone (the engine contract's value-only call).
+
+    The numba kernel writes the state anyway; only the native engine saves
+    its arrays.
+    """
+    return soft_forward(x, op, reg, descending, eps)[0]
 
 
 def _soft_backward(x, out, perm, block_start, vec, vec_name, op, reg, descending,

@@ -113,6 +113,15 @@ def _soft_forward(x, eps, regularization, direction, axis, op):
     return array, ax, rows, restore, (out, perm, blocks), (op, reg, descending, eps)
 
 
+def _soft_value(x, eps, regularization, direction, axis, op):
+    """The operator's value alone: the engine keeps no state for a backward pass."""
+    eps = check_eps(eps)
+    reg = check_regularization(regularization)
+    descending = check_direction(direction)
+    _, _, rows, restore = _prepare(x, axis)
+    return restore(_engine.engine().soft_forward_value(rows, op, reg, descending, eps))
+
+
 def soft_rank(
     x: Any,
     eps: float = 1.0,
@@ -159,10 +168,7 @@ def soft_rank(
     >>> soft_rank(np.array([3.0, 1.0, 2.0]), eps=0.1)
     array([3., 1., 2.])
     """
-    array, _, _, restore, (out, _, _), _ = _soft_forward(
-        x, eps, regularization, direction, axis, _engine.OP_RANK
-    )
-    return restore(out)
+    return _soft_value(x, eps, regularization, direction, axis, _engine.OP_RANK)
 
 
 def soft_sort(
@@ -200,10 +206,7 @@ def soft_sort(
     >>> soft_sort(np.array([3.0, 1.0, 2.0]), eps=0.1)
     array([1., 2., 3.])
     """
-    array, _, _, restore, (out, _, _), _ = _soft_forward(
-        x, eps, regularization, direction, axis, _engine.OP_SORT
-    )
-    return restore(out)
+    return _soft_value(x, eps, regularization, direction, axis, _engine.OP_SORT)
 
 
 def _soft_product(shape, ax, rows, restore, state, args, vector, jvp):

@@ -404,6 +404,47 @@ def test_results_independent_of_thread_count(eng):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_forward_value_equals_forward_out(eng, dtype, threads):
+    """soft_forward_value is soft_forward's out bit for bit: short rows (the
+    network and counting sorts), radix rows, a long row (2^18, which with 2
+    threads takes the split-row path), NaN/inf rows, ties, empty shapes."""
+    rng = np.random.default_rng(11)
+    cases = [
+        rng.normal(size=(37, 64)),
+        rng.normal(size=(5, 129)),
+        np.concatenate([rng.normal(size=(3, 1000)), _tied_rows(rng, 3, 1000)]),
+        rng.normal(size=(1, 1 << 18)),
+        np.zeros((0, 4)),
+        np.zeros((3, 0)),
+    ]
+    bad = rng.normal(size=(4, 50))
+    bad[1, 7], bad[3, 0] = np.nan, -np.inf
+    cases.append(bad)
+    before = eng.get_num_threads()
+    try:
+        eng.set_num_threads(threads)
+        for x in cases:
+            x = np.ascontiguousarray(x, dtype=dtype)
+            for op in OPS:
+                for reg in REGS:
+                    for eps in (0.0, 0.5, np.inf):
+                        want = eng.soft_forward(x, op, reg, op == _engine.OP_SORT, eps)[0]
+                        got = eng.soft_forward_value(x, op, reg, op == _engine.OP_SORT, eps)
+                        assert got.dtype == x.dtype and got.shape == x.shape
+                        np.testing.assert_array_equal(got, want)
+    finally:
+        eng.set_num_threads(before)
+
+
+def test_forward_value_checks_its_arguments(eng):
+    with pytest.raises((ValueError, TypeError), match="x"):
+        eng.soft_forward_value(np.zeros((2, 3), np.int64), 0, 0, False, 1.0)
+    with pytest.raises((ValueError, TypeError), match="x"):
+        eng.soft_forward_value(np.zeros(3), 0, 0, False, 1.0)
+
+
 # ---------------------------------------------------------------------------
 # Isotonic regression
 # ---------------------------------------------------------------------------

@@ -12,6 +12,8 @@
 
 namespace softrank {
 
+// perm and block_start receive the forward state for the products below;
+// pass nullptr for both when only `out` is wanted.
 template <class T>
 void soft_forward_batch(const T* x, std::int64_t rows, index_t n, const OpSpec& spec, T* out,
                         index_t* perm, index_t* block_start);
