@@ -58,6 +58,7 @@ struct SerialRanges {
 
 // Index of the block holding sorted position i (block starts are increasing).
 SOFTRANK_HD index_t block_of(const BlockStack& b, index_t count, index_t i) {
+  if (i == 0) return 0;
   index_t lo = 0, hi = count;  // invariant: start[lo] <= i < start[hi] (start[count] = n)
   while (hi - lo > 1) {
     const index_t mid = lo + (hi - lo) / 2;
@@ -88,6 +89,82 @@ inline void sort_kl_log_ratios(const double* xs, const double* decay, index_t co
       log_ratio = std::log1p(diff / b.stat2[k]);
     }
     b.stat[k] = log_ratio;
+  }
+}
+
+// The output pass of soft_forward_sorted over sorted positions [lo, hi).
+// Everything arrives by value: captured by reference in a lambda, n and the
+// pointers were reloaded after every store through block_start (an index_t
+// store may alias them), which cost a quarter of a short kl row.
+template <class T>
+SOFTRANK_HD void write_outputs(index_t lo, index_t hi, index_t n, index_t count, BlockStack b,
+                               OpSpec spec, double eps, InverseScale scale,
+                               InverseScale scale_out, double unscale, double sgn, bool rank_kl,
+                               double* xs, T* out, const index_t* perm, index_t* block_start) {
+  // rank kl: the span of sorted positions in blocks of two or more, the
+  // only ones whose outputs need an exp.
+  index_t exp_lo = hi, exp_hi = lo;
+  for (index_t k = block_of(b, count, lo); k < count && b.start[k] < hi; ++k) {
+    const index_t bs = b.start[k];
+    const index_t be = k + 1 < count ? b.start[k + 1] : n;
+    if (spec.op == Op::Rank && eps != 0.0 && be - bs == 1) {
+      // A singleton's soft rank is its hard rank n - bs, exactly: the
+      // general expressions below give (n - bs) + scale(0) (l2) and
+      // (n - bs) / 1 * exp(0) (kl). Most blocks are singletons where eps is
+      // small relative to the gaps, and this skips their exps.
+      block_start[bs] = bs;
+      out[perm[bs]] = static_cast<T>(static_cast<double>(n - bs));
+      xs[bs] = 0.0;  // (it may lie in the span passed to the kl exp below)
+      continue;
+    }
+    const index_t s = bs > lo ? bs : lo, e = be < hi ? be : hi;  // this range's part
+    const double ref = b.ref[k];
+    for (index_t i = s; i < e; ++i) block_start[i] = bs;
+    if (eps == 0.0) {
+      if (spec.op == Op::Rank) {
+        const double r = rho_mean(n, bs, be);
+        for (index_t i = s; i < e; ++i) out[perm[i]] = static_cast<T>(r);
+      } else {
+        for (index_t i = s; i < e; ++i) out[i] = static_cast<T>(sgn * xs[i]);
+      }
+      continue;
+    }
+    if (spec.op == Op::Rank) {
+      if (spec.reg == Reg::L2) {
+        const double base = rho_mean(n, bs, be), offset = b.stat[k] / static_cast<double>(be - bs);
+        for (index_t i = s; i < e; ++i)
+          out[perm[i]] = static_cast<T>(base + scale((xs[i] - ref) - offset));
+      } else {
+        // Exponents first (xs is not needed after this); exp and scatter below.
+        for (index_t i = s; i < e; ++i) xs[i] = scale(xs[i] - ref);
+        exp_lo = s < exp_lo ? s : exp_lo;
+        exp_hi = e;
+      }
+    } else {
+      if (spec.reg == Reg::L2) {
+        const double mean = unscale * (ref + b.stat[k] / static_cast<double>(be - bs));
+        // (double: bs + be overflows index_t for rows longer than 2^30)
+        const double centre = 0.5 * (static_cast<double>(bs) + static_cast<double>(be) - 1.0);
+        for (index_t i = s; i < e; ++i)
+          out[i] = static_cast<T>(sgn * (scale_out(centre - static_cast<double>(i)) + mean));
+      } else {
+        const double base = ref + b.stat[k];  // log(S/Q), see sort_kl_log_ratios
+        for (index_t i = s; i < e; ++i)
+          out[i] = static_cast<T>(sgn * (base - scale(static_cast<double>(i - bs))));
+      }
+    }
+  }
+  if (rank_kl && exp_lo < exp_hi) {
+    // rank_i = R_B / S_B * exp((xs_i - ref_B) / eps)
+    exp_nonpositive_buffer(xs + exp_lo, exp_hi - exp_lo);
+    for (index_t k = block_of(b, count, exp_lo); k < count && b.start[k] < exp_hi; ++k) {
+      const index_t bs = b.start[k];
+      const index_t be = k + 1 < count ? b.start[k + 1] : n;
+      if (be - bs == 1) continue;  // written above
+      const index_t s = bs > lo ? bs : lo, e = be < hi ? be : hi;
+      const double factor = rho_sum(n, bs, be) / b.stat[k];
+      for (index_t i = s; i < e; ++i) out[perm[i]] = static_cast<T>(factor * xs[i]);
+    }
   }
 }
 
@@ -172,71 +249,8 @@ void soft_forward_sorted(index_t n, const OpSpec& spec, RowScratch& w, T* out,
   const double sgn = spec.descending ? 1.0 : -1.0;  // sort output sign
   const bool rank_kl = eps != 0.0 && spec.op == Op::Rank && spec.reg == Reg::KL;
   ranges(n, [&](index_t lo, index_t hi) {
-    // rank kl: the span of sorted positions in blocks of two or more, the
-    // only ones whose outputs need an exp.
-    index_t exp_lo = hi, exp_hi = lo;
-    for (index_t k = block_of(b, count, lo); k < count && b.start[k] < hi; ++k) {
-      const index_t bs = b.start[k];
-      const index_t be = k + 1 < count ? b.start[k + 1] : n;
-      if (spec.op == Op::Rank && eps != 0.0 && be - bs == 1) {
-        // A singleton's soft rank is its hard rank n - bs, exactly: the
-        // general expressions below give (n - bs) + scale(0) (l2) and
-        // (n - bs) / 1 * exp(0) (kl). Most blocks are singletons where eps is
-        // small relative to the gaps, and this skips their exps.
-        block_start[bs] = bs;
-        out[perm[bs]] = static_cast<T>(static_cast<double>(n - bs));
-        xs[bs] = 0.0;  // (it may lie in the span passed to the kl exp below)
-        continue;
-      }
-      const index_t s = bs > lo ? bs : lo, e = be < hi ? be : hi;  // this range's part
-      const double ref = b.ref[k];
-      for (index_t i = s; i < e; ++i) block_start[i] = bs;
-      if (eps == 0.0) {
-        if (spec.op == Op::Rank) {
-          const double r = rho_mean(n, bs, be);
-          for (index_t i = s; i < e; ++i) out[perm[i]] = static_cast<T>(r);
-        } else {
-          for (index_t i = s; i < e; ++i) out[i] = static_cast<T>(sgn * xs[i]);
-        }
-        continue;
-      }
-      if (spec.op == Op::Rank) {
-        if (spec.reg == Reg::L2) {
-          const double base = rho_mean(n, bs, be), offset = b.stat[k] / static_cast<double>(be - bs);
-          for (index_t i = s; i < e; ++i)
-            out[perm[i]] = static_cast<T>(base + scale((xs[i] - ref) - offset));
-        } else {
-          // Exponents first (xs is not needed after this); exp and scatter below.
-          for (index_t i = s; i < e; ++i) xs[i] = scale(xs[i] - ref);
-          exp_lo = s < exp_lo ? s : exp_lo;
-          exp_hi = e;
-        }
-      } else {
-        if (spec.reg == Reg::L2) {
-          const double mean = unscale * (ref + b.stat[k] / static_cast<double>(be - bs));
-          // (double: bs + be overflows index_t for rows longer than 2^30)
-          const double centre = 0.5 * (static_cast<double>(bs) + static_cast<double>(be) - 1.0);
-          for (index_t i = s; i < e; ++i)
-            out[i] = static_cast<T>(sgn * (scale_out(centre - static_cast<double>(i)) + mean));
-        } else {
-          const double base = ref + b.stat[k];  // log(S/Q), see sort_kl_log_ratios
-          for (index_t i = s; i < e; ++i)
-            out[i] = static_cast<T>(sgn * (base - scale(static_cast<double>(i - bs))));
-        }
-      }
-    }
-    if (rank_kl && exp_lo < exp_hi) {
-      // rank_i = R_B / S_B * exp((xs_i - ref_B) / eps)
-      exp_nonpositive_buffer(xs + exp_lo, exp_hi - exp_lo);
-      for (index_t k = block_of(b, count, exp_lo); k < count && b.start[k] < exp_hi; ++k) {
-        const index_t bs = b.start[k];
-        const index_t be = k + 1 < count ? b.start[k + 1] : n;
-        if (be - bs == 1) continue;  // written above
-        const index_t s = bs > lo ? bs : lo, e = be < hi ? be : hi;
-        const double factor = rho_sum(n, bs, be) / b.stat[k];
-        for (index_t i = s; i < e; ++i) out[perm[i]] = static_cast<T>(factor * xs[i]);
-      }
-    }
+    write_outputs(lo, hi, n, count, b, spec, eps, scale, scale_out, unscale, sgn, rank_kl, xs, out,
+                  perm, block_start);
   });
 }
 
