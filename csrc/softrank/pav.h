@@ -19,7 +19,7 @@ struct BlockStack {
   index_t* start;  // first sorted position of each block
   double* ref;     // xs[start], the block's largest value
   double* stat;    // l2: sum (xs - ref); kl: S = sum exp((xs - ref) * c), in [1, m]
-  double* stat2;   // rank kl: exp((xs[last] - ref) / eps); sort kl: Q = sum_{k<m} exp(-k/eps)
+  double* stat2;   // l2: the block length m; rank kl: exp((xs[last] - ref) / eps); sort kl: Q = sum_{k<m} exp(-k/eps)
   double* tail;    // sort kl: exp(xs[last] - ref)
 };
 
@@ -51,45 +51,50 @@ template <class MergeTest>
 SOFTRANK_HD index_t pav_l2(const double* xs, index_t n, bool merge_all, BlockStack b,
                            MergeTest merge) {
   if (n <= 0) return 0;
+  // Block lengths are carried as doubles (exact integers), the stack's in
+  // stat2, so that no test converts an index.
   index_t top = 0;  // blocks stored below the current one
   index_t cur_start = 0;
-  double cur_ref = xs[0], cur_d = 0.0;
+  double cur_ref = xs[0], cur_d = 0.0, cur_m = 1.0;
   for (index_t i = 1; i < n; ++i) {
     const double ref_i = xs[i];
     // The new singleton block (m_b = 1, d_b = 0) against the current block.
-    const double m_cur = static_cast<double>(i - cur_start);
-    const double x_cur = m_cur * (cur_ref - ref_i) + cur_d;
-    if (!(merge_all || merge(x_cur, m_cur, 0.5 * (m_cur + 1.0)))) {
+    const double x_cur = cur_m * (cur_ref - ref_i) + cur_d;
+    if (!(merge_all || merge(x_cur, cur_m, 0.5 * (cur_m + 1.0)))) {
       b.start[top] = cur_start;
       b.ref[top] = cur_ref;
       b.stat[top] = cur_d;
+      b.stat2[top] = cur_m;
       ++top;
       cur_start = i;
       cur_ref = ref_i;
       cur_d = 0.0;
+      cur_m = 1.0;
       continue;
     }
     index_t s = cur_start;
-    double ref = cur_ref, d = cur_d + (ref_i - cur_ref);
+    double ref = cur_ref, d = cur_d + (ref_i - cur_ref), mb = cur_m + 1.0;
     while (top > 0) {
-      const index_t sa = b.start[top - 1];
-      const double ma = static_cast<double>(s - sa), mb = static_cast<double>(i + 1 - s);
+      const double ma = b.stat2[top - 1];
       const double ref_a = b.ref[top - 1], d_a = b.stat[top - 1];
       const double w = ma * mb;
       const double x = w * (ref_a - ref) + (mb * d_a - ma * d);
       if (!(merge_all || merge(x, w, 0.5 * (ma + mb)))) break;
       d = d_a + d + mb * (ref - ref_a);
       ref = ref_a;
-      s = sa;
+      mb += ma;
       --top;
+      s = b.start[top];
     }
     cur_start = s;
     cur_ref = ref;
     cur_d = d;
+    cur_m = mb;
   }
   b.start[top] = cur_start;
   b.ref[top] = cur_ref;
   b.stat[top] = cur_d;
+  b.stat2[top] = cur_m;
   return top + 1;
 }
 
