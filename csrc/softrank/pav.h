@@ -119,26 +119,28 @@ SOFTRANK_HD index_t pav_sort_l2(const double* xs, index_t n, double eps, BlockSt
 // so the factor between adjacent blocks is tail_a * step[s_b]. (Products of
 // k steps carry at most k/2 ulp of rounding; the outputs themselves use
 // exact exps.)
-SOFTRANK_HD index_t pav_rank_kl(const double* xs, const double* step, index_t n, double eps,
-                                BlockStack b) {
+// R of the current block, rho_sum(n, cur_start, i), is kept as a running
+// sum where every partial sum is an integer below n (n + 1) / 2 <= 2^53
+// (exact_sums: n <= 2^26), so it equals the closed form bit for bit; longer
+// rows take the closed form. A template parameter, so that the loop holds
+// no select between the two.
+template <bool exact_sums>
+SOFTRANK_HD index_t pav_rank_kl_loop(const double* xs, const double* step, index_t n, double eps,
+                                     BlockStack b) {
   if (n <= 0) return 0;
   const bool merge_all = std::isinf(eps);
   // As in pav_l2, the current block is kept in registers.
   index_t top = 0;
   index_t cur_start = 0;
   double cur_ref = xs[0], cur_sum = 1.0, cur_tail = 1.0;
-  // R of the current block, rho_sum(n, cur_start, i), kept as a running sum:
-  // every partial sum is an integer below n (n + 1) / 2 <= 2^53, so it equals
-  // the closed form bit for bit. (Longer rows take the closed form.)
-  const bool exact_sums = n <= (index_t{1} << 26);
   double cur_rho = static_cast<double>(n);
+  double rho_i = static_cast<double>(n);  // rho_sum(n, i, i + 1) = n - i, exact
   for (index_t i = 1; i < n; ++i) {
     index_t s = i;
     double ref = xs[i], sum = 1.0, tail = 1.0;
+    rho_i -= 1.0;
     {
       const double decay = cur_tail * step[s];
-      // rho_sum(n, i, i + 1) = n - i.
-      const double rho_i = static_cast<double>(n - i);
       const double rho_cur = exact_sums ? cur_rho : rho_sum(n, cur_start, s);
       if (!(merge_all || cur_sum * rho_i <= decay * sum * rho_cur)) {
         b.start[top] = cur_start;
@@ -183,6 +185,12 @@ SOFTRANK_HD index_t pav_rank_kl(const double* xs, const double* step, index_t n,
   b.stat[top] = cur_sum;
   b.stat2[top] = cur_tail;
   return top + 1;
+}
+
+SOFTRANK_HD index_t pav_rank_kl(const double* xs, const double* step, index_t n, double eps,
+                                BlockStack b) {
+  return n <= (index_t{1} << 26) ? pav_rank_kl_loop<true>(xs, step, n, eps, b)
+                                 : pav_rank_kl_loop<false>(xs, step, n, eps, b);
 }
 
 // Sort kl: S = sum exp(xs - ref) and Q = sum_{k<m} exp(-k/eps), both in

@@ -132,8 +132,14 @@ SOFTRANK_HD void write_outputs(index_t lo, index_t hi, index_t n, index_t count,
     if (spec.op == Op::Rank) {
       if (spec.reg == Reg::L2) {
         const double base = rho_mean(n, bs, be), offset = b.stat[k] / static_cast<double>(be - bs);
-        for (index_t i = s; i < e; ++i)
-          out[perm[i]] = static_cast<T>(base + scale((xs[i] - ref) - offset));
+        if (scale.multiply) {  // scale(v), its branch hoisted
+          const double inv = scale.inv;
+          for (index_t i = s; i < e; ++i)
+            out[perm[i]] = static_cast<T>(base + ((xs[i] - ref) - offset) * inv);
+        } else {
+          for (index_t i = s; i < e; ++i)
+            out[perm[i]] = static_cast<T>(base + ((xs[i] - ref) - offset) / scale.eps);
+        }
       } else {
         // Exponents first (xs is not needed after this); exp and scatter below.
         for (index_t i = s; i < e; ++i) xs[i] = scale(xs[i] - ref);
@@ -223,7 +229,15 @@ void soft_forward_sorted(index_t n, const OpSpec& spec, RowScratch& w, T* out,
     } else {
       double* step = w.work;
       ranges(n, [&](index_t lo, index_t hi) {
-        for (index_t i = lo; i < hi; ++i) step[i] = i == 0 ? 0.0 : scale(xs[i] - xs[i - 1]);
+        // scale(v) with its branch hoisted, so that the loops vectorise.
+        if (lo == 0) step[0] = 0.0;
+        const index_t first = lo == 0 ? 1 : lo;
+        const double inv = scale.inv, e = scale.eps;
+        if (scale.multiply) {
+          for (index_t i = first; i < hi; ++i) step[i] = (xs[i] - xs[i - 1]) * inv;
+        } else {
+          for (index_t i = first; i < hi; ++i) step[i] = (xs[i] - xs[i - 1]) / e;
+        }
         exp_nonpositive_buffer(step + lo, hi - lo);
       });
       count = pav_rank_kl(xs, step, n, eps, b);
