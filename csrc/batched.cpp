@@ -83,10 +83,11 @@ ThreadScratch& thread_scratch() {
 constexpr std::int64_t kParallelMinElements = 16384;
 constexpr std::int64_t kElementsPerTask = 8192;
 
-// Calls row_fn(r) for every row, in parallel tasks of whole rows. Exceptions
-// (only std::bad_alloc can occur) are carried back to the caller.
-template <class RowFn>
-void for_each_row(std::int64_t rows, index_t n, RowFn&& row_fn) {
+// Calls range_fn(begin, end) for consecutive ranges of rows covering
+// [0, rows), in parallel tasks. Exceptions (only std::bad_alloc can occur)
+// are carried back to the caller.
+template <class RangeFn>
+void for_each_row_range(std::int64_t rows, index_t n, RangeFn&& range_fn) {
   // n = 0: every row is empty and there is nothing to do. Looping over the
   // rows anyway would take hours for a valid zero-size array such as
   // np.empty((2**40, 0)).
@@ -110,13 +111,21 @@ void for_each_row(std::int64_t rows, index_t n, RowFn&& row_fn) {
       // tasks^2 <= (total / 8192 + threads)^2, far below 2^63 for any array in memory.
       const std::int64_t begin = rows / tasks * t + rows % tasks * t / tasks;
       const std::int64_t end = rows / tasks * (t + 1) + rows % tasks * (t + 1) / tasks;
-      for (std::int64_t r = begin; r < end; ++r) row_fn(r);
+      range_fn(begin, end);
     } catch (...) {
       std::lock_guard<std::mutex> lock(error_mutex);
       if (!error) error = std::current_exception();
     }
   });
   if (error) std::rethrow_exception(error);
+}
+
+// Calls row_fn(r) for every row, in parallel tasks of whole rows.
+template <class RowFn>
+void for_each_row(std::int64_t rows, index_t n, RowFn&& row_fn) {
+  for_each_row_range(rows, n, [&](std::int64_t begin, std::int64_t end) {
+    for (std::int64_t r = begin; r < end; ++r) row_fn(r);
+  });
 }
 
 // One long row (or fewer rows than threads): the sort, the elementwise
@@ -268,19 +277,20 @@ void soft_forward_batch(const T* x, std::int64_t rows, index_t n, const OpSpec& 
     }
     return;
   }
-  for_each_row(rows, n, [&](std::int64_t r) {
-    const std::int64_t off = r * n;
+  for_each_row_range(rows, n, [&](std::int64_t begin, std::int64_t end) {
+    // Scratch is set up once per task, not per row (rows of 64 felt it).
     ThreadScratch& s = thread_scratch();
-    index_t* row_perm = perm + off;
-    index_t* row_blocks = block_start + off;
     if (!keep_state) {
       ThreadScratch::grow(s.state_perm, static_cast<std::size_t>(n));
       ThreadScratch::grow(s.state_blocks, static_cast<std::size_t>(n));
-      row_perm = s.state_perm.data();
-      row_blocks = s.state_blocks.data();
     }
     RowScratch scratch = s.row(n, sizeof(T) == 8);
-    soft_forward_row(x + off, n, spec, scratch, out + off, row_perm, row_blocks);
+    for (std::int64_t r = begin; r < end; ++r) {
+      const std::int64_t off = r * n;
+      index_t* row_perm = keep_state ? perm + off : s.state_perm.data();
+      index_t* row_blocks = keep_state ? block_start + off : s.state_blocks.data();
+      soft_forward_row(x + off, n, spec, scratch, out + off, row_perm, row_blocks);
+    }
   });
 }
 

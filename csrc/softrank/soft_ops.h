@@ -104,6 +104,7 @@ SOFTRANK_HD void write_outputs(index_t lo, index_t hi, index_t n, index_t count,
   // rank kl: the span of sorted positions in blocks of two or more, the
   // only ones whose outputs need an exp.
   index_t exp_lo = hi, exp_hi = lo;
+  const bool rank_l2 = eps != 0.0 && spec.op == Op::Rank && spec.reg == Reg::L2;
   for (index_t k = block_of(b, count, lo); k < count && b.start[k] < hi; ++k) {
     const index_t bs = b.start[k];
     const index_t be = k + 1 < count ? b.start[k + 1] : n;
@@ -119,7 +120,11 @@ SOFTRANK_HD void write_outputs(index_t lo, index_t hi, index_t n, index_t count,
     }
     const index_t s = bs > lo ? bs : lo, e = be < hi ? be : hi;  // this range's part
     const double ref = b.ref[k];
-    for (index_t i = s; i < e; ++i) block_start[i] = bs;
+    // The l2 rank writes block_start in its output loop (one pass, not two,
+    // over blocks that are often short).
+    const bool fused = rank_l2 && scale.multiply;
+    if (!fused)
+      for (index_t i = s; i < e; ++i) block_start[i] = bs;
     if (eps == 0.0) {
       if (spec.op == Op::Rank) {
         const double r = rho_mean(n, bs, be);
@@ -134,8 +139,10 @@ SOFTRANK_HD void write_outputs(index_t lo, index_t hi, index_t n, index_t count,
         const double base = rho_mean(n, bs, be), offset = b.stat[k] / static_cast<double>(be - bs);
         if (scale.multiply) {  // scale(v), its branch hoisted
           const double inv = scale.inv;
-          for (index_t i = s; i < e; ++i)
+          for (index_t i = s; i < e; ++i) {
+            block_start[i] = bs;
             out[perm[i]] = static_cast<T>(base + ((xs[i] - ref) - offset) * inv);
+          }
         } else {
           for (index_t i = s; i < e; ++i)
             out[perm[i]] = static_cast<T>(base + ((xs[i] - ref) - offset) / scale.eps);
@@ -189,10 +196,14 @@ void soft_forward_sorted(index_t n, const OpSpec& spec, RowScratch& w, T* out,
   // precision of 2^-1074, i.e. O(1) relative to eps (wrong row sums). The kl
   // sort needs neither. The check is O(1): xs is sorted.
   double unscale = 1.0;  // sort l2: maps the scaled block means back
-  if (n > 0 && eps != 0.0 && !(spec.op == Op::Sort && spec.reg == Reg::KL)) {
-    constexpr int kMaxExponent = 960;  // |x| f < 2^960: sums of n differences stay finite
+  constexpr int kMaxExponent = 960;  // |x| f < 2^960: sums of n differences stay finite
+  const double max_abs = n > 0 ? std::fmax(std::fabs(xs[0]), std::fabs(xs[n - 1])) : 0.0;
+  // (The common row needs neither scaling: skip frexp, a libm call per row.)
+  const bool may_scale = max_abs >= 0x1p960 ||
+                         (spec.op == Op::Rank && eps < std::numeric_limits<double>::min());
+  if (n > 0 && eps != 0.0 && !(spec.op == Op::Sort && spec.reg == Reg::KL) && may_scale) {
     int exponent;
-    std::frexp(std::fmax(std::fabs(xs[0]), std::fabs(xs[n - 1])), &exponent);
+    std::frexp(max_abs, &exponent);
     int k = 0;
     if (exponent > kMaxExponent) {
       k = kMaxExponent - exponent;
