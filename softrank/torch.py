@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from softrank import _host
+from softrank import _engine, _host
 from softrank._engine import OP_RANK, OP_SORT
 from softrank._validate import (
     check_axis,
@@ -60,14 +60,16 @@ _CODES = {
 
 def _to_host(tensor: Tensor) -> np.ndarray:
     """A numpy view of a CPU tensor (a host copy of a CUDA one), C-contiguous."""
-    if tensor.device.type != "cpu":
+    if not tensor.is_cpu:
         tensor = tensor.cpu()
-    return tensor.detach().contiguous().numpy()
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    return tensor.detach().numpy()
 
 
 def _from_host(array: np.ndarray, like: Tensor) -> Tensor:
     result = torch.from_numpy(array)
-    return result if like.device.type == "cpu" else result.to(like.device)
+    return result if like.is_cpu else result.to(like.device)
 
 
 # --- host calls: what the operators run ------------------------------------
@@ -268,10 +270,16 @@ _soft_hvp.register_autograd(_hvp_backward, setup_context=_hvp_setup)
 
 
 class _SoftForward(torch.autograd.Function):
+    """The eager operator on a C-contiguous (rows, n) tensor.
+
+    Talks to the engine directly (the (rows, n) layout is the engine's), since
+    at n = 100 every Python call of the glue is a visible share of the time.
+    """
+
     @staticmethod
     def forward(ctx, x, op, reg, descending, eps):
         x_host = _to_host(x)
-        state = _host.forward(x_host, op, reg, descending, eps)
+        state = _engine.engine().soft_forward(x_host, op, reg, descending, eps)
         out = _from_host(state[0], x)
         # The tensors are saved so that autograd catches in-place changes to
         # them; the backward reads the host arrays (no conversions).
@@ -289,7 +297,12 @@ class _SoftForward(torch.autograd.Function):
                 x, out, _from_host(perm, x), _from_host(block_start, x), grad_out, *ctx.params
             )
         else:
-            grad = _from_host(_host.vjp(*ctx.host, _to_host(grad_out), *ctx.params), x)
+            g = grad_out
+            if g.dtype != x.dtype:
+                g = g.to(x.dtype)
+            grad = _from_host(
+                _engine.engine().soft_vjp(*ctx.host, _to_host(g), *ctx.params), x
+            )
         return grad, None, None, None, None
 
 
@@ -339,17 +352,23 @@ def _soft_op(x: Any, eps: Any, regularization: Any, direction: Any, dim: Any, op
         last = axis == ndim - 1
         moved = x if last else x.movedim(axis, -1)
     shape = moved.shape
-    rows = moved.reshape(math.prod(shape[:-1]), shape[-1])
+    # (Each tensor method call costs a microsecond or two: the common 2-D
+    # contiguous case makes none it does not need.)
+    rows = moved if ndim == 2 else moved.reshape(math.prod(shape[:-1]), shape[-1])
     if compute_dtype is not dtype:
         rows = rows.to(compute_dtype)
-    rows = rows.contiguous()
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
     if not _direct_call_allowed(rows):
         out = torch.ops.softrank.soft_forward(rows, op, reg, descending, eps)[0]
     elif rows.requires_grad and torch.is_grad_enabled():
         out = _SoftForward.apply(rows, op, reg, descending, eps)
     else:
-        out = _from_host(_host.forward(_to_host(rows), op, reg, descending, eps)[0], rows)
-    out = out.view(shape)
+        out = _from_host(
+            _engine.engine().soft_forward_value(_to_host(rows), op, reg, descending, eps), rows
+        )
+    if ndim != 2:
+        out = out.view(shape)
     if not last:
         out = out.movedim(-1, axis)
     return out if compute_dtype is dtype else out.to(dtype)

@@ -155,9 +155,17 @@ def test_cpu_input_reaches_the_engine_without_copies(monkeypatch, path):
             seen["out"] = result[0].__array_interface__["data"][0]
             return result
 
+        @staticmethod
+        def soft_forward_value(x, *args):  # the no-grad path: no state kept
+            seen["x"] = x.__array_interface__["data"][0]
+            result = real.soft_forward_value(x, *args)
+            seen["out"] = result.__array_interface__["data"][0]
+            return result
+
     monkeypatch.setattr(_engine, "_engine", Spy())
     x = _x((4, 50), seed=12, dtype=torch.float32)
     for requires_grad in (False, True):
+        seen.clear()
         out = srt.soft_rank(x.requires_grad_(requires_grad))
         assert seen["x"] == x.data_ptr()
         assert seen["out"] == out.data_ptr()
