@@ -18,7 +18,7 @@ import numpy as np
 
 from softrank import _engine
 
-__all__ = ["forward", "vjp", "jvp", "hvp"]
+__all__ = ["forward", "forward_value", "vjp", "jvp", "hvp"]
 
 
 def _rows(array: np.ndarray) -> np.ndarray:
@@ -37,6 +37,11 @@ def forward(
         _rows(x), op, reg, descending, eps
     )
     return out.reshape(shape), perm.reshape(shape), block_start.reshape(shape)
+
+
+def forward_value(x: np.ndarray, op: int, reg: int, descending: bool, eps: float) -> np.ndarray:
+    """``out`` of :func:`forward` alone (no state for a backward pass)."""
+    return _engine.engine().soft_forward_value(_rows(x), op, reg, descending, eps).reshape(x.shape)
 
 
 def vjp(x, out, perm, block_start, cotangent, op, reg, descending, eps) -> np.ndarray:

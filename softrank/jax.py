@@ -50,7 +50,13 @@ def _forward_callback(x, op, reg, descending, eps):
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def _soft_op(x, op, reg, descending, eps):
-    return _forward_callback(x, op, reg, descending, eps)[0]
+    # Not differentiated: the values alone (the engine keeps no state).
+    return jax.pure_callback(
+        partial(_host.forward_value, op=op, reg=reg, descending=descending, eps=eps),
+        jax.ShapeDtypeStruct(x.shape, x.dtype),
+        x,
+        vmap_method=_VMAP_METHOD,
+    )
 
 
 def _soft_op_fwd(x, op, reg, descending, eps):

@@ -529,6 +529,10 @@ def _agreement_inputs(rng):
             x[-1, int(rng.integers(n))] = np.nan
         cases.append(np.ascontiguousarray(x))
     cases.append(np.ascontiguousarray(rng.normal(size=(2, 1000))))
+    # Widely spread values (the benchmarks' data): the kl sort pools long
+    # blocks whose far terms underflow, and decides merges whose exp factors
+    # underflow from bounds on the logs.
+    cases.append(np.ascontiguousarray(rng.random((2, 3000)) * 3000.0))
     return cases
 
 

@@ -219,7 +219,17 @@ SOFTRANK_HD index_t pav_sort_kl(const double* xs, const double* step, const doub
         merge = sum_rho_a * sum * eu <= ev * sum_a * sum_rho;
       } else {
         const double u = ref_a - ref, v = scale(static_cast<double>(s - sa));
-        merge = std::log(sum_rho_a * sum) - u <= std::log(sum_a * sum_rho) - v;
+        // Both logs lie in [0, log(m_a m_b)] <= [0, 43.7] (m < 2^31), so
+        // where u - v is outside [-44, 44] the logs cannot change the
+        // answer: decide without them (same decisions, two log calls saved
+        // per test on rows of widely spread values).
+        if (u - v >= 44.0) {
+          merge = true;
+        } else if (u - v < -44.0) {
+          merge = false;
+        } else {
+          merge = std::log(sum_rho_a * sum) - u <= std::log(sum_a * sum_rho) - v;
+        }
       }
       if (!merge) break;
       sum = sum_a + eu * sum;

@@ -77,11 +77,22 @@ inline void sort_kl_log_ratios(const double* xs, const double* decay, index_t co
   for (index_t k = 0; k < count; ++k) {
     const index_t bs = b.start[k];
     const index_t be = k + 1 < count ? b.start[k + 1] : n;
+    if (be - bs == 1) {
+      // A singleton keeps S = Q = 1 exactly (never merged): log(1) - log(1)
+      // = 0, without the two log calls that dominated short blocks.
+      b.stat[k] = 0.0;
+      continue;
+    }
     double log_ratio = std::log(b.stat[k]) - std::log(b.stat2[k]);
     if (be - bs > 1 && std::fabs(log_ratio) < 1.0) {
       double diff = 0.0;
       for (index_t j = bs + 1; j < be; ++j) {  // j = bs contributes exp(0) - exp(0) = 0
         const double a = xs[j] - b.ref[k];
+        const double b_j = -scale(static_cast<double>(j - bs));
+        // a and b only decrease with j: once both exps underflow to 0 every
+        // later term is exactly 0 (a block of 10^4 spread values used to
+        // spend its time in libm's underflow path here).
+        if (a < -750.0 && b_j < -750.0) break;
         const double gap = a + scale(static_cast<double>(j - bs));  // a - b
         diff += std::fabs(gap) < 0.5 ? decay[j - bs] * std::expm1(gap)
                                      : std::exp(a) - decay[j - bs];
