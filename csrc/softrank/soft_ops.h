@@ -169,12 +169,26 @@ SOFTRANK_HD void write_outputs(index_t lo, index_t hi, index_t n, index_t count,
         const double mean = unscale * (ref + b.stat[k] / static_cast<double>(be - bs));
         // (double: bs + be overflows index_t for rows longer than 2^30)
         const double centre = 0.5 * (static_cast<double>(bs) + static_cast<double>(be) - 1.0);
-        for (index_t i = s; i < e; ++i)
-          out[i] = static_cast<T>(sgn * (scale_out(centre - static_cast<double>(i)) + mean));
+        // scale_out(v) with its branch hoisted, so that the loop vectorises.
+        if (scale_out.multiply) {
+          const double inv = scale_out.inv;
+          for (index_t i = s; i < e; ++i)
+            out[i] = static_cast<T>(sgn * ((centre - static_cast<double>(i)) * inv + mean));
+        } else {
+          const double e_out = scale_out.eps;
+          for (index_t i = s; i < e; ++i)
+            out[i] = static_cast<T>(sgn * ((centre - static_cast<double>(i)) / e_out + mean));
+        }
       } else {
         const double base = ref + b.stat[k];  // log(S/Q), see sort_kl_log_ratios
-        for (index_t i = s; i < e; ++i)
-          out[i] = static_cast<T>(sgn * (base - scale(static_cast<double>(i - bs))));
+        if (scale.multiply) {
+          const double inv = scale.inv;
+          for (index_t i = s; i < e; ++i)
+            out[i] = static_cast<T>(sgn * (base - static_cast<double>(i - bs) * inv));
+        } else {
+          for (index_t i = s; i < e; ++i)
+            out[i] = static_cast<T>(sgn * (base - static_cast<double>(i - bs) / scale.eps));
+        }
       }
     }
   }
