@@ -201,37 +201,58 @@ SOFTRANK_HD index_t pav_rank_kl(const double* xs, const double* step, index_t n,
 // and each block carries `tail = exp(xs[last] - ref)`.
 SOFTRANK_HD index_t pav_sort_kl(const double* xs, const double* step, const double* decay,
                                 index_t n, double eps, BlockStack b) {
+  if (n <= 0) return 0;
   const bool merge_all = std::isinf(eps);
   const InverseScale scale(eps);
+  // The test of block A (earlier) against block B: true to merge.
+  auto merges = [&](index_t sa, double ref_a, double sum_a, double sum_rho_a, double eu,
+                    double ev, index_t s, double ref, double sum, double sum_rho) {
+    if (merge_all) return true;
+    if (eu >= std::numeric_limits<double>::min() && ev >= std::numeric_limits<double>::min())
+      return sum_rho_a * sum * eu <= ev * sum_a * sum_rho;
+    const double u = ref_a - ref, v = scale(static_cast<double>(s - sa));
+    // Both logs lie in [0, log(m_a m_b)] <= [0, 43.7] (m < 2^31), so where
+    // u - v is outside [-44, 44] the logs cannot change the answer: decide
+    // without them (same decisions, two log calls saved per test on rows of
+    // widely spread values).
+    if (u - v >= 44.0) return true;
+    if (u - v < -44.0) return false;
+    return std::log(sum_rho_a * sum) - u <= std::log(sum_a * sum_rho) - v;
+  };
+  // As in pav_l2, the current block is kept in registers.
   index_t top = 0;
-  for (index_t i = 0; i < n; ++i) {
+  index_t cur_start = 0;
+  double cur_ref = xs[0], cur_sum = 1.0, cur_sum_rho = 1.0, cur_tail = 1.0;
+  for (index_t i = 1; i < n; ++i) {
     index_t s = i;
     double ref = xs[i], sum = 1.0, sum_rho = 1.0, tail = 1.0;
+    {
+      const double eu = cur_tail * step[s], ev = decay[s - cur_start];
+      if (!merges(cur_start, cur_ref, cur_sum, cur_sum_rho, eu, ev, s, ref, sum, sum_rho)) {
+        b.start[top] = cur_start;
+        b.ref[top] = cur_ref;
+        b.stat[top] = cur_sum;
+        b.stat2[top] = cur_sum_rho;
+        b.tail[top] = cur_tail;
+        ++top;
+        cur_start = s;
+        cur_ref = ref;
+        cur_sum = sum;
+        cur_sum_rho = sum_rho;
+        cur_tail = tail;
+        continue;
+      }
+      sum = cur_sum + eu * sum;
+      sum_rho = cur_sum_rho + ev * sum_rho;
+      tail = eu * tail;
+      ref = cur_ref;
+      s = cur_start;
+    }
     while (top > 0) {
       const index_t sa = b.start[top - 1];
       const double ref_a = b.ref[top - 1], sum_a = b.stat[top - 1], sum_rho_a = b.stat2[top - 1];
       const double eu = b.tail[top - 1] * step[s], ev = decay[s - sa];
-      bool merge;
-      if (merge_all) {
-        merge = true;
-      } else if (eu >= std::numeric_limits<double>::min() &&
-                 ev >= std::numeric_limits<double>::min()) {
-        merge = sum_rho_a * sum * eu <= ev * sum_a * sum_rho;
-      } else {
-        const double u = ref_a - ref, v = scale(static_cast<double>(s - sa));
-        // Both logs lie in [0, log(m_a m_b)] <= [0, 43.7] (m < 2^31), so
-        // where u - v is outside [-44, 44] the logs cannot change the
-        // answer: decide without them (same decisions, two log calls saved
-        // per test on rows of widely spread values).
-        if (u - v >= 44.0) {
-          merge = true;
-        } else if (u - v < -44.0) {
-          merge = false;
-        } else {
-          merge = std::log(sum_rho_a * sum) - u <= std::log(sum_a * sum_rho) - v;
-        }
-      }
-      if (!merge) break;
+      if (!merges(sa, ref_a, sum_a, sum_rho_a, eu, ev, s, ref, sum, sum_rho)) break;
       sum = sum_a + eu * sum;
       sum_rho = sum_rho_a + ev * sum_rho;
       tail = eu * tail;
@@ -239,14 +260,18 @@ SOFTRANK_HD index_t pav_sort_kl(const double* xs, const double* step, const doub
       s = sa;
       --top;
     }
-    b.start[top] = s;
-    b.ref[top] = ref;
-    b.stat[top] = sum;
-    b.stat2[top] = sum_rho;
-    b.tail[top] = tail;
-    ++top;
+    cur_start = s;
+    cur_ref = ref;
+    cur_sum = sum;
+    cur_sum_rho = sum_rho;
+    cur_tail = tail;
   }
-  return top;
+  b.start[top] = cur_start;
+  b.ref[top] = cur_ref;
+  b.stat[top] = cur_sum;
+  b.stat2[top] = cur_sum_rho;
+  b.tail[top] = cur_tail;
+  return top + 1;
 }
 
 // eps = 0, the hard operator. Rank: blocks are the runs of equal values (tied
