@@ -364,8 +364,21 @@ void soft_product_row(const T* x, const T* out, const index_t* perm, const index
     // inf * 0 would make the (zero) gradient of every singleton block NaN.
     // Divide instead.
     const bool divide = std::isinf(scale * static_cast<double>(n));
-    for_each_block(block_start, n, [&](index_t s, index_t e) {
-      if (spec.reg == Reg::L2) {
+    // The regularization is decided once per row, not per block, and a
+    // singleton block (the common one where eps is small against the gaps)
+    // is written without loops: the same expressions with m = 1, where
+    // rho_sum(n, s, s + 1) = n - s exactly.
+    if (spec.reg == Reg::L2) {
+      for_each_block(block_start, n, [&](index_t s, index_t e) {
+        if (e - s == 1) {
+          const index_t p = perm[s];
+          const double v = static_cast<double>(vec[p]);
+          double sum = 0.0;
+          sum += v;  // (as the loop below: 0.0 + v turns -0.0 into +0.0)
+          const double d = v - sum / 1.0;
+          result[p] = static_cast<T>(divide ? sg * (d / eps) : scale * d);
+          return;
+        }
         double sum = 0.0;
         for (index_t i = s; i < e; ++i) sum += static_cast<double>(vec[perm[i]]);
         const double mean = sum / static_cast<double>(e - s);
@@ -373,7 +386,18 @@ void soft_product_row(const T* x, const T* out, const index_t* perm, const index
           const double d = static_cast<double>(vec[perm[i]]) - mean;
           result[perm[i]] = static_cast<T>(divide ? sg * (d / eps) : scale * d);
         }
-      } else {
+      });
+    } else {
+      for_each_block(block_start, n, [&](index_t s, index_t e) {
+        if (e - s == 1) {
+          const index_t p = perm[s];
+          const double v = static_cast<double>(vec[p]), r = static_cast<double>(out[p]);
+          double dot = 0.0;
+          dot += v * r;
+          const double d = v - dot / static_cast<double>(n - s);
+          result[p] = static_cast<T>(divide ? sg * (r * d / eps) : scale * r * d);
+          return;
+        }
         double dot = 0.0;
         for (index_t i = s; i < e; ++i)
           dot += static_cast<double>(vec[perm[i]]) * static_cast<double>(out[perm[i]]);
@@ -383,8 +407,8 @@ void soft_product_row(const T* x, const T* out, const index_t* perm, const index
           const double d = static_cast<double>(vec[perm[i]]) - c;
           result[perm[i]] = static_cast<T>(divide ? sg * (r * d / eps) : scale * r * d);
         }
-      }
-    });
+      });
+    }
     return;
   }
   const bool negate = negates_input(spec);
