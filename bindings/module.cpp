@@ -102,48 +102,48 @@ py::array aligned(const py::array& a) {
   return copy;
 }
 
-py::tuple soft_forward(const py::array& x_arg, int op, int reg, bool descending, double eps) {
+struct ForwardResult {
+  py::array out;
+  py::array_t<index_t> perm, blocks;  // empty unless the state is kept
+};
+
+// The forward pass; keep_state = false returns the values only (the core
+// keeps perm and the block starts in per-thread scratch).
+ForwardResult run_forward(const py::array& x_arg, int op, int reg, bool descending, double eps,
+                          bool keep_state) {
   const py::array x = aligned(x_arg);
   const Kind kind = check_values(x, "x");
   const softrank::OpSpec spec = make_spec(op, reg, descending, eps);
   const std::int64_t rows = x.shape(0);
   const index_t n = static_cast<index_t>(x.shape(1));
-  py::array out(x.dtype(), {x.shape(0), x.shape(1)});
-  py::array_t<index_t> perm({x.shape(0), x.shape(1)});
-  py::array_t<index_t> blocks({x.shape(0), x.shape(1)});
-  index_t* perm_ptr = perm.mutable_data();
-  index_t* block_ptr = blocks.mutable_data();
+  ForwardResult r{py::array(x.dtype(), {x.shape(0), x.shape(1)}), {}, {}};
+  index_t* perm_ptr = nullptr;
+  index_t* block_ptr = nullptr;
+  if (keep_state) {
+    r.perm = py::array_t<index_t>({x.shape(0), x.shape(1)});
+    r.blocks = py::array_t<index_t>({x.shape(0), x.shape(1)});
+    perm_ptr = r.perm.mutable_data();
+    block_ptr = r.blocks.mutable_data();
+  }
   {
     py::gil_scoped_release release;
     if (kind == Kind::Float32)
-      softrank::soft_forward_batch(cdata_of<float>(x), rows, n, spec, data_of<float>(out),
+      softrank::soft_forward_batch(cdata_of<float>(x), rows, n, spec, data_of<float>(r.out),
                                    perm_ptr, block_ptr);
     else
-      softrank::soft_forward_batch(cdata_of<double>(x), rows, n, spec, data_of<double>(out),
+      softrank::soft_forward_batch(cdata_of<double>(x), rows, n, spec, data_of<double>(r.out),
                                    perm_ptr, block_ptr);
   }
-  return py::make_tuple(out, perm, blocks);
+  return r;
 }
 
-// soft_forward's values only (no state for a backward pass).
-py::array soft_forward_value(const py::array& x_arg, int op, int reg, bool descending,
-                             double eps) {
-  const py::array x = aligned(x_arg);
-  const Kind kind = check_values(x, "x");
-  const softrank::OpSpec spec = make_spec(op, reg, descending, eps);
-  const std::int64_t rows = x.shape(0);
-  const index_t n = static_cast<index_t>(x.shape(1));
-  py::array out(x.dtype(), {x.shape(0), x.shape(1)});
-  {
-    py::gil_scoped_release release;
-    if (kind == Kind::Float32)
-      softrank::soft_forward_batch(cdata_of<float>(x), rows, n, spec, data_of<float>(out),
-                                   nullptr, nullptr);
-    else
-      softrank::soft_forward_batch(cdata_of<double>(x), rows, n, spec, data_of<double>(out),
-                                   nullptr, nullptr);
-  }
-  return out;
+py::tuple soft_forward(const py::array& x, int op, int reg, bool descending, double eps) {
+  ForwardResult r = run_forward(x, op, reg, descending, eps, true);
+  return py::make_tuple(r.out, r.perm, r.blocks);
+}
+
+py::array soft_forward_value(const py::array& x, int op, int reg, bool descending, double eps) {
+  return run_forward(x, op, reg, descending, eps, false).out;
 }
 
 // perm entries index the row: out-of-range values would write out of bounds.
