@@ -438,6 +438,32 @@ def test_forward_value_equals_forward_out(eng, dtype, threads):
         eng.set_num_threads(before)
 
 
+def test_returned_arrays_own_their_memory(eng):
+    """The native engine recycles freed output buffers of the same size: live
+    results never share memory, a reused buffer carries the new values, and
+    writing into a result does not reach a later call's result."""
+    rng = np.random.default_rng(12)
+    xs = [rng.normal(size=(300, 100)) for _ in range(3)]
+    g = rng.normal(size=(300, 100))
+    want = [eng.soft_forward(x, 0, 1, False, 0.5) for x in xs]
+    live = []
+    for _ in range(3):
+        for x, w in zip(xs, want):
+            state = eng.soft_forward(x, 0, 1, False, 0.5)
+            for a, b in zip(state, w):
+                np.testing.assert_array_equal(a, b)
+            grad = eng.soft_vjp(x, *state, g, 0, 1, False, 0.5)
+            np.testing.assert_array_equal(grad, eng.soft_vjp(x, *w, g, 0, 1, False, 0.5))
+            live += [*state, grad]
+        # everything alive at once is pairwise disjoint
+        for i in range(len(live)):
+            for j in range(i + 1, len(live)):
+                assert not np.shares_memory(live[i], live[j])
+        for a in live:
+            a[...] = -7  # scribble, then free: the next round must not see it
+        live.clear()
+
+
 def test_forward_value_checks_its_arguments(eng):
     with pytest.raises((ValueError, TypeError), match="x"):
         eng.soft_forward_value(np.zeros((2, 3), np.int64), 0, 0, False, 1.0)
