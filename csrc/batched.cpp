@@ -208,12 +208,7 @@ inline bool sort_long_row(const float* x, index_t n, bool negate, RowScratch& w,
   if (non_finite.load()) return false;
   a = parallel_radix_sort(a, w.sort.packed32_tmp, n, 32, 64, ranges.tasks);
   double* xs = w.xs;
-  ranges(n, [&](index_t lo, index_t hi) {
-    for (index_t i = lo; i < hi; ++i) {
-      perm[i] = static_cast<index_t>(static_cast<std::uint32_t>(a[i]));
-      xs[i] = static_cast<double>(value_of_key(static_cast<std::uint32_t>(a[i] >> 32)));
-    }
-  });
+  ranges(n, [&](index_t lo, index_t hi) { unpack_sorted(a + lo, hi - lo, perm + lo, xs + lo); });
   return true;
 }
 
