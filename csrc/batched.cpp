@@ -24,7 +24,7 @@ struct ThreadScratch {
   std::vector<std::uint32_t> counts, keys32;
   std::vector<std::uint64_t> keys64;
   std::vector<double> xs, work, work2, ws, block_ref, block_stat, block_stat2, block_tail;
-  std::vector<index_t> block_start;
+  std::vector<index_t> block_start, chunk_first, chunk_last, chunk_end;
   std::vector<index_t> state_perm, state_blocks;  // a row's forward state when not returned
 
   RowScratch row(index_t n, bool wide) {
@@ -51,6 +51,10 @@ struct ThreadScratch {
     grow(block_stat, size);
     grow(block_stat2, size);
     grow(block_start, size);
+    const std::size_t chunks = static_cast<std::size_t>(pav_chunk_count(n)) + 1;
+    grow(chunk_first, chunks);
+    grow(chunk_last, chunks);
+    grow(chunk_end, chunks);
     RowScratch r;
     r.sort.packed32 = packed32.data();
     r.sort.packed32_tmp = packed32_tmp.data();
@@ -64,6 +68,9 @@ struct ThreadScratch {
     r.work2 = work2.data();
     r.blocks = BlockStack{block_start.data(), block_ref.data(), block_stat.data(),
                           block_stat2.data(), block_tail.data()};
+    r.chunk_first = chunk_first.data();
+    r.chunk_last = chunk_last.data();
+    r.chunk_end = chunk_end.data();
     return r;
   }
 
@@ -128,118 +135,51 @@ void for_each_row(std::int64_t rows, index_t n, RowFn&& row_fn) {
   });
 }
 
-// One long row (or fewer rows than threads): the sort, the elementwise
-// passes and the output are split over the threads; PAV, a single O(n) scan,
-// stays serial. The result is the same bit for bit: the stable sort order is
-// unique and every output element is computed by the same expression.
-// Below this the serial path is faster: each pass of the threaded sort costs a
-// synchronisation, which a row of 1e5 elements does not amortise (measured).
-constexpr index_t kLongRow = 1 << 18;
+// One long row (or fewer rows than threads): the sort's passes, the
+// elementwise passes, the PAV chunks and the output are split over the
+// threads (soft_ops.h, pav.h, sort.h: bucket_sort_row). The result is the
+// same bit for bit: the stable sort order is unique, the PAV chunks depend on
+// n only, and every output element is computed by the same expression.
+// Below this the per-row path is faster: each pass costs a synchronisation,
+// which a row of 1e5 elements does not amortise (measured).
+constexpr index_t kLongRow = kBucketSortMin;
 
 struct ParallelRanges {
-  int tasks;
+  int threads;
+  // More parts than threads: a thread that is descheduled (a loaded machine)
+  // then holds up only a small share of the work.
+  int parts() const { return 4 * threads; }
   template <class Fn>
   void operator()(index_t n, Fn&& fn) const {
+    const int tasks = parts();
     parallel_for(tasks, [&](std::int64_t t) {
       const index_t lo = static_cast<index_t>(static_cast<std::int64_t>(n) * t / tasks);
       const index_t hi = static_cast<index_t>(static_cast<std::int64_t>(n) * (t + 1) / tasks);
       if (lo < hi) fn(lo, hi);
     });
   }
+  template <class Fn>
+  void tasks(index_t count, Fn&& fn) const {
+    parallel_for(count, [&](std::int64_t t) { fn(static_cast<index_t>(t)); });
+  }
 };
 
-// Stable LSD radix sort (11-bit digits) of a[0, n) by radix_key bits
-// [lo_bit, hi_bit), each pass split into `chunks` contiguous parts: per-part
-// histograms, then offsets in (digit, part) order, so the scatter of part t
-// lands exactly where a serial pass would put it.
-template <class Item>
-Item* parallel_radix_sort(Item* a, Item* tmp, index_t n, int lo_bit, int hi_bit, int chunks) {
-  constexpr int kBits = 11;
-  constexpr std::uint32_t kBuckets = 1u << kBits;
-  std::vector<std::uint32_t> hist(static_cast<std::size_t>(chunks) * kBuckets);
-  auto bound = [&](int t) { return static_cast<index_t>(static_cast<std::int64_t>(n) * t / chunks); };
-  Item* src = a;
-  Item* dst = tmp;
-  for (int shift = lo_bit; shift < hi_bit; shift += kBits) {
-    parallel_for(chunks, [&](std::int64_t t) {
-      std::uint32_t* h = hist.data() + t * kBuckets;
-      std::fill(h, h + kBuckets, 0u);
-      for (index_t i = bound(static_cast<int>(t)); i < bound(static_cast<int>(t) + 1); ++i)
-        ++h[(radix_key(src[i]) >> shift) & (kBuckets - 1)];
-    });
-    std::uint32_t offset = 0;
-    bool trivial = false;
-    for (std::uint32_t d = 0; d < kBuckets; ++d) {
-      std::uint32_t total = 0;
-      for (int t = 0; t < chunks; ++t) {
-        std::uint32_t& h = hist[static_cast<std::size_t>(t) * kBuckets + d];
-        const std::uint32_t c = h;
-        h = offset;
-        offset += c;
-        total += c;
-      }
-      if (total == static_cast<std::uint32_t>(n)) trivial = true;  // one digit for all
-    }
-    if (trivial) continue;
-    parallel_for(chunks, [&](std::int64_t t) {
-      std::uint32_t* h = hist.data() + t * kBuckets;
-      for (index_t i = bound(static_cast<int>(t)); i < bound(static_cast<int>(t) + 1); ++i)
-        dst[h[(radix_key(src[i]) >> shift) & (kBuckets - 1)]++] = src[i];
-    });
-    std::swap(src, dst);
-  }
-  return src;
-}
-
-// Sorting a long row with the threads; false for a non-finite row.
 inline bool sort_long_row(const float* x, index_t n, bool negate, RowScratch& w, index_t* perm,
                           const ParallelRanges& ranges) {
-  std::uint64_t* a = w.sort.packed32;
-  std::atomic<bool> non_finite{false};
-  ranges(n, [&](index_t lo, index_t hi) {
-    std::uint32_t bad = 0;
-    for (index_t i = lo; i < hi; ++i) {
-      const float v = (negate ? -x[i] : x[i]) + 0.0f;
-      bad |= !is_finite_bits(float_bits(v));
-      a[i] = (static_cast<std::uint64_t>(descending_key(v)) << 32) | static_cast<std::uint32_t>(i);
-    }
-    if (bad) non_finite.store(true);
-  });
-  if (non_finite.load()) return false;
-  a = parallel_radix_sort(a, w.sort.packed32_tmp, n, 32, 64, ranges.tasks);
-  double* xs = w.xs;
-  ranges(n, [&](index_t lo, index_t hi) { unpack_sorted(a + lo, hi - lo, perm + lo, xs + lo); });
-  return true;
+  return bucket_sort_row<PackedItems32>(x, n, negate, w.sort.packed32, w.sort.packed32_tmp, perm,
+                                        w.xs, ranges);
 }
 
 inline bool sort_long_row(const double* x, index_t n, bool negate, RowScratch& w, index_t* perm,
                           const ParallelRanges& ranges) {
-  KeyIndex64* a = w.sort.keyed64;
-  std::atomic<bool> non_finite{false};
-  ranges(n, [&](index_t lo, index_t hi) {
-    std::uint64_t bad = 0;
-    for (index_t i = lo; i < hi; ++i) {
-      const double v = (negate ? -x[i] : x[i]) + 0.0;
-      bad |= !is_finite_bits(float_bits(v));
-      a[i].key = descending_key(v);
-      a[i].index = static_cast<std::uint32_t>(i);
-    }
-    if (bad) non_finite.store(true);
-  });
-  if (non_finite.load()) return false;
-  a = parallel_radix_sort(a, w.sort.keyed64_tmp, n, 0, 64, ranges.tasks);
-  double* xs = w.xs;
-  ranges(n, [&](index_t lo, index_t hi) {
-    for (index_t i = lo; i < hi; ++i) {
-      perm[i] = static_cast<index_t>(a[i].index);
-      xs[i] = value_of_key(a[i].key);
-    }
-  });
-  return true;
+  return bucket_sort_row<KeyedItems64>(x, n, negate, w.sort.keyed64, w.sort.keyed64_tmp, perm,
+                                       w.xs, ranges);
 }
 
+// With one thread too, so that one and two threads run the same code (the
+// results are the same either way; this keeps the timings comparable).
 bool use_long_row_path(std::int64_t rows, index_t n) {
-  return n >= kLongRow && rows < get_num_threads() && get_num_threads() > 1;
+  return n >= kLongRow && rows < std::max(2, get_num_threads());
 }
 
 }  // namespace
@@ -254,7 +194,7 @@ void soft_forward_batch(const T* x, std::int64_t rows, index_t n, const OpSpec& 
   if (use_long_row_path(rows, n)) {
     // More tasks than threads: a thread that is descheduled (a loaded machine)
     // then holds up only a small share of the work.
-    const ParallelRanges ranges{4 * get_num_threads()};
+    const ParallelRanges ranges{get_num_threads()};
     RowScratch scratch = thread_scratch().row(n, sizeof(T) == 8);
     std::vector<index_t> own_perm, own_blocks;
     if (!keep_state) {
@@ -293,6 +233,28 @@ template <class T>
 void soft_product_batch(const T* x, const T* out, const index_t* perm, const index_t* block_start,
                         const T* vec, std::int64_t rows, index_t n, const OpSpec& spec,
                         bool transpose, T* result) {
+  if (use_long_row_path(rows, n)) {
+    // Split each row at block boundaries: block_start[p] is the start of the
+    // block holding p. (-1 on a non-finite row: one part, all NaN.)
+    const ParallelRanges ranges{get_num_threads()};
+    const int parts = ranges.parts();
+    std::vector<double> work;
+    if (spec.op == Op::Sort && spec.reg == Reg::KL) work.resize(static_cast<std::size_t>(n) + 1);
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const std::int64_t off = r * n;
+      const index_t* bs = block_start + off;
+      auto cut = [&](int t) {
+        if (t == parts || bs[0] < 0) return t == 0 ? index_t{0} : n;
+        return bs[static_cast<index_t>(static_cast<std::int64_t>(n) * t / parts)];
+      };
+      ranges.tasks(parts, [&](index_t t) {
+        soft_product_range(x + off, out + off, perm + off, bs, vec + off, n, spec, transpose,
+                           result + off, work.empty() ? nullptr : work.data(), cut(t),
+                           cut(t + 1));
+      });
+    }
+    return;
+  }
   for_each_row(rows, n, [&](std::int64_t r) {
     const std::int64_t off = r * n;
     double* work = nullptr;

@@ -48,6 +48,24 @@ SOFTRANK_HD double rho_sum(index_t n, index_t s, index_t e) {
   return 0.5 * m * (2.0 * n - static_cast<double>(s) - static_cast<double>(e) + 1.0);
 }
 
+// Runs the data-parallel steps of one row serially: ranges(n, fn) calls
+// fn(lo, hi) over [0, n), tasks(k, fn) calls fn(t) for t in [0, k). The
+// long-row driver (batched.cpp) passes a version with the same interface that
+// spreads them over the thread pool. Every step writes disjoint outputs that
+// depend only on their own inputs, so the split never changes a bit.
+struct SerialRanges {
+  template <class Fn>
+  void operator()(index_t n, Fn&& fn) const {
+    fn(index_t{0}, n);
+  }
+  template <class Fn>
+  void tasks(index_t count, Fn&& fn) const {
+    for (index_t t = 0; t < count; ++t) fn(t);
+  }
+  // How many parts a pass over a row is split into (histograms are per part).
+  int parts() const { return 1; }
+};
+
 // Mean of rho over sorted positions [s, e).
 SOFTRANK_HD double rho_mean(index_t n, index_t s, index_t e) {
   return static_cast<double>(n) - 0.5 * (static_cast<double>(s) + static_cast<double>(e) - 1.0);

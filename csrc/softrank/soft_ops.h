@@ -21,6 +21,10 @@ struct RowScratch {
   double* work;   // n + 1 doubles (kl: the step decays)
   double* work2;  // n + 1 doubles (sort kl: exp(-k / eps))
   BlockStack blocks;
+  // Rows of pav_chunk_count(n) > 1 chunks: each chunk's stack slots and end.
+  index_t* chunk_first;
+  index_t* chunk_last;
+  index_t* chunk_end;
 };
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
@@ -34,37 +38,17 @@ inline void exp_nonpositive_buffer(double* values, index_t n) {
 #endif
 }
 
-// Iterate the blocks recorded in block_start: calls fn(s, e) per block.
+// Iterate the blocks recorded in block_start over sorted positions [lo, hi)
+// (lo and hi block boundaries): calls fn(s, e) per block.
 template <class Fn>
-SOFTRANK_HD void for_each_block(const index_t* block_start, index_t n, Fn&& fn) {
-  index_t s = 0;
-  while (s < n) {
+SOFTRANK_HD void for_each_block(const index_t* block_start, index_t lo, index_t hi, Fn&& fn) {
+  index_t s = lo;
+  while (s < hi) {
     index_t e = s + 1;
-    while (e < n && block_start[e] == s) ++e;
+    while (e < hi && block_start[e] == s) ++e;
     fn(s, e);
     s = e;
   }
-}
-
-// Runs fn(lo, hi) over [0, n): serially here; the long-row driver passes a
-// version that splits the range over threads. Every element's value depends
-// only on its own position, so the split never changes a bit of the result.
-struct SerialRanges {
-  template <class Fn>
-  void operator()(index_t n, Fn&& fn) const {
-    fn(index_t{0}, n);
-  }
-};
-
-// Index of the block holding sorted position i (block starts are increasing).
-SOFTRANK_HD index_t block_of(const BlockStack& b, index_t count, index_t i) {
-  if (i == 0) return 0;
-  index_t lo = 0, hi = count;  // invariant: start[lo] <= i < start[hi] (start[count] = n)
-  while (hi - lo > 1) {
-    const index_t mid = lo + (hi - lo) / 2;
-    if (b.start[mid] <= i) lo = mid; else hi = mid;
-  }
-  return lo;
 }
 
 // Sort kl: replaces each block's S by log(S / Q) (Q in stat2 stays). Where
@@ -72,11 +56,13 @@ SOFTRANK_HD index_t block_of(const BlockStack& b, index_t count, index_t i) {
 // absolute terms (for |x| << 1 that is a large relative error), so there it
 // is log1p((S - Q) / Q), with S - Q summed termwise as
 // exp(b) * expm1(a - b), a = xs_j - ref, b = -(j - s)/eps.
-inline void sort_kl_log_ratios(const double* xs, const double* decay, index_t count, index_t n,
-                               const InverseScale& scale, const BlockStack& b) {
-  for (index_t k = 0; k < count; ++k) {
+// Blocks are the stack slots [k_begin, k_end), the last ending at end.
+inline void sort_kl_log_ratios(const double* xs, const double* decay, index_t k_begin,
+                               index_t k_end, index_t end, const InverseScale& scale,
+                               const BlockStack& b) {
+  for (index_t k = k_begin; k < k_end; ++k) {
     const index_t bs = b.start[k];
-    const index_t be = k + 1 < count ? b.start[k + 1] : n;
+    const index_t be = k + 1 < k_end ? b.start[k + 1] : end;
     if (be - bs == 1) {
       // A singleton keeps S = Q = 1 exactly (never merged): log(1) - log(1)
       // = 0, without the two log calls that dominated short blocks.
@@ -103,22 +89,23 @@ inline void sort_kl_log_ratios(const double* xs, const double* decay, index_t co
   }
 }
 
-// The output pass of soft_forward_sorted over sorted positions [lo, hi).
+// The output pass of soft_forward_sorted over the blocks in stack slots
+// [k_begin, k_end), the last ending at sorted position `end`.
 // Everything arrives by value: captured by reference in a lambda, n and the
 // pointers were reloaded after every store through block_start (an index_t
 // store may alias them), which cost a quarter of a short kl row.
 template <class T>
-SOFTRANK_HD void write_outputs(index_t lo, index_t hi, index_t n, index_t count, BlockStack b,
+SOFTRANK_HD void write_outputs(index_t k_begin, index_t k_end, index_t end, index_t n, BlockStack b,
                                OpSpec spec, double eps, InverseScale scale,
                                InverseScale scale_out, double unscale, double sgn, bool rank_kl,
                                double* xs, T* out, const index_t* perm, index_t* block_start) {
   // rank kl: the span of sorted positions in blocks of two or more, the
   // only ones whose outputs need an exp.
-  index_t exp_lo = hi, exp_hi = lo;
+  index_t exp_lo = end, exp_hi = 0;
   const bool rank_l2 = eps != 0.0 && spec.op == Op::Rank && spec.reg == Reg::L2;
-  for (index_t k = block_of(b, count, lo); k < count && b.start[k] < hi; ++k) {
+  for (index_t k = k_begin; k < k_end; ++k) {
     const index_t bs = b.start[k];
-    const index_t be = k + 1 < count ? b.start[k + 1] : n;
+    const index_t be = k + 1 < k_end ? b.start[k + 1] : end;
     if (spec.op == Op::Rank && eps != 0.0 && be - bs == 1) {
       // A singleton's soft rank is its hard rank n - bs, exactly: the
       // general expressions below give (n - bs) + scale(0) (l2) and
@@ -129,7 +116,7 @@ SOFTRANK_HD void write_outputs(index_t lo, index_t hi, index_t n, index_t count,
       xs[bs] = 0.0;  // (it may lie in the span passed to the kl exp below)
       continue;
     }
-    const index_t s = bs > lo ? bs : lo, e = be < hi ? be : hi;  // this range's part
+    const index_t s = bs, e = be;
     const double ref = b.ref[k];
     // The l2 rank writes block_start in its output loop (one pass, not two,
     // over blocks that are often short).
@@ -195,11 +182,11 @@ SOFTRANK_HD void write_outputs(index_t lo, index_t hi, index_t n, index_t count,
   if (rank_kl && exp_lo < exp_hi) {
     // rank_i = R_B / S_B * exp((xs_i - ref_B) / eps)
     exp_nonpositive_buffer(xs + exp_lo, exp_hi - exp_lo);
-    for (index_t k = block_of(b, count, exp_lo); k < count && b.start[k] < exp_hi; ++k) {
+    for (index_t k = k_begin; k < k_end; ++k) {
       const index_t bs = b.start[k];
-      const index_t be = k + 1 < count ? b.start[k + 1] : n;
+      const index_t be = k + 1 < k_end ? b.start[k + 1] : end;
       if (be - bs == 1) continue;  // written above
-      const index_t s = bs > lo ? bs : lo, e = be < hi ? be : hi;
+      const index_t s = bs, e = be;
       const double factor = rho_sum(n, bs, be) / b.stat[k];
       for (index_t i = s; i < e; ++i) out[perm[i]] = static_cast<T>(factor * xs[i]);
     }
@@ -256,52 +243,93 @@ void soft_forward_sorted(index_t n, const OpSpec& spec, RowScratch& w, T* out,
   }
   const BlockStack& b = w.blocks;
   const InverseScale scale(eps), scale_out(spec.eps);
-  index_t count;
-  if (eps == 0.0) {
-    count = pav_hard(xs, n, spec.op, b);
-  } else if (spec.op == Op::Rank) {
-    if (spec.reg == Reg::L2) {
-      count = pav_rank_l2(xs, n, eps, b);
-    } else {
-      double* step = w.work;
-      ranges(n, [&](index_t lo, index_t hi) {
-        // scale(v) with its branch hoisted, so that the loops vectorise.
-        if (lo == 0) step[0] = 0.0;
-        const index_t first = lo == 0 ? 1 : lo;
-        const double inv = scale.inv, e = scale.eps;
-        if (scale.multiply) {
-          for (index_t i = first; i < hi; ++i) step[i] = (xs[i] - xs[i - 1]) * inv;
-        } else {
-          for (index_t i = first; i < hi; ++i) step[i] = (xs[i] - xs[i - 1]) / e;
-        }
-        exp_nonpositive_buffer(step + lo, hi - lo);
-      });
-      count = pav_rank_kl(xs, step, n, eps, b);
-    }
+  const Op op = spec.op;
+  const bool l2 = spec.reg == Reg::L2;
+  // The kl loops' exp tables (pav.h), one vectorised pass.
+  double* step = w.work;
+  double* decay = w.work2;
+  if (eps != 0.0 && !l2 && op == Op::Rank) {
+    ranges(n, [&](index_t lo, index_t hi) {
+      // scale(v) with its branch hoisted, so that the loops vectorise.
+      if (lo == 0) step[0] = 0.0;
+      const index_t first = lo == 0 ? 1 : lo;
+      const double inv = scale.inv, e = scale.eps;
+      if (scale.multiply) {
+        for (index_t i = first; i < hi; ++i) step[i] = (xs[i] - xs[i - 1]) * inv;
+      } else {
+        for (index_t i = first; i < hi; ++i) step[i] = (xs[i] - xs[i - 1]) / e;
+      }
+      exp_nonpositive_buffer(step + lo, hi - lo);
+    });
+  } else if (eps != 0.0 && !l2) {
+    ranges(n, [&](index_t lo, index_t hi) {
+      for (index_t i = lo; i < hi; ++i) {
+        step[i] = i == 0 ? 0.0 : xs[i] - xs[i - 1];
+        decay[i] = -scale(static_cast<double>(i));
+      }
+      exp_nonpositive_buffer(step + lo, hi - lo);
+      exp_nonpositive_buffer(decay + lo, hi - lo);
+    });
+  }
+  // PAV, by chunks on long rows (pav.h, "Long rows"): chunk c's blocks end up
+  // in stack slots [first[c], last[c]), ending at sorted position end[c].
+  const index_t chunks = pav_chunk_count(n);
+  index_t one_first = 0, one_last = 0, one_end = n;
+  index_t* first = chunks > 1 ? w.chunk_first : &one_first;
+  index_t* last = chunks > 1 ? w.chunk_last : &one_last;
+  index_t* end = chunks > 1 ? w.chunk_end : &one_end;
+  auto pav_chunk = [&](index_t c) {
+    const index_t lo = c * kPavChunk, hi = c + 1 < chunks ? lo + kPavChunk : n;
+    const BlockStack part{b.start + lo, b.ref + lo, b.stat + lo, b.stat2 + lo, b.tail + lo};
+    index_t count;
+    if (eps == 0.0)
+      count = pav_hard(xs, lo, hi, op, part);
+    else if (l2)
+      count = op == Op::Rank ? pav_rank_l2(xs, lo, hi, eps, part)
+                             : pav_sort_l2(xs, lo, hi, eps, part);
+    else
+      count = op == Op::Rank ? pav_rank_kl(xs, step, lo, hi, n, eps, part)
+                             : pav_sort_kl(xs, step, decay, lo, hi, eps, part);
+    first[c] = lo;
+    last[c] = lo + count;
+  };
+  if (chunks == 1) {
+    pav_chunk(0);
   } else {
-    if (spec.reg == Reg::L2) {
-      count = pav_sort_l2(xs, n, eps, b);
+    ranges.tasks(chunks, pav_chunk);
+    const bool merge_all = std::isinf(eps);
+    if (eps == 0.0) {
+      pav_merge_chunks(HardPooling{op}, n, chunks, b, first, last);
+    } else if (l2 && op == Op::Rank) {
+      auto test = [eps](double x, double w, double h) { return x <= eps * (h * w); };
+      pav_merge_chunks(L2Pooling<decltype(test)>{merge_all, test}, n, chunks, b, first, last);
+    } else if (l2) {
+      auto test = [eps](double x, double w, double h) { return h * w <= x * eps; };
+      pav_merge_chunks(L2Pooling<decltype(test)>{merge_all, test}, n, chunks, b, first, last);
+    } else if (op == Op::Rank) {
+      pav_merge_chunks(RankKlPooling{merge_all, n, step}, n, chunks, b, first, last);
     } else {
-      double* step = w.work;
-      double* decay = w.work2;
-      ranges(n, [&](index_t lo, index_t hi) {
-        for (index_t i = lo; i < hi; ++i) {
-          step[i] = i == 0 ? 0.0 : xs[i] - xs[i - 1];
-          decay[i] = -scale(static_cast<double>(i));
-        }
-        exp_nonpositive_buffer(step + lo, hi - lo);
-        exp_nonpositive_buffer(decay + lo, hi - lo);
-      });
-      count = pav_sort_kl(xs, step, decay, n, eps, b);
-      sort_kl_log_ratios(xs, decay, count, n, scale, b);
+      pav_merge_chunks(SortKlPooling{merge_all, scale, step, decay}, n, chunks, b, first, last);
+    }
+    index_t next = n;
+    for (index_t c = chunks; c-- > 0;) {
+      end[c] = next;
+      if (first[c] < last[c]) next = b.start[first[c]];
     }
   }
   const double sgn = spec.descending ? 1.0 : -1.0;  // sort output sign
-  const bool rank_kl = eps != 0.0 && spec.op == Op::Rank && spec.reg == Reg::KL;
-  ranges(n, [&](index_t lo, index_t hi) {
-    write_outputs(lo, hi, n, count, b, spec, eps, scale, scale_out, unscale, sgn, rank_kl, xs, out,
-                  perm, block_start);
-  });
+  const bool rank_kl = eps != 0.0 && op == Op::Rank && !l2;
+  auto finish_chunk = [&](index_t c) {
+    if (first[c] == last[c]) return;
+    if (eps != 0.0 && op == Op::Sort && !l2)
+      sort_kl_log_ratios(xs, decay, first[c], last[c], end[c], scale, b);
+    write_outputs(first[c], last[c], end[c], n, b, spec, eps, scale, scale_out, unscale, sgn,
+                  rank_kl, xs, out, perm, block_start);
+  };
+  if (chunks == 1)
+    finish_chunk(0);
+  else
+    ranges.tasks(chunks, finish_chunk);
 }
 
 // A row holding NaN or +-inf: NaN output, block_start -1 (the backward pass
@@ -346,13 +374,15 @@ inline void block_softmax(const T* x, const index_t* perm, index_t s, index_t e,
 // `work` is n doubles of scratch (used by the kl soft sort).
 // For the rank both products are the same (symmetric Jacobian); for the sort
 // the vjp maps sorted positions to columns and the jvp columns to positions.
+// soft_product_range computes the sorted positions [lo, hi), lo and hi block
+// boundaries (the long-row driver splits a row so); soft_product_row all.
 template <class T>
-void soft_product_row(const T* x, const T* out, const index_t* perm, const index_t* block_start,
-                      const T* vec, index_t n, const OpSpec& spec, bool transpose, T* result,
-                      double* work) {
-  if (n == 0) return;
+void soft_product_range(const T* x, const T* out, const index_t* perm, const index_t* block_start,
+                        const T* vec, index_t n, const OpSpec& spec, bool transpose, T* result,
+                        double* work, index_t lo, index_t hi) {
+  if (hi <= lo) return;
   if (block_start[0] < 0) {
-    for (index_t i = 0; i < n; ++i) result[i] = static_cast<T>(kNaN);
+    for (index_t i = lo; i < hi; ++i) result[transpose ? perm[i] : i] = static_cast<T>(kNaN);
     return;
   }
   const double eps = spec.eps;
@@ -369,7 +399,7 @@ void soft_product_row(const T* x, const T* out, const index_t* perm, const index
     // is written without loops: the same expressions with m = 1, where
     // rho_sum(n, s, s + 1) = n - s exactly.
     if (spec.reg == Reg::L2) {
-      for_each_block(block_start, n, [&](index_t s, index_t e) {
+      for_each_block(block_start, lo, hi, [&](index_t s, index_t e) {
         if (e - s == 1) {
           const index_t p = perm[s];
           const double v = static_cast<double>(vec[p]);
@@ -388,7 +418,7 @@ void soft_product_row(const T* x, const T* out, const index_t* perm, const index
         }
       });
     } else {
-      for_each_block(block_start, n, [&](index_t s, index_t e) {
+      for_each_block(block_start, lo, hi, [&](index_t s, index_t e) {
         if (e - s == 1) {
           const index_t p = perm[s];
           const double v = static_cast<double>(vec[p]), r = static_cast<double>(out[p]);
@@ -412,7 +442,7 @@ void soft_product_row(const T* x, const T* out, const index_t* perm, const index
     return;
   }
   const bool negate = negates_input(spec);
-  for_each_block(block_start, n, [&](index_t s, index_t e) {
+  for_each_block(block_start, lo, hi, [&](index_t s, index_t e) {
     // vjp reads vec at sorted positions; jvp reads it at columns.
     auto read = [&](index_t i) {
       return static_cast<double>(transpose ? vec[i] : vec[perm[i]]);
@@ -441,6 +471,13 @@ void soft_product_row(const T* x, const T* out, const index_t* perm, const index
       for (index_t i = s; i < e; ++i) write(i, dot);
     }
   });
+}
+
+template <class T>
+void soft_product_row(const T* x, const T* out, const index_t* perm, const index_t* block_start,
+                      const T* vec, index_t n, const OpSpec& spec, bool transpose, T* result,
+                      double* work) {
+  soft_product_range(x, out, perm, block_start, vec, n, spec, transpose, result, work, 0, n);
 }
 
 // Second derivative: the gradient with respect to x of <c, J(x) t> (what
@@ -474,7 +511,7 @@ void soft_hvp_row(const T* x, const T* out, const index_t* perm, const index_t* 
     // eps below ~1e-154: 1/eps^2 (times a rank <= n) overflows, and inf * 0
     // would make the (zero) result of every singleton block NaN. Divide.
     const bool divide = std::isinf(scale * scale * static_cast<double>(n));
-    for_each_block(block_start, n, [&](index_t s, index_t e) {
+    for_each_block(block_start, 0, n, [&](index_t s, index_t e) {
       const double inv_r = 1.0 / rho_sum(n, s, e);
       double c_dot = 0.0, t_dot = 0.0;
       for (index_t i = s; i < e; ++i) {
@@ -501,7 +538,7 @@ void soft_hvp_row(const T* x, const T* out, const index_t* perm, const index_t* 
   }
   const bool negate = negates_input(spec);
   const double sgn = spec.descending ? 1.0 : -1.0;
-  for_each_block(block_start, n, [&](index_t s, index_t e) {
+  for_each_block(block_start, 0, n, [&](index_t s, index_t e) {
     block_softmax(x, perm, s, e, negate, work);
     double c_sum = 0.0, t_bar = 0.0;
     for (index_t i = s; i < e; ++i) {
@@ -591,7 +628,7 @@ void isotonic_vjp_row(const T* w, const index_t* block_start, const T* cotangent
     for (index_t i = 0; i < n; ++i) grad[i] = static_cast<T>(kNaN);
     return;
   }
-  for_each_block(block_start, n, [&](index_t s, index_t e) {
+  for_each_block(block_start, 0, n, [&](index_t s, index_t e) {
     double sum = 0.0, wsum = 0.0;
     for (index_t i = s; i < e; ++i) {
       sum += static_cast<double>(cotangent[i]);

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "common.h"
 
@@ -135,6 +136,211 @@ inline Item* radix_sort(Item* a, Item* tmp, index_t n, int lo_bit, int hi_bit,
   return src;
 }
 
+// Rows from this long are sorted by bucket_sort_row: one scatter into
+// buckets of tens to hundreds of items, then each bucket sorted in cache. Whole-row
+// LSD passes miss the cache on every item (a row of 1e6 float32 is 8 MB of
+// items), and the bucket passes are independent, so they spread over threads.
+constexpr index_t kBucketSortMin = 1 << 18;
+constexpr int kBucketKeyBits = 11;  // key-bit buckets: 2^11 of them
+
+// Items of a long row: the float32 key packed with its column (sorting the
+// uint64 sorts by key, then column), or a float64 key with its column.
+struct PackedItems32 {
+  using Key = std::uint32_t;
+  using Item = std::uint64_t;
+  static constexpr int kKeyLowBit = 32;  // radix_key(item) holds the key from this bit
+  static Item make(Key key, index_t i) {
+    return (static_cast<std::uint64_t>(key) << 32) | static_cast<std::uint32_t>(i);
+  }
+  static Key key(Item item) { return static_cast<Key>(item >> 32); }
+  static index_t column(Item item) { return static_cast<index_t>(static_cast<std::uint32_t>(item)); }
+};
+struct KeyedItems64 {
+  using Key = std::uint64_t;
+  using Item = KeyIndex64;
+  static constexpr int kKeyLowBit = 0;
+  static Item make(Key key, index_t i) { return Item{key, static_cast<std::uint32_t>(i)}; }
+  static Key key(const Item& item) { return item.key; }
+  static index_t column(const Item& item) { return static_cast<index_t>(item.index); }
+};
+
+template <class Key>
+int bit_length(Key v) {
+  int bits = 0;
+  while (bits < static_cast<int>(8 * sizeof(Key)) && (v >> bits) != 0) ++bits;
+  return bits;
+}
+
+// Stable sort of one bucket a[0, m) by key: a network (float32 items, whose
+// uint64 order is the stable order) or insertion sort when short, else LSD
+// radix over the key bits below those all its keys share (the bucket is in
+// cache). `tmp` has room for m items, `counts` for kMaxRadixPasses * 2048.
+// Returns the buffer holding the result.
+template <class Items>
+typename Items::Item* sort_bucket(typename Items::Item* a, typename Items::Item* tmp, index_t m,
+                                  std::uint32_t* counts) {
+  using Item = typename Items::Item;
+  using Key = typename Items::Key;
+  if (m <= 1) return a;
+  if constexpr (sizeof(Item) == 8) {
+    if (m <= kNetworkSortMax && network_sort(a, m)) return a;
+  }
+  Key lo = Items::key(a[0]), hi = lo;
+  for (index_t i = 1; i < m; ++i) {
+    const Key k = Items::key(a[i]);
+    lo = k < lo ? k : lo;
+    hi = k > hi ? k : hi;
+  }
+  if (lo == hi) return a;  // all tied: already in column order
+  if (m <= 32) {
+    for (index_t i = 1; i < m; ++i) {
+      const Item v = a[i];
+      const Key k = Items::key(v);
+      index_t j = i;
+      for (; j > 0 && Items::key(a[j - 1]) > k; --j) a[j] = a[j - 1];
+      a[j] = v;
+    }
+    return a;
+  }
+  const int low = Items::kKeyLowBit, high = Items::kKeyLowBit + bit_length<Key>(lo ^ hi);
+  return m < 2048 ? radix_sort<8>(a, tmp, m, low, high, counts)
+                  : radix_sort<11>(a, tmp, m, low, high, counts);
+}
+
+// Sort x' (= x or -x) decreasingly, as sort_row_descending, for long rows.
+// Passes: (1) the range of x' and its finiteness; (2) per-part histograms of
+// the buckets; (3) a stable scatter of (key, column) items into the buckets;
+// (4) each bucket sorted and unpacked into perm and xs. Buckets are equal
+// slices of [min x', max x'] (any monotone map of x' to buckets gives the
+// sorted order; this one gives buckets of equal size on evenly spread data).
+// Where that leaves one bucket too full (skewed data) they are the leading
+// key bits instead, which follow the exponent. Each pass runs as `ranges`
+// splits it, serially or over the threads; the result is the unique stable
+// order either way. `a` and `tmp` hold n items each.
+template <class Items, class T, class Ranges>
+bool bucket_sort_row(const T* x, index_t n, bool negate, typename Items::Item* a,
+                     typename Items::Item* tmp, index_t* perm, double* xs, const Ranges& ranges) {
+  using Key = typename Items::Key;
+  using Item = typename Items::Item;
+  const int parts = ranges.parts();
+  auto part_lo = [&](index_t t) {
+    return static_cast<index_t>(static_cast<std::int64_t>(n) * t / parts);
+  };
+  // Adding +0 turns -0 into +0, so that both zeros share one key.
+  auto value = [&](index_t i) { return (negate ? -x[i] : x[i]) + T(0); };
+  std::vector<Key> part_min(parts), part_max(parts);
+  std::vector<unsigned char> part_bad(parts);
+  ranges.tasks(parts, [&](index_t t) {
+    Key lo_key = ~Key(0), hi_key = 0, bad = 0;
+    for (index_t i = part_lo(t); i < part_lo(t + 1); ++i) {
+      const T v = value(i);
+      bad |= static_cast<Key>(!is_finite_bits(float_bits(v)));
+      const Key k = descending_key(v);
+      lo_key = k < lo_key ? k : lo_key;
+      hi_key = k > hi_key ? k : hi_key;
+    }
+    part_min[t] = lo_key;
+    part_max[t] = hi_key;
+    part_bad[t] = bad != 0;
+  });
+  Key kmin = ~Key(0), kmax = 0;
+  for (int t = 0; t < parts; ++t) {
+    if (part_bad[t]) return false;
+    kmin = std::min(kmin, part_min[t]);
+    kmax = std::max(kmax, part_max[t]);
+  }
+  // Value slices: bucket = floor((top - v) * scale), top = max x', clamped to
+  // the last bucket; every step rounds monotonically, so the map is monotone.
+  // About 64 float32 items a bucket (a register network sorts them), 256
+  // float64 ones (a radix sort does).
+  constexpr int kItemsPerBucketLog2 = sizeof(Item) == 8 ? 6 : 8;
+  std::size_t buckets = static_cast<std::size_t>(
+      std::min<index_t>(1 << 17, std::max<index_t>(1 << 8, n >> kItemsPerBucketLog2)));
+  const double top = static_cast<double>(value_of_key(kmin));
+  const double scale = static_cast<double>(buckets) / (top - static_cast<double>(value_of_key(kmax)));
+  const double last = static_cast<double>(buckets - 1);
+  // Key bits: the kBucketKeyBits bits below those that all keys share.
+  const int shift = std::max(0, bit_length<Key>(kmax ^ kmin) - kBucketKeyBits);
+  const Key base = kmin >> shift;
+  bool by_value = std::isfinite(scale);  // (false: all equal, or a range past DBL_MAX)
+  auto bucket_of = [&](T v, Key k) {
+    if (!by_value) return static_cast<std::size_t>((k >> shift) - base);
+    const double slice = (top - static_cast<double>(v)) * scale;
+    return static_cast<std::size_t>(slice < last ? slice : last);
+  };
+  std::vector<std::uint32_t> hist;
+  auto histogram = [&] {
+    if (!by_value) buckets = static_cast<std::size_t>((kmax >> shift) - base) + 1;
+    hist.assign(static_cast<std::size_t>(parts) * buckets, 0u);
+    ranges.tasks(parts, [&](index_t t) {
+      std::uint32_t* h = hist.data() + static_cast<std::size_t>(t) * buckets;
+      for (index_t i = part_lo(t); i < part_lo(t + 1); ++i) {
+        const T v = value(i);
+        ++h[bucket_of(v, descending_key(v))];
+      }
+    });
+  };
+  histogram();
+  // Offsets in (bucket, part) order: part t's scatter lands exactly where a
+  // serial stable pass would put it.
+  std::vector<std::uint32_t> bucket_start;
+  auto offsets = [&] {
+    bucket_start.assign(buckets + 1, 0u);
+    std::uint32_t offset = 0, largest = 0;
+    for (std::size_t d = 0; d < buckets; ++d) {
+      bucket_start[d] = offset;
+      for (int t = 0; t < parts; ++t) {
+        std::uint32_t& h = hist[static_cast<std::size_t>(t) * buckets + d];
+        const std::uint32_t c = h;
+        h = offset;
+        offset += c;
+      }
+      largest = std::max(largest, offset - bucket_start[d]);
+    }
+    bucket_start[buckets] = offset;
+    return largest;
+  };
+  const std::uint32_t largest = offsets();
+  if (by_value && largest > 16 * (static_cast<std::uint32_t>(n) / buckets) + 4096) {
+    by_value = false;  // skewed: slices of the value range would leave it to one bucket
+    histogram();
+    offsets();
+  }
+  ranges.tasks(parts, [&](index_t t) {
+    std::uint32_t* h = hist.data() + static_cast<std::size_t>(t) * buckets;
+    for (index_t i = part_lo(t); i < part_lo(t + 1); ++i) {
+      const T v = value(i);
+      const Key k = descending_key(v);
+      tmp[h[bucket_of(v, k)]++] = Items::make(k, i);
+    }
+  });
+  // Buckets in groups of about n / groups items (a bucket is never split),
+  // each group a task that sorts and unpacks its buckets while in cache.
+  const index_t groups = 4 * parts;
+  std::vector<std::size_t> group_first(static_cast<std::size_t>(groups) + 1, buckets);
+  for (std::size_t d = buckets; d-- > 0;) {
+    const std::size_t g = static_cast<std::size_t>(static_cast<std::uint64_t>(bucket_start[d]) *
+                                                   static_cast<std::uint64_t>(groups) /
+                                                   static_cast<std::uint64_t>(n));
+    group_first[std::min<std::size_t>(g, groups)] = d;
+  }
+  group_first[groups] = buckets;
+  for (index_t g = groups; g-- > 0;) group_first[g] = std::min(group_first[g], group_first[g + 1]);
+  ranges.tasks(groups, [&](index_t g) {
+    std::vector<std::uint32_t> counts(static_cast<std::size_t>(kMaxRadixPasses) * kMaxRadixBuckets);
+    for (std::size_t d = group_first[g]; d < group_first[g + 1]; ++d) {
+      const index_t lo = static_cast<index_t>(bucket_start[d]);
+      const index_t m = static_cast<index_t>(bucket_start[d + 1]) - lo;
+      const Item* sorted = sort_bucket<Items>(tmp + lo, a + lo, m, counts.data());
+      for (index_t i = 0; i < m; ++i) {
+        perm[lo + i] = Items::column(sorted[i]);
+        xs[lo + i] = static_cast<double>(value_of_key(Items::key(sorted[i])));
+      }
+    }
+  });
+  return true;
+}
+
 // Scratch for one row of length <= capacity; owned by the caller.
 struct SortScratch {
   std::uint64_t* packed32;   // n words (float32 path)
@@ -162,6 +368,9 @@ inline bool sort_row_descending(const float* x, index_t n, bool negate, SortScra
   std::uint32_t non_finite = 0;
   if (n <= kNetworkSortMax && n > 0 && network_sort_available())
     return network_sort_row(x, n, negate, perm, xs);
+  if (n >= kBucketSortMin)
+    return bucket_sort_row<PackedItems32>(x, n, negate, s.packed32, s.packed32_tmp, perm, xs,
+                                          SerialRanges{});
   std::uint32_t* keys = s.keys32;
   for (index_t i = 0; i < n; ++i) {
     // Adding +0.0f turns -0.0 into +0.0, so that both zeros share one key.
@@ -186,6 +395,9 @@ inline bool sort_row_descending(const float* x, index_t n, bool negate, SortScra
 
 inline bool sort_row_descending(const double* x, index_t n, bool negate, SortScratch& s,
                                 index_t* perm, double* xs) {
+  if (n >= kBucketSortMin)
+    return bucket_sort_row<KeyedItems64>(x, n, negate, s.keyed64, s.keyed64_tmp, perm, xs,
+                                         SerialRanges{});
   std::uint64_t* keys = s.keys64;
   std::uint64_t non_finite = 0;
   for (index_t i = 0; i < n; ++i) {

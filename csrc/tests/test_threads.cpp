@@ -17,7 +17,7 @@ struct Case {
 
 // Batches above the parallel threshold (16384 elements), with rows split into
 // tasks of several rows, of one row, and of rows shorter than a task.
-const Case kCases[] = {{40, 1000}, {3, 70000}, {2000, 20}, {7, 161}, {1, 100000}};
+const Case kCases[] = {{40, 1000}, {3, 70000}, {2000, 20}, {7, 161}, {1, 100000}, {1, 300007}};
 
 struct Outputs {
   std::vector<double> out, vjp, jvp, iso, iso_vjp;
