@@ -26,6 +26,7 @@ struct ThreadScratch {
   std::vector<double> xs, work, work2, ws, block_ref, block_stat, block_stat2, block_tail;
   std::vector<index_t> block_start, chunk_first, chunk_last, chunk_end;
   std::vector<index_t> state_perm, state_blocks;  // a row's forward state when not returned
+  DecayTable decay;  // what work2 holds
 
   RowScratch row(index_t n, bool wide) {
     const std::size_t size = static_cast<std::size_t>(n) + 1;
@@ -45,6 +46,7 @@ struct ThreadScratch {
     grow(counts, kMaxRadixPasses * kMaxRadixBuckets);
     grow(xs, size);
     grow(work, size);
+    if (work2.size() < size) decay = DecayTable{};  // (moved: forget it)
     grow(work2, size);
     grow(block_tail, size);
     grow(block_ref, size);
@@ -71,6 +73,7 @@ struct ThreadScratch {
     r.chunk_first = chunk_first.data();
     r.chunk_last = chunk_last.data();
     r.chunk_end = chunk_end.data();
+    r.decay = &decay;
     return r;
   }
 
@@ -238,8 +241,10 @@ void soft_product_batch(const T* x, const T* out, const index_t* perm, const ind
     // block holding p. (-1 on a non-finite row: one part, all NaN.)
     const ParallelRanges ranges{get_num_threads()};
     const int parts = ranges.parts();
-    std::vector<double> work;
-    if (spec.op == Op::Sort && spec.reg == Reg::KL) work.resize(static_cast<std::size_t>(n) + 1);
+    // The kl sort's softmax scratch: each part writes its own blocks' range.
+    ThreadScratch& s = thread_scratch();
+    ThreadScratch::grow(s.work, static_cast<std::size_t>(n) + 1);
+    double* work = s.work.data();
     for (std::int64_t r = 0; r < rows; ++r) {
       const std::int64_t off = r * n;
       const index_t* bs = block_start + off;
@@ -249,8 +254,7 @@ void soft_product_batch(const T* x, const T* out, const index_t* perm, const ind
       };
       ranges.tasks(parts, [&](index_t t) {
         soft_product_range(x + off, out + off, perm + off, bs, vec + off, n, spec, transpose,
-                           result + off, work.empty() ? nullptr : work.data(), cut(t),
-                           cut(t + 1));
+                           result + off, work, cut(t), cut(t + 1));
       });
     }
     return;

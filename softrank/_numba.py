@@ -306,15 +306,27 @@ def _pav_hard(xs, op, bstart, bref):
 
 
 @njit(**_JIT)
-def _sort_kl_log_ratio(xs, s, e, ref, total, total_rho, eps, inv, multiply):
+def _sort_kl_log_ratio(xs, s, e, ref, total, total_rho, eps, inv, multiply, tolerance):
     """log(S / Q) of a kl sort block [s, e); see ALGORITHM.md "Outputs".
 
-    Where S and Q are close, log S - log Q keeps only a few ulps of 1 in
-    absolute terms, so there it is log1p((S - Q) / Q) with S - Q summed
-    termwise as exp(b) * expm1(a - b), a = xs_j - ref, b = -(j - s)/eps.
+    log(S / Q) is within ~8m ulp of 1 in absolute terms, below the rounding
+    of the outputs o_k = ref + log(S / Q) - k / eps where every |o_k| >= m
+    ``tolerance`` (1 for float64, 2**-20 for float32). Elsewhere, where S
+    and Q are close, it is log1p((S - Q) / Q) with S - Q summed termwise as
+    exp(b) * expm1(a - b), a = xs_j - ref, b = -(j - s)/eps.
     """
-    log_ratio = np.log(total) - np.log(total_rho)
-    if e - s > 1 and abs(log_ratio) < 1.0:
+    if e - s == 1:
+        return 0.0  # S = Q = 1 exactly
+    log_ratio = np.log(total / total_rho)
+    first_out = ref + log_ratio
+    last_out = first_out - _scale(float(e - s - 1), eps, inv, multiply)
+    if first_out <= 0.0:
+        smallest = -first_out
+    elif last_out >= 0.0:
+        smallest = last_out
+    else:
+        smallest = 0.0
+    if abs(log_ratio) < 1.0 and not smallest >= tolerance * float(e - s):
         diff = 0.0
         for j in range(s + 1, e):
             a = xs[j] - ref
@@ -404,6 +416,9 @@ def _forward_row(x, out, perm, bs, op, reg, descending, eps,
     # The sort output sign maps the decreasing-order problem back to the
     # requested direction (+1 descending, -1 ascending).
     sgn = 1.0 if descending else -1.0
+    # The kl sort's termwise log ratio is needed where outputs are below m
+    # (float64) or m 2**-20 (float32): see _sort_kl_log_ratio.
+    tolerance = 2.0 ** -20 if out.itemsize == 4 else 1.0
     inv = 1.0 / eps
     multiply = np.isfinite(inv)
     inv_out = 1.0 / eps_out
@@ -443,7 +458,7 @@ def _forward_row(x, out, perm, bs, op, reg, descending, eps,
                                            multiply_out) + mean)
             else:
                 base = ref + _sort_kl_log_ratio(xs, s, e, ref, bstat[k], bstat2[k],
-                                                eps, inv, multiply)
+                                                eps, inv, multiply, tolerance)
                 for i in range(s, e):
                     out[i] = sgn * (base - _scale(float(i - s), eps, inv, multiply))
 

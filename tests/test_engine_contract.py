@@ -926,3 +926,31 @@ def test_rank_huge_row_subnormal_eps_subnormal_gaps(eng):
                                 _engine.REG_L2, False, eps)[0]
         np.testing.assert_allclose(out.sum(), 10.0, rtol=1e-12)
         np.testing.assert_array_equal(out[0, 1:], rest[0])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("descending", [False, True])
+def test_kl_sort_elementwise_precision_both_sides_of_the_plain_log_ratio(eng, dtype, descending):
+    """The kl sort takes log(S / Q) directly where every output of a block is
+    at least m (float64) or m 2^-20 (float32) in magnitude, and a termwise
+    log1p elsewhere (soft_ops.h, sort_kl_log_ratios): elementwise against the
+    exact projection (mpmath), on rows whose pooled blocks fall on both sides:
+    values near 0 (small outputs, blocks crossing 0) and values far from it."""
+    from reference import soft_sort_ref
+
+    direction = "descending" if descending else "ascending"
+    rng = np.random.default_rng([15, int(descending), np.dtype(dtype).itemsize])
+    # Each row at its eps pools blocks of several elements.
+    cases = [(rng.normal(size=12) * 1e-3, 1e6), (rng.normal(size=12) * 1e-6, 1e9),
+             (rng.normal(size=12), 3.0), (rng.random(16) * 16, 1.0),
+             (rng.random(16) * 16 - 8, 1.0), (rng.random(16) * 40 + 30, 1.0),
+             (np.linspace(-2, 2, 16) + rng.normal(size=16) * 0.3, 3.0)]
+    rtol = 4e-7 if dtype == np.float32 else 1e-13
+    for x, eps in cases:
+        x = x.astype(dtype)
+        out, _, block_start = eng.soft_forward(x[None], _engine.OP_SORT, _engine.REG_KL,
+                                               descending, eps)
+        assert np.any(block_start[0] != np.arange(x.size)), "no block pooled: the row tests nothing"
+        expected = soft_sort_ref(x.astype(np.float64), eps, "kl", direction)
+        np.testing.assert_allclose(out[0], expected.astype(dtype), rtol=rtol, atol=0,
+                                   err_msg=f"x={x!r} eps={eps}")

@@ -15,6 +15,13 @@
 
 namespace softrank {
 
+// What work2 holds between rows: the kl sort's decay table exp(-k / eps),
+// k < length, which depends on eps and k only (rows of a batch share it).
+struct DecayTable {
+  double eps = 0.0;
+  index_t length = 0;
+};
+
 struct RowScratch {
   SortScratch sort;
   double* xs;     // n sorted values
@@ -25,6 +32,7 @@ struct RowScratch {
   index_t* chunk_first;
   index_t* chunk_last;
   index_t* chunk_end;
+  DecayTable* decay;  // what work2 holds (nullptr: nothing known)
 };
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
@@ -51,26 +59,35 @@ SOFTRANK_HD void for_each_block(const index_t* block_start, index_t lo, index_t 
   }
 }
 
-// Sort kl: replaces each block's S by log(S / Q) (Q in stat2 stays). Where
-// S and Q are close, log S - log Q would keep only a few ulps of 1 in
-// absolute terms (for |x| << 1 that is a large relative error), so there it
-// is log1p((S - Q) / Q), with S - Q summed termwise as
-// exp(b) * expm1(a - b), a = xs_j - ref, b = -(j - s)/eps.
+// Sort kl: replaces each block's S by log(S / Q) (Q in stat2 stays). S and Q
+// are sums of m terms, each within a few m ulp, so log(S / Q) is within
+// ~8m ulp of 1 in absolute terms: below the rounding of the block's outputs
+// o_k = ref + log(S / Q) - k / eps where every |o_k| >= m (float64), or
+// >= m 2^-20 (float32, whose ulp is 2^29 times coarser): `tolerance` is 1 or
+// 2^-20. Elsewhere, where S and Q are close (|log(S / Q)| < 1) and an output
+// may be small (|x| << 1, or a block whose outputs cross 0), that would be a
+// large relative error: there the ratio is log1p((S - Q) / Q), with S - Q
+// summed termwise as exp(b) * expm1(a - b), a = xs_j - ref, b = -(j - s)/eps.
 // Blocks are the stack slots [k_begin, k_end), the last ending at end.
 inline void sort_kl_log_ratios(const double* xs, const double* decay, index_t k_begin,
                                index_t k_end, index_t end, const InverseScale& scale,
-                               const BlockStack& b) {
+                               double tolerance, const BlockStack& b) {
   for (index_t k = k_begin; k < k_end; ++k) {
     const index_t bs = b.start[k];
     const index_t be = k + 1 < k_end ? b.start[k + 1] : end;
     if (be - bs == 1) {
-      // A singleton keeps S = Q = 1 exactly (never merged): log(1) - log(1)
-      // = 0, without the two log calls that dominated short blocks.
+      // A singleton keeps S = Q = 1 exactly (never merged): log(1) = 0,
+      // without the log call that dominated short blocks.
       b.stat[k] = 0.0;
       continue;
     }
-    double log_ratio = std::log(b.stat[k]) - std::log(b.stat2[k]);
-    if (be - bs > 1 && std::fabs(log_ratio) < 1.0) {
+    double log_ratio = std::log(b.stat[k] / b.stat2[k]);
+    // The outputs decrease with k: the smallest |o_k| is at an end, or 0
+    // where they cross it.
+    const double first_out = b.ref[k] + log_ratio;
+    const double last_out = first_out - scale(static_cast<double>(be - bs - 1));
+    const double smallest = first_out <= 0.0 ? -first_out : (last_out >= 0.0 ? last_out : 0.0);
+    if (std::fabs(log_ratio) < 1.0 && !(smallest >= tolerance * static_cast<double>(be - bs))) {
       double diff = 0.0;
       for (index_t j = bs + 1; j < be; ++j) {  // j = bs contributes exp(0) - exp(0) = 0
         const double a = xs[j] - b.ref[k];
@@ -262,14 +279,16 @@ void soft_forward_sorted(index_t n, const OpSpec& spec, RowScratch& w, T* out,
       exp_nonpositive_buffer(step + lo, hi - lo);
     });
   } else if (eps != 0.0 && !l2) {
+    const bool have_decay = w.decay && w.decay->eps == eps && w.decay->length >= n;
     ranges(n, [&](index_t lo, index_t hi) {
-      for (index_t i = lo; i < hi; ++i) {
-        step[i] = i == 0 ? 0.0 : xs[i] - xs[i - 1];
-        decay[i] = -scale(static_cast<double>(i));
-      }
+      for (index_t i = lo; i < hi; ++i) step[i] = i == 0 ? 0.0 : xs[i] - xs[i - 1];
       exp_nonpositive_buffer(step + lo, hi - lo);
+      if (have_decay) return;
+      for (index_t i = lo; i < hi; ++i) decay[i] = -scale(static_cast<double>(i));
+      // (The kernel is position-invariant: any split gives the same table.)
       exp_nonpositive_buffer(decay + lo, hi - lo);
     });
+    if (w.decay && !have_decay) *w.decay = DecayTable{eps, n};
   }
   // PAV, by chunks on long rows (pav.h, "Long rows"): chunk c's blocks end up
   // in stack slots [first[c], last[c]), ending at sorted position end[c].
@@ -322,7 +341,8 @@ void soft_forward_sorted(index_t n, const OpSpec& spec, RowScratch& w, T* out,
   auto finish_chunk = [&](index_t c) {
     if (first[c] == last[c]) return;
     if (eps != 0.0 && op == Op::Sort && !l2)
-      sort_kl_log_ratios(xs, decay, first[c], last[c], end[c], scale, b);
+      sort_kl_log_ratios(xs, decay, first[c], last[c], end[c], scale,
+                         sizeof(T) == 4 ? 0x1p-20 : 1.0, b);
     write_outputs(first[c], last[c], end[c], n, b, spec, eps, scale, scale_out, unscale, sgn,
                   rank_kl, xs, out, perm, block_start);
   };
