@@ -277,8 +277,8 @@ class _SoftForward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, op, reg, descending, eps):
-        x_host = _to_host(x)
+    def forward(ctx, x, x_host, op, reg, descending, eps):
+        # x_host: the caller's numpy view of x (made once, outside apply).
         state = _engine.engine().soft_forward(x_host, op, reg, descending, eps)
         out = _from_host(state[0], x)
         # The tensors are saved so that autograd catches in-place changes to
@@ -303,7 +303,7 @@ class _SoftForward(torch.autograd.Function):
             grad = _from_host(
                 _engine.engine().soft_vjp(*ctx.host, _to_host(g), *ctx.params), x
             )
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 _is_compiling = torch.compiler.is_compiling
@@ -362,7 +362,9 @@ def _soft_op(x: Any, eps: Any, regularization: Any, direction: Any, dim: Any, op
     if not _direct_call_allowed(rows):
         out = torch.ops.softrank.soft_forward(rows, op, reg, descending, eps)[0]
     elif rows.requires_grad and torch.is_grad_enabled():
-        out = _SoftForward.apply(rows, op, reg, descending, eps)
+        # (rows is a CPU tensor here: _direct_call_allowed admits plain
+        # tensors only, and a CUDA one goes to _to_host's copy.)
+        out = _SoftForward.apply(rows, _to_host(rows), op, reg, descending, eps)
     else:
         out = _from_host(
             _engine.engine().soft_forward_value(_to_host(rows), op, reg, descending, eps), rows
