@@ -382,8 +382,18 @@ py::array isotonic_vjp(const py::object& weights, const py::array& blocks_arg,
 
 }  // namespace
 
+#ifdef SOFTRANK_WITH_XLA_FFI
+namespace softrank_bindings {
+py::dict xla_ffi_targets();  // xla_ffi.cpp
+}
+#endif
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "softrank native engine (C++ core); see softrank/_engine.py for the contract";
+#ifdef SOFTRANK_WITH_XLA_FFI
+  m.def("xla_ffi_targets", &softrank_bindings::xla_ffi_targets,
+        "{name: capsule} of the XLA FFI handlers softrank.jax registers (CPU).");
+#endif
   m.def("soft_forward", &soft_forward, py::arg("x"), py::arg("op"), py::arg("reg"),
         py::arg("descending"), py::arg("eps"),
         "Soft rank/sort of every row: returns (out, perm, block_start).");

@@ -2,11 +2,15 @@
 
 ``soft_rank`` and ``soft_sort`` act along any ``axis`` of an array of any
 shape and work under ``jit``, ``vmap`` and ``grad``, with or without
-``jax_enable_x64``. The forward and backward passes run the CPU engine through
-:func:`jax.pure_callback`; under ``vmap`` the batch is folded into the same
-single call (``vmap_method="broadcast_all"``), so a vmapped call costs one
-engine call, not one per batch element. On an accelerator the callback moves
-the data to the host and back. The forward stores the permutation and the PAV
+``jax_enable_x64``. On the CPU backend, with the compiled engine built with
+the XLA FFI headers (they come with jaxlib; see the README), the forward and
+backward passes are XLA custom calls into the C++ core (``jax.ffi``): no
+Python, no copies. Otherwise they run the engine through
+:func:`jax.pure_callback` (tens of microseconds more per call; on an
+accelerator the callback moves the data to the host and back). Under
+``vmap`` the batch is folded into the same single call
+(``vmap_method="broadcast_all"``), so a vmapped call costs one engine call,
+not one per batch element. The forward stores the permutation and the PAV
 blocks (int32) as residuals, so the backward is O(n) per row.
 
 ``eps``, ``regularization`` and ``direction`` are static: pass Python values
@@ -22,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softrank import _host
+from softrank import _engine, _host
 from softrank._engine import OP_RANK, OP_SORT
 from softrank._validate import (
     check_axis,
@@ -36,14 +40,46 @@ __all__ = ["soft_rank", "soft_sort"]
 
 _VMAP_METHOD = "broadcast_all"
 
+# The XLA FFI targets of the compiled engine (bindings/xla_ffi.cpp), one per
+# _host function, registered with jax on first use.
+_FFI_TARGETS = {
+    "forward": "softrank_forward",
+    "forward_value": "softrank_forward_value",
+    "vjp": "softrank_vjp",
+}
+_ffi_registered: bool | None = None
 
-def _forward_callback(x, op, reg, descending, eps):
-    like = jax.ShapeDtypeStruct(x.shape, x.dtype)
-    index = jax.ShapeDtypeStruct(x.shape, jnp.int32)
+
+def _ffi_ready() -> bool:
+    """Whether this trace can call the core as an XLA custom call: the native
+    engine is in use, was built with the XLA FFI handlers, and the default
+    backend is the CPU (the handlers are registered for it only)."""
+    global _ffi_registered
+    if _engine.backend() != "native" or jax.default_backend() != "cpu":
+        return False
+    if _ffi_registered is None:
+        from softrank import _C
+
+        targets = getattr(_C, "xla_ffi_targets", None)
+        if targets is not None:
+            for name, capsule in targets().items():
+                jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+        _ffi_registered = targets is not None
+    return _ffi_registered
+
+
+def _call(name, result, *args, op, reg, descending, eps):
+    """``_host.<name>(*args, op=..., ...)`` with results shaped like
+    ``result``: an XLA custom call where _ffi_ready(), else a pure_callback."""
+    if _ffi_ready():
+        return jax.ffi.ffi_call(_FFI_TARGETS[name], result, vmap_method=_VMAP_METHOD)(
+            *args, op=np.int32(op), reg=np.int32(reg), descending=bool(descending),
+            eps=np.float64(eps),
+        )
     return jax.pure_callback(
-        partial(_host.forward, op=op, reg=reg, descending=descending, eps=eps),
-        (like, index, index),
-        x,
+        partial(getattr(_host, name), op=op, reg=reg, descending=descending, eps=eps),
+        result,
+        *args,
         vmap_method=_VMAP_METHOD,
     )
 
@@ -51,28 +87,22 @@ def _forward_callback(x, op, reg, descending, eps):
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def _soft_op(x, op, reg, descending, eps):
     # Not differentiated: the values alone (the engine keeps no state).
-    return jax.pure_callback(
-        partial(_host.forward_value, op=op, reg=reg, descending=descending, eps=eps),
-        jax.ShapeDtypeStruct(x.shape, x.dtype),
-        x,
-        vmap_method=_VMAP_METHOD,
-    )
+    return _call("forward_value", jax.ShapeDtypeStruct(x.shape, x.dtype), x,
+                 op=op, reg=reg, descending=descending, eps=eps)
 
 
 def _soft_op_fwd(x, op, reg, descending, eps):
-    out, perm, block_start = _forward_callback(x, op, reg, descending, eps)
+    like = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    index = jax.ShapeDtypeStruct(x.shape, jnp.int32)
+    out, perm, block_start = _call("forward", (like, index, index), x,
+                                   op=op, reg=reg, descending=descending, eps=eps)
     return out, (x, out, perm, block_start)
 
 
 def _soft_op_bwd(op, reg, descending, eps, residuals, cotangent):
     x = residuals[0]
-    grad = jax.pure_callback(
-        partial(_host.vjp, op=op, reg=reg, descending=descending, eps=eps),
-        jax.ShapeDtypeStruct(x.shape, x.dtype),
-        *residuals,
-        cotangent.astype(x.dtype),
-        vmap_method=_VMAP_METHOD,
-    )
+    grad = _call("vjp", jax.ShapeDtypeStruct(x.shape, x.dtype), *residuals,
+                 cotangent.astype(x.dtype), op=op, reg=reg, descending=descending, eps=eps)
     return (grad,)
 
 

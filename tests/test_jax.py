@@ -1,7 +1,9 @@
 """softrank.jax: custom_vjp under jit, vmap and grad, with and without x64; dtypes; errors.
 
-Agreement with softrank.numpy over ops, regularizations, directions, shapes and
-axes is in test_cross_adapter.py.
+Every test runs on both of the adapter's paths: XLA custom calls into the
+compiled core (jax.ffi, where the extension has the handlers) and
+jax.pure_callback. Agreement with softrank.numpy over ops, regularizations,
+directions, shapes and axes is in test_cross_adapter.py.
 """
 from __future__ import annotations
 
@@ -23,6 +25,23 @@ OPS = {"rank": (srj.soft_rank, srn.soft_rank, srn.soft_rank_vjp),
 
 def _x(shape, seed=0, dtype=np.float32):
     return np.random.default_rng(seed).normal(size=shape).astype(dtype)
+
+
+@pytest.fixture(autouse=True, params=["ffi", "callback"])
+def path(request, monkeypatch):
+    """The adapter's path under test; "ffi" is skipped where unavailable."""
+    if request.param == "ffi":
+        if not srj._ffi_ready():
+            pytest.skip("the compiled engine has no XLA FFI handlers (or jax is not on the CPU)")
+    else:
+        monkeypatch.setattr(srj, "_ffi_ready", lambda: False)
+    jax.clear_caches()  # traces made on the other path must not be reused
+    return request.param
+
+
+def _custom_calls(fn, *args) -> int:
+    """softrank custom calls in fn's lowered program."""
+    return jax.jit(fn).lower(*args).as_text().count("@softrank_")
 
 
 @pytest.fixture
@@ -58,15 +77,23 @@ def test_jit_grad_and_value(op):
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
-def test_vmap_folds_the_batch_into_one_call(op, count_host_calls):
+def test_vmap_folds_the_batch_into_one_call(op, count_host_calls, path):
     forward, numpy_forward, numpy_vjp = OPS[op]
     x = _x((6, 3, 8), seed=3)
-    out = jax.vmap(lambda v: forward(v, 0.5, regularization="kl", axis=0), in_axes=2, out_axes=2)(x)
-    assert count_host_calls["forward"] == 1
+    fwd = jax.vmap(lambda v: forward(v, 0.5, regularization="kl", axis=0), in_axes=2, out_axes=2)
+    out = fwd(x)
+    if path == "callback":
+        assert count_host_calls["forward"] == 1
+    else:
+        assert _custom_calls(fwd, x) == 1
     np.testing.assert_allclose(out, numpy_forward(x, 0.5, regularization="kl", axis=0), rtol=1e-5, atol=1e-5)
 
-    grads = jax.vmap(jax.grad(lambda v: jnp.sum(forward(v, 0.5) ** 2)))(x)
-    assert count_host_calls["vjp"] == 1
+    grad_fn = jax.vmap(jax.grad(lambda v: jnp.sum(forward(v, 0.5) ** 2)))
+    grads = grad_fn(x)
+    if path == "callback":
+        assert count_host_calls["vjp"] == 1
+    else:
+        assert _custom_calls(grad_fn, x) == 2  # the forward with its state, the vjp
     want = numpy_vjp(x, 2 * numpy_forward(x, 0.5), 0.5)
     np.testing.assert_allclose(grads, want, rtol=1e-5, atol=1e-4)
 
@@ -163,3 +190,24 @@ def test_traced_eps_raises_naming_eps():
 def test_concrete_array_eps_is_accepted():
     x = _x((2, 6), seed=10)
     np.testing.assert_array_equal(srj.soft_rank(x, jnp.float32(0.25)), srj.soft_rank(x, 0.25))
+
+
+def test_ffi_handlers_check_what_they_are_handed(path):
+    """The XLA FFI handlers (bindings/xla_ffi.cpp) refuse bad attributes and a
+    perm that is not a forward state with an error jax raises, naming it."""
+    if path != "ffi":
+        pytest.skip("the handlers are the ffi path's")
+    x = jnp.asarray(_x((3, 5), seed=9))
+    like = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    call = jax.ffi.ffi_call("softrank_forward_value", like)
+    good = dict(op=np.int32(0), reg=np.int32(0), descending=False, eps=np.float64(1.0))
+    np.testing.assert_allclose(call(x, **good), srn.soft_rank(np.asarray(x), 1.0), rtol=1e-6)
+    for bad, word in ((dict(op=np.int32(2)), "op"), (dict(reg=np.int32(-1)), "reg"),
+                      (dict(eps=np.float64(np.nan)), "eps"), (dict(eps=np.float64(-1.0)), "eps")):
+        with pytest.raises(Exception, match=word):
+            jax.block_until_ready(call(x, **{**good, **bad}))
+    perm = jnp.full(x.shape, 7, jnp.int32)  # outside [0, 5)
+    block_start = jnp.zeros(x.shape, jnp.int32)
+    vjp = jax.ffi.ffi_call("softrank_vjp", like)
+    with pytest.raises(Exception, match="perm"):
+        jax.block_until_ready(vjp(x, x, perm, block_start, x, **good))

@@ -1,0 +1,188 @@
+// XLA FFI handlers: softrank.jax calls the core through these as XLA custom
+// calls on the CPU, with no Python on the way (jax.pure_callback costs tens
+// of microseconds a call: more than the engine needs for a row of 10^4).
+// Built only where the XLA FFI headers were found at configure time (they
+// come with jaxlib: jax.ffi.include_dir()); they are header-only, so the
+// extension does not link against jaxlib. The buffers are XLA's: the last
+// dimension is the row, every leading one a batch dimension. Checks mirror
+// the pybind11 entry points (module.cpp): a bad argument returns an
+// InvalidArgument error, which jax raises.
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+
+#include "softrank/batched.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace py = pybind11;
+namespace ffi = xla::ffi;
+using softrank::index_t;
+
+namespace {
+
+struct RowShape {
+  std::int64_t rows = 0;
+  index_t n = 0;
+};
+
+ffi::Error row_shape(const ffi::AnyBuffer& x, RowShape& shape) {
+  const auto dims = x.dimensions();
+  if (dims.size() == 0) return ffi::Error::InvalidArgument("softrank: x must have at least 1 dimension");
+  const std::int64_t n = dims.back();
+  if (n > std::numeric_limits<index_t>::max())
+    return ffi::Error::InvalidArgument("softrank: rows longer than 2**31 - 1 are not supported");
+  std::int64_t rows = 1;
+  for (std::size_t i = 0; i + 1 < dims.size(); ++i) rows *= dims[i];
+  shape.rows = rows;
+  shape.n = static_cast<index_t>(n);
+  return ffi::Error::Success();
+}
+
+ffi::Error make_spec(std::int32_t op, std::int32_t reg, bool descending, double eps,
+                     softrank::OpSpec& spec) {
+  if (op != 0 && op != 1) return ffi::Error::InvalidArgument("softrank: op must be 0 or 1");
+  if (reg != 0 && reg != 1) return ffi::Error::InvalidArgument("softrank: reg must be 0 or 1");
+  if (!(eps >= 0.0))
+    return ffi::Error::InvalidArgument("softrank: eps must be a number >= 0, got " +
+                                       std::to_string(eps));
+  spec = softrank::OpSpec{static_cast<softrank::Op>(op), static_cast<softrank::Reg>(reg),
+                          descending, eps};
+  return ffi::Error::Success();
+}
+
+bool is_value_type(ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::DataType::F64; }
+
+ffi::Error check_like(const ffi::AnyBuffer& a, const ffi::AnyBuffer& x, const char* name) {
+  if (a.element_type() != x.element_type() || a.element_count() != x.element_count())
+    return ffi::Error::InvalidArgument(std::string("softrank: ") + name +
+                                       " must have the dtype and size of x");
+  return ffi::Error::Success();
+}
+
+ffi::Error forward_impl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out, std::int32_t op,
+                        std::int32_t reg, bool descending, double eps, index_t* perm,
+                        index_t* block_start) {
+  RowShape shape;
+  softrank::OpSpec spec;
+  if (auto e = row_shape(x, shape); !e.success()) return e;
+  if (auto e = make_spec(op, reg, descending, eps, spec); !e.success()) return e;
+  if (!is_value_type(x.element_type()))
+    return ffi::Error::InvalidArgument("softrank: x must be float32 or float64");
+  if (auto e = check_like(*out, x, "out"); !e.success()) return e;
+  if (x.element_type() == ffi::DataType::F32)
+    softrank::soft_forward_batch(static_cast<const float*>(x.untyped_data()), shape.rows, shape.n,
+                                 spec, static_cast<float*>(out->untyped_data()), perm, block_start);
+  else
+    softrank::soft_forward_batch(static_cast<const double*>(x.untyped_data()), shape.rows,
+                                 shape.n, spec, static_cast<double*>(out->untyped_data()), perm,
+                                 block_start);
+  return ffi::Error::Success();
+}
+
+// The forward pass with its state (perm, block starts: the vjp's residuals).
+ffi::Error forward(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
+                   ffi::Result<ffi::Buffer<ffi::S32>> perm,
+                   ffi::Result<ffi::Buffer<ffi::S32>> block_start, std::int32_t op,
+                   std::int32_t reg, bool descending, double eps) {
+  if (perm->element_count() != x.element_count() ||
+      block_start->element_count() != x.element_count())
+    return ffi::Error::InvalidArgument("softrank: perm and block_start must have x's size");
+  return forward_impl(x, out, op, reg, descending, eps, perm->typed_data(),
+                      block_start->typed_data());
+}
+
+// The values alone (the state stays in the core's scratch).
+ffi::Error forward_value(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out, std::int32_t op,
+                         std::int32_t reg, bool descending, double eps) {
+  return forward_impl(x, out, op, reg, descending, eps, nullptr, nullptr);
+}
+
+ffi::Error vjp(ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::Buffer<ffi::S32> perm,
+               ffi::Buffer<ffi::S32> block_start, ffi::AnyBuffer cotangent,
+               ffi::Result<ffi::AnyBuffer> grad, std::int32_t op, std::int32_t reg,
+               bool descending, double eps) {
+  RowShape shape;
+  softrank::OpSpec spec;
+  if (auto e = row_shape(x, shape); !e.success()) return e;
+  if (auto e = make_spec(op, reg, descending, eps, spec); !e.success()) return e;
+  if (!is_value_type(x.element_type()))
+    return ffi::Error::InvalidArgument("softrank: x must be float32 or float64");
+  for (auto [buffer, name] : {std::pair{&out, "out"}, std::pair{&cotangent, "cotangent"}})
+    if (auto e = check_like(*buffer, x, name); !e.success()) return e;
+  if (auto e = check_like(*grad, x, "grad"); !e.success()) return e;
+  if (perm.element_count() != x.element_count() ||
+      block_start.element_count() != x.element_count())
+    return ffi::Error::InvalidArgument("softrank: perm and block_start must have x's size");
+  // perm entries index the row: out-of-range values would write out of bounds.
+  const index_t* p = perm.typed_data();
+  bool in_range = true;
+  for (std::size_t i = 0; i < perm.element_count(); ++i)
+    in_range &= (p[i] >= 0) & (p[i] < shape.n);
+  if (!in_range)
+    return ffi::Error::InvalidArgument(
+        "softrank: perm holds an index outside [0, n): not a forward-pass state");
+  if (x.element_type() == ffi::DataType::F32)
+    softrank::soft_product_batch(
+        static_cast<const float*>(x.untyped_data()), static_cast<const float*>(out.untyped_data()),
+        p, block_start.typed_data(), static_cast<const float*>(cotangent.untyped_data()),
+        shape.rows, shape.n, spec, true, static_cast<float*>(grad->untyped_data()));
+  else
+    softrank::soft_product_batch(
+        static_cast<const double*>(x.untyped_data()),
+        static_cast<const double*>(out.untyped_data()), p, block_start.typed_data(),
+        static_cast<const double*>(cotangent.untyped_data()), shape.rows, shape.n, spec, true,
+        static_cast<double*>(grad->untyped_data()));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(softrank_xla_forward, forward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<std::int32_t>("op")
+                                  .Attr<std::int32_t>("reg")
+                                  .Attr<bool>("descending")
+                                  .Attr<double>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(softrank_xla_forward_value, forward_value,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<std::int32_t>("op")
+                                  .Attr<std::int32_t>("reg")
+                                  .Attr<bool>("descending")
+                                  .Attr<double>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(softrank_xla_vjp, vjp,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<std::int32_t>("op")
+                                  .Attr<std::int32_t>("reg")
+                                  .Attr<bool>("descending")
+                                  .Attr<double>("eps"));
+
+namespace softrank_bindings {
+
+// {target name: PyCapsule of the handler}, for jax.ffi.register_ffi_target.
+py::dict xla_ffi_targets() {
+  py::dict targets;
+  targets["softrank_forward"] = py::capsule(reinterpret_cast<void*>(&softrank_xla_forward));
+  targets["softrank_forward_value"] =
+      py::capsule(reinterpret_cast<void*>(&softrank_xla_forward_value));
+  targets["softrank_vjp"] = py::capsule(reinterpret_cast<void*>(&softrank_xla_vjp));
+  return targets;
+}
+
+}  // namespace softrank_bindings
