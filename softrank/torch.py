@@ -273,37 +273,59 @@ class _SoftForward(torch.autograd.Function):
     """The eager operator on a C-contiguous (rows, n) tensor.
 
     Talks to the engine directly (the (rows, n) layout is the engine's), since
-    at n = 100 every Python call of the glue is a visible share of the time.
+    at n = 100 every Python call of the glue is a visible share of the time:
+    on a CPU tensor with the compiled engine the values go by address (no
+    numpy view of a tensor), otherwise as numpy views.
     """
 
     @staticmethod
     def forward(ctx, x, x_host, op, reg, descending, eps):
-        # x_host: the caller's numpy view of x (made once, outside apply).
-        state = _engine.engine().soft_forward(x_host, op, reg, descending, eps)
-        out = _from_host(state[0], x)
-        # The tensors are saved so that autograd catches in-place changes to
-        # them; the backward reads the host arrays (no conversions).
-        ctx.save_for_backward(x, out)
-        ctx.host = (x_host,) + state
+        # x_host: the caller's numpy view of x, or None where the compiled
+        # engine reads x by address.
         ctx.params = (op, reg, descending, eps)
+        if x_host is None:
+            rows, n = x.shape
+            out, perm, block_start = _engine.engine()._soft_forward_at(
+                x.data_ptr(), rows, n, x.dtype == torch.float64, op, reg, descending, eps
+            )
+            ctx.host = None
+        else:
+            out, perm, block_start = _engine.engine().soft_forward(
+                x_host, op, reg, descending, eps
+            )
+            ctx.host = (x_host, out)
+        ctx.state = (perm, block_start)  # numpy arrays, read by the backward
+        out = _from_host(out, x)
+        # Saved so that autograd catches in-place changes to them: the
+        # backward reads their buffers.
+        ctx.save_for_backward(x, out)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, out = ctx.saved_tensors
+        perm, block_start = ctx.state
         if torch.is_grad_enabled() or not _direct_call_allowed(grad_out):
-            _, _, perm, block_start = ctx.host
             grad = torch.ops.softrank.soft_vjp(
                 x, out, _from_host(perm, x), _from_host(block_start, x), grad_out, *ctx.params
             )
-        else:
-            g = grad_out
-            if g.dtype != x.dtype:
-                g = g.to(x.dtype)
-            grad = _from_host(
-                _engine.engine().soft_vjp(*ctx.host, _to_host(g), *ctx.params), x
+            return grad, None, None, None, None, None
+        g = grad_out
+        if g.dtype != x.dtype:
+            g = g.to(x.dtype)
+        if ctx.host is None:
+            if not g.is_contiguous():  # (a broadcast cotangent, as from sum().backward())
+                g = g.contiguous()
+            grad = _engine.engine()._soft_vjp_at(
+                x.data_ptr(), out.data_ptr(), perm, block_start, g.data_ptr(),
+                x.dtype == torch.float64, *ctx.params,
             )
-        return grad, None, None, None, None, None
+        else:
+            x_host, out_host = ctx.host
+            grad = _engine.engine().soft_vjp(
+                x_host, out_host, perm, block_start, _to_host(g), *ctx.params
+            )
+        return _from_host(grad, x), None, None, None, None, None
 
 
 _is_compiling = torch.compiler.is_compiling
@@ -362,9 +384,9 @@ def _soft_op(x: Any, eps: Any, regularization: Any, direction: Any, dim: Any, op
     if not _direct_call_allowed(rows):
         out = torch.ops.softrank.soft_forward(rows, op, reg, descending, eps)[0]
     elif rows.requires_grad and torch.is_grad_enabled():
-        # (rows is a CPU tensor here: _direct_call_allowed admits plain
-        # tensors only, and a CUDA one goes to _to_host's copy.)
-        out = _SoftForward.apply(rows, _to_host(rows), op, reg, descending, eps)
+        by_address = rows.is_cpu and _engine.backend() == "native"
+        out = _SoftForward.apply(rows, None if by_address else _to_host(rows), op, reg,
+                                 descending, eps)
     else:
         out = _from_host(
             _engine.engine().soft_forward_value(_to_host(rows), op, reg, descending, eps), rows

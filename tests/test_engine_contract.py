@@ -954,3 +954,44 @@ def test_kl_sort_elementwise_precision_both_sides_of_the_plain_log_ratio(eng, dt
         expected = soft_sort_ref(x.astype(np.float64), eps, "kl", direction)
         np.testing.assert_allclose(out[0], expected.astype(dtype), rtol=rtol, atol=0,
                                    err_msg=f"x={x!r} eps={eps}")
+
+
+@pytest.mark.skipif("native" not in BACKENDS, reason="the compiled engine is not built")
+def test_by_address_entry_points_match_and_check_their_arguments():
+    """_soft_forward_at / _soft_vjp_at (softrank.torch's eager path on CPU
+    tensors) give soft_forward's and soft_vjp's results bit for bit, and
+    refuse bad codes, eps and a perm that is not a forward state."""
+    from softrank import _C
+
+    rng = np.random.default_rng(16)
+    for dtype in (np.float32, np.float64):
+        x = rng.normal(size=(3, 40)).astype(dtype)
+        g = rng.normal(size=(3, 40)).astype(dtype)
+        address = x.__array_interface__["data"][0]
+        for op in OPS:
+            for reg in REGS:
+                want = _C.soft_forward(x, op, reg, True, 0.3)
+                got = _C._soft_forward_at(address, 3, 40, dtype == np.float64, op, reg, True, 0.3)
+                for a, b in zip(got, want):
+                    assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+                out, perm, block_start = got
+                grad = _C._soft_vjp_at(address, out.__array_interface__["data"][0], perm,
+                                       block_start, g.__array_interface__["data"][0],
+                                       dtype == np.float64, op, reg, True, 0.3)
+                assert grad.tobytes() == _C.soft_vjp(x, *want, g, op, reg, True, 0.3).tobytes()
+    x = rng.normal(size=(2, 5))
+    address = x.__array_interface__["data"][0]
+    for args, word in (((2, 0, False, 1.0), "op"), ((0, 3, False, 1.0), "reg"),
+                       ((0, 0, False, -1.0), "eps"), ((0, 0, False, np.nan), "eps")):
+        with pytest.raises(ValueError, match=word):
+            _C._soft_forward_at(address, 2, 5, True, *args)
+    with pytest.raises(ValueError, match="n must be"):
+        _C._soft_forward_at(address, -1, 5, True, 0, 0, False, 1.0)
+    out, perm, block_start = _C._soft_forward_at(address, 2, 5, True, 0, 0, False, 1.0)
+    bad = np.full_like(perm, 9)
+    with pytest.raises(ValueError, match="perm"):
+        _C._soft_vjp_at(address, out.__array_interface__["data"][0], bad, block_start, address,
+                        True, 0, 0, False, 1.0)
+    with pytest.raises((ValueError, TypeError), match="block_start"):
+        _C._soft_vjp_at(address, out.__array_interface__["data"][0], perm, block_start[:, :3],
+                        address, True, 0, 0, False, 1.0)

@@ -156,6 +156,13 @@ def test_cpu_input_reaches_the_engine_without_copies(monkeypatch, path):
             return result
 
         @staticmethod
+        def _soft_forward_at(address, *args):  # the eager autograd path: x by address
+            seen["x"] = address
+            result = real._soft_forward_at(address, *args)
+            seen["out"] = result[0].__array_interface__["data"][0]
+            return result
+
+        @staticmethod
         def soft_forward_value(x, *args):  # the no-grad path: no state kept
             seen["x"] = x.__array_interface__["data"][0]
             result = real.soft_forward_value(x, *args)

@@ -480,6 +480,13 @@ void soft_product_range(const T* x, const T* out, const index_t* perm, const ind
       for (index_t i = s; i < e; ++i) write(i, mean);
       return;
     }
+    if (e - s == 1) {
+      // A singleton's softmax is exp(0) / exp(0) = 1: the loops below with
+      // p = 1, without the exp kernel's call (most blocks, where eps is
+      // small against the gaps). (0.0 + v, as the sums below: -0.0 -> +0.0.)
+      write(s, 1.0 * (0.0 + read(s)));
+      return;
+    }
     block_softmax(x, perm, s, e, negate, work);
     if (transpose) {
       double sum = 0.0;

@@ -327,10 +327,12 @@ bool bucket_sort_row(const T* x, index_t n, bool negate, typename Items::Item* a
   group_first[groups] = buckets;
   for (index_t g = groups; g-- > 0;) group_first[g] = std::min(group_first[g], group_first[g + 1]);
   ranges.tasks(groups, [&](index_t g) {
-    std::vector<std::uint32_t> counts(static_cast<std::size_t>(kMaxRadixPasses) * kMaxRadixBuckets);
+    std::vector<std::uint32_t> counts;  // the radix sort's, made when a bucket needs it
     for (std::size_t d = group_first[g]; d < group_first[g + 1]; ++d) {
       const index_t lo = static_cast<index_t>(bucket_start[d]);
       const index_t m = static_cast<index_t>(bucket_start[d + 1]) - lo;
+      if (m > 32 && counts.empty())
+        counts.resize(static_cast<std::size_t>(kMaxRadixPasses) * kMaxRadixBuckets);
       const Item* sorted = sort_bucket<Items>(tmp + lo, a + lo, m, counts.data());
       for (index_t i = 0; i < m; ++i) {
         perm[lo + i] = Items::column(sorted[i]);
