@@ -1,7 +1,8 @@
 """Thread scaling of the engine: softrank.numpy soft_rank (l2 and kl, float32) at
 (1, 10^6) and (256, 1000) with 1 and 2 threads (``softrank.set_num_threads``),
-forward and forward+vjp. Groups: ``threads-<cell>``; the report prints the
-1-thread / 2-thread ratio. The thread count is restored after each case.
+forward and forward+vjp (``*_with_vjp`` and its pullback). Groups:
+``threads-<cell>``; the report prints the 1-thread / 2-thread ratio. The thread
+count is restored after each case.
 """
 from __future__ import annotations
 
@@ -44,13 +45,16 @@ def test_threads(benchmark, restore_threads, op, reg, batch, n, pass_, threads):
     x = data(batch, n, "float32")
     cot = cotangent(batch, n, "float32")
     fn = getattr(srn, op)
-    vjp = getattr(srn, op + "_vjp")
+    with_vjp = getattr(srn, op + "_with_vjp")
     if pass_ == "fwd":
         def run():
             return fn(x, EPS, regularization=reg)
     else:
+        # As the numpy suite's fwdbwd: the value and its pullback from one
+        # forward pass.
         def run():
-            return fn(x, EPS, regularization=reg), vjp(x, cot, EPS, regularization=reg)
+            value, pullback = with_vjp(x, EPS, regularization=reg)
+            return value, pullback(cot)
 
     benchmark.group = f"threads-{op}-{reg}-float32-b{batch}-n{n}-{pass_}"
     benchmark.extra_info.update(

@@ -198,16 +198,18 @@ void soft_forward_batch(const T* x, std::int64_t rows, index_t n, const OpSpec& 
     // More tasks than threads: a thread that is descheduled (a loaded machine)
     // then holds up only a small share of the work.
     const ParallelRanges ranges{get_num_threads()};
-    RowScratch scratch = thread_scratch().row(n, sizeof(T) == 8);
-    std::vector<index_t> own_perm, own_blocks;
+    ThreadScratch& s = thread_scratch();
+    RowScratch scratch = s.row(n, sizeof(T) == 8);
     if (!keep_state) {
-      own_perm.resize(static_cast<std::size_t>(n));
-      own_blocks.resize(static_cast<std::size_t>(n));
+      // (Kept between calls: two fresh n-long vectors were 8 MB of page
+      // faults a call at n = 1e6, on one thread.)
+      ThreadScratch::grow(s.state_perm, static_cast<std::size_t>(n));
+      ThreadScratch::grow(s.state_blocks, static_cast<std::size_t>(n));
     }
     for (std::int64_t r = 0; r < rows; ++r) {
       const std::int64_t off = r * n;
-      index_t* row_perm = keep_state ? perm + off : own_perm.data();
-      index_t* row_blocks = keep_state ? block_start + off : own_blocks.data();
+      index_t* row_perm = keep_state ? perm + off : s.state_perm.data();
+      index_t* row_blocks = keep_state ? block_start + off : s.state_blocks.data();
       if (!sort_long_row(x + off, n, negates_input(spec), scratch, row_perm, ranges))
         fill_non_finite_row(n, out + off, row_perm, row_blocks);
       else
