@@ -48,6 +48,14 @@ def _versions() -> str:
         except Exception:  # noqa: BLE001 - optional, any import failure means absent
             continue
         extra = f" (threads={mod.get_num_threads()})" if name == "torch" else ""
+        if name == "jax":
+            try:
+                import softrank.jax as srj
+
+                extra = " (softrank.jax: XLA custom calls)" if srj._ffi_ready() else \
+                    " (softrank.jax: pure_callback)"
+            except Exception:  # noqa: BLE001 - the suite reports its own failure
+                pass
         try:
             version = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
