@@ -226,7 +226,10 @@ void soft_forward_sorted(index_t n, const OpSpec& spec, RowScratch& w, T* out,
   // sort needs neither. The check is O(1): xs is sorted.
   double unscale = 1.0;  // sort l2: maps the scaled block means back
   constexpr int kMaxExponent = 960;  // |x| f < 2^960: sums of n differences stay finite
-  const double max_abs = n > 0 ? std::fmax(std::fabs(xs[0]), std::fabs(xs[n - 1])) : 0.0;
+  // (A compare, not std::fmax: that is a libm call per row here. xs is finite.)
+  const double first_abs = n > 0 ? std::fabs(xs[0]) : 0.0;
+  const double last_abs = n > 0 ? std::fabs(xs[n - 1]) : 0.0;
+  const double max_abs = first_abs > last_abs ? first_abs : last_abs;
   // (The common row needs neither scaling: skip frexp, a libm call per row.)
   const bool may_scale = max_abs >= 0x1p960 ||
                          (spec.op == Op::Rank && eps < std::numeric_limits<double>::min());
