@@ -167,14 +167,17 @@ struct ParallelRanges {
   }
 };
 
+// (One thread: the LSD radix sort of sort_row_descending; see kBucketSortMin.)
 inline bool sort_long_row(const float* x, index_t n, bool negate, RowScratch& w, index_t* perm,
                           const ParallelRanges& ranges) {
+  if (ranges.threads <= 1) return sort_row_descending(x, n, negate, w.sort, perm, w.xs);
   return bucket_sort_row<PackedItems32>(x, n, negate, w.sort.packed32, w.sort.packed32_tmp, perm,
                                         w.xs, ranges);
 }
 
 inline bool sort_long_row(const double* x, index_t n, bool negate, RowScratch& w, index_t* perm,
                           const ParallelRanges& ranges) {
+  if (ranges.threads <= 1) return sort_row_descending(x, n, negate, w.sort, perm, w.xs);
   return bucket_sort_row<KeyedItems64>(x, n, negate, w.sort.keyed64, w.sort.keyed64_tmp, perm,
                                        w.xs, ranges);
 }

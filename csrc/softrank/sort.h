@@ -10,6 +10,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -137,10 +138,12 @@ inline Item* radix_sort(Item* a, Item* tmp, index_t n, int lo_bit, int hi_bit,
   return src;
 }
 
-// Rows from this long are sorted by bucket_sort_row: one scatter into
-// buckets of tens to hundreds of items, then each bucket sorted in cache. Whole-row
-// LSD passes miss the cache on every item (a row of 1e6 float32 is 8 MB of
-// items), and the bucket passes are independent, so they spread over threads.
+// Rows from this long are sorted by bucket_sort_row where there are several
+// threads: one scatter into buckets of tens to hundreds of items, then each
+// bucket sorted in cache, every pass split over the threads (the whole-row
+// LSD passes of radix_sort hardly gain from a second thread: each item's
+// scatter misses the cache). On one thread the LSD radix sort is as fast or
+// faster (normal data: 8 vs 14 ms at 1e6, measured), so it stays there.
 constexpr index_t kBucketSortMin = 1 << 18;
 constexpr int kBucketKeyBits = 11;  // key-bit buckets: 2^11 of them
 
@@ -231,34 +234,53 @@ bool bucket_sort_row(const T* x, index_t n, bool negate, typename Items::Item* a
   auto value = [&](index_t i) { return (negate ? -x[i] : x[i]) + T(0); };
   std::vector<Key> part_min(parts), part_max(parts);
   std::vector<unsigned char> part_bad(parts);
+  std::vector<double> part_sum(parts), part_sum_sq(parts);  // of v - x'[0], for the spread
+  const double origin = static_cast<double>(value(0));
   ranges.tasks(parts, [&](index_t t) {
     Key lo_key = ~Key(0), hi_key = 0, bad = 0;
+    double sum = 0.0, sum_sq = 0.0;
     for (index_t i = part_lo(t); i < part_lo(t + 1); ++i) {
       const T v = value(i);
       bad |= static_cast<Key>(!is_finite_bits(float_bits(v)));
       const Key k = descending_key(v);
       lo_key = k < lo_key ? k : lo_key;
       hi_key = k > hi_key ? k : hi_key;
+      const double d = static_cast<double>(v) - origin;
+      sum += d;
+      sum_sq += d * d;
     }
     part_min[t] = lo_key;
     part_max[t] = hi_key;
     part_bad[t] = bad != 0;
+    part_sum[t] = sum;
+    part_sum_sq[t] = sum_sq;
   });
   Key kmin = ~Key(0), kmax = 0;
+  double sum = 0.0, sum_sq = 0.0;
   for (int t = 0; t < parts; ++t) {
     if (part_bad[t]) return false;
     kmin = std::min(kmin, part_min[t]);
     kmax = std::max(kmax, part_max[t]);
+    sum += part_sum[t];
+    sum_sq += part_sum_sq[t];
   }
   // Value slices: bucket = floor((top - v) * scale), top = max x', clamped to
   // the last bucket; every step rounds monotonically, so the map is monotone.
   // About 64 float32 items a bucket (a register network sorts them), 256
-  // float64 ones (a radix sort does).
-  constexpr int kItemsPerBucketLog2 = sizeof(Item) == 8 ? 6 : 8;
-  std::size_t buckets = static_cast<std::size_t>(
-      std::min<index_t>(1 << 17, std::max<index_t>(1 << 8, n >> kItemsPerBucketLog2)));
+  // float64 ones (a radix sort does), where the data are densest: a bell
+  // shape's peak density is about 1 / (sd sqrt(2 pi)) against 1 / range on
+  // average, so there are that many times more (at most 8): normal data, whose
+  // range is ~10 sd, would otherwise fill the middle buckets 4 times over.
+  // (Uniform data, peak / mean = range / (sd sqrt(2 pi)) = 1.38, get 1.)
   const double top = static_cast<double>(value_of_key(kmin));
-  const double scale = static_cast<double>(buckets) / (top - static_cast<double>(value_of_key(kmax)));
+  const double range = top - static_cast<double>(value_of_key(kmax));
+  const double mean = sum / n, variance = sum_sq / n - mean * mean;
+  const double peak = range / (std::sqrt(variance) * 2.5066282746310002) / 1.38;
+  const double denser = std::isfinite(peak) && variance > 0.0 ? std::min(8.0, std::max(1.0, peak)) : 1.0;
+  constexpr int kItemsPerBucketLog2 = sizeof(Item) == 8 ? 6 : 8;
+  std::size_t buckets = static_cast<std::size_t>(std::min<double>(
+      1 << 18, std::max<double>(1 << 8, denser * static_cast<double>(n >> kItemsPerBucketLog2))));
+  const double scale = static_cast<double>(buckets) / range;
   const double last = static_cast<double>(buckets - 1);
   // Key bits: the kBucketKeyBits bits below those that all keys share.
   const int shift = std::max(0, bit_length<Key>(kmax ^ kmin) - kBucketKeyBits);
@@ -371,9 +393,6 @@ inline bool sort_row_descending(const float* x, index_t n, bool negate, SortScra
   std::uint32_t non_finite = 0;
   if (n <= kNetworkSortMax && n > 0 && network_sort_available())
     return network_sort_row(x, n, negate, perm, xs);
-  if (n >= kBucketSortMin)
-    return bucket_sort_row<PackedItems32>(x, n, negate, s.packed32, s.packed32_tmp, perm, xs,
-                                          SerialRanges{});
   std::uint32_t* keys = s.keys32;
   for (index_t i = 0; i < n; ++i) {
     // Adding +0.0f turns -0.0 into +0.0, so that both zeros share one key.
@@ -398,9 +417,6 @@ inline bool sort_row_descending(const float* x, index_t n, bool negate, SortScra
 
 inline bool sort_row_descending(const double* x, index_t n, bool negate, SortScratch& s,
                                 index_t* perm, double* xs) {
-  if (n >= kBucketSortMin)
-    return bucket_sort_row<KeyedItems64>(x, n, negate, s.keyed64, s.keyed64_tmp, perm, xs,
-                                         SerialRanges{});
   std::uint64_t* keys = s.keys64;
   std::uint64_t non_finite = 0;
   for (index_t i = 0; i < n; ++i) {
