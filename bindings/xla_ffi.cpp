@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <utility>
 
 #include "softrank/batched.h"
 #include "xla/ffi/api/ffi.h"
@@ -140,38 +141,36 @@ ffi::Error vjp(ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::Buffer<ffi::S32> perm,
 
 }  // namespace
 
+// The operator's attributes, which every handler takes last.
+template <class Binding>
+auto with_op_attributes(Binding binding) {
+  return std::move(binding)
+      .template Attr<std::int32_t>("op")
+      .template Attr<std::int32_t>("reg")
+      .template Attr<bool>("descending")
+      .template Attr<double>("eps");
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(softrank_xla_forward, forward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<std::int32_t>("op")
-                                  .Attr<std::int32_t>("reg")
-                                  .Attr<bool>("descending")
-                                  .Attr<double>("eps"));
+                              with_op_attributes(ffi::Ffi::Bind()
+                                                     .Arg<ffi::AnyBuffer>()
+                                                     .Ret<ffi::AnyBuffer>()
+                                                     .Ret<ffi::Buffer<ffi::S32>>()
+                                                     .Ret<ffi::Buffer<ffi::S32>>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(softrank_xla_forward_value, forward_value,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<std::int32_t>("op")
-                                  .Attr<std::int32_t>("reg")
-                                  .Attr<bool>("descending")
-                                  .Attr<double>("eps"));
+                              with_op_attributes(ffi::Ffi::Bind()
+                                                     .Arg<ffi::AnyBuffer>()
+                                                     .Ret<ffi::AnyBuffer>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(softrank_xla_vjp, vjp,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<std::int32_t>("op")
-                                  .Attr<std::int32_t>("reg")
-                                  .Attr<bool>("descending")
-                                  .Attr<double>("eps"));
+                              with_op_attributes(ffi::Ffi::Bind()
+                                                     .Arg<ffi::AnyBuffer>()
+                                                     .Arg<ffi::AnyBuffer>()
+                                                     .Arg<ffi::Buffer<ffi::S32>>()
+                                                     .Arg<ffi::Buffer<ffi::S32>>()
+                                                     .Arg<ffi::AnyBuffer>()
+                                                     .Ret<ffi::AnyBuffer>()));
 
 namespace softrank_bindings {
 

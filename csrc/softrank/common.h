@@ -62,8 +62,6 @@ struct SerialRanges {
   void tasks(index_t count, Fn&& fn) const {
     for (index_t t = 0; t < count; ++t) fn(t);
   }
-  // How many parts a pass over a row is split into (histograms are per part).
-  int parts() const { return 1; }
 };
 
 // Mean of rho over sorted positions [s, e).

@@ -219,8 +219,9 @@ typename Items::Item* sort_bucket(typename Items::Item* a, typename Items::Item*
 // sorted order; this one gives buckets of equal size on evenly spread data).
 // Where that leaves one bucket too full (skewed data) they are the leading
 // key bits instead, which follow the exponent. Each pass runs as `ranges`
-// splits it, serially or over the threads; the result is the unique stable
-// order either way. `a` and `tmp` hold n items each.
+// (batched.cpp's ParallelRanges: parts() pieces over the threads) splits it;
+// the result is the unique stable order either way. `a` and `tmp` hold n
+// items each.
 template <class Items, class T, class Ranges>
 bool bucket_sort_row(const T* x, index_t n, bool negate, typename Items::Item* a,
                      typename Items::Item* tmp, index_t* perm, double* xs, const Ranges& ranges) {

@@ -150,6 +150,19 @@ inline std::vector<double> random_row(Rng& rng, int n, int kind, double scale = 
   return x;
 }
 
+// The stable decreasing order of x' = x or -x (-0 and +0 equal), by
+// std::stable_sort: the reference for every sorting path.
+template <class T>
+inline std::vector<index_t> reference_perm(const std::vector<T>& x, bool negate) {
+  std::vector<index_t> p(x.size());
+  std::iota(p.begin(), p.end(), 0);
+  std::stable_sort(p.begin(), p.end(), [&](index_t a, index_t b) {
+    const T va = negate ? -x[a] : x[a], vb = negate ? -x[b] : x[b];
+    return va > vb;
+  });
+  return p;
+}
+
 template <class T, class U>
 inline std::vector<T> cast(const std::vector<U>& x) {
   return std::vector<T>(x.begin(), x.end());

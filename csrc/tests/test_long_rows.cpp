@@ -42,17 +42,6 @@ std::vector<T> long_row(Rng& rng, int n, int kind) {
   return x;
 }
 
-template <class T>
-std::vector<index_t> stable_order(const std::vector<T>& x, bool negate) {
-  std::vector<index_t> p(x.size());
-  std::iota(p.begin(), p.end(), 0);
-  std::stable_sort(p.begin(), p.end(), [&](index_t a, index_t b) {
-    const T va = negate ? -x[a] : x[a], vb = negate ? -x[b] : x[b];
-    return va > vb;
-  });
-  return p;
-}
-
 const int kLongLengths[] = {1 << 18, (1 << 18) + 1, 300007};
 
 template <class T>
@@ -68,7 +57,7 @@ void check_long_sort() {
           // The hard sort: its perm is the order, its output the sorted row.
           const OpSpec s{Op::Sort, Reg::L2, /*descending=*/!negate, 0.0};
           const Forward<T> f = forward(x, 1, n, s);
-          const std::vector<index_t> ref = stable_order(x, negate);
+          const std::vector<index_t> ref = reference_perm(x, negate);
           bool perm_ok = true, values_ok = true;
           for (int i = 0; i < n; ++i) {
             perm_ok = perm_ok && f.perm[i] == ref[i];

@@ -41,18 +41,6 @@ std::vector<T> stress_row(Rng& rng, int n, int kind) {
   return x;
 }
 
-// The stable decreasing order of x' = x or -x (-0 and +0 equal).
-template <class T>
-std::vector<index_t> reference_perm(const std::vector<T>& x, bool negate) {
-  std::vector<index_t> p(x.size());
-  std::iota(p.begin(), p.end(), 0);
-  std::stable_sort(p.begin(), p.end(), [&](index_t a, index_t b) {
-    const T va = negate ? -x[a] : x[a], vb = negate ? -x[b] : x[b];
-    return va > vb;
-  });
-  return p;
-}
-
 }  // namespace
 
 template <class T>
