@@ -4,7 +4,6 @@
 #include "softrank/batched.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <exception>
 #include <mutex>
@@ -145,7 +144,7 @@ void for_each_row(std::int64_t rows, index_t n, RowFn&& row_fn) {
 // n only, and every output element is computed by the same expression.
 // Below this the per-row path is faster: each pass costs a synchronisation,
 // which a row of 1e5 elements does not amortise (measured).
-constexpr index_t kLongRow = 1 << 18;
+constexpr index_t kLongRow = kBucketSortMin;
 
 struct ParallelRanges {
   int threads;
