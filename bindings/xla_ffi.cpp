@@ -63,15 +63,22 @@ ffi::Error check_like(const ffi::AnyBuffer& a, const ffi::AnyBuffer& x, const ch
   return ffi::Error::Success();
 }
 
+// What every handler checks first: x's shape and type, and the operator.
+ffi::Error check_call(const ffi::AnyBuffer& x, std::int32_t op, std::int32_t reg, bool descending,
+                      double eps, RowShape& shape, softrank::OpSpec& spec) {
+  if (auto e = row_shape(x, shape); !e.success()) return e;
+  if (auto e = make_spec(op, reg, descending, eps, spec); !e.success()) return e;
+  if (!is_value_type(x.element_type()))
+    return ffi::Error::InvalidArgument("softrank: x must be float32 or float64");
+  return ffi::Error::Success();
+}
+
 ffi::Error forward_impl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out, std::int32_t op,
                         std::int32_t reg, bool descending, double eps, index_t* perm,
                         index_t* block_start) {
   RowShape shape;
   softrank::OpSpec spec;
-  if (auto e = row_shape(x, shape); !e.success()) return e;
-  if (auto e = make_spec(op, reg, descending, eps, spec); !e.success()) return e;
-  if (!is_value_type(x.element_type()))
-    return ffi::Error::InvalidArgument("softrank: x must be float32 or float64");
+  if (auto e = check_call(x, op, reg, descending, eps, shape, spec); !e.success()) return e;
   if (auto e = check_like(*out, x, "out"); !e.success()) return e;
   if (x.element_type() == ffi::DataType::F32)
     softrank::soft_forward_batch(static_cast<const float*>(x.untyped_data()), shape.rows, shape.n,
@@ -107,12 +114,9 @@ ffi::Error vjp(ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::Buffer<ffi::S32> perm,
                bool descending, double eps) {
   RowShape shape;
   softrank::OpSpec spec;
-  if (auto e = row_shape(x, shape); !e.success()) return e;
-  if (auto e = make_spec(op, reg, descending, eps, spec); !e.success()) return e;
-  if (!is_value_type(x.element_type()))
-    return ffi::Error::InvalidArgument("softrank: x must be float32 or float64");
-  for (auto [buffer, name] : {std::pair{&out, "out"}, std::pair{&cotangent, "cotangent"}})
-    if (auto e = check_like(*buffer, x, name); !e.success()) return e;
+  if (auto e = check_call(x, op, reg, descending, eps, shape, spec); !e.success()) return e;
+  if (auto e = check_like(out, x, "out"); !e.success()) return e;
+  if (auto e = check_like(cotangent, x, "cotangent"); !e.success()) return e;
   if (auto e = check_like(*grad, x, "grad"); !e.success()) return e;
   if (perm.element_count() != x.element_count() ||
       block_start.element_count() != x.element_count())
