@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "softrank/batched.h"
+#include "softrank/cpu_features.h"
 #include "softrank/parallel.h"
 
 namespace py = pybind11;
@@ -503,4 +504,8 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("num_threads"));
   m.def("get_num_threads", &softrank::get_num_threads);
+  m.def(
+      "simd_level", [] { return softrank::simd_level_name(softrank::simd_level()); },
+      "The instruction set the core runs at: 'avx512', 'avx2' or 'baseline' (the CPU's best, "
+      "capped by SOFTRANK_DISABLE_AVX512=1, read once when the core loads).");
 }

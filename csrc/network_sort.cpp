@@ -4,11 +4,13 @@
 // are held in (at most 16) AVX-512 registers and sorted by a bitonic network
 // of vector min/max and lane permutes: no branches, no memory traffic, about
 // 4 cycles per item at n = 64 where counting ranks cost ~13. Compiled for
-// AVX-512F only, picked at run time; other CPUs keep the counting-rank sort.
+// AVX-512F only and entered only where simd_level() is AVX-512 (the CPU has
+// it and SOFTRANK_DISABLE_AVX512 is not set); other CPUs keep the
+// counting-rank sort.
+#include "softrank/cpu_features.h"
 #include "softrank/sort.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
-    !defined(SOFTRANK_NO_CLONES)
+#if defined(SOFTRANK_X86_DISPATCH)
 #define SOFTRANK_HAVE_NETWORK_SORT 1
 #include <immintrin.h>
 #endif
@@ -235,19 +237,15 @@ __attribute__((target("avx512f"))) bool sort_row(const float* x, index_t n, bool
   return true;
 }
 
-bool cpu_has_avx512f() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f");
-}
-
-const bool kHaveAvx512 = cpu_has_avx512f();
-
 }  // namespace
 
-bool network_sort_available() { return kHaveAvx512; }
+bool network_sort_available() {
+  static const bool available = simd_level() == SimdLevel::Avx512;
+  return available;
+}
 
 bool network_sort(std::uint64_t* items, index_t n) {
-  if (!kHaveAvx512 || n > kNetworkSortMax) return false;
+  if (!network_sort_available() || n > kNetworkSortMax) return false;
   if (n <= 8) {
     sort_items<1>(items, n);
   } else if (n <= 16) {
@@ -263,6 +261,7 @@ bool network_sort(std::uint64_t* items, index_t n) {
 }
 
 bool network_sort_row(const float* x, index_t n, bool negate, index_t* perm, double* xs) {
+  if (!network_sort_available() || n > kNetworkSortMax) return false;
   switch ((n + 7) / 8) {
     case 1: return sort_row<1, 1>(x, n, negate, perm, xs);
     case 2: return sort_row<2, 2>(x, n, negate, perm, xs);

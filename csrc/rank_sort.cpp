@@ -1,18 +1,14 @@
 // Counting-rank sort for short rows, compiled once per instruction set and
-// picked at load time (GCC/Clang function multiversioning), so a portable
-// wheel still uses AVX2 or AVX-512 where the CPU has them.
+// picked at load time (simd_level()), so a portable wheel still uses AVX2 or
+// AVX-512 where the CPU has them.
 #include <type_traits>
 
+#include "softrank/cpu_features.h"
 #include "softrank/sort.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(SOFTRANK_NO_CLONES)
-#define SOFTRANK_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SOFTRANK_SIMD_CLONES
-#endif
-// The body must be inlined into each clone: a separate function would be
-// compiled once, for the baseline instruction set, and the clones would only
-// call it.
+// The body must be inlined into each variant: a separate function would be
+// compiled once, for the baseline instruction set, and the variants would
+// only call it.
 #if defined(__GNUC__) || defined(__clang__)
 #define SOFTRANK_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
@@ -49,14 +45,46 @@ SOFTRANK_ALWAYS_INLINE void rank_sort_impl(const Key* keys, index_t n, index_t* 
   for (index_t i = 0; i < n; ++i) order[rank[i]] = i;
 }
 
-}  // namespace
-
-SOFTRANK_SIMD_CLONES void rank_sort(const std::uint32_t* keys, index_t n, index_t* order) {
+template <class Key>
+void rank_sort_baseline(const Key* keys, index_t n, index_t* order) {
   rank_sort_impl(keys, n, order);
 }
-
-SOFTRANK_SIMD_CLONES void rank_sort(const std::uint64_t* keys, index_t n, index_t* order) {
+#if defined(SOFTRANK_X86_DISPATCH)
+template <class Key>
+SOFTRANK_TARGET_AVX2 void rank_sort_avx2(const Key* keys, index_t n, index_t* order) {
   rank_sort_impl(keys, n, order);
+}
+template <class Key>
+SOFTRANK_TARGET_AVX512 void rank_sort_avx512(const Key* keys, index_t n, index_t* order) {
+  rank_sort_impl(keys, n, order);
+}
+#endif
+
+template <class Key>
+using RankSortKernel = void (*)(const Key*, index_t, index_t*);
+
+template <class Key>
+RankSortKernel<Key> pick_rank_sort() {
+#if defined(SOFTRANK_X86_DISPATCH)
+  switch (simd_level()) {
+    case SimdLevel::Avx512: return rank_sort_avx512<Key>;
+    case SimdLevel::Avx2: return rank_sort_avx2<Key>;
+    default: break;
+  }
+#endif
+  return rank_sort_baseline<Key>;
+}
+
+}  // namespace
+
+void rank_sort(const std::uint32_t* keys, index_t n, index_t* order) {
+  static const RankSortKernel<std::uint32_t> kernel = pick_rank_sort<std::uint32_t>();
+  kernel(keys, n, order);
+}
+
+void rank_sort(const std::uint64_t* keys, index_t n, index_t* order) {
+  static const RankSortKernel<std::uint64_t> kernel = pick_rank_sort<std::uint64_t>();
+  kernel(keys, n, order);
 }
 
 }  // namespace softrank

@@ -5,13 +5,33 @@ Sorting and Ranking") in O(n log n), with O(n) gradients, for numpy
 (``softrank.numpy``), PyTorch (``softrank.torch``), JAX (``softrank.jax``) and
 TensorFlow (``softrank.tensorflow``). The framework modules are imported only
 when asked for, so ``import softrank`` stays light.
-"""
-from __future__ import annotations
 
+Environment: ``SOFTRANK_BACKEND=numba`` forces the numba engine;
+``SOFTRANK_DISABLE_AVX512=1`` makes the native core use its portable (AVX2 or
+baseline) code paths on any CPU. Both are read once, when the engine loads.
+"""
 from softrank._engine import backend
 
 __version__ = "0.1.0"
-__all__ = ["backend", "set_num_threads", "get_num_threads", "__version__"]
+__all__ = ["backend", "simd_level", "set_num_threads", "get_num_threads", "__version__"]
+
+
+def simd_level() -> str:
+    """The instruction set the engine's CPU code runs at.
+
+    Returns
+    -------
+    str
+        ``"avx512"``, ``"avx2"`` or ``"baseline"`` for the native core: the
+        best the CPU supports, capped at AVX2 by ``SOFTRANK_DISABLE_AVX512=1``
+        (read once, when the core loads). ``"numba"`` for the numba engine,
+        whose code LLVM compiles for the host CPU.
+    """
+    from softrank._engine import engine
+
+    if backend() != "native":
+        return "numba"
+    return str(engine().simd_level())
 
 
 def set_num_threads(num_threads: int) -> None:

@@ -37,14 +37,16 @@ void rank_sort(const std::uint32_t* keys, index_t n, index_t* order);
 void rank_sort(const std::uint64_t* keys, index_t n, index_t* order);
 
 // Float32 rows up to this long are sorted by a bitonic network in AVX-512
-// registers where the CPU has AVX-512F (network_sort.cpp): items are
+// registers where simd_level() is AVX-512 (network_sort.cpp): items are
 // key << 32 | column, sorted ascending in place. network_sort returns false,
 // doing nothing, where it is not available or n > kNetworkSortMax.
 constexpr index_t kNetworkSortMax = 128;
 bool network_sort_available();
 bool network_sort(std::uint64_t* items, index_t n);
 // sort_row_descending's float32 path for 1 <= n <= kNetworkSortMax where
-// network_sort_available(), keys built and decoded in registers too.
+// network_sort_available(), keys built and decoded in registers too. Returns
+// false for a row holding NaN or +-inf, and, touching nothing, where the
+// network is not available or n is out of its range.
 bool network_sort_row(const float* x, index_t n, bool negate, index_t* perm, double* xs);
 
 inline std::uint32_t float_bits(float v) {

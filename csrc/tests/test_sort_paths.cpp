@@ -5,8 +5,11 @@
 // soft outputs across the thresholds against the optimality certificate;
 // permutation equivariance.
 #include <chrono>
+#include <cstdlib>
+#include <string>
 
 #include "helpers.h"
+#include "softrank/cpu_features.h"
 #include "softrank/sort.h"
 
 using namespace th;
@@ -116,8 +119,16 @@ TEST(sort_paths, rank_sort_direct) {
 TEST(sort_paths, network_sort_direct) {
   Rng rng(26);
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  CHECK(softrank::network_sort_available() == (__builtin_cpu_supports("avx512f") != 0))
+  const char* disable = std::getenv("SOFTRANK_DISABLE_AVX512");
+  const bool disabled = disable != nullptr && disable[0] != '\0' && std::string(disable) != "0";
+  CHECK(softrank::network_sort_available() ==
+        (__builtin_cpu_supports("avx512f") != 0 && !disabled))
       << "network sort availability";
+  CHECK(std::string(softrank::simd_level_name(softrank::simd_level())) ==
+        (__builtin_cpu_supports("avx512f") && !disabled ? "avx512"
+         : __builtin_cpu_supports("avx2")                ? "avx2"
+                                                         : "baseline"))
+      << "simd level";
 #endif
   for (int n = 0; n <= softrank::kNetworkSortMax + 1; ++n)
     for (int kind = 0; kind < 3; ++kind) {
