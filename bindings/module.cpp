@@ -449,6 +449,8 @@ py::array soft_vjp_at(std::uintptr_t x, std::uintptr_t out, const py::array& per
 }
 
 #ifdef SOFTRANK_WITH_XLA_FFI
+#include "xla/ffi/api/c_api.h"
+
 namespace softrank_bindings {
 py::dict xla_ffi_targets();  // xla_ffi.cpp
 }
@@ -463,6 +465,9 @@ PYBIND11_MODULE(_C, m) {
 #ifdef SOFTRANK_WITH_XLA_FFI
   m.def("xla_ffi_targets", &softrank_bindings::xla_ffi_targets,
         "{name: capsule} of the XLA FFI handlers softrank.jax registers (CPU).");
+  // The FFI API version the handlers were compiled against (the vendored
+  // headers' XLA_FFI_API_MAJOR, _MINOR): softrank.jax checks it against jaxlib's.
+  m.attr("xla_ffi_api_version") = py::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
 #endif
   m.def("soft_forward", &soft_forward, py::arg("x"), py::arg("op"), py::arg("reg"),
         py::arg("descending"), py::arg("eps"),
