@@ -78,14 +78,49 @@ def _load() -> None:
         else:
             _engine, _engine_name = _C, "native"
             return
+    shadowed = _shadowed_installation() if forced != "numba" else None
     try:
         from softrank import _numba
     except ImportError as exc:  # numba missing and no compiled core
+        if shadowed is not None:
+            raise ImportError(_shadow_message(shadowed)) from exc
         raise ImportError(
             "softrank has no compiled core here and numba is not installed; "
             "reinstall softrank with a C++ compiler or `pip install numba`"
         ) from exc
+    if shadowed is not None:
+        import warnings
+
+        warnings.warn(_shadow_message(shadowed) + " Using the slower numba engine meanwhile.",
+                      RuntimeWarning, stacklevel=3)
     _engine, _engine_name = _numba, "numba"
+
+
+def _shadowed_installation() -> str | None:
+    """The directory of another softrank with a compiled core further down sys.path.
+
+    Run from the root of a source checkout, ``import softrank`` finds the
+    uncompiled ``./softrank`` before the installed package.
+    """
+    import glob
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    for entry in sys.path:
+        candidate = os.path.join(os.path.abspath(entry or os.curdir), "softrank")
+        if candidate != here and glob.glob(os.path.join(candidate, "_C.*")):
+            return candidate
+    return None
+
+
+def _shadow_message(installed: str) -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    return (
+        f"softrank was imported from {here}, a source tree without the compiled core, which "
+        f"shadows the installed softrank in {installed}. Run from another directory, use the "
+        "console scripts (softrank-pretext-demo, softrank-bench), or install in editable mode "
+        "(pip install -e .)."
+    )
 
 
 def engine() -> ModuleType:

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import softrank
+from softrank._engine import available_backends
 
 HEAVY = ("torch", "jax", "tensorflow", "numba")
 
@@ -45,8 +46,6 @@ def test_import_is_light(imports):
 
 
 def test_default_backend_prefers_native():
-    from softrank._engine import available_backends
-
     res = _run("import softrank")
     expected = "native" if "native" in available_backends() else "numba"
     assert res["backend"] == expected
@@ -56,3 +55,42 @@ def test_env_forces_numba():
     pytest.importorskip("numba")
     res = _run("import softrank", {"SOFTRANK_BACKEND": "numba"})
     assert res["backend"] == "numba"
+
+
+def _shadowing_tree(tmp_path):
+    """A copy of the package without its compiled core, as a source checkout's root holds."""
+    import shutil
+
+    pkg = os.path.dirname(os.path.abspath(softrank.__file__))
+    shutil.copytree(pkg, tmp_path / "softrank", ignore=shutil.ignore_patterns("_C.*", "__pycache__"))
+    return str(tmp_path), os.path.dirname(pkg)
+
+
+@pytest.mark.skipif("native" not in available_backends(), reason="needs softrank._C")
+@pytest.mark.parametrize("with_numba", [True, False])
+def test_shadowing_source_tree_is_named(tmp_path, with_numba):
+    if with_numba:
+        pytest.importorskip("numba")
+    source_root, installed_root = _shadowing_tree(tmp_path)
+    block = "" if with_numba else "import sys; sys.modules['numba'] = None\n"
+    code = block + (
+        "import warnings, softrank\n"
+        "try:\n"
+        "    with warnings.catch_warnings(record=True) as caught:\n"
+        "        warnings.simplefilter('always')\n"
+        "        print('backend', softrank.backend())\n"
+        "    print('warned', any('shadows the installed softrank' in str(w.message) for w in caught))\n"
+        "except ImportError as exc:\n"
+        "    print('error', exc)\n"
+    )
+    env = dict(os.environ)
+    env.pop("SOFTRANK_BACKEND", None)
+    env["PYTHONPATH"] = os.pathsep.join([source_root, installed_root])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=source_root)
+    assert proc.returncode == 0, proc.stderr
+    if with_numba:
+        assert "backend numba" in proc.stdout and "warned True" in proc.stdout, proc.stdout
+    else:
+        assert "error softrank was imported from" in proc.stdout, proc.stdout
+        assert "shadows the installed softrank in" in proc.stdout and "pip install -e ." in proc.stdout

@@ -98,6 +98,19 @@ def test_demo_command_line_writes_table_plot_and_json(tmp_path, capsys):
     assert {r["labels"] for r in results} == {"few", "all"}
 
 
+def test_demo_writes_no_file_unless_asked(tmp_path, monkeypatch, capsys):
+    _require("sklearn")
+    _require("tqdm")
+    monkeypatch.chdir(tmp_path)
+    code = demo.main([
+        "--datasets", "spectrograms", "--methods", "soft_rank", "none", "--steps", "2", "--seeds", "0",
+        "--few-labels-per-class", "2", "--batch-size", "8", "--no-progress", "--threads", "1",
+    ])
+    assert code == 0
+    assert "soft_rank" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_load_patched_shapes_for_every_split():
     _require("sklearn")
     expected = {

@@ -27,8 +27,12 @@ themselves are fixed (generator seed 0).
 
 Usage::
 
-    python -m softrank.pretext.demo --quick --json results.json
-    python -m softrank.pretext.demo --patches vertical --plot vertical.png
+    softrank-pretext-demo --quick --json results.json
+    softrank-pretext-demo --patches vertical --plot vertical.png
+
+(``softrank-pretext-demo`` is ``python -m softrank.pretext.demo`` as an
+installed console script, which also runs from a source checkout's root
+without the uncompiled ``./softrank`` shadowing the installed package.)
 
 Several processes
 -----------------
@@ -602,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eps", type=float, default=defaults.eps, help="soft_rank strength")
     parser.add_argument("--few-labels-per-class", type=int, default=defaults.few_labels_per_class)
     parser.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON")
-    parser.add_argument("--plot", metavar="PATH", default="pretext_demo.png", help="PNG plot path")
+    parser.add_argument("--plot", metavar="PATH", default=None, help="write a PNG plot of the results")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per process (default 1: the models are so small that "
                         "intra-op threads cost more than they give, badly so on a busy machine)")
@@ -632,8 +636,8 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point (``python -m softrank.pretext.demo``).
 
-    Prints the table and the verdict on each claim, saves the plot, and with
-    ``--json PATH`` writes ``{"results": [...], "plot": PATH, "config": {...},
+    Prints the table and the verdict on each claim; with ``--plot PATH`` saves
+    the plot (nothing is written unless asked for), and with ``--json PATH`` writes ``{"results": [...], "plot": PATH, "config": {...},
     "wall_time_s": ..., "world_size": ...}``, where each result has ``dataset``,
     ``method`` (soft_rank | classification | sinkhorn | none),
     ``num_permutations`` (K, classification only), ``labels`` (few | all),
@@ -654,8 +658,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print()
         for line in claims(results):
             print(line)
-        save_plot(results, args.plot)
-        print(f"\nplot: {args.plot}; wall time {wall_time:.0f} s on {dist_info.world_size} process(es), "
+        if args.plot:
+            save_plot(results, args.plot)
+            print(f"\nplot: {args.plot}")
+        print(f"\nwall time {wall_time:.0f} s on {dist_info.world_size} process(es), "
               f"{torch.get_num_threads()} thread(s) each")
         if args.json:
             payload = {
