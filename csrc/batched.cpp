@@ -103,8 +103,9 @@ void for_each_row_range(std::int64_t rows, index_t n, RangeFn&& range_fn) {
   if (rows <= 0 || n <= 0) return;
   const std::int64_t total = rows * static_cast<std::int64_t>(n);
   // About kElementsPerTask per task, the count rounded up to a multiple of
-  // the thread count and the rows spread evenly: (256, 100) used to make
-  // tasks of 81, 81, 81 and 13 rows, so one of 2 threads ran 162 rows.
+  // the thread count and the rows spread evenly (tasks of a fixed row count
+  // would split (256, 100) into 81, 81, 81 and 13 rows, and one of 2 threads
+  // would run 162 of them).
   std::int64_t tasks = 1;
   if (total >= kParallelMinElements) {
     const std::int64_t threads = std::max(1, get_num_threads());

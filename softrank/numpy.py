@@ -14,6 +14,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from softrank import _engine
+from softrank._types import Direction, Regularization
 from softrank._validate import (
     check_axis,
     check_direction,
@@ -126,8 +127,8 @@ def soft_rank(
     x: Any,
     eps: float = 1.0,
     *,
-    regularization: str = "l2",
-    direction: str = "ascending",
+    regularization: Regularization = "l2",
+    direction: Direction = "ascending",
     axis: int = -1,
 ) -> np.ndarray:
     """Soft (differentiable) ranks of ``x`` along ``axis``.
@@ -175,8 +176,8 @@ def soft_sort(
     x: Any,
     eps: float = 1.0,
     *,
-    regularization: str = "l2",
-    direction: str = "ascending",
+    regularization: Regularization = "l2",
+    direction: Direction = "ascending",
     axis: int = -1,
 ) -> np.ndarray:
     """Soft (differentiable) sort of ``x`` along ``axis``.
@@ -277,8 +278,8 @@ def soft_rank_vjp(
     cotangent: Any,
     eps: float = 1.0,
     *,
-    regularization: str = "l2",
-    direction: str = "ascending",
+    regularization: Regularization = "l2",
+    direction: Direction = "ascending",
     axis: int = -1,
 ) -> np.ndarray:
     """Gradient of ``sum(cotangent * soft_rank(x))`` with respect to ``x``.
@@ -306,8 +307,8 @@ def soft_sort_vjp(
     cotangent: Any,
     eps: float = 1.0,
     *,
-    regularization: str = "l2",
-    direction: str = "ascending",
+    regularization: Regularization = "l2",
+    direction: Direction = "ascending",
     axis: int = -1,
 ) -> np.ndarray:
     """Gradient of ``sum(cotangent * soft_sort(x))`` with respect to ``x``.
@@ -333,8 +334,8 @@ def soft_rank_with_vjp(
     x: Any,
     eps: float = 1.0,
     *,
-    regularization: str = "l2",
-    direction: str = "ascending",
+    regularization: Regularization = "l2",
+    direction: Direction = "ascending",
     axis: int = -1,
 ) -> Tuple[np.ndarray, Callable[[ArrayLike], np.ndarray]]:
     """Soft ranks of ``x`` and their pullback, from one forward pass (like ``jax.vjp``).
@@ -387,8 +388,8 @@ def soft_sort_with_vjp(
     x: Any,
     eps: float = 1.0,
     *,
-    regularization: str = "l2",
-    direction: str = "ascending",
+    regularization: Regularization = "l2",
+    direction: Direction = "ascending",
     axis: int = -1,
 ) -> Tuple[np.ndarray, Callable[[ArrayLike], np.ndarray]]:
     """Soft sort of ``x`` and its pullback, from one forward pass (like ``jax.vjp``).
@@ -436,8 +437,8 @@ def soft_rank_jvp(
     tangent: Any,
     eps: float = 1.0,
     *,
-    regularization: str = "l2",
-    direction: str = "ascending",
+    regularization: Regularization = "l2",
+    direction: Direction = "ascending",
     axis: int = -1,
 ) -> np.ndarray:
     """Jacobian-vector product of :func:`soft_rank` at ``x`` with ``tangent``.
@@ -453,8 +454,8 @@ def soft_sort_jvp(
     tangent: Any,
     eps: float = 1.0,
     *,
-    regularization: str = "l2",
-    direction: str = "ascending",
+    regularization: Regularization = "l2",
+    direction: Direction = "ascending",
     axis: int = -1,
 ) -> np.ndarray:
     """Jacobian-vector product of :func:`soft_sort` at ``x`` with ``tangent``. O(n)."""

@@ -740,7 +740,7 @@ def test_native_numba_agree_ranks_at_subnormal_eps(reg, descending, eps):
         n = x.shape[1]
         out, _ = _engine_pair_all(x, _engine.OP_RANK, reg, descending, eps, rng)
         assert np.all(np.isfinite(out))
-        # Block statistics kept in units of x at subnormal eps used to lose
+        # Block statistics kept in units of x at subnormal eps would lose
         # O(1) of the ranks (row sums 13 or 17 instead of 15).
         np.testing.assert_allclose(out.sum(axis=1), n * (n + 1) / 2, rtol=1e-12)
         assert np.all((out >= 1 - 1e-12) & (out <= n + 1e-12))
