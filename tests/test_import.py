@@ -57,13 +57,28 @@ def test_env_forces_numba():
     assert res["backend"] == "numba"
 
 
-def _shadowing_tree(tmp_path):
-    """A copy of the package without its compiled core, as a source checkout's root holds."""
+def _shadowing_trees(tmp_path):
+    """Two copies of the package: ``source/softrank`` without its compiled core (what
+    a source checkout's root holds) and ``installed/softrank`` with it."""
     import shutil
 
+    from softrank import _C
+
     pkg = os.path.dirname(os.path.abspath(softrank.__file__))
-    shutil.copytree(pkg, tmp_path / "softrank", ignore=shutil.ignore_patterns("_C.*", "__pycache__"))
-    return str(tmp_path), os.path.dirname(pkg)
+    ignore = shutil.ignore_patterns("_C.*", "__pycache__")
+    shutil.copytree(pkg, tmp_path / "source" / "softrank", ignore=ignore)
+    shutil.copytree(pkg, tmp_path / "installed" / "softrank", ignore=ignore)
+    shutil.copy(_C.__file__, tmp_path / "installed" / "softrank")
+    return str(tmp_path / "source"), str(tmp_path / "installed")
+
+
+# An editable install's import hook would find the real package first: the child
+# drops such hooks so that sys.path alone decides, as for a regular install.
+_PATH_ONLY = (
+    "import sys\n"
+    "sys.meta_path[:] = [f for f in sys.meta_path if f.__module__.split('.')[0] in "
+    "('_frozen_importlib', '_frozen_importlib_external', 'importlib', 'six', '_distutils_hack')]\n"
+)
 
 
 @pytest.mark.skipif("native" not in available_backends(), reason="needs softrank._C")
@@ -71,10 +86,11 @@ def _shadowing_tree(tmp_path):
 def test_shadowing_source_tree_is_named(tmp_path, with_numba):
     if with_numba:
         pytest.importorskip("numba")
-    source_root, installed_root = _shadowing_tree(tmp_path)
-    block = "" if with_numba else "import sys; sys.modules['numba'] = None\n"
-    code = block + (
+    source_root, installed_root = _shadowing_trees(tmp_path)
+    block = "" if with_numba else "sys.modules['numba'] = None\n"
+    code = _PATH_ONLY + block + (
         "import warnings, softrank\n"
+        "assert softrank.__file__.startswith(sys.argv[1]), softrank.__file__\n"
         "try:\n"
         "    with warnings.catch_warnings(record=True) as caught:\n"
         "        warnings.simplefilter('always')\n"
@@ -86,11 +102,12 @@ def test_shadowing_source_tree_is_named(tmp_path, with_numba):
     env = dict(os.environ)
     env.pop("SOFTRANK_BACKEND", None)
     env["PYTHONPATH"] = os.pathsep.join([source_root, installed_root])
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          timeout=300, cwd=source_root)
+    proc = subprocess.run([sys.executable, "-c", code, source_root], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=source_root)
     assert proc.returncode == 0, proc.stderr
     if with_numba:
         assert "backend numba" in proc.stdout and "warned True" in proc.stdout, proc.stdout
     else:
         assert "error softrank was imported from" in proc.stdout, proc.stdout
-        assert "shadows the installed softrank in" in proc.stdout and "pip install -e ." in proc.stdout
+        assert f"shadows the installed softrank in {installed_root}" in proc.stdout
+        assert "pip install -e ." in proc.stdout
