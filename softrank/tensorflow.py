@@ -134,9 +134,11 @@ _XLA_ERROR = (
 )
 
 _HIGHER_ORDER_ERROR = (
-    "softrank.tensorflow: this derivative of regularization='kl' needs more than the "
-    "second derivative the engine provides (a third derivative, or two nested "
-    "ForwardAccumulators). Supported for 'kl': first derivatives in every mode and "
+    "softrank.tensorflow cannot compute this derivative: it needs more than the "
+    "second derivative the engine provides (a third derivative of "
+    "regularization='kl', or two nested ForwardAccumulators), or it differentiates "
+    "a reloaded SavedModel through tf.vectorized_map. "
+    "Supported for 'kl': first derivatives in every mode and "
     "second derivatives by nested GradientTapes, a ForwardAccumulator around a "
     "GradientTape or a GradientTape around a ForwardAccumulator. "
     "regularization='l2' is differentiable to any order."
@@ -179,10 +181,15 @@ def _host_call(name: str, inputs: Sequence[tf.Tensor], dtypes: Sequence[tf.DType
         # callback that is a silent zero.
         if forwardprop_util.pack_tangents(list(inputs)).tangents:
             raise NotImplementedError(_GRAPH_FORWARD_ERROR)
-        with tf.compat.v1.get_default_graph().gradient_override_map(
-            {"PyFuncStateless": _GRADIENT_NAME}
-        ):
+        if name == "unavailable_derivative":
+            # Not differentiable: a gradient of its own would make the gradient
+            # functions a SavedModel stores refer to themselves.
             outputs = _py_func(name, inputs, dtypes)
+        else:
+            with tf.compat.v1.get_default_graph().gradient_override_map(
+                {"PyFuncStateless": _GRADIENT_NAME}
+            ):
+                outputs = _py_func(name, inputs, dtypes)
     else:
         outputs = _py_func(name, inputs, dtypes)
     for tensor in outputs:
@@ -361,12 +368,15 @@ _NAMES = {token: name for name, (token, _) in _CALLBACKS.items()}
 
 @tf.RegisterGradient(_GRADIENT_NAME)
 def _host_callback_gradient(op, *upstream):
+    if op is None:
+        # tf.saved_model.save traces every overridden gradient without its op (and
+        # with the op's inputs as upstream). A reloaded graph can reach this
+        # gradient only where its custom gradients are gone (pfor): an error there.
+        return [_unavailable_derivative(u, u) if u.dtype.is_floating else None
+                for u in upstream]
     name = _NAMES[op.get_attr("token").decode()]
     inputs = list(op.inputs)
     up = upstream[0]
-    if name == "unavailable_derivative":
-        error = _unavailable_derivative(inputs[0], up)
-        return error, error
     params = inputs[-1]
     static = tf.get_static_value(params)
     # Without the operator's arguments at trace time, take the general (kl) path:
