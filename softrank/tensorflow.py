@@ -10,22 +10,27 @@ dtype; integer, bool and complex tensors raise TypeError.
 What works, and what does not
 -----------------------------
 Eager execution, ``tf.function``, ``tf.GradientTape`` (``gradient``,
-``jacobian``, ``batch_jacobian``), ``tf.vectorized_map``,
-``tf.autodiff.ForwardAccumulator``, Keras training and the ``.keras`` format.
+``jacobian``, ``batch_jacobian``), ``tf.vectorized_map`` (also differentiated
+from outside), ``tf.autodiff.ForwardAccumulator``, Keras training and the
+``.keras`` format.
 
 Derivatives: the first derivative in reverse and forward mode; the second
 derivative by nested tapes (reverse-over-reverse), a ForwardAccumulator
 around a tape (forward-over-reverse, e.g. Hessian-vector products) and a
-tape around a ForwardAccumulator (reverse-over-forward). ``"l2"`` is
+tape around a ForwardAccumulator (reverse-over-forward), eagerly, inside a
+``tf.function`` (tapes) and around a ``tf.function`` call. ``"l2"`` is
 differentiable to any order (its Jacobian is piecewise constant, so every
 higher derivative is zero). For ``"kl"`` a derivative that needs more than
 the engine's second derivative ``soft_hvp`` (a third derivative, or two
-nested ForwardAccumulators) raises NotImplementedError.
+nested ForwardAccumulators) raises NotImplementedError (in a graph,
+``tf.errors.UnimplementedError`` when it runs). A ForwardAccumulator created
+inside a ``tf.function`` raises NotImplementedError: TensorFlow ignores
+custom gradients there.
 
 SavedModel: the ops are host callbacks (``PyFuncStateless``) registered
 under fixed names when this module is imported, so ``tf.saved_model.save``
 and Keras ``model.export`` work, and the SavedModel reloads and runs, with
-its gradients, in any Python process that has run
+its first derivatives, in any Python process that has run
 ``import softrank.tensorflow``; without that import, calling it raises an
 error that names the import. Runtimes without Python (TF Serving, TFLite)
 cannot run it.
@@ -48,10 +53,10 @@ except ImportError as exc:
         "softrank.tensorflow needs TensorFlow: pip install 'softrank[tensorflow]' "
         "(or pip install tensorflow-cpu)"
     ) from exc
-# Two TensorFlow internals without a public equivalent: the registry that
-# PyFunc kernels call back into (to register the callbacks under names a
-# SavedModel can find again) and the XLA-context test that tf.function's
-# jit_compile sets up while tracing.
+# TensorFlow internals without a public equivalent: the registry that PyFunc
+# kernels call back into (to register the callbacks under names a SavedModel
+# can find again), the XLA-context test that tf.function's jit_compile sets up
+# while tracing, and the forward-accumulator state of a tensor.
 from tensorflow.python.eager import forwardprop_util
 from tensorflow.python.ops import control_flow_util, script_ops
 

@@ -80,6 +80,9 @@ CASES = [(op, reg, direction) for op in ("rank", "sort") for reg in ("l2", "kl")
          for direction in ("ascending", "descending")]
 KL_CASES = [case for case in CASES if case[1] == "kl"]
 L2_CASES = [case for case in CASES if case[1] == "l2"]
+# Each operator and regularization once, the directions alternating (for the costlier modes).
+SOME_CASES = [("rank", "l2", "ascending"), ("rank", "kl", "descending"),
+              ("sort", "l2", "descending"), ("sort", "kl", "ascending")]
 SOFTRANK = {"rank": srtf.soft_rank, "sort": srtf.soft_sort}
 
 
@@ -218,14 +221,14 @@ def test_forward_accumulator_jvp(case):
     _close(jvp, fd, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", SOME_CASES)
 def test_forward_over_reverse_hessian_vector_product(case):
     x, w, u, v, _ = _data(4)
     _close(_forward_over_reverse(_ours(*case), x, w, u, v),
            _forward_over_reverse(_reference(*case), x, w, u, v))
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", SOME_CASES)
 def test_reverse_over_forward(case):
     x, _, u, v, _ = _data(5)
     _close(_reverse_over_forward(_ours(*case), x, u, v), _reverse_over_forward(_reference(*case), x, u, v))
