@@ -1,5 +1,7 @@
-"""softrank.tensorflow: custom_gradient eagerly and in tf.function, any axis,
-dtypes, a Keras loss, errors.
+"""softrank.tensorflow: eagerly and in tf.function, any axis, dtypes, a Keras loss,
+errors, the ImportError without TensorFlow, the Literal signatures. Derivatives under
+TensorFlow's transforms are in test_tensorflow_transforms.py, saved models in
+test_tensorflow_export.py.
 
 Agreement with softrank.numpy over ops, regularizations, directions, shapes and
 axes is in test_cross_adapter.py.
@@ -152,3 +154,31 @@ def test_unknown_rank_raises():
 
     with pytest.raises(ValueError, match="statically known rank"):
         graph(tf.ones((2, 3)))
+
+
+def test_import_without_tensorflow_names_the_extra():
+    import os
+    import subprocess
+    import sys
+
+    import softrank
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(softrank.__file__)))
+    code = ("import sys\nsys.modules['tensorflow'] = None  # makes `import tensorflow` fail\n"
+            "try:\n    import softrank.tensorflow\nexcept ImportError as exc:\n    print(exc)\n")
+    env = dict(os.environ, PYTHONPATH=root)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "softrank.tensorflow needs TensorFlow: pip install 'softrank[tensorflow]'" in proc.stdout
+    assert "tensorflow-cpu" in proc.stdout
+
+
+def test_signatures_use_the_shared_literal_aliases():
+    import typing
+
+    from softrank._types import Direction, Regularization
+
+    for function in (srtf.soft_rank, srtf.soft_sort):
+        hints = typing.get_type_hints(function)
+        assert hints["regularization"] == Regularization
+        assert hints["direction"] == Direction
