@@ -418,8 +418,15 @@ def _partitioning_attributes(ctx) -> dict:
 
 
 def _callback_lowering(ctx, *args, prim_name: str, **params):
-    """The engine through jax.pure_callback (host function looked up now, so
-    the tests can count its calls)."""
+    """The engine through jax.pure_callback (the host function is looked up
+    now, so that the tests can count its calls). Under jit with sharded
+    operands XLA runs a callback on one device (it gathers the operands
+    there); inside shard_map it runs on every shard."""
+    if getattr(ctx.module_context.lowering_parameters, "for_export", False):
+        raise NotImplementedError(
+            "softrank.jax: jax.export needs softrank's XLA custom calls (the CPU platform and "
+            "the native engine built with the XLA FFI handlers); here the operator runs "
+            "through jax.pure_callback, which cannot be serialized")
     host = functools.partial(getattr(_host, _HOST[prim_name]), **params)
     results = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ctx.avals_out)
 
@@ -459,6 +466,11 @@ def _compute_dtype(dtype: np.dtype) -> np.dtype:
 
 
 def _apply(x: Any, eps: Any, regularization: Any, direction: Any, axis: Any, op: int):
+    if isinstance(eps, jax.core.Tracer):
+        raise TypeError(
+            "eps must be a static Python number in softrank.jax, got a traced value: mark it "
+            "static (jax.jit(..., static_argnums=...)); derivatives with respect to eps are "
+            "not supported")
     params = dict(op=op, reg=check_regularization(regularization),
                   descending=check_direction(direction), eps=check_eps(eps))
     x = jnp.asarray(x)
