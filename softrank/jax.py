@@ -178,18 +178,6 @@ for _prim in (_value_p, _jvp_p, _vjp_p, _hvp_p):
     _prim.def_abstract_eval(lambda x, *_, **__: _like(x))
 
 
-def _bind(prim: Primitive, *args, params: dict):
-    """``prim.bind`` with the operands cast to the same varying manual axes
-    (inside ``shard_map`` a cotangent or tangent may vary over fewer axes
-    than ``x``; the primitives compute row by row, so that cast is exact)."""
-    mats = [jax.typeof(a).mat.varying for a in args]
-    union = frozenset().union(*mats)
-    if any(m != union for m in mats):
-        args = tuple(a if m == union else jax.lax.pcast(a, tuple(sorted(union - m)), to="varying")
-                     for a, m in zip(args, mats))
-    return prim.bind(*args, **params)
-
-
 def _zero_like(value):
     return ad.Zero(jax.typeof(value).to_tangent_aval())
 
@@ -224,11 +212,11 @@ def _second(x, out, perm, block_start, t, u, params: dict, *, engine_hvp: bool =
         return jnp.zeros_like(out)
 
     def jvp(v):
-        return _bind(_jvp_p, x, out, perm, block_start, v, params=params)
+        return _jvp_p.bind(x, out, perm, block_start, v, **params)
 
     if op == OP_RANK:
         if engine_hvp:
-            return _bind(_hvp_p, x, out, perm, block_start, t, u, params=params)
+            return _hvp_p.bind(x, out, perm, block_start, t, u, **params)
         scale = (-1.0 if descending else 1.0) / eps
         return jvp(jvp(t) * jvp(u) / (scale * out * out))
     # The sorted position of each column (the inverse of perm, row by row).
@@ -248,7 +236,7 @@ def _hvp_by_composition(x, c, t, params: dict):
     so that its derivative in ``x`` (a third derivative) is again made of
     primitives whose derivatives are defined."""
     def second(u):
-        out, perm, block_start = _bind(_forward_p, x, params=params)
+        out, perm, block_start = _forward_p.bind(x, **params)
         return _second(x, out, perm, block_start, t, u, params, engine_hvp=False)
 
     return jax.linear_transpose(second, t)(c)[0]
@@ -273,8 +261,8 @@ def _nonzero(tangent) -> bool:
 
 def _forward_jvp(primals, tangents, **params):
     (x,), (tx,) = primals, tangents
-    out, perm, block_start = _bind(_forward_p, x, params=params)
-    t_out = _bind(_jvp_p, x, out, perm, block_start, tx, params=params)
+    out, perm, block_start = _forward_p.bind(x, **params)
+    t_out = _jvp_p.bind(x, out, perm, block_start, tx, **params)
     return (out, perm, block_start), (t_out, _zero_like(perm), _zero_like(block_start))
 
 
@@ -288,9 +276,9 @@ def _jvp_jvp(primals, tangents, **params):
     # derivative, so the out tangent is not read.
     x, out, perm, block_start, t = primals
     tx, _, _, _, tt = tangents
-    y = _bind(_jvp_p, *primals, params=params)
+    y = _jvp_p.bind(*primals, **params)
     return y, _sum([
-        _bind(_jvp_p, x, out, perm, block_start, tt, params=params) if _nonzero(tt) else None,
+        _jvp_p.bind(x, out, perm, block_start, tt, **params) if _nonzero(tt) else None,
         _second(x, out, perm, block_start, t, tx, params) if _nonzero(tx) else None,
     ], y)
 
@@ -298,23 +286,23 @@ def _jvp_jvp(primals, tangents, **params):
 def _vjp_jvp(primals, tangents, **params):
     x, out, perm, block_start, c = primals
     tx, _, _, _, tc = tangents
-    y = _bind(_vjp_p, *primals, params=params)
+    y = _vjp_p.bind(*primals, **params)
     return y, _sum([
-        _bind(_vjp_p, x, out, perm, block_start, tc, params=params) if _nonzero(tc) else None,
-        _bind(_hvp_p, x, out, perm, block_start, c, tx, params=params) if _nonzero(tx) else None,
+        _vjp_p.bind(x, out, perm, block_start, tc, **params) if _nonzero(tc) else None,
+        _hvp_p.bind(x, out, perm, block_start, c, tx, **params) if _nonzero(tx) else None,
     ], y)
 
 
 def _hvp_jvp(primals, tangents, **params):
     x, out, perm, block_start, c, t = primals
     tx, _, _, _, tc, tt = tangents
-    y = _bind(_hvp_p, *primals, params=params)
+    y = _hvp_p.bind(*primals, **params)
     third = None
     if _nonzero(tx) and not _second_is_zero(params["op"], params["reg"], params["eps"]):
         third = jax.jvp(lambda z: _hvp_by_composition(z, c, t, params), (x,), (tx,))[1]
     return y, _sum([
-        _bind(_hvp_p, x, out, perm, block_start, tc, t, params=params) if _nonzero(tc) else None,
-        _bind(_hvp_p, x, out, perm, block_start, c, tt, params=params) if _nonzero(tt) else None,
+        _hvp_p.bind(x, out, perm, block_start, tc, t, **params) if _nonzero(tc) else None,
+        _hvp_p.bind(x, out, perm, block_start, c, tt, **params) if _nonzero(tt) else None,
         third,
     ], y)
 
@@ -341,14 +329,14 @@ def _jvp_transpose(ct, x, out, perm, block_start, t, **params):
     _check_linear_only((x, out, perm, block_start), "softrank_jvp")
     if type(ct) is ad.Zero:
         return None, None, None, None, ad.Zero(t.aval)
-    return None, None, None, None, _bind(_vjp_p, x, out, perm, block_start, ct, params=params)
+    return None, None, None, None, _vjp_p.bind(x, out, perm, block_start, ct, **params)
 
 
 def _vjp_transpose(ct, x, out, perm, block_start, c, **params):
     _check_linear_only((x, out, perm, block_start), "softrank_vjp")
     if type(ct) is ad.Zero:
         return None, None, None, None, ad.Zero(c.aval)
-    return None, None, None, None, _bind(_jvp_p, x, out, perm, block_start, ct, params=params)
+    return None, None, None, None, _jvp_p.bind(x, out, perm, block_start, ct, **params)
 
 
 def _hvp_transpose(ct, x, out, perm, block_start, c, t, **params):
@@ -359,7 +347,7 @@ def _hvp_transpose(ct, x, out, perm, block_start, c, t, **params):
     assert linear_c != linear_t, "softrank_hvp is bilinear: one of c, t is linear"
     if linear_t:
         grad = (ad.Zero(t.aval) if type(ct) is ad.Zero else
-                _bind(_hvp_p, x, out, perm, block_start, c, ct, params=params))
+                _hvp_p.bind(x, out, perm, block_start, c, ct, **params))
         return None, None, None, None, None, grad
     grad = (ad.Zero(c.aval) if type(ct) is ad.Zero else
             _second(x, out, perm, block_start, t, ct, params))
