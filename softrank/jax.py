@@ -144,7 +144,7 @@ _HOST = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=256)
 def _jitted(prim: Primitive, params: tuple) -> Any:
     return jax.jit(functools.partial(prim.bind, **dict(params)))
 
@@ -194,7 +194,7 @@ def _second(x, out, perm, block_start, t, u, params: dict, *, engine_hvp: bool =
     bilinear in ``t`` and ``u``), what differentiating ``J(x) t`` in ``x``
     (direction ``u``) and transposing ``c -> grad_x <c, J(x) t>`` need.
 
-    The rank's Jacobian is symmetric, so its third derivative tensor is
+    The rank's Jacobian is symmetric, so its tensor of second derivatives is
     symmetric in all three indices and ``D^2 f[t, u] = hvp(c=t, t=u)``: one
     engine call (``engine_hvp``). Otherwise it is composed of ``softrank_jvp``
     calls, so it is itself differentiable to any order:
