@@ -36,7 +36,11 @@ copies), with a sharding rule that partitions every leading (batch)
 dimension and keeps the row whole. Otherwise (another platform, the numba
 engine, no handlers) it runs the engine through :func:`jax.pure_callback`:
 tens of microseconds more per call, the data moves to the host and back, and
-under ``jit`` with sharded inputs the callback runs on one device.
+under ``jit`` with sharded inputs the callback runs on one device (inside
+``shard_map`` it runs on every shard). With the callback, switch float64 on
+with ``jax.config.update("jax_enable_x64", True)`` rather than the
+``jax.enable_x64`` context: that context is thread-local, and XLA may run the
+callback on another thread, where jax then rejects its float64 results.
 
 Exporting (``jax.export``, CPU): the custom call targets are not in JAX's
 list of targets with a compatibility guarantee, so name them::
