@@ -108,38 +108,90 @@ ffi::Error forward_value(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out, std:
   return forward_impl(x, out, op, reg, descending, eps, nullptr, nullptr);
 }
 
+// What the product handlers check of the forward state they are handed: x's
+// size, and perm entries in [0, n) (they index the row: out-of-range values
+// would read and write out of bounds).
+ffi::Error check_state(const ffi::AnyBuffer& x, const ffi::AnyBuffer& out,
+                       const ffi::Buffer<ffi::S32>& perm, const ffi::Buffer<ffi::S32>& block_start,
+                       index_t n) {
+  if (auto e = check_like(out, x, "out"); !e.success()) return e;
+  if (perm.element_count() != x.element_count() ||
+      block_start.element_count() != x.element_count())
+    return ffi::Error::InvalidArgument("softrank: perm and block_start must have x's size");
+  const index_t* p = perm.typed_data();
+  bool in_range = true;
+  for (std::size_t i = 0; i < perm.element_count(); ++i)
+    in_range &= (p[i] >= 0) & (p[i] < n);
+  if (!in_range)
+    return ffi::Error::InvalidArgument(
+        "softrank: perm holds an index outside [0, n): not a forward-pass state");
+  return ffi::Error::Success();
+}
+
+template <class T>
+const T* data(const ffi::AnyBuffer& buffer) {
+  return static_cast<const T*>(buffer.untyped_data());
+}
+
+// vjp (transpose) and jvp: J(x)^T vec and J(x) vec from the forward state.
+ffi::Error product(ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::Buffer<ffi::S32> perm,
+                   ffi::Buffer<ffi::S32> block_start, ffi::AnyBuffer vec,
+                   ffi::Result<ffi::AnyBuffer> result, std::int32_t op, std::int32_t reg,
+                   bool descending, double eps, bool transpose) {
+  RowShape shape;
+  softrank::OpSpec spec;
+  if (auto e = check_call(x, op, reg, descending, eps, shape, spec); !e.success()) return e;
+  if (auto e = check_like(vec, x, transpose ? "cotangent" : "tangent"); !e.success()) return e;
+  if (auto e = check_like(*result, x, "result"); !e.success()) return e;
+  if (auto e = check_state(x, out, perm, block_start, shape.n); !e.success()) return e;
+  if (x.element_type() == ffi::DataType::F32)
+    softrank::soft_product_batch(data<float>(x), data<float>(out), perm.typed_data(),
+                                 block_start.typed_data(), data<float>(vec), shape.rows, shape.n,
+                                 spec, transpose, static_cast<float*>(result->untyped_data()));
+  else
+    softrank::soft_product_batch(data<double>(x), data<double>(out), perm.typed_data(),
+                                 block_start.typed_data(), data<double>(vec), shape.rows, shape.n,
+                                 spec, transpose, static_cast<double*>(result->untyped_data()));
+  return ffi::Error::Success();
+}
+
 ffi::Error vjp(ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::Buffer<ffi::S32> perm,
                ffi::Buffer<ffi::S32> block_start, ffi::AnyBuffer cotangent,
                ffi::Result<ffi::AnyBuffer> grad, std::int32_t op, std::int32_t reg,
                bool descending, double eps) {
+  return product(x, out, perm, block_start, cotangent, grad, op, reg, descending, eps, true);
+}
+
+ffi::Error jvp(ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::Buffer<ffi::S32> perm,
+               ffi::Buffer<ffi::S32> block_start, ffi::AnyBuffer tangent,
+               ffi::Result<ffi::AnyBuffer> tangent_out, std::int32_t op, std::int32_t reg,
+               bool descending, double eps) {
+  return product(x, out, perm, block_start, tangent, tangent_out, op, reg, descending, eps,
+                 false);
+}
+
+// The gradient with respect to x of <cotangent, J(x) tangent>.
+ffi::Error hvp(ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::Buffer<ffi::S32> perm,
+               ffi::Buffer<ffi::S32> block_start, ffi::AnyBuffer cotangent,
+               ffi::AnyBuffer tangent, ffi::Result<ffi::AnyBuffer> grad, std::int32_t op,
+               std::int32_t reg, bool descending, double eps) {
   RowShape shape;
   softrank::OpSpec spec;
   if (auto e = check_call(x, op, reg, descending, eps, shape, spec); !e.success()) return e;
-  if (auto e = check_like(out, x, "out"); !e.success()) return e;
   if (auto e = check_like(cotangent, x, "cotangent"); !e.success()) return e;
+  if (auto e = check_like(tangent, x, "tangent"); !e.success()) return e;
   if (auto e = check_like(*grad, x, "grad"); !e.success()) return e;
-  if (perm.element_count() != x.element_count() ||
-      block_start.element_count() != x.element_count())
-    return ffi::Error::InvalidArgument("softrank: perm and block_start must have x's size");
-  // perm entries index the row: out-of-range values would write out of bounds.
-  const index_t* p = perm.typed_data();
-  bool in_range = true;
-  for (std::size_t i = 0; i < perm.element_count(); ++i)
-    in_range &= (p[i] >= 0) & (p[i] < shape.n);
-  if (!in_range)
-    return ffi::Error::InvalidArgument(
-        "softrank: perm holds an index outside [0, n): not a forward-pass state");
+  if (auto e = check_state(x, out, perm, block_start, shape.n); !e.success()) return e;
   if (x.element_type() == ffi::DataType::F32)
-    softrank::soft_product_batch(
-        static_cast<const float*>(x.untyped_data()), static_cast<const float*>(out.untyped_data()),
-        p, block_start.typed_data(), static_cast<const float*>(cotangent.untyped_data()),
-        shape.rows, shape.n, spec, true, static_cast<float*>(grad->untyped_data()));
+    softrank::soft_hvp_batch(data<float>(x), data<float>(out), perm.typed_data(),
+                             block_start.typed_data(), data<float>(cotangent),
+                             data<float>(tangent), shape.rows, shape.n, spec,
+                             static_cast<float*>(grad->untyped_data()));
   else
-    softrank::soft_product_batch(
-        static_cast<const double*>(x.untyped_data()),
-        static_cast<const double*>(out.untyped_data()), p, block_start.typed_data(),
-        static_cast<const double*>(cotangent.untyped_data()), shape.rows, shape.n, spec, true,
-        static_cast<double*>(grad->untyped_data()));
+    softrank::soft_hvp_batch(data<double>(x), data<double>(out), perm.typed_data(),
+                             block_start.typed_data(), data<double>(cotangent),
+                             data<double>(tangent), shape.rows, shape.n, spec,
+                             static_cast<double*>(grad->untyped_data()));
   return ffi::Error::Success();
 }
 
@@ -167,24 +219,44 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(softrank_xla_forward_value, forward_value,
                                                      .Arg<ffi::AnyBuffer>()
                                                      .Ret<ffi::AnyBuffer>()));
 
+// vjp and jvp: x, out, perm, block_start, the cotangent or tangent.
+template <class Binding>
+auto with_product_operands(Binding binding) {
+  return std::move(binding)
+      .template Arg<ffi::AnyBuffer>()
+      .template Arg<ffi::AnyBuffer>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::AnyBuffer>();
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(softrank_xla_vjp, vjp,
-                              with_op_attributes(ffi::Ffi::Bind()
-                                                     .Arg<ffi::AnyBuffer>()
-                                                     .Arg<ffi::AnyBuffer>()
-                                                     .Arg<ffi::Buffer<ffi::S32>>()
-                                                     .Arg<ffi::Buffer<ffi::S32>>()
+                              with_op_attributes(with_product_operands(ffi::Ffi::Bind())
+                                                     .Ret<ffi::AnyBuffer>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(softrank_xla_jvp, jvp,
+                              with_op_attributes(with_product_operands(ffi::Ffi::Bind())
+                                                     .Ret<ffi::AnyBuffer>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(softrank_xla_hvp, hvp,
+                              with_op_attributes(with_product_operands(ffi::Ffi::Bind())
                                                      .Arg<ffi::AnyBuffer>()
                                                      .Ret<ffi::AnyBuffer>()));
 
 namespace softrank_bindings {
 
 // {target name: PyCapsule of the handler}, for jax.ffi.register_ffi_target.
+// The names carry the version of the handlers' signature (operands, results,
+// attributes): a program exported with jax.export names its targets, so a
+// changed signature gets a new name and old exports keep their meaning.
 py::dict xla_ffi_targets() {
   py::dict targets;
-  targets["softrank_forward"] = py::capsule(reinterpret_cast<void*>(&softrank_xla_forward));
-  targets["softrank_forward_value"] =
+  targets["softrank_forward_v1"] = py::capsule(reinterpret_cast<void*>(&softrank_xla_forward));
+  targets["softrank_forward_value_v1"] =
       py::capsule(reinterpret_cast<void*>(&softrank_xla_forward_value));
-  targets["softrank_vjp"] = py::capsule(reinterpret_cast<void*>(&softrank_xla_vjp));
+  targets["softrank_vjp_v1"] = py::capsule(reinterpret_cast<void*>(&softrank_xla_vjp));
+  targets["softrank_jvp_v1"] = py::capsule(reinterpret_cast<void*>(&softrank_xla_jvp));
+  targets["softrank_hvp_v1"] = py::capsule(reinterpret_cast<void*>(&softrank_xla_hvp));
   return targets;
 }
 

@@ -199,7 +199,7 @@ def test_ffi_handlers_check_what_they_are_handed(path):
         pytest.skip("the handlers are the ffi path's")
     x = jnp.asarray(_x((3, 5), seed=9))
     like = jax.ShapeDtypeStruct(x.shape, x.dtype)
-    call = jax.ffi.ffi_call("softrank_forward_value", like)
+    call = jax.ffi.ffi_call("softrank_forward_value_v1", like)
     good = dict(op=np.int32(0), reg=np.int32(0), descending=False, eps=np.float64(1.0))
     np.testing.assert_allclose(call(x, **good), srn.soft_rank(np.asarray(x), 1.0), rtol=1e-6)
     for bad, word in ((dict(op=np.int32(2)), "op"), (dict(reg=np.int32(-1)), "reg"),
@@ -208,6 +208,6 @@ def test_ffi_handlers_check_what_they_are_handed(path):
             jax.block_until_ready(call(x, **{**good, **bad}))
     perm = jnp.full(x.shape, 7, jnp.int32)  # outside [0, 5)
     block_start = jnp.zeros(x.shape, jnp.int32)
-    vjp = jax.ffi.ffi_call("softrank_vjp", like)
+    vjp = jax.ffi.ffi_call("softrank_vjp_v1", like)
     with pytest.raises(Exception, match="perm"):
         jax.block_until_ready(vjp(x, x, perm, block_start, x, **good))
