@@ -91,14 +91,23 @@ __all__ = ["soft_rank", "soft_sort", "export_disabled_checks"]
 
 def _register_targets() -> bool:
     """Register the compiled core's XLA FFI handlers with jax (CPU), as batch
-    partitionable; False where the core was built without them. Done at
-    import, so that a deserialized jax.export that names them can run."""
+    partitionable; False where the core was built without them or against an
+    XLA FFI API version the installed jaxlib does not accept (with a warning).
+    Done at import, so that a deserialized jax.export that names them can run."""
     try:
         from softrank import _C  # type: ignore[attr-defined]
     except ImportError:
         return False
     targets = getattr(_C, "xla_ffi_targets", None)
     if targets is None:
+        return False
+    from softrank._xla_ffi_version import incompatibility, jaxlib_ffi_api_version
+
+    reason = incompatibility(tuple(_C.xla_ffi_api_version), jaxlib_ffi_api_version())
+    if reason is not None:
+        import warnings
+
+        warnings.warn(reason, RuntimeWarning, stacklevel=2)
         return False
     for name, capsule in targets().items():
         jax.ffi.register_ffi_target(name, capsule, platform="cpu")
