@@ -13,8 +13,8 @@ operator acts along the last dim of ``x`` (shape ``(..., n)``):
     the vector-Jacobian product, itself differentiable (w.r.t. ``x`` and
     ``cotangent``, in reverse and forward mode).
 ``softrank::soft_jvp(x, out, perm, block_start, tangent, op, reg, descending, eps)``
-    the Jacobian-vector product, differentiable the same way (forward mode
-    w.r.t. ``x`` for l2 only, see below).
+    the Jacobian-vector product, differentiable the same way (except the kl
+    soft sort's in forward mode w.r.t. ``x``, see below).
 ``softrank::soft_hvp(x, out, perm, block_start, cotangent, tangent, op, reg, descending, eps)``
     the second derivative that double backward needs (not differentiable).
 
@@ -27,8 +27,11 @@ dynamic shapes, ``torch.export``, meta tensors. A vmapped dim is just more
 rows to the engine, so ``vmap`` makes one engine call for the whole batch.
 What raises, saying what to use instead: ``torch.jit.trace`` and
 ``torch.jit.script`` (use ``torch.compile`` or ``torch.export``), third
-derivatives, and the second derivative of kl in forward-over-forward mode
-(``jacfwd(jacfwd(f))``; ``torch.func.hessian``, forward over reverse, works).
+derivatives, the kl soft sort's second derivative in forward-over-forward
+mode (``jacfwd(jacfwd(f))``; ``torch.func.hessian``, forward over reverse,
+works), and the operators called directly (``torch.ops.softrank.*``) under
+a differentiating ``torch.func`` transform (the public functions support
+them; direct calls support autograd, vmap, compile and export).
 
 Devices: the CPU kernels hand the engine numpy views of the tensors, without
 copies when they are contiguous. softrank has no CUDA core yet: the CUDA
@@ -45,11 +48,11 @@ for a row of 100.
 from __future__ import annotations
 
 import math
-from typing import Any, Tuple
+from typing import Any
 
 try:
     import torch
-except ImportError as exc:  # pragma: no cover - exercised without torch installed
+except ImportError as exc:
     raise ImportError("softrank.torch needs PyTorch: pip install 'softrank[torch]'") from exc
 import numpy as np
 from torch import Tensor
@@ -167,6 +170,7 @@ for _name, _kernel, _fake in (
     # take the host round trip of the kernels above.
     for _device in ("CPU", "CUDA"):
         _LIB.impl(_name, _kernel, _device)
+    # (The fake kernel also serves eager meta tensors.)
     torch.library.register_fake(f"softrank::{_name}", _fake, lib=_LIB)
 
 
@@ -391,10 +395,30 @@ class _Hvp(torch.autograd.Function):
 # transform is active, applies the function through the base class directly.
 _apply_forward_eager = super(torch.autograd.Function, _Forward).apply
 
-_LIB.impl("soft_forward", _Forward.apply, "Autograd")
-_LIB.impl("soft_vjp", _Vjp.apply, "Autograd")
-_LIB.impl("soft_jvp", _Jvp.apply, "Autograd")
-_LIB.impl("soft_hvp", _Hvp.apply, "Autograd")
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _autograd_kernel(name, function):
+    def kernel(*args):
+        if _functorch_active() and any(
+            isinstance(a, Tensor) and _is_functorch_wrapped(a) for a in args
+        ):
+            raise NotImplementedError(
+                f"softrank: torch.ops.softrank.{name} was called directly under a "
+                "torch.func transform (grad, vjp, jvp, jacrev, jacfwd, hessian), "
+                "which cannot differentiate it from inside the dispatcher; call "
+                "softrank.torch.soft_rank / soft_sort, which support every torch.func "
+                "transform"
+            )
+        return function.apply(*args)
+
+    return kernel
+
+
+for _name, _function in (
+    ("soft_forward", _Forward), ("soft_vjp", _Vjp), ("soft_jvp", _Jvp), ("soft_hvp", _Hvp)
+):
+    _LIB.impl(_name, _autograd_kernel(_name, _function), "Autograd")
 
 
 # --- vmap: a vmapped dim is more rows ---------------------------------------------

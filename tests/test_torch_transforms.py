@@ -368,3 +368,16 @@ def test_public_signatures_use_the_literal_aliases():
         hints = typing.get_type_hints(fn)
         assert hints["regularization"] == Regularization
         assert hints["direction"] == Direction
+
+
+def test_operator_called_directly_under_torch_func_raises_naming_the_public_functions():
+    x = _x((2, 5), seed=29)
+
+    def direct(t):
+        return torch.ops.softrank.soft_forward(t, srt.OP_RANK, _engine.REG_KL, False, 1.0)[0]
+
+    for transform in (torch.func.grad(lambda t: direct(t).sum()), torch.func.jacfwd(direct)):
+        with pytest.raises(NotImplementedError, match=r"softrank.torch.soft_rank / soft_sort"):
+            transform(x)
+    # vmap needs no autograd: the operator's batching rule serves direct calls too
+    torch.testing.assert_close(torch.func.vmap(direct)(x), direct(x), rtol=0, atol=0)
