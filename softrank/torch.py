@@ -40,10 +40,11 @@ results back to the input's device (synchronising with the current stream);
 results are exact, but each call pays two transfers.
 
 An eager call on a plain CPU tensor (no torch.func transform, compile,
-dispatch or function mode, forward-mode level or tensor subclass active)
-runs the same CPU kernels and the same autograd function without going
-through the dispatcher, whose Python layers cost more than the engine needs
-for a row of 100.
+dispatch or function mode, forward-mode level, batched tensor or tensor
+subclass active) calls the CPU engine without going through the
+dispatcher, whose Python layers cost more than the engine needs for a row
+of 100; its autograd function (:class:`_EagerForward`) turns to the
+operators for anything beyond a plain first-order backward.
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ import numpy as np
 from torch import Tensor
 from torch.autograd import forward_ad as _forward_ad
 
-from softrank import _host
+from softrank import _engine, _host
 from softrank._engine import OP_RANK, OP_SORT, REG_L2
 from softrank._types import Direction, Regularization
 from softrank._validate import (
@@ -112,8 +113,9 @@ def _forward_kernel(x, op, reg, descending, eps):
 
 
 def _forward_value_kernel(x, op, reg, descending, eps):
-    """``out`` of :func:`_forward_kernel` alone, bit for bit (no state kept)."""
-    return _on_device(_host.forward_value(_host_array(x), op, reg, descending, eps), x)
+    """``out`` of :func:`_forward_kernel` alone, bit for bit (no state kept), of a
+    C-contiguous ``(rows, n)`` CPU tensor (the eager path's layout)."""
+    return torch.from_numpy(_engine.engine().soft_forward_value(_host_array(x), op, reg, descending, eps))
 
 
 def _vjp_kernel(x, out, perm, block_start, cotangent, op, reg, descending, eps):
@@ -263,6 +265,8 @@ class _Forward(torch.autograd.Function):
         x, *params = inputs
         out, perm, block_start = output
         ctx.mark_non_differentiable(perm, block_start)
+        # No zero gradients made for perm and block_start, which the backward ignores.
+        ctx.set_materialize_grads(False)
         # Saved so that autograd catches in-place changes to them.
         ctx.save_for_backward(x, out, perm, block_start)
         if _forward_mode_possible():
@@ -271,6 +275,8 @@ class _Forward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_perm, grad_block_start):
+        if grad_out is None:
+            return None, None, None, None, None
         grad = _soft_vjp(*ctx.saved_tensors, grad_out, *ctx.params)
         return grad, None, None, None, None
 
@@ -390,10 +396,52 @@ class _Hvp(torch.autograd.Function):
     jvp = staticmethod(_third_derivative)
 
 
-# Function.apply binds its arguments by inspect.signature on every call (tens
-# of microseconds), which only functorch needs: the eager path, where no
-# transform is active, applies the function through the base class directly.
-_apply_forward_eager = super(torch.autograd.Function, _Forward).apply
+class _EagerForward(torch.autograd.Function):
+    """softrank::soft_forward's autograd on the eager path, with the same CPU kernels.
+
+    At a row of 100 the autograd bookkeeping is a visible share of the time:
+    this function returns ``out`` alone (autograd tracks no perm and
+    block_start outputs) and keeps the host arrays of the forward pass for a
+    backward that needs no conversion of them. A backward that records a
+    graph (create_graph=True) or runs under a transform calls the
+    differentiable operators, as :class:`_Forward` does. Applied through the
+    base class: Function.apply binds its arguments by inspect.signature on
+    every call (tens of microseconds), which only functorch needs.
+    """
+
+    @staticmethod
+    def forward(ctx, x, op, reg, descending, eps):
+        # x: C-contiguous (rows, n), the engine's own layout.
+        x_host = _host_array(x)
+        out_host, perm, block_start = _engine.engine().soft_forward(x_host, op, reg, descending, eps)
+        out = torch.from_numpy(out_host)
+        # Saved so that autograd catches in-place changes to them: the
+        # backward reads their buffers through the host arrays.
+        ctx.save_for_backward(x, out)
+        ctx.host = (x_host, out_host, perm, block_start)
+        ctx.params = (op, reg, descending, eps)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, out = ctx.saved_tensors
+        x_host, out_host, perm, block_start = ctx.host
+        if not torch.is_grad_enabled() and _eager(grad_out):
+            if grad_out.dtype != x.dtype:
+                grad_out = grad_out.to(x.dtype)
+            if not grad_out.is_contiguous():  # (a broadcast cotangent, as from sum().backward())
+                grad_out = grad_out.contiguous()
+            grad = _engine.engine().soft_vjp(
+                x_host, out_host, perm, block_start, _host_array(grad_out), *ctx.params
+            )
+            grad = torch.from_numpy(grad)
+        else:
+            state = (x, out, torch.from_numpy(perm), torch.from_numpy(block_start))
+            grad = _soft_vjp(*state, grad_out, *ctx.params)
+        return grad, None, None, None, None
+
+
+_apply_forward_eager = super(torch.autograd.Function, _EagerForward).apply
 
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
@@ -499,7 +547,7 @@ def _soft_op(x: Any, eps: Any, regularization: Any, direction: Any, dim: Any, op
     elif not (rows.is_cpu and _eager(rows)):
         out = _OPS.soft_forward(rows, op, reg, descending, eps)[0]
     elif rows.requires_grad and torch.is_grad_enabled():
-        out = _apply_forward_eager(rows, op, reg, descending, eps)[0]
+        out = _apply_forward_eager(rows, op, reg, descending, eps)
     else:
         out = _forward_value_kernel(rows, op, reg, descending, eps)
     if ndim != 2:
