@@ -242,6 +242,15 @@ def test_vmap_of_derivatives_is_batched(op, reg, engine_calls):
     torch.testing.assert_close(torch.func.vmap(torch.func.jacfwd(f))(x), jacobians, rtol=RTOL, atol=ATOL)
 
 
+def test_jacobians_batch_their_basis_into_one_engine_call(engine_calls):
+    x = _x((3, 6), seed=30)
+    f = _fn("rank", "kl")
+    for transform, product in ((torch.func.jacrev, "soft_vjp"), (torch.func.jacfwd, "soft_jvp")):
+        engine_calls.clear()
+        transform(f)(x)
+        assert engine_calls == {"soft_forward": 1, product: 1}, engine_calls
+
+
 @pytest.mark.parametrize("op, reg", CASES)
 def test_grad_of_vmap_matches_finite_differences(op, reg):
     x, weights = _x((3, 5), seed=20), _x((5,), seed=21)
