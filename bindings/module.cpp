@@ -383,71 +383,6 @@ py::array isotonic_vjp(const py::object& weights, const py::array& blocks_arg,
 
 }  // namespace
 
-// softrank.torch's eager path on CPU tensors: the values by address, so
-// that a call makes no numpy view of a tensor (detach + numpy costs about a
-// microsecond a tensor, a visible share of a row of 100). Private: the
-// adapter hands C-contiguous buffers of rows * n elements of the named type
-// that outlive the call; the rest is checked as in the functions above.
-template <class T>
-const T* at(std::uintptr_t address) {
-  return reinterpret_cast<const T*>(address);
-}
-
-py::tuple soft_forward_at(std::uintptr_t x, std::int64_t rows, std::int64_t n, bool is_double,
-                          int op, int reg, bool descending, double eps) {
-  if (rows < 0 || n < 0) throw py::value_error("rows and n must be >= 0");
-  if (n > std::numeric_limits<index_t>::max())
-    throw py::value_error("x rows longer than 2**31 - 1 are not supported");
-  const softrank::OpSpec spec = make_spec(op, reg, descending, eps);
-  const py::dtype index_dtype = py::dtype::of<index_t>();
-  py::array out = new_rows_array(is_double ? py::dtype::of<double>() : py::dtype::of<float>(),
-                                 rows, n);
-  py::array_t<index_t> perm = new_rows_array(index_dtype, rows, n);
-  py::array_t<index_t> blocks = new_rows_array(index_dtype, rows, n);
-  {
-    py::gil_scoped_release release;
-    if (is_double)
-      softrank::soft_forward_batch(at<double>(x), rows, static_cast<index_t>(n), spec,
-                                   data_of<double>(out), perm.mutable_data(),
-                                   blocks.mutable_data());
-    else
-      softrank::soft_forward_batch(at<float>(x), rows, static_cast<index_t>(n), spec,
-                                   data_of<float>(out), perm.mutable_data(),
-                                   blocks.mutable_data());
-  }
-  return py::make_tuple(out, perm, blocks);
-}
-
-// x, out and the cotangent by address; perm and block_start as the arrays
-// soft_forward_at returned (checked, perm in range).
-py::array soft_vjp_at(std::uintptr_t x, std::uintptr_t out, const py::array& perm_arg,
-                      const py::array& blocks_arg, std::uintptr_t cotangent, bool is_double,
-                      int op, int reg, bool descending, double eps) {
-  const py::array perm = aligned(perm_arg), blocks = aligned(blocks_arg);
-  if (perm.ndim() != 2 || !(perm.flags() & py::array::c_style) ||
-      !perm.dtype().is(py::dtype::of<index_t>()))
-    throw py::value_error("perm must be a C-contiguous (rows, n) int32 array");
-  check_indices(blocks, perm, "block_start");
-  check_permutation_range(perm);
-  const softrank::OpSpec spec = make_spec(op, reg, descending, eps);
-  const std::int64_t rows = perm.shape(0);
-  const index_t n = static_cast<index_t>(perm.shape(1));
-  py::array result = new_rows_array(is_double ? py::dtype::of<double>() : py::dtype::of<float>(),
-                                    perm.shape(0), perm.shape(1));
-  {
-    py::gil_scoped_release release;
-    if (is_double)
-      softrank::soft_product_batch(at<double>(x), at<double>(out), cdata_of<index_t>(perm),
-                                   cdata_of<index_t>(blocks), at<double>(cotangent), rows, n,
-                                   spec, true, data_of<double>(result));
-    else
-      softrank::soft_product_batch(at<float>(x), at<float>(out), cdata_of<index_t>(perm),
-                                   cdata_of<index_t>(blocks), at<float>(cotangent), rows, n,
-                                   spec, true, data_of<float>(result));
-  }
-  return result;
-}
-
 #ifdef SOFTRANK_WITH_XLA_FFI
 #include "xla/ffi/api/c_api.h"
 
@@ -458,10 +393,6 @@ py::dict xla_ffi_targets();  // xla_ffi.cpp
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "softrank native engine (C++ core); see softrank/_engine.py for the contract";
-  m.def("_soft_forward_at", &soft_forward_at,
-        "soft_forward of the (rows, n) values at an address (softrank.torch, CPU tensors).");
-  m.def("_soft_vjp_at", &soft_vjp_at,
-        "soft_vjp with x, out and the cotangent at addresses (softrank.torch, CPU tensors).");
 #ifdef SOFTRANK_WITH_XLA_FFI
   m.def("xla_ffi_targets", &softrank_bindings::xla_ffi_targets,
         "{name: capsule} of the XLA FFI handlers softrank.jax registers (CPU).");
