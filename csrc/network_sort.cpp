@@ -237,15 +237,163 @@ __attribute__((target("avx512f"))) bool sort_row(const float* x, index_t n, bool
   return true;
 }
 
-}  // namespace
+// --- AVX2: the same network on 4 items a register ---------------------------
+//
+// AVX2 has no unsigned 64-bit min/max, only a signed compare: items enter the
+// network with their top bit flipped (unsigned order = signed order of the
+// flipped values), and a comparator is a compare and two blends.
+#define SOFTRANK_AVX2 __attribute__((target("avx2"), always_inline)) inline
 
-bool network_sort_available() {
-  static const bool available = simd_level() == SimdLevel::Avx512;
-  return available;
+SOFTRANK_AVX2 void compare_exchange(__m256i& a, __m256i& b) {
+  const __m256i greater = _mm256_cmpgt_epi64(a, b);
+  const __m256i lo = _mm256_blendv_epi8(a, b, greater);
+  b = _mm256_blendv_epi8(b, a, greater);
+  a = lo;
 }
 
-bool network_sort(std::uint64_t* items, index_t n) {
-  if (!network_sort_available() || n > kNetworkSortMax) return false;
+// Lane i against lane i ^ m (m = 1, 2, 3); `max_lanes` is all ones in the
+// lanes that receive the maximum. A min lane takes its partner where it is
+// greater, a max lane where it is not: one blend on (greater ^ max_lanes).
+template <int m>
+SOFTRANK_AVX2 __m256i partner_of(__m256i v) {
+  if constexpr (m == 1) return _mm256_shuffle_epi32(v, 0x4E);     // 1 0 3 2
+  if constexpr (m == 2) return _mm256_permute4x64_epi64(v, 0x4E); // 2 3 0 1
+  return _mm256_permute4x64_epi64(v, 0x1B);                       // 3 2 1 0
+}
+template <int m>
+SOFTRANK_AVX2 __m256i layer4(__m256i v, __m256i max_lanes) {
+  const __m256i partner = partner_of<m>(v);
+  const __m256i take = _mm256_xor_si256(_mm256_cmpgt_epi64(v, partner), max_lanes);
+  return _mm256_blendv_epi8(v, partner, take);
+}
+SOFTRANK_AVX2 __m256i odd_lanes() { return _mm256_set_epi64x(-1, 0, -1, 0); }
+SOFTRANK_AVX2 __m256i high_lanes() { return _mm256_set_epi64x(-1, -1, 0, 0); }
+
+// Half-cleaners j = 2, 1 inside a register: the tail of every merge.
+SOFTRANK_AVX2 __m256i clean_lanes4(__m256i v) {
+  v = layer4<2>(v, high_lanes());
+  return layer4<1>(v, odd_lanes());
+}
+
+// Sorts the 4 lanes of v ascending.
+SOFTRANK_AVX2 __m256i sort_lanes4(__m256i v) {
+  v = layer4<1>(v, odd_lanes());
+  v = layer4<3>(v, high_lanes());
+  return layer4<1>(v, odd_lanes());
+}
+
+// Transposes the 4 x 4 matrix of 64-bit items held in v[0..3].
+SOFTRANK_AVX2 void transpose4(__m256i* v) {
+  const __m256i t0 = _mm256_unpacklo_epi64(v[0], v[1]), t1 = _mm256_unpackhi_epi64(v[0], v[1]);
+  const __m256i t2 = _mm256_unpacklo_epi64(v[2], v[3]), t3 = _mm256_unpackhi_epi64(v[2], v[3]);
+  v[0] = _mm256_permute2x128_si256(t0, t2, 0x20);
+  v[1] = _mm256_permute2x128_si256(t1, t3, 0x20);
+  v[2] = _mm256_permute2x128_si256(t0, t2, 0x31);
+  v[3] = _mm256_permute2x128_si256(t1, t3, 0x31);
+}
+
+// Sorts R registers (a power of two) where only the first `used` (a multiple
+// of 4 where R >= 4) hold items; the others are padding, as in
+// sort_registers_used. Runs of 4: with 4 or more registers, the columns of
+// each group of 4 are sorted by the optimal 5-comparator network (whole
+// registers, no permutes) and the group transposed, which costs about 23
+// operations against 48 for the in-register network.
+template <int R, int used>
+SOFTRANK_AVX2 void sort_registers4(__m256i* v) {
+  if constexpr (R >= 4) {
+#pragma GCC unroll 8
+    for (int g = 0; g < used; g += 4) {
+      compare_exchange(v[g], v[g + 1]);
+      compare_exchange(v[g + 2], v[g + 3]);
+      compare_exchange(v[g], v[g + 2]);
+      compare_exchange(v[g + 1], v[g + 3]);
+      compare_exchange(v[g + 1], v[g + 2]);
+      transpose4(v + g);
+    }
+  } else {
+#pragma GCC unroll 2
+    for (int r = 0; r < R; ++r) v[r] = sort_lanes4(v[r]);
+  }
+#pragma GCC unroll 8
+  for (int g = 2; g <= R; g *= 2) {
+#pragma GCC unroll 32
+    for (int r = 0; r < R; ++r) {
+      const int q = r ^ (g - 1);
+      if (q <= r || q >= used) continue;
+      __m256i b = partner_of<3>(v[q]);  // reversed
+      compare_exchange(v[r], b);
+      v[q] = partner_of<3>(b);
+    }
+#pragma GCC unroll 8
+    for (int h = g / 2; h >= 1; h /= 2) {
+#pragma GCC unroll 32
+      for (int r = 0; r < R; ++r) {
+        if ((r & h) || r + h >= used) continue;
+        compare_exchange(v[r], v[r + h]);
+      }
+    }
+#pragma GCC unroll 32
+    for (int r = 0; r < R; ++r)
+      if (r < used) v[r] = clean_lanes4(v[r]);
+  }
+}
+
+SOFTRANK_AVX2 __m256i valid_lanes4(index_t n, int r) {
+  const index_t left = n - 4 * r;
+  const __m256i lane = _mm256_set_epi64x(3, 2, 1, 0);
+  return _mm256_cmpgt_epi64(_mm256_set1_epi64x(left), lane);
+}
+
+// Loads n items (flipped; padding is the largest item), sorts, stores the
+// first n back.
+template <int R, int used>
+__attribute__((target("avx2"))) void sort_items4(std::uint64_t* items, index_t n) {
+  const __m256i flip = _mm256_set1_epi64x(static_cast<long long>(0x8000000000000000ull));
+  const __m256i largest = _mm256_set1_epi64x(0x7fffffffffffffffll);
+  __m256i v[R];
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r) {
+    if (r >= used) {
+      v[r] = largest;
+      continue;
+    }
+    const __m256i valid = valid_lanes4(n, r);
+    const __m256i loaded = _mm256_maskload_epi64(
+        reinterpret_cast<const long long*>(items + 4 * r), valid);
+    v[r] = _mm256_blendv_epi8(largest, _mm256_xor_si256(loaded, flip), valid);
+  }
+  sort_registers4<R, used>(v);
+#pragma GCC unroll 32
+  for (int r = 0; r < used; ++r)
+    _mm256_maskstore_epi64(reinterpret_cast<long long*>(items + 4 * r), valid_lanes4(n, r),
+                           _mm256_xor_si256(v[r], flip));
+}
+
+__attribute__((target("avx2"))) void network_sort_avx2(std::uint64_t* items, index_t n) {
+  if (n <= 4) {
+    sort_items4<1, 1>(items, n);
+  } else if (n <= 8) {
+    sort_items4<2, 2>(items, n);
+  } else if (n <= 16) {
+    sort_items4<4, 4>(items, n);
+  } else if (n <= 32) {
+    sort_items4<8, 8>(items, n);
+  } else if (n <= 48) {
+    sort_items4<16, 12>(items, n);
+  } else if (n <= 64) {
+    sort_items4<16, 16>(items, n);
+  } else if (n <= 80) {
+    sort_items4<32, 20>(items, n);
+  } else if (n <= 96) {
+    sort_items4<32, 24>(items, n);
+  } else if (n <= 112) {
+    sort_items4<32, 28>(items, n);
+  } else {
+    sort_items4<32, 32>(items, n);
+  }
+}
+
+__attribute__((target("avx512f"))) void network_sort_avx512(std::uint64_t* items, index_t n) {
   if (n <= 8) {
     sort_items<1>(items, n);
   } else if (n <= 16) {
@@ -257,11 +405,88 @@ bool network_sort(std::uint64_t* items, index_t n) {
   } else {
     sort_items<16>(items, n);
   }
+}
+
+// --- Rows -------------------------------------------------------------------
+//
+// Float32: the key << 32 | column items of sort.h's radix path. Float64: the
+// key's top 56 bits with the column in the low 8 (n <= 256), so that one
+// 64-bit network sorts them too; keys that agree in their top 56 bits (equal
+// values, or values within 256 ulp) are then in column order, and where the
+// sorted items show such a pair an insertion sort by the whole key, stable,
+// puts them right (it moves nothing but those runs: exact ties, the common
+// case, move nothing at all).
+constexpr int kColumnBits = 8;
+static_assert(kNetworkSortMax <= (1 << kColumnBits), "columns fit below the key bits");
+
+using ItemSort = void (*)(std::uint64_t*, index_t);
+
+// The body of the row functions below, inlined into each instruction set's
+// variant (a plain function would be compiled for the baseline only).
+#define SOFTRANK_ROW_BODY inline __attribute__((always_inline))
+
+SOFTRANK_ROW_BODY bool float_row_by_items(const float* x, index_t n, bool negate, index_t* perm,
+                                          double* xs, ItemSort sort) {
+  alignas(64) std::uint64_t items[kNetworkSortMax];
+  std::uint32_t non_finite = 0;
+  for (index_t i = 0; i < n; ++i) {
+    // + 0.0f turns -0.0 into +0.0, so that both zeros share one key.
+    const float v = (negate ? -x[i] : x[i]) + 0.0f;
+    non_finite |= !is_finite_bits(float_bits(v));
+    items[i] = static_cast<std::uint64_t>(descending_key(v)) << 32 | static_cast<std::uint32_t>(i);
+  }
+  if (non_finite) return false;
+  sort(items, n);
+  unpack_sorted(items, n, perm, xs);
   return true;
 }
 
-bool network_sort_row(const float* x, index_t n, bool negate, index_t* perm, double* xs) {
-  if (!network_sort_available() || n > kNetworkSortMax) return false;
+SOFTRANK_ROW_BODY bool double_row_by_items(const double* x, index_t n, bool negate,
+                                           index_t* perm, double* xs, ItemSort sort) {
+  constexpr std::uint64_t kColumnMask = (1u << kColumnBits) - 1;
+  alignas(64) std::uint64_t keys[kNetworkSortMax], items[kNetworkSortMax];
+  std::uint64_t non_finite = 0;
+  for (index_t i = 0; i < n; ++i) {
+    const double v = (negate ? -x[i] : x[i]) + 0.0;
+    non_finite |= !is_finite_bits(float_bits(v));
+    keys[i] = descending_key(v);
+    items[i] = (keys[i] & ~kColumnMask) | static_cast<std::uint64_t>(i);
+  }
+  if (non_finite) return false;
+  sort(items, n);
+  std::uint64_t tied = 0;
+  perm[0] = static_cast<index_t>(items[0] & kColumnMask);
+  for (index_t i = 1; i < n; ++i) {
+    perm[i] = static_cast<index_t>(items[i] & kColumnMask);
+    tied |= static_cast<std::uint64_t>(((items[i] ^ items[i - 1]) >> kColumnBits) == 0);
+  }
+  if (tied) {
+    for (index_t i = 1; i < n; ++i) {
+      const index_t p = perm[i];
+      const std::uint64_t k = keys[p];
+      index_t j = i;
+      for (; j > 0 && keys[perm[j - 1]] > k; --j) perm[j] = perm[j - 1];
+      perm[j] = p;
+    }
+  }
+  for (index_t i = 0; i < n; ++i) xs[i] = value_of_key(keys[perm[i]]);
+  return true;
+}
+
+__attribute__((target("avx2"))) bool float_row_avx2(const float* x, index_t n, bool negate,
+                                                    index_t* perm, double* xs) {
+  return float_row_by_items(x, n, negate, perm, xs, network_sort_avx2);
+}
+__attribute__((target("avx2"))) bool double_row_avx2(const double* x, index_t n, bool negate,
+                                                     index_t* perm, double* xs) {
+  return double_row_by_items(x, n, negate, perm, xs, network_sort_avx2);
+}
+__attribute__((target("avx512f"))) bool double_row_avx512(const double* x, index_t n,
+                                                          bool negate, index_t* perm, double* xs) {
+  return double_row_by_items(x, n, negate, perm, xs, network_sort_avx512);
+}
+
+bool float_row_avx512(const float* x, index_t n, bool negate, index_t* perm, double* xs) {
   switch ((n + 7) / 8) {
     case 1: return sort_row<1, 1>(x, n, negate, perm, xs);
     case 2: return sort_row<2, 2>(x, n, negate, perm, xs);
@@ -282,9 +507,38 @@ bool network_sort_row(const float* x, index_t n, bool negate, index_t* perm, dou
   }
 }
 
+}  // namespace
+
+bool network_sort_available() {
+  static const bool available = simd_level() >= SimdLevel::Avx2;
+  return available;
+}
+
+bool network_sort(std::uint64_t* items, index_t n) {
+  if (!network_sort_available() || n > kNetworkSortMax) return false;
+  if (simd_level() == SimdLevel::Avx512)
+    network_sort_avx512(items, n);
+  else
+    network_sort_avx2(items, n);
+  return true;
+}
+
+bool network_sort_row(const float* x, index_t n, bool negate, index_t* perm, double* xs) {
+  if (!network_sort_available() || n < 1 || n > kNetworkSortMax) return false;
+  return simd_level() == SimdLevel::Avx512 ? float_row_avx512(x, n, negate, perm, xs)
+                                           : float_row_avx2(x, n, negate, perm, xs);
+}
+
+bool network_sort_row(const double* x, index_t n, bool negate, index_t* perm, double* xs) {
+  if (!network_sort_available() || n < 1 || n > kNetworkSortMax) return false;
+  return simd_level() == SimdLevel::Avx512 ? double_row_avx512(x, n, negate, perm, xs)
+                                           : double_row_avx2(x, n, negate, perm, xs);
+}
+
 #else
 
 bool network_sort_row(const float*, index_t, bool, index_t*, double*) { return false; }
+bool network_sort_row(const double*, index_t, bool, index_t*, double*) { return false; }
 bool network_sort_available() { return false; }
 bool network_sort(std::uint64_t*, index_t) { return false; }
 

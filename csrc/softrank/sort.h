@@ -36,18 +36,19 @@ constexpr int kMaxRadixPasses = 8;
 void rank_sort(const std::uint32_t* keys, index_t n, index_t* order);
 void rank_sort(const std::uint64_t* keys, index_t n, index_t* order);
 
-// Float32 rows up to this long are sorted by a bitonic network in AVX-512
-// registers where simd_level() is AVX-512 (network_sort.cpp): items are
-// key << 32 | column, sorted ascending in place. network_sort returns false,
-// doing nothing, where it is not available or n > kNetworkSortMax.
+// Rows up to this long are sorted by a bitonic network in vector registers
+// where simd_level() is AVX2 or AVX-512 (network_sort.cpp): items are uint64
+// (float32: key << 32 | column; float64: the key's top 56 bits, column in the
+// low 8), sorted ascending in place. network_sort returns false, doing
+// nothing, where no network is available or n > kNetworkSortMax.
 constexpr index_t kNetworkSortMax = 128;
 bool network_sort_available();
 bool network_sort(std::uint64_t* items, index_t n);
-// sort_row_descending's float32 path for 1 <= n <= kNetworkSortMax where
-// network_sort_available(), keys built and decoded in registers too. Returns
-// false for a row holding NaN or +-inf, and, touching nothing, where the
-// network is not available or n is out of its range.
+// sort_row_descending's path for 1 <= n <= kNetworkSortMax where
+// network_sort_available(). Returns false for a row holding NaN or +-inf, and,
+// touching nothing, where no network is available or n is out of its range.
 bool network_sort_row(const float* x, index_t n, bool negate, index_t* perm, double* xs);
+bool network_sort_row(const double* x, index_t n, bool negate, index_t* perm, double* xs);
 
 inline std::uint32_t float_bits(float v) {
   std::uint32_t u;
@@ -420,6 +421,8 @@ inline bool sort_row_descending(const float* x, index_t n, bool negate, SortScra
 
 inline bool sort_row_descending(const double* x, index_t n, bool negate, SortScratch& s,
                                 index_t* perm, double* xs) {
+  if (n <= kNetworkSortMax && n > 0 && network_sort_available())
+    return network_sort_row(x, n, negate, perm, xs);
   std::uint64_t* keys = s.keys64;
   std::uint64_t non_finite = 0;
   for (index_t i = 0; i < n; ++i) {
