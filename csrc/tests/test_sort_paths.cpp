@@ -136,11 +136,12 @@ TEST(sort_paths, network_sort_direct) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   const char* disable = std::getenv("SOFTRANK_DISABLE_AVX512");
   const bool disabled = disable != nullptr && disable[0] != '\0' && std::string(disable) != "0";
-  CHECK(softrank::network_sort_available() == (__builtin_cpu_supports("avx2") != 0))
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  CHECK(softrank::network_sort_available() == avx2)
       << "network sort availability";
   CHECK(std::string(softrank::simd_level_name(softrank::simd_level())) ==
         (__builtin_cpu_supports("avx512f") && !disabled ? "avx512"
-         : __builtin_cpu_supports("avx2")                ? "avx2"
+         : avx2                                          ? "avx2"
                                                          : "baseline"))
       << "simd level";
 #endif
