@@ -148,9 +148,10 @@ SOFTRANK_HD void write_outputs(index_t k_begin, index_t k_end, index_t end, inde
     }
     const index_t s = bs, e = be;
     const double ref = b.ref[k];
-    // The l2 rank writes block_start in its output loop (one pass, not two,
-    // over blocks that are often short).
-    const bool fused = rank_l2 && scale.multiply;
+    // The l2 rank and the sorts write block_start in their output loops (one
+    // pass, not two, over blocks that are often short: each loop's exit is a
+    // mispredicted branch).
+    const bool fused = (rank_l2 && scale.multiply) || (spec.op == Op::Sort && eps != 0.0);
     if (!fused)
       for (index_t i = s; i < e; ++i) block_start[i] = bs;
     if (eps == 0.0) {
@@ -189,22 +190,30 @@ SOFTRANK_HD void write_outputs(index_t k_begin, index_t k_end, index_t end, inde
         // scale_out(v) with its branch hoisted, so that the loop vectorises.
         if (scale_out.multiply) {
           const double inv = scale_out.inv;
-          for (index_t i = s; i < e; ++i)
+          for (index_t i = s; i < e; ++i) {
+            block_start[i] = bs;
             out[i] = static_cast<T>(sgn * ((centre - static_cast<double>(i)) * inv + mean));
+          }
         } else {
           const double e_out = scale_out.eps;
-          for (index_t i = s; i < e; ++i)
+          for (index_t i = s; i < e; ++i) {
+            block_start[i] = bs;
             out[i] = static_cast<T>(sgn * ((centre - static_cast<double>(i)) / e_out + mean));
+          }
         }
       } else {
         const double base = ref + b.stat[k];  // log(S/Q), see sort_kl_log_ratios
         if (scale.multiply) {
           const double inv = scale.inv;
-          for (index_t i = s; i < e; ++i)
+          for (index_t i = s; i < e; ++i) {
+            block_start[i] = bs;
             out[i] = static_cast<T>(sgn * (base - static_cast<double>(i - bs) * inv));
+          }
         } else {
-          for (index_t i = s; i < e; ++i)
+          for (index_t i = s; i < e; ++i) {
+            block_start[i] = bs;
             out[i] = static_cast<T>(sgn * (base - static_cast<double>(i - bs) / scale.eps));
+          }
         }
       }
     }
@@ -297,7 +306,9 @@ void soft_forward_sorted(index_t n, const OpSpec& spec, RowScratch& w, T* out,
   } else if (eps != 0.0 && !l2) {
     const bool have_decay = w.decay && w.decay->eps == eps && w.decay->length >= n;
     ranges(n, [&](index_t lo, index_t hi) {
-      for (index_t i = lo; i < hi; ++i) step[i] = i == 0 ? 0.0 : xs[i] - xs[i - 1];
+      // (The first element apart, so that the loop vectorises.)
+      if (lo == 0) step[0] = 0.0;
+      for (index_t i = lo == 0 ? 1 : lo; i < hi; ++i) step[i] = xs[i] - xs[i - 1];
       exp_nonpositive_buffer(step + lo, hi - lo);
       if (have_decay) return;
       for (index_t i = lo; i < hi; ++i) decay[i] = -scale(static_cast<double>(i));
