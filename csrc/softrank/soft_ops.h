@@ -148,10 +148,10 @@ SOFTRANK_HD void write_outputs(index_t k_begin, index_t k_end, index_t end, inde
     }
     const index_t s = bs, e = be;
     const double ref = b.ref[k];
-    // The l2 rank and the sorts write block_start in their output loops (one
-    // pass, not two, over blocks that are often short: each loop's exit is a
-    // mispredicted branch).
-    const bool fused = (rank_l2 && scale.multiply) || (spec.op == Op::Sort && eps != 0.0);
+    // The soft operators write block_start in their output (or, rank kl,
+    // exponent) loops: one pass, not two, over blocks that are often short
+    // (each loop's exit is a mispredicted branch).
+    const bool fused = eps != 0.0 && !(rank_l2 && !scale.multiply);
     if (!fused)
       for (index_t i = s; i < e; ++i) block_start[i] = bs;
     if (eps == 0.0) {
@@ -178,7 +178,10 @@ SOFTRANK_HD void write_outputs(index_t k_begin, index_t k_end, index_t end, inde
         }
       } else {
         // Exponents first (xs is not needed after this); exp and scatter below.
-        for (index_t i = s; i < e; ++i) xs[i] = scale(xs[i] - ref);
+        for (index_t i = s; i < e; ++i) {
+          block_start[i] = bs;
+          xs[i] = scale(xs[i] - ref);
+        }
         exp_lo = s < exp_lo ? s : exp_lo;
         exp_hi = e;
       }
