@@ -133,7 +133,7 @@ static std::vector<double> near_tie_row(Rng& rng, int n) {
 // (keys, network, decode, the float64 fix-up) against std::stable_sort.
 TEST(sort_paths, network_sort_direct) {
   Rng rng(26);
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(SOFTRANK_X86_DISPATCH)  // (else the core has only its baseline code)
   const char* disable = std::getenv("SOFTRANK_DISABLE_AVX512");
   const bool disabled = disable != nullptr && disable[0] != '\0' && std::string(disable) != "0";
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
