@@ -538,15 +538,7 @@ SOFTRANK_ROW_BODY bool double_row_by_items(const double* x, index_t n, bool nega
     perm[i] = static_cast<index_t>(items[i] & kColumnMask);
     tied |= static_cast<std::uint64_t>(((items[i] ^ items[i - 1]) >> kColumnBits) == 0);
   }
-  if (tied) {
-    for (index_t i = 1; i < n; ++i) {
-      const index_t p = perm[i];
-      const std::uint64_t k = keys[p];
-      index_t j = i;
-      for (; j > 0 && keys[perm[j - 1]] > k; --j) perm[j] = perm[j - 1];
-      perm[j] = p;
-    }
-  }
+  if (tied) sort_by_whole_keys(keys, n, perm);
   for (index_t i = 0; i < n; ++i) xs[i] = value_of_key(keys[perm[i]]);
   return true;
 }
