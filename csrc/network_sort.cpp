@@ -1,12 +1,13 @@
-// Sorting network for short float32 rows: each item is the row's order key
-// (high 32 bits) packed with its column (low 32 bits), so that one 64-bit
-// integer order is the stable order of the row. Up to kNetworkSortMax items
-// are held in (at most 16) AVX-512 registers and sorted by a bitonic network
-// of vector min/max and lane permutes: no branches, no memory traffic, about
-// 4 cycles per item at n = 64 where counting ranks cost ~13. Compiled for
-// AVX-512F only and entered only where simd_level() is AVX-512 (the CPU has
-// it and SOFTRANK_DISABLE_AVX512 is not set); other CPUs keep the
-// counting-rank sort.
+// Sorting networks for short rows: each item is the row's order key packed
+// with its column (float32: key << 32 | column; float64: the key's top bits
+// over the column, see "Rows" below), so that one 64-bit integer order is the
+// stable order of the row. AVX-512: up to kNetworkSortMax items in (at most
+// 16) registers, sorted by a bitonic network of vector min/max and lane
+// permutes: no branches, no memory traffic, about 4 cycles per item at n = 64
+// where counting ranks cost ~13. AVX2: the same network on 4 items a
+// register. Each is compiled for its instruction set and entered only where
+// simd_level() allows it (SOFTRANK_DISABLE_AVX512 caps AVX-512 at the AVX2
+// network); other CPUs keep the counting-rank sort.
 #include "softrank/cpu_features.h"
 #include "softrank/sort.h"
 

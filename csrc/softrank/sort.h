@@ -2,10 +2,11 @@
 //
 // Floats are mapped to unsigned keys whose integer order is the float order,
 // then complemented so that an ascending integer sort yields decreasing
-// values. Short rows are sorted by counting ranks (vectorised), long rows by
-// a stable LSD radix sort that skips digits shared by every key; for float32
-// the key and its column are packed into one uint64 so that each radix pass
-// moves 8 bytes. The sorted values are decoded from the keys, which avoids a
+// values. Short rows are sorted by a network (network_sort.cpp) or by
+// counting ranks (vectorised), long rows by a stable LSD radix sort that skips
+// digits shared by every key; the key and its column are packed into one
+// uint64 (float32 rows, and float64 rows below 2048 by their keys' top bits)
+// so that each radix pass moves 8 bytes. The sorted values are decoded from the keys, which avoids a
 // random-access gather of x.
 #pragma once
 
