@@ -66,10 +66,21 @@ def _versions() -> str:
     return ", ".join(parts)
 
 
+def _simd_level() -> str:
+    """The instruction set the core runs at (softrank.simd_level()), and the
+    SOFTRANK_DISABLE_AVX512 switch where it is set."""
+    import softrank
+
+    level = softrank.simd_level()
+    switch = os.environ.get("SOFTRANK_DISABLE_AVX512")
+    return f"{level} (SOFTRANK_DISABLE_AVX512={switch})" if switch else level
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["loadavg_start"] = getattr(config, "_softrank_loadavg_start", "?")
     machine_info["loadavg_end"] = _loadavg()
     machine_info["softrank"] = _versions()
+    machine_info["simd_level"] = _simd_level()
 
 
 def _max_time_given(config) -> bool:

@@ -131,7 +131,8 @@ CELL_HEADER = "op | reg | dtype | batch | n | pass"
 
 
 def ordered(keys):
-    return sorted(keys, key=lambda k: (k[2], k[0], k[1], k[5], k[3] != 1, k[3] * k[4], k[3]))
+    """Cells by op, reg, pass and size, float32 and float64 of a cell side by side."""
+    return sorted(keys, key=lambda k: (k[0], k[1], k[5], k[3] != 1, k[3] * k[4], k[3], k[2]))
 
 
 def table(header: List[str], rows: List[List[str]]) -> str:
@@ -265,6 +266,8 @@ def machine_section(meta) -> str:
                      f"{cpu.get('count', '?')} logical CPUs, Python {mi.get('python_version', '?')}")
         if mi.get("note"):
             lines.append(f"  - note: {mi['note']}")
+        if mi.get("simd_level"):
+            lines.append(f"  - instruction set of the softrank core: {mi['simd_level']}")
         sr = mi.get("softrank")
         if sr:
             lines.append(f"  - softrank: {sr}")

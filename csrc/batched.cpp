@@ -18,7 +18,7 @@ namespace {
 // Per-thread scratch, grown to the longest row seen and then reused, so that
 // the per-row routines never allocate.
 struct ThreadScratch {
-  std::vector<std::uint64_t> packed32, packed32_tmp;
+  std::vector<std::uint64_t> packed, packed_tmp;
   std::vector<KeyIndex64> keyed64, keyed64_tmp;
   std::vector<std::uint32_t> counts, keys32;
   std::vector<std::uint64_t> keys64;
@@ -31,15 +31,18 @@ struct ThreadScratch {
     const std::size_t size = static_cast<std::size_t>(n) + 1;
     if (wide) {
       grow(keys64, size);
-      if (n > kRankSortMax) {
+      if (n > kRankSortMax && n < kWideDigitThreshold) {
+        grow(packed, size);
+        grow(packed_tmp, size);
+      } else if (n > kRankSortMax) {
         grow(keyed64, size);
         grow(keyed64_tmp, size);
       }
     } else {
       grow(keys32, size);
-      grow(packed32, size);  // the network sort's items too
+      grow(packed, size);  // the network sort's items too
       if (n > kRankSortMax) {
-        grow(packed32_tmp, size);
+        grow(packed_tmp, size);
       }
     }
     grow(counts, kMaxRadixPasses * kMaxRadixBuckets);
@@ -57,8 +60,8 @@ struct ThreadScratch {
     grow(chunk_last, chunks);
     grow(chunk_end, chunks);
     RowScratch r;
-    r.sort.packed32 = packed32.data();
-    r.sort.packed32_tmp = packed32_tmp.data();
+    r.sort.packed = packed.data();
+    r.sort.packed_tmp = packed_tmp.data();
     r.sort.keyed64 = keyed64.data();
     r.sort.keyed64_tmp = keyed64_tmp.data();
     r.sort.keys32 = keys32.data();
@@ -171,7 +174,7 @@ struct ParallelRanges {
 inline bool sort_long_row(const float* x, index_t n, bool negate, RowScratch& w, index_t* perm,
                           const ParallelRanges& ranges) {
   if (ranges.threads <= 1) return sort_row_descending(x, n, negate, w.sort, perm, w.xs);
-  return bucket_sort_row<PackedItems32>(x, n, negate, w.sort.packed32, w.sort.packed32_tmp, perm,
+  return bucket_sort_row<PackedItems32>(x, n, negate, w.sort.packed, w.sort.packed_tmp, perm,
                                         w.xs, ranges);
 }
 

@@ -10,7 +10,7 @@ SimdLevel detect_cpu() {
 #if defined(SOFTRANK_X86_DISPATCH)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f")) return SimdLevel::Avx512;
-  if (__builtin_cpu_supports("avx2")) return SimdLevel::Avx2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return SimdLevel::Avx2;
 #endif
   return SimdLevel::Baseline;
 }

@@ -1,12 +1,13 @@
-// Sorting network for short float32 rows: each item is the row's order key
-// (high 32 bits) packed with its column (low 32 bits), so that one 64-bit
-// integer order is the stable order of the row. Up to kNetworkSortMax items
-// are held in (at most 16) AVX-512 registers and sorted by a bitonic network
-// of vector min/max and lane permutes: no branches, no memory traffic, about
-// 4 cycles per item at n = 64 where counting ranks cost ~13. Compiled for
-// AVX-512F only and entered only where simd_level() is AVX-512 (the CPU has
-// it and SOFTRANK_DISABLE_AVX512 is not set); other CPUs keep the
-// counting-rank sort.
+// Sorting networks for short rows: each item is the row's order key packed
+// with its column (float32: key << 32 | column; float64: the key's top bits
+// over the column, see "Rows" below), so that one 64-bit integer order is the
+// stable order of the row. AVX-512: up to kNetworkSortMax items in (at most
+// 16) registers, sorted by a bitonic network of vector min/max and lane
+// permutes: no branches, no memory traffic, about 4 cycles per item at n = 64
+// where counting ranks cost ~13. AVX2: the same network on 4 items a
+// register. Each is compiled for its instruction set and entered only where
+// simd_level() allows it (SOFTRANK_DISABLE_AVX512 caps AVX-512 at the AVX2
+// network); other CPUs keep the counting-rank sort.
 #include "softrank/cpu_features.h"
 #include "softrank/sort.h"
 
@@ -237,15 +238,232 @@ __attribute__((target("avx512f"))) bool sort_row(const float* x, index_t n, bool
   return true;
 }
 
-}  // namespace
+// --- AVX2: the same network on 4 items a register ---------------------------
+//
+// AVX2 has no 64-bit integer min/max, only a signed compare, so a comparator
+// on integers is a compare and two blends (items enter with their top bit
+// flipped: unsigned order = signed order of the flipped values). The row
+// paths instead encode their items as positive normal doubles (bit 61 set,
+// bit 62 clear: exponents in [-511, 0], never zero, subnormal, inf or NaN),
+// whose order is the order of their bit patterns, and compare them with one
+// min and one max. Two lane types share the network below.
+#define SOFTRANK_AVX2 __attribute__((target("avx2,fma"), always_inline)) inline
 
-bool network_sort_available() {
-  static const bool available = simd_level() == SimdLevel::Avx512;
-  return available;
+// Any 64-bit items, compared unsigned.
+struct IntLanes {
+  using V = __m256i;
+  // (Blends by the sign bit of each 64-bit lane: GCC compiles the byte blend
+  // on a compare result as the blend plus a redundant byte compare.)
+  static SOFTRANK_AVX2 V blend(V a, V b, V take_b) {
+    return _mm256_castpd_si256(_mm256_blendv_pd(_mm256_castsi256_pd(a), _mm256_castsi256_pd(b),
+                                                _mm256_castsi256_pd(take_b)));
+  }
+  static SOFTRANK_AVX2 void compare_exchange(V& a, V& b) {
+    const V greater = _mm256_cmpgt_epi64(a, b);
+    const V lo = blend(a, b, greater);
+    b = blend(b, a, greater);
+    a = lo;
+  }
+  // Lane i against lane i ^ m (m = 1, 2, 3); `max_lanes` has a bit set for
+  // every lane that receives the maximum. A min lane takes its partner where
+  // it is greater, a max lane where it is not.
+  template <int m, int max_lanes>
+  static SOFTRANK_AVX2 V layer(V v) {
+    const V partner = m == 1   ? _mm256_shuffle_epi32(v, 0x4E)
+                      : m == 2 ? _mm256_permute4x64_epi64(v, 0x4E)
+                               : _mm256_permute4x64_epi64(v, 0x1B);
+    const V lanes = _mm256_set_epi64x(max_lanes & 8 ? -1 : 0, max_lanes & 4 ? -1 : 0,
+                                      max_lanes & 2 ? -1 : 0, max_lanes & 1 ? -1 : 0);
+    return blend(v, partner, _mm256_xor_si256(_mm256_cmpgt_epi64(v, partner), lanes));
+  }
+  static SOFTRANK_AVX2 V reverse(V v) { return _mm256_permute4x64_epi64(v, 0x1B); }
+  static SOFTRANK_AVX2 void transpose(V* v) {
+    const V t0 = _mm256_unpacklo_epi64(v[0], v[1]), t1 = _mm256_unpackhi_epi64(v[0], v[1]);
+    const V t2 = _mm256_unpacklo_epi64(v[2], v[3]), t3 = _mm256_unpackhi_epi64(v[2], v[3]);
+    v[0] = _mm256_permute2x128_si256(t0, t2, 0x20);
+    v[1] = _mm256_permute2x128_si256(t1, t3, 0x20);
+    v[2] = _mm256_permute2x128_si256(t0, t2, 0x31);
+    v[3] = _mm256_permute2x128_si256(t1, t3, 0x31);
+  }
+  static SOFTRANK_AVX2 V flip() {
+    return _mm256_set1_epi64x(static_cast<long long>(0x8000000000000000ull));
+  }
+  static SOFTRANK_AVX2 V padding() { return _mm256_set1_epi64x(0x7fffffffffffffffll); }
+  static SOFTRANK_AVX2 V load(const std::uint64_t* p, V valid) {
+    const V loaded = _mm256_maskload_epi64(reinterpret_cast<const long long*>(p), valid);
+    return blend(padding(), _mm256_xor_si256(loaded, flip()), valid);
+  }
+  static SOFTRANK_AVX2 void store(std::uint64_t* p, V valid, V v) {
+    _mm256_maskstore_epi64(reinterpret_cast<long long*>(p), valid, _mm256_xor_si256(v, flip()));
+  }
+  static SOFTRANK_AVX2 V load_all(const std::uint64_t* p) {
+    return _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), flip());
+  }
+  static SOFTRANK_AVX2 void store_all(std::uint64_t* p, V v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_xor_si256(v, flip()));
+  }
+};
+
+// Items 2^61 <= item < 2^62 (positive normal doubles), compared as doubles.
+struct DoubleLanes {
+  using V = __m256d;
+  static SOFTRANK_AVX2 void compare_exchange(V& a, V& b) {
+    const V lo = _mm256_min_pd(a, b);
+    b = _mm256_max_pd(a, b);
+    a = lo;
+  }
+  template <int m, int max_lanes>
+  static SOFTRANK_AVX2 V layer(V v) {
+    const V partner = m == 1   ? _mm256_permute_pd(v, 0x5)
+                      : m == 2 ? _mm256_permute4x64_pd(v, 0x4E)
+                               : _mm256_permute4x64_pd(v, 0x1B);
+    return _mm256_blend_pd(_mm256_min_pd(v, partner), _mm256_max_pd(v, partner), max_lanes);
+  }
+  static SOFTRANK_AVX2 V reverse(V v) { return _mm256_permute4x64_pd(v, 0x1B); }
+  static SOFTRANK_AVX2 void transpose(V* v) {
+    const V t0 = _mm256_unpacklo_pd(v[0], v[1]), t1 = _mm256_unpackhi_pd(v[0], v[1]);
+    const V t2 = _mm256_unpacklo_pd(v[2], v[3]), t3 = _mm256_unpackhi_pd(v[2], v[3]);
+    v[0] = _mm256_permute2f128_pd(t0, t2, 0x20);
+    v[1] = _mm256_permute2f128_pd(t1, t3, 0x20);
+    v[2] = _mm256_permute2f128_pd(t0, t2, 0x31);
+    v[3] = _mm256_permute2f128_pd(t1, t3, 0x31);
+  }
+  static SOFTRANK_AVX2 V padding() { return _mm256_set1_pd(2.0); }  // above every item
+  static SOFTRANK_AVX2 V load(const std::uint64_t* p, __m256i valid) {
+    const V loaded = _mm256_maskload_pd(reinterpret_cast<const double*>(p), valid);
+    return _mm256_blendv_pd(padding(), loaded, _mm256_castsi256_pd(valid));
+  }
+  static SOFTRANK_AVX2 void store(std::uint64_t* p, __m256i valid, V v) {
+    _mm256_maskstore_pd(reinterpret_cast<double*>(p), valid, v);
+  }
+  static SOFTRANK_AVX2 V load_all(const std::uint64_t* p) {
+    return _mm256_loadu_pd(reinterpret_cast<const double*>(p));
+  }
+  static SOFTRANK_AVX2 void store_all(std::uint64_t* p, V v) {
+    _mm256_storeu_pd(reinterpret_cast<double*>(p), v);
+  }
+  static constexpr std::uint64_t kPaddingBits = 0x4000000000000000ull;  // 2.0
+};
+
+// Sorts the 4 lanes of v ascending (k = 2, 4 with the half-cleaner).
+template <class L>
+SOFTRANK_AVX2 typename L::V sort_lanes4(typename L::V v) {
+  v = L::template layer<1, 0xA>(v);
+  v = L::template layer<3, 0xC>(v);
+  return L::template layer<1, 0xA>(v);
 }
 
-bool network_sort(std::uint64_t* items, index_t n) {
-  if (!network_sort_available() || n > kNetworkSortMax) return false;
+// Sorts R registers (a power of two) where only the first `used` (a multiple
+// of 4 where R >= 4) hold items; the others are padding, as in
+// sort_registers_used. Runs of 4: with 4 or more registers, the columns of
+// each group of 4 are sorted by the optimal 5-comparator network (whole
+// registers, no permutes) and the group transposed, fewer operations than
+// the in-register network.
+template <class L, int R, int used>
+SOFTRANK_AVX2 void sort_registers4(typename L::V* v) {
+  if constexpr (R >= 4) {
+#pragma GCC unroll 8
+    for (int g = 0; g < used; g += 4) {
+      L::compare_exchange(v[g], v[g + 1]);
+      L::compare_exchange(v[g + 2], v[g + 3]);
+      L::compare_exchange(v[g], v[g + 2]);
+      L::compare_exchange(v[g + 1], v[g + 3]);
+      L::compare_exchange(v[g + 1], v[g + 2]);
+      L::transpose(v + g);
+    }
+  } else {
+#pragma GCC unroll 2
+    for (int r = 0; r < R; ++r) v[r] = sort_lanes4<L>(v[r]);
+  }
+#pragma GCC unroll 8
+  for (int g = 2; g <= R; g *= 2) {
+#pragma GCC unroll 32
+    for (int r = 0; r < R; ++r) {
+      const int q = r ^ (g - 1);
+      if (q <= r || q >= used) continue;
+      typename L::V b = L::reverse(v[q]);
+      L::compare_exchange(v[r], b);
+      v[q] = L::reverse(b);
+    }
+#pragma GCC unroll 8
+    for (int h = g / 2; h >= 1; h /= 2) {
+#pragma GCC unroll 32
+      for (int r = 0; r < R; ++r) {
+        if ((r & h) || r + h >= used) continue;
+        L::compare_exchange(v[r], v[r + h]);
+      }
+    }
+    // Half-cleaners j = 2, 1 inside each register: the tail of every merge.
+#pragma GCC unroll 32
+    for (int r = 0; r < R; ++r)
+      if (r < used) v[r] = L::template layer<1, 0xA>(L::template layer<2, 0xC>(v[r]));
+  }
+}
+
+SOFTRANK_AVX2 __m256i valid_lanes4(index_t n, int r) {
+  const index_t left = n - 4 * r;
+  const __m256i lane = _mm256_set_epi64x(3, 2, 1, 0);
+  return _mm256_cmpgt_epi64(_mm256_set1_epi64x(left), lane);
+}
+
+// Loads n items (padding after them), sorts, stores the first n back. With
+// `padded`, items holds network_padded_length(n) items, the caller's padding
+// after the first n: whole registers are loaded and stored, without AVX2's
+// masked moves (a masked store is microcoded on some CPUs).
+template <class L, int R, int used, bool padded>
+__attribute__((target("avx2,fma"))) void sort_items4(std::uint64_t* items, index_t n) {
+  typename L::V v[R];
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r) {
+    if (r >= used)
+      v[r] = L::padding();
+    else if constexpr (padded)
+      v[r] = L::load_all(items + 4 * r);
+    else
+      v[r] = L::load(items + 4 * r, valid_lanes4(n, r));
+  }
+  sort_registers4<L, R, used>(v);
+#pragma GCC unroll 32
+  for (int r = 0; r < used; ++r) {
+    if constexpr (padded)
+      L::store_all(items + 4 * r, v[r]);
+    else
+      L::store(items + 4 * r, valid_lanes4(n, r), v[r]);
+  }
+}
+
+// The register counts by n.
+template <class L, bool padded = false>
+__attribute__((target("avx2,fma"))) void network_sort_avx2(std::uint64_t* items, index_t n) {
+  if (n <= 4) {
+    sort_items4<L, 1, 1, padded>(items, n);
+  } else if (n <= 8) {
+    sort_items4<L, 2, 2, padded>(items, n);
+  } else if (n <= 16) {
+    sort_items4<L, 4, 4, padded>(items, n);
+  } else if (n <= 32) {
+    sort_items4<L, 8, 8, padded>(items, n);
+  } else if (n <= 48) {
+    sort_items4<L, 16, 12, padded>(items, n);
+  } else if (n <= 64) {
+    sort_items4<L, 16, 16, padded>(items, n);
+  } else if (n <= 80) {
+    sort_items4<L, 32, 20, padded>(items, n);
+  } else if (n <= 96) {
+    sort_items4<L, 32, 24, padded>(items, n);
+  } else if (n <= 112) {
+    sort_items4<L, 32, 28, padded>(items, n);
+  } else {
+    sort_items4<L, 32, 32, padded>(items, n);
+  }
+}
+// The items the padded network reads: n rounded up to its registers (4 items
+// each; a multiple of 4 registers from 3 on).
+constexpr index_t network_padded_length(index_t n) {
+  return n <= 8 ? (n + 3) / 4 * 4 : (n + 15) / 16 * 16;
+}
+
+__attribute__((target("avx512f"))) void network_sort_avx512(std::uint64_t* items, index_t n) {
   if (n <= 8) {
     sort_items<1>(items, n);
   } else if (n <= 16) {
@@ -257,11 +475,90 @@ bool network_sort(std::uint64_t* items, index_t n) {
   } else {
     sort_items<16>(items, n);
   }
+}
+
+// --- Rows -------------------------------------------------------------------
+//
+// An item is tag | key bits << 8 | column (n <= 256). Float32: the whole key,
+// tag 2^61 (AVX2's double lanes). Float64: the key's top 56 bits, tag 0
+// (AVX-512), or its top 53, tag 2^61 (AVX2); keys that agree in those bits
+// (equal values, or values within 2^11 ulp) are then in column order, and
+// where the sorted items show such a pair an insertion sort by the whole
+// key, stable, puts them right (it moves nothing but those runs: exact ties,
+// the common case, move nothing at all).
+constexpr int kColumnBits = 8;
+constexpr std::uint64_t kColumnMask = (1u << kColumnBits) - 1;
+constexpr std::uint64_t kDoubleTag = 1ull << 61;
+static_assert(kNetworkSortMax <= (1 << kColumnBits), "columns fit below the key bits");
+
+using ItemSort = void (*)(std::uint64_t*, index_t);
+
+// The body of the row functions below, inlined into each instruction set's
+// variant (a plain function would be compiled for the baseline only).
+#define SOFTRANK_ROW_BODY inline __attribute__((always_inline))
+
+SOFTRANK_ROW_BODY bool float_row_by_items(const float* x, index_t n, bool negate, index_t* perm,
+                                          double* xs, ItemSort sort) {
+  alignas(64) std::uint64_t items[kNetworkSortMax];
+  std::uint32_t non_finite = 0;
+  for (index_t i = 0; i < n; ++i) {
+    // + 0.0f turns -0.0 into +0.0, so that both zeros share one key.
+    const float v = (negate ? -x[i] : x[i]) + 0.0f;
+    non_finite |= !is_finite_bits(float_bits(v));
+    items[i] = kDoubleTag | static_cast<std::uint64_t>(descending_key(v)) << kColumnBits |
+               static_cast<std::uint64_t>(i);
+  }
+  if (non_finite) return false;
+  for (index_t i = n; i < network_padded_length(n); ++i) items[i] = DoubleLanes::kPaddingBits;
+  sort(items, n);
+  for (index_t i = 0; i < n; ++i) {
+    perm[i] = static_cast<index_t>(items[i] & kColumnMask);
+    xs[i] = static_cast<double>(value_of_key(static_cast<std::uint32_t>(items[i] >> kColumnBits)));
+  }
   return true;
 }
 
-bool network_sort_row(const float* x, index_t n, bool negate, index_t* perm, double* xs) {
-  if (!network_sort_available() || n > kNetworkSortMax) return false;
+template <int kKeyShift, std::uint64_t kTag>
+SOFTRANK_ROW_BODY bool double_row_by_items(const double* x, index_t n, bool negate,
+                                           index_t* perm, double* xs, ItemSort sort) {
+  alignas(64) std::uint64_t keys[kNetworkSortMax], items[kNetworkSortMax];
+  std::uint64_t non_finite = 0;
+  for (index_t i = 0; i < n; ++i) {
+    const double v = (negate ? -x[i] : x[i]) + 0.0;
+    non_finite |= !is_finite_bits(float_bits(v));
+    keys[i] = descending_key(v);
+    items[i] = kTag | (keys[i] >> kKeyShift) << kColumnBits | static_cast<std::uint64_t>(i);
+  }
+  if (non_finite) return false;
+  if (kTag == kDoubleTag)  // (the AVX2 network, padded)
+    for (index_t i = n; i < network_padded_length(n); ++i) items[i] = DoubleLanes::kPaddingBits;
+  sort(items, n);
+  std::uint64_t tied = 0;
+  perm[0] = static_cast<index_t>(items[0] & kColumnMask);
+  for (index_t i = 1; i < n; ++i) {
+    perm[i] = static_cast<index_t>(items[i] & kColumnMask);
+    tied |= static_cast<std::uint64_t>(((items[i] ^ items[i - 1]) >> kColumnBits) == 0);
+  }
+  if (tied) sort_by_whole_keys(keys, n, perm);
+  for (index_t i = 0; i < n; ++i) xs[i] = value_of_key(keys[perm[i]]);
+  return true;
+}
+
+__attribute__((target("avx2,fma"))) bool float_row_avx2(const float* x, index_t n, bool negate,
+                                                        index_t* perm, double* xs) {
+  return float_row_by_items(x, n, negate, perm, xs, network_sort_avx2<DoubleLanes, true>);
+}
+__attribute__((target("avx2,fma"))) bool double_row_avx2(const double* x, index_t n,
+                                                         bool negate, index_t* perm, double* xs) {
+  return double_row_by_items<11, kDoubleTag>(x, n, negate, perm, xs,
+                                             network_sort_avx2<DoubleLanes, true>);
+}
+__attribute__((target("avx512f"))) bool double_row_avx512(const double* x, index_t n,
+                                                          bool negate, index_t* perm, double* xs) {
+  return double_row_by_items<8, 0>(x, n, negate, perm, xs, network_sort_avx512);
+}
+
+bool float_row_avx512(const float* x, index_t n, bool negate, index_t* perm, double* xs) {
   switch ((n + 7) / 8) {
     case 1: return sort_row<1, 1>(x, n, negate, perm, xs);
     case 2: return sort_row<2, 2>(x, n, negate, perm, xs);
@@ -282,9 +579,38 @@ bool network_sort_row(const float* x, index_t n, bool negate, index_t* perm, dou
   }
 }
 
+}  // namespace
+
+bool network_sort_available() {
+  static const bool available = simd_level() >= SimdLevel::Avx2;
+  return available;
+}
+
+bool network_sort(std::uint64_t* items, index_t n) {
+  if (!network_sort_available() || n > kNetworkSortMax) return false;
+  if (simd_level() == SimdLevel::Avx512)
+    network_sort_avx512(items, n);
+  else
+    network_sort_avx2<IntLanes>(items, n);
+  return true;
+}
+
+bool network_sort_row(const float* x, index_t n, bool negate, index_t* perm, double* xs) {
+  if (!network_sort_available() || n < 1 || n > kNetworkSortMax) return false;
+  return simd_level() == SimdLevel::Avx512 ? float_row_avx512(x, n, negate, perm, xs)
+                                           : float_row_avx2(x, n, negate, perm, xs);
+}
+
+bool network_sort_row(const double* x, index_t n, bool negate, index_t* perm, double* xs) {
+  if (!network_sort_available() || n < 1 || n > kNetworkSortMax) return false;
+  return simd_level() == SimdLevel::Avx512 ? double_row_avx512(x, n, negate, perm, xs)
+                                           : double_row_avx2(x, n, negate, perm, xs);
+}
+
 #else
 
 bool network_sort_row(const float*, index_t, bool, index_t*, double*) { return false; }
+bool network_sort_row(const double*, index_t, bool, index_t*, double*) { return false; }
 bool network_sort_available() { return false; }
 bool network_sort(std::uint64_t*, index_t) { return false; }
 

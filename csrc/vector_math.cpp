@@ -20,7 +20,7 @@ namespace {
 // over the threads, and kl soft ranks then differed by 1 ulp between thread
 // counts (csrc/tests: threads, kernels).
 SOFTRANK_FORCE_INLINE void exp_nonpositive_blocks(double* values, std::int64_t n) {
-  constexpr int kLanes = 8;
+  constexpr int kLanes = 16;
   std::int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     double v[kLanes];

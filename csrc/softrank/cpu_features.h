@@ -21,8 +21,10 @@ const char* simd_level_name(SimdLevel level);
 // Per-ISA compilation of one always-inline body (x86-64 with GCC or Clang):
 // SOFTRANK_TARGET_AVX512 / SOFTRANK_TARGET_AVX2 mark the variants, which the
 // caller picks with simd_level(). Elsewhere only the baseline variant exists.
+// The AVX2 level includes FMA (every AVX2 CPU has it; detection asks for
+// both): the exp kernel's polynomial is a chain of multiply-adds.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(SOFTRANK_NO_CLONES)
 #define SOFTRANK_X86_DISPATCH 1
 #define SOFTRANK_TARGET_AVX512 __attribute__((target("avx512f")))
-#define SOFTRANK_TARGET_AVX2 __attribute__((target("avx2")))
+#define SOFTRANK_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #endif

@@ -1,4 +1,5 @@
-// Low-level kernels: the vectorised exp (vector_math.h/.cpp) against libm,
+// Low-level kernels: the vectorised exp (vector_math.h/.cpp) and expm1_small
+// against libm,
 // and its position invariance (the long-row path splits buffers over the
 // threads: an element's result must not depend on where its buffer starts).
 #include <cstring>
@@ -33,6 +34,26 @@ TEST(kernels, exp_nonpositive_within_2_ulp_of_libm) {
     }
   }
   CHECK(bad_inline == 0 && bad_buffer == 0) << bad_inline << bad_buffer;
+}
+
+TEST(kernels, expm1_small_within_2_ulp_of_libm) {
+  Rng rng(63);
+  std::vector<double> x;
+  for (int i = 0; i < 200000; ++i) {
+    // Magnitudes from 1e-300 to 1/2, both signs (the kl sort's near terms).
+    const double m = i % 2 ? rng.uniform(0.0, 0.5) : 0.5 * std::exp(rng.uniform(-690.0, 0.0));
+    x.push_back(rng.integer(0, 1) ? m : -m);
+  }
+  for (double v : {0.0, -0.0, kDenorm, -kDenorm, 1e-300, 0.5, -0.5, std::nextafter(0.5, 0.0)})
+    x.push_back(v);
+  long bad = 0;
+  for (double v : x) {
+    const double want = std::expm1(v), got = softrank::expm1_small(v);
+    const double ulp = std::nextafter(std::fabs(want), kInf) - std::fabs(want);
+    const bool ok = got == want || std::fabs(got - want) <= 2.0 * ulp;
+    if (!ok && ++bad <= 5) CHECK(false) << check::fmt(v) << got << want;
+  }
+  CHECK(bad == 0) << bad;
 }
 
 TEST(kernels, exp_buffer_is_position_invariant) {

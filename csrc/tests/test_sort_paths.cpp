@@ -1,4 +1,4 @@
-// The sorting paths: the AVX-512 network (float32, n <= 128, where the CPU
+// The sorting paths: the network (n <= 128, AVX-512 or AVX2 where the CPU
 // has it), counting ranks (n <= 160), 8-bit radix (n < 2048), 11-bit radix
 // (longer; from 2^18 the bucket sort, test_long_rows.cpp), for float32 and
 // float64, against std::stable_sort;
@@ -46,14 +46,18 @@ std::vector<T> stress_row(Rng& rng, int n, int kind) {
 
 }  // namespace
 
+static std::vector<double> near_tie_row(Rng& rng, int n);
+
 template <class T>
 static void check_sort_paths() {
   Rng rng(21 + sizeof(T));
   for (int n : kLengths)
-    for (int kind = 0; kind < 6; ++kind)
+    for (int kind = 0; kind < 7; ++kind)
       for (const OpSpec& s : all_specs(0.0)) {
         if (s.reg == Reg::KL) continue;  // the order does not depend on reg
-        const std::vector<T> x = stress_row<T>(rng, n, kind);
+        // (kind 6: float64 rows sort by truncated keys, then fix near ties)
+        const std::vector<T> x =
+            kind < 6 ? stress_row<T>(rng, n, kind) : cast<T>(near_tie_row(rng, n));
         const bool negate = softrank::negates_input(s);
         const std::vector<index_t> ref = reference_perm(x, negate);
         const Forward<T> f = forward(x, 1, n, s);
@@ -113,30 +117,53 @@ TEST(sort_paths, rank_sort_direct) {
     }
 }
 
-// Every register count of the network (1..16 registers of 8 items, partial
-// last register), with ties and the extreme keys, against std::sort; and the
-// whole float32 row path (keys, network, decode) against std::stable_sort.
+// Float64 rows whose values agree in all but their last few bits: the
+// network sorts float64 keys without their low 8 bits, and such values need
+// the fix-up by whole keys. Both signs, shuffled, with exact ties among them.
+static std::vector<double> near_tie_row(Rng& rng, int n) {
+  const double base = rng.integer(0, 1) ? 1.0 : -3.5;
+  std::vector<double> x(static_cast<std::size_t>(n));
+  for (int i = 0; i < n; ++i) {
+    double v = base * (rng.integer(0, 1) ? 1.0 : -1.0);
+    for (int k = rng.integer(0, 300); k > 0; --k) v = std::nextafter(v, 10.0);
+    x[i] = v;
+  }
+  return x;
+}
+
+// Every register count of the network (AVX-512: 1..16 registers of 8 items;
+// AVX2: 1..32 of 4; a partial last register), with ties and the extreme
+// items, against std::sort; and the whole float32 and float64 row paths
+// (keys, network, decode, the float64 fix-up) against std::stable_sort.
 TEST(sort_paths, network_sort_direct) {
   Rng rng(26);
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(SOFTRANK_X86_DISPATCH)  // (else the core has only its baseline code)
   const char* disable = std::getenv("SOFTRANK_DISABLE_AVX512");
   const bool disabled = disable != nullptr && disable[0] != '\0' && std::string(disable) != "0";
-  CHECK(softrank::network_sort_available() ==
-        (__builtin_cpu_supports("avx512f") != 0 && !disabled))
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  CHECK(softrank::network_sort_available() == avx2)
       << "network sort availability";
   CHECK(std::string(softrank::simd_level_name(softrank::simd_level())) ==
         (__builtin_cpu_supports("avx512f") && !disabled ? "avx512"
-         : __builtin_cpu_supports("avx2")                ? "avx2"
+         : avx2                                          ? "avx2"
                                                          : "baseline"))
       << "simd level";
 #endif
   for (int n = 0; n <= softrank::kNetworkSortMax + 1; ++n)
-    for (int kind = 0; kind < 3; ++kind) {
+    for (int kind = 0; kind < 5; ++kind) {
       std::vector<std::uint64_t> items(n + 1);
       for (int i = 0; i < n; ++i) {
         const std::uint64_t r = rng.gen();
         const std::uint64_t key = kind == 0 ? r >> 32 : kind == 1 ? r % 4 : (r % 2 ? 0xffffffffu : 0u);
         items[i] = key << 32 | static_cast<std::uint32_t>(i);
+        // Whole 64-bit items (AVX2 compares them signed after flipping the
+        // top bit): any bits, and items around that flip.
+        if (kind == 3) items[i] = r;
+        if (kind == 4) {
+          const std::uint64_t pool[] = {0ull, 1ull, ~0ull, ~0ull - 1, 1ull << 63, (1ull << 63) - 1,
+                                        (1ull << 63) + 1};
+          items[i] = pool[r % 7];
+        }
       }
       items[n] = 12345;  // must not be touched
       std::vector<std::uint64_t> ref(items.begin(), items.begin() + n);
@@ -149,33 +176,53 @@ TEST(sort_paths, network_sort_direct) {
       for (int i = 0; i < n; ++i) ok = ok && items[i] == ref[i];
       CHECK(ok) << "network_sort n=" << n << " kind=" << kind;
     }
-  for (int n = 1; n <= softrank::kNetworkSortMax; ++n)
-    for (int kind = 0; kind < 6; ++kind)
-      for (bool negate : {false, true}) {
-        const std::vector<float> x = stress_row<float>(rng, n, kind);
-        const std::vector<index_t> ref = reference_perm(x, negate);
-        std::vector<index_t> perm(n + 1, -7);
-        std::vector<double> xs(n + 1, -7.0);
-        if (!softrank::network_sort_row(x.data(), n, negate, perm.data(), xs.data())) {
-          CHECK(!softrank::network_sort_available()) << "finite row refused n=" << n;
-          continue;
+  auto check_rows = [&](auto zero) {
+    using T = decltype(zero);
+    for (int n = 1; n <= softrank::kNetworkSortMax; ++n)
+      for (int kind = 0; kind < 7; ++kind)
+        for (bool negate : {false, true}) {
+          std::vector<T> x;
+          if (kind < 6)
+            x = stress_row<T>(rng, n, kind);
+          else
+            x = cast<T>(near_tie_row(rng, n));
+          const std::vector<index_t> ref = reference_perm(x, negate);
+          std::vector<index_t> perm(n + 1, -7);
+          std::vector<double> xs(n + 1, -7.0);
+          const std::string ctx = std::string(sizeof(T) == 4 ? "f32" : "f64") +
+                                  " n=" + std::to_string(n) + " kind=" + std::to_string(kind) +
+                                  " negate=" + std::to_string(negate);
+          if (!softrank::network_sort_row(x.data(), n, negate, perm.data(), xs.data())) {
+            CHECK(!softrank::network_sort_available()) << "finite row refused " << ctx;
+            continue;
+          }
+          bool ok = perm[n] == -7 && xs[n] == -7.0;
+          for (int i = 0; i < n; ++i) {
+            // (+ 0: the sorted value of -0.0 is +0.0, bit for bit.)
+            const T v = (negate ? -x[ref[i]] : x[ref[i]]) + T(0);
+            ok = ok && perm[i] == ref[i] && softrank::float_bits(xs[i]) == softrank::float_bits(static_cast<double>(v));
+          }
+          CHECK(ok) << "network_sort_row " << ctx;
+          // One non-finite entry anywhere makes the row refused.
+          std::vector<T> bad = x;
+          const T specials[] = {std::numeric_limits<T>::infinity(),
+                                -std::numeric_limits<T>::infinity(),
+                                std::numeric_limits<T>::quiet_NaN()};
+          bad[rng.integer(0, n - 1)] = specials[rng.integer(0, 2)];
+          CHECK(!softrank::network_sort_row(bad.data(), n, negate, perm.data(), xs.data()))
+              << "non-finite row accepted " << ctx;
         }
-        bool ok = perm[n] == -7 && xs[n] == -7.0;
-        for (int i = 0; i < n; ++i) {
-          const float v = negate ? -x[ref[i]] : x[ref[i]];
-          ok = ok && perm[i] == ref[i] && xs[i] == static_cast<double>(v);
-        }
-        CHECK(ok) << "network_sort_row n=" << n << " kind=" << kind << " negate=" << negate;
-        // One non-finite entry anywhere makes the row refused.
-        std::vector<float> bad = x;
-        const float specials[] = {std::numeric_limits<float>::infinity(),
-                                  -std::numeric_limits<float>::infinity(),
-                                  std::numeric_limits<float>::quiet_NaN()};
-        bad[rng.integer(0, n - 1)] = specials[rng.integer(0, 2)];
-        CHECK(!softrank::network_sort_row(bad.data(), n, negate, perm.data(), xs.data()) ||
-              !softrank::network_sort_available())
-            << "non-finite row accepted n=" << n;
-      }
+  };
+  check_rows(0.0f);
+  check_rows(0.0);
+  // Out of range: nothing touched.
+  std::vector<double> x(softrank::kNetworkSortMax + 1, 1.0);
+  std::vector<index_t> perm(x.size(), -7);
+  std::vector<double> xs(x.size(), -7.0);
+  CHECK(!softrank::network_sort_row(x.data(), softrank::kNetworkSortMax + 1, false, perm.data(),
+                                    xs.data()) &&
+        perm[0] == -7 && xs[0] == -7.0)
+      << "row longer than the network";
 }
 
 TEST(sort_paths, soft_outputs_across_thresholds_are_optimal) {
