@@ -69,7 +69,7 @@ def _run(disable: str | None) -> dict:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
 def test_level_follows_cpu_and_switch():
     flags = _cpu_flags()
-    best = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "baseline"
+    best = "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma"} <= flags else "baseline"
     assert _run(None)["level"] == best
     capped = "avx2" if best == "avx512" else best
     assert _run("1")["level"] == capped
