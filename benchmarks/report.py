@@ -367,7 +367,7 @@ def main(argv=None) -> int:
 
     parts = [f"# softrank benchmark: {name}", "",
              f"Statistic: **{args.stat}** of each benchmark's rounds. Times per call. "
-             "Ratios < 1 mean softrank is faster. ✓/✗: against the bar of issues 2 and 4.",
+             "Ratios < 1 mean softrank is faster. ✓/✗: against the speed goals (bars) of each table.",
              "", "## Machine", "", machine_section(meta)]
     floor = floor_section(cells, checks) if cells else None
     peer = peer_section(cells, checks) if cells else None
