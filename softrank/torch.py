@@ -27,9 +27,7 @@ dynamic shapes, ``torch.export``, meta tensors. A vmapped dim is just more
 rows to the engine, so ``vmap`` makes one engine call for the whole batch.
 What raises, saying what to use instead: ``torch.jit.trace`` and
 ``torch.jit.script`` (use ``torch.compile`` or ``torch.export``), third
-derivatives, the kl soft sort's second derivative in forward-over-forward
-mode (``jacfwd(jacfwd(f))``; ``torch.func.hessian``, forward over reverse,
-works), and the operators called directly (``torch.ops.softrank.*``) under
+derivatives, and the operators called directly (``torch.ops.softrank.*``) under
 a differentiating ``torch.func`` transform (the public functions support
 them; direct calls support autograd, vmap, compile and export).
 
@@ -355,20 +353,37 @@ class _Jvp(torch.autograd.Function):
         if tangent_tangent is not None:
             tangent_out = _soft_jvp(*state, tangent_tangent, *ctx.params)
         # d/dx (J(x) t) s: the second derivative contracted with t and s on
-        # its input sides. 0 for l2, whose Jacobian is locally constant. The
-        # soft rank is the gradient of a scalar potential, so its second
-        # derivative is symmetric in all three indices and this is
-        # soft_hvp(cotangent=t, tangent=s). The kl soft sort's is not.
+        # its input sides. 0 for l2, whose Jacobian is locally constant.
         if x_tangent is not None and reg != REG_L2:
-            if op != OP_RANK:
-                raise NotImplementedError(
-                    "softrank: the forward-over-forward second derivative of the kl "
-                    "soft_sort (jacfwd(jacfwd(f)), jvp of a jvp) is not implemented; "
-                    "use torch.func.hessian (forward over reverse), jacfwd(jacrev(f)) "
-                    "or jacrev(jacfwd(f))"
-                )
-            tangent_out = _sum(tangent_out, _soft_hvp(*state, tangent, x_tangent, *ctx.params))
+            tangent_out = _sum(tangent_out, _second_derivative(state, tangent, x_tangent, ctx.params))
         return torch.zeros_like(x) if tangent_out is None else tangent_out
+
+
+def _second_derivative(state, t, u, params):
+    """``D^2 f(x)[t, u]``, symmetric and bilinear in ``t`` and ``u``.
+
+    The soft rank is the gradient of a scalar potential, so its second
+    derivative is symmetric in all three indices and equals the engine's
+    ``soft_hvp(cotangent=t, tangent=u)``. For the kl soft sort, ``J v`` is the
+    softmax mean of ``v`` over each PAV block, written at the block's sorted
+    positions; differentiating the softmax weights gives
+    ``D^2 f[t, u] = sign * J[(t - tbar) (u - ubar)]``, with ``tbar`` the block
+    mean of ``t`` read back at each column and ``sign = +1`` for a descending
+    sort, ``-1`` for an ascending one (sort = projection of -x or x).
+    """
+    x, out, perm, block_start = state
+    op, descending = params[0], params[2]
+    if op == OP_RANK:
+        return _soft_hvp(*state, t, u, *params)
+    index = perm.long()
+    positions = torch.arange(index.shape[-1], device=index.device).expand_as(index)
+    inverse = torch.zeros_like(index).scatter(-1, index, positions)
+
+    def centred(v):
+        return v - torch.gather(_soft_jvp(*state, v, *params), -1, inverse)
+
+    second = _soft_jvp(*state, centred(t) * centred(u), *params)
+    return second if descending else -second
 
 
 def _third_derivative(*args):
@@ -650,9 +665,8 @@ def soft_sort(
     -----
     Gradient: the block mean of the cotangent (l2) or the block softmax of
     the sorted values times the block sum of the cotangent (kl), sent back
-    through the sorting permutation. Twice differentiable, as
-    :func:`soft_rank` (except the kl sort's second derivative in
-    forward-over-forward mode, see the module docstring).
+    through the sorting permutation. Twice differentiable, in every mode, as
+    :func:`soft_rank`.
 
     Examples
     --------
