@@ -102,13 +102,15 @@ def _shadowed_installation() -> str | None:
     Run from the root of a source checkout, ``import softrank`` finds the
     uncompiled ``./softrank`` before the installed package.
     """
-    import glob
     import sys
+    from importlib.machinery import EXTENSION_SUFFIXES
 
     here = os.path.dirname(os.path.abspath(__file__))
     for entry in sys.path:
         candidate = os.path.join(os.path.abspath(entry or os.curdir), "softrank")
-        if candidate != here and glob.glob(os.path.join(candidate, "_C.*")):
+        if candidate != here and any(
+            os.path.isfile(os.path.join(candidate, "_C" + suffix)) for suffix in EXTENSION_SUFFIXES
+        ):
             return candidate
     return None
 

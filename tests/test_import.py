@@ -65,7 +65,7 @@ def _shadowing_trees(tmp_path):
     from softrank import _C
 
     pkg = os.path.dirname(os.path.abspath(softrank.__file__))
-    ignore = shutil.ignore_patterns("_C.*", "__pycache__")
+    ignore = shutil.ignore_patterns("_C.*.so", "_C.*.pyd", "__pycache__")  # the stub _C.pyi stays
     shutil.copytree(pkg, tmp_path / "source" / "softrank", ignore=ignore)
     shutil.copytree(pkg, tmp_path / "installed" / "softrank", ignore=ignore)
     shutil.copy(_C.__file__, tmp_path / "installed" / "softrank")
