@@ -533,14 +533,7 @@ SOFTRANK_ROW_BODY bool double_row_by_items(const double* x, index_t n, bool nega
   if (kTag == kDoubleTag)  // (the AVX2 network, padded)
     for (index_t i = n; i < network_padded_length(n); ++i) items[i] = DoubleLanes::kPaddingBits;
   sort(items, n);
-  std::uint64_t tied = 0;
-  perm[0] = static_cast<index_t>(items[0] & kColumnMask);
-  for (index_t i = 1; i < n; ++i) {
-    perm[i] = static_cast<index_t>(items[i] & kColumnMask);
-    tied |= static_cast<std::uint64_t>(((items[i] ^ items[i - 1]) >> kColumnBits) == 0);
-  }
-  if (tied) sort_by_whole_keys(keys, n, perm);
-  for (index_t i = 0; i < n; ++i) xs[i] = value_of_key(keys[perm[i]]);
+  unpack_truncated_items(items, n, kColumnBits, keys, perm, xs);
   return true;
 }
 

@@ -385,6 +385,25 @@ inline void sort_by_whole_keys(const std::uint64_t* keys, index_t n, index_t* pe
   }
 }
 
+// The sorted items of a float64 row, each its truncated key over
+// `column_bits` bits of column, unpacked: perm from the columns, put in whole-
+// key order where neighbours share a truncated key, and the sorted values.
+#if defined(__GNUC__) || defined(__clang__)
+__attribute__((always_inline))
+#endif
+inline void unpack_truncated_items(const std::uint64_t* items, index_t n, int column_bits,
+                                   const std::uint64_t* keys, index_t* perm, double* xs) {
+  const std::uint64_t column_mask = (std::uint64_t{1} << column_bits) - 1;
+  std::uint64_t tied = 0;
+  perm[0] = static_cast<index_t>(items[0] & column_mask);
+  for (index_t i = 1; i < n; ++i) {
+    perm[i] = static_cast<index_t>(items[i] & column_mask);
+    tied |= static_cast<std::uint64_t>(((items[i] ^ items[i - 1]) >> column_bits) == 0);
+  }
+  if (tied) sort_by_whole_keys(keys, n, perm);
+  for (index_t i = 0; i < n; ++i) xs[i] = value_of_key(keys[perm[i]]);
+}
+
 // Scratch for one row of length <= capacity; owned by the caller.
 struct SortScratch {
   std::uint64_t* packed;     // n words: float32 rows, float64 rows below kWideDigitThreshold
@@ -463,14 +482,7 @@ inline bool sort_row_descending(const double* x, index_t n, bool negate, SortScr
     std::uint64_t* p = s.packed;
     for (index_t i = 0; i < n; ++i) p[i] = (keys[i] & ~column_mask) | static_cast<std::uint64_t>(i);
     p = radix_sort<8>(p, s.packed_tmp, n, b, 64, s.counts);
-    std::uint64_t tied = 0;
-    perm[0] = static_cast<index_t>(p[0] & column_mask);
-    for (index_t i = 1; i < n; ++i) {
-      perm[i] = static_cast<index_t>(p[i] & column_mask);
-      tied |= static_cast<std::uint64_t>(((p[i] ^ p[i - 1]) >> b) == 0);
-    }
-    if (tied) sort_by_whole_keys(keys, n, perm);
-    for (index_t i = 0; i < n; ++i) xs[i] = value_of_key(keys[perm[i]]);
+    unpack_truncated_items(p, n, b, keys, perm, xs);
     return true;
   }
   KeyIndex64* a = s.keyed64;
