@@ -320,7 +320,9 @@ void check_weights_positive(const py::array& w) {
       throw py::value_error("weights must be finite and > 0 everywhere");
 }
 
-py::tuple isotonic_forward(const py::array& y_arg, const py::object& weights, bool increasing) {
+py::tuple isotonic_forward(const py::array& y_arg, const py::object& weights, bool increasing,
+                           int reg) {
+  if (reg != 0 && reg != 1) throw py::value_error("reg must be 0 (l2) or 1 (kl)");
   const py::array y = aligned(y_arg);
   const Kind kind = check_values(y, "y");
   py::array w;
@@ -341,15 +343,50 @@ py::tuple isotonic_forward(const py::array& y_arg, const py::object& weights, bo
   index_t* block_ptr = blocks.mutable_data();
   {
     py::gil_scoped_release release;
-    if (kind == Kind::Float32)
+    if (kind == Kind::Float32 && reg == 0)
       softrank::isotonic_forward_batch(cdata_of<float>(y), weighted ? cdata_of<float>(w) : nullptr,
                                        rows, n, increasing, data_of<float>(solution), block_ptr);
-    else
+    else if (kind == Kind::Float32)
+      softrank::isotonic_kl_forward_batch(cdata_of<float>(y),
+                                          weighted ? cdata_of<float>(w) : nullptr, rows, n,
+                                          increasing, data_of<float>(solution), block_ptr);
+    else if (reg == 0)
       softrank::isotonic_forward_batch(cdata_of<double>(y),
                                        weighted ? cdata_of<double>(w) : nullptr, rows, n,
                                        increasing, data_of<double>(solution), block_ptr);
+    else
+      softrank::isotonic_kl_forward_batch(cdata_of<double>(y),
+                                          weighted ? cdata_of<double>(w) : nullptr, rows, n,
+                                          increasing, data_of<double>(solution), block_ptr);
   }
   return py::make_tuple(solution, blocks);
+}
+
+py::tuple projection_forward(const py::array& z_arg, const py::array& w_arg, double eps, int reg) {
+  const py::array z = aligned(z_arg), w = aligned(w_arg);
+  const Kind kind = check_values(z, "z");
+  check_same_values(w, z, "w", "z");
+  if (reg != 0 && reg != 1) throw py::value_error("reg must be 0 (l2) or 1 (kl)");
+  if (!(eps >= 0.0)) throw py::value_error("eps must be a number >= 0, got " + std::to_string(eps));
+  const std::int64_t rows = z.shape(0);
+  const index_t n = static_cast<index_t>(z.shape(1));
+  py::array out = new_rows_array(z.dtype(), z.shape(0), z.shape(1));
+  py::array_t<index_t> perm_z({z.shape(0), z.shape(1)}), perm_w({z.shape(0), z.shape(1)}),
+      blocks({z.shape(0), z.shape(1)});
+  index_t* pz = perm_z.mutable_data();
+  index_t* pw = perm_w.mutable_data();
+  index_t* pb = blocks.mutable_data();
+  const auto regularization = static_cast<softrank::Reg>(reg);
+  {
+    py::gil_scoped_release release;
+    if (kind == Kind::Float32)
+      softrank::projection_forward_batch(cdata_of<float>(z), cdata_of<float>(w), rows, n, eps,
+                                         regularization, data_of<float>(out), pz, pw, pb);
+    else
+      softrank::projection_forward_batch(cdata_of<double>(z), cdata_of<double>(w), rows, n, eps,
+                                         regularization, data_of<double>(out), pz, pw, pb);
+  }
+  return py::make_tuple(out, perm_z, perm_w, blocks);
 }
 
 py::array isotonic_vjp(const py::object& weights, const py::array& blocks_arg,
@@ -429,7 +466,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("reg"), py::arg("descending"), py::arg("eps"),
         "Gradient with respect to x of <cotangent, J(x) tangent> (double backward), O(n) per row.");
   m.def("isotonic_forward", &isotonic_forward, py::arg("y"), py::arg("weights"),
-        py::arg("increasing"), "Weighted l2 isotonic regression: returns (solution, block_start).");
+        py::arg("increasing"), py::arg("reg") = 0,
+        "Weighted isotonic regression, l2 (reg 0) or kl (reg 1): returns (solution, block_start).");
+  m.def("projection_forward", &projection_forward, py::arg("z"), py::arg("w"), py::arg("eps"),
+        py::arg("reg"),
+        "Projection of z / eps onto the permutahedron of w, every row: returns (out, perm_z, "
+        "perm_w, block_start).");
   m.def("isotonic_vjp", &isotonic_vjp, py::arg("weights"), py::arg("block_start"),
         py::arg("cotangent"), "Vector-Jacobian product of the isotonic regression.");
   m.def(

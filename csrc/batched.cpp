@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "softrank/parallel.h"
+#include "softrank/projection.h"
 #include "softrank/soft_ops.h"
 
 namespace softrank {
@@ -315,6 +316,102 @@ void isotonic_vjp_batch(const T* w, const index_t* block_start, const T* cotange
   });
 }
 
+// A per-thread block stack of a projection rule's block type.
+template <class Block>
+Block* block_stack(index_t n) {
+  thread_local std::vector<Block> stack;
+  if (stack.size() < static_cast<std::size_t>(n)) stack.resize(static_cast<std::size_t>(n));
+  return stack.data();
+}
+
+// Sorts w decreasingly where it holds -inf (zeros of e^w under kl), which the
+// key sorts refuse: finite values first, then the -inf, ties in column order.
+// Returns false for NaN, +inf, or a row of -inf only.
+template <class T>
+bool sort_with_minus_infinity(const T* w, index_t n, index_t* perm, double* ws) {
+  for (index_t i = 0; i < n; ++i) {
+    const double v = static_cast<double>(w[i]);
+    if (std::isnan(v) || v == std::numeric_limits<double>::infinity()) return false;
+    perm[i] = i;
+  }
+  std::stable_sort(perm, perm + n, [w](index_t a, index_t b) { return w[a] > w[b]; });
+  for (index_t i = 0; i < n; ++i) ws[i] = static_cast<double>(w[perm[i]]);
+  return std::isfinite(ws[0]);
+}
+
+template <class T>
+void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t n, double eps,
+                              Reg reg, T* out, index_t* perm_z, index_t* perm_w,
+                              index_t* block_start) {
+  const bool pool_all = std::isinf(eps);
+  for_each_row(rows, n, [&](std::int64_t r) {
+    const std::int64_t off = r * n;
+    ThreadScratch& scratch_owner = thread_scratch();
+    RowScratch scratch = scratch_owner.row(n, sizeof(T) == 8);
+    double* s = scratch.xs;
+    double* ws = scratch.work;
+    double* sorted_out = scratch.work2;
+    scratch_owner.decay = DecayTable{};  // work2 is overwritten here
+    bool valid = sort_row_descending(z + off, n, false, scratch.sort, perm_z + off, s);
+    if (valid && !sort_row_descending(w + off, n, false, scratch.sort, perm_w + off, ws))
+      valid = reg == Reg::KL && sort_with_minus_infinity(w + off, n, perm_w + off, ws);
+    if (!valid) {
+      for (index_t i = 0; i < n; ++i) {
+        out[off + i] = static_cast<T>(kNaN);
+        perm_z[off + i] = perm_w[off + i] = block_start[off + i] = i;
+      }
+      return;
+    }
+    if (reg == Reg::L2) {
+      const ProjectionL2Rule rule{s, ws, eps, pool_all};
+      project_sorted(rule, n, block_stack<ProjectionL2Rule::Block>(n), sorted_out,
+                     block_start + off);
+    } else {
+      const ProjectionKlRule rule{s, ws, eps, pool_all};
+      project_sorted(rule, n, block_stack<ProjectionKlRule::Block>(n), sorted_out,
+                     block_start + off);
+    }
+    for (index_t i = 0; i < n; ++i) out[off + perm_z[off + i]] = static_cast<T>(sorted_out[i]);
+  });
+}
+
+template <class T>
+void isotonic_kl_forward_batch(const T* y, const T* w, std::int64_t rows, index_t n,
+                               bool increasing, T* solution, index_t* block_start) {
+  for_each_row(rows, n, [&](std::int64_t r) {
+    const std::int64_t off = r * n;
+    ThreadScratch& s = thread_scratch();
+    ThreadScratch::grow(s.xs, static_cast<std::size_t>(n) + 1);
+    ThreadScratch::grow(s.ws, static_cast<std::size_t>(n) + 1);
+    double* ys = s.xs.data();
+    double* log_w = s.ws.data();
+    bool finite = true;
+    for (index_t i = 0; i < n; ++i) {
+      ys[i] = static_cast<double>(y[off + i]);
+      finite = finite && std::isfinite(ys[i]);
+      if (w) log_w[i] = std::log(static_cast<double>(w[off + i]));
+    }
+    if (!finite) {
+      for (index_t i = 0; i < n; ++i) {
+        solution[off + i] = static_cast<T>(kNaN);
+        block_start[off + i] = -1;
+      }
+      return;
+    }
+    const IsotonicKlRule rule{ys, w ? log_w : nullptr, increasing};
+    IsotonicKlRule::Block* stack = block_stack<IsotonicKlRule::Block>(n);
+    const index_t count = pav_pool(rule, n, stack);
+    for (index_t k = 0; k < count; ++k) {
+      const index_t e = k + 1 < count ? stack[k + 1].start : n;
+      const T value = static_cast<T>(rule.value(stack[k]));
+      for (index_t i = stack[k].start; i < e; ++i) {
+        solution[off + i] = value;
+        block_start[off + i] = stack[k].start;
+      }
+    }
+  });
+}
+
 #define SOFTRANK_INSTANTIATE(T)                                                                 \
   template void soft_forward_batch<T>(const T*, std::int64_t, index_t, const OpSpec&, T*,       \
                                       index_t*, index_t*);                                      \
@@ -325,7 +422,11 @@ void isotonic_vjp_batch(const T* w, const index_t* block_start, const T* cotange
   template void isotonic_forward_batch<T>(const T*, const T*, std::int64_t, index_t, bool, T*,  \
                                           index_t*);                                            \
   template void isotonic_vjp_batch<T>(const T*, const index_t*, const T*, std::int64_t, index_t, \
-                                      T*);
+                                      T*);                                                      \
+  template void projection_forward_batch<T>(const T*, const T*, std::int64_t, index_t, double,  \
+                                            Reg, T*, index_t*, index_t*, index_t*);             \
+  template void isotonic_kl_forward_batch<T>(const T*, const T*, std::int64_t, index_t, bool,   \
+                                             T*, index_t*);
 
 SOFTRANK_INSTANTIATE(float)
 SOFTRANK_INSTANTIATE(double)

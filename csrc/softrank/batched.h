@@ -34,6 +34,23 @@ template <class T>
 void isotonic_forward_batch(const T* y, const T* w, std::int64_t rows, index_t n, bool increasing,
                             T* solution, index_t* block_start);
 
+// The projection P(z / eps, w) (reg l2) or P_E(z / eps, w) (kl) of every row
+// onto the permutahedron of its w (projection.h): perm_z / perm_w receive the
+// columns of z / w at each decreasing sorted position, block_start the PAV
+// blocks over sorted positions. w may hold -inf under kl (zeros of e^w) where
+// the row's largest w is finite. Rows holding other non-finite values get
+// NaN output, identity permutations and singleton blocks.
+template <class T>
+void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t n, double eps,
+                              Reg reg, T* out, index_t* perm_z, index_t* perm_w,
+                              index_t* block_start);
+
+// kl isotonic regression (projection.h, IsotonicKlRule); `w` may be null.
+// Rows holding NaN or +-inf get NaN and block_start = -1.
+template <class T>
+void isotonic_kl_forward_batch(const T* y, const T* w, std::int64_t rows, index_t n,
+                               bool increasing, T* solution, index_t* block_start);
+
 template <class T>
 void isotonic_vjp_batch(const T* w, const index_t* block_start, const T* cotangent,
                         std::int64_t rows, index_t n, T* grad);
