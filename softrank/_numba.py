@@ -40,6 +40,7 @@ __all__ = [
     "soft_jvp",
     "isotonic_forward",
     "isotonic_vjp",
+    "projection_forward",
     "set_num_threads",
     "get_num_threads",
 ]
@@ -903,6 +904,207 @@ def _isotonic_vjp_kernel(w, has_w, bs, g, res, chunks):
 
 
 # ---------------------------------------------------------------------------
+# The projection onto the permutahedron of any w, and kl isotonic regression
+# (csrc/softrank/projection.h): one pooling rule per problem, each a test and
+# a pool of two adjacent blocks, run by one PAV loop. Blocks are stored as
+# parallel arrays (start, a, b, c, d) whose meaning is the rule's, named at
+# each rule.
+# ---------------------------------------------------------------------------
+
+_INF = math.inf
+
+
+@njit(**_JIT)
+def _log_add_exp(a, b):
+    hi = a if a > b else b
+    lo = b if a > b else a
+    if hi == -_INF:
+        return hi
+    return hi + math.log1p(math.exp(lo - hi))
+
+
+# l2 projection block: a = ref (s at the block's start), b = sum (s - ref),
+# c = length, d = sum ws.
+@njit(**_JIT)
+def _projection_l2_merges(eps, pool_all, ref_a, off_a, cnt_a, w_a, ref_b, off_b, cnt_b, w_b):
+    if pool_all:
+        return True
+    counts = cnt_a * cnt_b
+    ds = counts * (ref_a - ref_b) + (cnt_b * off_a - cnt_a * off_b)
+    dw = cnt_b * w_a - cnt_a * w_b
+    return ds <= eps * dw
+
+
+# kl projection block: a = ref, b = log sum exp((s - ref) / eps), c = log sum exp(ws).
+@njit(**_JIT)
+def _projection_kl_centred(v, ref, eps, pool_all):
+    if pool_all or v == ref:
+        return 0.0
+    if eps == 0.0:
+        return -_INF
+    return (v - ref) / eps
+
+
+@njit(**_JIT)
+def _projection_kl_merges(eps, pool_all, ref_a, ls_a, lw_a, ref_b, ls_b, lw_b):
+    if pool_all or lw_b == -_INF:
+        return True
+    if eps == 0.0:
+        return ref_a == ref_b
+    return (ref_a - ref_b) / eps + (ls_a - ls_b) <= lw_a - lw_b
+
+
+@njit(**_JIT)
+def _projection_row(z, w, eps, reg, out, perm_z, perm_w, bs, s, ws, key_buf, idx_buf,
+                    bstart, ba, bb, bc, bd, sorted_out):
+    n = z.shape[0]
+    pool_all = math.isinf(eps)
+    valid = True
+    for i in range(n):
+        zi = float(z[i]) + 0.0  # -0.0 -> +0.0: one key for both zeros
+        wi = float(w[i]) + 0.0
+        s[i] = zi
+        ws[i] = wi
+        if not math.isfinite(zi) or math.isnan(wi) or wi == _INF:
+            valid = False
+        if wi == -_INF and reg == _REG_L2:
+            valid = False
+    if valid:
+        _argsort_decreasing(s, perm_z, key_buf, idx_buf)
+        _argsort_decreasing(ws, perm_w, key_buf, idx_buf)
+        valid = ws[0] > -_INF
+    if not valid:
+        for i in range(n):
+            out[i] = np.nan
+            perm_z[i] = i
+            perm_w[i] = i
+            bs[i] = i
+        return
+    top = 0
+    for i in range(n):
+        start = i
+        if reg == _REG_L2:
+            ref, off, cnt, wsum = s[i], 0.0, 1.0, ws[i]
+            while top > 0 and _projection_l2_merges(eps, pool_all, ba[top - 1], bb[top - 1],
+                                                    bc[top - 1], bd[top - 1], ref, off, cnt,
+                                                    wsum):
+                ref_a = ba[top - 1]
+                off = bb[top - 1] + off + cnt * (ref - ref_a)
+                cnt = bc[top - 1] + cnt
+                wsum = bd[top - 1] + wsum
+                ref = ref_a
+                start = bstart[top - 1]
+                top -= 1
+            bstart[top] = start
+            ba[top] = ref
+            bb[top] = off
+            bc[top] = cnt
+            bd[top] = wsum
+        else:
+            ref, ls, lw = s[i], 0.0, ws[i]
+            while top > 0 and _projection_kl_merges(eps, pool_all, ba[top - 1], bb[top - 1],
+                                                    bc[top - 1], ref, ls, lw):
+                ref_a = ba[top - 1]
+                ls = _log_add_exp(bb[top - 1], ls + _projection_kl_centred(ref, ref_a, eps,
+                                                                            pool_all))
+                lw = _log_add_exp(bc[top - 1], lw)
+                ref = ref_a
+                start = bstart[top - 1]
+                top -= 1
+            bstart[top] = start
+            ba[top] = ref
+            bb[top] = ls
+            bc[top] = lw
+        top += 1
+    for k in range(top):
+        e = bstart[k + 1] if k + 1 < top else n
+        for i in range(bstart[k], e):
+            if reg == _REG_L2:
+                w_mean = bd[k] / bc[k]
+                if pool_all or eps == 0.0:
+                    value = w_mean
+                else:
+                    value = ((s[i] - ba[k]) - bb[k] / bc[k]) / eps + w_mean
+            else:
+                value = _projection_kl_centred(s[i], ba[k], eps, pool_all) - bb[k] + bc[k]
+            sorted_out[i] = value
+            bs[i] = bstart[k]
+    for i in range(n):
+        out[perm_z[i]] = sorted_out[i]
+
+
+@njit(parallel=True, **_JIT)
+def _projection_kernel(z, w, eps, reg, out, perm_z, perm_w, bs, chunks):
+    rows, n = z.shape
+    for c in prange(chunks):
+        r0 = c * rows // chunks
+        r1 = (c + 1) * rows // chunks
+        s = np.empty(n, np.float64)
+        ws = np.empty(n, np.float64)
+        key_buf = np.empty(n, np.float64)
+        idx_buf = np.empty(n, np.int32)
+        bstart = np.empty(n, np.int64)
+        ba = np.empty(n, np.float64)
+        bb = np.empty(n, np.float64)
+        bc = np.empty(n, np.float64)
+        bd = np.empty(n, np.float64)
+        sorted_out = np.empty(n, np.float64)
+        for r in range(r0, r1):
+            _projection_row(z[r], w[r], eps, reg, out[r], perm_z[r], perm_w[r], bs[r], s, ws,
+                            key_buf, idx_buf, bstart, ba, bb, bc, bd, sorted_out)
+
+
+# kl isotonic block: a = log sum exp(y), b = log sum w; value a - b.
+@njit(**_JIT)
+def _isotonic_kl_row(y, w, has_w, increasing, sol, bs, bstart, ba, bb):
+    n = y.shape[0]
+    for i in range(n):
+        if not math.isfinite(float(y[i])):
+            for j in range(n):
+                sol[j] = np.nan
+                bs[j] = -1
+            return
+    top = 0
+    for i in range(n):
+        start = i
+        ly = float(y[i])
+        lw = math.log(float(w[i])) if has_w else 0.0
+        while top > 0:
+            va = ba[top - 1] - bb[top - 1]
+            vb = ly - lw
+            if not (va >= vb if increasing else va <= vb):
+                break
+            ly = _log_add_exp(ba[top - 1], ly)
+            lw = _log_add_exp(bb[top - 1], lw)
+            start = bstart[top - 1]
+            top -= 1
+        bstart[top] = start
+        ba[top] = ly
+        bb[top] = lw
+        top += 1
+    for k in range(top):
+        e = bstart[k + 1] if k + 1 < top else n
+        value = ba[k] - bb[k]
+        for i in range(bstart[k], e):
+            sol[i] = value
+            bs[i] = bstart[k]
+
+
+@njit(parallel=True, **_JIT)
+def _isotonic_kl_kernel(y, w, has_w, increasing, sol, bs, chunks):
+    rows, n = y.shape
+    for c in prange(chunks):
+        r0 = c * rows // chunks
+        r1 = (c + 1) * rows // chunks
+        bstart = np.empty(n, np.int64)
+        ba = np.empty(n, np.float64)
+        bb = np.empty(n, np.float64)
+        for r in range(r0, r1):
+            wr = w[r] if has_w else w[0]
+            _isotonic_kl_row(y[r], wr, has_w, increasing, sol[r], bs[r], bstart, ba, bb)
+
+
+# ---------------------------------------------------------------------------
 # Python entry points: validation, allocation, dispatch.
 # ---------------------------------------------------------------------------
 
@@ -1096,11 +1298,12 @@ def _weights_or_placeholder(weights, dtype, shape):
     return _check_array(weights, "weights", dtype, shape), True
 
 
-def isotonic_forward(y, weights, increasing):
-    """Weighted l2 isotonic regression of every row of ``y`` by PAV.
+def isotonic_forward(y, weights, increasing, reg=_REG_L2):
+    """Weighted isotonic regression of every row of ``y`` by PAV.
 
-    Solves ``argmin_v sum_i w_i (v_i - y_i)^2`` subject to ``v`` non-decreasing
-    (``increasing=True``) or non-increasing.
+    l2 (``reg=0``): ``argmin_v sum_i w_i (v_i - y_i)^2``; kl (``reg=1``):
+    ``argmin_v sum_i exp(y_i - v_i) + w_i v_i``; subject to ``v``
+    non-decreasing (``increasing=True``) or non-increasing.
 
     Parameters
     ----------
@@ -1108,6 +1311,8 @@ def isotonic_forward(y, weights, increasing):
     weights : numpy.ndarray or None
         Positive weights, dtype and shape of ``y``; None for all ones.
     increasing : bool
+    reg : int
+        0 = l2, 1 = kl.
 
     Returns
     -------
@@ -1117,13 +1322,58 @@ def isotonic_forward(y, weights, increasing):
     """
     y = _check_array(y, "y")
     w, has_w = _weights_or_placeholder(weights, y.dtype, y.shape)
+    if reg not in (_REG_L2, _REG_KL):
+        raise ValueError(f"reg must be 0 (l2) or 1 (kl), got {reg!r}")
     rows, n = y.shape
     sol = np.empty_like(y)
     block_start = np.empty((rows, n), np.int32)
     if rows and n:
-        _isotonic_forward_kernel(y, w, has_w, bool(increasing), sol, block_start,
-                                 _chunks(rows))
+        kernel = _isotonic_forward_kernel if reg == _REG_L2 else _isotonic_kl_kernel
+        kernel(y, w, has_w, bool(increasing), sol, block_start, _chunks(rows))
     return sol, block_start
+
+
+def projection_forward(z, w, eps, reg):
+    """Projection of ``z / eps`` onto the permutahedron of ``w``, every row.
+
+    l2 (``reg=0``): ``argmin_{mu in P(w)} 1/2 ||mu - z / eps||^2``; kl
+    (``reg=1``): ``log argmin_{mu in P(exp w)} KL(mu, exp(z / eps))``. eps = 0
+    is the hard limit, eps = inf pools every row into one block.
+
+    Parameters
+    ----------
+    z, w : numpy.ndarray, float32 or float64, shape (rows, n), same dtype
+        Under kl, ``w`` may hold -inf where the row's largest ``w`` is finite.
+    eps : float
+        >= 0.
+    reg : int
+        0 = l2, 1 = kl.
+
+    Returns
+    -------
+    out : numpy.ndarray, dtype of ``z``
+        NaN on rows holding NaN or inf (other than kl's -inf in ``w``).
+    perm_z, perm_w : numpy.ndarray, int32
+        The column of ``z`` (``w``) at each decreasing sorted position, ties
+        in increasing column order (identity on NaN rows).
+    block_start : numpy.ndarray, int32
+        Start of the PAV block of each sorted position (singletons on NaN rows).
+    """
+    z = _check_array(z, "z")
+    w = _check_array(w, "w", z.dtype, z.shape)
+    if reg not in (_REG_L2, _REG_KL):
+        raise ValueError(f"reg must be 0 (l2) or 1 (kl), got {reg!r}")
+    eps = float(eps)
+    if math.isnan(eps) or eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    rows, n = z.shape
+    out = np.empty_like(z)
+    perm_z = np.empty((rows, n), np.int32)
+    perm_w = np.empty((rows, n), np.int32)
+    block_start = np.empty((rows, n), np.int32)
+    if rows and n:
+        _projection_kernel(z, w, eps, int(reg), out, perm_z, perm_w, block_start, _chunks(rows))
+    return out, perm_z, perm_w, block_start
 
 
 def isotonic_vjp(weights, block_start, cotangent):
