@@ -12,13 +12,14 @@ engine's ``soft_hvp``).
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from softrank import _engine
 
-__all__ = ["forward", "forward_value", "vjp", "jvp", "hvp"]
+__all__ = ["forward", "forward_value", "vjp", "jvp", "hvp", "projection", "isotonic",
+           "ProjectionState"]
 
 
 def _rows(array: np.ndarray) -> np.ndarray:
@@ -79,3 +80,64 @@ def hvp(
         _rows(tangent.astype(x.dtype, copy=False)), op, reg, descending, eps,
     )
     return grad.reshape(x.shape)
+
+
+class ProjectionState(NamedTuple):
+    """The integer structure of a projection, for :mod:`softrank._derivatives`.
+
+    Every field has the shape of ``z`` (``(..., n)``) and dtype int64:
+    ``perm_z[..., i]`` is the position of z at decreasing sorted position i,
+    ``inv_z`` its inverse (``inv_z[perm_z[i]] = i``), likewise ``perm_w`` and
+    ``inv_w`` for w, and ``block_start[..., i]`` is the sorted position where
+    the PAV block of sorted position i starts.
+    """
+
+    perm_z: np.ndarray
+    inv_z: np.ndarray
+    perm_w: np.ndarray
+    inv_w: np.ndarray
+    block_start: np.ndarray
+
+
+def _inverse(perm: np.ndarray) -> np.ndarray:
+    inverse = np.empty_like(perm)
+    positions = np.broadcast_to(np.arange(perm.shape[-1], dtype=perm.dtype), perm.shape)
+    np.put_along_axis(inverse, perm, positions, axis=-1)
+    return inverse
+
+
+def projection(
+    z: np.ndarray, w: np.ndarray, eps: float, reg: int
+) -> Tuple[np.ndarray, ProjectionState]:
+    """``P(z / eps, w)`` (reg 0, l2) or ``P_E(z / eps, w)`` (reg 1, kl) and its state.
+
+    ``z`` and ``w`` have the same shape ``(..., n)`` and float dtype; the
+    projection acts along the last axis.
+    """
+    shape = z.shape
+    out, perm_z, perm_w, block_start = _engine.engine().projection_forward(
+        _rows(z), _rows(w.astype(z.dtype, copy=False)), eps, reg
+    )
+    perm_z = perm_z.astype(np.int64).reshape(shape)
+    perm_w = perm_w.astype(np.int64).reshape(shape)
+    state = ProjectionState(perm_z, _inverse(perm_z), perm_w, _inverse(perm_w),
+                            block_start.astype(np.int64).reshape(shape))
+    return out.reshape(shape), state
+
+
+def isotonic(
+    y: np.ndarray, weights: Optional[np.ndarray], increasing: bool, reg: int
+) -> Tuple[np.ndarray, np.ndarray]:
+    """``(solution, block_start)`` of the isotonic regression of ``y`` along its last axis.
+
+    ``block_start`` (int64, shape of ``y``) is a valid position everywhere: a
+    NaN row (the engine marks it -1) is one block, so that the derivative
+    formulas can index it (they return NaN there).
+    """
+    shape = y.shape
+    solution, block_start = _engine.engine().isotonic_forward(
+        _rows(y), None if weights is None else _rows(weights.astype(y.dtype, copy=False)),
+        bool(increasing), reg,
+    )
+    block_start = np.maximum(block_start, 0).astype(np.int64).reshape(shape)
+    return solution.reshape(shape), block_start

@@ -1,4 +1,9 @@
-"""softrank for numpy arrays: soft rank, soft sort, their vjp/jvp, isotonic regression.
+"""softrank for numpy arrays: soft rank, soft sort, the operators on the permutahedron.
+
+Soft rank and soft sort with their vjp/jvp; the projection onto the
+permutahedron of any vector, soft top-k masks, Spearman correlation, soft
+quantiles and isotonic regression (l2 and kl), each with a ``*_with_vjp``
+form that returns the value and its pullback.
 
 Every function acts along one ``axis`` of an array of any shape, independently
 for every other index, and returns an array of the input's shape and dtype.
@@ -13,7 +18,7 @@ from typing import Any, Callable, Tuple
 import numpy as np
 from numpy.typing import ArrayLike
 
-from softrank import _engine
+from softrank import _derivatives, _engine, _host, _operators
 from softrank._types import Direction, Regularization
 from softrank._validate import (
     check_axis,
@@ -34,6 +39,17 @@ __all__ = [
     "soft_sort_jvp",
     "isotonic_regression",
     "isotonic_regression_vjp",
+    "isotonic_regression_with_vjp",
+    "permutahedron_projection",
+    "permutahedron_projection_with_vjp",
+    "soft_topk_mask",
+    "soft_topk_mask_with_vjp",
+    "spearman",
+    "spearman_with_vjp",
+    "soft_quantile",
+    "soft_quantile_with_vjp",
+    "soft_median",
+    "soft_median_with_vjp",
 ]
 
 
@@ -462,6 +478,489 @@ def soft_sort_jvp(
     return _soft_vjp(x, tangent, eps, regularization, direction, axis, _engine.OP_SORT, jvp=True)
 
 
+class _NumpyOps:
+    """The array namespace of :mod:`softrank._derivatives` and :mod:`softrank._operators`."""
+
+    exp = staticmethod(np.exp)
+    log = staticmethod(np.log)
+    sqrt = staticmethod(np.sqrt)
+    ones_like = staticmethod(np.ones_like)
+
+    @staticmethod
+    def take(a, index):
+        return np.take_along_axis(a, index, axis=-1)
+
+    @staticmethod
+    def block_sum(v, block_start):
+        # Blocks are contiguous runs of positions: one reduceat over the
+        # flattened rows, each block named by its first position.
+        if v.size == 0:
+            return v.copy()
+        heads = (block_start == np.arange(v.shape[-1])).reshape(-1)
+        sums = np.add.reduceat(np.ascontiguousarray(v).reshape(-1), np.flatnonzero(heads))
+        return sums[np.cumsum(heads) - 1].reshape(v.shape)
+
+    @staticmethod
+    def stop_gradient(a):
+        return a
+
+    @staticmethod
+    def nan_of(a):
+        return np.where(np.isnan(a), a, np.zeros((), a.dtype))
+
+    @staticmethod
+    def take_columns(a, index):
+        return a[..., index]
+
+    @staticmethod
+    def sum_last(a):
+        return a.sum(axis=-1)
+
+    @staticmethod
+    def constant(values, like):
+        return np.asarray(values, dtype=like.dtype)
+
+    @staticmethod
+    def move_last_to_first(a):
+        return np.moveaxis(a, -1, 0)
+
+
+_OPS = _NumpyOps()
+
+
+def _reduced_restore(array: np.ndarray, ax: int, dtype: np.dtype) -> Callable[[np.ndarray], np.ndarray]:
+    """Maps a ``(rows,)`` (or ``(m, rows)``) result to ``array``'s shape without ``axis``."""
+    kept = array.shape[:ax] + array.shape[ax + 1:]
+    out_dtype = array.dtype if array.dtype.kind == "f" or array.dtype.name == "bfloat16" else dtype
+
+    def restore(result: np.ndarray) -> np.ndarray:
+        back = result.reshape(result.shape[:-1] + kept)
+        return back if back.dtype == out_dtype else back.astype(out_dtype)
+
+    return restore
+
+
+def _pullback(name: str, shape: Tuple[int, ...], fn: Callable, doc: str) -> Callable:
+    fn.__name__ = fn.__qualname__ = name + "_vjp"
+    fn.__doc__ = doc + f" ``cotangent`` must have shape {shape}."
+    return fn
+
+
+# --- permutahedron projection ----------------------------------------------------
+
+
+def _projection_weights(w: Any, array: np.ndarray, ax: int, rows: np.ndarray):
+    """``w`` in the row layout of ``rows``, and whether it was one vector for every row."""
+    n = rows.shape[1]
+    if w is None:
+        return np.broadcast_to(_operators.rho(n, rows.dtype), rows.shape), True
+    w_array = np.asarray(w)
+    check_float_dtype_kind(w_array.dtype.kind, str(w_array.dtype), allow_int=True, name="w")
+    if w_array.ndim == 1:
+        if w_array.shape[0] != n:
+            raise ValueError(
+                f"w must have length n = {n} (the length of z along the axis) or the shape "
+                f"of z {array.shape}, got shape {w_array.shape}"
+            )
+        return np.broadcast_to(w_array.astype(rows.dtype, copy=False), rows.shape), True
+    if w_array.shape != array.shape:
+        raise ValueError(
+            f"w must have length n = {n} (the length of z along the axis) or the shape of z "
+            f"{array.shape}, got shape {w_array.shape}"
+        )
+    w_rows, _ = _to_rows(w_array, ax, rows.dtype)
+    return w_rows, False
+
+
+def _projection(z, w, eps, reg, axis, name="z"):
+    array, ax, rows, restore = _prepare(z, axis, name=name)
+    w_rows, shared = _projection_weights(w, array, ax, rows)
+    w_rows = np.ascontiguousarray(w_rows)
+    out, state = _host.projection(rows, w_rows, eps, reg)
+    return array, ax, rows, w_rows, shared, restore, out, state
+
+
+def permutahedron_projection(
+    z: Any,
+    w: Any = None,
+    *,
+    regularization: Regularization = "l2",
+    axis: int = -1,
+) -> np.ndarray:
+    """Projection onto the permutahedron of ``w``, along ``axis``.
+
+    l2: ``argmin_{mu in P(w)} 1/2 ||mu - z||^2``; kl: ``log argmin_{mu in
+    P(exp w)} KL(mu, exp z)``, where ``P(w)`` is the convex hull of the
+    permutations of ``w`` (Blondel et al. 2020, section 3). Soft rank is
+    ``P(-x / eps, rho)`` and soft sort ``P(rho / eps, x)``; other ``w`` give
+    other operators (:func:`soft_topk_mask`). O(n log n) per row: one sort of
+    each of z and w, then pool-adjacent-violators.
+
+    Parameters
+    ----------
+    z : array_like, shape (..., n, ...)
+    w : array_like, optional
+        Shape (n,) (the same vector for every row) or the shape of ``z``; any
+        order (only its sorted values matter). Default ``rho = (n, ..., 1)``.
+        Under kl, ``w`` may hold ``-inf`` (zeros of ``exp w``) where each
+        row's largest ``w`` is finite.
+    regularization : {"l2", "kl"}
+    axis : int, default -1
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape and dtype of ``z``; the rows of l2 sum to ``sum(w)``. Rows with
+        NaN or inf give NaN. Gradient (in z and w):
+        :func:`permutahedron_projection_with_vjp`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from softrank.numpy import permutahedron_projection
+    >>> permutahedron_projection(np.array([0.0, 3.0, 1.0]), np.array([1.0, 2.0, 3.0]))
+    array([1., 3., 2.])
+    """
+    reg = check_regularization(regularization)
+    *_, restore, out, _ = _projection(z, w, 1.0, reg, axis)
+    return restore(out)
+
+
+def permutahedron_projection_with_vjp(
+    z: Any,
+    w: Any = None,
+    *,
+    regularization: Regularization = "l2",
+    axis: int = -1,
+) -> Tuple[np.ndarray, Callable[[ArrayLike], Tuple[np.ndarray, Any]]]:
+    """:func:`permutahedron_projection` and its pullback ``vjp(cotangent) -> (grad_z, grad_w)``.
+
+    ``grad_w`` has the shape of ``w`` as given (summed over rows for a 1-D
+    ``w``), or is None where ``w`` is None. The Jacobian is block diagonal over
+    the PAV blocks (l2: the block mean; kl: block softmaxes), so the pullback
+    costs O(n) per row.
+    """
+    reg = check_regularization(regularization)
+    array, ax, rows, w_rows, shared, restore, out, state = _projection(z, w, 1.0, reg, axis)
+    value = restore(out)
+    shape = array.shape
+    w_given = w is not None
+
+    def vjp(cotangent: ArrayLike):
+        g = _prepare_like(shape, cotangent, ax, rows.dtype, "cotangent")
+        grad_z, grad_w = _derivatives.projection_vjp(
+            _OPS, rows, w_rows, out, state, g, 1.0, reg, need_w=w_given)
+        if not w_given:
+            return restore(grad_z), None
+        if shared:
+            return restore(grad_z), grad_w.sum(axis=0).astype(np.asarray(w).dtype
+                                                             if np.asarray(w).dtype.kind == "f"
+                                                             else rows.dtype)
+        return restore(grad_z), restore(grad_w)
+
+    return value, _pullback("permutahedron_projection", shape, vjp,
+                            "(grad_z, grad_w) of sum(cotangent * permutahedron_projection(z, w)).")
+
+
+# --- soft top-k ----------------------------------------------------------------------
+
+
+def _topk(x, k, eps, regularization, axis):
+    eps = check_eps(eps)
+    reg = check_regularization(regularization)
+    array, ax, rows, restore = _prepare(x, axis)
+    k = _operators.check_k(k, rows.shape[1])
+    w_rows = np.ascontiguousarray(
+        np.broadcast_to(_operators.topk_weights(rows.shape[1], k, reg, rows.dtype), rows.shape))
+    out, state = _host.projection(rows, w_rows, eps, reg)
+    mask = np.exp(out) if reg == _engine.REG_KL else out
+    return array, ax, rows, w_rows, restore, out, mask, state, eps, reg
+
+
+def soft_topk_mask(
+    x: Any,
+    k: int,
+    eps: float = 1.0,
+    *,
+    regularization: Regularization = "l2",
+    axis: int = -1,
+) -> np.ndarray:
+    """A soft indicator of the ``k`` largest entries of ``x`` along ``axis``.
+
+    The projection of ``x / eps`` onto the permutahedron of ``w = (1, ..., 1,
+    0, ..., 0)`` (k ones): l2 ``P(x / eps, w)``; kl ``exp(P_E(x / eps, log
+    w))``, the entropic projection onto the same polytope.
+
+    Parameters
+    ----------
+    x : array_like, shape (..., n, ...)
+    k : int
+        0 <= k <= n (kl: k >= 1).
+    eps : float, default 1.0
+        >= 0. As ``eps -> 0`` the mask tends to the indicator of the k
+        largest entries (tied entries at the boundary share what is left);
+        ``eps = 0`` returns that limit, ``eps = inf`` the constant ``k / n``.
+    regularization : {"l2", "kl"}
+    axis : int, default -1
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape and dtype of ``x``; values in [0, 1], each row sums to ``k``.
+        Gradient: :func:`soft_topk_mask_with_vjp` (zero at eps = 0).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from softrank.numpy import soft_topk_mask
+    >>> soft_topk_mask(np.array([0.1, 3.0, 2.0, -1.0]), k=2, eps=0.5)
+    array([0., 1., 1., 0.])
+    """
+    *_, restore, _, mask, _, _, _ = _topk(x, k, eps, regularization, axis)
+    return restore(mask)
+
+
+def soft_topk_mask_with_vjp(
+    x: Any,
+    k: int,
+    eps: float = 1.0,
+    *,
+    regularization: Regularization = "l2",
+    axis: int = -1,
+) -> Tuple[np.ndarray, Callable[[ArrayLike], np.ndarray]]:
+    """:func:`soft_topk_mask` and its pullback ``vjp(cotangent) -> grad_x``, O(n) per row."""
+    array, ax, rows, w_rows, restore, out, mask, state, eps, reg = _topk(
+        x, k, eps, regularization, axis)
+    shape = array.shape
+
+    def vjp(cotangent: ArrayLike) -> np.ndarray:
+        g = _prepare_like(shape, cotangent, ax, rows.dtype, "cotangent")
+        if reg == _engine.REG_KL:
+            g = g * mask  # d exp(out) = exp(out) d out
+        grad, _ = _derivatives.projection_vjp(_OPS, rows, w_rows, out, state, g, eps, reg,
+                                              need_w=False)
+        return restore(grad)
+
+    return restore(mask), _pullback("soft_topk_mask", shape, vjp,
+                                    "Gradient of sum(cotangent * soft_topk_mask(x)) in x.")
+
+
+# --- Spearman ----------------------------------------------------------------------
+
+
+def _spearman(pred, target, eps, regularization, axis):
+    eps = check_eps(eps)
+    reg = check_regularization(regularization)
+    array, ax, rows, _ = _prepare(pred, axis, name="pred")
+    target_array = np.asarray(target)
+    if target_array.shape != array.shape:
+        raise ValueError(
+            f"target must have the shape of pred {array.shape}, got {target_array.shape}")
+    target_rows = _prepare_like(array.shape, target_array, ax, rows.dtype, "target")
+    eng = _engine.engine()
+    ranks, perm, blocks = eng.soft_forward(rows, _engine.OP_RANK, reg, False, eps)
+    target_ranks = eng.soft_forward_value(target_rows, _engine.OP_RANK, _engine.REG_L2, False, 0.0)
+    corr = _operators.pearson_last_axis(_OPS, ranks, target_ranks)
+    return (array, ax, rows, _reduced_restore(array, ax, rows.dtype), ranks, target_ranks,
+            (ranks, perm, blocks), (_engine.OP_RANK, reg, False, eps), corr)
+
+
+def spearman(
+    pred: Any,
+    target: Any,
+    eps: float = 1.0,
+    *,
+    regularization: Regularization = "l2",
+    axis: int = -1,
+) -> np.ndarray:
+    """Soft Spearman rank correlation of ``pred`` with ``target``, row by row.
+
+    The Pearson correlation of ``soft_rank(pred, eps)`` with the ranks of
+    ``target`` (mean ranks for ties). As ``eps -> 0`` it equals
+    ``scipy.stats.spearmanr`` of each row; ``1 - spearman`` is a
+    learning-to-rank loss.
+
+    Parameters
+    ----------
+    pred : array_like, shape (..., n, ...)
+    target : array_like, shape of ``pred``
+        Not differentiated (its ranks are piecewise constant).
+    eps : float, default 1.0
+    regularization : {"l2", "kl"}
+    axis : int, default -1
+        Removed from the result.
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape of ``pred`` without ``axis``, values in [-1, 1]; NaN for a
+        constant row (as scipy). Gradient in pred: :func:`spearman_with_vjp`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from softrank.numpy import spearman
+    >>> float(spearman(np.array([0.1, 0.5, 0.3]), np.array([1.0, 3.0, 2.0]), eps=0.01))
+    1.0
+    """
+    *_, restore, _, _, _, _, corr = _spearman(pred, target, eps, regularization, axis)
+    return restore(corr)
+
+
+def spearman_with_vjp(
+    pred: Any,
+    target: Any,
+    eps: float = 1.0,
+    *,
+    regularization: Regularization = "l2",
+    axis: int = -1,
+) -> Tuple[np.ndarray, Callable[[ArrayLike], np.ndarray]]:
+    """:func:`spearman` and its pullback ``vjp(cotangent) -> grad_pred``.
+
+    ``cotangent`` has the shape of the result (``pred`` without ``axis``).
+    """
+    array, ax, rows, restore, ranks, target_ranks, state, args, corr = _spearman(
+        pred, target, eps, regularization, axis)
+    n = rows.shape[1]
+    ranks_centred = ranks - ranks.mean(axis=-1, keepdims=True)
+    target_centred = target_ranks - target_ranks.mean(axis=-1, keepdims=True)
+    ranks_norm = np.sqrt((ranks_centred ** 2).sum(-1, keepdims=True))
+    target_norm = np.sqrt((target_centred ** 2).sum(-1, keepdims=True))
+    # d corr / d ranks: tc / (|rc| |tc|) - corr rc / |rc|^2 (both centred, so
+    # the centring's own derivative changes nothing).
+    d_corr = target_centred / (ranks_norm * target_norm) - corr[:, None] * ranks_centred / (
+        ranks_norm ** 2)
+    kept = array.shape[:ax] + array.shape[ax + 1:]
+
+    def vjp(cotangent: ArrayLike) -> np.ndarray:
+        c = np.asarray(cotangent)
+        check_float_dtype_kind(c.dtype.kind, str(c.dtype), allow_int=True, name="cotangent")
+        if c.shape != kept:
+            raise ValueError(f"cotangent must have the shape of the result {kept}, got {c.shape}")
+        g = np.ascontiguousarray(c.reshape(-1, 1).astype(rows.dtype) * d_corr, dtype=rows.dtype)
+        grad = _engine.engine().soft_vjp(rows, *state, g, *args)
+        return _to_rows(array, ax, rows.dtype)[1](grad)
+
+    return restore(corr), _pullback("spearman", kept, vjp,
+                                    "Gradient of sum(cotangent * spearman(pred, target)) in pred.")
+
+
+# --- quantiles ---------------------------------------------------------------------
+
+
+def _quantile(x, q, eps, regularization, axis):
+    eps = check_eps(eps)
+    reg = check_regularization(regularization)
+    quantiles, scalar = _operators.check_quantiles(q)
+    array, ax, rows, restore = _prepare(x, axis)
+    sorted_rows, perm, blocks = _engine.engine().soft_forward(
+        rows, _engine.OP_SORT, reg, False, eps)
+    value = _operators.quantile_from_sorted(_OPS, sorted_rows, quantiles, scalar)
+    return (array, ax, rows, restore, _reduced_restore(array, ax, rows.dtype), quantiles, scalar,
+            (sorted_rows, perm, blocks), (_engine.OP_SORT, reg, False, eps), value)
+
+
+def soft_quantile(
+    x: Any,
+    q: Any,
+    eps: float = 1.0,
+    *,
+    regularization: Regularization = "l2",
+    axis: int = -1,
+) -> np.ndarray:
+    """Soft quantiles of ``x`` along ``axis``: np.quantile's "linear" rule on the soft sort.
+
+    Parameters
+    ----------
+    x : array_like, shape (..., n, ...)
+        n >= 1.
+    q : float or 1-D array_like of floats in [0, 1]
+    eps : float, default 1.0
+        As ``eps -> 0`` (and at eps = 0) the result equals
+        ``np.quantile(x, q, axis=axis, method="linear")``.
+    regularization : {"l2", "kl"}
+    axis : int, default -1
+
+    Returns
+    -------
+    numpy.ndarray
+        np.quantile's layout: shape of ``x`` without ``axis`` for a scalar
+        ``q``, with ``len(q)`` in front for a 1-D ``q``. Gradient in x:
+        :func:`soft_quantile_with_vjp`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from softrank.numpy import soft_quantile
+    >>> float(soft_quantile(np.array([4.0, 1.0, 3.0, 2.0]), 0.5, eps=0.01))
+    2.5
+    """
+    *_, reduced, _, _, _, _, value = _quantile(x, q, eps, regularization, axis)
+    return reduced(value)
+
+
+def soft_quantile_with_vjp(
+    x: Any,
+    q: Any,
+    eps: float = 1.0,
+    *,
+    regularization: Regularization = "l2",
+    axis: int = -1,
+) -> Tuple[np.ndarray, Callable[[ArrayLike], np.ndarray]]:
+    """:func:`soft_quantile` and its pullback ``vjp(cotangent) -> grad_x``.
+
+    ``cotangent`` has the shape of the result.
+    """
+    array, ax, rows, restore, reduced, quantiles, scalar, state, args, value = _quantile(
+        x, q, eps, regularization, axis)
+    result = reduced(value)
+    lo, hi, frac = _operators.quantile_positions(quantiles, rows.shape[1])
+
+    def vjp(cotangent: ArrayLike) -> np.ndarray:
+        c = np.asarray(cotangent)
+        check_float_dtype_kind(c.dtype.kind, str(c.dtype), allow_int=True, name="cotangent")
+        if c.shape != result.shape:
+            raise ValueError(
+                f"cotangent must have the shape of the result {result.shape}, got {c.shape}")
+        c_rows = c.astype(rows.dtype).reshape(len(quantiles), -1).T  # (rows, m)
+        g = np.zeros_like(rows)
+        for j in range(len(quantiles)):
+            g[:, lo[j]] += c_rows[:, j] * rows.dtype.type(1.0 - frac[j])
+            g[:, hi[j]] += c_rows[:, j] * rows.dtype.type(frac[j])
+        return restore(_engine.engine().soft_vjp(rows, *state, g, *args))
+
+    return result, _pullback("soft_quantile", result.shape, vjp,
+                             "Gradient of sum(cotangent * soft_quantile(x, q)) in x.")
+
+
+def soft_median(
+    x: Any,
+    eps: float = 1.0,
+    *,
+    regularization: Regularization = "l2",
+    axis: int = -1,
+) -> np.ndarray:
+    """Soft median of ``x`` along ``axis``: ``soft_quantile(x, 0.5, ...)`` (axis removed).
+
+    As ``eps -> 0`` it equals ``np.median(x, axis=axis)``.
+    """
+    return soft_quantile(x, 0.5, eps, regularization=regularization, axis=axis)
+
+
+def soft_median_with_vjp(
+    x: Any,
+    eps: float = 1.0,
+    *,
+    regularization: Regularization = "l2",
+    axis: int = -1,
+) -> Tuple[np.ndarray, Callable[[ArrayLike], np.ndarray]]:
+    """:func:`soft_median` and its pullback (see :func:`soft_quantile_with_vjp`)."""
+    return soft_quantile_with_vjp(x, 0.5, eps, regularization=regularization, axis=axis)
+
+
+# --- isotonic regression -------------------------------------------------------------
+
+
 def _isotonic_prepare(y, weights, axis):
     array, ax, rows, restore = _prepare(y, axis, name="y")
     w_rows = None
@@ -480,12 +979,17 @@ def isotonic_regression(
     *,
     weights: Any = None,
     increasing: bool = True,
+    regularization: Regularization = "l2",
     axis: int = -1,
 ) -> np.ndarray:
-    """Weighted l2 isotonic regression along ``axis`` by pool-adjacent-violators.
+    """Weighted isotonic regression along ``axis`` by pool-adjacent-violators.
 
-    Solves ``argmin_v sum_i w_i (v_i - y_i)^2`` subject to ``v`` non-decreasing
-    (``increasing=True``) or non-increasing, exactly, in O(n) per row.
+    l2: ``argmin_v sum_i w_i (v_i - y_i)^2``; kl: ``argmin_v sum_i exp(y_i -
+    v_i) + w_i v_i`` (fast-soft-sort's ``isotonic_kl`` with weights
+    ``exp(its w)``); subject to ``v`` non-decreasing (``increasing=True``) or
+    non-increasing. Exact, O(n) per row. On each block B of equal values the
+    solution is ``sum_B w y / sum_B w`` (l2) or ``log sum_B exp(y) - log
+    sum_B w`` (kl).
 
     Parameters
     ----------
@@ -493,12 +997,14 @@ def isotonic_regression(
     weights : array_like, shape of ``y``, optional
         Positive finite weights; default all ones.
     increasing : bool, default True
+    regularization : {"l2", "kl"}
     axis : int, default -1
 
     Returns
     -------
     numpy.ndarray
-        Shape and dtype of ``y``. Gradient: :func:`isotonic_regression_vjp`.
+        Shape and dtype of ``y``. Gradient in y and the weights:
+        :func:`isotonic_regression_with_vjp`.
 
     Examples
     --------
@@ -507,9 +1013,39 @@ def isotonic_regression(
     >>> isotonic_regression(np.array([1.0, 3.0, 2.0, 4.0]))
     array([1. , 2.5, 2.5, 4. ])
     """
+    reg = check_regularization(regularization)
     _, _, rows, restore, w_rows = _isotonic_prepare(y, weights, axis)
-    solution, _ = _engine.engine().isotonic_forward(rows, w_rows, bool(increasing))
+    solution, _ = _engine.engine().isotonic_forward(rows, w_rows, bool(increasing), reg)
     return restore(solution)
+
+
+def isotonic_regression_with_vjp(
+    y: Any,
+    *,
+    weights: Any = None,
+    increasing: bool = True,
+    regularization: Regularization = "l2",
+    axis: int = -1,
+) -> Tuple[np.ndarray, Callable[[ArrayLike], Tuple[np.ndarray, Any]]]:
+    """:func:`isotonic_regression` and its pullback ``vjp(cotangent) -> (grad_y, grad_weights)``.
+
+    ``grad_weights`` is None where ``weights`` is None. Per block B (l2):
+    ``grad_y_j = w_j / W_B sum_B c``, ``grad_w_j = (y_j - v_B) / W_B sum_B c``;
+    (kl): ``grad_y_j = softmax_B(y)_j sum_B c``, ``grad_w_j = -sum_B c / W_B``.
+    """
+    reg = check_regularization(regularization)
+    array, ax, rows, restore, w_rows = _isotonic_prepare(y, weights, axis)
+    solution, blocks = _host.isotonic(rows, w_rows, bool(increasing), reg)
+    shape = array.shape
+
+    def vjp(cotangent: ArrayLike):
+        g = _prepare_like(shape, cotangent, ax, rows.dtype, "cotangent")
+        grad_y, grad_w = _derivatives.isotonic_vjp(_OPS, rows, w_rows, solution, blocks, g, reg)
+        return restore(grad_y), None if grad_w is None else restore(grad_w)
+
+    return restore(solution), _pullback(
+        "isotonic_regression", shape, vjp,
+        "(grad_y, grad_weights) of sum(cotangent * isotonic_regression(y, weights=weights)).")
 
 
 def isotonic_regression_vjp(
@@ -518,15 +1054,22 @@ def isotonic_regression_vjp(
     *,
     weights: Any = None,
     increasing: bool = True,
+    regularization: Regularization = "l2",
     axis: int = -1,
 ) -> np.ndarray:
     """Gradient of ``sum(cotangent * isotonic_regression(y))`` with respect to ``y``.
 
-    Within each PAV block ``B`` the solution is the weighted mean of ``y``, so
-    ``grad_j = w_j / sum_B w * sum_B cotangent``. O(n) per row.
+    Within each PAV block ``B`` the l2 solution is the weighted mean of ``y``,
+    so ``grad_j = w_j / sum_B w * sum_B cotangent``. O(n) per row. The
+    gradient with respect to the weights too: :func:`isotonic_regression_with_vjp`.
     """
-    array, ax, rows, restore, w_rows = _isotonic_prepare(y, weights, axis)
-    vec = _prepare_like(array.shape, cotangent, ax, rows.dtype, "cotangent")
-    eng = _engine.engine()
-    _, blocks = eng.isotonic_forward(rows, w_rows, bool(increasing))
-    return restore(eng.isotonic_vjp(w_rows, blocks, vec))
+    reg = check_regularization(regularization)
+    if reg == _engine.REG_L2:
+        array, ax, rows, restore, w_rows = _isotonic_prepare(y, weights, axis)
+        vec = _prepare_like(array.shape, cotangent, ax, rows.dtype, "cotangent")
+        eng = _engine.engine()
+        _, blocks = eng.isotonic_forward(rows, w_rows, bool(increasing))
+        return restore(eng.isotonic_vjp(w_rows, blocks, vec))
+    _, vjp = isotonic_regression_with_vjp(y, weights=weights, increasing=increasing,
+                                          regularization=regularization, axis=axis)
+    return vjp(cotangent)[0]

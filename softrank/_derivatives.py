@@ -1,0 +1,174 @@
+"""Derivatives of the projection onto the permutahedron and of isotonic regression.
+
+Written once, over an ``ops`` namespace that each adapter supplies (numpy,
+torch, jax, tensorflow), so that every framework runs the same formulas. The
+engine computes the forward pass and its integer structure (the sorting
+permutations and the PAV blocks, see :mod:`softrank._host`); the derivatives
+are linear maps over that structure, written in the framework's own
+differentiable operations. Hence every transform a framework offers (vmap,
+forward and reverse mode, higher derivatives, jit, sharding) composes with
+them without further code: a derivative of these formulas is again computed
+by the framework.
+
+The maps (Blondel et al. 2020, section 4; blocks B of the isotonic solution):
+
+- projection, l2, ``out = P(z / eps, w)``: on sorted position i of block B,
+  ``out = (s_i - mean_B s) / eps + mean_B ws`` (s, ws: z, w sorted
+  decreasingly), so ``d out = (I - mean_B) dz / eps + mean_B dw``;
+- projection, kl: ``out = s_i / eps - LSE_B(s / eps) + LSE_B(ws)``, so
+  ``d out = dz / eps - sum_B p dz / eps + sum_B q dw`` with p = softmax_B(s /
+  eps), q = softmax_B(ws);
+- isotonic, l2 (weights u): ``v_B = sum_B u y / sum_B u``, so
+  ``dv = sum_B (u dy + du (y - v)) / sum_B u``;
+- isotonic, kl: ``v_B = LSE_B(y) - log sum_B u``, so
+  ``dv = sum_B softmax_B(y) dy - sum_B du / sum_B u``.
+
+``eps = 0`` (the hard operator) and ``eps = inf`` have no derivative in z
+(the output is locally constant in z); their derivative in w is the one
+above. A row whose output is NaN gets NaN derivatives.
+
+The ``ops`` namespace provides, for arrays of shape ``(..., n)``:
+``take(a, index)`` (take_along_axis on the last axis), ``block_sum(v,
+block_start)`` (each position's sum of ``v`` over its block; blocks are
+contiguous runs of positions named by their first position), ``exp``, ``log``,
+``ones_like``, ``stop_gradient`` and ``nan_of(a)`` (NaN where ``a`` is NaN,
+else 0, never differentiated).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Tuple
+
+REG_L2 = 0
+REG_KL = 1
+
+
+def z_scale(eps: float) -> float:
+    """The factor of dz in the projection's derivative: 1/eps, or 0 at eps = 0 and inf."""
+    if eps == 0.0 or math.isinf(eps):
+        return 0.0
+    return 1.0 / eps
+
+
+def _block_softmax(ops, values, block_start):
+    """softmax of ``values`` within each block; ``values`` sorted decreasingly per block."""
+    head = ops.stop_gradient(ops.take(values, block_start))  # the block's largest value
+    e = ops.exp(values - head)
+    return e / ops.block_sum(e, block_start)
+
+
+def projection_jvp(ops, z, w, out, state, tz: Optional[Any], tw: Optional[Any], eps: float,
+                   reg: int):
+    """Tangent of ``out = P(z / eps, w)`` (l2) or ``P_E(z / eps, w)`` (kl).
+
+    ``state``: ``perm_z, inv_z, perm_w, inv_w, block_start`` (framework
+    integer arrays, see :func:`softrank._host.projection`); ``tz``/``tw`` may
+    be None (no tangent). All arrays have shape ``(..., n)``.
+    """
+    perm_z, inv_z, perm_w, inv_w, block_start = state
+    scale = z_scale(eps)
+    sorted_tangent = None
+    if tz is not None and scale != 0.0:
+        a = ops.take(tz, perm_z) * scale
+        if reg == REG_L2:
+            count = ops.block_sum(ops.ones_like(a), block_start)
+            sorted_tangent = a - ops.block_sum(a, block_start) / count
+        else:
+            p = _block_softmax(ops, ops.take(z, perm_z) * scale, block_start)
+            sorted_tangent = a - ops.block_sum(p * a, block_start)
+    if tw is not None:
+        b = ops.take(tw, perm_w)
+        if reg == REG_L2:
+            count = ops.block_sum(ops.ones_like(b), block_start)
+            w_part = ops.block_sum(b, block_start) / count
+        else:
+            q = _block_softmax(ops, ops.take(w, perm_w), block_start)
+            w_part = ops.block_sum(q * b, block_start)
+        sorted_tangent = w_part if sorted_tangent is None else sorted_tangent + w_part
+    if sorted_tangent is None:
+        return ops.nan_of(out)  # zeros (NaN on NaN rows)
+    return ops.take(sorted_tangent, inv_z) + ops.nan_of(out)
+
+
+def projection_vjp(ops, z, w, out, state, cotangent, eps: float, reg: int,
+                   need_z: bool = True, need_w: bool = True) -> Tuple[Any, Any]:
+    """``(grad_z, grad_w)`` of ``sum(cotangent * out)``; None for an input not needed.
+
+    A zero derivative in z (eps = 0 or inf) is returned as zeros.
+    """
+    perm_z, inv_z, perm_w, inv_w, block_start = state
+    scale = z_scale(eps)
+    g = ops.take(cotangent, perm_z)
+    total = ops.block_sum(g, block_start)
+    poison = ops.nan_of(out)
+    count = ops.block_sum(ops.ones_like(g), block_start) if reg == REG_L2 else None
+    grad_z = grad_w = None
+    if need_z:
+        if scale == 0.0:
+            grad_z = cotangent * 0.0 + poison
+        elif reg == REG_L2:
+            grad_z = ops.take((g - total / count) * scale, inv_z) + poison
+        else:
+            p = _block_softmax(ops, ops.take(z, perm_z) * scale, block_start)
+            grad_z = ops.take((g - p * total) * scale, inv_z) + poison
+    if need_w:
+        if reg == REG_L2:
+            sorted_grad = total / count
+        else:
+            sorted_grad = _block_softmax(ops, ops.take(w, perm_w), block_start) * total
+        grad_w = ops.take(sorted_grad, inv_w) + poison  # (poison is constant along a row)
+    return grad_z, grad_w
+
+
+def _isotonic_parts(ops, y, weights, solution, block_start, reg):
+    unit = weights if weights is not None else ops.ones_like(y)
+    total_weight = ops.block_sum(unit, block_start)
+    if reg == REG_L2:
+        return unit, total_weight, None
+    # softmax_B(y); the block's LSE from the forward pass is only a shift
+    # that keeps exp in range (the result does not depend on it).
+    shift = ops.stop_gradient(solution + ops.log(total_weight))
+    e = ops.exp(y - shift)
+    return unit, total_weight, e / ops.block_sum(e, block_start)
+
+
+def isotonic_jvp(ops, y, weights, solution, block_start, ty: Optional[Any],
+                 tweights: Optional[Any], reg: int):
+    """Tangent of the isotonic solution (l2: weighted mean; kl: log ratio) per block.
+
+    ``block_start`` over positions (a valid index everywhere, see
+    :func:`softrank._host.isotonic`); ``weights`` None means unit weights (then
+    ``tweights`` must be None).
+    """
+    unit, total_weight, p = _isotonic_parts(ops, y, weights, solution, block_start, reg)
+    result = ops.nan_of(solution)
+    if ty is not None:
+        if reg == REG_L2:
+            result = result + ops.block_sum(unit * ty, block_start) / total_weight
+        else:
+            result = result + ops.block_sum(p * ty, block_start)
+    if tweights is not None:
+        if reg == REG_L2:
+            mean = ops.block_sum(unit * y, block_start) / total_weight
+            result = result + ops.block_sum(tweights * (y - mean), block_start) / total_weight
+        else:
+            result = result - ops.block_sum(tweights, block_start) / total_weight
+    return result
+
+
+def isotonic_vjp(ops, y, weights, solution, block_start, cotangent, reg: int,
+                 need_y: bool = True, need_weights: bool = True) -> Tuple[Any, Any]:
+    """``(grad_y, grad_weights)`` of ``sum(cotangent * solution)``; None where not needed."""
+    unit, total_weight, p = _isotonic_parts(ops, y, weights, solution, block_start, reg)
+    total = ops.block_sum(cotangent, block_start)
+    poison = ops.nan_of(solution)
+    grad_y = grad_weights = None
+    if need_y:
+        grad_y = (unit * total / total_weight if reg == REG_L2 else p * total) + poison
+    if need_weights and weights is not None:
+        if reg == REG_L2:
+            mean = ops.block_sum(unit * y, block_start) / total_weight
+            grad_weights = (y - mean) * total / total_weight + poison
+        else:
+            grad_weights = -total / total_weight + poison
+    return grad_y, grad_weights

@@ -1,0 +1,113 @@
+"""The operators built on soft rank, soft sort and the projection, written once.
+
+Every adapter (numpy, torch, jax, tensorflow) exposes the same operators with
+the same arguments; the argument checks and the maps from a soft rank / soft
+sort / projection to the operator live here, over a small ``ops`` namespace
+that each adapter supplies (see :mod:`softrank._derivatives` for the shared
+part of that namespace). Functions here that take ``ops`` also need:
+``take_columns(a, index)`` (``a[..., index]`` for a 1-D integer index),
+``sum_last(a)`` (sum over the last axis, removing it), ``sqrt``,
+``constant(values, like)`` (a numpy array as a non-differentiable array of
+``like``'s dtype and device) and ``move_last_to_first(a)``.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any, Tuple
+
+import numpy as np
+
+from softrank._derivatives import REG_KL
+
+
+def check_k(k: Any, n: int) -> int:
+    """``k`` as an int in ``[0, n]``, or raise naming ``k``."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be an int, got {type(k).__name__} {k!r}")
+    k = int(k)
+    if not 0 <= k <= n:
+        raise ValueError(f"k must lie in [0, n] = [0, {n}] (n: the length along the axis), got {k}")
+    return k
+
+
+def topk_weights(n: int, k: int, reg: int, dtype: np.dtype) -> np.ndarray:
+    """The w of the top-k mask: k ones then zeros (l2), or their logs 0 and -inf (kl)."""
+    if reg == REG_KL:
+        if k == 0:
+            raise ValueError(
+                "soft_topk_mask with regularization='kl' needs k >= 1: the kl projection onto "
+                "the permutahedron of (0, ..., 0) is not defined (use k = 0 with 'l2', or the "
+                "all-zero mask)"
+            )
+        weights = np.full(n, -np.inf, dtype=dtype)
+        weights[:k] = 0.0
+        return weights
+    weights = np.zeros(n, dtype=dtype)
+    weights[:k] = 1.0
+    return weights
+
+
+def rho(n: int, dtype: np.dtype) -> np.ndarray:
+    """``(n, n - 1, ..., 1)``: the default w of the projection."""
+    return np.arange(n, 0, -1).astype(dtype)
+
+
+def check_quantiles(q: Any) -> Tuple[np.ndarray, bool]:
+    """``(q as a 1-D float64 array, whether q was a scalar)``; q must lie in [0, 1].
+
+    ``q`` is a Python number, a 0-d or 1-D array-like, or a concrete
+    framework tensor (it selects sorted positions, so it cannot be traced).
+    """
+    try:
+        values = np.asarray(q, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"q must be a number or a 1-D array of numbers in [0, 1], got {type(q).__name__}: {exc}"
+        ) from None
+    if values.ndim > 1:
+        raise ValueError(f"q must be a scalar or 1-D, got shape {values.shape}")
+    if not np.all((values >= 0.0) & (values <= 1.0)):
+        raise ValueError(f"q must lie in [0, 1] (no NaN), got {q!r}")
+    return values.reshape(-1), values.ndim == 0
+
+
+def quantile_positions(q: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(lo, hi, frac)`` of np.quantile's "linear" method on n sorted values.
+
+    The quantile q is ``s[lo] + frac (s[hi] - s[lo])`` with ``p = q (n - 1)``,
+    ``lo = floor(p)``, ``hi = min(lo + 1, n - 1)``, ``frac = p - lo``.
+    """
+    if n == 0:
+        raise ValueError("soft_quantile needs at least one value along the axis, got n = 0")
+    position = q * (n - 1)
+    lo = np.minimum(np.floor(position), n - 1).astype(np.int64)
+    hi = np.minimum(lo + 1, n - 1)
+    return lo, hi, position - lo
+
+
+def quantile_from_sorted(ops, s, q: np.ndarray, scalar: bool):
+    """The quantiles ``q`` of rows sorted ascending, ``s`` of shape ``(..., n)``.
+
+    Returns shape ``(...)`` for a scalar q, else ``(len(q), ...)`` (np.quantile's layout).
+    """
+    lo, hi, frac = quantile_positions(q, s.shape[-1])
+    below = ops.take_columns(s, lo)
+    above = ops.take_columns(s, hi)
+    value = below + ops.constant(frac, s) * (above - below)
+    if scalar:
+        return value[..., 0]
+    return ops.move_last_to_first(value)
+
+
+def pearson_last_axis(ops, a, b):
+    """Pearson correlation of ``a`` and ``b`` along the last axis (removed).
+
+    NaN where either row is constant, as scipy.stats.spearmanr.
+    """
+    n = a.shape[-1]
+    a_centred = a - ops.sum_last(a)[..., None] / n
+    b_centred = b - ops.sum_last(b)[..., None] / n
+    return ops.sum_last(a_centred * b_centred) / ops.sqrt(
+        ops.sum_last(a_centred * a_centred) * ops.sum_last(b_centred * b_centred)
+    )
+
