@@ -483,6 +483,20 @@ PYBIND11_MODULE(_C, m) {
       py::arg("num_threads"));
   m.def("get_num_threads", &softrank::get_num_threads);
   m.def(
+      "codes",
+      [] {
+        py::dict op, reg, result;
+        op["rank"] = static_cast<int>(softrank::Op::Rank);
+        op["sort"] = static_cast<int>(softrank::Op::Sort);
+        reg["l2"] = static_cast<int>(softrank::Reg::L2);
+        reg["kl"] = static_cast<int>(softrank::Reg::KL);
+        result["op"] = op;
+        result["reg"] = reg;
+        return result;
+      },
+      "The operator and regularization codes of the core's enums: {'op': {...}, 'reg': {...}} "
+      "(softrank._codes holds the same table for Python).");
+  m.def(
       "simd_level", [] { return softrank::simd_level_name(softrank::simd_level()); },
       "The instruction set the core runs at: 'avx512', 'avx2' or 'baseline' (the CPU's best, "
       "capped by SOFTRANK_DISABLE_AVX512=1, read once when the core loads).");

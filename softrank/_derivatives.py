@@ -39,8 +39,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Tuple
 
-REG_L2 = 0
-REG_KL = 1
+from softrank._codes import REG_KL, REG_L2  # noqa: F401 (the adapters read them here too)
 
 
 def z_scale(eps: float) -> float:

@@ -16,7 +16,8 @@ int32 (``n < 2**31``). The engine checks shapes, dtypes and contiguity and
 raises ``ValueError``/``TypeError``; it never crashes. Cotangents,
 tangents and weights must have the dtype of ``x`` (``y``).
 
-``op``: 0 = soft rank, 1 = soft sort. ``reg``: 0 = l2, 1 = kl.
+``op``: 0 = soft rank, 1 = soft sort. ``reg``: 0 = l2, 1 = kl (the table is
+:mod:`softrank._codes`).
 ``descending``: bool. ``eps``: float >= 0 (0 = hard operator, inf = the
 limit). The caller has validated the arguments already.
 
@@ -39,10 +40,20 @@ soft_jvp(x, out, perm, block_start, tangent, op, reg, descending, eps) -> tangen
 soft_hvp(x, out, perm, block_start, cotangent, tangent, op, reg, descending, eps) -> grad
     The gradient with respect to x of <cotangent, J(x) tangent> (the second
     derivative that double backward needs), O(n) per row; 0 for l2.
-isotonic_forward(y, weights_or_None, increasing) -> (solution, block_start)
-    Weighted l2 isotonic regression by PAV: argmin_v sum_i w_i (v_i - y_i)^2
-    subject to v non-decreasing (increasing=True) or non-increasing. Adjacent
-    blocks with equal values are pooled. block_start as above, over positions.
+isotonic_forward(y, weights_or_None, increasing, reg=0) -> (solution, block_start)
+    Weighted isotonic regression by PAV, l2: argmin_v sum_i w_i (v_i - y_i)^2,
+    kl: argmin_v sum_i exp(y_i - v_i) + w_i v_i, subject to v non-decreasing
+    (increasing=True) or non-increasing. Adjacent blocks with equal values are
+    pooled. block_start as above, over positions.
+projection_forward(z, w, eps, reg) -> (out, perm_z, perm_w, block_start)
+    The projection of z / eps onto the permutahedron of w (z and w of the
+    same shape and dtype), l2: argmin_{mu in P(w)} 1/2 ||mu - z / eps||^2,
+    kl: log argmin_{mu in P(exp w)} KL(mu, exp(z / eps)); eps = 0 is the
+    hard limit, eps = inf pools every row. perm_z / perm_w: the columns of
+    z / w at each decreasing sorted position (ties by column); block_start:
+    the PAV blocks over sorted positions. Under kl w may hold -inf where the
+    row's largest w is finite. Other non-finite rows give NaN output,
+    identity permutations and singleton blocks.
 isotonic_vjp(weights_or_None, block_start, cotangent) -> grad_y
     grad_y[j] = w_j / W_B * sum_{i in B} cotangent[i] for j in block B.
 set_num_threads(k), get_num_threads()
@@ -53,10 +64,7 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
-OP_RANK = 0
-OP_SORT = 1
-REG_L2 = 0
-REG_KL = 1
+from softrank._codes import OP_RANK, OP_SORT, REG_KL, REG_L2  # noqa: F401 (re-exported)
 
 _engine: ModuleType | None = None
 _engine_name: str | None = None

@@ -45,12 +45,12 @@ __all__ = [
     "get_num_threads",
 ]
 
-# Engine codes (the same numbers as softrank._engine; repeated here so that
-# the jitted code sees plain integer constants).
-_OP_RANK = 0
-_OP_SORT = 1
-_REG_L2 = 0
-_REG_KL = 1
+# Engine codes (softrank._codes); module-level ints, so that the jitted code
+# sees them as compile-time constants.
+from softrank._codes import OP_RANK as _OP_RANK  # noqa: E402
+from softrank._codes import OP_SORT as _OP_SORT  # noqa: E402
+from softrank._codes import REG_KL as _REG_KL  # noqa: E402
+from softrank._codes import REG_L2 as _REG_L2  # noqa: E402
 
 # Sorting: runs of this length are insertion-sorted before the merge passes.
 _RUN = 16

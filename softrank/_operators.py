@@ -17,7 +17,7 @@ from typing import Any, Tuple
 
 import numpy as np
 
-from softrank._derivatives import REG_KL
+from softrank._codes import REG_KL
 
 
 def check_k(k: Any, n: int) -> int:

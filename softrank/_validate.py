@@ -9,7 +9,8 @@ import math
 import numbers
 from typing import Any
 
-REGULARIZATIONS = ("l2", "kl")
+from softrank._codes import REGULARIZATIONS
+
 DIRECTIONS = ("ascending", "descending")
 
 
@@ -48,14 +49,12 @@ def check_eps(eps: Any) -> float:
 
 
 def check_regularization(regularization: Any) -> int:
-    """Return the engine code of ``regularization`` ("l2" -> 0, "kl" -> 1)."""
-    if regularization == "l2" and type(regularization) is str:
-        return 0
-    if regularization not in REGULARIZATIONS or not isinstance(regularization, str):
+    """Return the engine code of ``regularization`` (:mod:`softrank._codes`)."""
+    if not isinstance(regularization, str) or regularization not in REGULARIZATIONS:
         raise ValueError(
             f"regularization must be 'l2' or 'kl', got {regularization!r}"
         )
-    return REGULARIZATIONS.index(regularization)
+    return REGULARIZATIONS[regularization]
 
 
 def check_direction(direction: Any) -> bool:

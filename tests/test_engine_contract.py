@@ -954,3 +954,17 @@ def test_kl_sort_elementwise_precision_both_sides_of_the_plain_log_ratio(eng, dt
         expected = soft_sort_ref(x.astype(np.float64), eps, "kl", direction)
         np.testing.assert_allclose(out[0], expected.astype(dtype), rtol=rtol, atol=0,
                                    err_msg=f"x={x!r} eps={eps}")
+
+
+def test_one_table_of_codes():
+    """The core's enums, the Python table and the names users pass agree."""
+    from softrank import _codes
+    from softrank._validate import check_regularization
+
+    if "native" in BACKENDS:
+        from softrank import _C
+
+        assert _C.codes() == {"op": _codes.OPERATORS, "reg": _codes.REGULARIZATIONS}
+    for name, code in _codes.REGULARIZATIONS.items():
+        assert check_regularization(name) == code
+    assert (_engine.OP_RANK, _engine.OP_SORT) == (0, 1) == tuple(_codes.OPERATORS.values())
