@@ -33,7 +33,16 @@ struct InverseScale {
   SOFTRANK_HD double operator()(double v) const { return multiply ? v * inv : v / eps; }
 };
 
-// The l2 block keeps d = sum (xs - ref), updated by an add and a multiply.
+// --- The pooling rules ---------------------------------------------------------
+//
+// Each of the four loops (rank / sort, l2 / kl) is one pooling rule: the
+// block of one sorted value (`item`), the test that two adjacent blocks A
+// (earlier) and B violate the order and must pool (`merges`), and the pooled
+// block (`pool`). `pav_run` runs a rule over a range of sorted positions and
+// `pav_merge_chunks` joins the chunks of a long row with the same rule
+// objects: each test is written once.
+//
+// l2 blocks keep d = sum (xs - ref), updated by an add and a multiply.
 // The merge tests compare the difference of the block means,
 // dx = (ref_a - ref_b) + d_a / m_a - d_b / m_b, with h = (m_a + m_b) / 2
 // (rank: dx <= eps h; sort: h <= dx eps), multiplied through by w = m_a m_b
@@ -41,81 +50,10 @@ struct InverseScale {
 // X = w (ref_a - ref_b) + (m_b d_a - m_a d_b) = w dx. Rows reach PAV with
 // |x| < 2^960 (soft_forward_sorted scales them), so |X| < 2^1023 for any
 // m_a m_b <= 2^60; an overflow of eps h w or X eps to inf, or an underflow
-// to 0, happens only where the limit gives the same answer.
+// to 0, happens only where the limit gives the same answer. Against a new
+// singleton (m_b = 1, d_b = 0) the expressions reduce exactly (bit for bit)
+// to the singleton forms, so one test serves both.
 //
-// The block being built (the top of the stack) lives in registers and only
-// the blocks below it in memory: a merge chain then never waits on a store
-// it has just made (store-to-load forwarding was most of the loop's time).
-// One l2 PAV loop serves both operators; `merge(X, w, h)` decides.
-//
-// Every PAV loop here pools the sorted positions [lo, hi) of a row (the whole
-// row, or one chunk of a long row: pav_chunks) into the stack `b`, from its
-// slot 0; block starts are positions in the row.
-template <class MergeTest>
-SOFTRANK_HD index_t pav_l2(const double* xs, index_t lo, index_t hi, bool merge_all, BlockStack b,
-                           MergeTest merge) {
-  if (hi <= lo) return 0;
-  // Block lengths are carried as doubles (exact integers), the stack's in
-  // stat2, so that no test converts an index.
-  index_t top = 0;  // blocks stored below the current one
-  index_t cur_start = lo;
-  double cur_ref = xs[lo], cur_d = 0.0, cur_m = 1.0;
-  for (index_t i = lo + 1; i < hi; ++i) {
-    const double ref_i = xs[i];
-    // The new singleton block (m_b = 1, d_b = 0) against the current block.
-    const double x_cur = cur_m * (cur_ref - ref_i) + cur_d;
-    if (!(merge_all || merge(x_cur, cur_m, 0.5 * (cur_m + 1.0)))) {
-      b.start[top] = cur_start;
-      b.ref[top] = cur_ref;
-      b.stat[top] = cur_d;
-      b.stat2[top] = cur_m;
-      ++top;
-      cur_start = i;
-      cur_ref = ref_i;
-      cur_d = 0.0;
-      cur_m = 1.0;
-      continue;
-    }
-    index_t s = cur_start;
-    double ref = cur_ref, d = cur_d + (ref_i - cur_ref), mb = cur_m + 1.0;
-    while (top > 0) {
-      const double ma = b.stat2[top - 1];
-      const double ref_a = b.ref[top - 1], d_a = b.stat[top - 1];
-      const double w = ma * mb;
-      const double x = w * (ref_a - ref) + (mb * d_a - ma * d);
-      if (!(merge_all || merge(x, w, 0.5 * (ma + mb)))) break;
-      d = d_a + d + mb * (ref - ref_a);
-      ref = ref_a;
-      mb += ma;
-      --top;
-      s = b.start[top];
-    }
-    cur_start = s;
-    cur_ref = ref;
-    cur_d = d;
-    cur_m = mb;
-  }
-  b.start[top] = cur_start;
-  b.ref[top] = cur_ref;
-  b.stat[top] = cur_d;
-  b.stat2[top] = cur_m;
-  return top + 1;
-}
-
-// Rank: V = mean(xs)/eps - mean(rho); merge when dx <= eps * h.
-SOFTRANK_HD index_t pav_rank_l2(const double* xs, index_t lo, index_t hi, double eps,
-                                BlockStack b) {
-  return pav_l2(xs, lo, hi, std::isinf(eps), b,
-                [eps](double x, double w, double h) { return x <= eps * (h * w); });
-}
-
-// Sort: V = mean(rho)/eps - mean(xs); merge when h <= dx * eps.
-SOFTRANK_HD index_t pav_sort_l2(const double* xs, index_t lo, index_t hi, double eps,
-                                BlockStack b) {
-  return pav_l2(xs, lo, hi, std::isinf(eps), b,
-                [eps](double x, double w, double h) { return h * w <= x * eps; });
-}
-
 // kl blocks keep S = sum exp((xs - ref)/eps) relative to the block's largest
 // value, so S is in [1, m]: no overflow. Merge when V_A <= V_B, i.e.
 // S_a R_b <= S_b R_a exp(-(ref_a - ref_b)/eps); an underflow of that factor
@@ -124,88 +62,77 @@ SOFTRANK_HD index_t pav_sort_l2(const double* xs, index_t lo, index_t hi, double
 // vectorised pass, and each block carries `tail = exp((xs[last] - ref)/eps)`,
 // so the factor between adjacent blocks is tail_a * step[s_b]. (Products of
 // k steps carry at most k/2 ulp of rounding; the outputs themselves use
-// exact exps.)
-// R of the current block, rho_sum(n, cur_start, i), is kept as a running
-// sum where every partial sum is an integer below n (n + 1) / 2 <= 2^53
-// (exact_sums: n <= 2^26), so it equals the closed form bit for bit; longer
-// rows take the closed form. A template parameter, so that the loop holds
-// no select between the two.
-// The row has n positions; [lo, hi) is the part pooled here.
-template <bool exact_sums>
-SOFTRANK_HD index_t pav_rank_kl_loop(const double* xs, const double* step, index_t lo, index_t hi,
-                                     index_t n, double eps, BlockStack b) {
-  if (hi <= lo) return 0;
-  const bool merge_all = std::isinf(eps);
-  // As in pav_l2, the current block is kept in registers.
-  index_t top = 0;
-  index_t cur_start = lo;
-  double cur_ref = xs[lo], cur_sum = 1.0, cur_tail = 1.0;
-  double cur_rho = static_cast<double>(n - lo);
-  double rho_i = static_cast<double>(n - lo);  // rho_sum(n, i, i + 1) = n - i, exact
-  for (index_t i = lo + 1; i < hi; ++i) {
-    index_t s = i;
-    double ref = xs[i], sum = 1.0, tail = 1.0;
-    rho_i -= 1.0;
-    {
-      const double decay = cur_tail * step[s];
-      const double rho_cur = exact_sums ? cur_rho : rho_sum(n, cur_start, s);
-      if (!(merge_all || cur_sum * rho_i <= decay * sum * rho_cur)) {
-        b.start[top] = cur_start;
-        b.ref[top] = cur_ref;
-        b.stat[top] = cur_sum;
-        b.stat2[top] = cur_tail;
-        ++top;
-        cur_start = s;
-        cur_ref = ref;
-        cur_sum = sum;
-        cur_tail = tail;
-        cur_rho = rho_i;
-        continue;
-      }
-      sum = cur_sum + decay * sum;
-      tail = decay * tail;
-      ref = cur_ref;
-      s = cur_start;
-      cur_rho += rho_i;
-    }
-    while (top > 0) {
-      const index_t sa = b.start[top - 1];
-      const double sum_a = b.stat[top - 1];
-      const double decay = b.stat2[top - 1] * step[s];
-      if (!(merge_all ||
-            sum_a * rho_sum(n, s, i + 1) <= decay * sum * rho_sum(n, sa, s)))
-        break;
-      sum = sum_a + decay * sum;
-      tail = decay * tail;
-      ref = b.ref[top - 1];
-      s = sa;
-      --top;
-      if (exact_sums) cur_rho = rho_sum(n, s, i + 1);  // (a cascade is rare)
-    }
-    cur_start = s;
-    cur_ref = ref;
-    cur_sum = sum;
-    cur_tail = tail;
-  }
-  b.start[top] = cur_start;
-  b.ref[top] = cur_ref;
-  b.stat[top] = cur_sum;
-  b.stat2[top] = cur_tail;
-  return top + 1;
-}
-
-SOFTRANK_HD index_t pav_rank_kl(const double* xs, const double* step, index_t lo, index_t hi,
-                                index_t n, double eps, BlockStack b) {
-  return n <= (index_t{1} << 26) ? pav_rank_kl_loop<true>(xs, step, lo, hi, n, eps, b)
-                                 : pav_rank_kl_loop<false>(xs, step, lo, hi, n, eps, b);
-}
-
+// exact exps.) R is the sum of rho over a block (see RankKlPooling).
+//
 // Sort kl: S = sum exp(xs - ref) and Q = sum_{k<m} exp(-k/eps), both in
 // [1, m]. Merge when Q_a S_b exp(-u) <= S_a Q_b exp(-v), u = ref_a - ref_b,
 // v = m_a / eps; where either factor underflows the same test runs on logs.
-// As in the rank kl loop there is no exp call: `step[i] = exp(xs[i] -
-// xs[i-1])` and `decay[k] = exp(-k/eps)` are tabulated beforehand (vectorised)
-// and each block carries `tail = exp(xs[last] - ref)`.
+// `step[i] = exp(xs[i] - xs[i-1])` and `decay[k] = exp(-k/eps)` are tabulated
+// beforehand (vectorised) and each block carries `tail = exp(xs[last] - ref)`.
+
+// One block: the stack's fields (stat, stat2, tail as BlockStack names them).
+struct PavBlock {
+  index_t start, end;  // sorted positions [start, end)
+  double ref, stat, stat2, tail;
+};
+
+// The l2 merge tests, multiplied through (see above).
+struct RankL2Test {  // V = mean(xs)/eps - mean(rho): merge when dx <= eps h
+  double eps;
+  SOFTRANK_HD bool operator()(double x, double w, double h) const { return x <= eps * (h * w); }
+};
+struct SortL2Test {  // V = mean(rho)/eps - mean(xs): merge when h <= dx eps
+  double eps;
+  SOFTRANK_HD bool operator()(double x, double w, double h) const { return h * w <= x * eps; }
+};
+
+template <class MergeTest>
+struct L2Pooling {
+  bool merge_all;
+  MergeTest merge;
+  SOFTRANK_HD PavBlock item(const double* xs, index_t i) const {
+    return PavBlock{i, i + 1, xs[i], 0.0, 1.0, 0.0};
+  }
+  SOFTRANK_HD bool merges(const PavBlock& a, const PavBlock& b) const {
+    const double w = a.stat2 * b.stat2;
+    const double x = w * (a.ref - b.ref) + (b.stat2 * a.stat - a.stat2 * b.stat);
+    return merge_all || merge(x, w, 0.5 * (a.stat2 + b.stat2));
+  }
+  SOFTRANK_HD PavBlock pool(const PavBlock& a, const PavBlock& b) const {
+    return PavBlock{a.start, b.end, a.ref, a.stat + b.stat + b.stat2 * (b.ref - a.ref),
+                    b.stat2 + a.stat2, 0.0};
+  }
+};
+
+// stat = S, stat2 = tail = exp((xs[last] - ref) / eps). With kExactSums
+// (n <= 2^26, rank_kl_exact_sums) the block's R is carried in `tail`: every
+// partial sum is an integer below n (n + 1) / 2 <= 2^53, so it equals the
+// closed form bit for bit and saves computing it twice per test; longer rows
+// take the closed form.
+constexpr index_t kRankKlExactSumsMax = index_t{1} << 26;
+SOFTRANK_HD bool rank_kl_exact_sums(index_t n) { return n <= kRankKlExactSumsMax; }
+
+template <bool kExactSums>
+struct RankKlPooling {
+  bool merge_all;
+  index_t n;
+  const double* step;
+  SOFTRANK_HD PavBlock item(const double* xs, index_t i) const {
+    return PavBlock{i, i + 1, xs[i], 1.0, 1.0, kExactSums ? static_cast<double>(n - i) : 0.0};
+  }
+  SOFTRANK_HD bool merges(const PavBlock& a, const PavBlock& b) const {
+    const double decay = a.stat2 * step[b.start];
+    const double rho_a = kExactSums ? a.tail : rho_sum(n, a.start, b.start);
+    const double rho_b = kExactSums ? b.tail : rho_sum(n, b.start, b.end);
+    return merge_all || a.stat * rho_b <= decay * b.stat * rho_a;
+  }
+  SOFTRANK_HD PavBlock pool(const PavBlock& a, const PavBlock& b) const {
+    const double decay = a.stat2 * step[b.start];
+    return PavBlock{a.start, b.end, a.ref, a.stat + decay * b.stat, decay * b.stat2,
+                    kExactSums ? a.tail + b.tail : 0.0};
+  }
+};
+
 // The sort kl test of block A (earlier) against block B: true to merge.
 // eu = exp(-(ref_a - ref)) and ev = exp(-(s - sa)/eps), from the tables.
 SOFTRANK_HD bool sort_kl_merges(bool merge_all, const InverseScale& scale, index_t sa,
@@ -224,69 +151,118 @@ SOFTRANK_HD bool sort_kl_merges(bool merge_all, const InverseScale& scale, index
   return std::log(sum_rho_a * sum) - u <= std::log(sum_a * sum_rho) - v;
 }
 
-SOFTRANK_HD index_t pav_sort_kl(const double* xs, const double* step, const double* decay,
-                                index_t lo, index_t hi, double eps, BlockStack b) {
+// stat = S, stat2 = Q, tail = exp(xs[last] - ref).
+struct SortKlPooling {
+  bool merge_all;
+  InverseScale scale;
+  const double* step;
+  const double* decay;
+  SOFTRANK_HD PavBlock item(const double* xs, index_t i) const {
+    return PavBlock{i, i + 1, xs[i], 1.0, 1.0, 1.0};
+  }
+  SOFTRANK_HD bool merges(const PavBlock& a, const PavBlock& b) const {
+    return sort_kl_merges(merge_all, scale, a.start, a.ref, a.stat, a.stat2,
+                          a.tail * step[b.start], decay[b.start - a.start], b.start, b.ref,
+                          b.stat, b.stat2);
+  }
+  SOFTRANK_HD PavBlock pool(const PavBlock& a, const PavBlock& b) const {
+    const double eu = a.tail * step[b.start], ev = decay[b.start - a.start];
+    return PavBlock{a.start, b.end, a.ref, a.stat + eu * b.stat, a.stat2 + ev * b.stat2,
+                    eu * b.tail};
+  }
+};
+
+// eps = 0, the hard operator: the rank pools runs of equal values (tied
+// entries share their mean rank), the sort nothing.
+struct HardPooling {
+  Op op;
+  SOFTRANK_HD PavBlock item(const double* xs, index_t i) const {
+    return PavBlock{i, i + 1, xs[i], 0.0, 0.0, 0.0};
+  }
+  SOFTRANK_HD bool merges(const PavBlock& a, const PavBlock& b) const {
+    return op == Op::Rank && a.ref == b.ref;
+  }
+  SOFTRANK_HD PavBlock pool(const PavBlock& a, const PavBlock& b) const {
+    return PavBlock{a.start, b.end, a.ref, 0.0, 0.0, 0.0};
+  }
+};
+
+SOFTRANK_HD void store_block(BlockStack b, index_t k, const PavBlock& block) {
+  b.start[k] = block.start;
+  b.ref[k] = block.ref;
+  b.stat[k] = block.stat;
+  b.stat2[k] = block.stat2;
+  b.tail[k] = block.tail;
+}
+
+SOFTRANK_HD PavBlock load_block(BlockStack b, index_t k, index_t end) {
+  return PavBlock{b.start[k], end, b.ref[k], b.stat[k], b.stat2[k], b.tail[k]};
+}
+
+// PAV: pools the sorted positions [lo, hi) of a row (the whole row, or one
+// chunk of a long row: pav_chunks) into the stack `b`, from its slot 0, by
+// `rule`; block starts are positions in the row. Returns the block count.
+// The block being built (the top of the stack) lives in registers and only
+// the blocks below it in memory: a merge chain then never waits on a store it
+// has just made (store-to-load forwarding was most of the loop's time).
+template <class Rule>
+SOFTRANK_HD index_t pav_run(const Rule& rule, const double* xs, index_t lo, index_t hi,
+                            BlockStack b) {
   if (hi <= lo) return 0;
-  const bool merge_all = std::isinf(eps);
-  const InverseScale scale(eps);
-  auto merges = [&](index_t sa, double ref_a, double sum_a, double sum_rho_a, double eu,
-                    double ev, index_t s, double ref, double sum, double sum_rho) {
-    return sort_kl_merges(merge_all, scale, sa, ref_a, sum_a, sum_rho_a, eu, ev, s, ref, sum,
-                          sum_rho);
-  };
-  // As in pav_l2, the current block is kept in registers.
-  index_t top = 0;
-  index_t cur_start = lo;
-  double cur_ref = xs[lo], cur_sum = 1.0, cur_sum_rho = 1.0, cur_tail = 1.0;
+  index_t top = 0;  // blocks stored below the current one
+  PavBlock cur = rule.item(xs, lo);
   for (index_t i = lo + 1; i < hi; ++i) {
-    index_t s = i;
-    double ref = xs[i], sum = 1.0, sum_rho = 1.0, tail = 1.0;
-    {
-      const double eu = cur_tail * step[s], ev = decay[s - cur_start];
-      if (!merges(cur_start, cur_ref, cur_sum, cur_sum_rho, eu, ev, s, ref, sum, sum_rho)) {
-        b.start[top] = cur_start;
-        b.ref[top] = cur_ref;
-        b.stat[top] = cur_sum;
-        b.stat2[top] = cur_sum_rho;
-        b.tail[top] = cur_tail;
-        ++top;
-        cur_start = s;
-        cur_ref = ref;
-        cur_sum = sum;
-        cur_sum_rho = sum_rho;
-        cur_tail = tail;
-        continue;
-      }
-      sum = cur_sum + eu * sum;
-      sum_rho = cur_sum_rho + ev * sum_rho;
-      tail = eu * tail;
-      ref = cur_ref;
-      s = cur_start;
+    const PavBlock next = rule.item(xs, i);
+    if (!rule.merges(cur, next)) {
+      store_block(b, top++, cur);
+      cur = next;
+      continue;
     }
+    cur = rule.pool(cur, next);
     while (top > 0) {
-      const index_t sa = b.start[top - 1];
-      const double ref_a = b.ref[top - 1], sum_a = b.stat[top - 1], sum_rho_a = b.stat2[top - 1];
-      const double eu = b.tail[top - 1] * step[s], ev = decay[s - sa];
-      if (!merges(sa, ref_a, sum_a, sum_rho_a, eu, ev, s, ref, sum, sum_rho)) break;
-      sum = sum_a + eu * sum;
-      sum_rho = sum_rho_a + ev * sum_rho;
-      tail = eu * tail;
-      ref = ref_a;
-      s = sa;
+      const PavBlock below = load_block(b, top - 1, cur.start);
+      if (!rule.merges(below, cur)) break;
+      cur = rule.pool(below, cur);
       --top;
     }
-    cur_start = s;
-    cur_ref = ref;
-    cur_sum = sum;
-    cur_sum_rho = sum_rho;
-    cur_tail = tail;
   }
-  b.start[top] = cur_start;
-  b.ref[top] = cur_ref;
-  b.stat[top] = cur_sum;
-  b.stat2[top] = cur_sum_rho;
-  b.tail[top] = cur_tail;
+  store_block(b, top, cur);
   return top + 1;
+}
+
+// The rules of the soft operators for a given eps (> 0; inf pools everything).
+SOFTRANK_HD L2Pooling<RankL2Test> rank_l2_pooling(double eps) {
+  return L2Pooling<RankL2Test>{std::isinf(eps), RankL2Test{eps}};
+}
+SOFTRANK_HD L2Pooling<SortL2Test> sort_l2_pooling(double eps) {
+  return L2Pooling<SortL2Test>{std::isinf(eps), SortL2Test{eps}};
+}
+
+SOFTRANK_HD index_t pav_rank_l2(const double* xs, index_t lo, index_t hi, double eps,
+                                BlockStack b) {
+  return pav_run(rank_l2_pooling(eps), xs, lo, hi, b);
+}
+
+SOFTRANK_HD index_t pav_sort_l2(const double* xs, index_t lo, index_t hi, double eps,
+                                BlockStack b) {
+  return pav_run(sort_l2_pooling(eps), xs, lo, hi, b);
+}
+
+// The row has n positions; [lo, hi) is the part pooled here.
+SOFTRANK_HD index_t pav_rank_kl(const double* xs, const double* step, index_t lo, index_t hi,
+                                index_t n, double eps, BlockStack b) {
+  return rank_kl_exact_sums(n)
+             ? pav_run(RankKlPooling<true>{std::isinf(eps), n, step}, xs, lo, hi, b)
+             : pav_run(RankKlPooling<false>{std::isinf(eps), n, step}, xs, lo, hi, b);
+}
+
+SOFTRANK_HD index_t pav_sort_kl(const double* xs, const double* step, const double* decay,
+                                index_t lo, index_t hi, double eps, BlockStack b) {
+  return pav_run(SortKlPooling{std::isinf(eps), InverseScale(eps), step, decay}, xs, lo, hi, b);
+}
+
+SOFTRANK_HD index_t pav_hard(const double* xs, index_t lo, index_t hi, Op op, BlockStack b) {
+  return pav_run(HardPooling{op}, xs, lo, hi, b);
 }
 
 // --- Long rows: PAV by chunks -------------------------------------------------
@@ -305,72 +281,6 @@ SOFTRANK_HD index_t pav_chunk_count(index_t n) {
   return n >= kPavChunkedMin ? (n - 1) / kPavChunk + 1 : (n > 0 ? 1 : 0);
 }
 
-// One block as the merges between chunks see it: the stack's fields.
-struct PavBlock {
-  index_t start, end;  // sorted positions [start, end)
-  double ref, stat, stat2, tail;
-};
-
-// The merge test and pooled statistics of each loop above, for two adjacent
-// blocks A (earlier) and B: the same expressions as that loop's cascade.
-template <class MergeTest>
-struct L2Pooling {
-  bool merge_all;
-  MergeTest merge;
-  SOFTRANK_HD bool merges(const PavBlock& a, const PavBlock& b) const {
-    const double w = a.stat2 * b.stat2;
-    const double x = w * (a.ref - b.ref) + (b.stat2 * a.stat - a.stat2 * b.stat);
-    return merge_all || merge(x, w, 0.5 * (a.stat2 + b.stat2));
-  }
-  SOFTRANK_HD PavBlock pool(const PavBlock& a, const PavBlock& b) const {
-    return PavBlock{a.start, b.end, a.ref, a.stat + b.stat + b.stat2 * (b.ref - a.ref),
-                    b.stat2 + a.stat2, 0.0};
-  }
-};
-
-struct RankKlPooling {
-  bool merge_all;
-  index_t n;
-  const double* step;
-  SOFTRANK_HD bool merges(const PavBlock& a, const PavBlock& b) const {
-    const double decay = a.stat2 * step[b.start];
-    return merge_all ||
-           a.stat * rho_sum(n, b.start, b.end) <= decay * b.stat * rho_sum(n, a.start, b.start);
-  }
-  SOFTRANK_HD PavBlock pool(const PavBlock& a, const PavBlock& b) const {
-    const double decay = a.stat2 * step[b.start];
-    return PavBlock{a.start, b.end, a.ref, a.stat + decay * b.stat, decay * b.stat2, 0.0};
-  }
-};
-
-struct SortKlPooling {
-  bool merge_all;
-  InverseScale scale;
-  const double* step;
-  const double* decay;
-  SOFTRANK_HD bool merges(const PavBlock& a, const PavBlock& b) const {
-    return sort_kl_merges(merge_all, scale, a.start, a.ref, a.stat, a.stat2,
-                          a.tail * step[b.start], decay[b.start - a.start], b.start, b.ref,
-                          b.stat, b.stat2);
-  }
-  SOFTRANK_HD PavBlock pool(const PavBlock& a, const PavBlock& b) const {
-    const double eu = a.tail * step[b.start], ev = decay[b.start - a.start];
-    return PavBlock{a.start, b.end, a.ref, a.stat + eu * b.stat, a.stat2 + ev * b.stat2,
-                    eu * b.tail};
-  }
-};
-
-// eps = 0: the rank pools equal values (pav_hard), the sort nothing.
-struct HardPooling {
-  Op op;
-  SOFTRANK_HD bool merges(const PavBlock& a, const PavBlock& b) const {
-    return op == Op::Rank && a.ref == b.ref;
-  }
-  SOFTRANK_HD PavBlock pool(const PavBlock& a, const PavBlock& b) const {
-    return PavBlock{a.start, b.end, a.ref, 0.0, 0.0, 0.0};
-  }
-};
-
 // Joins the chunks' stacks. On entry chunk c's blocks are the stack slots
 // [first[c], last[c]) with first[c] = c * kPavChunk; on return the blocks of
 // the row are those of the chunks in order, each chunk's now [first[c],
@@ -382,14 +292,11 @@ struct HardPooling {
 template <class Pooling>
 SOFTRANK_HD void pav_merge_chunks(const Pooling& pooling, index_t n, index_t chunks, BlockStack b,
                                   index_t* first, index_t* last) {
-  auto load = [&](index_t k, index_t end) {
-    return PavBlock{b.start[k], end, b.ref[k], b.stat[k], b.stat2[k], b.tail[k]};
-  };
   index_t below = 0;  // the last chunk before c that still has blocks
   for (index_t c = 1; c < chunks; ++c) {
     const index_t chunk_end = (c + 1 < chunks) ? (c + 1) * kPavChunk : n;
     for (index_t j = first[c]; j < last[c]; ++j) {
-      PavBlock cur = load(j, j + 1 < last[c] ? b.start[j + 1] : chunk_end);
+      PavBlock cur = load_block(b, j, j + 1 < last[c] ? b.start[j + 1] : chunk_end);
       bool pooled = false;
       for (;;) {
         // The block below cur: chunk c's slot j - 1, or the top of an earlier chunk.
@@ -401,7 +308,7 @@ SOFTRANK_HD void pav_merge_chunks(const Pooling& pooling, index_t n, index_t chu
           if (first[below] == last[below]) break;  // cur is the row's first block
           k = last[below] - 1;
         }
-        const PavBlock a = load(k, cur.start);
+        const PavBlock a = load_block(b, k, cur.start);
         if (!pooling.merges(a, cur)) break;
         cur = pooling.pool(a, cur);
         pooled = true;
@@ -410,29 +317,12 @@ SOFTRANK_HD void pav_merge_chunks(const Pooling& pooling, index_t n, index_t chu
         else
           --last[below];
       }
-      b.start[j] = cur.start;
-      b.ref[j] = cur.ref;
-      b.stat[j] = cur.stat;
-      b.stat2[j] = cur.stat2;
-      b.tail[j] = cur.tail;
+      store_block(b, j, cur);
       if (!pooled) break;
       first[c] = j;
     }
     if (first[c] < last[c]) below = c;
   }
-}
-
-// eps = 0, the hard operator. Rank: blocks are the runs of equal values (tied
-// entries share their mean rank). Sort: singletons.
-SOFTRANK_HD index_t pav_hard(const double* xs, index_t lo, index_t hi, Op op, BlockStack b) {
-  index_t top = 0;
-  for (index_t i = lo; i < hi; ++i) {
-    if (op == Op::Rank && top > 0 && xs[i] == b.ref[top - 1]) continue;
-    b.start[top] = i;
-    b.ref[top] = xs[i];
-    ++top;
-  }
-  return top;
 }
 
 // Weighted isotonic regression, non-decreasing, by PAV. `w` may be null

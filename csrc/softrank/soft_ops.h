@@ -350,13 +350,14 @@ void soft_forward_sorted(index_t n, const OpSpec& spec, RowScratch& w, T* out,
     if (eps == 0.0) {
       pav_merge_chunks(HardPooling{op}, n, chunks, b, first, last);
     } else if (l2 && op == Op::Rank) {
-      auto test = [eps](double x, double w, double h) { return x <= eps * (h * w); };
-      pav_merge_chunks(L2Pooling<decltype(test)>{merge_all, test}, n, chunks, b, first, last);
+      pav_merge_chunks(rank_l2_pooling(eps), n, chunks, b, first, last);
     } else if (l2) {
-      auto test = [eps](double x, double w, double h) { return h * w <= x * eps; };
-      pav_merge_chunks(L2Pooling<decltype(test)>{merge_all, test}, n, chunks, b, first, last);
+      pav_merge_chunks(sort_l2_pooling(eps), n, chunks, b, first, last);
     } else if (op == Op::Rank) {
-      pav_merge_chunks(RankKlPooling{merge_all, n, step}, n, chunks, b, first, last);
+      if (rank_kl_exact_sums(n))
+        pav_merge_chunks(RankKlPooling<true>{merge_all, n, step}, n, chunks, b, first, last);
+      else
+        pav_merge_chunks(RankKlPooling<false>{merge_all, n, step}, n, chunks, b, first, last);
     } else {
       pav_merge_chunks(SortKlPooling{merge_all, scale, step, decay}, n, chunks, b, first, last);
     }
