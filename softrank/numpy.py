@@ -542,6 +542,7 @@ def _pullback(name: str, shape: Tuple[int, ...], fn: Callable, doc: str) -> Call
 
 def _projection_weights(w: Any, array: np.ndarray, ax: int, rows: np.ndarray):
     """``w`` in the row layout of ``rows``, and whether it was one vector for every row."""
+    n = rows.shape[1]
     if w is None:
         return np.broadcast_to(_operators.rho(n, rows.dtype), rows.shape), True
     w_array = np.asarray(w)
