@@ -21,7 +21,7 @@ from frameworks import require
 torch = require("torch")
 import softrank.numpy as srn  # noqa: E402
 import softrank.torch as srt  # noqa: E402
-from softrank import _engine  # noqa: E402
+from softrank import _engine, _operators  # noqa: E402
 from softrank._types import Regularization  # noqa: E402
 
 pytestmark = [
@@ -229,10 +229,38 @@ def test_quantile_of_empty_rows_and_of_n_zero_match_numpy():
 # --- first derivatives -----------------------------------------------------------
 
 
+def _pooled(name, reg, x, extra, dim=-1):
+    """Whether some PAV block of the forward pass at ``x`` (along ``dim``) holds several entries.
+
+    The tests of the derivatives assert it, so that they cover the block maps
+    (means and softmaxes over a block), not only singletons.
+    """
+    code = _engine.REG_KL if reg == "kl" else _engine.REG_L2
+    x = x.movedim(dim, -1)
+    extra = {key: value if value.dim() == 1 else value.movedim(dim, -1) for key, value in extra.items()}
+    n = x.shape[-1]
+    if name.startswith("isotonic"):
+        weights = extra["weights"] if "weights" in name else None
+        _, blocks = torch.ops.softrank.isotonic_forward(x, weights, "decreasing" not in name, code)
+    elif name.startswith("projection") or name == "topk":
+        w = {
+            "projection": lambda: torch.arange(n, 0, -1, dtype=x.dtype),
+            "projection_w": lambda: extra["w"],
+            "projection_w_full": lambda: extra["w_full"],
+            "topk": lambda: torch.from_numpy(_operators.topk_weights(n, 2, code, np.dtype(np.float64))),
+        }[name]().expand(x.shape)
+        *_, blocks = torch.ops.softrank.projection_forward(x, w, 0.7 if name == "topk" else 1.0, code)
+    else:
+        op = _engine.OP_RANK if name == "spearman" else _engine.OP_SORT
+        _, _, blocks = torch.ops.softrank.soft_forward(x, op, code, False, 0.6)
+    return bool((blocks != torch.arange(n, dtype=blocks.dtype)).any())
+
+
 @pytest.mark.parametrize("name, reg", CASES)
 def test_gradient_matches_finite_differences_and_the_numpy_pullback(name, reg):
     x = _spread(_x((6, 3), seed=4))
     extra = _extra((6, 3), 0)
+    assert _pooled(name, reg, x, extra, dim=0)
     f = _torch_fn(name, reg, extra, dim=0)
     value = f(x)
     cotangent = _x(value.shape, seed=5)
@@ -286,17 +314,6 @@ def test_isotonic_gradient_in_the_weights(reg):
     torch.testing.assert_close(grad_weights, torch.from_numpy(numpy_weights), rtol=1e-12, atol=1e-12)
 
 
-def _pooled(name, reg, x, extra):
-    """Whether the forward of ``name`` at ``x`` pools some PAV block (coverage of the block maps)."""
-    if name.startswith("isotonic"):
-        weights = extra["weights"] if "weights" in name else None
-        _, blocks = srt._OPS.isotonic_forward(x, weights, "decreasing" not in name,
-                                              _engine.REG_KL if reg == "kl" else _engine.REG_L2)
-    else:
-        return True  # soft rank / sort based, and the projections: covered by the scaled inputs
-    return bool((blocks != torch.arange(x.shape[-1])).any())
-
-
 # --- forward mode and torch.func ---------------------------------------------------
 
 
@@ -320,6 +337,7 @@ def test_forward_mode_gives_the_jacobian_times_the_tangent(name, reg):
 def test_func_grad_vjp_jacrev_jacfwd_match_finite_differences(name, reg):
     x = _spread(_x((2, 5), seed=14))
     extra = _extra((2, 5), -1)
+    assert _pooled(name, reg, x, extra)
     f = _torch_fn(name, reg, extra)
     jacobian = fd_jacobian(f, x)
     torch.testing.assert_close(torch.func.jacrev(f)(x), jacobian, rtol=RTOL, atol=ATOL)
@@ -339,8 +357,9 @@ def _cube_loss(f, weights):
 
 @pytest.mark.parametrize("name, reg", CASES)
 def test_second_derivatives_by_every_route_match_finite_differences(name, reg):
-    x = _spread(_x((2, 4), seed=16))
+    x = _spread(_x((2, 4), seed=23))
     extra = _extra((2, 4), -1)
+    assert _pooled(name, reg, x, extra)
     f = _torch_fn(name, reg, extra)
     g = _cube_loss(f, _x(f(x).shape, seed=17))
     want = fd_hessian(g, x)
@@ -362,8 +381,11 @@ def test_second_derivatives_by_every_route_match_finite_differences(name, reg):
 
 @pytest.mark.parametrize("name, reg", CASES)
 def test_gradcheck_and_gradgradcheck(name, reg):
-    x = _spread(_x((2, 5), seed=19)).requires_grad_(True)
-    f = _torch_fn(name, reg, _extra((2, 5), -1))
+    x = _spread(_x((2, 5), seed=19))
+    extra = _extra((2, 5), -1)
+    assert _pooled(name, reg, x, extra)
+    x.requires_grad_(True)
+    f = _torch_fn(name, reg, extra)
     assert torch.autograd.gradcheck(f, (x,), check_forward_ad=True, check_batched_grad=True,
                                     check_batched_forward_grad=True)
     assert torch.autograd.gradgradcheck(f, (x,), check_fwd_over_rev=True, check_rev_over_rev=True,
@@ -766,4 +788,4 @@ def test_public_names_and_signatures():
         hints = typing.get_type_hints(fn)
         assert hints["regularization"] == Regularization
         assert "dim" in hints and "axis" not in hints
-        assert fn.__doc__ and "Returns" in fn.__doc__ or name == "soft_median"
+        assert fn.__doc__
