@@ -76,7 +76,7 @@ import numpy as np
 from torch import Tensor
 from torch.autograd import forward_ad as _forward_ad
 
-from softrank import _derivatives, _engine, _host, _operators
+from softrank import _derivatives, _engine, _host, _layout, _operators
 from softrank._engine import OP_RANK, OP_SORT, REG_KL, REG_L2
 from softrank._types import Direction, Regularization
 from softrank._validate import (
@@ -977,13 +977,8 @@ def _to_last(x: Any, dim: Any, name: str):
     """``(x with dim last in its compute dtype, dim normalised, compute dtype)``."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    compute_dtype = _COMPUTE_DTYPE.get(x.dtype)
-    if compute_dtype is None:
-        if x.dtype.is_floating_point:
-            compute_dtype = torch.float32
-        else:
-            check_float_dtype_kind(_dtype_kind(x.dtype), _dtype_name(x.dtype), allow_int=False,
-                                   name=name)
+    compute_dtype = getattr(torch, _layout.compute_dtype_name(
+        _dtype_name(x.dtype), _dtype_kind(x.dtype), x.dtype.itemsize, allow_int=False, name=name))
     axis = check_axis(dim, x.dim(), name="dim", array_name=name)
     moved = x if axis == x.dim() - 1 else x.movedim(axis, -1)
     if compute_dtype is not x.dtype:
