@@ -88,14 +88,14 @@ from softrank._validate import (
 )
 
 __all__ = [
+    "isotonic_regression",
+    "permutahedron_projection",
+    "soft_median",
+    "soft_quantile",
     "soft_rank",
     "soft_sort",
-    "permutahedron_projection",
     "soft_topk_mask",
     "spearman",
-    "soft_quantile",
-    "soft_median",
-    "isotonic_regression",
 ]
 
 # float64 stays float64, float32 stays float32, every narrower float runs in float32.
@@ -702,7 +702,7 @@ class _Isotonic(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        y, weights, increasing, reg = inputs
+        y, weights, _, reg = inputs
         solution, block_start = output
         ctx.mark_non_differentiable(block_start)
         ctx.set_materialize_grads(False)
@@ -1053,10 +1053,11 @@ def permutahedron_projection(
 
     l2: ``argmin_{mu in P(w)} 1/2 ||mu - z||^2``; kl: ``log argmin_{mu in
     P(exp w)} KL(mu, exp z)``, where ``P(w)`` is the convex hull of the
-    permutations of ``w`` (Blondel et al. 2020, section 3). Soft rank is
-    ``P(-x / eps, rho)`` and soft sort ``P(rho / eps, x)``; other ``w`` give
-    other operators (:func:`soft_topk_mask`). O(n log n) per row: one sort of
-    each of z and w, then pool-adjacent-violators.
+    permutations of ``w`` (Blondel et al. 2020, section 3). ``soft_rank(x,
+    eps)`` is ``P(x / eps, rho)`` and the descending ``soft_sort(x, eps)`` is
+    ``P(rho / eps, x)``; other ``w`` give other operators
+    (:func:`soft_topk_mask`). O(n log n) per row: one sort of each of z and
+    w, then pool-adjacent-violators.
 
     Parameters
     ----------
@@ -1315,7 +1316,7 @@ def soft_quantile(
     """
     _no_jit()
     quantiles, scalar = _quantile_levels(q)
-    moved, axis, dtype = _to_last(x, dim, "x")
+    moved = _to_last(x, dim, "x")[0]
     s = soft_sort(moved, eps, regularization=regularization)
     value = _operators.quantile_from_sorted(_TORCH_OPS, s, quantiles, scalar)
     return value if value.dtype == x.dtype else value.to(x.dtype)

@@ -304,7 +304,7 @@ def test_isotonic_gradient_in_the_weights(reg):
     leaves = [y.clone().requires_grad_(True), weights.clone().requires_grad_(True)]
     grad_y, grad_weights = torch.autograd.grad(
         srt.isotonic_regression(leaves[0], weights=leaves[1], regularization=reg), leaves, cotangent)
-    f = lambda t: srt.isotonic_regression(y, weights=t, regularization=reg)  # noqa: E731
+    f = lambda t: srt.isotonic_regression(y, weights=t, regularization=reg)
     want = _pull(fd_jacobian(f, weights), cotangent)
     assert want.abs().max() > 0.05
     torch.testing.assert_close(grad_weights, want, rtol=RTOL, atol=ATOL)
@@ -346,7 +346,7 @@ def test_func_grad_vjp_jacrev_jacfwd_match_finite_differences(name, reg):
     value, pullback = torch.func.vjp(f, x)
     torch.testing.assert_close(value, f(x), rtol=0, atol=0)
     torch.testing.assert_close(pullback(cotangent)[0], _pull(jacobian, cotangent), rtol=RTOL, atol=ATOL)
-    g = lambda t: (f(t) * cotangent).sum()  # noqa: E731
+    g = lambda t: (f(t) * cotangent).sum()
     torch.testing.assert_close(torch.func.grad(g)(x), _pull(jacobian, cotangent), rtol=RTOL, atol=ATOL)
 
 
@@ -409,7 +409,7 @@ def test_second_derivatives_in_w_and_in_the_weights(reg):
         assert torch.autograd.gradgradcheck(fn, leaves, check_fwd_over_rev=True)
         # the Hessian in the second input by forward over reverse and forward over forward
         cube = _x(inputs[0].shape, seed=24)
-        g = lambda b: (fn(inputs[0], b) * cube).pow(3).sum()  # noqa: B023, E731
+        g = lambda b: (fn(inputs[0], b) * cube).pow(3).sum()  # noqa: B023
         want = fd_hessian(g, inputs[1])
         torch.testing.assert_close(torch.func.hessian(g)(inputs[1]), want, rtol=RTOL2, atol=ATOL2)
         torch.testing.assert_close(torch.func.jacfwd(torch.func.jacfwd(g))(inputs[1]), want,
