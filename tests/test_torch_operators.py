@@ -789,3 +789,30 @@ def test_public_names_and_signatures():
         assert hints["regularization"] == Regularization
         assert "dim" in hints and "axis" not in hints
         assert fn.__doc__
+
+
+@pytest.mark.parametrize("reg", REGS)
+def test_rows_with_nan_are_nan_in_value_and_gradient_like_numpy(reg):
+    x = _spread(_x((3, 5), seed=56))
+    x[1, 2] = float("nan")
+    cotangent = _x((3, 5), seed=57)
+    for name in ("projection_w", "isotonic_weights_decreasing", "topk"):
+        extra = _extra((3, 5), -1)
+        leaf = x.clone().requires_grad_(True)
+        out = _torch_fn(name, reg, extra)(leaf)
+        (grad,) = torch.autograd.grad(out, leaf, cotangent)
+        want, numpy_vjp = _numpy_with_vjp(name, reg, extra, x)
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12, equal_nan=True)
+        torch.testing.assert_close(grad, numpy_vjp(cotangent), rtol=1e-12, atol=1e-12, equal_nan=True)
+        assert bool(out[1].isnan().all()) and bool(grad[1].isnan().all())
+        assert not bool(out[[0, 2]].isnan().any()) and not bool(grad[[0, 2]].isnan().any())
+
+
+def test_tensor_eps_works_eagerly_and_raises_clearly_under_compile():
+    x = _x((2, 6), seed=58)
+    eps = torch.tensor(0.5, dtype=torch.float64)
+    torch.testing.assert_close(srt.soft_topk_mask(x, 2, eps), srt.soft_topk_mask(x, 2, 0.5), rtol=0, atol=0)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t, e: srt.soft_topk_mask(t, 2, e), fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match=r"eps must be a Python number under torch.compile"):
+        compiled(x, eps)
