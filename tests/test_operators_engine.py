@@ -201,6 +201,7 @@ def test_eps_inf_is_one_block(eng, reg):
         np.testing.assert_array_equal(bs[0], np.zeros(n))
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # brute force
 def test_kl_minus_infinity_in_w(eng):
     """kl with zeros of e^w: the top-k mask. Against the brute force with those w set to
     -40 (e^-40 is below float64's resolution next to the other entries) and against
