@@ -176,6 +176,7 @@ def test_eps_zero_is_hard_limit(eng, reg):
     for n in (1, 2, 5, 17, 40):
         for _ in range(4):
             z = rng.integers(-3, 4, size=n).astype(np.float64)
+            z[z == 0] = np.where(rng.random(np.count_nonzero(z == 0)) < 0.5, 0.0, -0.0)
             w = rng.normal(size=n) * 2.0
             got = _project(eng, z, w, 0.0, reg)
             np.testing.assert_allclose(got, _hard_limit(z, w, reg), rtol=1e-14, atol=1e-14)
@@ -301,6 +302,53 @@ def test_structure_perms_and_blocks(eng, reg, dtype):
                 assert np.ptp(v[r, a:b]) <= tol, (eps, r, a, b)
             heads = v[r, starts]
             assert np.all(np.diff(heads) < tol), (eps, r)
+
+
+def _logcumsumexp(a):
+    top = np.max(a)
+    return top + np.log(np.cumsum(np.exp(a - top)))
+
+
+@pytest.mark.parametrize("reg", [L2, KL])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_large_rows_optimality_certificate(eng, reg, dtype):
+    """n beyond the small-n sorting paths: the output is certified optimal by the isotonic
+    dual's conditions. With s = z / eps and ws = w sorted decreasingly, and out sorted
+    like z (so), v = s - so must be constant on each block, decreasing across blocks, and
+    on each block so must be majorized by ws: prefix sums (l2) / prefix log-sum-exps (kl)
+    of so at most those of ws, equal over the whole block (so the block's v is the
+    mean / LSE difference and no block can be split)."""
+    rng = np.random.default_rng(13)
+    for n in (129, 300, 1000):
+        z = rng.normal(size=(3, n)) * 2.0
+        z[0] = rng.integers(-20, 21, size=n)  # many ties
+        w = rng.normal(size=(3, n)) * 2.0
+        w[1] = rng.integers(-5, 6, size=n)
+        z, w = np.ascontiguousarray(z, dtype), np.ascontiguousarray(w, dtype)
+        for eps in (0.01, 1.0, 100.0):
+            out, pz, pw, bs = eng.projection_forward(z, w, eps, reg)
+            np.testing.assert_array_equal(pz, np.argsort(-z, axis=1, kind="stable"))
+            np.testing.assert_array_equal(pw, np.argsort(-w, axis=1, kind="stable"))
+            _check_blocks(bs)
+            for r in range(3):
+                srt = z[r].astype(np.float64)[pz[r]] / eps
+                so = out[r].astype(np.float64)[pz[r]]
+                ws = w[r].astype(np.float64)[pw[r]]
+                v = srt - so
+                unit = 1e-5 if dtype == np.float32 else 1e-12
+                tol = unit * (1.0 + np.abs(srt).max() + np.abs(ws).max()) * np.sqrt(n)
+                starts = np.unique(bs[r])
+                assert np.all(np.diff(v[starts]) < tol), (n, eps, r)
+                for a, b in zip(starts, list(starts[1:]) + [n]):
+                    assert np.ptp(v[a:b]) <= tol, (n, eps, r, a, b)
+                    if reg == L2:
+                        lhs, rhs = np.cumsum(so[a:b]), np.cumsum(ws[a:b])
+                        block_tol = tol * (b - a)
+                    else:
+                        lhs, rhs = _logcumsumexp(so[a:b]), _logcumsumexp(ws[a:b])
+                        block_tol = tol
+                    assert np.all(lhs <= rhs + block_tol), (n, eps, r, a, b)
+                    assert abs(lhs[-1] - rhs[-1]) <= block_tol, (n, eps, r, a, b)
 
 
 @pytest.mark.parametrize("reg", [L2, KL])
