@@ -81,9 +81,9 @@ def _assert_grad(got, expected, tol=1e-6):
 # permutahedron_projection
 
 
-@pytest.mark.parametrize("regularization", REGS)
-def test_projection_matches_bruteforce(backend, regularization):
+def _projection_brute_cases():
     rng = np.random.default_rng(20)
+    cases = []
     for n in range(1, 7):
         for ties in (False, True):
             if ties:
@@ -92,13 +92,26 @@ def test_projection_matches_bruteforce(backend, regularization):
             else:
                 z = rng.normal(size=n) * 2.0
                 w = rng.normal(size=n) * 2.0
-            got = srn.permutahedron_projection(z, w, regularization=regularization)
-            ref = R.project_bruteforce(z, w, regularization)
-            assert R.rel_err(got, ref) <= 1e-9, (z, w, got, ref)
-    # default w = rho = (n, ..., 1)
-    z = rng.normal(size=5)
-    np.testing.assert_allclose(srn.permutahedron_projection(z, regularization=regularization),
-                               R.project_bruteforce(z, _rho(5), regularization), rtol=1e-9)
+            cases.append((z, w))
+    cases.append((rng.normal(size=5), None))  # default w = rho = (n, ..., 1)
+    return cases
+
+
+@pytest.fixture(scope="module")
+def projection_brute():
+    """Brute-force projections of the cases, computed once for every engine."""
+    cases = _projection_brute_cases()
+    refs = {reg: [R.project_bruteforce(z, _rho(len(z)) if w is None else w, reg)
+                  for z, w in cases] for reg in REGS}
+    return cases, refs
+
+
+@pytest.mark.parametrize("regularization", REGS)
+def test_projection_matches_bruteforce(backend, projection_brute, regularization):
+    cases, refs = projection_brute
+    for (z, w), ref in zip(cases, refs[regularization]):
+        got = srn.permutahedron_projection(z, w, regularization=regularization)
+        assert R.rel_err(got, ref) <= 1e-9, (z, w, got, ref)
 
 
 @pytest.mark.parametrize("regularization", REGS)
@@ -265,21 +278,34 @@ def _hard_topk(x, k):
     return out
 
 
-@pytest.mark.parametrize("regularization", REGS)
-def test_topk_matches_bruteforce(backend, regularization):
+def _topk_brute_cases():
     rng = np.random.default_rng(30)
-    for n in range(1, 7):
-        for k in range(1 if regularization == "kl" else 0, n + 1):
-            x = rng.normal(size=n)
-            eps = float(rng.choice([0.2, 1.0, 3.0]))
-            ones = np.zeros(n)
-            ones[:k] = 1.0
-            got = srn.soft_topk_mask(x, k, eps, regularization=regularization)
-            if regularization == "l2":
-                ref = R.project_bruteforce(x / eps, ones, "l2")
-            else:
-                ref = np.exp(R.project_bruteforce(x / eps, np.where(ones > 0, 0.0, -40.0), "kl"))
-            np.testing.assert_allclose(got, ref, rtol=0, atol=1e-9)
+    return [(rng.normal(size=n), k, float(rng.choice([0.2, 1.0, 3.0])))
+            for n in range(1, 7) for k in range(0, n + 1)]
+
+
+@pytest.fixture(scope="module")
+def topk_brute():
+    """The masks by brute force (kl: the zeros of e^w as e^-40), computed once."""
+    cases = _topk_brute_cases()
+    refs = {"l2": [], "kl": []}
+    for x, k, eps in cases:
+        ones = (np.arange(len(x)) < k).astype(np.float64)
+        refs["l2"].append(R.project_bruteforce(x / eps, ones, "l2"))
+        with np.errstate(over="ignore"):  # the reference's line search tries long steps
+            refs["kl"].append(None if k == 0 else np.exp(
+                R.project_bruteforce(x / eps, np.where(ones > 0, 0.0, -40.0), "kl")))
+    return cases, refs
+
+
+@pytest.mark.parametrize("regularization", REGS)
+def test_topk_matches_bruteforce(backend, topk_brute, regularization):
+    cases, refs = topk_brute
+    for (x, k, eps), ref in zip(cases, refs[regularization]):
+        if ref is None:  # kl needs k >= 1
+            continue
+        got = srn.soft_topk_mask(x, k, eps, regularization=regularization)
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("regularization", REGS)
