@@ -1,11 +1,22 @@
-"""softrank for TensorFlow: soft rank and soft sort, differentiable in every mode.
+"""softrank for TensorFlow: soft rank, soft sort and the operators on the permutahedron.
 
-``soft_rank`` and ``soft_sort`` act along any ``axis`` of a tensor of any
-(statically known) rank. The forward pass runs the CPU engine on the host
-(tensors on a GPU are copied to the host and back) and stores the
-permutation and the PAV blocks (int32), so every derivative costs O(n) per
-row. float16 and bfloat16 are computed in float32 and returned in their own
-dtype; integer, bool and complex tensors raise TypeError.
+``soft_rank``, ``soft_sort``, ``permutahedron_projection``,
+``soft_topk_mask``, ``spearman``, ``soft_quantile``, ``soft_median`` and
+``isotonic_regression`` act along any ``axis`` of a tensor of any (statically
+known) rank, with the same arguments and values as :mod:`softrank.numpy`. The
+forward pass runs the CPU engine on the host (tensors on a GPU are copied to
+the host and back) and stores the permutations and the PAV blocks, so every
+derivative costs O(n) per row. float16 and bfloat16 are computed in float32
+and returned in their own dtype; integer, bool and complex inputs raise
+TypeError (targets, ``w`` and weights may be integers).
+
+The derivatives of ``permutahedron_projection``, ``soft_topk_mask`` and
+``isotonic_regression`` are TensorFlow ops over the stored structure
+(:mod:`softrank._derivatives`), so TensorFlow differentiates them again: they
+are differentiable to any order, in reverse and forward mode, in both
+regularizations. ``spearman``, ``soft_quantile`` and ``soft_median`` are
+built from ``soft_rank`` / ``soft_sort`` and have exactly their derivatives
+(below).
 
 What works, and what does not
 -----------------------------
@@ -14,7 +25,8 @@ Eager execution, ``tf.function``, ``tf.GradientTape`` (``gradient``,
 from outside), ``tf.autodiff.ForwardAccumulator``, Keras training and the
 ``.keras`` format.
 
-Derivatives: the first derivative in reverse and forward mode; the second
+Derivatives of soft_rank and soft_sort (and so of spearman, soft_quantile
+and soft_median): the first derivative in reverse and forward mode; the second
 derivative by nested tapes (reverse-over-reverse), a ForwardAccumulator
 around a tape (forward-over-reverse, e.g. Hessian-vector products) and a
 tape around a ForwardAccumulator (reverse-over-forward), eagerly, inside a

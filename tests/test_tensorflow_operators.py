@@ -439,6 +439,79 @@ def test_mixed_second_derivatives_in_w_and_weights(regularization):
            np.sum(_central(grad_weights, y, dy, h=1e-5) * weights.numpy()), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("regularization", ["l2", "kl"])
+def test_third_derivatives_of_the_projection_and_isotonic_regression(regularization):
+    # Their derivatives are TensorFlow ops, so derivatives of any order exist (l2: zero
+    # tensors, never None): the third, against central differences of the second.
+    z = tf.constant(_normal((2, 5), 60) * 1.5)
+    w = tf.constant(_normal((2, 5), 61))
+    c, u = tf.constant(_normal((2, 5), 62)), tf.constant(_normal((2, 5), 63)) * 0.1
+    v, v2 = tf.constant(_normal((2, 5), 64)), tf.constant(_normal((2, 5), 65))
+    for fn in (lambda t: srtf.permutahedron_projection(t, w, regularization=regularization),
+               lambda t: srtf.soft_topk_mask(t, 2, 0.8, regularization=regularization),
+               lambda t: srtf.isotonic_regression(t, weights=tf.abs(w) + 0.5,
+                                                  regularization=regularization)):
+        def second(t):
+            with tf.GradientTape() as outer:
+                outer.watch(t)
+                directional = tf.reduce_sum(_gradient(fn, t, c, u) * v)
+            return outer.gradient(directional, t)
+
+        with tf.GradientTape() as third:
+            third.watch(z)
+            directional = tf.reduce_sum(second(z) * v2)
+        _close(third.gradient(directional, z), _central(second, z, v2, h=1e-4),
+               rtol=1e-5, atol=1e-6)
+
+
+def test_saved_model_reloads_in_a_fresh_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import softrank
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(softrank.__file__)))
+    save = """
+import sys, numpy as np, tensorflow as tf
+import softrank.tensorflow as srtf
+
+def ops(x):
+    return (srtf.permutahedron_projection(x, regularization="kl")
+            + srtf.soft_topk_mask(x, 2, 0.5) + srtf.isotonic_regression(x, weights=x * 0 + 2.0)
+            + srtf.spearman(x, x[::-1], 0.5)[:, None] + srtf.soft_quantile(x, 0.3, 0.5)[:, None])
+
+class Module(tf.Module):
+    @tf.function(input_signature=[tf.TensorSpec([None, 5], tf.float64)])
+    def f(self, x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(ops(x) ** 2)
+        return ops(x), tape.gradient(loss, x)
+
+tf.saved_model.save(Module(), sys.argv[1])
+"""
+    load = save.split("class Module")[0] + """
+x = tf.constant(np.random.default_rng(0).normal(size=(3, 5)))
+loaded = tf.saved_model.load(sys.argv[1])
+y, grad = loaded.f(x)
+with tf.GradientTape() as tape:
+    tape.watch(x)
+    want = ops(x)
+    loss = tf.reduce_sum(want ** 2)
+np.testing.assert_allclose(y.numpy(), want.numpy(), rtol=1e-13, atol=1e-13)
+np.testing.assert_allclose(grad.numpy(), tape.gradient(loss, x).numpy(), rtol=1e-13, atol=1e-13)
+print("reloaded")
+"""
+    env = dict(os.environ, PYTHONPATH=root)
+    path = str(tmp_path / "model")
+    for code in (save, load):
+        proc = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
+                              env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reloaded" in proc.stdout
+
+
 @pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[6], CASES[11]], ids=repr)
 def test_tape_jacobian_equals_numpy_pullbacks(case):
     x = tf.constant(_x(case, 13))
