@@ -53,6 +53,7 @@ cannot be compiled); use ``jit_compile=False`` (Keras:
 """
 from __future__ import annotations
 
+import math
 from collections.abc import MutableMapping
 from typing import Any, List, NamedTuple, Sequence
 
@@ -121,11 +122,20 @@ def _unavailable_derivative_callback(x, upstream):
     raise NotImplementedError(_HIGHER_ORDER_ERROR)
 
 
+def _segments(block_start: np.ndarray) -> np.ndarray:
+    """``block_start`` offset by each row's first flat position: one id per block of the
+    whole array, the segment ids of :meth:`_TensorFlowOps.block_sum`."""
+    n = block_start.shape[-1]
+    rows = math.prod(block_start.shape[:-1])
+    offsets = (np.arange(rows, dtype=np.int64) * n).reshape(block_start.shape[:-1] + (1,))
+    return block_start + offsets
+
+
 def _projection_callback(reg):
     def projection(z, w, params):
-        """``[eps]`` in ``params``; the value and the integer state of the projection."""
+        """``[eps]`` in ``params``; the value, the integer state and the block segments."""
         out, state = _host.projection(z, w, float(params[0]), reg)
-        return (out, *state)
+        return (out, *state, _segments(state.block_start))
 
     return projection
 
@@ -141,7 +151,8 @@ def _isotonic_callback(reg):
         if weights is not None and not np.all(np.isfinite(weights) & (weights > 0)):
             # Values traced in a graph are only known here (raised as InvalidArgumentError).
             raise ValueError(f"{_WEIGHTS_ERROR} (in {weights.dtype})")
-        return _host.isotonic(y, weights, bool(params[0]), reg)
+        solution, block_start = _host.isotonic(y, weights, bool(params[0]), reg)
+        return solution, block_start, _segments(block_start)
 
     return isotonic
 
@@ -592,7 +603,12 @@ def soft_sort(
 
 
 class _TensorFlowOps:
-    """The ops namespace of :mod:`softrank._derivatives` and :mod:`softrank._operators`."""
+    """The ops namespace of :mod:`softrank._derivatives` and :mod:`softrank._operators`.
+
+    ``segments`` (from the forward pass's callback, see :func:`_segments`) names
+    the PAV blocks of the ``block_start`` that the derivative formulas pass to
+    :meth:`block_sum`, so a block sum is one segment sum and one gather.
+    """
 
     exp = staticmethod(tf.exp)
     log = staticmethod(tf.math.log)
@@ -600,21 +616,19 @@ class _TensorFlowOps:
     ones_like = staticmethod(tf.ones_like)
     stop_gradient = staticmethod(tf.stop_gradient)
 
+    def __init__(self, segments: Any = None):
+        self.segments = segments
+
     @staticmethod
     def take(a, index):
         return tf.gather(a, index, batch_dims=index.shape.rank - 1)
 
-    @staticmethod
-    def block_sum(v, block_start):
-        # Offsetting each row's block starts by the row's first flat position names
-        # every block of the tensor by one segment: one segment sum, gathered back.
-        shape = tf.shape(block_start, out_type=block_start.dtype)
-        n = shape[-1]
-        rows = tf.reduce_prod(shape[:-1])
-        offsets = tf.reshape(tf.range(rows, dtype=block_start.dtype) * n,
-                             tf.concat([shape[:-1], tf.ones([1], block_start.dtype)], 0))
-        segments = block_start + offsets
-        return tf.gather(tf.math.unsorted_segment_sum(v, segments, rows * n), segments)
+    def block_sum(self, v, block_start):
+        segments = self.segments
+        count = segments.shape.num_elements()
+        if count is None:
+            count = tf.size(segments, out_type=segments.dtype)
+        return tf.gather(tf.math.unsorted_segment_sum(v, segments, count), segments)
 
     @staticmethod
     def nan_of(a):
@@ -639,7 +653,7 @@ class _TensorFlowOps:
 
 
 _OPS = _TensorFlowOps()
-_STATE_DTYPES = [tf.int64] * 5  # perm_z, inv_z, perm_w, inv_w, block_start
+_STATE_DTYPES = [tf.int64] * 6  # perm_z, inv_z, perm_w, inv_w, block_start, segments
 
 
 def _reg_name(reg: int) -> str:
@@ -669,7 +683,8 @@ def _projection_op(z: tf.Tensor, w: tf.Tensor, reg: int, eps: float, need_w: boo
         def grad(cotangent):
             z_, w_, out_, cotangent_, *state_ = _in_current_graph([z, w, out, cotangent, *state])
             grads = _derivatives.projection_vjp(
-                _OPS, z_, w_, out_, state_, cotangent_, eps, reg, need_w=need_w)
+                _TensorFlowOps(state_[-1]), z_, w_, out_, state_[:-1], cotangent_, eps, reg,
+                need_w=need_w)
             return (*_connected(grads, z_, w_, cotangent_), None)
 
         return out, grad
@@ -686,15 +701,16 @@ def _isotonic_op(y: tf.Tensor, weights: Any, increasing: bool, reg: int) -> tf.T
 
     @tf.custom_gradient
     def isotonic(y, params, *weighted):
-        solution, block_start = _host_call(name, [y, *weighted, params], [y.dtype, tf.int64],
-                                           y.shape)
+        solution, block_start, segments = _host_call(
+            name, [y, *weighted, params], [y.dtype, tf.int64, tf.int64], y.shape)
 
         def grad(cotangent):
-            y_, solution_, block_start_, cotangent_, *weighted_ = _in_current_graph(
-                [y, solution, block_start, cotangent, *weighted])
+            y_, solution_, block_start_, segments_, cotangent_, *weighted_ = _in_current_graph(
+                [y, solution, block_start, segments, cotangent, *weighted])
             weights_ = weighted_[0] if weighted_ else None
             grad_y, grad_weights = _derivatives.isotonic_vjp(
-                _OPS, y_, weights_, solution_, block_start_, cotangent_, reg)
+                _TensorFlowOps(segments_), y_, weights_, solution_, block_start_, cotangent_,
+                reg)
             grad_y, grad_weights = _connected(
                 [grad_y, grad_weights], y_, y_ if weights_ is None else weights_, cotangent_)
             return (grad_y, None, *([grad_weights] if weighted_ else []))
@@ -721,13 +737,14 @@ def _structure_gradient(name, inputs, outputs, upstream):
         # by it and the result again is the formula at that eps.
         scale = tf.cast(tf.where((eps == 0.0) | tf.math.is_inf(eps), tf.zeros_like(eps),
                                  1.0 / eps), z.dtype)
-        grads = _derivatives.projection_vjp(_OPS, z * scale, w, outputs[0], outputs[1:],
-                                            upstream, 1.0, reg)
+        grads = _derivatives.projection_vjp(_TensorFlowOps(outputs[-1]), z * scale, w,
+                                            outputs[0], outputs[1:-1], upstream, 1.0, reg)
         grad_z, grad_w = _connected(grads, z, w, upstream)
         return [grad_z * scale, grad_w, None]
     y, *weighted, _ = inputs
     weights = weighted[0] if weighted else None
-    grads = _derivatives.isotonic_vjp(_OPS, y, weights, outputs[0], outputs[1], upstream, reg)
+    grads = _derivatives.isotonic_vjp(_TensorFlowOps(outputs[2]), y, weights, outputs[0],
+                                      outputs[1], upstream, reg)
     grad_y, grad_weights = _connected(grads, y, y if weights is None else weights, upstream)
     return [grad_y, *([grad_weights] if weighted else []), None]
 
