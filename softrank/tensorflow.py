@@ -73,7 +73,7 @@ except ImportError as exc:
 from tensorflow.python.eager import forwardprop_util
 from tensorflow.python.ops import control_flow_util, script_ops
 
-from softrank import _derivatives, _host, _operators
+from softrank import _derivatives, _host, _layout, _operators
 from softrank._engine import OP_RANK, OP_SORT, REG_KL
 from softrank._types import Direction, Regularization
 from softrank._validate import (
@@ -757,7 +757,7 @@ def _axis_last(x: tf.Tensor, ax: int) -> tf.Tensor:
     ndim = x.shape.rank
     if ax == ndim - 1:
         return x
-    return tf.transpose(x, [i for i in range(ndim) if i != ax] + [ax])
+    return tf.transpose(x, _layout.axis_last_order(ndim, ax)[0])
 
 
 def _axis_back(x: tf.Tensor, ax: int) -> tf.Tensor:
@@ -765,8 +765,7 @@ def _axis_back(x: tf.Tensor, ax: int) -> tf.Tensor:
     ndim = x.shape.rank
     if ax == ndim - 1:
         return x
-    order = [i for i in range(ndim) if i != ax] + [ax]
-    return tf.transpose(x, np.argsort(order).tolist())
+    return tf.transpose(x, _layout.axis_last_order(ndim, ax)[1])
 
 
 def _prepare(x: Any, axis: Any, name: str):
