@@ -1,4 +1,4 @@
-"""softrank for JAX: soft rank and soft sort as JAX primitives.
+"""softrank for JAX: soft rank, soft sort and the operators on the permutahedron.
 
 ``soft_rank`` and ``soft_sort`` act along any ``axis`` of an array of any
 shape, with or without ``jax_enable_x64``, and work under every JAX
@@ -56,6 +56,20 @@ name, so an old export either runs unchanged or fails to find its target.
 ``eps``, ``regularization`` and ``direction`` are static: pass Python values
 (a traced ``eps`` raises). float16 and bfloat16 are computed in float32 and
 returned in their own dtype; integer and bool arrays raise TypeError.
+
+The operators on the permutahedron: ``spearman``, ``soft_quantile`` and
+``soft_median`` are jax compositions of ``soft_rank`` / ``soft_sort``, so
+they share everything above. ``permutahedron_projection``,
+``soft_topk_mask`` and ``isotonic_regression`` run the engine's forward pass
+through ``jax.pure_callback`` on every platform (one call per operator,
+folded over ``vmap``), as a ``jax.custom_jvp`` whose rule is the shared
+derivative formulas (:mod:`softrank._derivatives`) in jax operations: every
+derivative transform (reverse mode by transposition, any order) and
+``vmap``, ``jit``, ``shard_map`` work; under ``jit`` with a sharded batch the
+callback runs on one device (XLA gathers the batch there; the values are
+right), and ``jax.export`` raises NotImplementedError (a callback cannot be
+serialized). Their integer arguments (``k``, ``q``, ``increasing``) are
+static.
 """
 from __future__ import annotations
 
@@ -688,7 +702,10 @@ def _tangent(t):
 
 
 def _integer_tangents(state):
-    return tuple(np.zeros(s.shape, dtype=jax.dtypes.float0) for s in state)
+    """The (symbolic zero) tangents of the integer outputs, typed like them
+    (shape, and the varying mesh axes inside shard_map)."""
+    return tuple(jax.custom_derivatives.SymbolicZero(jax.typeof(s).to_tangent_aval())
+                 for s in state)
 
 
 def _keep_nan_rows(t_out, out):
