@@ -453,6 +453,40 @@ def test_jit_with_static_k_q_and_eps():
                                rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("reg", REGS)
+def test_linearize_checkpoint_scan_and_pmap(reg):
+    """Against softrank.numpy's values and pullbacks (z and w of the projection)."""
+    rng = _rng(24)
+    Z, w = 2.0 * rng.normal(size=(4, 5)), rng.normal(size=5)
+    C, T = rng.normal(size=(4, 5)), rng.normal(size=(4, 5))
+
+    def proj(a, b):
+        return srj.permutahedron_projection(a, b, regularization=reg)
+
+    value, np_vjp = srn.permutahedron_projection_with_vjp(Z, w, regularization=reg)
+    out, linear = jax.linearize(lambda a: proj(a, w), Z)
+    np.testing.assert_allclose(np.asarray(out), value, rtol=1e-12, atol=1e-12)
+    want = np.tensordot(_fd_jacobian(lambda a: proj(a, w), (Z,), 0), T, axes=2)
+    np.testing.assert_allclose(np.asarray(linear(T)), want, rtol=1e-6, atol=1e-7)
+
+    loss = jax.checkpoint(lambda a, b: jnp.sum(C * proj(a, b)))
+    for got, ref in zip(jax.grad(loss, argnums=(0, 1))(Z, w), np_vjp(C)):
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-10, atol=1e-12)
+
+    def step(carry, row):  # one row per step; the carry accumulates the loss
+        return carry + jnp.sum(row[1] * proj(row[0], w)), None
+
+    grads = jax.grad(lambda a: jax.lax.scan(step, 0.0, (a, C))[0])(Z)
+    np.testing.assert_allclose(np.asarray(grads), np_vjp(C)[0], rtol=1e-10, atol=1e-12)
+
+    devices = jax.local_device_count()
+    batch = Z[:devices].reshape(devices, 1, 5)
+    got = jax.pmap(lambda a: srj.isotonic_regression(a, regularization=reg))(batch)
+    np.testing.assert_allclose(np.asarray(got).reshape(devices, 5),
+                               srn.isotonic_regression(Z[:devices], regularization=reg),
+                               rtol=1e-12, atol=1e-12)
+
+
 # --- eps -> 0 limits --------------------------------------------------------------------
 
 
