@@ -622,10 +622,9 @@ def _host_lowering(ctx, *args, host, **params):
     if getattr(ctx.module_context.lowering_parameters, "for_export", False):
         raise NotImplementedError(
             "softrank.jax: permutahedron_projection, soft_topk_mask and isotonic_regression "
-            "run the engine through jax.pure_callback, which jax.export cannot serialize; "
-            "export the functions that use them is not supported (soft_rank, soft_sort, "
-            "spearman, soft_quantile and soft_median export on the CPU, see "
-            "export_disabled_checks)")
+            "run the engine through jax.pure_callback, which jax.export cannot serialize, so "
+            "a function that calls them cannot be exported; soft_rank, soft_sort, spearman, "
+            "soft_quantile and soft_median can (on the CPU, see export_disabled_checks)")
     results = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ctx.avals_out)
 
     def call(*operands):
@@ -1016,7 +1015,7 @@ def soft_quantile(
     eps = check_eps(_static(eps, "eps", "Python number"))
     check_regularization(regularization)
     quantiles, scalar = _operators.check_quantiles(_static(q, "q", "number or 1-D array"))
-    x, ax, rows = _prepare(x, axis, "x")
+    x, _, rows = _prepare(x, axis, "x")
     sorted_rows = soft_sort(rows, eps, regularization=regularization)
     return _operators.quantile_from_sorted(_OPS, sorted_rows, quantiles, scalar).astype(x.dtype)
 
