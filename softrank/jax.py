@@ -87,7 +87,7 @@ from jax.extend.core import Primitive
 from jax.extend.mlir import ir
 from jax.interpreters import ad, batching, mlir
 
-from softrank import _derivatives, _engine, _host, _operators
+from softrank import _derivatives, _engine, _host, _layout, _operators
 from softrank._engine import OP_RANK, OP_SORT, REG_KL, REG_L2
 from softrank._types import Direction, Regularization
 from softrank._validate import (
@@ -481,12 +481,12 @@ for _prim in (_forward_p, _value_p, _jvp_p, _vjp_p, _hvp_p):
 # --- public API ------------------------------------------------------------------
 
 
-def _compute_dtype(dtype: np.dtype, name: str = "x") -> np.dtype:
+def _compute_dtype(dtype: np.dtype) -> np.dtype:
     """float64 stays float64; every other float (bfloat16 included) runs in float32."""
     if dtype == jnp.float64:
         return np.dtype(np.float64)
     if not jnp.issubdtype(dtype, jnp.floating):
-        check_float_dtype_kind(np.dtype(dtype).kind, str(dtype), allow_int=False, name=name)
+        check_float_dtype_kind(np.dtype(dtype).kind, str(dtype), allow_int=False)
     return np.dtype(np.float32)
 
 
@@ -767,9 +767,12 @@ def _static(value: Any, name: str, what: str) -> Any:
 
 
 def _prepare(x: Any, axis: Any, name: str):
-    """``x`` as a jax array, its axis, and its rows: the axis last, in the compute dtype."""
+    """``x`` as a jax array, its axis, and its rows: the axis last, in the compute dtype
+    (:mod:`softrank._layout`'s policy; integers refused, as by soft_rank)."""
     x = jnp.asarray(x)
-    dtype = _compute_dtype(x.dtype, name)
+    dtype = np.dtype(_layout.compute_dtype_name(str(x.dtype), np.dtype(x.dtype).kind,
+                                                np.dtype(x.dtype).itemsize, allow_int=False,
+                                                name=name))
     ax = check_axis(axis, x.ndim, array_name=name)
     return x, ax, jnp.moveaxis(x, ax, -1).astype(dtype)
 
