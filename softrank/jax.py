@@ -481,13 +481,11 @@ for _prim in (_forward_p, _value_p, _jvp_p, _vjp_p, _hvp_p):
 # --- public API ------------------------------------------------------------------
 
 
-def _compute_dtype(dtype: np.dtype) -> np.dtype:
-    """float64 stays float64; every other float (bfloat16 included) runs in float32."""
-    if dtype == jnp.float64:
-        return np.dtype(np.float64)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        check_float_dtype_kind(np.dtype(dtype).kind, str(dtype), allow_int=False)
-    return np.dtype(np.float32)
+def _compute_dtype(dtype: Any, name: str = "x") -> np.dtype:
+    """The compute dtype of ``dtype`` (:func:`softrank._layout.compute_dtype_name`)."""
+    dtype = np.dtype(dtype)
+    return np.dtype(_layout.compute_dtype_name(str(dtype), dtype.kind, dtype.itemsize,
+                                               allow_int=False, name=name))
 
 
 def _apply(x: Any, eps: Any, regularization: Any, direction: Any, axis: Any, op: int):
@@ -770,9 +768,7 @@ def _prepare(x: Any, axis: Any, name: str):
     """``x`` as a jax array, its axis, and its rows: the axis last, in the compute dtype
     (:mod:`softrank._layout`'s policy; integers refused, as by soft_rank)."""
     x = jnp.asarray(x)
-    dtype = np.dtype(_layout.compute_dtype_name(str(x.dtype), np.dtype(x.dtype).kind,
-                                                np.dtype(x.dtype).itemsize, allow_int=False,
-                                                name=name))
+    dtype = _compute_dtype(x.dtype, name)
     ax = check_axis(axis, x.ndim, array_name=name)
     return x, ax, jnp.moveaxis(x, ax, -1).astype(dtype)
 

@@ -481,22 +481,14 @@ def _apply(x: Any, eps: Any, regularization: Any, direction: Any, axis: Any, op:
     reg = check_regularization(regularization)
     descending = check_direction(direction)
     x = tf.convert_to_tensor(x)
-    dtype = x.dtype
-    if not dtype.is_floating:
-        check_float_dtype_kind(_dtype_kind(dtype), dtype.name, allow_int=False)
+    compute_dtype = _compute_dtype(x.dtype, "x")
     ndim = x.shape.rank
     if ndim is None:
         raise ValueError("x must have a statically known rank (number of dimensions)")
     ax = check_axis(axis, ndim)
-    compute_dtype = tf.float64 if dtype == tf.float64 else tf.float32
-    order = [i for i in range(ndim) if i != ax] + [ax]
-    last = ax == ndim - 1
-    moved = x if last else tf.transpose(x, order)
     params = tf.constant([op, reg, descending, eps], tf.float64)
-    out = _soft_op(tf.cast(moved, compute_dtype), params, reg == REG_KL)
-    if not last:
-        out = tf.transpose(out, np.argsort(order).tolist())
-    return tf.cast(out, dtype)
+    out = _soft_op(tf.cast(_axis_last(x, ax), compute_dtype), params, reg == REG_KL)
+    return tf.cast(_axis_back(out, ax), x.dtype)
 
 
 def soft_rank(
@@ -749,8 +741,11 @@ def _structure_gradient(name, inputs, outputs, upstream):
     return [grad_y, *([grad_weights] if weighted else []), None]
 
 
-def _compute_dtype(dtype: tf.DType) -> tf.DType:
-    return tf.float64 if dtype == tf.float64 else tf.float32
+def _compute_dtype(dtype: tf.DType, name: str) -> tf.DType:
+    """The compute dtype of ``dtype`` (:func:`softrank._layout.compute_dtype_name`)."""
+    kind = "f" if dtype.is_floating else _dtype_kind(dtype)
+    return tf.as_dtype(_layout.compute_dtype_name(dtype.name, kind, dtype.size, allow_int=False,
+                                                  name=name))
 
 
 def _axis_last(x: tf.Tensor, ax: int) -> tf.Tensor:
@@ -771,12 +766,11 @@ def _axis_back(x: tf.Tensor, ax: int) -> tf.Tensor:
 def _prepare(x: Any, axis: Any, name: str):
     """``(x as a tensor, x in its compute dtype with axis last, the axis)``."""
     x = tf.convert_to_tensor(x)
-    if not x.dtype.is_floating:
-        check_float_dtype_kind(_dtype_kind(x.dtype), x.dtype.name, allow_int=False, name=name)
+    compute_dtype = _compute_dtype(x.dtype, name)
     if x.shape.rank is None:
         raise ValueError(f"{name} must have a statically known rank (number of dimensions)")
     ax = check_axis(axis, x.shape.rank, array_name=name)
-    return x, tf.cast(_axis_last(x, ax), _compute_dtype(x.dtype)), ax
+    return x, tf.cast(_axis_last(x, ax), compute_dtype), ax
 
 
 def _static_length(moved: tf.Tensor, name: str) -> int:
