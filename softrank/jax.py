@@ -847,14 +847,10 @@ def permutahedron_projection(
     else:
         w = jnp.asarray(w)
         check_float_dtype_kind(np.dtype(w.dtype).kind, str(w.dtype), allow_int=True, name="w")
-        if w.ndim == 1 and w.shape[0] == n:
+        if _operators.projection_weights_shared(w.shape, z.shape, n, w.shape == z.shape):
             w_rows = jnp.broadcast_to(w.astype(rows.dtype), rows.shape)
-        elif w.ndim != 1 and w.shape == z.shape:
-            w_rows = jnp.moveaxis(w, ax, -1).astype(rows.dtype)
         else:
-            raise ValueError(
-                f"w must have length n = {n} (the length of z along the axis) or the shape "
-                f"of z {z.shape}, got shape {w.shape}")
+            w_rows = jnp.moveaxis(w, ax, -1).astype(rows.dtype)
     return _restore(_projection(rows, w_rows, 1.0, reg)[0], z, ax)
 
 

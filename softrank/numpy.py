@@ -552,18 +552,9 @@ def _projection_weights(w: Any, array: np.ndarray, ax: int, rows: np.ndarray):
         return np.broadcast_to(_operators.rho(n, rows.dtype), rows.shape), True
     w_array = np.asarray(w)
     check_float_dtype_kind(w_array.dtype.kind, str(w_array.dtype), allow_int=True, name="w")
-    if w_array.ndim == 1:
-        if w_array.shape[0] != n:
-            raise ValueError(
-                f"w must have length n = {n} (the length of z along the axis) or the shape "
-                f"of z {array.shape}, got shape {w_array.shape}"
-            )
+    if _operators.projection_weights_shared(w_array.shape, array.shape, n,
+                                            w_array.shape == array.shape):
         return np.broadcast_to(w_array.astype(rows.dtype, copy=False), rows.shape), True
-    if w_array.shape != array.shape:
-        raise ValueError(
-            f"w must have length n = {n} (the length of z along the axis) or the shape of z "
-            f"{array.shape}, got shape {w_array.shape}"
-        )
     w_rows, _ = _to_rows(w_array, ax, rows.dtype)
     return w_rows, False
 

@@ -858,15 +858,12 @@ def permutahedron_projection(
                                   tf.shape(moved))
     else:
         w = _secondary(w, "w")
-        if w.shape.rank == 1 and w.shape[0] == n:
+        same_shape = w.shape.rank == z.shape.rank and w.shape.is_compatible_with(z.shape)
+        if _operators.projection_weights_shared(_shape_text(w.shape), _shape_text(z.shape), n,
+                                                same_shape):
             w_moved = tf.broadcast_to(tf.cast(w, dtype), tf.shape(moved))
-        elif w.shape.rank == z.shape.rank and w.shape.is_compatible_with(z.shape):
-            w_moved = tf.cast(_axis_last(w, ax), dtype)
         else:
-            raise ValueError(
-                f"w must have length n = {n} (the length of z along the axis) or the shape "
-                f"of z {_shape_text(z.shape)}, got shape {_shape_text(w.shape)}"
-            )
+            w_moved = tf.cast(_axis_last(w, ax), dtype)
     out = _projection_op(moved, w_moved, reg, 1.0, need_w=w is not None)
     return tf.cast(_axis_back(out, ax), z.dtype)
 

@@ -1105,17 +1105,13 @@ def permutahedron_projection(
         weights = _constant(_operators.rho(n, _NUMPY_DTYPE[dtype]), moved)
     else:
         w = _operand(w, "w", z)
-        if w.dim() == 1 and w.shape[0] == n:
+        if _operators.projection_weights_shared(tuple(w.shape), tuple(z.shape), n,
+                                                w.shape == z.shape):
             weights = w.to(dtype).expand(moved.shape)
-        elif w.shape == z.shape:
+        else:
             weights = w.to(dtype)
             if axis != w.dim() - 1:
                 weights = weights.movedim(axis, -1)
-        else:
-            raise ValueError(
-                f"w must have length n = {n} (the length of z along the axis) or the shape of z "
-                f"{tuple(z.shape)}, got shape {tuple(w.shape)}"
-            )
     out = _projection(moved, weights, 1.0, reg)[0]
     return _from_last(out, axis, z.dtype)
 
