@@ -521,18 +521,23 @@ _functorch_level = torch._C._functorch.maybe_get_level
 
 
 def _autograd_kernel(name, function, public="soft_rank / soft_sort"):
+    # Outside torch.func, Function.apply's Python wrapper only binds default
+    # arguments (inspect.signature: tens of microseconds a call); the kernel
+    # always receives every argument, so it goes to the C++ apply directly.
+    apply_all_args = super(torch.autograd.Function, function).apply
+
     def kernel(*args):
-        if _functorch_active() and any(
-            isinstance(a, Tensor) and _is_functorch_wrapped(a) for a in args
-        ):
-            raise NotImplementedError(
-                f"softrank: torch.ops.softrank.{name} was called directly under a "
-                "torch.func transform (grad, vjp, jvp, jacrev, jacfwd, hessian), "
-                "which cannot differentiate it from inside the dispatcher; call "
-                f"softrank.torch.{public}, which support every torch.func "
-                "transform"
-            )
-        return function.apply(*args)
+        if _functorch_active():
+            if any(isinstance(a, Tensor) and _is_functorch_wrapped(a) for a in args):
+                raise NotImplementedError(
+                    f"softrank: torch.ops.softrank.{name} was called directly under a "
+                    "torch.func transform (grad, vjp, jvp, jacrev, jacfwd, hessian), "
+                    "which cannot differentiate it from inside the dispatcher; call "
+                    f"softrank.torch.{public}, which support every torch.func "
+                    "transform"
+                )
+            return function.apply(*args)
+        return apply_all_args(*args)
 
     return kernel
 
