@@ -598,7 +598,8 @@ def _isotonic_row(y, w, has_w, increasing, sol, bs, ys, ws, bstart, bref, bstat,
     A non-increasing fit is the negated non-decreasing fit of ``-y``. Blocks
     keep ``ref = y[s]``, ``W = sum w`` and ``off`` = the block's weighted mean
     minus ``ref``, updated by a convex combination (pav_isotonic_increasing:
-    never through sums ``w (y - ref)``, which under- or overflow); the block
+    never through sums ``w (y - ref)``, which under- or overflow; unit
+    weights keep the sum of ``y - ref`` instead, divided once at the end); the block
     value is ``ref + off``, clamped to ``[-max |y|, max |y|]``. Adjacent blocks
     with equal values are pooled (the test is ``gap <= 0``), as in the soft
     operators.
@@ -657,13 +658,24 @@ def _isotonic_row(y, w, has_w, increasing, sol, bs, ys, ws, bstart, bref, bstat,
             ref_a = bref[top - 1]
             off_a = bstat[top - 1]
             w_a = bw[top - 1]
-            # value_A >= value_B violates (or ties) the non-decreasing order.
-            gap = (ref - ref_a) + (off - off_a)  # value_B - value_A
-            if not (gap <= 0.0):
-                break
-            total = w_a + wsum
-            off = off_a + (wsum / total) * gap
-            wsum = total
+            if has_w:
+                # value_A >= value_B violates (or ties) the non-decreasing order.
+                gap = (ref - ref_a) + (off - off_a)  # value_B - value_A
+                if not (gap <= 0.0):
+                    break
+                total = w_a + wsum
+                off = off_a + (wsum / total) * gap
+                wsum = total
+            else:
+                # Unit weights (pav_isotonic_increasing): off is the sum of
+                # y - ref and wsum the length m; the test is m_a m_b
+                # (mean_a - mean_b) >= 0, with no division.
+                counts = w_a * wsum
+                x = counts * (ref_a - ref) + (wsum * off_a - w_a * off)
+                if not (x >= 0.0):
+                    break
+                off = off_a + off + wsum * (ref - ref_a)
+                wsum = wsum + w_a
             ref = ref_a
             s = bstart[top - 1]
             top -= 1
@@ -672,6 +684,9 @@ def _isotonic_row(y, w, has_w, increasing, sol, bs, ys, ws, bstart, bref, bstat,
         bstat[top] = off
         bw[top] = wsum
         top += 1
+    if not has_w:
+        for k in range(top):
+            bstat[k] /= bw[k]
     # A block mean lies within [-max |y|, max |y|]; its rounding may not, and
     # for max |y| = DBL_MAX scaling back would overflow to inf: clamp.
     bound = math.ldexp(ymax, shift) if shift != 0 else ymax
