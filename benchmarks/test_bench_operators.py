@@ -24,7 +24,9 @@ fails instead of being timed):
   O(n^2) per row. float64 only: with ``jax_enable_x64`` (which the float64
   cells need in the same process) ott 0.6.0 fails on float32 input (its
   Sinkhorn error's ``lax.cond`` branches differ in dtype), and with x64 off its
-  float32 implicit gradient is not finite.
+  float32 implicit gradient is not finite. Where ott's implicit differentiation
+  fails on the benchmark's input (topk_mask at (256, 100)), the cell is skipped
+  with that reason.
 - ``permutahedron_projection`` (l2 and kl, a random unsorted w shared by the
   rows) and ``isotonic_regression`` kl (decreasing, random weights):
   ``softrank.numpy`` vs fast-soft-sort's ``Projection`` / ``Isotonic`` (row by
@@ -364,8 +366,9 @@ def _check_ott(op: str) -> None:
             g_ott = np.asarray(jax.grad(lambda x: component(ott, x))(x))
             # both are weighted means of each row's values: weights sum to 1, and ott's
             # heaviest element is one of the order statistics softrank interpolates
+            # (ott's Sinkhorn stops at a marginal error of 1e-3, hence the tolerance)
             _assert_near("ott-jax", f"{op} gradient row sums", g_ott.sum(-1), g_mine.sum(-1),
-                         atol=1e-3)
+                         atol=1e-2)
             heaviest = np.argmax(g_ott, axis=-1)
             on = g_mine[np.arange(batch), heaviest] > 0
             if not np.all(on):
@@ -382,6 +385,19 @@ def _assert_near(name: str, what: str, got, want, atol: float) -> None:
                     "its semantics differ, so timing it would mislead", pytrace=False)
 
 
+def _ott_differentiates(call: Callable[[], object]) -> None:
+    """Skip, naming why, a cell where ott's implicit differentiation fails (its linear
+    solve returns NaN: at (256, 100) for topk_mask); any other error propagates."""
+    jax = _jax()
+    try:
+        jax.block_until_ready(call())
+    except jax.errors.JaxRuntimeError as exc:
+        if "non-finite" not in str(exc):
+            raise
+        pytest.skip("ott-jax: its implicit differentiation fails on this input (lineax: "
+                    "'A linear solver returned non-finite (NaN or inf) output'), not timed")
+
+
 def _time_jax(benchmark, case: OpCase) -> None:
     jax = _jax()
     cell = case.cell
@@ -390,6 +406,8 @@ def _time_jax(benchmark, case: OpCase) -> None:
         _check_ott(cell.op)
     x = jax.numpy.asarray(_uniform(cell.batch, cell.n, cell.dtype))
     cot = jax.numpy.asarray(_jax_cotangent(cell.op, cell.batch, cell.n, cell.dtype))
+    if case.impl == "ott-jax" and cell.pass_ == "fwdbwd":
+        _ott_differentiates(lambda: forward_backward(x, cot))
     extra = {"k": cell.n // TOPK_FRACTION} if cell.op == "soft_topk_mask" else {}
     if cell.op == "soft_quantile":
         extra = {"q": list(QUANTILES)}
