@@ -398,9 +398,9 @@ void isotonic_kl_forward_batch(const T* y, const T* w, std::int64_t rows, index_
       }
       return;
     }
-    const IsotonicKlRule rule{ys, w ? log_w : nullptr, increasing};
+    const IsotonicKlRule rule{w ? log_w : nullptr, increasing};
     IsotonicKlRule::Block* stack = block_stack<IsotonicKlRule::Block>(n);
-    const index_t count = pav_pool(rule, n, stack);
+    const index_t count = pav_run(rule, ys, 0, n, BlockArray<IsotonicKlRule::Block>{stack});
     for (index_t k = 0; k < count; ++k) {
       const index_t e = k + 1 < count ? stack[k + 1].start : n;
       const T value = static_cast<T>(rule.value(stack[k]));

@@ -12,13 +12,12 @@ computed in float32 and returned in their own dtype.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Tuple
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-from softrank import _derivatives, _engine, _host, _operators
+from softrank import _derivatives, _engine, _host, _layout, _operators
 from softrank._types import Direction, Regularization
 from softrank._validate import (
     check_axis,
@@ -57,19 +56,12 @@ _COMPUTE_DTYPE: dict = {}
 
 
 def _compute_dtype(dtype: np.dtype, name: str) -> np.dtype:
-    """float64 stays float64; every narrower float (and bfloat16) runs in float32."""
+    """The compute dtype of ``dtype`` (:func:`softrank._layout.compute_dtype_name`), cached."""
     cached = _COMPUTE_DTYPE.get(dtype)
     if cached is not None:
         return cached
-    if dtype.name == "bfloat16":  # ml_dtypes' bfloat16 has kind 'V'
-        result = np.dtype(np.float32)
-    else:
-        check_float_dtype_kind(dtype.kind, str(dtype), allow_int=True, name=name)
-        if dtype.kind in "iub" or dtype.itemsize >= 8:
-            # ints, float64 and longdouble: the core computes in double.
-            result = np.dtype(np.float64)
-        else:
-            result = np.dtype(np.float32)
+    result = np.dtype(_layout.compute_dtype_name(dtype.name, dtype.kind, dtype.itemsize,
+                                                 allow_int=True, name=name))
     _COMPUTE_DTYPE[dtype] = result
     return result
 
@@ -86,8 +78,7 @@ def _to_rows(
     last = axis == x.ndim - 1
     moved = x if last else np.moveaxis(x, axis, -1)
     moved_shape = moved.shape
-    n = moved_shape[-1]
-    flat = np.ascontiguousarray(moved, dtype=dtype).reshape(math.prod(moved_shape[:-1]), n)
+    flat = np.ascontiguousarray(moved, dtype=dtype).reshape(_layout.rows_of(moved_shape))
     out_dtype = x.dtype if x.dtype.kind == "f" or x.dtype.name == "bfloat16" else dtype
 
     def restore(result: np.ndarray) -> np.ndarray:
@@ -530,7 +521,7 @@ _OPS = _NumpyOps()
 
 def _reduced_restore(array: np.ndarray, ax: int, dtype: np.dtype) -> Callable[[np.ndarray], np.ndarray]:
     """Maps a ``(rows,)`` (or ``(m, rows)``) result to ``array``'s shape without ``axis``."""
-    kept = array.shape[:ax] + array.shape[ax + 1:]
+    kept = _layout.reduced_shape(array.shape, ax)
     out_dtype = array.dtype if array.dtype.kind == "f" or array.dtype.name == "bfloat16" else dtype
 
     def restore(result: np.ndarray) -> np.ndarray:
@@ -821,7 +812,6 @@ def spearman_with_vjp(
     """
     array, ax, rows, restore, ranks, target_ranks, state, args, corr = _spearman(
         pred, target, eps, regularization, axis)
-    n = rows.shape[1]
     ranks_centred = ranks - ranks.mean(axis=-1, keepdims=True)
     target_centred = target_ranks - target_ranks.mean(axis=-1, keepdims=True)
     ranks_norm = np.sqrt((ranks_centred ** 2).sum(-1, keepdims=True))
@@ -830,7 +820,7 @@ def spearman_with_vjp(
     # the centring's own derivative changes nothing).
     d_corr = target_centred / (ranks_norm * target_norm) - corr[:, None] * ranks_centred / (
         ranks_norm ** 2)
-    kept = array.shape[:ax] + array.shape[ax + 1:]
+    kept = _layout.reduced_shape(array.shape, ax)
 
     def vjp(cotangent: ArrayLike) -> np.ndarray:
         c = np.asarray(cotangent)

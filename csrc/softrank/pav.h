@@ -15,12 +15,40 @@
 
 namespace softrank {
 
+// One block of the soft operators' loops. stat, stat2 and tail hold what the
+// block's pooling rule says (L2Pooling, RankKlPooling, SortKlPooling below).
+struct PavBlock {
+  index_t start, end;  // sorted positions [start, end)
+  double ref, stat, stat2, tail;
+};
+
+// The stack of blocks as arrays (the outputs and products read them field by
+// field); `end` is not stored: a block ends where the next one starts.
 struct BlockStack {
   index_t* start;  // first sorted position of each block
   double* ref;     // xs[start], the block's largest value
-  double* stat;    // l2: sum (xs - ref); kl: S = sum exp((xs - ref) * c), in [1, m]
-  double* stat2;   // l2: the block length m; rank kl: exp((xs[last] - ref) / eps); sort kl: Q = sum_{k<m} exp(-k/eps)
-  double* tail;    // sort kl: exp(xs[last] - ref)
+  double* stat;    // the pooling rule's statistics
+  double* stat2;
+  double* tail;
+
+  SOFTRANK_HD void store(index_t k, const PavBlock& block) const {
+    start[k] = block.start;
+    ref[k] = block.ref;
+    stat[k] = block.stat;
+    stat2[k] = block.stat2;
+    tail[k] = block.tail;
+  }
+  SOFTRANK_HD PavBlock load(index_t k, index_t end) const {
+    return PavBlock{start[k], end, ref[k], stat[k], stat2[k], tail[k]};
+  }
+};
+
+// A stack of blocks of any rule's type, as one array.
+template <class Block>
+struct BlockArray {
+  Block* blocks;
+  SOFTRANK_HD void store(index_t k, const Block& block) const { blocks[k] = block; }
+  SOFTRANK_HD Block load(index_t k, index_t) const { return blocks[k]; }
 };
 
 // v / eps, by a multiplication where 1/eps is finite (it is not for
@@ -69,12 +97,6 @@ struct InverseScale {
 // v = m_a / eps; where either factor underflows the same test runs on logs.
 // `step[i] = exp(xs[i] - xs[i-1])` and `decay[k] = exp(-k/eps)` are tabulated
 // beforehand (vectorised) and each block carries `tail = exp(xs[last] - ref)`.
-
-// One block: the stack's fields (stat, stat2, tail as BlockStack names them).
-struct PavBlock {
-  index_t start, end;  // sorted positions [start, end)
-  double ref, stat, stat2, tail;
-};
 
 // The l2 merge tests, multiplied through (see above).
 struct RankL2Test {  // V = mean(xs)/eps - mean(rho): merge when dx <= eps h
@@ -187,46 +209,35 @@ struct HardPooling {
   }
 };
 
-SOFTRANK_HD void store_block(BlockStack b, index_t k, const PavBlock& block) {
-  b.start[k] = block.start;
-  b.ref[k] = block.ref;
-  b.stat[k] = block.stat;
-  b.stat2[k] = block.stat2;
-  b.tail[k] = block.tail;
-}
-
-SOFTRANK_HD PavBlock load_block(BlockStack b, index_t k, index_t end) {
-  return PavBlock{b.start[k], end, b.ref[k], b.stat[k], b.stat2[k], b.tail[k]};
-}
-
 // PAV: pools the sorted positions [lo, hi) of a row (the whole row, or one
-// chunk of a long row: pav_chunks) into the stack `b`, from its slot 0, by
-// `rule`; block starts are positions in the row. Returns the block count.
+// chunk of a long row: pav_chunks) into `stack`, from its slot 0, by `rule`;
+// block starts are positions in the row. Returns the block count. Every
+// pool-adjacent-violators loop of softrank is this one, with its rule.
 // The block being built (the top of the stack) lives in registers and only
 // the blocks below it in memory: a merge chain then never waits on a store it
 // has just made (store-to-load forwarding was most of the loop's time).
-template <class Rule>
+template <class Rule, class Stack>
 SOFTRANK_HD index_t pav_run(const Rule& rule, const double* xs, index_t lo, index_t hi,
-                            BlockStack b) {
+                            const Stack& stack) {
   if (hi <= lo) return 0;
   index_t top = 0;  // blocks stored below the current one
-  PavBlock cur = rule.item(xs, lo);
+  auto cur = rule.item(xs, lo);
   for (index_t i = lo + 1; i < hi; ++i) {
-    const PavBlock next = rule.item(xs, i);
+    const auto next = rule.item(xs, i);
     if (!rule.merges(cur, next)) {
-      store_block(b, top++, cur);
+      stack.store(top++, cur);
       cur = next;
       continue;
     }
     cur = rule.pool(cur, next);
     while (top > 0) {
-      const PavBlock below = load_block(b, top - 1, cur.start);
+      const auto below = stack.load(top - 1, cur.start);
       if (!rule.merges(below, cur)) break;
       cur = rule.pool(below, cur);
       --top;
     }
   }
-  store_block(b, top, cur);
+  stack.store(top, cur);
   return top + 1;
 }
 
@@ -296,7 +307,7 @@ SOFTRANK_HD void pav_merge_chunks(const Pooling& pooling, index_t n, index_t chu
   for (index_t c = 1; c < chunks; ++c) {
     const index_t chunk_end = (c + 1 < chunks) ? (c + 1) * kPavChunk : n;
     for (index_t j = first[c]; j < last[c]; ++j) {
-      PavBlock cur = load_block(b, j, j + 1 < last[c] ? b.start[j + 1] : chunk_end);
+      PavBlock cur = b.load(j, j + 1 < last[c] ? b.start[j + 1] : chunk_end);
       bool pooled = false;
       for (;;) {
         // The block below cur: chunk c's slot j - 1, or the top of an earlier chunk.
@@ -308,7 +319,7 @@ SOFTRANK_HD void pav_merge_chunks(const Pooling& pooling, index_t n, index_t chu
           if (first[below] == last[below]) break;  // cur is the row's first block
           k = last[below] - 1;
         }
-        const PavBlock a = load_block(b, k, cur.start);
+        const PavBlock a = b.load(k, cur.start);
         if (!pooling.merges(a, cur)) break;
         cur = pooling.pool(a, cur);
         pooled = true;
@@ -317,7 +328,7 @@ SOFTRANK_HD void pav_merge_chunks(const Pooling& pooling, index_t n, index_t chu
         else
           --last[below];
       }
-      store_block(b, j, cur);
+      b.store(j, cur);
       if (!pooled) break;
       first[c] = j;
     }
@@ -332,31 +343,27 @@ SOFTRANK_HD void pav_merge_chunks(const Pooling& pooling, index_t n, index_t chu
 // through sums w (y - ref): those products under- or overflow when weights
 // and values span a wide range together (weights 1e-284 and 1e-14 with y
 // near 1e-245 gave block means outside [min y, max y]).
+struct IsotonicL2Pooling {
+  const double* w;
+  SOFTRANK_HD PavBlock item(const double* y, index_t i) const {
+    return PavBlock{i, i + 1, y[i], 0.0, w ? w[i] : 1.0, 0.0};
+  }
+  // value_A >= value_B violates (or ties) the non-decreasing order.
+  SOFTRANK_HD bool merges(const PavBlock& a, const PavBlock& b) const {
+    return gap(a, b) <= 0.0;
+  }
+  SOFTRANK_HD PavBlock pool(const PavBlock& a, const PavBlock& b) const {
+    const double total = a.stat2 + b.stat2;
+    return PavBlock{a.start, b.end, a.ref, a.stat + (b.stat2 / total) * gap(a, b), total, 0.0};
+  }
+  SOFTRANK_HD static double gap(const PavBlock& a, const PavBlock& b) {  // value_B - value_A
+    return (b.ref - a.ref) + (b.stat - a.stat);
+  }
+};
+
 SOFTRANK_HD index_t pav_isotonic_increasing(const double* y, const double* w, index_t n,
                                             BlockStack b) {
-  index_t top = 0;
-  for (index_t i = 0; i < n; ++i) {
-    index_t s = i;
-    double ref = y[i], off = 0.0, wsum = w ? w[i] : 1.0;
-    while (top > 0) {
-      const double ref_a = b.ref[top - 1], off_a = b.stat[top - 1], w_a = b.stat2[top - 1];
-      // value_A >= value_B violates (or ties) the non-decreasing order.
-      const double gap = (ref - ref_a) + (off - off_a);  // value_B - value_A
-      if (!(gap <= 0.0)) break;
-      const double total = w_a + wsum;
-      off = off_a + (wsum / total) * gap;
-      wsum = total;
-      ref = ref_a;
-      s = b.start[top - 1];
-      --top;
-    }
-    b.start[top] = s;
-    b.ref[top] = ref;
-    b.stat[top] = off;
-    b.stat2[top] = wsum;
-    ++top;
-  }
-  return top;
+  return pav_run(IsotonicL2Pooling{w}, y, 0, n, b);
 }
 
 }  // namespace softrank

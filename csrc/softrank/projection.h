@@ -8,7 +8,7 @@
 //   l2: mean_B(s) - mean_B(w~)          kl: LSE_B(s) - LSE_B(w~).
 // Both are solved by pool-adjacent-violators: each regularization is one
 // *pooling rule* (a block type, the test for two adjacent blocks, and how two
-// blocks pool), and `pav_pool` is the one loop that runs a rule. The same rule
+// blocks pool), run by pav_run (pav.h), the one PAV loop of the core. The same rule
 // objects decide everything; there is no second copy of a test.
 //
 // Rows are scaled by eps in the units of z (as the soft rank loops do): the
@@ -21,26 +21,9 @@
 #include <limits>
 
 #include "common.h"
+#include "pav.h"
 
 namespace softrank {
-
-// Runs PAV over items 0..n-1 with `rule`: rule.item(i) makes the block of item
-// i alone, rule.merges(a, b) says whether adjacent blocks a (earlier) and b
-// violate the order (and must pool), rule.pool(a, b) pools them. The blocks
-// are left in stack[0, count); returns count.
-template <class Rule>
-SOFTRANK_HD index_t pav_pool(const Rule& rule, index_t n, typename Rule::Block* stack) {
-  index_t top = 0;
-  for (index_t i = 0; i < n; ++i) {
-    typename Rule::Block cur = rule.item(i);
-    while (top > 0 && rule.merges(stack[top - 1], cur)) {
-      cur = rule.pool(stack[top - 1], cur);
-      --top;
-    }
-    stack[top++] = cur;
-  }
-  return top;
-}
 
 // --- The projection's rules --------------------------------------------------
 //
@@ -64,7 +47,9 @@ struct ProjectionL2Rule {
   double eps;
   bool pool_all;  // eps = inf
 
-  SOFTRANK_HD Block item(index_t i) const { return Block{i, s[i], 0.0, 1.0, ws[i]}; }
+  SOFTRANK_HD Block item(const double* sorted, index_t i) const {
+    return Block{i, sorted[i], 0.0, 1.0, ws[i]};
+  }
   // mean_a(s) - mean_b(s) <= eps (mean_a(ws) - mean_b(ws)), multiplied through
   // by count_a count_b (no division in the test).
   SOFTRANK_HD bool merges(const Block& a, const Block& b) const {
@@ -99,7 +84,9 @@ struct ProjectionKlRule {
   double eps;
   bool pool_all;  // eps = inf
 
-  SOFTRANK_HD Block item(index_t i) const { return Block{i, s[i], 0.0, ws[i]}; }
+  SOFTRANK_HD Block item(const double* sorted, index_t i) const {
+    return Block{i, sorted[i], 0.0, ws[i]};
+  }
   // (ref_a - ref_b) / eps + lse_s_a - lse_s_b <= lse_w_a - lse_w_b. A block
   // whose ws are all -inf (zeros of e^w) has V = +inf and always pools.
   SOFTRANK_HD bool merges(const Block& a, const Block& b) const {
@@ -137,12 +124,11 @@ struct IsotonicKlRule {
     double lse_y;  // log sum exp(y) over the block
     double log_w;  // log sum w over the block
   };
-  const double* y;
   const double* log_weights;  // log w_i, or null for unit weights
   bool increasing;
 
-  SOFTRANK_HD Block item(index_t i) const {
-    return Block{i, y[i], log_weights ? log_weights[i] : 0.0};
+  SOFTRANK_HD Block item(const double* values, index_t i) const {
+    return Block{i, values[i], log_weights ? log_weights[i] : 0.0};
   }
   SOFTRANK_HD bool merges(const Block& a, const Block& b) const {
     const double va = a.lse_y - a.log_w, vb = b.lse_y - b.log_w;
@@ -160,7 +146,7 @@ struct IsotonicKlRule {
 template <class Rule>
 SOFTRANK_HD void project_sorted(const Rule& rule, index_t n, typename Rule::Block* stack,
                                 double* sorted_out, index_t* block_start) {
-  const index_t count = pav_pool(rule, n, stack);
+  const index_t count = pav_run(rule, rule.s, 0, n, BlockArray<typename Rule::Block>{stack});
   for (index_t k = 0; k < count; ++k) {
     const index_t e = k + 1 < count ? stack[k + 1].start : n;
     for (index_t i = stack[k].start; i < e; ++i) {
