@@ -1,4 +1,4 @@
-"""softrank for PyTorch: soft rank and soft sort as registered operators.
+"""softrank for PyTorch: soft rank, soft sort and the operators on the permutahedron.
 
 ``soft_rank`` and ``soft_sort`` act along any ``dim`` of a tensor of any
 shape. They run on four operators of the ``softrank`` namespace, each
@@ -43,9 +43,28 @@ subclass active) calls the CPU engine without going through the
 dispatcher, whose Python layers cost more than the engine needs for a row
 of 100; its autograd function (:class:`_EagerForward`) turns to the
 operators for anything beyond a plain first-order backward.
+
+The operators on the permutahedron (``permutahedron_projection``,
+``soft_topk_mask``, ``isotonic_regression``; ``spearman``, ``soft_quantile``
+and ``soft_median`` are compositions of ``soft_rank`` and ``soft_sort``) run
+on two more operators, registered the same way (kernel per device, fake
+kernel, vmap rule that folds the batch into the rows):
+
+``softrank::projection_forward(z, w, eps, reg) -> (out, perm_z, inv_z, perm_w, inv_w, block_start)``
+    ``P(z / eps, w)`` (l2) or ``P_E(z / eps, w)`` (kl) and the integer
+    structure of the solution (int64, see :func:`softrank._host.projection`).
+``softrank::isotonic_forward(y, weights, increasing, reg) -> (solution, block_start)``
+    the isotonic regression and its PAV blocks (int64).
+
+Their derivatives are the formulas of :mod:`softrank._derivatives` written
+in torch operations (gather, scatter_add, exp, ...) over that integer
+structure, in the backward and jvp of an autograd function per operator;
+autograd, forward mode and every ``torch.func`` transform differentiate
+those operations again, so derivatives of every order compose.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -57,8 +76,8 @@ import numpy as np
 from torch import Tensor
 from torch.autograd import forward_ad as _forward_ad
 
-from softrank import _engine, _host
-from softrank._engine import OP_RANK, OP_SORT, REG_L2
+from softrank import _derivatives, _engine, _host, _layout, _operators
+from softrank._engine import OP_RANK, OP_SORT, REG_KL, REG_L2
 from softrank._types import Direction, Regularization
 from softrank._validate import (
     check_axis,
@@ -68,7 +87,16 @@ from softrank._validate import (
     check_regularization,
 )
 
-__all__ = ["soft_rank", "soft_sort"]
+__all__ = [
+    "isotonic_regression",
+    "permutahedron_projection",
+    "soft_median",
+    "soft_quantile",
+    "soft_rank",
+    "soft_sort",
+    "soft_topk_mask",
+    "spearman",
+]
 
 # float64 stays float64, float32 stays float32, every narrower float runs in float32.
 _COMPUTE_DTYPE = {
@@ -149,6 +177,27 @@ def _like_x_fake(x, *rest):
     return x.new_empty(x.shape)
 
 
+def _projection_kernel(z, w, eps, reg):
+    out, state = _host.projection(_host_array(z), _host_array(w), eps, reg)
+    return (_on_device(out, z),) + tuple(_on_device(field, z) for field in state)
+
+
+def _isotonic_kernel(y, weights, increasing, reg):
+    solution, block_start = _host.isotonic(
+        _host_array(y), None if weights is None else _host_array(weights), increasing, reg
+    )
+    return _on_device(solution, y), _on_device(block_start, y)
+
+
+def _projection_fake(z, w, eps, reg):
+    index = z.new_empty(z.shape, dtype=torch.int64)
+    return (z.new_empty(z.shape), index) + tuple(torch.empty_like(index) for _ in range(4))
+
+
+def _isotonic_fake(y, weights, increasing, reg):
+    return y.new_empty(y.shape), y.new_empty(y.shape, dtype=torch.int64)
+
+
 # --- the operators ------------------------------------------------------------
 
 _LIB = torch.library.Library("softrank", "DEF")
@@ -158,6 +207,13 @@ _LIB.define(f"soft_forward(Tensor x, {_PARAMS}) -> (Tensor, Tensor, Tensor)")
 _LIB.define(f"soft_vjp({_STATE}, Tensor cotangent, {_PARAMS}) -> Tensor")
 _LIB.define(f"soft_jvp({_STATE}, Tensor tangent, {_PARAMS}) -> Tensor")
 _LIB.define(f"soft_hvp({_STATE}, Tensor cotangent, Tensor tangent, {_PARAMS}) -> Tensor")
+_LIB.define(
+    "projection_forward(Tensor z, Tensor w, float eps, int reg) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_LIB.define(
+    "isotonic_forward(Tensor y, Tensor? weights, bool increasing, int reg) -> (Tensor, Tensor)"
+)
 _OPS = torch.ops.softrank
 
 for _name, _kernel, _fake in (
@@ -165,6 +221,8 @@ for _name, _kernel, _fake in (
     ("soft_vjp", _vjp_kernel, _like_x_fake),
     ("soft_jvp", _jvp_kernel, _like_x_fake),
     ("soft_hvp", _hvp_kernel, _like_x_fake),
+    ("projection_forward", _projection_kernel, _projection_fake),
+    ("isotonic_forward", _isotonic_kernel, _isotonic_fake),
 ):
     # A CUDA core registers its own kernel here; until then CUDA tensors
     # take the host round trip of the kernels above.
@@ -459,9 +517,11 @@ class _EagerForward(torch.autograd.Function):
 _apply_forward_eager = super(torch.autograd.Function, _EagerForward).apply
 
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_unwrap_for_grad = torch._C._functorch._unwrap_for_grad
+_functorch_level = torch._C._functorch.maybe_get_level
 
 
-def _autograd_kernel(name, function):
+def _autograd_kernel(name, function, public="soft_rank / soft_sort"):
     def kernel(*args):
         if _functorch_active() and any(
             isinstance(a, Tensor) and _is_functorch_wrapped(a) for a in args
@@ -470,7 +530,7 @@ def _autograd_kernel(name, function):
                 f"softrank: torch.ops.softrank.{name} was called directly under a "
                 "torch.func transform (grad, vjp, jvp, jacrev, jacfwd, hessian), "
                 "which cannot differentiate it from inside the dispatcher; call "
-                "softrank.torch.soft_rank / soft_sort, which support every torch.func "
+                f"softrank.torch.{public}, which support every torch.func "
                 "transform"
             )
         return function.apply(*args)
@@ -509,6 +569,220 @@ torch.library.register_vmap("softrank::soft_forward", _forward_vmap, lib=_LIB)
 torch.library.register_vmap("softrank::soft_vjp", _product_vmap("soft_vjp", 5), lib=_LIB)
 torch.library.register_vmap("softrank::soft_jvp", _product_vmap("soft_jvp", 5), lib=_LIB)
 torch.library.register_vmap("softrank::soft_hvp", _product_vmap("soft_hvp", 6), lib=_LIB)
+
+
+# --- the operators on the permutahedron: derivatives in torch operations -----------
+
+
+class _TorchOps:
+    """The namespace of :mod:`softrank._derivatives` and :mod:`softrank._operators`.
+
+    Torch operations only, so that autograd, forward mode, vmap and compile
+    see through the derivative formulas (and differentiate them again).
+    """
+
+    exp = staticmethod(torch.exp)
+    log = staticmethod(torch.log)
+    sqrt = staticmethod(torch.sqrt)
+    ones_like = staticmethod(torch.ones_like)
+
+    @staticmethod
+    def take(a, index):
+        return torch.gather(a, -1, index)
+
+    @staticmethod
+    def block_sum(v, block_start):
+        # Each block's sum lands at its first position, then is read back at every position.
+        return torch.zeros_like(v).scatter_add(-1, block_start, v).gather(-1, block_start)
+
+    @staticmethod
+    def stop_gradient(a):
+        return a.detach()
+
+    @staticmethod
+    def nan_of(a):
+        a = a.detach()
+        return torch.where(torch.isnan(a), a, torch.zeros_like(a))
+
+    @staticmethod
+    def take_columns(a, index):
+        return a.index_select(-1, torch.as_tensor(index, device=a.device))
+
+    @staticmethod
+    def sum_last(a):
+        return a.sum(-1)
+
+    @staticmethod
+    def constant(values, like):
+        return torch.as_tensor(values, dtype=like.dtype, device=like.device)
+
+    @staticmethod
+    def move_last_to_first(a):
+        return a.movedim(-1, 0)
+
+
+_TORCH_OPS = _TorchOps()
+
+
+@contextlib.contextmanager
+def _formula_inputs(saved, output_index):
+    """The saved tensors with which a jvp staticmethod evaluates its formula.
+
+    Under a torch.func transform, an autograd function's jvp runs with
+    forward gradients off, so an enclosing forward transform (the outer
+    jacfwd of jacfwd(jacfwd(f))) would not see how the formula depends on
+    the saved inputs. Unwrapped from the level whose tangent the formula
+    computes (the level of the function's output, ``saved[output_index]``)
+    and with forward gradients back on, the saved inputs carry the enclosing
+    levels' tangents into the result.
+    """
+    level = _functorch_level(saved[output_index]) if _functorch_active() else -1
+    if level < 0:
+        yield saved
+        return
+    with _forward_ad._set_fwd_grad_enabled(True):
+        yield [t if t is None else _unwrap_for_grad(t, level) for t in saved]
+
+
+class _Projection(torch.autograd.Function):
+    """softrank::projection_forward with the derivatives of :mod:`softrank._derivatives`.
+
+    The autograd kernel of the operator, and applied directly under a
+    torch.func transform. ``eps`` and ``reg`` are not differentiated; the
+    integer outputs are not differentiable.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z, w, eps, reg):
+        with _below_autograd():
+            return _OPS.projection_forward.default(z, w, eps, reg)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        z, w, eps, reg = inputs
+        out, *state = output
+        ctx.mark_non_differentiable(*state)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(z, w, out, *state)
+        if _forward_mode_possible():
+            ctx.save_for_forward(z, w, out, *state)
+        ctx.params = (eps, reg)
+
+    @staticmethod
+    def backward(ctx, grad_out, *state_grads):
+        if grad_out is None:
+            return None, None, None, None
+        z, w, out, *state = ctx.saved_tensors
+        grad_z, grad_w = _derivatives.projection_vjp(
+            _TORCH_OPS, z, w, out, state, grad_out, *ctx.params,
+            need_z=ctx.needs_input_grad[0], need_w=ctx.needs_input_grad[1],
+        )
+        return grad_z, grad_w, None, None
+
+    @staticmethod
+    def jvp(ctx, z_tangent, w_tangent, *param_tangents):
+        with _formula_inputs(ctx.saved_tensors, 2) as (z, w, out, *state):
+            tangent_out = _derivatives.projection_jvp(
+                _TORCH_OPS, z, w, out, state, z_tangent, w_tangent, *ctx.params
+            )
+        return tangent_out, None, None, None, None, None
+
+
+class _Isotonic(torch.autograd.Function):
+    """softrank::isotonic_forward with the derivatives of :mod:`softrank._derivatives`."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(y, weights, increasing, reg):
+        with _below_autograd():
+            return _OPS.isotonic_forward.default(y, weights, increasing, reg)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        y, weights, _, reg = inputs
+        solution, block_start = output
+        ctx.mark_non_differentiable(block_start)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(y, weights, solution, block_start)
+        if _forward_mode_possible():
+            ctx.save_for_forward(y, weights, solution, block_start)
+        ctx.reg = reg
+
+    @staticmethod
+    def backward(ctx, grad_solution, grad_block_start):
+        if grad_solution is None:
+            return None, None, None, None
+        y, weights, solution, block_start = ctx.saved_tensors
+        grad_y, grad_weights = _derivatives.isotonic_vjp(
+            _TORCH_OPS, y, weights, solution, block_start, grad_solution, ctx.reg,
+            need_y=ctx.needs_input_grad[0], need_weights=ctx.needs_input_grad[1],
+        )
+        return grad_y, grad_weights, None, None
+
+    @staticmethod
+    def jvp(ctx, y_tangent, weights_tangent, *param_tangents):
+        with _formula_inputs(ctx.saved_tensors, 2) as (y, weights, solution, block_start):
+            if weights is None:
+                weights_tangent = None
+            tangent_out = _derivatives.isotonic_jvp(
+                _TORCH_OPS, y, weights, solution, block_start, y_tangent, weights_tangent,
+                ctx.reg,
+            )
+        return tangent_out, None
+
+
+_LIB.impl(
+    "projection_forward",
+    _autograd_kernel("projection_forward", _Projection,
+                     "permutahedron_projection / soft_topk_mask"),
+    "Autograd",
+)
+_LIB.impl(
+    "isotonic_forward",
+    _autograd_kernel("isotonic_forward", _Isotonic, "isotonic_regression"),
+    "Autograd",
+)
+
+
+def _batch_first(info, in_dims, tensors):
+    """Each tensor with the vmapped dim first (expanded where it has none); None stays None."""
+    return [
+        t if t is None
+        else t.expand(info.batch_size, *t.shape) if dim is None
+        else t.movedim(dim, 0)
+        for t, dim in zip(tensors, in_dims)
+    ]
+
+
+def _projection_vmap(info, in_dims, z, w, eps, reg):
+    z, w = _batch_first(info, in_dims, (z, w))
+    return _OPS.projection_forward(z, w, eps, reg), (0,) * 6
+
+
+def _isotonic_vmap(info, in_dims, y, weights, increasing, reg):
+    y, weights = _batch_first(info, in_dims, (y, weights))
+    return _OPS.isotonic_forward(y, weights, increasing, reg), (0, 0)
+
+
+torch.library.register_vmap("softrank::projection_forward", _projection_vmap, lib=_LIB)
+torch.library.register_vmap("softrank::isotonic_forward", _isotonic_vmap, lib=_LIB)
+
+
+def _projection(z, w, eps, reg):
+    """``(out, perm_z, inv_z, perm_w, inv_w, block_start)`` of tensors shaped ``(..., n)``."""
+    if _functorch_active():
+        return _Projection.apply(z, w, eps, reg)
+    return _OPS.projection_forward(z, w, eps, reg)
+
+
+def _isotonic(y, weights, increasing, reg):
+    """``(solution, block_start)`` of tensors shaped ``(..., n)``; ``weights`` may be None."""
+    if _functorch_active():
+        return _Isotonic.apply(y, weights, increasing, reg)
+    return _OPS.isotonic_forward(y, weights, increasing, reg)
 
 
 # --- public functions ------------------------------------------------------------
@@ -678,7 +952,466 @@ def soft_sort(
     return _soft_op(x, eps, regularization, direction, dim, OP_SORT)
 
 
+# --- the operators on the permutahedron: public functions ----------------------------
+
+_NUMPY_DTYPE = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+
+
+def _no_jit() -> None:
+    if torch._C._get_tracing_state() is not None:
+        raise RuntimeError(_NO_JIT)
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    """numpy's kind code of a torch dtype, for :func:`check_float_dtype_kind`."""
+    if dtype.is_floating_point:
+        return "f"
+    return "c" if dtype.is_complex else "b" if dtype == torch.bool else "i"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _to_last(x: Any, dim: Any, name: str):
+    """``(x with dim last in its compute dtype, dim normalised, compute dtype)``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    compute_dtype = getattr(torch, _layout.compute_dtype_name(
+        _dtype_name(x.dtype), _dtype_kind(x.dtype), x.dtype.itemsize, allow_int=False, name=name))
+    axis = check_axis(dim, x.dim(), name="dim", array_name=name)
+    moved = x if axis == x.dim() - 1 else x.movedim(axis, -1)
+    if compute_dtype is not x.dtype:
+        moved = moved.to(compute_dtype)
+    return moved, axis, compute_dtype
+
+
+def _from_last(result: Tensor, axis: int, dtype: torch.dtype) -> Tensor:
+    """``result`` (the operator's dim last) back in the input's layout and dtype."""
+    if axis != result.dim() - 1:
+        result = result.movedim(-1, axis)
+    return result if result.dtype == dtype else result.to(dtype)
+
+
+def _operand(value: Any, name: str, like: Tensor) -> Tensor:
+    """A further tensor argument (``w``, ``target``, ``weights``): real or integer, on ``like``'s device."""
+    if not isinstance(value, Tensor):
+        value = torch.as_tensor(value, device=like.device)
+    check_float_dtype_kind(_dtype_kind(value.dtype), _dtype_name(value.dtype), allow_int=True,
+                           name=name)
+    if value.device != like.device:
+        raise ValueError(f"{name} must be on the device of the input ({like.device}), "
+                         f"got {value.device}")
+    return value
+
+
+def _eps_argument(eps: Any) -> float:
+    """``eps`` as a float, accepting a 0-d tensor outside torch.compile (as :func:`soft_rank`)."""
+    if type(eps) is float and eps >= 0.0:
+        return eps
+    if isinstance(eps, Tensor):
+        if _is_compiling():
+            raise TypeError(
+                "eps must be a Python number under torch.compile (a tensor's value "
+                "is data the graph cannot depend on); pass float(eps)"
+            )
+        eps = eps.detach()
+    return check_eps(eps)
+
+
+def _constant(values: np.ndarray, like: Tensor) -> Tensor:
+    """A numpy vector as a constant row, broadcast to ``like``'s shape (no copy per row)."""
+    return torch.as_tensor(values, device=like.device).expand(like.shape)
+
+
+def _known_values(tensor: Tensor):
+    """The plain tensor of ``tensor``'s values, or None where they are not known here.
+
+    Under torch.compile, export and vmap (and for meta tensors) the values
+    are symbolic or batched: they cannot be inspected by Python control flow.
+    Under the differentiating torch.func transforms they are concrete.
+    """
+    if _is_compiling():
+        return None
+    while _is_functorch_wrapped(tensor):
+        if torch._C._functorch.is_batchedtensor(tensor):
+            return None
+        tensor = torch._C._functorch.get_unwrapped(tensor)
+    if type(tensor) is not Tensor or tensor.is_meta:
+        return None
+    return tensor.detach()
+
+
+def permutahedron_projection(
+    z: Tensor,
+    w: Any = None,
+    *,
+    regularization: Regularization = "l2",
+    dim: int = -1,
+) -> Tensor:
+    """Projection onto the permutahedron of ``w``, along ``dim``.
+
+    l2: ``argmin_{mu in P(w)} 1/2 ||mu - z||^2``; kl: ``log argmin_{mu in
+    P(exp w)} KL(mu, exp z)``, where ``P(w)`` is the convex hull of the
+    permutations of ``w`` (Blondel et al. 2020, section 3). ``soft_rank(x,
+    eps)`` is ``P(x / eps, rho)`` and the descending ``soft_sort(x, eps)`` is
+    ``P(rho / eps, x)``; other ``w`` give other operators
+    (:func:`soft_topk_mask`). O(n log n) per row: one sort of each of z and
+    w, then pool-adjacent-violators.
+
+    Parameters
+    ----------
+    z : Tensor, shape (..., n, ...)
+        float32 and float64 are computed natively; float16 and bfloat16 in
+        float32 and returned in their own dtype. Integer, bool and complex
+        tensors raise TypeError. CUDA tensors make a host round trip (see the
+        module docstring); the result is on ``z``'s device.
+    w : Tensor or array_like, optional
+        Shape (n,) (the same vector for every row) or the shape of ``z``; any
+        order (only its sorted values matter); on ``z``'s device, computed in
+        ``z``'s compute dtype. Default ``rho = (n, ..., 1)``. Under kl, ``w``
+        may hold ``-inf`` (zeros of ``exp w``) where each row's largest ``w``
+        is finite.
+    regularization : {"l2", "kl"}
+    dim : int, default -1
+
+    Returns
+    -------
+    Tensor
+        Shape, dtype and device of ``z``; the rows of l2 sum to ``sum(w)``.
+        Rows with NaN or inf give NaN.
+
+    Notes
+    -----
+    Differentiable in ``z`` and ``w`` (the gradient of a 1-D ``w`` is summed
+    over the rows). The Jacobian is block diagonal over the PAV blocks in
+    sorted order: l2 ``(I - mean_B)`` in z and ``mean_B`` in sorted w; kl
+    ``I - 1 p^T`` in z and ``1 q^T`` in sorted w per block B, with ``p``,
+    ``q`` the block softmaxes of sorted z and w. The derivatives are torch
+    operations, so every order of autograd, forward mode and every
+    ``torch.func`` transform works (``vmap`` makes one engine call for the
+    batch), as does ``torch.compile``; TorchScript raises.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from softrank.torch import permutahedron_projection
+    >>> permutahedron_projection(torch.tensor([0.0, 3.0, 1.0]), torch.tensor([1.0, 2.0, 3.0]))
+    tensor([1., 3., 2.])
+    """
+    _no_jit()
+    reg = check_regularization(regularization)
+    moved, axis, dtype = _to_last(z, dim, "z")
+    n = moved.shape[-1]
+    if w is None:
+        weights = _constant(_operators.rho(n, _NUMPY_DTYPE[dtype]), moved)
+    else:
+        w = _operand(w, "w", z)
+        if w.dim() == 1 and w.shape[0] == n:
+            weights = w.to(dtype).expand(moved.shape)
+        elif w.shape == z.shape:
+            weights = w.to(dtype)
+            if axis != w.dim() - 1:
+                weights = weights.movedim(axis, -1)
+        else:
+            raise ValueError(
+                f"w must have length n = {n} (the length of z along the axis) or the shape of z "
+                f"{tuple(z.shape)}, got shape {tuple(w.shape)}"
+            )
+    out = _projection(moved, weights, 1.0, reg)[0]
+    return _from_last(out, axis, z.dtype)
+
+
+def soft_topk_mask(
+    x: Tensor,
+    k: int,
+    eps: float = 1.0,
+    *,
+    regularization: Regularization = "l2",
+    dim: int = -1,
+) -> Tensor:
+    """A soft indicator of the ``k`` largest entries of ``x`` along ``dim``.
+
+    The projection of ``x / eps`` onto the permutahedron of ``w = (1, ..., 1,
+    0, ..., 0)`` (k ones): l2 ``P(x / eps, w)``; kl ``exp(P_E(x / eps, log
+    w))``, the entropic projection onto the same polytope.
+
+    Parameters
+    ----------
+    x : Tensor, shape (..., n, ...)
+        As ``z`` in :func:`permutahedron_projection`.
+    k : int
+        0 <= k <= n (kl: k >= 1); a Python int (it selects w).
+    eps : float, default 1.0
+        >= 0, not differentiated (a Python number, or a 0-d tensor outside
+        ``torch.compile``, as in :func:`soft_rank`). As ``eps -> 0`` the mask
+        tends to the indicator of the k largest entries (tied entries at the
+        boundary share what is left); ``eps = 0`` returns that limit,
+        ``eps = inf`` the constant ``k / n``.
+    regularization : {"l2", "kl"}
+    dim : int, default -1
+
+    Returns
+    -------
+    Tensor
+        Shape, dtype and device of ``x``; values in [0, 1], each row sums to ``k``.
+
+    Notes
+    -----
+    Differentiable in ``x`` (zero gradient at ``eps = 0`` and ``eps = inf``):
+    the Jacobian of the projection (see :func:`permutahedron_projection`)
+    divided by ``eps``, times the mask for kl. Every transform works as for
+    :func:`permutahedron_projection`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from softrank.torch import soft_topk_mask
+    >>> soft_topk_mask(torch.tensor([0.1, 3.0, 2.0, -1.0]), k=2, eps=0.5)
+    tensor([0., 1., 1., 0.])
+    """
+    _no_jit()
+    eps = _eps_argument(eps)
+    reg = check_regularization(regularization)
+    moved, axis, dtype = _to_last(x, dim, "x")
+    n = moved.shape[-1]
+    k = _operators.check_k(k, n)
+    weights = _constant(_operators.topk_weights(n, k, reg, _NUMPY_DTYPE[dtype]), moved)
+    out = _projection(moved, weights, eps, reg)[0]
+    mask = out.exp() if reg == REG_KL else out
+    return _from_last(mask, axis, x.dtype)
+
+
+def spearman(
+    pred: Tensor,
+    target: Any,
+    eps: float = 1.0,
+    *,
+    regularization: Regularization = "l2",
+    dim: int = -1,
+) -> Tensor:
+    """Soft Spearman rank correlation of ``pred`` with ``target``, row by row.
+
+    The Pearson correlation of ``soft_rank(pred, eps)`` with the ranks of
+    ``target`` (mean ranks for ties: ``soft_rank(target, eps=0)``). As ``eps
+    -> 0`` it equals ``scipy.stats.spearmanr`` of each row; ``1 - spearman``
+    is a learning-to-rank loss.
+
+    Parameters
+    ----------
+    pred : Tensor, shape (..., n, ...)
+        As ``x`` in :func:`soft_rank`.
+    target : Tensor or array_like, shape of ``pred``
+        Real or integer (e.g. relevance labels), on ``pred``'s device. Not
+        differentiated (its ranks are piecewise constant).
+    eps : float, default 1.0
+        As in :func:`soft_rank`.
+    regularization : {"l2", "kl"}
+    dim : int, default -1
+        Removed from the result.
+
+    Returns
+    -------
+    Tensor
+        Shape of ``pred`` without ``dim``, dtype and device of ``pred``,
+        values in [-1, 1]; NaN for a constant row (as scipy).
+
+    Notes
+    -----
+    Differentiable in ``pred`` under every transform :func:`soft_rank`
+    supports (a composition of it with torch operations).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from softrank.torch import spearman
+    >>> float(spearman(torch.tensor([0.1, 0.5, 0.3]), torch.tensor([1.0, 3.0, 2.0]), eps=0.01))
+    1.0
+    """
+    _no_jit()
+    moved, axis, dtype = _to_last(pred, dim, "pred")
+    target = _operand(target, "target", pred)
+    if target.shape != pred.shape:
+        raise ValueError(
+            f"target must have the shape of pred {tuple(pred.shape)}, got {tuple(target.shape)}")
+    target = target.detach().to(dtype)
+    if axis != target.dim() - 1:
+        target = target.movedim(axis, -1)
+    ranks = soft_rank(moved, eps, regularization=regularization)
+    target_ranks = soft_rank(target, 0.0).detach()
+    corr = _operators.pearson_last_axis(_TORCH_OPS, ranks, target_ranks)
+    return corr if corr.dtype == pred.dtype else corr.to(pred.dtype)
+
+
+@torch.compiler.assume_constant_result
+def _checked_levels(q: Any):
+    """``q`` checked, as a tuple of floats and whether it was a scalar.
+
+    A constant of the graph under torch.compile: the check runs in Python
+    at trace time instead of being traced as data-dependent branches.
+    """
+    values, scalar = _operators.check_quantiles(q)
+    return tuple(values.tolist()), scalar
+
+
+def _quantile_levels(q: Any):
+    if isinstance(q, Tensor):
+        values = _known_values(q)
+        if values is None:
+            raise TypeError(
+                "q must be concrete (a Python number, a list or a plain tensor): it selects "
+                "sorted positions, so it cannot be traced, compiled or vmapped"
+            )
+        q = values.cpu().numpy()
+    elif isinstance(q, list):
+        q = tuple(q)
+    levels, scalar = _checked_levels(q)
+    return np.array(levels, dtype=np.float64), scalar
+
+
+def soft_quantile(
+    x: Tensor,
+    q: Any,
+    eps: float = 1.0,
+    *,
+    regularization: Regularization = "l2",
+    dim: int = -1,
+) -> Tensor:
+    """Soft quantiles of ``x`` along ``dim``: np.quantile's "linear" rule on the soft sort.
+
+    With ``s = soft_sort(x, eps)`` ascending, ``p = q (n - 1)``, ``lo =
+    floor(p)``, ``hi = min(lo + 1, n - 1)``: ``s[lo] + (p - lo) (s[hi] -
+    s[lo])``.
+
+    Parameters
+    ----------
+    x : Tensor, shape (..., n, ...)
+        n >= 1; as in :func:`soft_sort`.
+    q : float or 1-D sequence of floats in [0, 1]
+        Concrete (it selects sorted positions): a Python number or list, a
+        numpy array or a plain tensor, not differentiated.
+    eps : float, default 1.0
+        As ``eps -> 0`` (and at eps = 0) the result equals
+        ``torch.quantile(x, q, dim=dim)`` (``np.quantile``, method "linear").
+    regularization : {"l2", "kl"}
+    dim : int, default -1
+
+    Returns
+    -------
+    Tensor
+        np.quantile's layout: shape of ``x`` without ``dim`` for a scalar
+        ``q``, with ``len(q)`` in front for a 1-D ``q``; dtype and device of ``x``.
+
+    Notes
+    -----
+    Differentiable in ``x`` under every transform :func:`soft_sort`
+    supports (a composition of it with torch operations).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from softrank.torch import soft_quantile
+    >>> float(soft_quantile(torch.tensor([4.0, 1.0, 3.0, 2.0]), 0.5, eps=0.01))
+    2.5
+    """
+    _no_jit()
+    quantiles, scalar = _quantile_levels(q)
+    moved = _to_last(x, dim, "x")[0]
+    s = soft_sort(moved, eps, regularization=regularization)
+    value = _operators.quantile_from_sorted(_TORCH_OPS, s, quantiles, scalar)
+    return value if value.dtype == x.dtype else value.to(x.dtype)
+
+
+def soft_median(
+    x: Tensor,
+    eps: float = 1.0,
+    *,
+    regularization: Regularization = "l2",
+    dim: int = -1,
+) -> Tensor:
+    """Soft median of ``x`` along ``dim``: ``soft_quantile(x, 0.5, ...)`` (dim removed).
+
+    As ``eps -> 0`` it equals ``np.median`` along ``dim`` (the mean of the
+    two middle values for an even n, unlike ``torch.median``).
+    """
+    return soft_quantile(x, 0.5, eps, regularization=regularization, dim=dim)
+
+
+def isotonic_regression(
+    y: Tensor,
+    *,
+    weights: Any = None,
+    increasing: bool = True,
+    regularization: Regularization = "l2",
+    dim: int = -1,
+) -> Tensor:
+    """Weighted isotonic regression along ``dim`` by pool-adjacent-violators.
+
+    l2: ``argmin_v sum_i w_i (v_i - y_i)^2``; kl: ``argmin_v sum_i exp(y_i -
+    v_i) + w_i v_i`` (fast-soft-sort's ``isotonic_kl`` with weights
+    ``exp(its w)``); subject to ``v`` non-decreasing (``increasing=True``) or
+    non-increasing. Exact, O(n) per row. On each block B of equal values the
+    solution is ``sum_B w y / sum_B w`` (l2) or ``log sum_B exp(y) - log
+    sum_B w`` (kl).
+
+    Parameters
+    ----------
+    y : Tensor, shape (..., n, ...)
+        As ``x`` in :func:`soft_rank`.
+    weights : Tensor or array_like, shape of ``y``, optional
+        Positive finite weights, on ``y``'s device, computed in ``y``'s
+        compute dtype; default all ones. Checked (ValueError) where their
+        values are known: in eager mode and under the differentiating
+        ``torch.func`` transforms, not under ``vmap``, ``torch.compile`` or
+        export, nor for meta tensors (where a non-positive weight gives
+        meaningless values).
+    increasing : bool, default True
+    regularization : {"l2", "kl"}
+    dim : int, default -1
+
+    Returns
+    -------
+    Tensor
+        Shape, dtype and device of ``y``.
+
+    Notes
+    -----
+    Differentiable in ``y`` and ``weights``. Per block B (l2):
+    ``d v = sum_B (w dy + dw (y - v)) / sum_B w``; (kl): ``d v = sum_B
+    softmax_B(y) dy - sum_B dw / sum_B w``. Every order of autograd, forward
+    mode and every ``torch.func`` transform works, as does ``torch.compile``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from softrank.torch import isotonic_regression
+    >>> isotonic_regression(torch.tensor([1.0, 3.0, 2.0, 4.0]))
+    tensor([1.0000, 2.5000, 2.5000, 4.0000])
+    """
+    _no_jit()
+    reg = check_regularization(regularization)
+    moved, axis, dtype = _to_last(y, dim, "y")
+    moved_weights = None
+    if weights is not None:
+        weights = _operand(weights, "weights", y)
+        if weights.shape != y.shape:
+            raise ValueError(
+                f"weights must have the shape of y {tuple(y.shape)}, got {tuple(weights.shape)}")
+        moved_weights = weights.to(dtype)
+        if axis != weights.dim() - 1:
+            moved_weights = moved_weights.movedim(axis, -1)
+        values = _known_values(weights)
+        if values is not None:
+            if not bool(torch.all(torch.isfinite(values) & (values > 0))):
+                raise ValueError("weights must be finite and > 0 everywhere")
+            if not bool(torch.all(values.to(dtype) > 0)):
+                raise ValueError(f"weights must stay > 0 in {_dtype_name(dtype)} (underflow)")
+    solution = _isotonic(moved, moved_weights, bool(increasing), reg)[0]
+    return _from_last(solution, axis, y.dtype)
+
+
 # TorchScript reads this attribute (for direct and recursive scripting) and
 # raises with the message instead of compiling the function's Python.
-for _public in (soft_rank, soft_sort):
+for _public in (soft_rank, soft_sort, permutahedron_projection, soft_topk_mask, spearman,
+                soft_quantile, soft_median, isotonic_regression):
     _public.__script_unsupported = _NO_JIT

@@ -1,0 +1,818 @@
+"""softrank.torch's operators on the permutahedron: values, gradients, transforms, limits.
+
+References, never softrank.torch's own backward:
+- values: softrank.numpy (itself checked against brute force in the numpy tests),
+  scipy.stats.spearmanr, np.quantile, np.median and a brute-force top-k indicator;
+- first derivatives: central finite differences (float64) of the torch function
+  and softrank.numpy's ``*_with_vjp`` pullbacks;
+- second derivatives: central differences of central differences, and torch's
+  numerical gradgradcheck;
+- batched and compiled calls: the unbatched eager call.
+"""
+from __future__ import annotations
+
+import typing
+
+import numpy as np
+import pytest
+
+from frameworks import require
+
+torch = require("torch")
+import softrank.numpy as srn  # noqa: E402
+import softrank.torch as srt  # noqa: E402
+from softrank import _engine, _operators  # noqa: E402
+from softrank._types import Regularization  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning"),
+]
+
+REGS = ["l2", "kl"]
+STEP, RTOL, ATOL = 1e-6, 1e-6, 1e-7
+STEP2, RTOL2, ATOL2 = 1e-4, 1e-5, 1e-6
+PUBLIC = ["permutahedron_projection", "soft_topk_mask", "spearman", "soft_quantile", "soft_median",
+          "isotonic_regression"]
+
+
+def _x(shape, seed=0, dtype=torch.float64):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _positive(shape, seed):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.5
+
+
+def fd_jacobian(f, x, step=STEP):
+    """Central differences of ``f`` at ``x``: shape ``f(x).shape + x.shape``."""
+    with torch.no_grad():
+        flat = x.detach().reshape(-1)
+        columns = []
+        for j in range(flat.numel()):
+            e = torch.zeros_like(flat)
+            e[j] = step
+            columns.append((f((flat + e).view(x.shape)) - f((flat - e).view(x.shape))) / (2 * step))
+        out_shape = columns[0].shape
+        return torch.stack(columns, dim=-1).reshape(*out_shape, *x.shape)
+
+
+def fd_hessian(g, x):
+    return fd_jacobian(lambda t: fd_jacobian(g, t, STEP2), x, STEP2)
+
+
+def _contract(jacobian, tangent):
+    """``J t`` for a Jacobian of shape ``out.shape + x.shape``."""
+    return (jacobian * tangent).flatten(-tangent.dim()).sum(-1)
+
+
+def _pull(jacobian, cotangent):
+    """``c^T J`` for a Jacobian of shape ``out.shape + x.shape``."""
+    return (jacobian * cotangent.reshape(*cotangent.shape, *([1] * (jacobian.dim() - cotangent.dim())))
+            ).sum(tuple(range(cotangent.dim())))
+
+
+# --- the operators, each as (torch call, numpy call, numpy call with its pullback) ---------
+# ``extra`` holds the further arguments for an input of a given shape and dim.
+
+
+def _extra(shape, dim, seed=50):
+    n = shape[dim]
+    return {
+        "w": _x((n,), seed) * 2.0,
+        "w_full": _x(shape, seed + 1) * 2.0,
+        "target": _x(shape, seed + 2),
+        "weights": _positive(shape, seed + 3),
+    }
+
+
+def _np(extra):
+    return {key: value.numpy() for key, value in extra.items()}
+
+
+OPERATORS = {
+    "projection": (
+        lambda x, e, reg, dim: srt.permutahedron_projection(x, regularization=reg, dim=dim),
+        lambda x, e, reg, ax: srn.permutahedron_projection_with_vjp(x, regularization=reg, axis=ax),
+    ),
+    "projection_w": (
+        lambda x, e, reg, dim: srt.permutahedron_projection(x, e["w"], regularization=reg, dim=dim),
+        lambda x, e, reg, ax: srn.permutahedron_projection_with_vjp(x, e["w"], regularization=reg,
+                                                                    axis=ax),
+    ),
+    "projection_w_full": (
+        lambda x, e, reg, dim: srt.permutahedron_projection(x, e["w_full"], regularization=reg,
+                                                            dim=dim),
+        lambda x, e, reg, ax: srn.permutahedron_projection_with_vjp(x, e["w_full"], regularization=reg,
+                                                                    axis=ax),
+    ),
+    "topk": (
+        lambda x, e, reg, dim: srt.soft_topk_mask(x, 2, 0.7, regularization=reg, dim=dim),
+        lambda x, e, reg, ax: srn.soft_topk_mask_with_vjp(x, 2, 0.7, regularization=reg, axis=ax),
+    ),
+    "spearman": (
+        lambda x, e, reg, dim: srt.spearman(x, e["target"], 0.6, regularization=reg, dim=dim),
+        lambda x, e, reg, ax: srn.spearman_with_vjp(x, e["target"], 0.6, regularization=reg, axis=ax),
+    ),
+    "quantile": (
+        lambda x, e, reg, dim: srt.soft_quantile(x, 0.3, 0.6, regularization=reg, dim=dim),
+        lambda x, e, reg, ax: srn.soft_quantile_with_vjp(x, 0.3, 0.6, regularization=reg, axis=ax),
+    ),
+    "quantiles": (
+        lambda x, e, reg, dim: srt.soft_quantile(x, [0.1, 0.5, 0.95], 0.6, regularization=reg,
+                                                 dim=dim),
+        lambda x, e, reg, ax: srn.soft_quantile_with_vjp(x, [0.1, 0.5, 0.95], 0.6,
+                                                         regularization=reg, axis=ax),
+    ),
+    "median": (
+        lambda x, e, reg, dim: srt.soft_median(x, 0.6, regularization=reg, dim=dim),
+        lambda x, e, reg, ax: srn.soft_median_with_vjp(x, 0.6, regularization=reg, axis=ax),
+    ),
+    "isotonic": (
+        lambda x, e, reg, dim: srt.isotonic_regression(x, regularization=reg, dim=dim),
+        lambda x, e, reg, ax: srn.isotonic_regression_with_vjp(x, regularization=reg, axis=ax),
+    ),
+    "isotonic_weights_decreasing": (
+        lambda x, e, reg, dim: srt.isotonic_regression(x, weights=e["weights"], increasing=False,
+                                                       regularization=reg, dim=dim),
+        lambda x, e, reg, ax: srn.isotonic_regression_with_vjp(
+            x, weights=e["weights"], increasing=False, regularization=reg, axis=ax),
+    ),
+}
+NAMES = list(OPERATORS)
+CASES = [(name, reg) for name in NAMES for reg in REGS]
+
+
+def _torch_fn(name, reg, extra, dim=-1):
+    return lambda t: OPERATORS[name][0](t, extra, reg, dim)
+
+
+def _numpy_with_vjp(name, reg, extra, x, axis=-1):
+    value, vjp = OPERATORS[name][1](x.numpy(), _np(extra), reg, axis)
+
+    def grad_x(cotangent):
+        grad = vjp(cotangent.numpy())
+        return torch.from_numpy(np.asarray(grad[0] if isinstance(grad, tuple) else grad))
+
+    return torch.from_numpy(np.asarray(value)), grad_x
+
+
+def _spread(x):
+    """Scaled so that the PAV pools some entries and leaves others alone."""
+    return 1.5 * x
+
+
+# --- values ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape, dim", [((7,), 0), ((3, 6), -1), ((6, 3), 0), ((2, 5, 4), 1)])
+@pytest.mark.parametrize("name, reg", CASES)
+def test_values_equal_numpy(name, reg, shape, dim):
+    x = _spread(_x(shape, seed=1))
+    extra = _extra(shape, dim)
+    got = _torch_fn(name, reg, extra, dim)(x)
+    want, _ = _numpy_with_vjp(name, reg, extra, x, dim)
+    assert got.dtype == torch.float64 and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name, reg", CASES)
+def test_float32_values_equal_numpy_float32(name, reg):
+    x = _spread(_x((4, 6), seed=2))
+    extra = _extra((4, 6), -1)
+    got = _torch_fn(name, reg, {k: v.float() for k, v in extra.items()})(x.float())
+    value, _ = OPERATORS[name][1](x.float().numpy(), {k: v.float().numpy() for k, v in extra.items()},
+                                  reg, -1)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, torch.from_numpy(np.asarray(value)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", NAMES)
+def test_half_precision_is_computed_in_float32_and_returned_in_its_dtype(name, dtype):
+    x = _spread(_x((3, 6), seed=3)).to(dtype)
+    extra = _extra((3, 6), -1)
+    got = _torch_fn(name, "l2", extra)(x)
+    assert got.dtype == dtype
+    want = _torch_fn(name, "l2", {k: v.float() for k, v in extra.items()})(x.float())
+    torch.testing.assert_close(got, want.to(dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (0, 4)])
+@pytest.mark.parametrize("name", ["projection", "topk", "spearman", "isotonic"])
+def test_empty_inputs_give_numpy_shapes(name, shape):
+    x = torch.zeros(shape, dtype=torch.float64)
+    k = 0 if name == "topk" else None
+    calls = {
+        "projection": (lambda t: srt.permutahedron_projection(t), lambda a: srn.permutahedron_projection(a)),
+        "topk": (lambda t: srt.soft_topk_mask(t, k), lambda a: srn.soft_topk_mask(a, k)),
+        "spearman": (lambda t: srt.spearman(t, t), lambda a: srn.spearman(a, a)),
+        "isotonic": (lambda t: srt.isotonic_regression(t), lambda a: srn.isotonic_regression(a)),
+    }[name]
+    with np.errstate(invalid="ignore"):
+        want = calls[1](x.numpy())
+    got = calls[0](x)
+    assert tuple(got.shape) == want.shape
+    torch.testing.assert_close(got, torch.from_numpy(want), rtol=0, atol=0, equal_nan=True)
+
+
+def test_quantile_of_empty_rows_and_of_n_zero_match_numpy():
+    assert srt.soft_quantile(torch.zeros(0, 4, dtype=torch.float64), 0.5).shape == (0,)
+    for bad in (torch.zeros(3, 0), torch.zeros(0)):
+        with pytest.raises(ValueError, match="soft_quantile needs at least one value"):
+            srn.soft_quantile(bad.numpy(), 0.5)
+        with pytest.raises(ValueError, match="soft_quantile needs at least one value"):
+            srt.soft_quantile(bad, 0.5)
+
+
+# --- first derivatives -----------------------------------------------------------
+
+
+def _pooled(name, reg, x, extra, dim=-1):
+    """Whether some PAV block of the forward pass at ``x`` (along ``dim``) holds several entries.
+
+    The tests of the derivatives assert it, so that they cover the block maps
+    (means and softmaxes over a block), not only singletons.
+    """
+    code = _engine.REG_KL if reg == "kl" else _engine.REG_L2
+    x = x.movedim(dim, -1)
+    extra = {key: value if value.dim() == 1 else value.movedim(dim, -1) for key, value in extra.items()}
+    n = x.shape[-1]
+    if name.startswith("isotonic"):
+        weights = extra["weights"] if "weights" in name else None
+        _, blocks = torch.ops.softrank.isotonic_forward(x, weights, "decreasing" not in name, code)
+    elif name.startswith("projection") or name == "topk":
+        w = {
+            "projection": lambda: torch.arange(n, 0, -1, dtype=x.dtype),
+            "projection_w": lambda: extra["w"],
+            "projection_w_full": lambda: extra["w_full"],
+            "topk": lambda: torch.from_numpy(_operators.topk_weights(n, 2, code, np.dtype(np.float64))),
+        }[name]().expand(x.shape)
+        *_, blocks = torch.ops.softrank.projection_forward(x, w, 0.7 if name == "topk" else 1.0, code)
+    else:
+        op = _engine.OP_RANK if name == "spearman" else _engine.OP_SORT
+        _, _, blocks = torch.ops.softrank.soft_forward(x, op, code, False, 0.6)
+    return bool((blocks != torch.arange(n, dtype=blocks.dtype)).any())
+
+
+@pytest.mark.parametrize("name, reg", CASES)
+def test_gradient_matches_finite_differences_and_the_numpy_pullback(name, reg):
+    x = _spread(_x((6, 3), seed=4))
+    extra = _extra((6, 3), 0)
+    assert _pooled(name, reg, x, extra, dim=0)
+    f = _torch_fn(name, reg, extra, dim=0)
+    value = f(x)
+    cotangent = _x(value.shape, seed=5)
+    leaf = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(f(leaf), leaf, cotangent)
+    jacobian = fd_jacobian(f, x)
+    assert jacobian.abs().max() > 0.05
+    torch.testing.assert_close(grad, _pull(jacobian, cotangent), rtol=RTOL, atol=ATOL)
+    _, numpy_vjp = _numpy_with_vjp(name, reg, extra, x, 0)
+    torch.testing.assert_close(grad, numpy_vjp(cotangent), rtol=1e-12, atol=1e-12)
+    # .backward() accumulates the same gradient
+    leaf = x.clone().requires_grad_(True)
+    (f(leaf) * cotangent).sum().backward()
+    torch.testing.assert_close(leaf.grad, grad, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("reg", REGS)
+@pytest.mark.parametrize("full", [False, True], ids=["w_vector", "w_full"])
+def test_projection_gradient_in_w(reg, full):
+    z = 3.0 * _x((3, 5), seed=6)
+    w = _x((3, 5) if full else (5,), seed=7)
+    cotangent = _x((3, 5), seed=8)
+    leaves = [z.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+    grad_z, grad_w = torch.autograd.grad(
+        srt.permutahedron_projection(*leaves, regularization=reg), leaves, cotangent)
+    assert grad_w.shape == w.shape
+    want_w = _pull(fd_jacobian(lambda t: srt.permutahedron_projection(z, t, regularization=reg), w),
+                   cotangent)
+    assert want_w.std() > 0.05  # not one block per row: the map in w is not a plain mean
+    torch.testing.assert_close(grad_w, want_w, rtol=RTOL, atol=ATOL)
+    _, vjp = srn.permutahedron_projection_with_vjp(z.numpy(), w.numpy(), regularization=reg)
+    numpy_z, numpy_w = vjp(cotangent.numpy())
+    torch.testing.assert_close(grad_z, torch.from_numpy(numpy_z), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_w, torch.from_numpy(np.asarray(numpy_w)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reg", REGS)
+def test_isotonic_gradient_in_the_weights(reg):
+    y, weights = _spread(_x((4, 6), seed=9)), _positive((4, 6), seed=10)
+    cotangent = _x((4, 6), seed=11)
+    leaves = [y.clone().requires_grad_(True), weights.clone().requires_grad_(True)]
+    grad_y, grad_weights = torch.autograd.grad(
+        srt.isotonic_regression(leaves[0], weights=leaves[1], regularization=reg), leaves, cotangent)
+    f = lambda t: srt.isotonic_regression(y, weights=t, regularization=reg)
+    want = _pull(fd_jacobian(f, weights), cotangent)
+    assert want.abs().max() > 0.05
+    torch.testing.assert_close(grad_weights, want, rtol=RTOL, atol=ATOL)
+    _, vjp = srn.isotonic_regression_with_vjp(y.numpy(), weights=weights.numpy(), regularization=reg)
+    numpy_y, numpy_weights = vjp(cotangent.numpy())
+    torch.testing.assert_close(grad_y, torch.from_numpy(numpy_y), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_weights, torch.from_numpy(numpy_weights), rtol=1e-12, atol=1e-12)
+
+
+# --- forward mode and torch.func ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name, reg", CASES)
+def test_forward_mode_gives_the_jacobian_times_the_tangent(name, reg):
+    x, tangent = _spread(_x((3, 6), seed=12)), _x((3, 6), seed=13)
+    extra = _extra((3, 6), -1)
+    assert _pooled(name, reg, x, extra)
+    f = _torch_fn(name, reg, extra)
+    want = _contract(fd_jacobian(f, x), tangent)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, tangent)
+        got = torch.autograd.forward_ad.unpack_dual(f(dual)).tangent
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+    value, got = torch.func.jvp(f, (x,), (tangent,))
+    torch.testing.assert_close(value, f(x), rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("name, reg", CASES)
+def test_func_grad_vjp_jacrev_jacfwd_match_finite_differences(name, reg):
+    x = _spread(_x((2, 5), seed=14))
+    extra = _extra((2, 5), -1)
+    assert _pooled(name, reg, x, extra)
+    f = _torch_fn(name, reg, extra)
+    jacobian = fd_jacobian(f, x)
+    torch.testing.assert_close(torch.func.jacrev(f)(x), jacobian, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(torch.func.jacfwd(f)(x), jacobian, rtol=RTOL, atol=ATOL)
+    cotangent = _x(jacobian.shape[:-2], seed=15)
+    value, pullback = torch.func.vjp(f, x)
+    torch.testing.assert_close(value, f(x), rtol=0, atol=0)
+    torch.testing.assert_close(pullback(cotangent)[0], _pull(jacobian, cotangent), rtol=RTOL, atol=ATOL)
+    g = lambda t: (f(t) * cotangent).sum()
+    torch.testing.assert_close(torch.func.grad(g)(x), _pull(jacobian, cotangent), rtol=RTOL, atol=ATOL)
+
+
+def _cube_loss(f, weights):
+    """A scalar with a non-zero second derivative even where f is piecewise linear."""
+    return lambda t: (f(t) * weights).pow(3).sum()
+
+
+@pytest.mark.parametrize("name, reg", CASES)
+def test_second_derivatives_by_every_route_match_finite_differences(name, reg):
+    x = _spread(_x((2, 4), seed=23))
+    extra = _extra((2, 4), -1)
+    assert _pooled(name, reg, x, extra)
+    f = _torch_fn(name, reg, extra)
+    g = _cube_loss(f, _x(f(x).shape, seed=17))
+    want = fd_hessian(g, x)
+    routes = {
+        "func.hessian": torch.func.hessian(g),
+        "jacrev(jacrev)": torch.func.jacrev(torch.func.jacrev(g)),
+        "jacrev(jacfwd)": torch.func.jacrev(torch.func.jacfwd(g)),
+        "jacfwd(jacfwd)": torch.func.jacfwd(torch.func.jacfwd(g)),
+    }
+    for route_name, route in routes.items():
+        torch.testing.assert_close(route(x), want, rtol=RTOL2, atol=ATOL2, msg=route_name)
+    # double backward on the tape: the Hessian-vector product
+    leaf = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(g(leaf), leaf, create_graph=True)
+    direction = _x(x.shape, seed=18)
+    (hvp,) = torch.autograd.grad(grad, leaf, direction)
+    torch.testing.assert_close(hvp, _contract(want, direction), rtol=RTOL2, atol=ATOL2)
+
+
+@pytest.mark.parametrize("name, reg", CASES)
+def test_gradcheck_and_gradgradcheck(name, reg):
+    x = _spread(_x((2, 5), seed=19))
+    extra = _extra((2, 5), -1)
+    assert _pooled(name, reg, x, extra)
+    x.requires_grad_(True)
+    f = _torch_fn(name, reg, extra)
+    assert torch.autograd.gradcheck(f, (x,), check_forward_ad=True, check_batched_grad=True,
+                                    check_batched_forward_grad=True)
+    assert torch.autograd.gradgradcheck(f, (x,), check_fwd_over_rev=True, check_rev_over_rev=True,
+                                        check_batched_grad=True)
+
+
+@pytest.mark.parametrize("reg", REGS)
+def test_second_derivatives_in_w_and_in_the_weights(reg):
+    z, w = _spread(_x((2, 4), seed=20)), _x((4,), seed=21) * 2.0
+    y, weights = _spread(_x((2, 4), seed=22)), _positive((2, 4), seed=23)
+
+    def projection(a, b):
+        return srt.permutahedron_projection(a, b, regularization=reg)
+
+    def isotonic(a, b):
+        return srt.isotonic_regression(a, weights=b, regularization=reg)
+
+    for fn, inputs in ((projection, (z, w)), (isotonic, (y, weights))):
+        leaves = tuple(t.clone().requires_grad_(True) for t in inputs)
+        assert torch.autograd.gradcheck(fn, leaves, check_forward_ad=True)
+        assert torch.autograd.gradgradcheck(fn, leaves, check_fwd_over_rev=True)
+        # the Hessian in the second input by forward over reverse and forward over forward
+        cube = _x(inputs[0].shape, seed=24)
+        g = lambda b: (fn(inputs[0], b) * cube).pow(3).sum()  # noqa: B023
+        want = fd_hessian(g, inputs[1])
+        torch.testing.assert_close(torch.func.hessian(g)(inputs[1]), want, rtol=RTOL2, atol=ATOL2)
+        torch.testing.assert_close(torch.func.jacfwd(torch.func.jacfwd(g))(inputs[1]), want,
+                                   rtol=RTOL2, atol=ATOL2)
+
+
+# --- vmap -------------------------------------------------------------------------------
+
+
+class EngineCalls:
+    """Counts the engine's entry-point calls (the engine itself runs as usual)."""
+
+    def __init__(self, real):
+        self._real = real
+        self.counts = {}
+
+    def __getattr__(self, name):
+        attr = getattr(self._real, name)
+        if not callable(attr) or name.startswith("_"):
+            return attr
+
+        def counted(*args):
+            self.counts[name] = self.counts.get(name, 0) + 1
+            return attr(*args)
+
+        return counted
+
+
+@pytest.fixture
+def engine_calls(monkeypatch):
+    spy = EngineCalls(_engine.engine())
+    monkeypatch.setattr(_engine, "_engine", spy)
+    return spy.counts
+
+
+@pytest.mark.parametrize("name, reg", CASES)
+def test_vmap_over_any_dim_equals_the_unbatched_call(name, reg, engine_calls):
+    x = _spread(_x((4, 5, 6), seed=25))
+    extra = _extra((4, 6), 0)  # each sample is (4, 6), the operator acts along its dim 0
+    engine_calls.clear()
+    got = torch.func.vmap(_torch_fn(name, reg, extra, dim=0), in_dims=1)(x)
+    assert sum(engine_calls.values()) <= 2, engine_calls  # one call (spearman: its target's too)
+    want = torch.stack([_torch_fn(name, reg, extra, dim=0)(x[:, j]) for j in range(5)])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reg", REGS)
+def test_vmap_over_a_batch_of_w(reg, engine_calls):
+    z, ws = _spread(_x((3, 5), seed=26)), _x((4, 5), seed=27) * 2.0
+
+    def f(w):
+        return srt.permutahedron_projection(z, w, regularization=reg)
+
+    engine_calls.clear()
+    got = torch.func.vmap(f)(ws)
+    assert engine_calls == {"projection_forward": 1}, engine_calls
+    torch.testing.assert_close(got, torch.stack([f(w) for w in ws]), rtol=0, atol=0)
+    # and the per-w gradients (summed over the rows of z) against finite differences
+    cotangent = _x((3, 5), seed=28)
+    grads = torch.func.vmap(torch.func.grad(lambda w: (f(w) * cotangent).sum()))(ws)
+    want = torch.stack([_pull(fd_jacobian(f, w), cotangent) for w in ws])
+    torch.testing.assert_close(grads, want, rtol=RTOL, atol=ATOL)
+    # both batched, with a per-row w
+    zs, w_full = _spread(_x((4, 3, 5), seed=29)), _x((4, 3, 5), seed=30)
+    both = torch.func.vmap(lambda a, b: srt.permutahedron_projection(a, b, regularization=reg))
+    want = torch.stack([srt.permutahedron_projection(a, b, regularization=reg) for a, b in zip(zs, w_full)])
+    torch.testing.assert_close(both(zs, w_full), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reg", REGS)
+def test_vmap_of_a_fixed_k_top_k_and_of_its_jacobian(reg, engine_calls):
+    xs = _spread(_x((5, 2, 6), seed=31))
+
+    def f(t):
+        return srt.soft_topk_mask(t, 3, 0.4, regularization=reg)
+
+    engine_calls.clear()
+    got = torch.func.vmap(f)(xs)
+    assert engine_calls == {"projection_forward": 1}, engine_calls
+    torch.testing.assert_close(got, f(xs), rtol=0, atol=0)
+    want = torch.stack([fd_jacobian(f, t) for t in xs])
+    torch.testing.assert_close(torch.func.vmap(torch.func.jacrev(f))(xs), want, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(torch.func.vmap(torch.func.jacfwd(f))(xs), want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("reg", REGS)
+def test_vmap_of_isotonic_over_a_batch_of_weights(reg, engine_calls):
+    y, weight_batch = _spread(_x((3, 6), seed=32)), _positive((4, 3, 6), seed=33)
+
+    def f(weights):
+        return srt.isotonic_regression(y, weights=weights, regularization=reg)
+
+    engine_calls.clear()
+    got = torch.func.vmap(f)(weight_batch)
+    assert engine_calls == {"isotonic_forward": 1}, engine_calls
+    torch.testing.assert_close(got, torch.stack([f(w) for w in weight_batch]), rtol=0, atol=0)
+    cotangent = _x((3, 6), seed=34)
+    grads = torch.func.vmap(torch.func.grad(lambda w: (f(w) * cotangent).sum()))(weight_batch)
+    want = torch.stack([_pull(fd_jacobian(f, w), cotangent) for w in weight_batch])
+    torch.testing.assert_close(grads, want, rtol=RTOL, atol=ATOL)
+
+
+def test_vmapped_q_raises_clearly():
+    x = _x((3, 5), seed=35)
+    with pytest.raises(TypeError, match="q must be concrete"):
+        torch.func.vmap(lambda q: srt.soft_quantile(x, q))(torch.tensor([0.2, 0.4]))
+
+
+# --- compile, TorchScript, meta, CUDA ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, reg", CASES)
+def test_compile_gives_the_eager_values_and_gradients(name, reg):
+    x = _spread(_x((3, 6), seed=36))
+    extra = _extra((3, 6), -1)
+    f = _torch_fn(name, reg, extra)
+    g = _cube_loss(f, _x(f(x).shape, seed=37))
+    torch._dynamo.reset()
+    compiled = torch.compile(g, fullgraph=True, backend="aot_eager")
+    results = []
+    for run in (g, compiled):
+        leaf = x.clone().requires_grad_(True)
+        value = run(leaf)
+        results.append((value.detach(), torch.autograd.grad(value, leaf)[0]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(results[0][1], fd_jacobian(g, x), rtol=RTOL, atol=ATOL)
+
+
+def test_compile_with_inductor_and_the_second_inputs():
+    z, w = _spread(_x((3, 6), seed=38)), _x((6,), seed=39)
+    y, weights = _spread(_x((3, 6), seed=40)), _positive((3, 6), seed=41)
+
+    def loss(a, b, c, d):
+        return (srt.permutahedron_projection(a, b, regularization="kl").pow(2).sum()
+                + srt.isotonic_regression(c, weights=d).pow(2).sum())
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="inductor")
+    results = []
+    for run in (loss, compiled):
+        leaves = [t.clone().requires_grad_(True) for t in (z, w, y, weights)]
+        value = run(*leaves)
+        results.append([value.detach(), *torch.autograd.grad(value, leaves)])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_export_keeps_both_operators():
+    class Model(torch.nn.Module):
+        def forward(self, t):
+            return srt.soft_topk_mask(t, 2, 0.3, regularization="kl") + srt.isotonic_regression(t, dim=0)
+
+    x = _x((4, 5), seed=42)
+    exported = torch.export.export(Model(), (x,))
+    targets = {node.target for node in exported.graph.nodes}
+    assert {torch.ops.softrank.projection_forward.default,
+            torch.ops.softrank.isotonic_forward.default} <= targets
+    torch.testing.assert_close(exported.module()(x), Model()(x), rtol=0, atol=0)
+
+
+def _traced_calls():
+    return {
+        "permutahedron_projection": lambda t: srt.permutahedron_projection(t),
+        "soft_topk_mask": lambda t: srt.soft_topk_mask(t, 2),
+        "spearman": lambda t: srt.spearman(t, t),
+        "soft_quantile": lambda t: srt.soft_quantile(t, 0.3),
+        "soft_median": lambda t: srt.soft_median(t),
+        "isotonic_regression": lambda t: srt.isotonic_regression(t),
+    }
+
+
+@pytest.mark.parametrize("name", PUBLIC)
+def test_jit_trace_and_script_raise_naming_the_alternatives(name):
+    x = _x((2, 5), seed=43)
+    with pytest.raises(RuntimeError, match=r"torch\.jit\.trace.*use torch\.compile or torch\.export"):
+        torch.jit.trace(_traced_calls()[name], (x,))
+    with pytest.raises(RuntimeError, match=r"TorchScript.*use torch\.compile or torch\.export"):
+        torch.jit.script(getattr(srt, name))
+
+
+def test_operators_called_directly_under_torch_func_raise_naming_the_public_functions():
+    z, w = _spread(_x((2, 5), seed=44)), _x((2, 5), seed=55)
+
+    def direct(t):
+        return torch.ops.softrank.projection_forward(t, w, 1.0, _engine.REG_KL)[0]
+
+    with pytest.raises(NotImplementedError, match="permutahedron_projection / soft_topk_mask"):
+        torch.func.grad(lambda t: direct(t).sum())(z)
+    with pytest.raises(NotImplementedError, match="isotonic_regression"):
+        torch.func.jacfwd(lambda t: torch.ops.softrank.isotonic_forward(t, None, True, 0)[0])(z)
+    # autograd of a direct call goes through the same derivatives
+    leaf = z.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(direct(leaf).pow(2).sum(), leaf)
+    torch.testing.assert_close(grad, fd_jacobian(lambda t: direct(t).pow(2).sum(), z), rtol=RTOL, atol=ATOL)
+
+
+def test_meta_tensors_propagate_shapes_and_gradients():
+    x = torch.empty(3, 5, device="meta", requires_grad=True)
+    for call in _traced_calls().values():
+        out = call(x)
+        assert out.device.type == "meta"
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        assert grad.device.type == "meta" and grad.shape == x.shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name, reg", CASES)
+def test_cuda_tensors_give_the_cpu_values_and_gradients_on_their_device(name, reg):
+    x = _spread(_x((3, 6), seed=45))
+    extra = _extra((3, 6), -1)
+    results = []
+    for device in ("cpu", "cuda"):
+        leaf = x.to(device).requires_grad_(True)
+        out = _torch_fn(name, reg, {k: v.to(device) for k, v in extra.items()})(leaf)
+        (grad,) = torch.autograd.grad(out.pow(2).sum(), leaf)
+        assert out.device.type == device and grad.device.type == device
+        results.append((out.cpu(), grad.cpu()))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-12, atol=1e-12)
+
+
+# --- limits as eps -> 0 ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reg", REGS)
+def test_spearman_at_eps_zero_and_small_eps_equals_scipy(reg):
+    stats = pytest.importorskip("scipy.stats")
+    generator = torch.Generator().manual_seed(46)
+    # integer-valued: ties in both pred and target (mean ranks)
+    pred = torch.randint(0, 5, (6, 9), generator=generator).double()
+    target = torch.randint(0, 5, (6, 9), generator=generator).double()
+    want = torch.tensor([stats.spearmanr(p, t).statistic for p, t in zip(pred.numpy(), target.numpy())],
+                        dtype=torch.float64)
+    torch.testing.assert_close(srt.spearman(pred, target, 0.0, regularization=reg), want,
+                               rtol=1e-12, atol=1e-12)
+    # distinct predictions: a small eps is already the hard limit; dim 0 is removed
+    distinct = _x((9, 6), seed=47)
+    got = srt.spearman(distinct, target.T, 1e-6, regularization=reg, dim=0)
+    want = torch.tensor([stats.spearmanr(p, t).statistic for p, t in zip(distinct.T.numpy(), target.numpy())],
+                        dtype=torch.float64)
+    assert got.shape == (6,)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    # an integer target (relevance labels) is accepted
+    torch.testing.assert_close(srt.spearman(pred, target.long(), 0.0, regularization=reg),
+                               srt.spearman(pred, target, 0.0, regularization=reg), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reg", REGS)
+def test_quantiles_at_eps_zero_equal_np_quantile_with_its_layout(reg):
+    x = _x((4, 7, 3), seed=48)
+    for q in (0.0, 0.3, 0.5, 1.0, [0.1, 0.5, 0.77], np.array([1.0, 0.0]), torch.tensor([0.25, 0.6])):
+        q_np = q.numpy() if isinstance(q, torch.Tensor) else q
+        want = torch.from_numpy(np.quantile(x.numpy(), q_np, axis=1, method="linear"))
+        got = srt.soft_quantile(x, q, 0.0, regularization=reg, dim=1)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        small = srt.soft_quantile(x, q, 1e-7, regularization=reg, dim=1)
+        torch.testing.assert_close(small, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(srt.soft_median(x, 0.0, regularization=reg, dim=1),
+                               torch.from_numpy(np.median(x.numpy(), axis=1)), rtol=1e-12, atol=1e-12)
+
+
+def _hard_top_k(row, k):
+    """Indicator of the k largest entries; a tie group crossing the boundary shares what is left."""
+    values = sorted(row.tolist(), reverse=True)
+    mask = torch.zeros_like(row)
+    if k == 0:
+        return mask
+    threshold = values[k - 1]
+    above = row > threshold
+    tied = row == threshold
+    mask[above] = 1.0
+    mask[tied] = (k - int(above.sum())) / int(tied.sum())
+    return mask
+
+
+@pytest.mark.parametrize("reg", REGS)
+def test_top_k_at_eps_zero_is_the_hard_indicator_with_shared_ties(reg):
+    x = torch.tensor([[3.0, 1.0, 3.0, 0.0, 2.0], [1.0, 1.0, 1.0, 5.0, -2.0]], dtype=torch.float64)
+    for k in range(0 if reg == "l2" else 1, 6):
+        want = torch.stack([_hard_top_k(row, k) for row in x])
+        got = srt.soft_topk_mask(x, k, 0.0, regularization=reg)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"k={k}")
+        # transposed input, dim 0
+        torch.testing.assert_close(srt.soft_topk_mask(x.T, k, 0.0, regularization=reg, dim=0), want.T,
+                                   rtol=1e-12, atol=1e-12)
+    distinct = _x((3, 8), seed=49)
+    torch.testing.assert_close(srt.soft_topk_mask(distinct, 3, 1e-6, regularization=reg),
+                               torch.stack([_hard_top_k(row, 3) for row in distinct]), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("reg", REGS)
+def test_top_k_rows_sum_to_k_with_values_in_the_unit_interval(reg):
+    x = _x((5, 9), seed=51)
+    for k in range(1, 10):
+        for eps in (0.05, 0.5, 3.0, float("inf")):
+            mask = srt.soft_topk_mask(x, k, eps, regularization=reg)
+            assert bool((mask >= -1e-12).all()) and bool((mask <= 1 + 1e-12).all())
+            torch.testing.assert_close(mask.sum(-1), torch.full((5,), float(k), dtype=torch.float64),
+                                       rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(srt.soft_topk_mask(x, 4, float("inf")),
+                               torch.full_like(x, 4 / 9), rtol=1e-12, atol=1e-12)
+
+
+def test_top_k_gradient_is_zero_at_eps_zero():
+    leaf = _x((2, 6), seed=52).requires_grad_(True)
+    for reg in REGS:
+        (grad,) = torch.autograd.grad(srt.soft_topk_mask(leaf, 2, 0.0, regularization=reg).pow(2).sum(), leaf)
+        assert bool((grad == 0).all())
+
+
+# --- bad arguments ---------------------------------------------------------------------
+
+
+def test_bad_arguments_raise_naming_the_argument():
+    x = _x((3, 5), seed=53)
+    cases = [
+        (lambda: srt.soft_topk_mask(x, 6), ValueError, r"k must lie in \[0, n\] = \[0, 5\]"),
+        (lambda: srt.soft_topk_mask(x, -1), ValueError, "k must lie in"),
+        (lambda: srt.soft_topk_mask(x, 2.0), TypeError, "k must be an int"),
+        (lambda: srt.soft_topk_mask(x, 0, regularization="kl"), ValueError, "needs k >= 1"),
+        (lambda: srt.soft_topk_mask(x, 2, -1.0), ValueError, "eps must be >= 0"),
+        (lambda: srt.soft_quantile(x, 1.5), ValueError, r"q must lie in \[0, 1\]"),
+        (lambda: srt.soft_quantile(x, [0.5, -0.1]), ValueError, r"q must lie in \[0, 1\]"),
+        (lambda: srt.soft_quantile(x, float("nan")), ValueError, r"q must lie in \[0, 1\]"),
+        (lambda: srt.soft_quantile(x, [[0.5]]), ValueError, "q must be a scalar or 1-D"),
+        (lambda: srt.soft_quantile(x, "half"), TypeError, "q must be a number"),
+        (lambda: srt.permutahedron_projection(x, torch.ones(4)), ValueError,
+         r"w must have length n = 5 .* or the shape of z \(3, 5\), got shape \(4,\)"),
+        (lambda: srt.permutahedron_projection(x, torch.ones(5, 3)), ValueError, "w must have length n"),
+        (lambda: srt.permutahedron_projection(x, torch.ones(5, dtype=torch.complex64)), TypeError,
+         "w must have a real floating dtype"),
+        (lambda: srt.permutahedron_projection(x, regularization="l1"), ValueError,
+         "regularization must be 'l2' or 'kl'"),
+        (lambda: srt.permutahedron_projection(x.long()), TypeError, "z must have a floating dtype"),
+        (lambda: srt.permutahedron_projection(x.numpy()), TypeError, "z must be a torch.Tensor"),
+        (lambda: srt.permutahedron_projection(x, dim=2), ValueError, "dim=2 is out of range"),
+        (lambda: srt.isotonic_regression(x, weights=torch.zeros(3, 5)), ValueError,
+         r"weights must be finite and > 0"),
+        (lambda: srt.isotonic_regression(x, weights=-torch.ones(3, 5)), ValueError,
+         r"weights must be finite and > 0"),
+        (lambda: srt.isotonic_regression(x, weights=torch.full((3, 5), float("inf"))), ValueError,
+         r"weights must be finite and > 0"),
+        (lambda: srt.isotonic_regression(x, weights=torch.full((3, 5), float("nan"))), ValueError,
+         r"weights must be finite and > 0"),
+        (lambda: srt.isotonic_regression(x.float(), weights=torch.full((3, 5), 1e-300,
+                                                                       dtype=torch.float64)),
+         ValueError, r"weights must stay > 0 in float32 \(underflow\)"),
+        (lambda: srt.isotonic_regression(x, weights=torch.ones(5)), ValueError,
+         "weights must have the shape of y"),
+        (lambda: srt.isotonic_regression(torch.tensor(1.0)), ValueError,
+         "y must have at least one dimension"),
+        (lambda: srt.spearman(x, torch.ones(3, 4)), ValueError, "target must have the shape of pred"),
+        (lambda: srt.spearman(x, torch.ones(3, 5, dtype=torch.complex64)), TypeError,
+         "target must have a real floating dtype"),
+        (lambda: srt.spearman(x.int(), x), TypeError, "pred must have a floating dtype"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+
+
+def test_weights_are_checked_under_the_differentiating_transforms():
+    y = _x((2, 4), seed=54)
+    with pytest.raises(ValueError, match=r"weights must be finite and > 0"):
+        torch.func.grad(lambda w: srt.isotonic_regression(y, weights=w).sum())(-torch.ones(2, 4))
+
+
+# --- the module ------------------------------------------------------------------------
+
+
+def test_public_names_and_signatures():
+    for name in PUBLIC:
+        assert name in srt.__all__
+        fn = getattr(srt, name)
+        hints = typing.get_type_hints(fn)
+        assert hints["regularization"] == Regularization
+        assert "dim" in hints and "axis" not in hints
+        assert fn.__doc__
+
+
+@pytest.mark.parametrize("reg", REGS)
+def test_rows_with_nan_are_nan_in_value_and_gradient_like_numpy(reg):
+    x = _spread(_x((3, 5), seed=56))
+    x[1, 2] = float("nan")
+    cotangent = _x((3, 5), seed=57)
+    for name in ("projection_w", "isotonic_weights_decreasing", "topk"):
+        extra = _extra((3, 5), -1)
+        leaf = x.clone().requires_grad_(True)
+        out = _torch_fn(name, reg, extra)(leaf)
+        (grad,) = torch.autograd.grad(out, leaf, cotangent)
+        want, numpy_vjp = _numpy_with_vjp(name, reg, extra, x)
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12, equal_nan=True)
+        torch.testing.assert_close(grad, numpy_vjp(cotangent), rtol=1e-12, atol=1e-12, equal_nan=True)
+        assert bool(out[1].isnan().all()) and bool(grad[1].isnan().all())
+        assert not bool(out[[0, 2]].isnan().any()) and not bool(grad[[0, 2]].isnan().any())
+
+
+def test_tensor_eps_works_eagerly_and_raises_clearly_under_compile():
+    x = _x((2, 6), seed=58)
+    eps = torch.tensor(0.5, dtype=torch.float64)
+    torch.testing.assert_close(srt.soft_topk_mask(x, 2, eps), srt.soft_topk_mask(x, 2, 0.5), rtol=0, atol=0)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t, e: srt.soft_topk_mask(t, 2, e), fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match=r"eps must be a Python number under torch.compile"):
+        compiled(x, eps)
