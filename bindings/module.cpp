@@ -389,6 +389,39 @@ py::tuple projection_forward(const py::array& z_arg, const py::array& w_arg, dou
   return py::make_tuple(out, perm_z, perm_w, blocks);
 }
 
+py::array inverse_permutations(const py::array& perm_arg) {
+  const py::array perm = aligned(perm_arg);
+  if (perm.ndim() != 2 || !(perm.flags() & py::array::c_style))
+    throw py::value_error("perm must be a C-contiguous 2-D (rows, n) array, got shape " +
+                          shape_str(perm));
+  if (!perm.dtype().is(py::dtype::of<std::int32_t>()))
+    throw py::type_error("perm must be int32, got " + std::string(py::str(perm.dtype())));
+  const std::int64_t rows = perm.shape(0);
+  const std::int64_t n = perm.shape(1);
+  py::array_t<index_t> inverse({perm.shape(0), perm.shape(1)});
+  const index_t* p = cdata_of<index_t>(perm);
+  index_t* q = inverse.mutable_data();
+  bool valid = true;
+  {
+    py::gil_scoped_release release;
+    for (std::int64_t r = 0; r < rows && valid; ++r) {
+      const index_t* row = p + r * n;
+      index_t* out = q + r * n;
+      for (std::int64_t i = 0; i < n; ++i) out[i] = -1;
+      for (std::int64_t i = 0; i < n; ++i) {
+        const index_t j = row[i];
+        if (j < 0 || j >= n || out[j] != -1) {
+          valid = false;
+          break;
+        }
+        out[j] = static_cast<index_t>(i);
+      }
+    }
+  }
+  if (!valid) throw py::value_error("perm rows must be permutations of 0, ..., n - 1");
+  return inverse;
+}
+
 py::array isotonic_vjp(const py::object& weights, const py::array& blocks_arg,
                        const py::array& cotangent_arg) {
   const py::array blocks = aligned(blocks_arg), cotangent = aligned(cotangent_arg);
@@ -468,6 +501,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("isotonic_forward", &isotonic_forward, py::arg("y"), py::arg("weights"),
         py::arg("increasing"), py::arg("reg") = 0,
         "Weighted isotonic regression, l2 (reg 0) or kl (reg 1): returns (solution, block_start).");
+  m.def("inverse_permutations", &inverse_permutations, py::arg("perm"),
+        "inverse[r, perm[r, i]] = i for every row (checked to be permutations).");
   m.def("projection_forward", &projection_forward, py::arg("z"), py::arg("w"), py::arg("eps"),
         py::arg("reg"),
         "Projection of z / eps onto the permutahedron of w, every row: returns (out, perm_z, "

@@ -56,6 +56,9 @@ projection_forward(z, w, eps, reg) -> (out, perm_z, perm_w, block_start)
     identity permutations and singleton blocks.
 isotonic_vjp(weights_or_None, block_start, cotangent) -> grad_y
     grad_y[j] = w_j / W_B * sum_{i in B} cotangent[i] for j in block B.
+inverse_permutations(perm) -> inverse
+    int32 (rows, n): inverse[r, perm[r, i]] = i (ValueError unless every row is
+    a permutation of 0..n-1).
 set_num_threads(k), get_num_threads()
     Bound the CPU threads (k >= 1). Results are bitwise identical for any k.
 """

@@ -99,13 +99,6 @@ class ProjectionState(NamedTuple):
     block_start: np.ndarray
 
 
-def _inverse(perm: np.ndarray) -> np.ndarray:
-    inverse = np.empty_like(perm)
-    positions = np.broadcast_to(np.arange(perm.shape[-1], dtype=perm.dtype), perm.shape)
-    np.put_along_axis(inverse, perm, positions, axis=-1)
-    return inverse
-
-
 def projection(
     z: np.ndarray, w: np.ndarray, eps: float, reg: int
 ) -> Tuple[np.ndarray, ProjectionState]:
@@ -115,13 +108,14 @@ def projection(
     projection acts along the last axis.
     """
     shape = z.shape
-    out, perm_z, perm_w, block_start = _engine.engine().projection_forward(
+    eng = _engine.engine()
+    out, perm_z, perm_w, block_start = eng.projection_forward(
         _rows(z), _rows(w.astype(z.dtype, copy=False)), eps, reg
     )
-    perm_z = perm_z.astype(np.int64).reshape(shape)
-    perm_w = perm_w.astype(np.int64).reshape(shape)
-    state = ProjectionState(perm_z, _inverse(perm_z), perm_w, _inverse(perm_w),
-                            block_start.astype(np.int64).reshape(shape))
+    inv_z = eng.inverse_permutations(perm_z)
+    inv_w = eng.inverse_permutations(perm_w)
+    state = ProjectionState(*(a.astype(np.int64).reshape(shape)
+                              for a in (perm_z, inv_z, perm_w, inv_w, block_start)))
     return out.reshape(shape), state
 
 

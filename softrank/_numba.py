@@ -41,6 +41,7 @@ __all__ = [
     "isotonic_forward",
     "isotonic_vjp",
     "projection_forward",
+    "inverse_permutations",
     "set_num_threads",
     "get_num_threads",
 ]
@@ -1104,6 +1105,20 @@ def _isotonic_kl_kernel(y, w, has_w, increasing, sol, bs, chunks):
             _isotonic_kl_row(y[r], wr, has_w, increasing, sol[r], bs[r], bstart, ba, bb)
 
 
+
+@njit(**_JIT)
+def _inverse_kernel(perm, inverse):
+    rows, n = perm.shape
+    for r in range(rows):
+        for i in range(n):
+            inverse[r, i] = -1
+        for i in range(n):
+            j = perm[r, i]
+            if j < 0 or j >= n or inverse[r, j] != -1:
+                return False
+            inverse[r, j] = i
+    return True
+
 # ---------------------------------------------------------------------------
 # Python entry points: validation, allocation, dispatch.
 # ---------------------------------------------------------------------------
@@ -1402,6 +1417,18 @@ def isotonic_vjp(weights, block_start, cotangent):
     if rows and n:
         _isotonic_vjp_kernel(w, has_w, block_start, cotangent, res, _chunks(rows))
     return res
+
+
+def inverse_permutations(perm):
+    """``inverse[r, perm[r, i]] = i`` for every row of an int32 ``(rows, n)`` array.
+
+    Raises ``ValueError`` where a row is not a permutation of ``0, ..., n - 1``.
+    """
+    perm = _check_array(perm, "perm", _INT32)
+    inverse = np.empty_like(perm)
+    if perm.size and not _inverse_kernel(perm, inverse):
+        raise ValueError("perm rows must be permutations of 0, ..., n - 1")
+    return inverse
 
 
 def set_num_threads(k):

@@ -99,14 +99,14 @@ def _prepare(x: Any, axis: Any, name: str = "x"):
 
 
 def _prepare_like(
-    shape: Tuple[int, ...], other: Any, axis: int, dtype: np.dtype, name: str
+    shape: Tuple[int, ...], other: Any, axis: int, dtype: np.dtype, name: str, like: str = "x"
 ) -> np.ndarray:
-    """Bring a cotangent/tangent to the row layout of an array of ``shape``; shapes must match."""
+    """Bring ``other`` (named ``name``) to the row layout of the input ``like`` of ``shape``."""
     other = np.asarray(other)
     check_float_dtype_kind(other.dtype.kind, str(other.dtype), allow_int=True, name=name)
     if other.shape != shape:
         raise ValueError(
-            f"{name} must have the shape of x {shape}, got {other.shape}"
+            f"{name} must have the shape of {like} {shape}, got {other.shape}"
         )
     rows, _ = _to_rows(other, axis, dtype)
     return rows
@@ -582,8 +582,9 @@ def permutahedron_projection(
 
     l2: ``argmin_{mu in P(w)} 1/2 ||mu - z||^2``; kl: ``log argmin_{mu in
     P(exp w)} KL(mu, exp z)``, where ``P(w)`` is the convex hull of the
-    permutations of ``w`` (Blondel et al. 2020, section 3). Soft rank is
-    ``P(-x / eps, rho)`` and soft sort ``P(rho / eps, x)``; other ``w`` give
+    permutations of ``w`` (Blondel et al. 2020, section 3). The ascending soft
+    rank is ``P(x / eps, rho)`` and the descending soft sort ``P(rho / eps,
+    x)`` (the kl soft rank is ``exp(P_E(x / eps, log rho))``); other ``w`` give
     other operators (:func:`soft_topk_mask`). O(n log n) per row: one sort of
     each of z and w, then pool-adjacent-violators.
 
@@ -638,7 +639,7 @@ def permutahedron_projection_with_vjp(
     w_given = w is not None
 
     def vjp(cotangent: ArrayLike):
-        g = _prepare_like(shape, cotangent, ax, rows.dtype, "cotangent")
+        g = _prepare_like(shape, cotangent, ax, rows.dtype, "cotangent", "z")
         grad_z, grad_w = _derivatives.projection_vjp(
             _OPS, rows, w_rows, out, state, g, 1.0, reg, need_w=w_given)
         if not w_given:
@@ -747,7 +748,7 @@ def _spearman(pred, target, eps, regularization, axis):
     if target_array.shape != array.shape:
         raise ValueError(
             f"target must have the shape of pred {array.shape}, got {target_array.shape}")
-    target_rows = _prepare_like(array.shape, target_array, ax, rows.dtype, "target")
+    target_rows = _prepare_like(array.shape, target_array, ax, rows.dtype, "target", "pred")
     eng = _engine.engine()
     ranks, perm, blocks = eng.soft_forward(rows, _engine.OP_RANK, reg, False, eps)
     target_ranks = eng.soft_forward_value(target_rows, _engine.OP_RANK, _engine.REG_L2, False, 0.0)
@@ -955,7 +956,7 @@ def _isotonic_prepare(y, weights, axis):
     array, ax, rows, restore = _prepare(y, axis, name="y")
     w_rows = None
     if weights is not None:
-        w_rows = _prepare_like(array.shape, weights, ax, np.dtype(np.float64), "weights")
+        w_rows = _prepare_like(array.shape, weights, ax, np.dtype(np.float64), "weights", "y")
         if not np.all(np.isfinite(w_rows)) or not np.all(w_rows > 0):
             raise ValueError("weights must be finite and > 0 everywhere")
         w_rows = w_rows.astype(rows.dtype, copy=False)
@@ -1029,7 +1030,7 @@ def isotonic_regression_with_vjp(
     shape = array.shape
 
     def vjp(cotangent: ArrayLike):
-        g = _prepare_like(shape, cotangent, ax, rows.dtype, "cotangent")
+        g = _prepare_like(shape, cotangent, ax, rows.dtype, "cotangent", "y")
         grad_y, grad_w = _derivatives.isotonic_vjp(_OPS, rows, w_rows, solution, blocks, g, reg)
         return restore(grad_y), None if grad_w is None else restore(grad_w)
 
@@ -1056,7 +1057,7 @@ def isotonic_regression_vjp(
     reg = check_regularization(regularization)
     if reg == _engine.REG_L2:
         array, ax, rows, restore, w_rows = _isotonic_prepare(y, weights, axis)
-        vec = _prepare_like(array.shape, cotangent, ax, rows.dtype, "cotangent")
+        vec = _prepare_like(array.shape, cotangent, ax, rows.dtype, "cotangent", "y")
         eng = _engine.engine()
         _, blocks = eng.isotonic_forward(rows, w_rows, bool(increasing))
         return restore(eng.isotonic_vjp(w_rows, blocks, vec))

@@ -968,3 +968,19 @@ def test_one_table_of_codes():
     for name, code in _codes.REGULARIZATIONS.items():
         assert check_regularization(name) == code
     assert (_engine.OP_RANK, _engine.OP_SORT) == (0, 1) == tuple(_codes.OPERATORS.values())
+
+
+def test_inverse_permutations(eng):
+    """inverse[perm[i]] = i row by row; a row that is not a permutation is refused."""
+    rng = np.random.default_rng(7)
+    perm = np.argsort(rng.normal(size=(40, 23)), axis=1, kind="stable").astype(np.int32)
+    inverse = eng.inverse_permutations(perm)
+    assert inverse.dtype == np.int32 and inverse.shape == perm.shape
+    expected = np.argsort(perm, axis=1)  # the inverse of a permutation is its argsort
+    np.testing.assert_array_equal(inverse, expected)
+    assert eng.inverse_permutations(np.zeros((3, 0), np.int32)).shape == (3, 0)
+    for bad in ([[0, 0, 1]], [[0, 1, 3]], [[-1, 0, 1]]):
+        with pytest.raises(ValueError, match="permutations"):
+            eng.inverse_permutations(np.array(bad, np.int32))
+    with pytest.raises(TypeError, match="int32"):
+        eng.inverse_permutations(perm.astype(np.int64))
