@@ -52,6 +52,24 @@ def rho(n: int, dtype: np.dtype) -> np.ndarray:
     return np.arange(n, 0, -1).astype(dtype)
 
 
+def projection_weights_shared(w_shape: Tuple[Any, ...], z_shape: Tuple[Any, ...], n: int,
+                              same_shape: bool) -> bool:
+    """Whether ``w`` is one vector for every row (True) or has ``z``'s shape (False).
+
+    ``w`` must have length ``n`` (the length of ``z`` along the axis) or
+    ``z``'s shape (``same_shape``, as the adapter's framework compares shapes);
+    anything else raises a ValueError naming both shapes.
+    """
+    if len(w_shape) == 1 and w_shape[0] == n:
+        return True
+    if len(w_shape) != 1 and same_shape:
+        return False
+    raise ValueError(
+        f"w must have length n = {n} (the length of z along the axis) or the shape of z "
+        f"{tuple(z_shape)}, got shape {tuple(w_shape)}"
+    )
+
+
 def check_quantiles(q: Any) -> Tuple[np.ndarray, bool]:
     """``(q as a 1-D float64 array, whether q was a scalar)``; q must lie in [0, 1].
 

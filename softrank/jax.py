@@ -1,4 +1,4 @@
-"""softrank for JAX: soft rank and soft sort as JAX primitives.
+"""softrank for JAX: soft rank, soft sort and the operators on the permutahedron.
 
 ``soft_rank`` and ``soft_sort`` act along any ``axis`` of an array of any
 shape, with or without ``jax_enable_x64``, and work under every JAX
@@ -56,6 +56,20 @@ name, so an old export either runs unchanged or fails to find its target.
 ``eps``, ``regularization`` and ``direction`` are static: pass Python values
 (a traced ``eps`` raises). float16 and bfloat16 are computed in float32 and
 returned in their own dtype; integer and bool arrays raise TypeError.
+
+The operators on the permutahedron: ``spearman``, ``soft_quantile`` and
+``soft_median`` are jax compositions of ``soft_rank`` / ``soft_sort``, so
+they share everything above. ``permutahedron_projection``,
+``soft_topk_mask`` and ``isotonic_regression`` run the engine's forward pass
+through ``jax.pure_callback`` on every platform (one call per operator,
+folded over ``vmap``), as a ``jax.custom_jvp`` whose rule is the shared
+derivative formulas (:mod:`softrank._derivatives`) in jax operations: every
+derivative transform (reverse mode by transposition, any order) and
+``vmap``, ``jit``, ``shard_map`` work; under ``jit`` with a sharded batch the
+callback runs on one device (XLA gathers the batch there; the values are
+right), and ``jax.export`` raises NotImplementedError (a callback cannot be
+serialized). Their integer arguments (``k``, ``q``, ``increasing``) are
+static.
 """
 from __future__ import annotations
 
@@ -73,8 +87,8 @@ from jax.extend.core import Primitive
 from jax.extend.mlir import ir
 from jax.interpreters import ad, batching, mlir
 
-from softrank import _engine, _host
-from softrank._engine import OP_RANK, OP_SORT, REG_L2
+from softrank import _derivatives, _engine, _host, _layout, _operators
+from softrank._engine import OP_RANK, OP_SORT, REG_KL, REG_L2
 from softrank._types import Direction, Regularization
 from softrank._validate import (
     check_axis,
@@ -84,7 +98,17 @@ from softrank._validate import (
     check_regularization,
 )
 
-__all__ = ["soft_rank", "soft_sort", "export_disabled_checks"]
+__all__ = [
+    "soft_rank",
+    "soft_sort",
+    "permutahedron_projection",
+    "soft_topk_mask",
+    "spearman",
+    "soft_quantile",
+    "soft_median",
+    "isotonic_regression",
+    "export_disabled_checks",
+]
 
 # --- the XLA FFI targets (bindings/xla_ffi.cpp) ----------------------------
 
@@ -457,13 +481,11 @@ for _prim in (_forward_p, _value_p, _jvp_p, _vjp_p, _hvp_p):
 # --- public API ------------------------------------------------------------------
 
 
-def _compute_dtype(dtype: np.dtype) -> np.dtype:
-    """float64 stays float64; every other float (bfloat16 included) runs in float32."""
-    if dtype == jnp.float64:
-        return np.dtype(np.float64)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        check_float_dtype_kind(np.dtype(dtype).kind, str(dtype), allow_int=False)
-    return np.dtype(np.float32)
+def _compute_dtype(dtype: Any, name: str = "x") -> np.dtype:
+    """The compute dtype of ``dtype`` (:func:`softrank._layout.compute_dtype_name`)."""
+    dtype = np.dtype(dtype)
+    return np.dtype(_layout.compute_dtype_name(str(dtype), dtype.kind, dtype.itemsize,
+                                               allow_int=False, name=name))
 
 
 def _apply(x: Any, eps: Any, regularization: Any, direction: Any, axis: Any, op: int):
@@ -567,3 +589,514 @@ def soft_sort(
     Array([1., 2., 3.], dtype=float32)
     """
     return _apply(x, eps, regularization, direction, axis, OP_SORT)
+
+
+# --- the operators on the permutahedron ----------------------------------------------
+#
+# The engine's projection and isotonic regression run on the host through
+# jax.pure_callback, each as one primitive that returns the values and the
+# integer structure (int32: sorting permutations, PAV blocks). Each primitive
+# is the primal of a jax.custom_jvp whose rule is softrank._derivatives' linear
+# map written in jax operations over that structure: reverse mode is its
+# transpose, and higher derivatives differentiate the rule (which calls the
+# same custom_jvp function for its primal, one engine call per order).
+
+
+def _projection_host(z, w, *, eps, reg):
+    out, state = _host.projection(np.asarray(z), np.asarray(w), eps, reg)
+    return (out, *(field.astype(np.int32) for field in state))
+
+
+def _isotonic_host(y, *weights, increasing, reg):
+    solution, block_start = _host.isotonic(
+        np.asarray(y), np.asarray(weights[0]) if weights else None, increasing, reg)
+    return solution, block_start.astype(np.int32)
+
+
+def _host_lowering(ctx, *args, host, **params):
+    """The engine through jax.pure_callback, on every platform. Under jit with
+    sharded operands XLA runs the callback on one device (it gathers the
+    operands there); inside shard_map it runs on every shard."""
+    if getattr(ctx.module_context.lowering_parameters, "for_export", False):
+        raise NotImplementedError(
+            "softrank.jax: permutahedron_projection, soft_topk_mask and isotonic_regression "
+            "run the engine through jax.pure_callback, which jax.export cannot serialize, so "
+            "a function that calls them cannot be exported; soft_rank, soft_sort, spearman, "
+            "soft_quantile and soft_median can (on the CPU, see export_disabled_checks)")
+    results = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ctx.avals_out)
+
+    def call(*operands):
+        return jax.pure_callback(functools.partial(host, **params), results, *operands,
+                                 vmap_method="broadcast_all")
+
+    return mlir.lower_fun(call, multiple_results=True)(ctx, *args)
+
+
+_projection_p = _make("softrank_projection", multiple_results=True)
+_projection_p.def_abstract_eval(
+    lambda z, w, **_: (_like(z),) + (_like(z, jnp.int32),) * len(_host.ProjectionState._fields))
+_isotonic_p = _make("softrank_isotonic", multiple_results=True)
+_isotonic_p.def_abstract_eval(lambda y, *_, **__: (_like(y), _like(y, jnp.int32)))
+for _prim, _fn in ((_projection_p, _projection_host), (_isotonic_p, _isotonic_host)):
+    batching.primitive_batchers[_prim] = functools.partial(_batch, _prim)
+    mlir.register_lowering(_prim, functools.partial(_host_lowering, host=_fn))
+
+
+class _JaxOps:
+    """The array namespace of :mod:`softrank._derivatives` and :mod:`softrank._operators`."""
+
+    exp = staticmethod(jnp.exp)
+    log = staticmethod(jnp.log)
+    sqrt = staticmethod(jnp.sqrt)
+    ones_like = staticmethod(jnp.ones_like)
+    stop_gradient = staticmethod(jax.lax.stop_gradient)
+
+    @staticmethod
+    def take(a, index):
+        return jnp.take_along_axis(a, index, axis=-1, mode="promise_in_bounds")
+
+    @staticmethod
+    def block_sum(v, block_start):
+        # Blocks are contiguous runs of positions named by their first
+        # position: a segment sum per row (batched, so a batch-sharded array
+        # stays sharded), read back at every position of the block.
+        shape = v.shape
+        if v.size == 0:
+            return v
+        rows = v.reshape(-1, shape[-1])
+        starts = block_start.reshape(rows.shape)
+        sums = jax.vmap(functools.partial(jax.ops.segment_sum, num_segments=shape[-1],
+                                          indices_are_sorted=True))(rows, starts)
+        return jnp.take_along_axis(sums, starts, axis=-1, mode="promise_in_bounds").reshape(shape)
+
+    @staticmethod
+    def nan_of(a):
+        a = jax.lax.stop_gradient(a)
+        return jnp.where(jnp.isnan(a), a, jnp.zeros((), a.dtype))
+
+    @staticmethod
+    def take_columns(a, index):
+        return a[..., index]
+
+    @staticmethod
+    def sum_last(a):
+        return jnp.sum(a, axis=-1)
+
+    @staticmethod
+    def constant(values, like):
+        return jnp.asarray(values, dtype=like.dtype)
+
+    @staticmethod
+    def move_last_to_first(a):
+        return jnp.moveaxis(a, -1, 0)
+
+
+_OPS = _JaxOps()
+
+
+def _tangent(t):
+    return None if type(t) is jax.custom_derivatives.SymbolicZero else t
+
+
+def _integer_tangents(state):
+    """The (symbolic zero) tangents of the integer outputs, typed like them
+    (shape, and the varying mesh axes inside shard_map)."""
+    return tuple(jax.custom_derivatives.SymbolicZero(jax.typeof(s).to_tangent_aval())
+                 for s in state)
+
+
+def _keep_nan_rows(t_out, out):
+    """``t_out`` times 1, or NaN on a row whose output is NaN.
+
+    The formulas add the NaN of such rows as a constant, which forward mode
+    keeps but transposition (reverse mode) drops; a factor is linear, so the
+    gradient of a NaN row is NaN in every mode, as in softrank.numpy.
+    """
+    out = jax.lax.stop_gradient(out)
+    return t_out * jnp.where(jnp.isnan(out), out, jnp.ones((), out.dtype))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _projection(z, w, eps, reg):
+    """``(out, perm_z, inv_z, perm_w, inv_w, block_start)`` of ``P(z / eps, w)`` (reg l2)
+    or ``P_E(z / eps, w)`` (kl) over the last axis; z and w of one shape and dtype."""
+    return tuple(_projection_p.bind(z, w, eps=eps, reg=reg))
+
+
+@functools.partial(_projection.defjvp, symbolic_zeros=True)
+def _projection_jvp(eps, reg, primals, tangents):
+    z, w = primals
+    tz, tw = map(_tangent, tangents)
+    out, *state = _projection(z, w, eps, reg)
+    t_out = _derivatives.projection_jvp(_OPS, z, w, out, state, tz, tw, eps, reg)
+    if tz is not None and _derivatives.z_scale(eps) == 0.0:
+        # No derivative in z (eps = 0 or inf), but one that depends on tz, so
+        # that NaN rows keep a NaN gradient in reverse mode too.
+        t_out = t_out + tz * 0.0
+    return (out, *state), (_keep_nan_rows(t_out, out), *_integer_tangents(state))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _isotonic(y, weights, increasing, reg):
+    """``(solution, block_start)`` of the isotonic regression of ``y`` over the last
+    axis; ``weights`` None (unit weights) or an array like ``y``."""
+    operands = (y,) if weights is None else (y, weights)
+    return tuple(_isotonic_p.bind(*operands, increasing=increasing, reg=reg))
+
+
+@functools.partial(_isotonic.defjvp, symbolic_zeros=True)
+def _isotonic_jvp(increasing, reg, primals, tangents):
+    y, weights = primals
+    ty, tweights = map(_tangent, tangents)
+    solution, block_start = _isotonic(y, weights, increasing, reg)
+    t_out = _derivatives.isotonic_jvp(_OPS, y, weights, solution, block_start, ty,
+                                      tweights if weights is not None else None, reg)
+    return ((solution, block_start),
+            (_keep_nan_rows(t_out, solution), *_integer_tangents((block_start,))))
+
+
+def _static(value: Any, name: str, what: str) -> Any:
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be a static {what} in softrank.jax, got a traced value: mark it "
+            f"static (jax.jit(..., static_argnums=...) or functools.partial); derivatives "
+            f"with respect to {name} are not supported")
+    return value
+
+
+def _prepare(x: Any, axis: Any, name: str):
+    """``x`` as a jax array, its axis, and its rows: the axis last, in the compute dtype
+    (:mod:`softrank._layout`'s policy; integers refused, as by soft_rank)."""
+    x = jnp.asarray(x)
+    dtype = _compute_dtype(x.dtype, name)
+    ax = check_axis(axis, x.ndim, array_name=name)
+    return x, ax, jnp.moveaxis(x, ax, -1).astype(dtype)
+
+
+def _restore(result, x, ax: int):
+    return jnp.moveaxis(result, -1, ax).astype(x.dtype)
+
+
+def _like_rows(other: Any, x, ax: int, rows, name: str, reference: str):
+    """``other`` (any real dtype, ints included) of ``x``'s shape, laid out like ``rows``."""
+    other = jnp.asarray(other)
+    check_float_dtype_kind(np.dtype(other.dtype).kind, str(other.dtype), allow_int=True,
+                           name=name)
+    if other.shape != x.shape:
+        raise ValueError(f"{name} must have the shape of {reference} {x.shape}, got {other.shape}")
+    return jnp.moveaxis(other, ax, -1).astype(rows.dtype)
+
+
+def permutahedron_projection(
+    z: Any,
+    w: Any = None,
+    *,
+    regularization: Regularization = "l2",
+    axis: int = -1,
+) -> jax.Array:
+    """Projection onto the permutahedron of ``w``, along ``axis``.
+
+    l2: ``argmin_{mu in P(w)} 1/2 ||mu - z||^2``; kl: ``log argmin_{mu in
+    P(exp w)} KL(mu, exp z)``, where ``P(w)`` is the convex hull of the
+    permutations of ``w`` (Blondel et al. 2020, section 3). Soft rank is
+    ``P(-x / eps, rho)`` and soft sort ``P(rho / eps, x)``; other ``w`` give
+    other operators (:func:`soft_topk_mask`). O(n log n) per row: one sort of
+    each of z and w, then pool-adjacent-violators.
+
+    Parameters
+    ----------
+    z : array_like, shape (..., n, ...)
+        A floating array; float16 and bfloat16 run in float32.
+    w : array_like, optional
+        Shape (n,) (the same vector for every row) or the shape of ``z``; any
+        order (only its sorted values matter); any real dtype (cast to z's
+        compute dtype). Default ``rho = (n, ..., 1)``. Under kl, ``w`` may
+        hold ``-inf`` (zeros of ``exp w``) where each row's largest ``w`` is
+        finite.
+    regularization : {"l2", "kl"}
+    axis : int, default -1
+
+    Returns
+    -------
+    jax.Array
+        Shape and dtype of ``z``; the rows of l2 sum to ``sum(w)``. Rows with
+        NaN or inf give NaN.
+
+    Notes
+    -----
+    Differentiable in ``z`` and ``w`` under every transform (a 1-D ``w``'s
+    gradient is summed over the rows). The Jacobian is block diagonal over
+    the PAV blocks in sorted order: l2 ``d out = (I - mean_B) dz + mean_B
+    dw``, kl ``d out = dz - softmax_B(z) . dz + softmax_B(w) . dw``, O(n) per
+    row; the l2 Jacobian is locally constant, so its higher derivatives are
+    zero. The forward pass runs the engine through ``jax.pure_callback``
+    (host memory; ``jax.export`` raises NotImplementedError).
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from softrank.jax import permutahedron_projection
+    >>> permutahedron_projection(jnp.array([0.0, 3.0, 1.0]), jnp.array([1.0, 2.0, 3.0]))
+    Array([1., 3., 2.], dtype=float32)
+    """
+    reg = check_regularization(regularization)
+    z, ax, rows = _prepare(z, axis, "z")
+    n = rows.shape[-1]
+    if w is None:
+        w_rows = jnp.broadcast_to(jnp.asarray(_operators.rho(n, rows.dtype)), rows.shape)
+    else:
+        w = jnp.asarray(w)
+        check_float_dtype_kind(np.dtype(w.dtype).kind, str(w.dtype), allow_int=True, name="w")
+        if _operators.projection_weights_shared(w.shape, z.shape, n, w.shape == z.shape):
+            w_rows = jnp.broadcast_to(w.astype(rows.dtype), rows.shape)
+        else:
+            w_rows = jnp.moveaxis(w, ax, -1).astype(rows.dtype)
+    return _restore(_projection(rows, w_rows, 1.0, reg)[0], z, ax)
+
+
+def soft_topk_mask(
+    x: Any,
+    k: int,
+    eps: float = 1.0,
+    *,
+    regularization: Regularization = "l2",
+    axis: int = -1,
+) -> jax.Array:
+    """A soft indicator of the ``k`` largest entries of ``x`` along ``axis``.
+
+    The projection of ``x / eps`` onto the permutahedron of ``w = (1, ..., 1,
+    0, ..., 0)`` (k ones): l2 ``P(x / eps, w)``; kl ``exp(P_E(x / eps, log
+    w))``, the entropic projection onto the same polytope.
+
+    Parameters
+    ----------
+    x : array_like, shape (..., n, ...)
+        A floating array; float16 and bfloat16 run in float32.
+    k : int
+        Static; 0 <= k <= n (kl: k >= 1).
+    eps : float, default 1.0
+        Static, >= 0. As ``eps -> 0`` the mask tends to the indicator of the
+        k largest entries (tied entries at the boundary share what is left);
+        ``eps = 0`` returns that limit, ``eps = inf`` the constant ``k / n``.
+    regularization : {"l2", "kl"}
+    axis : int, default -1
+
+    Returns
+    -------
+    jax.Array
+        Shape and dtype of ``x``; values in [0, 1], each row sums to ``k``.
+
+    Notes
+    -----
+    Differentiable in ``x`` under every transform (zero derivative at
+    ``eps = 0`` and ``inf``); see :func:`permutahedron_projection` for the
+    Jacobian and the forward pass (``jax.pure_callback``).
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from softrank.jax import soft_topk_mask
+    >>> soft_topk_mask(jnp.array([0.1, 3.0, 2.0, -1.0]), k=2, eps=0.5)
+    Array([0., 1., 1., 0.], dtype=float32)
+    """
+    eps = check_eps(_static(eps, "eps", "Python number"))
+    reg = check_regularization(regularization)
+    x, ax, rows = _prepare(x, axis, "x")
+    n = rows.shape[-1]
+    k = _operators.check_k(_static(k, "k", "Python int"), n)
+    w_rows = jnp.broadcast_to(jnp.asarray(_operators.topk_weights(n, k, reg, rows.dtype)),
+                              rows.shape)
+    out = _projection(rows, w_rows, eps, reg)[0]
+    return _restore(jnp.exp(out) if reg == REG_KL else out, x, ax)
+
+
+def spearman(
+    pred: Any,
+    target: Any,
+    eps: float = 1.0,
+    *,
+    regularization: Regularization = "l2",
+    axis: int = -1,
+) -> jax.Array:
+    """Soft Spearman rank correlation of ``pred`` with ``target``, row by row.
+
+    The Pearson correlation of ``soft_rank(pred, eps)`` with the ranks of
+    ``target`` (mean ranks for ties). As ``eps -> 0`` it equals
+    ``scipy.stats.spearmanr`` of each row; ``1 - spearman`` is a
+    learning-to-rank loss.
+
+    Parameters
+    ----------
+    pred : array_like, shape (..., n, ...)
+        A floating array; float16 and bfloat16 run in float32.
+    target : array_like, shape of ``pred``
+        Any real dtype. Not differentiated (its ranks are piecewise
+        constant; its gradient is zero).
+    eps : float, default 1.0
+        Static, >= 0.
+    regularization : {"l2", "kl"}
+    axis : int, default -1
+        Removed from the result.
+
+    Returns
+    -------
+    jax.Array
+        Shape of ``pred`` without ``axis``, dtype of ``pred``, values in
+        [-1, 1]; NaN for a constant row (as scipy).
+
+    Notes
+    -----
+    Composed of :func:`soft_rank` and jax operations, so it has every
+    transform and export of :func:`soft_rank`.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from softrank.jax import spearman
+    >>> float(spearman(jnp.array([0.1, 0.5, 0.3]), jnp.array([1.0, 3.0, 2.0]), eps=0.01))
+    1.0
+    """
+    eps = check_eps(_static(eps, "eps", "Python number"))
+    check_regularization(regularization)
+    pred, ax, rows = _prepare(pred, axis, "pred")
+    target_rows = jax.lax.stop_gradient(_like_rows(target, pred, ax, rows, "target", "pred"))
+    ranks = soft_rank(rows, eps, regularization=regularization)
+    target_ranks = jax.lax.stop_gradient(soft_rank(target_rows, 0.0))
+    return _operators.pearson_last_axis(_OPS, ranks, target_ranks).astype(pred.dtype)
+
+
+def soft_quantile(
+    x: Any,
+    q: Any,
+    eps: float = 1.0,
+    *,
+    regularization: Regularization = "l2",
+    axis: int = -1,
+) -> jax.Array:
+    """Soft quantiles of ``x`` along ``axis``: np.quantile's "linear" rule on the soft sort.
+
+    Parameters
+    ----------
+    x : array_like, shape (..., n, ...)
+        n >= 1; a floating array (float16 and bfloat16 run in float32).
+    q : float or 1-D array_like of floats in [0, 1]
+        Static (it selects sorted positions): a Python number, a list, a
+        numpy array or a concrete jax array.
+    eps : float, default 1.0
+        Static, >= 0. As ``eps -> 0`` (and at eps = 0) the result equals
+        ``np.quantile(x, q, axis=axis, method="linear")``.
+    regularization : {"l2", "kl"}
+    axis : int, default -1
+
+    Returns
+    -------
+    jax.Array
+        np.quantile's layout: shape of ``x`` without ``axis`` for a scalar
+        ``q``, with ``len(q)`` in front for a 1-D ``q``; dtype of ``x``.
+
+    Notes
+    -----
+    Composed of :func:`soft_sort` and jax operations (a weighted sum of two
+    sorted positions), so it has every transform and export of
+    :func:`soft_sort`.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from softrank.jax import soft_quantile
+    >>> float(soft_quantile(jnp.array([4.0, 1.0, 3.0, 2.0]), 0.5, eps=0.01))
+    2.5
+    """
+    eps = check_eps(_static(eps, "eps", "Python number"))
+    check_regularization(regularization)
+    quantiles, scalar = _operators.check_quantiles(_static(q, "q", "number or 1-D array"))
+    x, _, rows = _prepare(x, axis, "x")
+    sorted_rows = soft_sort(rows, eps, regularization=regularization)
+    return _operators.quantile_from_sorted(_OPS, sorted_rows, quantiles, scalar).astype(x.dtype)
+
+
+def soft_median(
+    x: Any,
+    eps: float = 1.0,
+    *,
+    regularization: Regularization = "l2",
+    axis: int = -1,
+) -> jax.Array:
+    """Soft median of ``x`` along ``axis``: ``soft_quantile(x, 0.5, ...)`` (axis removed).
+
+    As ``eps -> 0`` it equals ``np.median(x, axis=axis)``.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from softrank.jax import soft_median
+    >>> float(soft_median(jnp.array([4.0, 1.0, 3.0]), eps=0.01))
+    3.0
+    """
+    return soft_quantile(x, 0.5, eps, regularization=regularization, axis=axis)
+
+
+def isotonic_regression(
+    y: Any,
+    *,
+    weights: Any = None,
+    increasing: bool = True,
+    regularization: Regularization = "l2",
+    axis: int = -1,
+) -> jax.Array:
+    """Weighted isotonic regression along ``axis`` by pool-adjacent-violators.
+
+    l2: ``argmin_v sum_i w_i (v_i - y_i)^2``; kl: ``argmin_v sum_i exp(y_i -
+    v_i) + w_i v_i`` (fast-soft-sort's ``isotonic_kl`` with weights
+    ``exp(its w)``); subject to ``v`` non-decreasing (``increasing=True``) or
+    non-increasing. Exact, O(n) per row. On each block B of equal values the
+    solution is ``sum_B w y / sum_B w`` (l2) or ``log sum_B exp(y) - log
+    sum_B w`` (kl).
+
+    Parameters
+    ----------
+    y : array_like, shape (..., n, ...)
+        A floating array; float16 and bfloat16 run in float32.
+    weights : array_like, shape of ``y``, optional
+        Positive finite weights (any real dtype, cast to y's compute dtype);
+        default all ones. Checked where concrete; traced weights (under
+        ``jit``, ``vmap`` or a derivative) cannot be checked, and
+        non-positive ones give meaningless values.
+    increasing : bool, default True
+        Static.
+    regularization : {"l2", "kl"}
+    axis : int, default -1
+
+    Returns
+    -------
+    jax.Array
+        Shape and dtype of ``y``.
+
+    Notes
+    -----
+    Differentiable in ``y`` and ``weights`` under every transform. Per block
+    B (l2): ``dv = sum_B (w dy + dw (y - v)) / sum_B w``; (kl): ``dv =
+    softmax_B(y) . dy - sum_B dw / sum_B w``; O(n) per row. The forward pass
+    runs the engine through ``jax.pure_callback`` (host memory;
+    ``jax.export`` raises NotImplementedError).
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from softrank.jax import isotonic_regression
+    >>> isotonic_regression(jnp.array([1.0, 3.0, 2.0, 4.0]))
+    Array([1. , 2.5, 2.5, 4. ], dtype=float32)
+    """
+    reg = check_regularization(regularization)
+    y, ax, rows = _prepare(y, axis, "y")
+    w_rows = None
+    if weights is not None:
+        w_rows = _like_rows(weights, y, ax, rows, "weights", "y")
+        if not isinstance(weights, jax.core.Tracer):
+            values = np.asarray(weights, dtype=np.float64)
+            if not np.all(np.isfinite(values)) or not np.all(values > 0):
+                raise ValueError("weights must be finite and > 0 everywhere")
+            if not np.all(np.asarray(w_rows) > 0):
+                raise ValueError(f"weights must stay > 0 in {rows.dtype} (underflow)")
+    solution = _isotonic(rows, w_rows, bool(_static(increasing, "increasing", "bool")), reg)[0]
+    return _restore(solution, y, ax)

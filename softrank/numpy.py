@@ -531,6 +531,11 @@ def _reduced_restore(array: np.ndarray, ax: int, dtype: np.dtype) -> Callable[[n
     return restore
 
 
+def _gradient_dtype(input_dtype: np.dtype, compute: np.dtype) -> np.dtype:
+    """A gradient has its input's dtype (its compute dtype for integer inputs)."""
+    return input_dtype if input_dtype.kind == "f" or input_dtype.name == "bfloat16" else compute
+
+
 def _pullback(name: str, shape: Tuple[int, ...], fn: Callable, doc: str) -> Callable:
     fn.__name__ = fn.__qualname__ = name + "_vjp"
     fn.__doc__ = doc + f" ``cotangent`` must have shape {shape}."
@@ -547,18 +552,9 @@ def _projection_weights(w: Any, array: np.ndarray, ax: int, rows: np.ndarray):
         return np.broadcast_to(_operators.rho(n, rows.dtype), rows.shape), True
     w_array = np.asarray(w)
     check_float_dtype_kind(w_array.dtype.kind, str(w_array.dtype), allow_int=True, name="w")
-    if w_array.ndim == 1:
-        if w_array.shape[0] != n:
-            raise ValueError(
-                f"w must have length n = {n} (the length of z along the axis) or the shape "
-                f"of z {array.shape}, got shape {w_array.shape}"
-            )
+    if _operators.projection_weights_shared(w_array.shape, array.shape, n,
+                                            w_array.shape == array.shape):
         return np.broadcast_to(w_array.astype(rows.dtype, copy=False), rows.shape), True
-    if w_array.shape != array.shape:
-        raise ValueError(
-            f"w must have length n = {n} (the length of z along the axis) or the shape of z "
-            f"{array.shape}, got shape {w_array.shape}"
-        )
     w_rows, _ = _to_rows(w_array, ax, rows.dtype)
     return w_rows, False
 
@@ -637,6 +633,7 @@ def permutahedron_projection_with_vjp(
     value = restore(out)
     shape = array.shape
     w_given = w is not None
+    w_dtype = np.asarray(w).dtype if w_given else None
 
     def vjp(cotangent: ArrayLike):
         g = _prepare_like(shape, cotangent, ax, rows.dtype, "cotangent", "z")
@@ -644,11 +641,8 @@ def permutahedron_projection_with_vjp(
             _OPS, rows, w_rows, out, state, g, 1.0, reg, need_w=w_given)
         if not w_given:
             return restore(grad_z), None
-        if shared:
-            return restore(grad_z), grad_w.sum(axis=0).astype(np.asarray(w).dtype
-                                                             if np.asarray(w).dtype.kind == "f"
-                                                             else rows.dtype)
-        return restore(grad_z), restore(grad_w)
+        grad_w = grad_w.sum(axis=0) if shared else restore(grad_w)
+        return restore(grad_z), grad_w.astype(_gradient_dtype(w_dtype, rows.dtype), copy=False)
 
     return value, _pullback("permutahedron_projection", shape, vjp,
                             "(grad_z, grad_w) of sum(cotangent * permutahedron_projection(z, w)).")
@@ -1028,11 +1022,15 @@ def isotonic_regression_with_vjp(
     array, ax, rows, restore, w_rows = _isotonic_prepare(y, weights, axis)
     solution, blocks = _host.isotonic(rows, w_rows, bool(increasing), reg)
     shape = array.shape
+    weights_dtype = np.asarray(weights).dtype if weights is not None else None
 
     def vjp(cotangent: ArrayLike):
         g = _prepare_like(shape, cotangent, ax, rows.dtype, "cotangent", "y")
         grad_y, grad_w = _derivatives.isotonic_vjp(_OPS, rows, w_rows, solution, blocks, g, reg)
-        return restore(grad_y), None if grad_w is None else restore(grad_w)
+        if grad_w is None:
+            return restore(grad_y), None
+        return restore(grad_y), restore(grad_w).astype(_gradient_dtype(weights_dtype, rows.dtype),
+                                                       copy=False)
 
     return restore(solution), _pullback(
         "isotonic_regression", shape, vjp,

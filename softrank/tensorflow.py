@@ -1,11 +1,22 @@
-"""softrank for TensorFlow: soft rank and soft sort, differentiable in every mode.
+"""softrank for TensorFlow: soft rank, soft sort and the operators on the permutahedron.
 
-``soft_rank`` and ``soft_sort`` act along any ``axis`` of a tensor of any
-(statically known) rank. The forward pass runs the CPU engine on the host
-(tensors on a GPU are copied to the host and back) and stores the
-permutation and the PAV blocks (int32), so every derivative costs O(n) per
-row. float16 and bfloat16 are computed in float32 and returned in their own
-dtype; integer, bool and complex tensors raise TypeError.
+``soft_rank``, ``soft_sort``, ``permutahedron_projection``,
+``soft_topk_mask``, ``spearman``, ``soft_quantile``, ``soft_median`` and
+``isotonic_regression`` act along any ``axis`` of a tensor of any (statically
+known) rank, with the same arguments and values as :mod:`softrank.numpy`. The
+forward pass runs the CPU engine on the host (tensors on a GPU are copied to
+the host and back) and stores the permutations and the PAV blocks, so every
+derivative costs O(n) per row. float16 and bfloat16 are computed in float32
+and returned in their own dtype; integer, bool and complex inputs raise
+TypeError (targets, ``w`` and weights may be integers).
+
+The derivatives of ``permutahedron_projection``, ``soft_topk_mask`` and
+``isotonic_regression`` are TensorFlow ops over the stored structure
+(:mod:`softrank._derivatives`), so TensorFlow differentiates them again: they
+are differentiable to any order, in reverse and forward mode, in both
+regularizations. ``spearman``, ``soft_quantile`` and ``soft_median`` are
+built from ``soft_rank`` / ``soft_sort`` and have exactly their derivatives
+(below).
 
 What works, and what does not
 -----------------------------
@@ -14,7 +25,8 @@ Eager execution, ``tf.function``, ``tf.GradientTape`` (``gradient``,
 from outside), ``tf.autodiff.ForwardAccumulator``, Keras training and the
 ``.keras`` format.
 
-Derivatives: the first derivative in reverse and forward mode; the second
+Derivatives of soft_rank and soft_sort (and so of spearman, soft_quantile
+and soft_median): the first derivative in reverse and forward mode; the second
 derivative by nested tapes (reverse-over-reverse), a ForwardAccumulator
 around a tape (forward-over-reverse, e.g. Hessian-vector products) and a
 tape around a ForwardAccumulator (reverse-over-forward), eagerly, inside a
@@ -41,6 +53,7 @@ cannot be compiled); use ``jit_compile=False`` (Keras:
 """
 from __future__ import annotations
 
+import math
 from collections.abc import MutableMapping
 from typing import Any, List, NamedTuple, Sequence
 
@@ -60,7 +73,7 @@ except ImportError as exc:
 from tensorflow.python.eager import forwardprop_util
 from tensorflow.python.ops import control_flow_util, script_ops
 
-from softrank import _host
+from softrank import _derivatives, _host, _layout, _operators
 from softrank._engine import OP_RANK, OP_SORT, REG_KL
 from softrank._types import Direction, Regularization
 from softrank._validate import (
@@ -71,7 +84,16 @@ from softrank._validate import (
     check_regularization,
 )
 
-__all__ = ["soft_rank", "soft_sort"]
+__all__ = [
+    "soft_rank",
+    "soft_sort",
+    "permutahedron_projection",
+    "soft_topk_mask",
+    "spearman",
+    "soft_quantile",
+    "soft_median",
+    "isotonic_regression",
+]
 
 
 def _unpack(params: np.ndarray) -> dict:
@@ -100,6 +122,41 @@ def _unavailable_derivative_callback(x, upstream):
     raise NotImplementedError(_HIGHER_ORDER_ERROR)
 
 
+def _segments(block_start: np.ndarray) -> np.ndarray:
+    """``block_start`` offset by each row's first flat position: one id per block of the
+    whole array, the segment ids of :meth:`_TensorFlowOps.block_sum`."""
+    n = block_start.shape[-1]
+    rows = math.prod(block_start.shape[:-1])
+    offsets = (np.arange(rows, dtype=np.int64) * n).reshape(block_start.shape[:-1] + (1,))
+    return block_start + offsets
+
+
+def _projection_callback(reg):
+    def projection(z, w, params):
+        """``[eps]`` in ``params``; the value, the integer state and the block segments."""
+        out, state = _host.projection(z, w, float(params[0]), reg)
+        return (out, *state, _segments(state.block_start))
+
+    return projection
+
+
+_WEIGHTS_ERROR = "weights must be finite and > 0 everywhere"
+
+
+def _isotonic_callback(reg):
+    def isotonic(y, *rest):
+        """``rest``: the weights (optional), then ``[increasing]``."""
+        *weights, params = rest
+        weights = weights[0] if weights else None
+        if weights is not None and not np.all(np.isfinite(weights) & (weights > 0)):
+            # Values traced in a graph are only known here (raised as InvalidArgumentError).
+            raise ValueError(f"{_WEIGHTS_ERROR} (in {weights.dtype})")
+        solution, block_start = _host.isotonic(y, weights, bool(params[0]), reg)
+        return solution, block_start, _segments(block_start)
+
+    return isotonic
+
+
 # A graph (and so a SavedModel) names a host callback by its token. The tokens
 # are fixed and the operator's arguments travel as a tensor input, so a graph
 # saved in one process finds its callbacks in any process that imports this
@@ -113,6 +170,13 @@ _CALLBACKS = {
         ("soft_jvp", _jvp_callback),
         ("soft_hvp", _hvp_callback),
         ("unavailable_derivative", _unavailable_derivative_callback),
+        # The regularization is part of the token: the derivative formulas branch on it,
+        # and the token is what a gradient of the op itself can read (see
+        # _host_callback_gradient); eps travels as a tensor input.
+        ("projection_l2", _projection_callback(0)),
+        ("projection_kl", _projection_callback(REG_KL)),
+        ("isotonic_l2", _isotonic_callback(0)),
+        ("isotonic_kl", _isotonic_callback(REG_KL)),
     )
 }
 
@@ -384,6 +448,8 @@ def _host_callback_gradient(op, *upstream):
     up = upstream[0]
     params = inputs[-1]
     static = tf.get_static_value(params)
+    if name.startswith(("projection", "isotonic")):
+        return _structure_gradient(name, inputs, list(op.outputs), up)
     # Without the operator's arguments at trace time, take the general (kl) path:
     # exact for l2 as well, where the engine's hvp is zero.
     kl = static is None or int(static[1]) == REG_KL
@@ -415,22 +481,14 @@ def _apply(x: Any, eps: Any, regularization: Any, direction: Any, axis: Any, op:
     reg = check_regularization(regularization)
     descending = check_direction(direction)
     x = tf.convert_to_tensor(x)
-    dtype = x.dtype
-    if not dtype.is_floating:
-        check_float_dtype_kind(_dtype_kind(dtype), dtype.name, allow_int=False)
+    compute_dtype = _compute_dtype(x.dtype, "x")
     ndim = x.shape.rank
     if ndim is None:
         raise ValueError("x must have a statically known rank (number of dimensions)")
     ax = check_axis(axis, ndim)
-    compute_dtype = tf.float64 if dtype == tf.float64 else tf.float32
-    order = [i for i in range(ndim) if i != ax] + [ax]
-    last = ax == ndim - 1
-    moved = x if last else tf.transpose(x, order)
     params = tf.constant([op, reg, descending, eps], tf.float64)
-    out = _soft_op(tf.cast(moved, compute_dtype), params, reg == REG_KL)
-    if not last:
-        out = tf.transpose(out, np.argsort(order).tolist())
-    return tf.cast(out, dtype)
+    out = _soft_op(tf.cast(_axis_last(x, ax), compute_dtype), params, reg == REG_KL)
+    return tf.cast(_axis_back(out, ax), x.dtype)
 
 
 def soft_rank(
@@ -525,3 +583,553 @@ def soft_sort(
     array([1., 2., 3.], dtype=float32)
     """
     return _apply(x, eps, regularization, direction, axis, OP_SORT)
+
+
+# --- the operators on the permutahedron ---------------------------------------------
+#
+# Each runs one host primitive forward (the projection onto a permutahedron, or the
+# isotonic regression) that returns its value and its integer structure (sorting
+# permutations, PAV blocks). Their derivatives are softrank._derivatives' formulas
+# in TensorFlow ops over that structure, so TensorFlow differentiates them again:
+# every order, in reverse and forward mode, through every transform.
+
+
+class _TensorFlowOps:
+    """The ops namespace of :mod:`softrank._derivatives` and :mod:`softrank._operators`.
+
+    ``segments`` (from the forward pass's callback, see :func:`_segments`) names
+    the PAV blocks of the ``block_start`` that the derivative formulas pass to
+    :meth:`block_sum`, so a block sum is one segment sum and one gather.
+    """
+
+    exp = staticmethod(tf.exp)
+    log = staticmethod(tf.math.log)
+    sqrt = staticmethod(tf.sqrt)
+    ones_like = staticmethod(tf.ones_like)
+    stop_gradient = staticmethod(tf.stop_gradient)
+
+    def __init__(self, segments: Any = None):
+        self.segments = segments
+
+    @staticmethod
+    def take(a, index):
+        return tf.gather(a, index, batch_dims=index.shape.rank - 1)
+
+    def block_sum(self, v, block_start):
+        segments = self.segments
+        count = segments.shape.num_elements()
+        if count is None:
+            count = tf.size(segments, out_type=segments.dtype)
+        return tf.gather(tf.math.unsorted_segment_sum(v, segments, count), segments)
+
+    @staticmethod
+    def nan_of(a):
+        return tf.stop_gradient(tf.where(tf.math.is_nan(a), a, tf.zeros_like(a)))
+
+    @staticmethod
+    def take_columns(a, index):
+        return tf.gather(a, index, axis=-1)
+
+    @staticmethod
+    def sum_last(a):
+        return tf.reduce_sum(a, axis=-1)
+
+    @staticmethod
+    def constant(values, like):
+        return tf.constant(values, dtype=like.dtype)
+
+    @staticmethod
+    def move_last_to_first(a):
+        rank = a.shape.rank
+        return tf.transpose(a, [rank - 1, *range(rank - 1)])
+
+
+_OPS = _TensorFlowOps()
+_STATE_DTYPES = [tf.int64] * 6  # perm_z, inv_z, perm_w, inv_w, block_start, segments
+
+
+def _reg_name(reg: int) -> str:
+    return "kl" if reg == REG_KL else "l2"
+
+
+def _connected(grads, z, w, cotangent):
+    """``grads`` plus a zero that depends on every input of the derivative.
+
+    Where a formula does not depend on z or w (l2, or a kl weight gradient), a
+    higher derivative is then a tensor of zeros rather than TensorFlow's None
+    for "unconnected"."""
+    zero = _zero_derivative(z, w, cotangent)
+    return [None if g is None else g + zero for g in grads]
+
+
+def _projection_op(z: tf.Tensor, w: tf.Tensor, reg: int, eps: float, need_w: bool) -> tf.Tensor:
+    """``P(z / eps, w)`` (l2) or ``P_E(z / eps, w)`` (kl) along the last axis, with its
+    gradient in z (and in w where ``need_w``)."""
+    params = tf.constant([eps], tf.float64)
+    name = f"projection_{_reg_name(reg)}"
+
+    @tf.custom_gradient
+    def projection(z, w, params):
+        out, *state = _host_call(name, [z, w, params], [z.dtype, *_STATE_DTYPES], z.shape)
+
+        def grad(cotangent):
+            z_, w_, out_, cotangent_, *state_ = _in_current_graph([z, w, out, cotangent, *state])
+            grads = _derivatives.projection_vjp(
+                _TensorFlowOps(state_[-1]), z_, w_, out_, state_[:-1], cotangent_, eps, reg,
+                need_w=need_w)
+            return (*_connected(grads, z_, w_, cotangent_), None)
+
+        return out, grad
+
+    return projection(*_in_current_graph([z, w, params]))
+
+
+def _isotonic_op(y: tf.Tensor, weights: Any, increasing: bool, reg: int) -> tf.Tensor:
+    """The isotonic regression of ``y`` along the last axis, with its gradient in y and
+    in ``weights`` (None: unit weights)."""
+    params = tf.constant([increasing], tf.float64)
+    name = f"isotonic_{_reg_name(reg)}"
+    weighted = [] if weights is None else [weights]
+
+    @tf.custom_gradient
+    def isotonic(y, params, *weighted):
+        solution, block_start, segments = _host_call(
+            name, [y, *weighted, params], [y.dtype, tf.int64, tf.int64], y.shape)
+
+        def grad(cotangent):
+            y_, solution_, block_start_, segments_, cotangent_, *weighted_ = _in_current_graph(
+                [y, solution, block_start, segments, cotangent, *weighted])
+            weights_ = weighted_[0] if weighted_ else None
+            grad_y, grad_weights = _derivatives.isotonic_vjp(
+                _TensorFlowOps(segments_), y_, weights_, solution_, block_start_, cotangent_,
+                reg)
+            grad_y, grad_weights = _connected(
+                [grad_y, grad_weights], y_, y_ if weights_ is None else weights_, cotangent_)
+            return (grad_y, None, *([grad_weights] if weighted_ else []))
+
+        return solution, grad
+
+    return isotonic(*_in_current_graph([y, params, *weighted]))
+
+
+def _structure_gradient(name, inputs, outputs, upstream):
+    """The gradient of a projection / isotonic callback op itself (the override path, see
+    :func:`_host_callback_gradient`): the custom gradients' formulas on the op's own
+    inputs and outputs. eps is read from the op's input, as a tensor."""
+    reg = REG_KL if name.endswith("kl") else 0
+    # A copy of the op (pfor's) may have lost the static shapes set on its outputs;
+    # the formulas need their rank.
+    outputs = [tf.reshape(t, tf.shape(inputs[0])) for t in outputs]
+    if upstream is None:
+        upstream = tf.zeros_like(outputs[0])
+    if name.startswith("projection"):
+        z, w, params = inputs
+        eps = params[0]
+        # The factor of dz (z_scale): 1/eps, or 0 at eps = 0 and inf. Scaling z
+        # by it and the result again is the formula at that eps.
+        scale = tf.cast(tf.where((eps == 0.0) | tf.math.is_inf(eps), tf.zeros_like(eps),
+                                 1.0 / eps), z.dtype)
+        grads = _derivatives.projection_vjp(_TensorFlowOps(outputs[-1]), z * scale, w,
+                                            outputs[0], outputs[1:-1], upstream, 1.0, reg)
+        grad_z, grad_w = _connected(grads, z, w, upstream)
+        return [grad_z * scale, grad_w, None]
+    y, *weighted, _ = inputs
+    weights = weighted[0] if weighted else None
+    grads = _derivatives.isotonic_vjp(_TensorFlowOps(outputs[2]), y, weights, outputs[0],
+                                      outputs[1], upstream, reg)
+    grad_y, grad_weights = _connected(grads, y, y if weights is None else weights, upstream)
+    return [grad_y, *([grad_weights] if weighted else []), None]
+
+
+def _compute_dtype(dtype: tf.DType, name: str) -> tf.DType:
+    """The compute dtype of ``dtype`` (:func:`softrank._layout.compute_dtype_name`)."""
+    kind = "f" if dtype.is_floating else _dtype_kind(dtype)
+    return tf.as_dtype(_layout.compute_dtype_name(dtype.name, kind, dtype.size, allow_int=False,
+                                                  name=name))
+
+
+def _axis_last(x: tf.Tensor, ax: int) -> tf.Tensor:
+    ndim = x.shape.rank
+    if ax == ndim - 1:
+        return x
+    return tf.transpose(x, _layout.axis_last_order(ndim, ax)[0])
+
+
+def _axis_back(x: tf.Tensor, ax: int) -> tf.Tensor:
+    """Inverse of :func:`_axis_last`."""
+    ndim = x.shape.rank
+    if ax == ndim - 1:
+        return x
+    return tf.transpose(x, _layout.axis_last_order(ndim, ax)[1])
+
+
+def _prepare(x: Any, axis: Any, name: str):
+    """``(x as a tensor, x in its compute dtype with axis last, the axis)``."""
+    x = tf.convert_to_tensor(x)
+    compute_dtype = _compute_dtype(x.dtype, name)
+    if x.shape.rank is None:
+        raise ValueError(f"{name} must have a statically known rank (number of dimensions)")
+    ax = check_axis(axis, x.shape.rank, array_name=name)
+    return x, tf.cast(_axis_last(x, ax), compute_dtype), ax
+
+
+def _static_length(moved: tf.Tensor, name: str) -> int:
+    n = moved.shape[-1]
+    if n is None:
+        raise ValueError(
+            f"{name} must have a statically known length n along the axis "
+            "(a tf.function input_signature may leave the other dimensions unknown)")
+    return n
+
+
+def _secondary(value: Any, name: str) -> tf.Tensor:
+    """A tensor of floats (integers and booleans accepted) of known rank."""
+    value = tf.convert_to_tensor(value)
+    if not value.dtype.is_floating:
+        check_float_dtype_kind(_dtype_kind(value.dtype), value.dtype.name, allow_int=True,
+                               name=name)
+    if value.shape.rank is None:
+        raise ValueError(f"{name} must have a statically known rank (number of dimensions)")
+    return value
+
+
+def _shape_text(shape: tf.TensorShape) -> tuple:
+    return tuple(shape.as_list())
+
+
+def permutahedron_projection(
+    z: Any,
+    w: Any = None,
+    *,
+    regularization: Regularization = "l2",
+    axis: int = -1,
+) -> tf.Tensor:
+    """Projection onto the permutahedron of ``w``, along ``axis``.
+
+    l2: ``argmin_{mu in P(w)} 1/2 ||mu - z||^2``; kl: ``log argmin_{mu in
+    P(exp w)} KL(mu, exp z)``, where ``P(w)`` is the convex hull of the
+    permutations of ``w`` (Blondel et al. 2020, section 3). Soft rank is
+    ``P(-x / eps, rho)`` and soft sort ``P(rho / eps, x)``; other ``w`` give
+    other operators (:func:`soft_topk_mask`). O(n log n) per row, computed
+    by the CPU engine on the host (tensors on a GPU are copied to the host and
+    back); every derivative costs O(n) per row.
+
+    Parameters
+    ----------
+    z : tensor_like, shape (..., n, ...)
+        A floating tensor; float16 and bfloat16 run in float32. n must be
+        statically known.
+    w : tensor_like, optional
+        Shape (n,) (the same vector for every row) or the shape of ``z``; any
+        order (only its sorted values matter); floats or integers. Default
+        ``rho = (n, ..., 1)``. Under kl, ``w`` may hold ``-inf`` (zeros of
+        ``exp w``) where each row's largest ``w`` is finite.
+    regularization : {"l2", "kl"}
+    axis : int, default -1
+
+    Returns
+    -------
+    tf.Tensor
+        Shape and dtype of ``z``; the rows of l2 sum to ``sum(w)``. Rows with
+        NaN or inf give NaN.
+
+    Notes
+    -----
+    Differentiable in ``z`` and ``w`` (the gradient of a 1-D ``w`` is summed
+    over the rows), to any order and in forward mode: the Jacobian is block
+    diagonal over the PAV blocks (l2: ``I - mean_B`` in z and ``mean_B`` in
+    w; kl: block softmaxes), written in TensorFlow ops over the sorting
+    permutations and blocks of the forward pass. The transforms that work are
+    listed in the module docstring.
+
+    Examples
+    --------
+    >>> import tensorflow as tf
+    >>> from softrank.tensorflow import permutahedron_projection
+    >>> permutahedron_projection(tf.constant([0.0, 3.0, 1.0]), [1.0, 2.0, 3.0]).numpy()
+    array([1., 3., 2.], dtype=float32)
+    """
+    reg = check_regularization(regularization)
+    z, moved, ax = _prepare(z, axis, "z")
+    n = _static_length(moved, "z")
+    dtype = moved.dtype
+    if w is None:
+        w_moved = tf.broadcast_to(tf.constant(_operators.rho(n, dtype.as_numpy_dtype)),
+                                  tf.shape(moved))
+    else:
+        w = _secondary(w, "w")
+        same_shape = w.shape.rank == z.shape.rank and w.shape.is_compatible_with(z.shape)
+        if _operators.projection_weights_shared(_shape_text(w.shape), _shape_text(z.shape), n,
+                                                same_shape):
+            w_moved = tf.broadcast_to(tf.cast(w, dtype), tf.shape(moved))
+        else:
+            w_moved = tf.cast(_axis_last(w, ax), dtype)
+    out = _projection_op(moved, w_moved, reg, 1.0, need_w=w is not None)
+    return tf.cast(_axis_back(out, ax), z.dtype)
+
+
+def soft_topk_mask(
+    x: Any,
+    k: int,
+    eps: float = 1.0,
+    *,
+    regularization: Regularization = "l2",
+    axis: int = -1,
+) -> tf.Tensor:
+    """A soft indicator of the ``k`` largest entries of ``x`` along ``axis``.
+
+    The projection of ``x / eps`` onto the permutahedron of ``w = (1, ..., 1,
+    0, ..., 0)`` (k ones): l2 ``P(x / eps, w)``; kl ``exp(P_E(x / eps, log
+    w))``, the entropic projection onto the same polytope. Computed by the
+    CPU engine on the host (tensors on a GPU are copied to the host and back).
+
+    Parameters
+    ----------
+    x : tensor_like, shape (..., n, ...)
+        A floating tensor; float16 and bfloat16 run in float32. n must be
+        statically known.
+    k : int
+        0 <= k <= n (kl: k >= 1).
+    eps : float, default 1.0
+        >= 0 (a Python number: a constant of the graph). As ``eps -> 0`` the
+        mask tends to the indicator of the k largest entries (tied entries at
+        the boundary share what is left); ``eps = 0`` returns that limit,
+        ``eps = inf`` the constant ``k / n``.
+    regularization : {"l2", "kl"}
+    axis : int, default -1
+
+    Returns
+    -------
+    tf.Tensor
+        Shape and dtype of ``x``; values in [0, 1], each row sums to ``k``.
+
+    Notes
+    -----
+    Differentiable in ``x`` to any order and in forward mode (zero at
+    ``eps = 0`` and ``eps = inf``): the projection's Jacobian over the PAV
+    blocks, in TensorFlow ops (see :func:`permutahedron_projection`).
+
+    Examples
+    --------
+    >>> import tensorflow as tf
+    >>> from softrank.tensorflow import soft_topk_mask
+    >>> soft_topk_mask(tf.constant([0.1, 3.0, 2.0, -1.0]), k=2, eps=0.5).numpy()
+    array([0., 1., 1., 0.], dtype=float32)
+    """
+    eps = check_eps(eps)
+    reg = check_regularization(regularization)
+    x, moved, ax = _prepare(x, axis, "x")
+    n = _static_length(moved, "x")
+    k = _operators.check_k(k, n)
+    weights = _operators.topk_weights(n, k, reg, moved.dtype.as_numpy_dtype)
+    w_moved = tf.broadcast_to(tf.constant(weights), tf.shape(moved))
+    out = _projection_op(moved, w_moved, reg, eps, need_w=False)
+    mask = tf.exp(out) if reg == REG_KL else out
+    return tf.cast(_axis_back(mask, ax), x.dtype)
+
+
+def spearman(
+    pred: Any,
+    target: Any,
+    eps: float = 1.0,
+    *,
+    regularization: Regularization = "l2",
+    axis: int = -1,
+) -> tf.Tensor:
+    """Soft Spearman rank correlation of ``pred`` with ``target``, row by row.
+
+    The Pearson correlation of ``soft_rank(pred, eps)`` with the ranks of
+    ``target`` (mean ranks for ties). As ``eps -> 0`` it equals
+    ``scipy.stats.spearmanr`` of each row; ``1 - spearman`` is a
+    learning-to-rank loss. Built on :func:`soft_rank` (computed on the host).
+
+    Parameters
+    ----------
+    pred : tensor_like, shape (..., n, ...)
+        A floating tensor; float16 and bfloat16 run in float32. n must be
+        statically known.
+    target : tensor_like, shape of ``pred``
+        Floats or integers. Not differentiated (its ranks are piecewise
+        constant).
+    eps : float, default 1.0
+    regularization : {"l2", "kl"}
+    axis : int, default -1
+        Removed from the result.
+
+    Returns
+    -------
+    tf.Tensor
+        Shape of ``pred`` without ``axis``, dtype of ``pred``, values in
+        [-1, 1]; NaN for a constant row (as scipy).
+
+    Notes
+    -----
+    Differentiable in ``pred`` with every derivative :func:`soft_rank` has
+    (see the module docstring); the gradient in ``target`` is zero.
+
+    Examples
+    --------
+    >>> import tensorflow as tf
+    >>> from softrank.tensorflow import spearman
+    >>> float(spearman(tf.constant([0.1, 0.5, 0.3]), [1.0, 3.0, 2.0], eps=0.01))
+    1.0
+    """
+    eps = check_eps(eps)
+    check_regularization(regularization)
+    pred, moved, ax = _prepare(pred, axis, "pred")
+    target = _secondary(target, "target")
+    if target.shape.rank != pred.shape.rank or not target.shape.is_compatible_with(pred.shape):
+        raise ValueError(f"target must have the shape of pred {_shape_text(pred.shape)}, "
+                         f"got {_shape_text(target.shape)}")
+    _static_length(moved, "pred")
+    ranks = soft_rank(moved, eps, regularization=regularization)
+    target_ranks = tf.stop_gradient(soft_rank(tf.cast(_axis_last(target, ax), moved.dtype), 0.0))
+    return tf.cast(_operators.pearson_last_axis(_OPS, ranks, target_ranks), pred.dtype)
+
+
+def _concrete_quantiles(q: Any):
+    if isinstance(q, (tf.Tensor, tf.Variable)) and not tf.executing_eagerly():
+        static = tf.get_static_value(q)
+        if static is None:
+            raise TypeError(
+                "q must be known when the graph is built (a Python number, a numpy array or "
+                "a constant tensor): it selects sorted positions, so it cannot be traced")
+        q = static
+    return _operators.check_quantiles(q)
+
+
+def soft_quantile(
+    x: Any,
+    q: Any,
+    eps: float = 1.0,
+    *,
+    regularization: Regularization = "l2",
+    axis: int = -1,
+) -> tf.Tensor:
+    """Soft quantiles of ``x`` along ``axis``: np.quantile's "linear" rule on the soft sort.
+
+    Built on :func:`soft_sort` (computed on the host, tensors on a GPU are
+    copied there and back).
+
+    Parameters
+    ----------
+    x : tensor_like, shape (..., n, ...)
+        A floating tensor; float16 and bfloat16 run in float32. n >= 1 and
+        statically known.
+    q : float or 1-D array_like of floats in [0, 1]
+        Known when the graph is built (not a traced tensor).
+    eps : float, default 1.0
+        As ``eps -> 0`` (and at eps = 0) the result equals
+        ``np.quantile(x, q, axis=axis, method="linear")``.
+    regularization : {"l2", "kl"}
+    axis : int, default -1
+
+    Returns
+    -------
+    tf.Tensor
+        np.quantile's layout: shape of ``x`` without ``axis`` for a scalar
+        ``q``, with ``len(q)`` in front for a 1-D ``q``; dtype of ``x``.
+
+    Notes
+    -----
+    Differentiable in ``x`` with every derivative :func:`soft_sort` has (see
+    the module docstring).
+
+    Examples
+    --------
+    >>> import tensorflow as tf
+    >>> from softrank.tensorflow import soft_quantile
+    >>> float(soft_quantile(tf.constant([4.0, 1.0, 3.0, 2.0]), 0.5, eps=0.01))
+    2.5
+    """
+    eps = check_eps(eps)
+    check_regularization(regularization)
+    quantiles, scalar = _concrete_quantiles(q)
+    x, moved, _ = _prepare(x, axis, "x")
+    _static_length(moved, "x")
+    ordered = soft_sort(moved, eps, regularization=regularization)
+    return tf.cast(_operators.quantile_from_sorted(_OPS, ordered, quantiles, scalar), x.dtype)
+
+
+def soft_median(
+    x: Any,
+    eps: float = 1.0,
+    *,
+    regularization: Regularization = "l2",
+    axis: int = -1,
+) -> tf.Tensor:
+    """Soft median of ``x`` along ``axis``: ``soft_quantile(x, 0.5, ...)`` (axis removed).
+
+    As ``eps -> 0`` it equals ``np.median(x, axis=axis)``. Computed on the
+    host; differentiable like :func:`soft_quantile`.
+    """
+    return soft_quantile(x, 0.5, eps, regularization=regularization, axis=axis)
+
+
+def isotonic_regression(
+    y: Any,
+    *,
+    weights: Any = None,
+    increasing: bool = True,
+    regularization: Regularization = "l2",
+    axis: int = -1,
+) -> tf.Tensor:
+    """Weighted isotonic regression along ``axis`` by pool-adjacent-violators.
+
+    l2: ``argmin_v sum_i w_i (v_i - y_i)^2``; kl: ``argmin_v sum_i exp(y_i -
+    v_i) + w_i v_i`` (fast-soft-sort's ``isotonic_kl`` with weights
+    ``exp(its w)``); subject to ``v`` non-decreasing (``increasing=True``) or
+    non-increasing. Exact, O(n) per row, computed by the CPU engine on the
+    host (tensors on a GPU are copied to the host and back). On each block B
+    of equal values the solution is ``sum_B w y / sum_B w`` (l2) or ``log
+    sum_B exp(y) - log sum_B w`` (kl).
+
+    Parameters
+    ----------
+    y : tensor_like, shape (..., n, ...)
+        A floating tensor; float16 and bfloat16 run in float32.
+    weights : tensor_like, shape of ``y``, optional
+        Positive finite weights (floats or integers); default all ones.
+        Checked eagerly (ValueError naming ``weights``); inside a
+        ``tf.function`` their values are only known when the graph runs, and
+        a bad one raises ``tf.errors.InvalidArgumentError`` then.
+    increasing : bool, default True
+    regularization : {"l2", "kl"}
+    axis : int, default -1
+
+    Returns
+    -------
+    tf.Tensor
+        Shape and dtype of ``y``.
+
+    Notes
+    -----
+    Differentiable in ``y`` and ``weights``, to any order and in forward
+    mode. Per block B (l2): ``d v_B = sum_B (w dy + dw (y - v_B)) / W_B``;
+    (kl): ``d v_B = sum_B softmax_B(y) dy - sum_B dw / W_B``, with ``W_B =
+    sum_B w``, written in TensorFlow ops over the blocks of the forward pass.
+
+    Examples
+    --------
+    >>> import tensorflow as tf
+    >>> from softrank.tensorflow import isotonic_regression
+    >>> isotonic_regression(tf.constant([1.0, 3.0, 2.0, 4.0])).numpy()
+    array([1. , 2.5, 2.5, 4. ], dtype=float32)
+    """
+    reg = check_regularization(regularization)
+    y, moved, ax = _prepare(y, axis, "y")
+    weights_moved = None
+    if weights is not None:
+        weights = _secondary(weights, "weights")
+        if weights.shape.rank != y.shape.rank or not weights.shape.is_compatible_with(y.shape):
+            raise ValueError(f"weights must have the shape of y {_shape_text(y.shape)}, "
+                             f"got {_shape_text(weights.shape)}")
+        weights_moved = tf.cast(_axis_last(weights, ax), moved.dtype)
+        if tf.executing_eagerly():
+            values = weights.numpy().astype(np.float64)
+            if not np.all(np.isfinite(values) & (values > 0)):
+                raise ValueError(_WEIGHTS_ERROR)
+            if not np.all(weights_moved.numpy() > 0):
+                raise ValueError(f"weights must stay > 0 in {moved.dtype.name} (underflow)")
+    out = _isotonic_op(moved, weights_moved, bool(increasing), reg)
+    return tf.cast(_axis_back(out, ax), y.dtype)

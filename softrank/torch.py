@@ -98,12 +98,11 @@ __all__ = [
     "spearman",
 ]
 
-# float64 stays float64, float32 stays float32, every narrower float runs in float32.
+# softrank._layout's dtype policy for the floating dtypes, looked up once per call.
 _COMPUTE_DTYPE = {
-    torch.float64: torch.float64,
-    torch.float32: torch.float32,
-    torch.float16: torch.float32,
-    torch.bfloat16: torch.float32,
+    dtype: getattr(torch, _layout.compute_dtype_name(
+        str(dtype).replace("torch.", ""), "f", dtype.itemsize, allow_int=False))
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 }
 # The validated (regularization, direction) pairs, so that a call does one dict lookup.
 _CODES = {
@@ -808,13 +807,7 @@ def _soft_op(x: Any, eps: Any, regularization: Any, direction: Any, dim: Any, op
         reg = check_regularization(regularization)
         descending = check_direction(direction)
     dtype = x.dtype
-    compute_dtype = _COMPUTE_DTYPE.get(dtype)
-    if compute_dtype is None:
-        if dtype.is_floating_point:
-            compute_dtype = torch.float32
-        else:
-            kind = "c" if dtype.is_complex else "b" if dtype == torch.bool else "i"
-            check_float_dtype_kind(kind, str(dtype).replace("torch.", ""), allow_int=False)
+    compute_dtype = _COMPUTE_DTYPE.get(dtype) or _compute_dtype(dtype, "x")
     ndim = x.dim()
     if type(dim) is int and dim == -1 and ndim > 0:
         moved = x
@@ -973,12 +966,17 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def _compute_dtype(dtype: torch.dtype, name: str) -> torch.dtype:
+    """The compute dtype of ``dtype`` (:func:`softrank._layout.compute_dtype_name`)."""
+    return getattr(torch, _layout.compute_dtype_name(
+        _dtype_name(dtype), _dtype_kind(dtype), dtype.itemsize, allow_int=False, name=name))
+
+
 def _to_last(x: Any, dim: Any, name: str):
     """``(x with dim last in its compute dtype, dim normalised, compute dtype)``."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    compute_dtype = getattr(torch, _layout.compute_dtype_name(
-        _dtype_name(x.dtype), _dtype_kind(x.dtype), x.dtype.itemsize, allow_int=False, name=name))
+    compute_dtype = _COMPUTE_DTYPE.get(x.dtype) or _compute_dtype(x.dtype, name)
     axis = check_axis(dim, x.dim(), name="dim", array_name=name)
     moved = x if axis == x.dim() - 1 else x.movedim(axis, -1)
     if compute_dtype is not x.dtype:
@@ -1107,17 +1105,13 @@ def permutahedron_projection(
         weights = _constant(_operators.rho(n, _NUMPY_DTYPE[dtype]), moved)
     else:
         w = _operand(w, "w", z)
-        if w.dim() == 1 and w.shape[0] == n:
+        if _operators.projection_weights_shared(tuple(w.shape), tuple(z.shape), n,
+                                                w.shape == z.shape):
             weights = w.to(dtype).expand(moved.shape)
-        elif w.shape == z.shape:
+        else:
             weights = w.to(dtype)
             if axis != w.dim() - 1:
                 weights = weights.movedim(axis, -1)
-        else:
-            raise ValueError(
-                f"w must have length n = {n} (the length of z along the axis) or the shape of z "
-                f"{tuple(z.shape)}, got shape {tuple(w.shape)}"
-            )
     out = _projection(moved, weights, 1.0, reg)[0]
     return _from_last(out, axis, z.dtype)
 

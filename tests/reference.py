@@ -49,6 +49,7 @@ __all__ = [
     "project_bruteforce",
     "project_minmax",
     "isotonic_minmax",
+    "isotonic_kl_ref",
     "soft_rank_ref",
     "soft_sort_ref",
     "hard_rank",
@@ -489,3 +490,32 @@ def jacobian_fd_batched(f2d: Callable[[np.ndarray], np.ndarray], x, h: float = 1
     fm = np.asarray(f2d(minus), dtype=np.float64)
     denom = np.diag(plus) - np.diag(minus)  # the steps actually taken
     return ((fp - fm) / denom[:, None]).T
+
+
+# ---------------------------------------------------------------------------
+# isotonic regression under kl
+
+
+def isotonic_kl_ref(y, weights=None, increasing=True):
+    """argmin_v sum_i exp(y_i - v_i) + w_i v_i, v monotone, through the l2 problem.
+
+    With ``u = exp(v)`` and ``a_i = exp(y_i) / w_i`` the objective is
+    ``sum_i w_i (a_i / u_i + log u_i) = sum_i w_i D(a_i, u_i) + const``, where
+    ``D(a, u) = a / u + log u - log a - 1`` is the Bregman divergence of the
+    convex ``phi(t) = -log t`` (``phi(a) - phi(u) - phi'(u)(a - u)``). The
+    w-weighted l2 isotonic regression of ``a`` minimizes ``sum_i w_i D(a_i,
+    u_i)`` over all monotone ``u``, for every such Bregman divergence
+    (Robertson, Wright & Dykstra 1988, Theorem 1.5.1), and ``v = log u`` is
+    monotone in the same direction. So ``v = log isotonic_minmax(a, w)``:
+    each block B gets ``log(sum_B exp(y) / sum_B w)``. ``y`` is shifted by its
+    maximum first (``v`` shifts by the same constant) to keep ``exp`` in range;
+    fast-soft-sort's ``isotonic_kl(s, w)`` is this with ``increasing=False``
+    and ``weights = exp(w)``.
+    """
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if y.size == 0:
+        return y.copy()
+    w = np.ones_like(y) if weights is None else np.asarray(weights, dtype=np.float64).ravel()
+    shift = float(np.max(y))
+    a = np.exp(y - shift) / w
+    return np.log(isotonic_minmax(a, w, increasing)) + shift
