@@ -136,7 +136,8 @@ def _params() -> List:
     out = []
     for cell in _cells():
         _, dtypes, _, mine, peer = ROWS[cell.op]
-        quick = (cell.batch, cell.n) in QUICK_SHAPES and cell.reg == "l2" and cell.dtype == dtypes[0]
+        quick = ((cell.batch, cell.n) in QUICK_SHAPES and cell.reg == "l2"
+                 and cell.dtype == dtypes[0])
         for impl in (mine, peer):
             case = OpCase(cell, impl)
             out.append(pytest.param(case, id=case.id,
@@ -165,7 +166,8 @@ def _uniform(batch: int, n: int, dtype: str) -> np.ndarray:
 
 def _normal(shape: Tuple[int, ...], dtype: str, *key) -> np.ndarray:
     def make():
-        return np.random.default_rng(_seed("normal", shape, *key)).standard_normal(shape).astype(dtype)
+        rng = np.random.default_rng(_seed("normal", shape, *key))
+        return rng.standard_normal(shape).astype(dtype)
     return _cached(("normal", shape, dtype) + key, make)
 
 
@@ -355,7 +357,8 @@ def _check_ott(op: str) -> None:
             # the mask's hard limit has a zero gradient: nothing to compare it with; the
             # gradient with the settings that are timed must at least be finite
             timed = _jax_fn("ott-jax", op, n)
-            grads = np.asarray(jax.grad(lambda x: jnp.vdot(jax.lax.stop_gradient(x), timed(x)))(x))
+            cot = jax.lax.stop_gradient(x)
+            grads = np.asarray(jax.grad(lambda x: jnp.vdot(cot, timed(x)))(x))
             if not np.all(np.isfinite(grads)):
                 pytest.fail("ott-jax topk_mask: non-finite gradient", pytrace=False)
             return
