@@ -195,6 +195,97 @@ ffi::Error hvp(ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::Buffer<ffi::S32> perm,
   return ffi::Error::Success();
 }
 
+// The projection onto the permutahedron of w of z / eps, with its state.
+ffi::Error projection(ffi::AnyBuffer z, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> out,
+                      ffi::Result<ffi::Buffer<ffi::S32>> perm_z,
+                      ffi::Result<ffi::Buffer<ffi::S32>> inv_z,
+                      ffi::Result<ffi::Buffer<ffi::S32>> perm_w,
+                      ffi::Result<ffi::Buffer<ffi::S32>> inv_w,
+                      ffi::Result<ffi::Buffer<ffi::S32>> block_start, std::int32_t reg,
+                      double eps) {
+  RowShape shape;
+  if (auto e = row_shape(z, shape); !e.success()) return e;
+  if (!is_value_type(z.element_type()))
+    return ffi::Error::InvalidArgument("softrank: z must be float32 or float64");
+  if (auto e = check_like(w, z, "w"); !e.success()) return e;
+  if (auto e = check_like(*out, z, "out"); !e.success()) return e;
+  for (auto* state : {&perm_z, &inv_z, &perm_w, &inv_w, &block_start})
+    if ((**state).element_count() != z.element_count())
+      return ffi::Error::InvalidArgument("softrank: the projection's state must have z's size");
+  if (reg != 0 && reg != 1) return ffi::Error::InvalidArgument("softrank: reg must be 0 or 1");
+  if (!(eps >= 0.0))
+    return ffi::Error::InvalidArgument("softrank: eps must be a number >= 0, got " +
+                                       std::to_string(eps));
+  const auto regularization = static_cast<softrank::Reg>(reg);
+  if (z.element_type() == ffi::DataType::F32)
+    softrank::projection_forward_batch(
+        data<float>(z), data<float>(w), shape.rows, shape.n, eps, regularization,
+        static_cast<float*>(out->untyped_data()), perm_z->typed_data(), perm_w->typed_data(),
+        block_start->typed_data(), inv_z->typed_data(), inv_w->typed_data());
+  else
+    softrank::projection_forward_batch(
+        data<double>(z), data<double>(w), shape.rows, shape.n, eps, regularization,
+        static_cast<double*>(out->untyped_data()), perm_z->typed_data(), perm_w->typed_data(),
+        block_start->typed_data(), inv_z->typed_data(), inv_w->typed_data());
+  return ffi::Error::Success();
+}
+
+// Isotonic regression (l2 or kl), weighted or not. The weights were checked
+// (positive, finite) by softrank.jax where their values are known. Rows with
+// NaN or inf are one block (as softrank._host.isotonic makes them) with NaN
+// values.
+ffi::Error isotonic_impl(const ffi::AnyBuffer& y, const ffi::AnyBuffer* weights,
+                         ffi::Result<ffi::AnyBuffer>& solution,
+                         ffi::Result<ffi::Buffer<ffi::S32>>& block_start, bool increasing,
+                         std::int32_t reg) {
+  RowShape shape;
+  if (auto e = row_shape(y, shape); !e.success()) return e;
+  if (!is_value_type(y.element_type()))
+    return ffi::Error::InvalidArgument("softrank: y must be float32 or float64");
+  if (weights)
+    if (auto e = check_like(*weights, y, "weights"); !e.success()) return e;
+  if (auto e = check_like(*solution, y, "solution"); !e.success()) return e;
+  if (block_start->element_count() != y.element_count())
+    return ffi::Error::InvalidArgument("softrank: block_start must have y's size");
+  if (reg != 0 && reg != 1) return ffi::Error::InvalidArgument("softrank: reg must be 0 or 1");
+  index_t* blocks = block_start->typed_data();
+  if (y.element_type() == ffi::DataType::F32) {
+    const float* w = weights ? data<float>(*weights) : nullptr;
+    float* v = static_cast<float*>(solution->untyped_data());
+    if (reg == 0)
+      softrank::isotonic_forward_batch(data<float>(y), w, shape.rows, shape.n, increasing, v,
+                                       blocks);
+    else
+      softrank::isotonic_kl_forward_batch(data<float>(y), w, shape.rows, shape.n, increasing, v,
+                                          blocks);
+  } else {
+    const double* w = weights ? data<double>(*weights) : nullptr;
+    double* v = static_cast<double*>(solution->untyped_data());
+    if (reg == 0)
+      softrank::isotonic_forward_batch(data<double>(y), w, shape.rows, shape.n, increasing, v,
+                                       blocks);
+    else
+      softrank::isotonic_kl_forward_batch(data<double>(y), w, shape.rows, shape.n, increasing, v,
+                                          blocks);
+  }
+  for (std::size_t i = 0; i < block_start->element_count(); ++i)
+    if (blocks[i] < 0) blocks[i] = 0;  // a NaN row: one block
+  return ffi::Error::Success();
+}
+
+ffi::Error isotonic(ffi::AnyBuffer y, ffi::Result<ffi::AnyBuffer> solution,
+                    ffi::Result<ffi::Buffer<ffi::S32>> block_start, bool increasing,
+                    std::int32_t reg) {
+  return isotonic_impl(y, nullptr, solution, block_start, increasing, reg);
+}
+
+ffi::Error isotonic_weighted(ffi::AnyBuffer y, ffi::AnyBuffer weights,
+                             ffi::Result<ffi::AnyBuffer> solution,
+                             ffi::Result<ffi::Buffer<ffi::S32>> block_start, bool increasing,
+                             std::int32_t reg) {
+  return isotonic_impl(y, &weights, solution, block_start, increasing, reg);
+}
+
 }  // namespace
 
 // The operator's attributes, which every handler takes last.
@@ -243,6 +334,36 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(softrank_xla_hvp, hvp,
                                                      .Arg<ffi::AnyBuffer>()
                                                      .Ret<ffi::AnyBuffer>()));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(softrank_xla_projection, projection,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<std::int32_t>("reg")
+                                  .Attr<double>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(softrank_xla_isotonic, isotonic,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<bool>("increasing")
+                                  .Attr<std::int32_t>("reg"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(softrank_xla_isotonic_weighted, isotonic_weighted,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<bool>("increasing")
+                                  .Attr<std::int32_t>("reg"));
+
 namespace softrank_bindings {
 
 // {target name: PyCapsule of the handler}, for jax.ffi.register_ffi_target.
@@ -257,6 +378,11 @@ py::dict xla_ffi_targets() {
   targets["softrank_vjp_v1"] = py::capsule(reinterpret_cast<void*>(&softrank_xla_vjp));
   targets["softrank_jvp_v1"] = py::capsule(reinterpret_cast<void*>(&softrank_xla_jvp));
   targets["softrank_hvp_v1"] = py::capsule(reinterpret_cast<void*>(&softrank_xla_hvp));
+  targets["softrank_projection_v1"] =
+      py::capsule(reinterpret_cast<void*>(&softrank_xla_projection));
+  targets["softrank_isotonic_v1"] = py::capsule(reinterpret_cast<void*>(&softrank_xla_isotonic));
+  targets["softrank_isotonic_weighted_v1"] =
+      py::capsule(reinterpret_cast<void*>(&softrank_xla_isotonic_weighted));
   return targets;
 }
 

@@ -342,7 +342,7 @@ bool sort_with_minus_infinity(const T* w, index_t n, index_t* perm, double* ws) 
 template <class T>
 void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t n, double eps,
                               Reg reg, T* out, index_t* perm_z, index_t* perm_w,
-                              index_t* block_start) {
+                              index_t* block_start, index_t* inv_z, index_t* inv_w) {
   const bool pool_all = std::isinf(eps);
   for_each_row(rows, n, [&](std::int64_t r) {
     const std::int64_t off = r * n;
@@ -355,11 +355,16 @@ void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t
     bool valid = sort_row_descending(z + off, n, false, scratch.sort, perm_z + off, s);
     if (valid && !sort_row_descending(w + off, n, false, scratch.sort, perm_w + off, ws))
       valid = reg == Reg::KL && sort_with_minus_infinity(w + off, n, perm_w + off, ws);
+    auto write_inverses = [&] {
+      for (index_t i = 0; inv_z && i < n; ++i) inv_z[off + perm_z[off + i]] = i;
+      for (index_t i = 0; inv_w && i < n; ++i) inv_w[off + perm_w[off + i]] = i;
+    };
     if (!valid) {
       for (index_t i = 0; i < n; ++i) {
         out[off + i] = static_cast<T>(kNaN);
         perm_z[off + i] = perm_w[off + i] = block_start[off + i] = i;
       }
+      write_inverses();
       return;
     }
     if (reg == Reg::L2) {
@@ -372,6 +377,7 @@ void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t
                      block_start + off);
     }
     for (index_t i = 0; i < n; ++i) out[off + perm_z[off + i]] = static_cast<T>(sorted_out[i]);
+    write_inverses();
   });
 }
 
@@ -424,7 +430,8 @@ void isotonic_kl_forward_batch(const T* y, const T* w, std::int64_t rows, index_
   template void isotonic_vjp_batch<T>(const T*, const index_t*, const T*, std::int64_t, index_t, \
                                       T*);                                                      \
   template void projection_forward_batch<T>(const T*, const T*, std::int64_t, index_t, double,  \
-                                            Reg, T*, index_t*, index_t*, index_t*);             \
+                                            Reg, T*, index_t*, index_t*, index_t*, index_t*,    \
+                                            index_t*);                                          \
   template void isotonic_kl_forward_batch<T>(const T*, const T*, std::int64_t, index_t, bool,   \
                                              T*, index_t*);
 

@@ -61,15 +61,15 @@ The operators on the permutahedron: ``spearman``, ``soft_quantile`` and
 ``soft_median`` are jax compositions of ``soft_rank`` / ``soft_sort``, so
 they share everything above. ``permutahedron_projection``,
 ``soft_topk_mask`` and ``isotonic_regression`` run the engine's forward pass
-through ``jax.pure_callback`` on every platform (one call per operator,
-folded over ``vmap``), as a ``jax.custom_jvp`` whose rule is the shared
-derivative formulas (:mod:`softrank._derivatives`) in jax operations: every
-derivative transform (reverse mode by transposition, any order) and
-``vmap``, ``jit``, ``shard_map`` work; under ``jit`` with a sharded batch the
-callback runs on one device (XLA gathers the batch there; the values are
-right), and ``jax.export`` raises NotImplementedError (a callback cannot be
-serialized). Their integer arguments (``k``, ``q``, ``increasing``) are
-static.
+as one primitive per operator (one call, folded over ``vmap``): on the CPU
+the core's XLA custom calls (batch partitionable: a sharded batch stays
+sharded; exportable), elsewhere ``jax.pure_callback`` on the host (then, under
+``jit`` with a sharded batch, the callback runs on one device, and
+``jax.export`` raises NotImplementedError). Each is a ``jax.custom_jvp`` whose
+rule is the shared derivative formulas (:mod:`softrank._derivatives`) in jax
+operations: every derivative transform (reverse mode by transposition, any
+order) and ``vmap``, ``jit``, ``shard_map`` work. Their integer arguments
+(``k``, ``q``, ``increasing``) are static.
 """
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def export_disabled_checks() -> list:
     handlers): a ``pure_callback`` cannot be serialized.
     """
     return [jax.export.DisabledSafetyCheck.custom_call(target)
-            for target in sorted(_TARGETS.values())]
+            for target in sorted([*_TARGETS.values(), *_OPERATOR_TARGETS.values()])]
 
 
 # --- primitives ------------------------------------------------------------
@@ -593,9 +593,10 @@ def soft_sort(
 
 # --- the operators on the permutahedron ----------------------------------------------
 #
-# The engine's projection and isotonic regression run on the host through
-# jax.pure_callback, each as one primitive that returns the values and the
-# integer structure (int32: sorting permutations, PAV blocks). Each primitive
+# The engine's projection and isotonic regression are each one primitive that
+# returns the values and the integer structure (int32: sorting permutations,
+# PAV blocks): on the CPU an XLA custom call into the core (batch partitionable,
+# exportable), elsewhere the engine on the host through jax.pure_callback. Each primitive
 # is the primal of a jax.custom_jvp whose rule is softrank._derivatives' linear
 # map written in jax operations over that structure: reverse mode is its
 # transpose, and higher derivatives differentiate the rule (which calls the
@@ -619,10 +620,10 @@ def _host_lowering(ctx, *args, host, **params):
     operands there); inside shard_map it runs on every shard."""
     if getattr(ctx.module_context.lowering_parameters, "for_export", False):
         raise NotImplementedError(
-            "softrank.jax: permutahedron_projection, soft_topk_mask and isotonic_regression "
-            "run the engine through jax.pure_callback, which jax.export cannot serialize, so "
-            "a function that calls them cannot be exported; soft_rank, soft_sort, spearman, "
-            "soft_quantile and soft_median can (on the CPU, see export_disabled_checks)")
+            "softrank.jax: jax.export needs softrank's XLA custom calls (the CPU platform and "
+            "the native engine built with the XLA FFI handlers); here permutahedron_projection, "
+            "soft_topk_mask and isotonic_regression run the engine through jax.pure_callback, "
+            "which jax.export cannot serialize")
     results = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ctx.avals_out)
 
     def call(*operands):
@@ -632,14 +633,41 @@ def _host_lowering(ctx, *args, host, **params):
     return mlir.lower_fun(call, multiple_results=True)(ctx, *args)
 
 
+# XLA FFI targets of the operators' primitives (bindings/xla_ffi.cpp).
+_OPERATOR_TARGETS = {
+    "projection": "softrank_projection_v1",
+    "isotonic": "softrank_isotonic_v1",
+    "isotonic_weighted": "softrank_isotonic_weighted_v1",
+}
+
+
+def _projection_cpu_lowering(ctx, z, w, *, eps, reg):
+    if not _ffi_ready():
+        return _host_lowering(ctx, z, w, host=_projection_host, eps=eps, reg=reg)
+    rule = jax.ffi.ffi_lowering(_OPERATOR_TARGETS["projection"],
+                                extra_attributes=_partitioning_attributes(ctx))
+    return rule(ctx, z, w, reg=np.int32(reg), eps=np.float64(eps))
+
+
+def _isotonic_cpu_lowering(ctx, y, *weights, increasing, reg):
+    if not _ffi_ready():
+        return _host_lowering(ctx, y, *weights, host=_isotonic_host, increasing=increasing,
+                              reg=reg)
+    target = _OPERATOR_TARGETS["isotonic_weighted" if weights else "isotonic"]
+    rule = jax.ffi.ffi_lowering(target, extra_attributes=_partitioning_attributes(ctx))
+    return rule(ctx, y, *weights, increasing=bool(increasing), reg=np.int32(reg))
+
+
 _projection_p = _make("softrank_projection", multiple_results=True)
 _projection_p.def_abstract_eval(
     lambda z, w, **_: (_like(z),) + (_like(z, jnp.int32),) * len(_host.ProjectionState._fields))
 _isotonic_p = _make("softrank_isotonic", multiple_results=True)
 _isotonic_p.def_abstract_eval(lambda y, *_, **__: (_like(y), _like(y, jnp.int32)))
-for _prim, _fn in ((_projection_p, _projection_host), (_isotonic_p, _isotonic_host)):
+for _prim, _fn, _cpu in ((_projection_p, _projection_host, _projection_cpu_lowering),
+                         (_isotonic_p, _isotonic_host, _isotonic_cpu_lowering)):
     batching.primitive_batchers[_prim] = functools.partial(_batch, _prim)
     mlir.register_lowering(_prim, functools.partial(_host_lowering, host=_fn))
+    mlir.register_lowering(_prim, _cpu, platform="cpu")
 
 
 class _JaxOps:
@@ -829,8 +857,8 @@ def permutahedron_projection(
     the PAV blocks in sorted order: l2 ``d out = (I - mean_B) dz + mean_B
     dw``, kl ``d out = dz - softmax_B(z) . dz + softmax_B(w) . dw``, O(n) per
     row; the l2 Jacobian is locally constant, so its higher derivatives are
-    zero. The forward pass runs the engine through ``jax.pure_callback``
-    (host memory; ``jax.export`` raises NotImplementedError).
+    zero. The forward pass is the core's XLA custom call on the CPU, a
+    ``jax.pure_callback`` elsewhere (host memory; not exportable).
 
     Examples
     --------
@@ -890,7 +918,7 @@ def soft_topk_mask(
     -----
     Differentiable in ``x`` under every transform (zero derivative at
     ``eps = 0`` and ``inf``); see :func:`permutahedron_projection` for the
-    Jacobian and the forward pass (``jax.pure_callback``).
+    Jacobian and the forward pass.
 
     Examples
     --------
@@ -1077,8 +1105,8 @@ def isotonic_regression(
     Differentiable in ``y`` and ``weights`` under every transform. Per block
     B (l2): ``dv = sum_B (w dy + dw (y - v)) / sum_B w``; (kl): ``dv =
     softmax_B(y) . dy - sum_B dw / sum_B w``; O(n) per row. The forward pass
-    runs the engine through ``jax.pure_callback`` (host memory;
-    ``jax.export`` raises NotImplementedError).
+    is the core's XLA custom call on the CPU, a ``jax.pure_callback``
+    elsewhere (host memory; not exportable).
 
     Examples
     --------

@@ -37,13 +37,15 @@ void isotonic_forward_batch(const T* y, const T* w, std::int64_t rows, index_t n
 // The projection P(z / eps, w) (reg l2) or P_E(z / eps, w) (kl) of every row
 // onto the permutahedron of its w (projection.h): perm_z / perm_w receive the
 // columns of z / w at each decreasing sorted position, block_start the PAV
-// blocks over sorted positions. w may hold -inf under kl (zeros of e^w) where
-// the row's largest w is finite. Rows holding other non-finite values get
-// NaN output, identity permutations and singleton blocks.
+// blocks over sorted positions; inv_z / inv_w, when not null, the inverse
+// permutations (inv[perm[i]] = i). w may hold -inf under kl (zeros of e^w)
+// where the row's largest w is finite. Rows holding other non-finite values
+// get NaN output, identity permutations and singleton blocks.
 template <class T>
 void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t n, double eps,
                               Reg reg, T* out, index_t* perm_z, index_t* perm_w,
-                              index_t* block_start);
+                              index_t* block_start, index_t* inv_z = nullptr,
+                              index_t* inv_w = nullptr);
 
 // kl isotonic regression (projection.h, IsotonicKlRule); `w` may be null.
 // Rows holding NaN or +-inf get NaN and block_start = -1.
