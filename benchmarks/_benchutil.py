@@ -57,6 +57,7 @@ IMPLS: Dict[str, str] = {
     "torchsort": "peer",
     "torchisotonic": "peer",
     "torchpsort": "peer",
+    "ott-jax": "peer",
     "sinkhorn": "baseline",
 }
 

@@ -1,4 +1,4 @@
-"""Loaders for the optional peers: fast-soft-sort (numpy) and the torch peers.
+"""Loaders for the optional peers: fast-soft-sort (numpy), the torch peers, ott-jax.
 
 Nothing of the peers' code lives here: fast-soft-sort is imported from the
 directory named by ``SOFTRANK_FAST_SOFT_SORT`` (it is not on PyPI), the torch
@@ -90,3 +90,65 @@ def torchisotonic_op(op: str, eps: float):
         return torchisotonic.isotonic(w + s, increasing=False) - w
 
     return {"soft_rank": soft_rank, "soft_sort": soft_sort}[op]
+
+
+# --- the operators on the permutahedron (test_bench_operators.py) -------------------
+
+
+def ott_soft_sort():
+    """``ott.tools.soft_sort`` (ott-jax), or skip with the reason."""
+    try:
+        return importlib.import_module("ott.tools.soft_sort")
+    except ImportError as exc:
+        pytest.skip(f"ott-jax does not import: {exc}")
+
+
+def fss_projection(fss, reg, z, w, cot=None):
+    """fast-soft-sort's projection of each row of z onto P(w) (w shared, any order), and
+    with ``cot`` its vjp with respect to z. Its ``Projection`` takes w sorted
+    decreasingly, so w is sorted first (P(w) does not depend on w's order)."""
+    import numpy as np
+
+    w_sorted = np.sort(w)[::-1]
+    values, grads = [], []
+    for i, row in enumerate(z):
+        obj = fss.Projection(row, w_sorted, regularization=reg)
+        values.append(obj.compute())
+        if cot is not None:
+            grads.append(obj.vjp(cot[i]))
+    if cot is None:
+        return np.stack(values)
+    return np.stack(values), np.stack(grads)
+
+
+def fss_isotonic_kl(fss, y, log_w, cot=None):
+    """fast-soft-sort's kl isotonic regression (non-increasing; ``log_w`` the log of the
+    weights) of each row of y, and with ``cot`` its vjp with respect to y."""
+    import numpy as np
+
+    values, grads = [], []
+    for i, (row, w) in enumerate(zip(y, log_w)):
+        obj = fss.Isotonic(row, w, regularization="kl")
+        values.append(obj.compute())
+        if cot is not None:
+            grads.append(obj.vjp(cot[i]))
+    if cot is None:
+        return np.stack(values)
+    return np.stack(values), np.stack(grads)
+
+
+def torchsort_spearman(reg: str, eps: float):
+    """The Spearman correlation of torchsort's README, row by row along the last dim:
+    soft ranks of prediction and target, centred, normalised, their inner product."""
+    import torchsort
+
+    def spearman(pred, target):
+        pred = torchsort.soft_rank(pred, regularization=reg, regularization_strength=eps)
+        target = torchsort.soft_rank(target, regularization=reg, regularization_strength=eps)
+        pred = pred - pred.mean(dim=-1, keepdim=True)
+        pred = pred / pred.norm(dim=-1, keepdim=True)
+        target = target - target.mean(dim=-1, keepdim=True)
+        target = target / target.norm(dim=-1, keepdim=True)
+        return (pred * target).sum(dim=-1)
+
+    return spearman

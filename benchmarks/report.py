@@ -15,8 +15,9 @@ all numbers from the run(s) given, with one statistic of each benchmark
 
 - floor: softrank / the faster of ``np.argsort`` and ``torch.sort`` of the same
   array; bars: forward <= 1.5 and forward+backward <= 2.5 where batch*n >= 10^4;
-- peers: ``softrank.torch`` / each torch peer and ``softrank.numpy`` /
-  fast-soft-sort; bar <= 0.5;
+- peers: ``softrank.torch`` / each torch peer, ``softrank.numpy`` /
+  fast-soft-sort and ``softrank.jax`` / ott-jax, for soft rank / sort and the
+  operators on the permutahedron (``test_bench_operators.py``); bar <= 0.5;
 - Sinkhorn (50 iterations) / softrank at n = 100 and 1000;
 - threads: time with 1 thread / time with 2 threads (bar >= 1.6 at (1, 10^6)).
 
@@ -49,7 +50,9 @@ PEERS = {  # peer -> the softrank implementation it is compared with
     "torchsort": "softrank.torch",
     "torchisotonic": "softrank.torch",
     "torchpsort": "softrank.torch",
+    "ott-jax": "softrank.jax",
 }
+FLOOR_OPS = ("soft_rank", "soft_sort")  # the operators timed next to a bare sort
 FWD_BAR, FWDBWD_BAR, PEER_BAR, THREAD_BAR = 1.5, 2.5, 0.5, 1.6
 FLOOR_MIN_SIZE = 10**4
 
@@ -151,7 +154,7 @@ def floor_of(impls: Dict[str, float]) -> Tuple[Optional[float], Optional[str]]:
     return min(present)
 
 
-def floor_section(cells, checks) -> str:
+def floor_section(cells, checks) -> Optional[str]:
     impls_present = [s for s in SOFTRANK if any(s in v for v in cells.values())]
     variants = [v for v in VARIANTS if any(v in c for c in cells.values())]
     header = CELL_HEADER.split(" | ") + ["np.argsort", "torch.sort"]
@@ -159,6 +162,8 @@ def floor_section(cells, checks) -> str:
     header += [f"{VARIANTS[v]} / floor" for v in variants]
     rows = []
     for key in ordered(cells):
+        if key[0] not in FLOOR_OPS:
+            continue
         impls = cells[key]
         floor, _ = floor_of(impls)
         _, _, dtype, batch, n, pass_ = key
@@ -176,6 +181,8 @@ def floor_section(cells, checks) -> str:
             ratio = impls[variant] / floor if (variant in impls and floor) else None
             row.append(fmt_ratio(ratio))
         rows.append(row)
+    if not rows:
+        return None
     return table(header, rows)
 
 
@@ -295,6 +302,7 @@ STYLE = {
     "torchsort": ("C4", "-.", "D"),
     "torchisotonic": ("C5", "-.", "P"),
     "torchpsort": ("C6", "-.", "*"),
+    "ott-jax": ("C8", "-.", "X"),
     "sinkhorn": ("C7", ":", "h"),
 }
 
@@ -385,7 +393,9 @@ def main(argv=None) -> int:
                   "", floor]
     if peer:
         parts += ["", "## softrank / peers", "", f"Bar: ≤ {PEER_BAR} (2x faster). "
-                  "torchisotonic: its isotonic regression inside a sort/un-permute, l2 only.",
+                  "torchisotonic: its isotonic regression inside a sort/un-permute, l2 only "
+                  "(and its own isotonic regression for `isotonic_regression` rows). The "
+                  "rows of the operators and their peers: `test_bench_operators.py`.",
                   "", peer]
     if sink:
         parts += ["", "## Sinkhorn (O(n²), 50 iterations) / softrank", "", sink]
