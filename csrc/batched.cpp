@@ -339,6 +339,23 @@ bool sort_with_minus_infinity(const T* w, index_t n, index_t* perm, double* ws) 
   return std::isfinite(ws[0]);
 }
 
+// Where w is already non-increasing (rho, the top-k weights, a w the caller
+// sorted) its sort is the identity: one pass instead of a sort. Finite
+// values only, and -inf where `minus_infinity` allows it (kl). Returns false,
+// with perm and ws partly written, otherwise.
+template <class T>
+bool already_decreasing(const T* w, index_t n, bool minus_infinity, index_t* perm, double* ws) {
+  for (index_t i = 0; i < n; ++i) {
+    const double v = static_cast<double>(w[i]) + 0.0;  // (-0.0 -> +0.0, as the sort keys)
+    if (!(std::isfinite(v) || (minus_infinity && v == -std::numeric_limits<double>::infinity())))
+      return false;
+    if (i > 0 && v > ws[i - 1]) return false;
+    ws[i] = v;
+    perm[i] = i;
+  }
+  return n > 0 && std::isfinite(ws[0]);
+}
+
 template <class T>
 void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t n, double eps,
                               Reg reg, T* out, index_t* perm_z, index_t* perm_w,
@@ -353,7 +370,8 @@ void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t
     double* sorted_out = scratch.work2;
     scratch_owner.decay = DecayTable{};  // work2 is overwritten here
     bool valid = sort_row_descending(z + off, n, false, scratch.sort, perm_z + off, s);
-    if (valid && !sort_row_descending(w + off, n, false, scratch.sort, perm_w + off, ws))
+    if (valid && !already_decreasing(w + off, n, reg == Reg::KL, perm_w + off, ws) &&
+        !sort_row_descending(w + off, n, false, scratch.sort, perm_w + off, ws))
       valid = reg == Reg::KL && sort_with_minus_infinity(w + off, n, perm_w + off, ws);
     auto write_inverses = [&] {
       for (index_t i = 0; inv_z && i < n; ++i) inv_z[off + perm_z[off + i]] = i;

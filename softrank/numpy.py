@@ -559,11 +559,15 @@ def _projection_weights(w: Any, array: np.ndarray, ax: int, rows: np.ndarray):
     return w_rows, False
 
 
-def _projection(z, w, eps, reg, axis, name="z"):
+def _projection(z, w, eps, reg, axis, name="z", keep_state=True):
+    """The projection's rows and, where ``keep_state``, its state for a pullback."""
     array, ax, rows, restore = _prepare(z, axis, name=name)
     w_rows, shared = _projection_weights(w, array, ax, rows)
     w_rows = np.ascontiguousarray(w_rows)
-    out, state = _host.projection(rows, w_rows, eps, reg)
+    if keep_state:
+        out, state = _host.projection(rows, w_rows, eps, reg)
+    else:  # the value alone: no inverse permutations, no int64 copies
+        out, state = _engine.engine().projection_forward(rows, w_rows, eps, reg)[0], None
     return array, ax, rows, w_rows, shared, restore, out, state
 
 
@@ -610,7 +614,7 @@ def permutahedron_projection(
     array([1., 3., 2.])
     """
     reg = check_regularization(regularization)
-    *_, restore, out, _ = _projection(z, w, 1.0, reg, axis)
+    *_, restore, out, _ = _projection(z, w, 1.0, reg, axis, keep_state=False)
     return restore(out)
 
 
@@ -651,14 +655,17 @@ def permutahedron_projection_with_vjp(
 # --- soft top-k ----------------------------------------------------------------------
 
 
-def _topk(x, k, eps, regularization, axis):
+def _topk(x, k, eps, regularization, axis, keep_state=True):
     eps = check_eps(eps)
     reg = check_regularization(regularization)
     array, ax, rows, restore = _prepare(x, axis)
     k = _operators.check_k(k, rows.shape[1])
     w_rows = np.ascontiguousarray(
         np.broadcast_to(_operators.topk_weights(rows.shape[1], k, reg, rows.dtype), rows.shape))
-    out, state = _host.projection(rows, w_rows, eps, reg)
+    if keep_state:
+        out, state = _host.projection(rows, w_rows, eps, reg)
+    else:
+        out, state = _engine.engine().projection_forward(rows, w_rows, eps, reg)[0], None
     mask = np.exp(out) if reg == _engine.REG_KL else out
     return array, ax, rows, w_rows, restore, out, mask, state, eps, reg
 
@@ -702,7 +709,7 @@ def soft_topk_mask(
     >>> soft_topk_mask(np.array([0.1, 3.0, 2.0, -1.0]), k=2, eps=0.5)
     array([0., 1., 1., 0.])
     """
-    *_, restore, _, mask, _, _, _ = _topk(x, k, eps, regularization, axis)
+    *_, restore, _, mask, _, _, _ = _topk(x, k, eps, regularization, axis, keep_state=False)
     return restore(mask)
 
 
