@@ -957,11 +957,14 @@ def _isotonic_prepare(y, weights, axis):
     array, ax, rows, restore = _prepare(y, axis, name="y")
     w_rows = None
     if weights is not None:
-        w_rows = _prepare_like(array.shape, weights, ax, np.dtype(np.float64), "weights", "y")
-        if not np.all(np.isfinite(w_rows)) or not np.all(w_rows > 0):
-            raise ValueError("weights must be finite and > 0 everywhere")
-        w_rows = w_rows.astype(rows.dtype, copy=False)
-        if not np.all(w_rows > 0):
+        w_rows = _prepare_like(array.shape, weights, ax, rows.dtype, "weights", "y")
+        # One pass in the compute dtype: 0 < w < inf (False for NaN too).
+        if not np.all((w_rows > 0) & (w_rows < np.inf)):
+            # Which message: invalid weights, or positive ones that underflow
+            # to 0 in the compute dtype.
+            exact = _prepare_like(array.shape, weights, ax, np.dtype(np.float64), "weights", "y")
+            if not np.all(np.isfinite(exact)) or not np.all(exact > 0):
+                raise ValueError("weights must be finite and > 0 everywhere")
             raise ValueError(f"weights must stay > 0 in {rows.dtype} (underflow)")
     return array, ax, rows, restore, w_rows
 
