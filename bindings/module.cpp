@@ -338,9 +338,9 @@ py::tuple isotonic_forward(const py::array& y_arg, const py::object& weights, bo
   }
   const std::int64_t rows = y.shape(0);
   const index_t n = static_cast<index_t>(y.shape(1));
-  py::array solution(y.dtype(), {y.shape(0), y.shape(1)});
-  py::array_t<index_t> blocks({y.shape(0), y.shape(1)});
-  index_t* block_ptr = blocks.mutable_data();
+  py::array solution = new_rows_array(y.dtype(), y.shape(0), y.shape(1));
+  py::array blocks = new_rows_array(py::dtype::of<index_t>(), y.shape(0), y.shape(1));
+  index_t* block_ptr = data_of<index_t>(blocks);
   {
     py::gil_scoped_release release;
     if (kind == Kind::Float32 && reg == 0)
@@ -371,11 +371,13 @@ py::tuple projection_forward(const py::array& z_arg, const py::array& w_arg, dou
   const std::int64_t rows = z.shape(0);
   const index_t n = static_cast<index_t>(z.shape(1));
   py::array out = new_rows_array(z.dtype(), z.shape(0), z.shape(1));
-  py::array_t<index_t> perm_z({z.shape(0), z.shape(1)}), perm_w({z.shape(0), z.shape(1)}),
-      blocks({z.shape(0), z.shape(1)});
-  index_t* pz = perm_z.mutable_data();
-  index_t* pw = perm_w.mutable_data();
-  index_t* pb = blocks.mutable_data();
+  const py::dtype index_dtype = py::dtype::of<index_t>();
+  py::array perm_z = new_rows_array(index_dtype, z.shape(0), z.shape(1));
+  py::array perm_w = new_rows_array(index_dtype, z.shape(0), z.shape(1));
+  py::array blocks = new_rows_array(index_dtype, z.shape(0), z.shape(1));
+  index_t* pz = data_of<index_t>(perm_z);
+  index_t* pw = data_of<index_t>(perm_w);
+  index_t* pb = data_of<index_t>(blocks);
   const auto regularization = static_cast<softrank::Reg>(reg);
   {
     py::gil_scoped_release release;
@@ -398,9 +400,9 @@ py::array inverse_permutations(const py::array& perm_arg) {
     throw py::type_error("perm must be int32, got " + std::string(py::str(perm.dtype())));
   const std::int64_t rows = perm.shape(0);
   const std::int64_t n = perm.shape(1);
-  py::array_t<index_t> inverse({perm.shape(0), perm.shape(1)});
+  py::array inverse = new_rows_array(py::dtype::of<index_t>(), perm.shape(0), perm.shape(1));
   const index_t* p = cdata_of<index_t>(perm);
-  index_t* q = inverse.mutable_data();
+  index_t* q = data_of<index_t>(inverse);
   bool valid = true;
   {
     py::gil_scoped_release release;
@@ -436,7 +438,7 @@ py::array isotonic_vjp(const py::object& weights, const py::array& blocks_arg,
   }
   const std::int64_t rows = cotangent.shape(0);
   const index_t n = static_cast<index_t>(cotangent.shape(1));
-  py::array grad(cotangent.dtype(), {cotangent.shape(0), cotangent.shape(1)});
+  py::array grad = new_rows_array(cotangent.dtype(), cotangent.shape(0), cotangent.shape(1));
   {
     py::gil_scoped_release release;
     if (kind == Kind::Float32)
