@@ -52,7 +52,7 @@ import numpy as np
 import pytest
 
 import _peers
-from _benchutil import EPS, IMPLS, QUICK_SHAPES, _seed, assert_close, check_once, measure
+from _benchutil import EPS, IMPLS, QUICK_SHAPES, Cell, _seed, assert_close, check_once, measure
 
 DTYPES = ("float32", "float64")
 PASSES = ("fwd", "fwdbwd")
@@ -80,23 +80,9 @@ ROWS: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Tuple, str, str]] = {
 
 
 @dataclass(frozen=True)
-class OpCell:
-    """A cell of the operators' grid, with the fields ``_benchutil.measure`` reads."""
-
-    op: str
-    reg: str
-    dtype: str
-    batch: int
-    n: int
-    pass_: str
-
-    @property
-    def id(self) -> str:
-        return f"{self.op}-{self.reg}-{self.dtype}-b{self.batch}-n{self.n}-{self.pass_}"
-
-    @property
-    def group(self) -> str:
-        return self.id
+class OpCell(Cell):
+    """A cell of the operators' grid: ``_benchutil.Cell`` (the fields ``measure`` reads),
+    ordered after the soft_rank / soft_sort grid."""
 
     @property
     def order(self) -> int:
