@@ -1,12 +1,16 @@
-"""Import a framework for its adapter tests.
+"""Import a framework, or the reference peer, for the tests.
 
 In CI (the environment variable ``CI`` is set) every framework is required, so
-a missing one fails the run; elsewhere its tests are skipped.
+a missing one fails the run; elsewhere its tests are skipped. The authors'
+fast-soft-sort is not on PyPI: its agreement tests run where
+``SOFTRANK_FAST_SOFT_SORT`` names a directory holding its package.
 """
 from __future__ import annotations
 
 import importlib
 import os
+import sys
+import warnings
 
 import pytest
 
@@ -16,3 +20,25 @@ def require(module_name: str):
     if os.environ.get("CI"):
         return importlib.import_module(module_name)
     return pytest.importorskip(module_name)
+
+
+FAST_SOFT_SORT_DIR = os.environ.get("SOFTRANK_FAST_SOFT_SORT", "")
+needs_fast_soft_sort = pytest.mark.skipif(
+    not FAST_SOFT_SORT_DIR,
+    reason="SOFTRANK_FAST_SOFT_SORT is unset: point it at a directory containing the "
+    "fast_soft_sort package (google-research/fast-soft-sort) to run the agreement tests",
+)
+
+
+def fast_soft_sort():
+    """fast-soft-sort's ``numpy_ops`` from ``SOFTRANK_FAST_SOFT_SORT`` (fails if absent there)."""
+    if not os.path.isdir(os.path.join(FAST_SOFT_SORT_DIR, "fast_soft_sort")):
+        pytest.fail(f"SOFTRANK_FAST_SOFT_SORT={FAST_SOFT_SORT_DIR!r} has no fast_soft_sort/ "
+                    "package")
+    sys.path.insert(0, FAST_SOFT_SORT_DIR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "numba could not be imported"
+            return importlib.import_module("fast_soft_sort.numpy_ops")
+    finally:
+        sys.path.remove(FAST_SOFT_SORT_DIR)

@@ -21,23 +21,15 @@ error forward / vjp / jvp); the same numbers are recorded as junit properties.
 """
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 
 import numpy as np
 import pytest
 
 import reference as R
+from frameworks import fast_soft_sort, needs_fast_soft_sort
 from softrank import numpy as srn
 
-FSS_DIR = os.environ.get("SOFTRANK_FAST_SOFT_SORT", "")
-
-pytestmark = pytest.mark.skipif(
-    not FSS_DIR,
-    reason="SOFTRANK_FAST_SOFT_SORT is unset: point it at a directory containing the "
-    "fast_soft_sort package (google-research/fast-soft-sort) to run the agreement tests",
-)
+pytestmark = needs_fast_soft_sort
 
 RTOL = 1e-9
 N_CASES = 400
@@ -45,18 +37,7 @@ N_CASES = 400
 
 @pytest.fixture(scope="module")
 def fss():
-    if not os.path.isdir(os.path.join(FSS_DIR, "fast_soft_sort")):
-        pytest.fail(f"SOFTRANK_FAST_SOFT_SORT={FSS_DIR!r} has no fast_soft_sort/ package")
-    sys.path.insert(0, FSS_DIR)
-    try:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "numba could not be imported"
-            ops = importlib.import_module("fast_soft_sort.numpy_ops")
-    finally:
-        sys.path.remove(FSS_DIR)
-    return ops
+    return fast_soft_sort()
 
 
 def _cases():

@@ -26,16 +26,14 @@ test_fast_soft_sort_agreement.py); ``-s`` prints the largest errors.
 """
 from __future__ import annotations
 
-import importlib
-import os
 import re
-import sys
 import warnings
 
 import numpy as np
 import pytest
 
 import reference as R
+from frameworks import fast_soft_sort, needs_fast_soft_sort
 from softrank import numpy as srn
 
 REGS = ("l2", "kl")
@@ -643,27 +641,14 @@ def test_isotonic_bad_input(backend):
 # ---------------------------------------------------------------------------
 # agreement with google-research/fast-soft-sort (opt-in)
 
-FSS_DIR = os.environ.get("SOFTRANK_FAST_SOFT_SORT", "")
-needs_fss = pytest.mark.skipif(
-    not FSS_DIR,
-    reason="SOFTRANK_FAST_SOFT_SORT is unset: point it at a directory containing the "
-    "fast_soft_sort package (google-research/fast-soft-sort) to run the agreement tests",
-)
+needs_fss = needs_fast_soft_sort
 FSS_RTOL = 1e-9
 FSS_CASES = 300
 
 
 @pytest.fixture(scope="module")
 def fss():
-    if not os.path.isdir(os.path.join(FSS_DIR, "fast_soft_sort")):
-        pytest.fail(f"SOFTRANK_FAST_SOFT_SORT={FSS_DIR!r} has no fast_soft_sort/ package")
-    sys.path.insert(0, FSS_DIR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "numba could not be imported"
-            return importlib.import_module("fast_soft_sort.numpy_ops")
-    finally:
-        sys.path.remove(FSS_DIR)
+    return fast_soft_sort()
 
 
 def _fss_projection_cases():
