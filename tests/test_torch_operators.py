@@ -21,6 +21,7 @@ from frameworks import require
 torch = require("torch")
 import softrank.numpy as srn  # noqa: E402
 import softrank.torch as srt  # noqa: E402
+from torch_fd import contract, fd_hessian, fd_jacobian  # noqa: E402
 from softrank import _engine, _operators  # noqa: E402
 from softrank._types import Regularization  # noqa: E402
 
@@ -31,8 +32,8 @@ pytestmark = [
 ]
 
 REGS = ["l2", "kl"]
-STEP, RTOL, ATOL = 1e-6, 1e-6, 1e-7
-STEP2, RTOL2, ATOL2 = 1e-4, 1e-5, 1e-6
+RTOL, ATOL = 1e-6, 1e-7  # against finite differences (torch_fd.STEP)
+RTOL2, ATOL2 = 1e-5, 1e-6  # second derivatives (torch_fd.STEP2)
 PUBLIC = ["permutahedron_projection", "soft_topk_mask", "spearman", "soft_quantile", "soft_median",
           "isotonic_regression"]
 
@@ -43,28 +44,6 @@ def _x(shape, seed=0, dtype=torch.float64):
 
 def _positive(shape, seed):
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.5
-
-
-def fd_jacobian(f, x, step=STEP):
-    """Central differences of ``f`` at ``x``: shape ``f(x).shape + x.shape``."""
-    with torch.no_grad():
-        flat = x.detach().reshape(-1)
-        columns = []
-        for j in range(flat.numel()):
-            e = torch.zeros_like(flat)
-            e[j] = step
-            columns.append((f((flat + e).view(x.shape)) - f((flat - e).view(x.shape))) / (2 * step))
-        out_shape = columns[0].shape
-        return torch.stack(columns, dim=-1).reshape(*out_shape, *x.shape)
-
-
-def fd_hessian(g, x):
-    return fd_jacobian(lambda t: fd_jacobian(g, t, STEP2), x, STEP2)
-
-
-def _contract(jacobian, tangent):
-    """``J t`` for a Jacobian of shape ``out.shape + x.shape``."""
-    return (jacobian * tangent).flatten(-tangent.dim()).sum(-1)
 
 
 def _pull(jacobian, cotangent):
@@ -323,7 +302,7 @@ def test_forward_mode_gives_the_jacobian_times_the_tangent(name, reg):
     extra = _extra((3, 6), -1)
     assert _pooled(name, reg, x, extra)
     f = _torch_fn(name, reg, extra)
-    want = _contract(fd_jacobian(f, x), tangent)
+    want = contract(fd_jacobian(f, x), tangent)
     with torch.autograd.forward_ad.dual_level():
         dual = torch.autograd.forward_ad.make_dual(x, tangent)
         got = torch.autograd.forward_ad.unpack_dual(f(dual)).tangent
@@ -376,7 +355,7 @@ def test_second_derivatives_by_every_route_match_finite_differences(name, reg):
     (grad,) = torch.autograd.grad(g(leaf), leaf, create_graph=True)
     direction = _x(x.shape, seed=18)
     (hvp,) = torch.autograd.grad(grad, leaf, direction)
-    torch.testing.assert_close(hvp, _contract(want, direction), rtol=RTOL2, atol=ATOL2)
+    torch.testing.assert_close(hvp, contract(want, direction), rtol=RTOL2, atol=ATOL2)
 
 
 @pytest.mark.parametrize("name, reg", CASES)

@@ -19,6 +19,7 @@ from frameworks import require
 
 torch = require("torch")
 import softrank.torch as srt  # noqa: E402
+from torch_fd import contract, fd_hessian, fd_jacobian  # noqa: E402
 from softrank import _engine  # noqa: E402
 from softrank._types import Direction, Regularization  # noqa: E402
 
@@ -34,8 +35,8 @@ OPS = {"rank": srt.soft_rank, "sort": srt.soft_sort}
 CASES = [(op, reg) for op in ("rank", "sort") for reg in ("l2", "kl")]
 # Finite differences: the steps keep rows away from the kinks of l2 (a
 # perturbation of 1e-6 does not change the PAV blocks of these inputs).
-STEP, RTOL, ATOL = 1e-6, 1e-6, 1e-7
-STEP2, RTOL2, ATOL2 = 1e-4, 1e-5, 1e-6
+RTOL, ATOL = 1e-6, 1e-7  # against finite differences (torch_fd.STEP)
+RTOL2, ATOL2 = 1e-5, 1e-6  # second derivatives (torch_fd.STEP2)
 
 
 def _x(shape, seed=0, dtype=torch.float64):
@@ -54,29 +55,6 @@ def _has_pooled_block(op, reg, x, eps=0.8):
     _, _, block_start = torch.ops.softrank.soft_forward(x.reshape(-1, x.shape[-1]), code, reg_code,
                                                         False, eps)
     return bool((block_start != torch.arange(x.shape[-1], dtype=torch.int32)).any())
-
-
-def fd_jacobian(f, x, step=STEP):
-    """Central differences of ``f`` at ``x``: shape ``f(x).shape + x.shape``."""
-    with torch.no_grad():
-        flat = x.detach().reshape(-1)
-        columns = []
-        for j in range(flat.numel()):
-            e = torch.zeros_like(flat)
-            e[j] = step
-            columns.append((f((flat + e).view(x.shape)) - f((flat - e).view(x.shape))) / (2 * step))
-        out_shape = columns[0].shape
-        return torch.stack(columns, dim=-1).reshape(*out_shape, *x.shape)
-
-
-def fd_hessian(g, x):
-    """Hessian of a scalar ``g`` by central differences of its central-difference gradient."""
-    return fd_jacobian(lambda t: fd_jacobian(g, t, STEP2), x, STEP2)
-
-
-def _contract(jacobian, tangent):
-    """``J t`` for a Jacobian of shape ``out.shape + x.shape``."""
-    return (jacobian * tangent).flatten(-tangent.dim()).sum(-1)
 
 
 class EngineCalls:
@@ -120,7 +98,7 @@ def test_func_jvp_matches_finite_differences(op, reg):
     f = _fn(op, reg, direction="descending")
     value, tangent_out = torch.func.jvp(f, (x,), (tangent,))
     torch.testing.assert_close(value, f(x), rtol=0, atol=0)
-    torch.testing.assert_close(tangent_out, _contract(fd_jacobian(f, x), tangent), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(tangent_out, contract(fd_jacobian(f, x), tangent), rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("op, reg", CASES)
@@ -131,7 +109,7 @@ def test_forward_ad_gives_the_tangent(op, reg):
         dual = torch.autograd.forward_ad.make_dual(x, tangent)
         tangent_out = torch.autograd.forward_ad.unpack_dual(f(dual)).tangent
     assert tangent_out is not None
-    torch.testing.assert_close(tangent_out, _contract(fd_jacobian(f, x), tangent), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(tangent_out, contract(fd_jacobian(f, x), tangent), rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("op, reg", CASES)
@@ -150,7 +128,7 @@ def test_half_precision_forward_mode(op, reg):
     tangent = _x((2, 8), seed=7, dtype=torch.float32)
     _, tangent_out = torch.func.jvp(_fn(op, reg), (x.to(torch.bfloat16),), (tangent.to(torch.bfloat16),))
     assert tangent_out.dtype == torch.bfloat16
-    want = _contract(fd_jacobian(_fn(op, reg), x.double()), tangent.double())
+    want = contract(fd_jacobian(_fn(op, reg), x.double()), tangent.double())
     torch.testing.assert_close(tangent_out.double(), want, rtol=0.05, atol=0.05)
 
 
