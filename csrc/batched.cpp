@@ -9,6 +9,7 @@
 #include <mutex>
 #include <vector>
 
+#include "softrank/isotonic.h"
 #include "softrank/parallel.h"
 #include "softrank/projection.h"
 #include "softrank/soft_ops.h"
@@ -26,6 +27,7 @@ struct ThreadScratch {
   std::vector<double> xs, work, work2, ws, block_ref, block_stat, block_stat2, block_tail;
   std::vector<index_t> block_start, chunk_first, chunk_last, chunk_end;
   std::vector<index_t> state_perm, state_blocks;  // a row's forward state when not returned
+  std::vector<double> chunk_ymax, chunk_wmax;
   DecayTable decay;  // what work2 holds
 
   RowScratch row(index_t n, bool wide) {
@@ -78,6 +80,33 @@ struct ThreadScratch {
     r.chunk_end = chunk_end.data();
     r.decay = &decay;
     return r;
+  }
+
+  // What isotonic_forward_row needs (none of the sort's buffers).
+  IsotonicScratch isotonic(index_t n) {
+    const std::size_t size = static_cast<std::size_t>(n) + 1;
+    grow(xs, size);
+    grow(ws, size);
+    grow(block_tail, size);
+    grow(block_ref, size);
+    grow(block_stat, size);
+    grow(block_stat2, size);
+    grow(block_start, size);
+    const std::size_t chunks = static_cast<std::size_t>(isotonic_chunk_count(n)) + 1;
+    grow(chunk_first, chunks);
+    grow(chunk_last, chunks);
+    grow(chunk_end, chunks);
+    grow(chunk_ymax, chunks);
+    grow(chunk_wmax, chunks);
+    return IsotonicScratch{xs.data(),
+                           ws.data(),
+                           BlockStack{block_start.data(), block_ref.data(), block_stat.data(),
+                                      block_stat2.data(), block_tail.data()},
+                           chunk_first.data(),
+                           chunk_last.data(),
+                           chunk_end.data(),
+                           chunk_ymax.data(),
+                           chunk_wmax.data()};
   }
 
   template <class V>
@@ -297,13 +326,24 @@ void soft_hvp_batch(const T* x, const T* out, const index_t* perm, const index_t
 template <class T>
 void isotonic_forward_batch(const T* y, const T* w, std::int64_t rows, index_t n, bool increasing,
                             T* solution, index_t* block_start) {
-  for_each_row(rows, n, [&](std::int64_t r) {
-    const std::int64_t off = r * n;
-    ThreadScratch& s = thread_scratch();
-    RowScratch scratch = s.row(n, sizeof(T) == 8);
-    ThreadScratch::grow(s.ws, static_cast<std::size_t>(n) + 1);
-    isotonic_forward_row(y + off, w ? w + off : nullptr, n, increasing, scratch.xs, s.ws.data(),
-                         scratch.blocks, solution + off, block_start + off);
+  if (n >= kIsotonicChunkedMin && rows < std::max(2, get_num_threads())) {
+    // Fewer rows than threads: each row's chunks run on the pool.
+    const ParallelRanges ranges{get_num_threads()};
+    const IsotonicScratch scratch = thread_scratch().isotonic(n);
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const std::int64_t off = r * n;
+      isotonic_forward_row(y + off, w ? w + off : nullptr, n, increasing, scratch,
+                           solution + off, block_start + off, ranges);
+    }
+    return;
+  }
+  for_each_row_range(rows, n, [&](std::int64_t begin, std::int64_t end) {
+    const IsotonicScratch scratch = thread_scratch().isotonic(n);
+    for (std::int64_t r = begin; r < end; ++r) {
+      const std::int64_t off = r * n;
+      isotonic_forward_row(y + off, w ? w + off : nullptr, n, increasing, scratch,
+                           solution + off, block_start + off, SerialRanges{});
+    }
   });
 }
 

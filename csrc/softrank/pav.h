@@ -300,12 +300,14 @@ SOFTRANK_HD index_t pav_chunk_count(index_t n) {
 // chunk stands too (its blocks were already pooled against each other). A
 // block pooled across chunks is stored in the slot of its last part, so the
 // slots of a chunk stay contiguous. O(chunks + blocks pooled).
+// Chunks of chunk_size positions (kPavChunk for the soft operators).
 template <class Pooling>
 SOFTRANK_HD void pav_merge_chunks(const Pooling& pooling, index_t n, index_t chunks, BlockStack b,
-                                  index_t* first, index_t* last) {
+                                  index_t* first, index_t* last,
+                                  index_t chunk_size = kPavChunk) {
   index_t below = 0;  // the last chunk before c that still has blocks
   for (index_t c = 1; c < chunks; ++c) {
-    const index_t chunk_end = (c + 1 < chunks) ? (c + 1) * kPavChunk : n;
+    const index_t chunk_end = (c + 1 < chunks) ? (c + 1) * chunk_size : n;
     for (index_t j = first[c]; j < last[c]; ++j) {
       PavBlock cur = b.load(j, j + 1 < last[c] ? b.start[j + 1] : chunk_end);
       bool pooled = false;
@@ -370,13 +372,7 @@ struct IsotonicUnitTest {
   SOFTRANK_HD bool operator()(double x, double, double) const { return x >= 0.0; }
 };
 
-// stat ends as the block's mean minus ref, for either rule.
-SOFTRANK_HD index_t pav_isotonic_increasing(const double* y, const double* w, index_t n,
-                                            BlockStack b) {
-  if (w) return pav_run(IsotonicL2Pooling{w}, y, 0, n, b);
-  const index_t count = pav_run(L2Pooling<IsotonicUnitTest>{false, IsotonicUnitTest{}}, y, 0, n, b);
-  for (index_t k = 0; k < count; ++k) b.stat[k] /= b.stat2[k];
-  return count;
-}
+// Its blocks end with stat = d: the block's mean minus ref is stat / stat2.
+using IsotonicUnitPooling = L2Pooling<IsotonicUnitTest>;
 
 }  // namespace softrank

@@ -2,6 +2,8 @@
 // min-max formula, its vjp against finite differences and the closed form,
 // NaN rows, n = 0 and 1, extreme values and weights.
 #include "helpers.h"
+#include "softrank/isotonic.h"
+#include "softrank/parallel.h"
 
 using namespace th;
 
@@ -121,4 +123,96 @@ TEST(isotonic, nan_rows_n0_n1_and_extremes) {
             CHECK(std::isfinite(grad[i])) << "grad" << scale << wscale << n << grad[i];
         }
       }
+}
+
+namespace {
+
+// Textbook PAV over block sums in long double: an implementation independent
+// of the core's (no reference values, no chunks).
+std::vector<LD> textbook_isotonic(const std::vector<double>& y, const std::vector<double>* w,
+                                  bool increasing) {
+  struct Block {
+    LD sum, weight;
+    int count;
+  };
+  std::vector<Block> stack;
+  for (std::size_t i = 0; i < y.size(); ++i) {
+    const LD wi = w ? static_cast<LD>((*w)[i]) : 1.0L;
+    Block cur{wi * (increasing ? y[i] : -y[i]), wi, 1};
+    while (!stack.empty() && stack.back().sum / stack.back().weight >= cur.sum / cur.weight) {
+      cur = Block{cur.sum + stack.back().sum, cur.weight + stack.back().weight,
+                  cur.count + stack.back().count};
+      stack.pop_back();
+    }
+    stack.push_back(cur);
+  }
+  std::vector<LD> out;
+  for (const Block& b : stack)
+    for (int k = 0; k < b.count; ++k) out.push_back((increasing ? 1 : -1) * b.sum / b.weight);
+  return out;
+}
+
+}  // namespace
+
+TEST(isotonic, long_rows_pooled_in_chunks) {
+  // Rows from kIsotonicChunkedMin positions are pooled in chunks joined at
+  // their boundaries: the same solution as one pass, whatever the thread
+  // count, and the same bits on the many-rows path (one row per thread) as
+  // on the one-row path (the row's chunks spread over the threads).
+  Rng rng(44);
+  const int chunk = softrank::kIsotonicChunk;
+  long long spanning = 0;
+  for (int n : {softrank::kIsotonicChunkedMin - 1, softrank::kIsotonicChunkedMin, 100003})
+    for (int kind = 0; kind < 4; ++kind)
+      for (bool weighted : {false, true})
+        for (bool increasing : {true, false}) {
+          std::vector<double> y(n), w(n);
+          for (int i = 0; i < n; ++i) {
+            // 0: a trend with noise (blocks of a few); 1: noise wider than a
+            // chunk (blocks across chunks); 2: a falling row (one block);
+            // 3: a trend with falling stretches over chunk boundaries.
+            const double t = increasing ? i : -i;
+            y[i] = kind == 0   ? t + 5 * rng.normal()
+                   : kind == 1 ? t + 3 * chunk * rng.normal()
+                   : kind == 2 ? -t
+                               : ((i + chunk / 2) / chunk % 2 ? -t : t) + rng.normal();
+            w[i] = std::exp(rng.uniform(-2, 2));
+          }
+          const std::vector<double>* wp = weighted ? &w : nullptr;
+          const std::vector<LD> ref = textbook_isotonic(y, wp, increasing);
+          const Iso<double> one = isotonic(y, wp, 1, n, increasing);
+          double scale = 0;
+          for (double v : y) scale = std::max(scale, std::fabs(v));
+          for (int i = 0; i < n; ++i) {
+            CHECK_NEAR(one.sol[i], static_cast<double>(ref[i]), 1e-12 * scale)
+                << n << kind << weighted << increasing << i;
+            const index_t b = one.block[i];
+            CHECK(b >= 0 && b <= i && one.block[b] == b) << n << kind << i;
+            if (i > 0 && b == one.block[i - 1]) CHECK_SAME(one.sol[i], one.sol[i - 1]);
+            spanning += i % chunk == 0 && i > 0 && b != i;
+          }
+          // Three copies of the row: the many-rows path (one row per task).
+          std::vector<double> y3, w3;
+          for (int r = 0; r < 3; ++r) {
+            y3.insert(y3.end(), y.begin(), y.end());
+            w3.insert(w3.end(), w.begin(), w.end());
+          }
+          const Iso<double> three = isotonic(y3, weighted ? &w3 : nullptr, 3, n, increasing);
+          const int saved = softrank::get_num_threads();
+          softrank::set_num_threads(1);
+          const Iso<double> serial = isotonic(y, wp, 1, n, increasing);
+          softrank::set_num_threads(saved);
+          for (int i = 0; i < n; ++i) {
+            CHECK_SAME(three.sol[2 * n + i], one.sol[i]) << n << kind << i;
+            CHECK(three.block[2 * n + i] == one.block[i]);
+            CHECK_SAME(serial.sol[i], one.sol[i]) << n << kind << i;
+          }
+        }
+  CHECK(spanning > 100) << "too few blocks across chunks to test the merges:" << spanning;
+  // A NaN in the last chunk poisons the whole row (and only it).
+  std::vector<double> y(100003);
+  for (std::size_t i = 0; i < y.size(); ++i) y[i] = static_cast<double>(i % 7);
+  y.back() = kNaN;
+  const Iso<double> r = isotonic(y, kNone, 1, static_cast<int>(y.size()), true);
+  for (std::size_t i = 0; i < y.size(); ++i) CHECK(std::isnan(r.sol[i]) && r.block[i] == -1);
 }
