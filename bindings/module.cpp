@@ -315,9 +315,11 @@ template <class T>
 void check_weights_positive(const py::array& w) {
   const T* p = cdata_of<T>(w);
   const std::int64_t size = w.shape(0) * w.shape(1);
+  // (One flag over the whole array: compares the compiler vectorises.)
+  bool positive_and_finite = true;
   for (std::int64_t i = 0; i < size; ++i)
-    if (!(p[i] > 0) || !std::isfinite(static_cast<double>(p[i])))
-      throw py::value_error("weights must be finite and > 0 everywhere");
+    positive_and_finite &= p[i] > T(0) && p[i] <= std::numeric_limits<T>::max();
+  if (!positive_and_finite) throw py::value_error("weights must be finite and > 0 everywhere");
 }
 
 py::tuple isotonic_forward(const py::array& y_arg, const py::object& weights, bool increasing,
@@ -453,6 +455,37 @@ py::array isotonic_vjp(const py::object& weights, const py::array& blocks_arg,
   return grad;
 }
 
+// Both l2 gradients of a weighted isotonic regression in one pass.
+py::tuple isotonic_vjp_weighted(const py::array& y_arg, const py::array& solution_arg,
+                                const py::array& weights_arg, const py::array& blocks_arg,
+                                const py::array& cotangent_arg) {
+  const py::array blocks = aligned(blocks_arg), cotangent = aligned(cotangent_arg);
+  const py::array y = aligned(y_arg), solution = aligned(solution_arg), w = aligned(weights_arg);
+  const Kind kind = check_values(cotangent, "cotangent");
+  check_indices(blocks, cotangent, "block_start");
+  check_same_values(y, cotangent, "y", "cotangent");
+  check_same_values(solution, cotangent, "solution", "cotangent");
+  check_same_values(w, cotangent, "weights", "cotangent");
+  const std::int64_t rows = cotangent.shape(0);
+  const index_t n = static_cast<index_t>(cotangent.shape(1));
+  py::array grad = new_rows_array(cotangent.dtype(), rows, n);
+  py::array grad_weights = new_rows_array(cotangent.dtype(), rows, n);
+  {
+    py::gil_scoped_release release;
+    if (kind == Kind::Float32)
+      softrank::isotonic_vjp_batch(cdata_of<float>(w), cdata_of<index_t>(blocks),
+                                   cdata_of<float>(cotangent), rows, n, data_of<float>(grad),
+                                   cdata_of<float>(y), cdata_of<float>(solution),
+                                   data_of<float>(grad_weights));
+    else
+      softrank::isotonic_vjp_batch(cdata_of<double>(w), cdata_of<index_t>(blocks),
+                                   cdata_of<double>(cotangent), rows, n, data_of<double>(grad),
+                                   cdata_of<double>(y), cdata_of<double>(solution),
+                                   data_of<double>(grad_weights));
+  }
+  return py::make_tuple(grad, grad_weights);
+}
+
 }  // namespace
 
 #ifdef SOFTRANK_WITH_XLA_FFI
@@ -511,6 +544,9 @@ PYBIND11_MODULE(_C, m) {
         "perm_w, block_start).");
   m.def("isotonic_vjp", &isotonic_vjp, py::arg("weights"), py::arg("block_start"),
         py::arg("cotangent"), "Vector-Jacobian product of the isotonic regression.");
+  m.def("isotonic_vjp_weighted", &isotonic_vjp_weighted, py::arg("y"), py::arg("solution"),
+        py::arg("weights"), py::arg("block_start"), py::arg("cotangent"),
+        "Both gradients (y, weights) of a weighted l2 isotonic regression.");
   m.def(
       "set_num_threads",
       [](int k) {

@@ -349,10 +349,13 @@ void isotonic_forward_batch(const T* y, const T* w, std::int64_t rows, index_t n
 
 template <class T>
 void isotonic_vjp_batch(const T* w, const index_t* block_start, const T* cotangent,
-                        std::int64_t rows, index_t n, T* grad) {
+                        std::int64_t rows, index_t n, T* grad, const T* y, const T* solution,
+                        T* grad_weights) {
   for_each_row(rows, n, [&](std::int64_t r) {
     const std::int64_t off = r * n;
-    isotonic_vjp_row(w ? w + off : nullptr, block_start + off, cotangent + off, n, grad + off);
+    isotonic_vjp_row(w ? w + off : nullptr, block_start + off, cotangent + off, n, grad + off,
+                     grad_weights ? y + off : nullptr, grad_weights ? solution + off : nullptr,
+                     grad_weights ? grad_weights + off : nullptr);
   });
 }
 
@@ -486,7 +489,7 @@ void isotonic_kl_forward_batch(const T* y, const T* w, std::int64_t rows, index_
   template void isotonic_forward_batch<T>(const T*, const T*, std::int64_t, index_t, bool, T*,  \
                                           index_t*);                                            \
   template void isotonic_vjp_batch<T>(const T*, const index_t*, const T*, std::int64_t, index_t, \
-                                      T*);                                                      \
+                                      T*, const T*, const T*, T*);                              \
   template void projection_forward_batch<T>(const T*, const T*, std::int64_t, index_t, double,  \
                                             Reg, T*, index_t*, index_t*, index_t*, index_t*,    \
                                             index_t*);                                          \

@@ -56,6 +56,9 @@ projection_forward(z, w, eps, reg) -> (out, perm_z, perm_w, block_start)
     identity permutations and singleton blocks.
 isotonic_vjp(weights_or_None, block_start, cotangent) -> grad_y
     grad_y[j] = w_j / W_B * sum_{i in B} cotangent[i] for j in block B.
+isotonic_vjp_weighted(y, solution, weights, block_start, cotangent) -> (grad_y, grad_weights)
+    Both l2 gradients in one pass: grad_y as isotonic_vjp, and
+    grad_weights[j] = (y_j - solution_B) / W_B * sum_{i in B} cotangent[i].
 inverse_permutations(perm) -> inverse
     int32 (rows, n): inverse[r, perm[r, i]] = i (ValueError unless every row is
     a permutation of 0..n-1).

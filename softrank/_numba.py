@@ -40,6 +40,7 @@ __all__ = [
     "soft_jvp",
     "isotonic_forward",
     "isotonic_vjp",
+    "isotonic_vjp_weighted",
     "projection_forward",
     "inverse_permutations",
     "set_num_threads",
@@ -708,14 +709,18 @@ def _isotonic_row(y, w, has_w, increasing, sol, bs, ys, ws, bstart, bref, bstat,
 
 
 @njit(**_JIT)
-def _isotonic_vjp_row(w, has_w, bs, g, res):
-    """``grad_j = w_j * (sum_B g / W_B)`` for one row; NaN for a NaN row."""
+def _isotonic_vjp_row(w, has_w, bs, g, res, y, sol, res_w, with_weights):
+    """``grad_j = w_j * (sum_B g / W_B)`` for one row; NaN for a NaN row. With
+    ``with_weights``, also ``res_w[j] = (y_j - sol_B) * (sum_B g / W_B)``
+    (C++: isotonic_vjp_row's weights gradient)."""
     n = g.shape[0]
     if n == 0:
         return
     if bs[0] < 0:
         for j in range(n):
             res[j] = np.nan
+            if with_weights:
+                res_w[j] = np.nan
         return
     s = 0
     while s < n:
@@ -741,6 +746,11 @@ def _isotonic_vjp_row(w, has_w, bs, g, res):
             for i in range(s, e):
                 wsum += math.ldexp(np.float64(w[i]), shift)
         per_weight = tot / wsum
+        if with_weights:
+            value = np.float64(sol[s])
+            for i in range(s, e):
+                gw = (np.float64(y[i]) - value) * per_weight
+                res_w[i] = math.ldexp(gw, shift) if shift != 0 else gw
         if shift != 0:
             for i in range(s, e):
                 res[i] = math.ldexp(np.float64(w[i]), shift) * per_weight
@@ -909,14 +919,17 @@ def _isotonic_forward_kernel(y, w, has_w, increasing, sol, bs, chunks):
 
 
 @njit(parallel=True, **_JIT)
-def _isotonic_vjp_kernel(w, has_w, bs, g, res, chunks):
+def _isotonic_vjp_kernel(w, has_w, bs, g, res, y, sol, res_w, with_weights, chunks):
     rows = g.shape[0]
     for c in prange(chunks):
         r0 = c * rows // chunks
         r1 = (c + 1) * rows // chunks
         for r in range(r0, r1):
             wr = w[r] if has_w else w[0]
-            _isotonic_vjp_row(wr, has_w, bs[r], g[r], res[r])
+            # Without the weights' gradient, y, sol and res_w are (1, 0) placeholders.
+            k = r if with_weights else 0
+            _isotonic_vjp_row(wr, has_w, bs[r], g[r], res[r], y[k], sol[k], res_w[k],
+                              with_weights)
 
 
 # ---------------------------------------------------------------------------
@@ -1339,7 +1352,8 @@ def isotonic_forward(y, weights, increasing, reg=_REG_L2):
     ----------
     y : numpy.ndarray, float32 or float64, shape (rows, n), C-contiguous
     weights : numpy.ndarray or None
-        Positive weights, dtype and shape of ``y``; None for all ones.
+        Positive finite weights, dtype and shape of ``y`` (ValueError
+        otherwise, as the compiled core); None for all ones.
     increasing : bool
     reg : int
         0 = l2, 1 = kl.
@@ -1352,6 +1366,8 @@ def isotonic_forward(y, weights, increasing, reg=_REG_L2):
     """
     y = _check_array(y, "y")
     w, has_w = _weights_or_placeholder(weights, y.dtype, y.shape)
+    if has_w and not bool(np.all((w > 0) & (w <= np.finfo(w.dtype).max))):
+        raise ValueError("weights must be finite and > 0 everywhere")
     if reg not in (_REG_L2, _REG_KL):
         raise ValueError(f"reg must be 0 (l2) or 1 (kl), got {reg!r}")
     rows, n = y.shape
@@ -1430,8 +1446,43 @@ def isotonic_vjp(weights, block_start, cotangent):
     rows, n = shape
     res = np.empty_like(cotangent)
     if rows and n:
-        _isotonic_vjp_kernel(w, has_w, block_start, cotangent, res, _chunks(rows))
+        placeholder = np.zeros((1, 0), cotangent.dtype)
+        _isotonic_vjp_kernel(w, has_w, block_start, cotangent, res, placeholder, placeholder,
+                             placeholder, False, _chunks(rows))
     return res
+
+
+def isotonic_vjp_weighted(y, solution, weights, block_start, cotangent):
+    """Both gradients of ``sum(cotangent * isotonic(y, weights))`` (l2), one pass.
+
+    Parameters
+    ----------
+    y, solution, weights : numpy.ndarray, dtype and shape of ``cotangent``
+        The input, :func:`isotonic_forward`'s solution and the weights.
+    block_start : numpy.ndarray, int32
+        From :func:`isotonic_forward`.
+    cotangent : numpy.ndarray, float32 or float64, shape (rows, n)
+
+    Returns
+    -------
+    (grad_y, grad_weights) : numpy.ndarray, dtype of ``cotangent``
+        ``grad_y[j] = w_j / W_B sum_B cotangent`` and ``grad_weights[j] =
+        (y_j - v_B) / W_B sum_B cotangent`` over the block B of j; NaN on
+        NaN rows (block_start -1).
+    """
+    block_start = _check_array(block_start, "block_start", _INT32)
+    shape = block_start.shape
+    cotangent = _check_array(cotangent, "cotangent", None, shape)
+    y = _check_array(y, "y", cotangent.dtype, shape)
+    solution = _check_array(solution, "solution", cotangent.dtype, shape)
+    w = _check_array(weights, "weights", cotangent.dtype, shape)
+    rows, n = shape
+    res = np.empty_like(cotangent)
+    res_w = np.empty_like(cotangent)
+    if rows and n:
+        _isotonic_vjp_kernel(w, True, block_start, cotangent, res, y, solution, res_w, True,
+                             _chunks(rows))
+    return res, res_w
 
 
 def inverse_permutations(perm):

@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any
+from typing import Any, Optional
 
 try:
     import torch
@@ -751,6 +751,60 @@ _LIB.impl(
 )
 
 
+class _EagerIsotonic(torch.autograd.Function):
+    """``isotonic_regression``'s eager route on the CPU: the engine on host views.
+
+    Taken where :func:`_eager` holds (no transform, mode or compiler needs to
+    see the operator), as :class:`_EagerForward` for the soft operators. The
+    backward computes the l2 gradient with respect to ``y`` by the engine's
+    ``isotonic_vjp`` / ``isotonic_vjp_weighted`` (one pass, both gradients);
+    kl, and any backward that builds a graph (``create_graph=True``), take
+    the differentiable formulas of :mod:`softrank._derivatives`, as
+    :class:`_Isotonic` does. Applied through the base class (see
+    :class:`_EagerForward`).
+    """
+
+    @staticmethod
+    def forward(ctx, y, weights, increasing, reg):
+        # y, weights: C-contiguous (rows, n) CPU tensors of one float dtype.
+        y_host = _host_array(y)
+        weights_host = None if weights is None else _host_array(weights)
+        solution_host, block_start = _engine.engine().isotonic_forward(
+            y_host, weights_host, increasing, reg)
+        solution = torch.from_numpy(solution_host)
+        # Saved so that autograd catches in-place changes to them: the
+        # backward reads their buffers through the host arrays.
+        ctx.save_for_backward(y, weights, solution)
+        ctx.host = (y_host, weights_host, solution_host, block_start)
+        ctx.reg = reg
+        return solution
+
+    @staticmethod
+    def backward(ctx, grad_solution):
+        y, weights, solution = ctx.saved_tensors
+        y_host, weights_host, solution_host, block_start = ctx.host
+        need_y, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.reg == _engine.REG_L2 and not torch.is_grad_enabled() and _eager(grad_solution):
+            cotangent = _host_array(grad_solution.to(y.dtype).contiguous())
+            if weights_host is None:
+                grad_y = _engine.engine().isotonic_vjp(None, block_start, cotangent)
+                return torch.from_numpy(grad_y), None, None, None
+            grad_y, grad_weights = _engine.engine().isotonic_vjp_weighted(
+                y_host, solution_host, weights_host, block_start, cotangent)
+            return (torch.from_numpy(grad_y) if need_y else None,
+                    torch.from_numpy(grad_weights) if need_weights else None, None, None)
+        # (A NaN row's blocks are -1: one block, whose formulas give NaN.)
+        blocks = torch.from_numpy(np.maximum(block_start, 0).astype(np.int64))
+        grad_y, grad_weights = _derivatives.isotonic_vjp(
+            _TORCH_OPS, y, weights, solution, blocks, grad_solution, ctx.reg,
+            need_y=need_y, need_weights=need_weights,
+        )
+        return grad_y, grad_weights, None, None
+
+
+_apply_isotonic_eager = super(torch.autograd.Function, _EagerIsotonic).apply
+
+
 def _batch_first(info, in_dims, tensors):
     """Each tensor with the vmapped dim first (expanded where it has none); None stays None."""
     return [
@@ -1399,14 +1453,44 @@ def isotonic_regression(
         moved_weights = weights.to(dtype)
         if axis != weights.dim() - 1:
             moved_weights = moved_weights.movedim(axis, -1)
+    eager = moved.is_cpu and moved.numel() and _eager(moved) and (
+        moved_weights is None or _eager(moved_weights))
+    if weights is not None:
+        # (The engine checks the weights it is given in the eager route: then
+        # only a conversion to the compute dtype is checked here, for underflow.)
         values = _known_values(weights)
-        if values is not None:
+        if values is not None and not (eager and values.dtype == dtype):
             if not bool(torch.all(torch.isfinite(values) & (values > 0))):
                 raise ValueError("weights must be finite and > 0 everywhere")
-            if not bool(torch.all(values.to(dtype) > 0)):
+            if values.dtype != dtype and not bool(torch.all(values.to(dtype) > 0)):
                 raise ValueError(f"weights must stay > 0 in {_dtype_name(dtype)} (underflow)")
-    solution = _isotonic(moved, moved_weights, bool(increasing), reg)[0]
+    if eager:
+        solution = _isotonic_eager(moved, moved_weights, bool(increasing), reg)
+    else:
+        solution = _isotonic(moved, moved_weights, bool(increasing), reg)[0]
     return _from_last(solution, axis, y.dtype)
+
+
+def _isotonic_eager(y: Tensor, weights: Optional[Tensor], increasing: bool, reg: int) -> Tensor:
+    """The solution by :class:`_EagerIsotonic`, or the engine alone where nothing needs a gradient."""
+    shape = y.shape
+    n = shape[-1] if shape else 1
+    rows = y.reshape(-1, n)
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    weight_rows = None
+    if weights is not None:
+        weight_rows = weights.reshape(-1, n)
+        if not weight_rows.is_contiguous():
+            weight_rows = weight_rows.contiguous()
+    if torch.is_grad_enabled() and (rows.requires_grad or (
+            weight_rows is not None and weight_rows.requires_grad)):
+        solution = _apply_isotonic_eager(rows, weight_rows, increasing, reg)
+    else:
+        solution = torch.from_numpy(_engine.engine().isotonic_forward(
+            _host_array(rows), None if weight_rows is None else _host_array(weight_rows),
+            increasing, reg)[0])
+    return solution.view(shape)
 
 
 # TorchScript reads this attribute (for direct and recursive scripting) and

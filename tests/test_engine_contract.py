@@ -305,6 +305,18 @@ def _calls(eng):
     ]
 
 
+@pytest.mark.parametrize("bad", [0.0, -1.0, np.inf, np.nan])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_isotonic_weights_must_be_positive_and_finite(eng, bad, dtype):
+    """Both engines check the weights they are given (adapters rely on it)."""
+    y = np.zeros((2, 4), dtype)
+    weights = np.ones((2, 4), dtype)
+    weights[1, 3] = bad
+    for reg in (_engine.REG_L2, _engine.REG_KL):
+        with pytest.raises(ValueError, match="weights must be finite and > 0 everywhere"):
+            eng.isotonic_forward(y, weights, True, reg)
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -588,6 +600,41 @@ def test_native_numba_agree_soft(op, reg, descending, eps):
                _numba.soft_forward(x32, op, reg, descending, eps)[0], 1e-6)
 
 
+@pytest.mark.parametrize("increasing", [True, False])
+def test_isotonic_vjp_weighted(eng, increasing):
+    """Both l2 gradients in one pass: grad_y is isotonic_vjp's, bit for bit;
+    grad_weights is (y_j - v_B) / W_B sum_B g (closed form) and matches
+    central differences in the weights; NaN rows give NaN."""
+    rng = np.random.default_rng([14, int(increasing)])
+    y = np.concatenate([rng.normal(size=(4, 12)), _tied_rows(rng, 2, 12)])
+    y[5, 3] = np.nan
+    w = rng.uniform(0.2, 3.0, size=y.shape)
+    g = rng.normal(size=y.shape)
+    sol, bs = eng.isotonic_forward(y, w, increasing)
+    grad_y, grad_w = eng.isotonic_vjp_weighted(y, sol, w, bs, g)
+    np.testing.assert_array_equal(grad_y, eng.isotonic_vjp(w, bs, g))
+    assert np.all(np.isnan(grad_w[5])) and np.all(np.isfinite(grad_w[:5]))
+    for r in range(5):
+        for s, e in _blocks_of(bs[r]):
+            want = (y[r, s:e] - sol[r, s]) / w[r, s:e].sum() * g[r, s:e].sum()
+            np.testing.assert_allclose(grad_w[r, s:e], want, rtol=1e-12, atol=1e-14)
+    h = 1e-6
+    objective = lambda weights: np.nansum(g[:5] * eng.isotonic_forward(
+        y[:5].copy(), weights, increasing)[0])
+    for r, j in [(0, 0), (1, 5), (2, 11), (4, 7)]:
+        up, down = w[:5].copy(), w[:5].copy()
+        up[r, j] += h
+        down[r, j] -= h
+        fd = (objective(up) - objective(down)) / (2 * h)
+        np.testing.assert_allclose(grad_w[r, j], fd, rtol=1e-5, atol=1e-7)
+    y32, sol32, w32, g32 = (a.astype(np.float32) for a in (y, sol, w, g))
+    got = eng.isotonic_vjp_weighted(y32, sol32, w32, bs, g32)
+    assert all(a.dtype == np.float32 for a in got)
+    np.testing.assert_allclose(got[1][:5], grad_w[:5], rtol=1e-4, atol=1e-5)
+    with pytest.raises((TypeError, ValueError)):
+        eng.isotonic_vjp_weighted(y[:, :5].copy(), sol, w, bs, g)
+
+
 @needs_both
 @pytest.mark.parametrize("increasing", [True, False])
 @pytest.mark.parametrize("weighted", [False, True])
@@ -603,6 +650,10 @@ def test_native_numba_agree_isotonic(increasing, weighted):
         _agree(sa, sb, 1e-12)
         np.testing.assert_array_equal(ba, bb)
         _agree(_C.isotonic_vjp(w, ba, g), _numba.isotonic_vjp(w, bb, g), 1e-12)
+        if weighted:
+            for a, b in zip(_C.isotonic_vjp_weighted(y, sa, w, ba, g),
+                            _numba.isotonic_vjp_weighted(y, sb, w, bb, g)):
+                _agree(a, b, 1e-12)
 
 
 # ---------------------------------------------------------------------------
@@ -815,6 +866,10 @@ def test_native_numba_agree_isotonic_extreme(increasing):
                 assert y[r, s:e].min() <= sa[r, s] <= y[r, s:e].max()
         ga = _C.isotonic_vjp(w, ba, g)
         np.testing.assert_array_equal(ga, _numba.isotonic_vjp(w, bb, g))
+        if w is not None:
+            for a, b in zip(_C.isotonic_vjp_weighted(y, sa, w, ba, g),
+                            _numba.isotonic_vjp_weighted(y, sb, w, bb, g)):
+                np.testing.assert_array_equal(a, b)
         assert np.all(np.isfinite(ga))
         # Each block's gradient adds up to the block's cotangent sum.
         for r in range(y.shape[0]):

@@ -53,8 +53,11 @@ template <class T>
 void isotonic_kl_forward_batch(const T* y, const T* w, std::int64_t rows, index_t n,
                                bool increasing, T* solution, index_t* block_start);
 
+// grad: the gradient with respect to y. With y, solution and grad_weights
+// (w not null), the gradient with respect to the weights too (l2).
 template <class T>
 void isotonic_vjp_batch(const T* w, const index_t* block_start, const T* cotangent,
-                        std::int64_t rows, index_t n, T* grad);
+                        std::int64_t rows, index_t n, T* grad, const T* y = nullptr,
+                        const T* solution = nullptr, T* grad_weights = nullptr);
 
 }  // namespace softrank

@@ -171,12 +171,20 @@ void isotonic_forward_row(const T* y, const T* w, index_t n, bool increasing,
   });
 }
 
+// Gradient of sum(cotangent * solution) with respect to y (l2): grad_j =
+// w_j / W_B sum_B cotangent over the block B of j. With y, solution and
+// grad_weights (weighted rows), the gradient with respect to the weights in
+// the same pass: grad_weights_j = (y_j - v_B) / W_B sum_B cotangent.
+// NaN across a row whose block_start is -1.
 template <class T>
 void isotonic_vjp_row(const T* w, const index_t* block_start, const T* cotangent, index_t n,
-                      T* grad) {
+                      T* grad, const T* y = nullptr, const T* solution = nullptr,
+                      T* grad_weights = nullptr) {
   if (n == 0) return;
   if (block_start[0] < 0) {
     for (index_t i = 0; i < n; ++i) grad[i] = static_cast<T>(kNaN);
+    if (grad_weights)
+      for (index_t i = 0; i < n; ++i) grad_weights[i] = static_cast<T>(kNaN);
     return;
   }
   for_each_block(block_start, 0, n, [&](index_t s, index_t e) {
@@ -197,7 +205,15 @@ void isotonic_vjp_row(const T* w, const index_t* block_start, const T* cotangent
       wsum = 0.0;
       for (index_t i = s; i < e; ++i) wsum += std::ldexp(static_cast<double>(w[i]), shift);
     }
+    // sum / W_B = ldexp(per_weight, shift).
     const double per_weight = sum / wsum;
+    if (grad_weights) {
+      const double value = static_cast<double>(solution[s]);
+      for (index_t i = s; i < e; ++i) {
+        const double g = (static_cast<double>(y[i]) - value) * per_weight;
+        grad_weights[i] = static_cast<T>(shift != 0 ? std::ldexp(g, shift) : g);
+      }
+    }
     if (shift != 0) {
       for (index_t i = s; i < e; ++i)
         grad[i] = static_cast<T>(std::ldexp(static_cast<double>(w[i]), shift) * per_weight);
