@@ -19,7 +19,7 @@ import numpy as np
 from softrank import _engine
 
 __all__ = ["forward", "forward_value", "vjp", "jvp", "hvp", "projection", "isotonic",
-           "ProjectionState"]
+           "ProjectionState", "NumpyOps", "NUMPY_OPS"]
 
 
 def _rows(array: np.ndarray) -> np.ndarray:
@@ -135,3 +135,53 @@ def isotonic(
     )
     block_start = np.maximum(block_start, 0).astype(np.int64).reshape(shape)
     return solution.reshape(shape), block_start
+
+
+class NumpyOps:
+    """The array namespace of :mod:`softrank._derivatives` and :mod:`softrank._operators`."""
+
+    exp = staticmethod(np.exp)
+    log = staticmethod(np.log)
+    sqrt = staticmethod(np.sqrt)
+    ones_like = staticmethod(np.ones_like)
+
+    @staticmethod
+    def take(a, index):
+        return np.take_along_axis(a, index, axis=-1)
+
+    @staticmethod
+    def block_sum(v, block_start):
+        # Blocks are contiguous runs of positions: one reduceat over the
+        # flattened rows, each block named by its first position.
+        if v.size == 0:
+            return v.copy()
+        heads = (block_start == np.arange(v.shape[-1])).reshape(-1)
+        sums = np.add.reduceat(np.ascontiguousarray(v).reshape(-1), np.flatnonzero(heads))
+        return sums[np.cumsum(heads) - 1].reshape(v.shape)
+
+    @staticmethod
+    def stop_gradient(a):
+        return a
+
+    @staticmethod
+    def nan_of(a):
+        return np.where(np.isnan(a), a, np.zeros((), a.dtype))
+
+    @staticmethod
+    def take_columns(a, index):
+        return a[..., index]
+
+    @staticmethod
+    def sum_last(a):
+        return a.sum(axis=-1)
+
+    @staticmethod
+    def constant(values, like):
+        return np.asarray(values, dtype=like.dtype)
+
+    @staticmethod
+    def move_last_to_first(a):
+        return np.moveaxis(a, -1, 0)
+
+
+NUMPY_OPS = NumpyOps()

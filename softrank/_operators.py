@@ -129,3 +129,18 @@ def pearson_last_axis(ops, a, b):
         ops.sum_last(a_centred * a_centred) * ops.sum_last(b_centred * b_centred)
     )
 
+
+def pearson_gradient_last_axis(ops, a, b, corr):
+    """``d corr / d a`` of :func:`pearson_last_axis` (``b`` held constant), shape of ``a``.
+
+    ``b_c / (|a_c| |b_c|) - corr a_c / |a_c|^2`` with ``a_c``, ``b_c`` the
+    centred rows: both have zero mean, so the centring's own derivative
+    changes nothing. NaN where ``corr`` is.
+    """
+    n = a.shape[-1]
+    a_centred = a - ops.sum_last(a)[..., None] / n
+    b_centred = b - ops.sum_last(b)[..., None] / n
+    a_norm = ops.sqrt(ops.sum_last(a_centred * a_centred))[..., None]
+    b_norm = ops.sqrt(ops.sum_last(b_centred * b_centred))[..., None]
+    return b_centred / (a_norm * b_norm) - corr[..., None] * a_centred / (a_norm * a_norm)
+

@@ -469,54 +469,7 @@ def soft_sort_jvp(
     return _soft_vjp(x, tangent, eps, regularization, direction, axis, _engine.OP_SORT, jvp=True)
 
 
-class _NumpyOps:
-    """The array namespace of :mod:`softrank._derivatives` and :mod:`softrank._operators`."""
-
-    exp = staticmethod(np.exp)
-    log = staticmethod(np.log)
-    sqrt = staticmethod(np.sqrt)
-    ones_like = staticmethod(np.ones_like)
-
-    @staticmethod
-    def take(a, index):
-        return np.take_along_axis(a, index, axis=-1)
-
-    @staticmethod
-    def block_sum(v, block_start):
-        # Blocks are contiguous runs of positions: one reduceat over the
-        # flattened rows, each block named by its first position.
-        if v.size == 0:
-            return v.copy()
-        heads = (block_start == np.arange(v.shape[-1])).reshape(-1)
-        sums = np.add.reduceat(np.ascontiguousarray(v).reshape(-1), np.flatnonzero(heads))
-        return sums[np.cumsum(heads) - 1].reshape(v.shape)
-
-    @staticmethod
-    def stop_gradient(a):
-        return a
-
-    @staticmethod
-    def nan_of(a):
-        return np.where(np.isnan(a), a, np.zeros((), a.dtype))
-
-    @staticmethod
-    def take_columns(a, index):
-        return a[..., index]
-
-    @staticmethod
-    def sum_last(a):
-        return a.sum(axis=-1)
-
-    @staticmethod
-    def constant(values, like):
-        return np.asarray(values, dtype=like.dtype)
-
-    @staticmethod
-    def move_last_to_first(a):
-        return np.moveaxis(a, -1, 0)
-
-
-_OPS = _NumpyOps()
+_OPS = _host.NUMPY_OPS
 
 
 def _reduced_restore(array: np.ndarray, ax: int, dtype: np.dtype) -> Callable[[np.ndarray], np.ndarray]:
@@ -814,14 +767,7 @@ def spearman_with_vjp(
     """
     array, ax, rows, restore, ranks, target_ranks, state, args, corr = _spearman(
         pred, target, eps, regularization, axis)
-    ranks_centred = ranks - ranks.mean(axis=-1, keepdims=True)
-    target_centred = target_ranks - target_ranks.mean(axis=-1, keepdims=True)
-    ranks_norm = np.sqrt((ranks_centred ** 2).sum(-1, keepdims=True))
-    target_norm = np.sqrt((target_centred ** 2).sum(-1, keepdims=True))
-    # d corr / d ranks: tc / (|rc| |tc|) - corr rc / |rc|^2 (both centred, so
-    # the centring's own derivative changes nothing).
-    d_corr = target_centred / (ranks_norm * target_norm) - corr[:, None] * ranks_centred / (
-        ranks_norm ** 2)
+    d_corr = _operators.pearson_gradient_last_axis(_OPS, ranks, target_ranks, corr)
     kept = _layout.reduced_shape(array.shape, ax)
 
     def vjp(cotangent: ArrayLike) -> np.ndarray:

@@ -805,6 +805,63 @@ class _EagerIsotonic(torch.autograd.Function):
 _apply_isotonic_eager = super(torch.autograd.Function, _EagerIsotonic).apply
 
 
+def _spearman_operators(pred, target_ranks, regularization, eps):
+    """``spearman`` of ``(rows, n)`` tensors through the differentiable operators."""
+    ranks = soft_rank(pred, eps, regularization=regularization)
+    return _operators.pearson_last_axis(_TORCH_OPS, ranks, target_ranks)
+
+
+class _EagerSpearman(torch.autograd.Function):
+    """``spearman``'s eager route on the CPU: the engine and the Pearson
+    correlation on host views, one autograd node.
+
+    The soft ranks and the target's hard ranks come from the engine, the
+    correlation and its gradient
+    (:func:`softrank._operators.pearson_gradient_last_axis`) from torch ops
+    on those host buffers (no graph), and the gradient in ``pred`` from the
+    engine's ``soft_vjp``, as in ``softrank.numpy``'s ``spearman_with_vjp``. A backward that records a graph
+    (``create_graph=True``) recomputes the correlation through the
+    differentiable operators and differentiates that. Applied through the
+    base class (see :class:`_EagerForward`).
+    """
+
+    @staticmethod
+    def forward(ctx, pred, target, regularization, eps):
+        # pred, target: C-contiguous (rows, n) CPU tensors of one float dtype.
+        reg = check_regularization(regularization)
+        eng = _engine.engine()
+        pred_host = _host_array(pred)
+        ranks, perm, block_start = eng.soft_forward(pred_host, _engine.OP_RANK, reg, False, eps)
+        target_ranks = eng.soft_forward_value(
+            _host_array(target), _engine.OP_RANK, _engine.REG_L2, False, 0.0)
+        # (torch's reductions, not numpy's: the same bits as the operators' route.)
+        ranks_t, target_t = torch.from_numpy(ranks), torch.from_numpy(target_ranks)
+        corr = _operators.pearson_last_axis(_TORCH_OPS, ranks_t, target_t)
+        ctx.save_for_backward(pred)
+        ctx.host = (pred_host, ranks, perm, block_start, ranks_t, target_t, corr)
+        ctx.params = (regularization, reg, eps)
+        return corr
+
+    @staticmethod
+    def backward(ctx, grad_corr):
+        (pred,) = ctx.saved_tensors
+        pred_host, ranks, perm, block_start, ranks_t, target_t, corr = ctx.host
+        regularization, reg, eps = ctx.params
+        if torch.is_grad_enabled() or not _eager(grad_corr):
+            with torch.enable_grad():
+                value = _spearman_operators(pred, target_t, regularization, eps)
+                (grad,) = torch.autograd.grad(value, pred, grad_corr, create_graph=True)
+            return grad, None, None, None
+        d_corr = _operators.pearson_gradient_last_axis(_TORCH_OPS, ranks_t, target_t, corr)
+        cotangent = _host_array((grad_corr.to(pred.dtype)[:, None] * d_corr).contiguous())
+        grad = _engine.engine().soft_vjp(pred_host, ranks, perm, block_start, cotangent,
+                                         _engine.OP_RANK, reg, False, eps)
+        return torch.from_numpy(grad), None, None, None
+
+
+_apply_spearman_eager = super(torch.autograd.Function, _EagerSpearman).apply
+
+
 def _batch_first(info, in_dims, tensors):
     """Each tensor with the vmapped dim first (expanded where it has none); None stays None."""
     return [
@@ -1290,10 +1347,37 @@ def spearman(
     target = target.detach().to(dtype)
     if axis != target.dim() - 1:
         target = target.movedim(axis, -1)
-    ranks = soft_rank(moved, eps, regularization=regularization)
-    target_ranks = soft_rank(target, 0.0).detach()
-    corr = _operators.pearson_last_axis(_TORCH_OPS, ranks, target_ranks)
+    if moved.is_cpu and moved.numel() and _eager(moved) and _eager(target):
+        check_regularization(regularization)
+        corr = _spearman_eager(moved, target, _eps_argument(eps), regularization)
+    else:
+        ranks = soft_rank(moved, eps, regularization=regularization)
+        target_ranks = soft_rank(target, 0.0).detach()
+        corr = _operators.pearson_last_axis(_TORCH_OPS, ranks, target_ranks)
     return corr if corr.dtype == pred.dtype else corr.to(pred.dtype)
+
+
+def _spearman_eager(pred: Tensor, target: Tensor, eps: float, regularization: str) -> Tensor:
+    """``spearman`` of ``pred`` (its dim last) by :class:`_EagerSpearman`."""
+    shape = pred.shape
+    n = shape[-1]
+    rows = pred.reshape(-1, n)
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    target_rows = target.reshape(-1, n)
+    if not target_rows.is_contiguous():
+        target_rows = target_rows.contiguous()
+    if torch.is_grad_enabled() and rows.requires_grad:
+        corr = _apply_spearman_eager(rows, target_rows, regularization, eps)
+    else:
+        eng = _engine.engine()
+        ranks = eng.soft_forward_value(_host_array(rows), _engine.OP_RANK,
+                                       check_regularization(regularization), False, eps)
+        target_ranks = eng.soft_forward_value(
+            _host_array(target_rows), _engine.OP_RANK, _engine.REG_L2, False, 0.0)
+        corr = _operators.pearson_last_axis(
+            _TORCH_OPS, torch.from_numpy(ranks), torch.from_numpy(target_ranks))
+    return corr.view(shape[:-1])
 
 
 @torch.compiler.assume_constant_result

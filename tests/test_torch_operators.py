@@ -339,6 +339,45 @@ def test_isotonic_eager_route_matches_the_operator(reg, weighted):
     assert torch.isnan(public[1][0][3]).all() and torch.isfinite(public[1][0][:3]).all()
 
 
+@pytest.mark.parametrize("reg", REGS)
+def test_spearman_eager_route_matches_a_reference_graph(reg):
+    """Eager CPU calls take one autograd node over the engine; its value,
+    gradient and second derivative (create_graph) are those of soft_rank and
+    torch.corrcoef composed by autograd. A constant target row gives NaN."""
+    pred = _x((4, 9), seed=40)
+    target = _x((4, 9), seed=41)
+    target[2] = 1.5
+    cotangent = _x((4,), seed=42)
+    tangent = _x((4, 9), seed=43)
+
+    def reference(p):
+        ranks = srt.soft_rank(p, 0.7, regularization=reg)
+        hard = srt.soft_rank(target, 0.0)
+        return torch.stack([torch.corrcoef(torch.stack([ranks[r], hard[r]]))[0, 1]
+                            for r in range(p.shape[0])])
+
+    results = []
+    for f in (lambda p: srt.spearman(p, target, 0.7, regularization=reg), reference):
+        leaf = pred.clone().requires_grad_(True)
+        value = f(leaf)
+        (grad,) = torch.autograd.grad(value, leaf, cotangent, create_graph=True)
+        (second,) = torch.autograd.grad((grad * tangent).nansum(), leaf)
+        results.append((value.detach(), grad.detach(), second))
+    (value, grad, second), (want_value, want_grad, want_second) = results
+    torch.testing.assert_close(value, want_value, rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert torch.isnan(value[2]) and torch.isfinite(value[[0, 1, 3]]).all()
+    keep = [0, 1, 3]
+    torch.testing.assert_close(grad[keep], want_grad[keep], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(second[keep], want_second[keep], rtol=1e-8, atol=1e-10)
+    assert grad[keep].abs().max() > 1e-3
+    if reg == "kl":
+        assert second[keep].abs().max() > 1e-6  # (l2's soft rank is piecewise linear)
+    # Without a graph: the engine's pullback, the same gradient.
+    leaf = pred.clone().requires_grad_(True)
+    srt.spearman(leaf, target, 0.7, regularization=reg).backward(cotangent)
+    torch.testing.assert_close(leaf.grad[keep], want_grad[keep], rtol=1e-10, atol=1e-12)
+
+
 # --- forward mode and torch.func ---------------------------------------------------
 
 
