@@ -404,6 +404,9 @@ void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t
                               Reg reg, T* out, index_t* perm_z, index_t* perm_w,
                               index_t* block_start, index_t* inv_z, index_t* inv_w) {
   const bool pool_all = std::isinf(eps);
+  // Fewer rows than threads: a row's two sorts run at the same time.
+  const bool sort_pairs_in_parallel = n >= kParallelMinElements && get_num_threads() > 1 &&
+                                      rows < get_num_threads();
   for_each_row(rows, n, [&](std::int64_t r) {
     const std::int64_t off = r * n;
     ThreadScratch& scratch_owner = thread_scratch();
@@ -412,10 +415,29 @@ void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t
     double* ws = scratch.work;
     double* sorted_out = scratch.work2;
     scratch_owner.decay = DecayTable{};  // work2 is overwritten here
-    bool valid = sort_row_descending(z + off, n, false, scratch.sort, perm_z + off, s);
-    if (valid && !already_decreasing(w + off, n, reg == Reg::KL, perm_w + off, ws) &&
-        !sort_row_descending(w + off, n, false, scratch.sort, perm_w + off, ws))
-      valid = reg == Reg::KL && sort_with_minus_infinity(w + off, n, perm_w + off, ws);
+    bool valid;
+    if (already_decreasing(w + off, n, reg == Reg::KL, perm_w + off, ws)) {
+      valid = sort_row_descending(z + off, n, false, scratch.sort, perm_z + off, s);
+    } else {
+      bool valid_z = false, valid_w = false;
+      auto sort_one = [&](std::int64_t which) {
+        // Each task sorts with the scratch of the thread that runs it (the
+        // caller's own when both run here: same n, so no buffer moves).
+        SortScratch sort = thread_scratch().row(n, sizeof(T) == 8).sort;
+        if (which == 0)
+          valid_z = sort_row_descending(z + off, n, false, sort, perm_z + off, s);
+        else
+          valid_w = sort_row_descending(w + off, n, false, sort, perm_w + off, ws);
+      };
+      if (sort_pairs_in_parallel) {
+        parallel_for(2, sort_one);
+      } else {
+        sort_one(0);
+        if (valid_z) sort_one(1);
+      }
+      valid = valid_z && (valid_w || (reg == Reg::KL &&
+                                      sort_with_minus_infinity(w + off, n, perm_w + off, ws)));
+    }
     auto write_inverses = [&] {
       for (index_t i = 0; inv_z && i < n; ++i) inv_z[off + perm_z[off + i]] = i;
       for (index_t i = 0; inv_w && i < n; ++i) inv_w[off + perm_w[off + i]] = i;

@@ -366,6 +366,40 @@ def test_large_rows_optimality_certificate(eng, reg, dtype):
 
 
 @pytest.mark.parametrize("reg", [L2, KL])
+def test_long_row_alone_or_in_a_batch_same_bits(eng, reg):
+    """A row of 20000 alone (its two sorts then run on two threads in the
+    compiled core), in a batch of three (one row per task), and on one
+    thread: the same bits. Non-finite entries of z or w in the row alone
+    give NaN; -inf in w (kl) is a zero of e^w, as in the batch."""
+    rng = np.random.default_rng(15)
+    n = 20000
+    z = rng.normal(size=(3, n)) * 50.0
+    w = rng.normal(size=(3, n)) * 10.0
+    z[1, ::7] = z[1, 3]  # ties
+    if reg == KL:
+        w[2, ::5] = -np.inf
+    threads = eng.get_num_threads()
+    try:
+        for count in (2, 1):
+            eng.set_num_threads(count)
+            batch = eng.projection_forward(z, w, 0.5, reg)
+            for r in range(3):
+                alone = eng.projection_forward(z[r:r + 1].copy(), w[r:r + 1].copy(), 0.5, reg)
+                for got, want in zip(alone, batch):
+                    np.testing.assert_array_equal(got[0], want[r])
+        eng.set_num_threads(2)
+        assert np.isfinite(batch[0]).all()
+        for where, bad in (("z", np.nan), ("z", -np.inf), ("w", np.nan), ("w", np.inf)):
+            zz, ww = z[:1].copy(), w[:1].copy()
+            (zz if where == "z" else ww)[0, n - 3] = bad
+            out, pz, pw, bs = eng.projection_forward(zz, ww, 0.5, reg)
+            assert np.isnan(out).all()
+            np.testing.assert_array_equal(bs[0], np.arange(n))
+    finally:
+        eng.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("reg", [L2, KL])
 def test_float32_close_to_float64(eng, reg):
     rng = np.random.default_rng(9)
     z = rng.normal(size=(5, 30))
