@@ -16,20 +16,21 @@ core was built with CUDA (``softrank._C.cuda_compiled()``); see
   (``torch.cuda.current_stream(x.device)``) and returns without
   synchronising, as any torch CUDA operation.
 
-The second derivative ``soft_hvp`` has no CUDA core: its CUDA kernel is the
-host round trip (copy to the host, CPU engine, copy back, which synchronises
-with the stream), announced by one RuntimeWarning per process.
+The second derivative ``soft_hvp`` has no CUDA core of its own: its CUDA
+kernel composes the CUDA ``soft_vjp`` / ``soft_jvp`` with torch operations
+(:func:`composed_hvp`), so double backward stays on the GPU too.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from types import ModuleType
 from typing import Callable, Dict, Iterator, Optional
 
 import torch
 from torch import Tensor
+
+from softrank._codes import OP_RANK, REG_L2
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
 
@@ -119,22 +120,44 @@ def _product_kernel(cuda: ModuleType, transpose: bool):
     return soft_product
 
 
-_hvp_warned = False
+def composed_hvp(vjp: Callable, jvp: Callable) -> Callable:
+    """``soft_hvp`` written with ``vjp`` and ``jvp`` kernels and torch operations.
 
+    The engine's second derivative (``soft_hvp_row`` in csrc/softrank/soft_ops.h),
+    expressed through the first derivatives, so that it runs wherever they do:
 
-def _host_hvp_kernel(host_kernel: Callable) -> Callable:
-    def soft_hvp(*args):
-        global _hvp_warned
-        if not _hvp_warned:
-            _hvp_warned = True
-            warnings.warn(
-                "softrank: soft_hvp (the second derivative of soft_rank / soft_sort, used by "
-                "double backward and forward-over-reverse) has no CUDA core; CUDA tensors "
-                "are copied to the host for it and the result copied back",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        return host_kernel(*args)
+    - zero for l2, at ``eps = 0`` and for the rank at ``eps = inf``;
+    - kl rank: ``J v = g r (v - vbar)`` per block (``r`` the soft ranks,
+      ``vbar = sum_B r v / R_B``, ``g = +-1 / eps``, negative for a
+      descending rank), and the engine's ``g^2 r (q - qbar)`` with ``q = (c -
+      cbar) (t - tbar)`` is ``J[(J c) (J t) / r^2] / g``;
+    - kl sort: ``sgn C_B p_k (t_k - tbar)`` is ``sgn (J^T c)_k (t_k - (J t)_i)``
+      at column ``k = perm[i]`` (``sgn = +1`` for a descending sort, -1 for an
+      ascending one);
+    - NaN on a non-finite row (``block_start`` -1).
+    """
+
+    def soft_hvp(x, out, perm, block_start, cotangent, tangent, op, reg, descending, eps):
+        params = (op, reg, descending, eps)
+        state = (x, out, perm, block_start)
+        cotangent = cotangent.to(device=x.device, dtype=x.dtype)
+        tangent = tangent.to(device=x.device, dtype=x.dtype)
+        if reg == REG_L2 or eps == 0.0 or (math.isinf(eps) and op == OP_RANK):
+            result = torch.zeros_like(x)
+        elif op == OP_RANK:
+            jc = jvp(*state, cotangent, *params)
+            jt = jvp(*state, tangent, *params)
+            result = jvp(*state, jc * jt / (out * out), *params) * (-eps if descending else eps)
+        else:
+            index = perm.to(device=x.device, dtype=torch.int64)
+            positions = torch.arange(index.shape[-1], device=x.device).expand_as(index)
+            inverse = torch.empty_like(index).scatter_(-1, index, positions)
+            t_bar = torch.gather(jvp(*state, tangent, *params), -1, inverse)
+            result = vjp(*state, cotangent, *params) * (tangent - t_bar)
+            if not descending:
+                result = -result
+        non_finite = block_start.to(x.device)[..., :1] < 0
+        return torch.where(non_finite, torch.full_like(result, math.nan), result)
 
     return soft_hvp
 
@@ -154,9 +177,9 @@ def cuda_kernels(cuda: Optional[ModuleType], host_kernels: Dict[str, Callable]) 
     -------
     dict
         ``host_kernels`` where ``cuda`` is None. Otherwise the CUDA core for
-        ``soft_forward``, ``soft_vjp`` and ``soft_jvp``, the host round trip
-        with a one-time warning for ``soft_hvp``, and the host round trip for
-        the rest (``projection_forward``, ``isotonic_forward``).
+        ``soft_forward``, ``soft_vjp`` and ``soft_jvp``, :func:`composed_hvp`
+        of those two for ``soft_hvp``, and the host round trip for the rest
+        (``projection_forward``, ``isotonic_forward``).
     """
     kernels = dict(host_kernels)
     if cuda is None:
@@ -164,5 +187,5 @@ def cuda_kernels(cuda: Optional[ModuleType], host_kernels: Dict[str, Callable]) 
     kernels["soft_forward"] = _forward_kernel(cuda)
     kernels["soft_vjp"] = _product_kernel(cuda, transpose=True)
     kernels["soft_jvp"] = _product_kernel(cuda, transpose=False)
-    kernels["soft_hvp"] = _host_hvp_kernel(host_kernels["soft_hvp"])
+    kernels["soft_hvp"] = composed_hvp(kernels["soft_vjp"], kernels["soft_jvp"])
     return kernels
