@@ -37,10 +37,10 @@ dimension and keeps the row whole. On a CUDA GPU, where softrank was built
 with its CUDA core (``softrank._C.cuda_compiled()``), ``softrank_forward``,
 ``softrank_forward_value``, ``softrank_jvp`` and ``softrank_vjp`` are XLA
 custom calls into it under the same target names (handlers registered for
-platform "CUDA", on XLA's stream, scratch from XLA's allocator): the soft
-rank, the soft sort and their first derivatives stay on the GPU.
-``softrank_hvp`` (second derivatives) and the operators on the permutahedron
-below are computed on the host there. XLA picks the lowering by the platform
+platform "CUDA", on XLA's stream, scratch from XLA's allocator), and
+``softrank_hvp`` is lowered to its composition of the jvp and vjp calls: the
+soft rank, the soft sort and their derivatives stay on the GPU. The
+operators on the permutahedron below are computed on the host there. XLA picks the lowering by the platform
 it compiles for, never by ``jax.default_backend()``. Otherwise (another
 platform, the numba engine on the CPU, no handlers) it runs the engine
 through :func:`jax.pure_callback`:
@@ -315,6 +315,23 @@ def _hvp_by_composition(x, c, t, params: dict):
     return jax.linear_transpose(second, t)(c)[0]
 
 
+def _hvp_from_state(x, out, perm, block_start, c, t, params: dict):
+    """The engine's hvp, ``grad_x <c, J(x) t>``, composed of ``softrank_jvp``
+    and ``softrank_vjp`` over the given forward state (the transpose of
+    :func:`_second` in its last argument): what the hvp primitive lowers to
+    where the core has no hvp handler (CUDA). NaN on a non-finite row, as the
+    engine."""
+    op, reg, eps = params["op"], params["reg"], params["eps"]
+    if _second_is_zero(op, reg, eps):
+        result = jnp.zeros_like(out)
+    else:
+        def second(u):
+            return _second(x, out, perm, block_start, t, u, params, engine_hvp=False)
+
+        result = jax.linear_transpose(second, t)(c)[0]
+    return jnp.where(block_start[..., :1] < 0, jnp.asarray(np.nan, out.dtype), result)
+
+
 # --- JVP rules ---------------------------------------------------------------
 
 
@@ -511,17 +528,28 @@ def _ffi_call_lowering(ctx, *args, prim_name: str, platform: str, op, reg, desce
                 eps=np.float64(eps))
 
 
+def _cuda_hvp_lowering(ctx, *args, **params):
+    """The CUDA core has no hvp handler: the hvp is lowered as its composition of
+    the jvp and vjp custom calls (:func:`_hvp_from_state`), or the callback where
+    those are missing too."""
+    if not all(_lowers_to_ffi("cuda", _TARGETS[name]) for name in ("softrank_jvp", "softrank_vjp")):
+        return _callback_lowering(ctx, *args, prim_name=_hvp_p.name, **params)
+    return mlir.lower_fun(lambda *a: (_hvp_from_state(*a, params),),
+                          multiple_results=True)(ctx, *args)
+
+
 # XLA picks the lowering by the platform it compiles for: the callback by
-# default, the custom call on the CPU and, but for the second derivative
-# (which the CUDA core lacks), on CUDA GPUs.
+# default, the custom call on the CPU and on CUDA GPUs (the hvp there composed
+# of the others).
 for _prim in (_forward_p, _value_p, _jvp_p, _vjp_p, _hvp_p):
     mlir.register_lowering(_prim, functools.partial(_callback_lowering, prim_name=_prim.name))
-    for _platform in ("cpu", "cuda") if _prim is not _hvp_p else ("cpu",):
-        mlir.register_lowering(
-            _prim,
-            functools.partial(_ffi_call_lowering, prim_name=_prim.name, platform=_platform),
-            platform=_platform,
-        )
+    mlir.register_lowering(
+        _prim, functools.partial(_ffi_call_lowering, prim_name=_prim.name, platform="cpu"),
+        platform="cpu")
+    mlir.register_lowering(
+        _prim, _cuda_hvp_lowering if _prim is _hvp_p
+        else functools.partial(_ffi_call_lowering, prim_name=_prim.name, platform="cuda"),
+        platform="cuda")
 
 
 # --- public API ------------------------------------------------------------------

@@ -330,10 +330,48 @@ def test_jax_cuda_lowering_calls_the_cuda_handlers(monkeypatch):
     monkeypatch.setattr(srj, "_ffi_ready", lambda: False)
     text = _cuda_lowering_text(lambda x: srj.soft_rank(x), x)
     assert "custom_call @softrank_forward_value_v1" in text
-    # The second derivative has no CUDA handler: a host callback.
-    hessian = jax.hessian(lambda v: srj.soft_rank(v, regularization="kl").sum())
+    # The second derivative has no CUDA handler: it is composed of the jvp and
+    # vjp calls (the rank's hessian binds the hvp primitive).
+    for op in (srj.soft_rank, srj.soft_sort):
+        hessian = jax.hessian(lambda v: (op(v, 0.5, regularization="kl") * v).sum())
+        text = _cuda_lowering_text(hessian, x[0])
+        assert "softrank_hvp_v1" not in text and "callback" not in text
+        assert "custom_call @softrank_jvp_v1" in text
+    # Without the jvp / vjp handlers, the hvp is the host callback.
+    monkeypatch.setattr(srj, "_CUDA_FFI_TARGETS", frozenset(["softrank_forward_v1"]))
+    hessian = jax.hessian(lambda v: (srj.soft_rank(v, 0.5, regularization="kl") * v).sum())
     text = _cuda_lowering_text(hessian, x[0])
     assert text is None or ("softrank_hvp_v1" not in text and "callback" in text)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 300])
+def test_jax_hvp_from_state_is_the_engine_s(n):
+    """What the hvp primitive lowers to on CUDA (from softrank_jvp / softrank_vjp),
+    evaluated on the CPU: the engine's hvp, to 1e-12 relative to the terms' scale."""
+    jax = require("jax")
+    srj = require("softrank.jax")
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(n)
+    values = adversarial_rows(n, rng)
+    c = rng.normal(size=values.shape)
+    t = rng.normal(size=values.shape)
+    with jax.enable_x64(True):
+        x = jnp.asarray(values)
+        for op, reg, descending, eps in itertools.product((0, 1), (0, 1), (False, True),
+                                                          (1e-3, 0.3, 1.0, 20.0, 0.0, math.inf)):
+            params = dict(op=op, reg=reg, descending=descending, eps=eps)
+            state = srj._forward_p.bind(x, **params)
+            expected = np.asarray(srj._hvp_p.bind(x, *state, jnp.asarray(c), jnp.asarray(t),
+                                                  **params))
+            got = np.asarray(srj._hvp_from_state(x, *state, jnp.asarray(c), jnp.asarray(t),
+                                                 params))
+            assert np.array_equal(np.isnan(got), np.isnan(expected)), params
+            torch_state = tuple(torch.tensor(np.asarray(a)) for a in state)
+            scale = _hvp_scale(torch.from_numpy(values), *torch_state, torch.from_numpy(c),
+                               torch.from_numpy(t), (op, reg, descending, eps)).numpy()
+            error = np.nan_to_num(np.abs(got - expected) / scale)
+            assert error.max() <= TOL[torch.float64], params
 
 
 def test_jax_cuda_lowering_without_handlers_is_the_callback(monkeypatch):
@@ -612,3 +650,33 @@ def test_jax_gpu_values_and_derivatives(x64, op, reg, direction):
         assert "custom_call @softrank_forward_value_v1" in text
     for g, e in zip(results["gpu"], results["cpu"]):
         assert_close(torch.tensor(np.asarray(g)), torch.tensor(np.asarray(e)), dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", OPS)
+def test_jax_gpu_hessian(op):
+    """Second derivatives on the GPU (the hvp composed of the CUDA jvp / vjp calls)
+    against the CPU's (the engine's hvp)."""
+    jax, srj, gpu = _jax_gpu()
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(11)
+    values = rng.normal(size=30)
+    weights = rng.normal(size=30)
+    fn = getattr(srj, f"soft_{op}")
+
+    def loss(v):
+        return (fn(v, 0.4, regularization="kl") * jnp.asarray(weights, v.dtype)).sum()
+
+    with jax.enable_x64(True):
+        results = []
+        for device in (jax.devices("cpu")[0], gpu):
+            x = jax.device_put(jnp.asarray(values), device)
+            hessian = jax.jit(jax.hessian(loss))(x)
+            assert hessian.devices() == {device}
+            results.append(np.asarray(hessian))
+        text = jax.jit(jax.hessian(loss)).lower(jax.device_put(jnp.asarray(values), gpu)).as_text()
+        assert "softrank_hvp_v1" not in text and "callback" not in text
+    # Each entry sums n = 30 terms at most as large as the largest entry.
+    scale = 1.0 + np.abs(results[0]).max() * 30
+    assert np.abs(results[1] - results[0]).max() / scale <= 1e-12
