@@ -546,7 +546,8 @@ def test_cuda_side_stream(dtype):
     """An op issued under ``torch.cuda.stream(s)`` runs on s: with the default
     stream held busy (a long sleep kernel), s finishes and its results are right
     while the default stream is still asleep. Work on the default stream would
-    wait behind the sleep, leaving s's copy to read unwritten memory."""
+    wait behind the sleep, leaving s's copy to read unwritten memory; a
+    synchronisation inside the op would outlast the sleep."""
     rng = np.random.default_rng(8)
     values = rng.normal(size=(64, 2000))
     cot = rng.normal(size=values.shape)
@@ -555,8 +556,12 @@ def test_cuda_side_stream(dtype):
     x_cpu = torch.tensor(values, dtype=dtype, requires_grad=True)
     y_cpu = srt.soft_rank(x_cpu, 0.5, regularization="kl")
     y_cpu.backward(torch.tensor(cot, dtype=dtype))
-    torch.cuda.synchronize()
     side = torch.cuda.Stream()
+    # Once beforehand on s, so that torch's caching allocator holds s's blocks
+    # and the timed run allocates no device memory.
+    with torch.cuda.stream(side):
+        torch.autograd.grad(srt.soft_rank(x, 0.5, regularization="kl"), x, c)
+    torch.cuda.synchronize()
     default = torch.cuda.default_stream()
     asleep = torch.cuda.Event()
     with torch.cuda.stream(default):
@@ -568,7 +573,9 @@ def test_cuda_side_stream(dtype):
         y_host = y.detach().to("cpu", non_blocking=False)
         grad_host = grad.to("cpu", non_blocking=False)
     side.synchronize()
-    assert not asleep.query(), "the sleep ended before the test's check: make it longer"
+    assert not asleep.query(), (
+        "the default stream's sleep ended before s's results were read: the op waited for "
+        "the default stream or the device (a synchronisation), or the sleep is too short")
     assert_close(y_host, y_cpu, dtype)
     assert_close(grad_host, x_cpu.grad, dtype)
     torch.cuda.synchronize()
