@@ -53,7 +53,8 @@ def gpu_unavailable() -> Optional[str]:
     except ImportError as exc:
         return f"softrank's compiled core does not import: {exc}"
     if not getattr(_C, "cuda_compiled", lambda: False)():
-        return "softrank was built without its CUDA core (build with -C cmake.define.SOFTRANK_CUDA=ON)"
+        return ("softrank was built without its CUDA core "
+                "(build with -C cmake.define.SOFTRANK_CUDA=ON)")
     if _C.cuda_device_count() == 0:
         return "softrank._C.cuda_device_count() is 0"
     return None
@@ -184,7 +185,8 @@ def goals(table: List[Tuple[int, int, str, str, Dict[str, float]]]) -> List[str]
               if p == "fwd" and b * n >= 1_000_000 and ms["softrank"] > 1.5 * ms["torch.sort"]]
     lines.append("forward <= 1.5x torch.sort where batch*n >= 1e6: "
                  + ("met" if not missed else "MISSED " + "; ".join(missed)))
-    long_row = [(op, ms) for b, n, op, p, ms in table if (b, n) == (1, 10_000_000) and p == "fwdbwd"]
+    long_row = [(op, ms) for b, n, op, p, ms in table
+                if (b, n) == (1, 10_000_000) and p == "fwdbwd"]
     if long_row:
         missed = [f"{op}: {ms['softrank'] / ms['torch.sort']:.2f}x" for op, ms in long_row
                   if ms["softrank"] > 3 * ms["torch.sort"]]

@@ -162,7 +162,8 @@ def composed_hvp(vjp: Callable, jvp: Callable) -> Callable:
     return soft_hvp
 
 
-def cuda_kernels(cuda: Optional[ModuleType], host_kernels: Dict[str, Callable]) -> Dict[str, Callable]:
+def cuda_kernels(cuda: Optional[ModuleType],
+                 host_kernels: Dict[str, Callable]) -> Dict[str, Callable]:
     """The CUDA kernel of each operator, by name.
 
     Parameters

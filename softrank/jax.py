@@ -40,10 +40,10 @@ custom calls into it under the same target names (handlers registered for
 platform "CUDA", on XLA's stream, scratch from XLA's allocator), and
 ``softrank_hvp`` is lowered to its composition of the jvp and vjp calls: the
 soft rank, the soft sort and their derivatives stay on the GPU. The
-operators on the permutahedron below are computed on the host there. XLA picks the lowering by the platform
-it compiles for, never by ``jax.default_backend()``. Otherwise (another
-platform, the numba engine on the CPU, no handlers) it runs the engine
-through :func:`jax.pure_callback`:
+operators on the permutahedron below are computed on the host there. XLA
+picks the lowering by the platform it compiles for, never by
+``jax.default_backend()``. Otherwise (another platform, the numba engine on
+the CPU, no handlers) it runs the engine through :func:`jax.pure_callback`:
 tens of microseconds more per call, the data moves to the host and back, and
 under ``jit`` with sharded inputs the callback runs on one device (inside
 ``shard_map`` it runs on every shard). With the callback, switch float64 on

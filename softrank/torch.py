@@ -35,13 +35,14 @@ Devices: the CPU kernels hand the engine numpy views of the tensors, without
 copies when they are contiguous. Where softrank was built with its CUDA core
 (``softrank._C.cuda_compiled()``), the CUDA kernels of ``soft_forward``,
 ``soft_vjp`` and ``soft_jvp`` run it on the tensors' device, on the current
-stream, with memory from torch's caching allocator (:mod:`softrank._torch_cuda`):
-``soft_rank`` and ``soft_sort`` and their first derivatives never leave the
-GPU. ``soft_hvp`` (second derivatives), ``projection_forward`` and
+stream, with memory from torch's caching allocator (:mod:`softrank._torch_cuda`),
+and the CUDA kernel of ``soft_hvp`` composes those two products with torch
+operations: ``soft_rank``, ``soft_sort`` and their derivatives of every
+supported order never leave the GPU. ``projection_forward`` and
 ``isotonic_forward`` are computed on the host for CUDA tensors: their CUDA
 kernels copy the inputs to the host, run the CPU engine and copy the results
-back to the input's device (synchronising with the current stream; soft_hvp
-warns once). Without the CUDA core every CUDA kernel is that host round trip.
+back to the input's device (synchronising with the current stream). Without
+the CUDA core every CUDA kernel is that host round trip.
 
 An eager call on a plain CPU tensor (no torch.func transform, compile,
 dispatch or function mode, forward-mode level, batched tensor or tensor
@@ -166,7 +167,7 @@ def _jvp_kernel(x, out, perm, block_start, tangent, op, reg, descending, eps):
 
 
 def _hvp_kernel(x, out, perm, block_start, cotangent, tangent, op, reg, descending, eps):
-    """The CPU kernel; CUDA tensors are computed on the host (softrank._torch_cuda)."""
+    """The CPU kernel (and the CUDA one without the CUDA core: computed on the host)."""
     host = _host.hvp(
         _host_array(x), _host_array(out), _host_array(perm), _host_array(block_start),
         _host_array(cotangent), _host_array(tangent), op, reg, descending, eps,
@@ -184,13 +185,13 @@ def _like_x_fake(x, *rest):
 
 
 def _projection_kernel(z, w, eps, reg):
-    """The CPU kernel; also the CUDA kernel: CUDA tensors are computed on the host."""
+    """The CPU kernel, and the CUDA kernel: CUDA tensors are computed on the host."""
     out, state = _host.projection(_host_array(z), _host_array(w), eps, reg)
     return (_on_device(out, z),) + tuple(_on_device(field, z) for field in state)
 
 
 def _isotonic_kernel(y, weights, increasing, reg):
-    """The CPU kernel; also the CUDA kernel: CUDA tensors are computed on the host."""
+    """The CPU kernel, and the CUDA kernel: CUDA tensors are computed on the host."""
     solution, block_start = _host.isotonic(
         _host_array(y), None if weights is None else _host_array(weights), increasing, reg
     )

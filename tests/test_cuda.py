@@ -333,7 +333,7 @@ def test_jax_cuda_lowering_calls_the_cuda_handlers(monkeypatch):
     # The second derivative has no CUDA handler: it is composed of the jvp and
     # vjp calls (the rank's hessian binds the hvp primitive).
     for op in (srj.soft_rank, srj.soft_sort):
-        hessian = jax.hessian(lambda v: (op(v, 0.5, regularization="kl") * v).sum())
+        hessian = jax.hessian(lambda v, op=op: (op(v, 0.5, regularization="kl") * v).sum())
         text = _cuda_lowering_text(hessian, x[0])
         assert "softrank_hvp_v1" not in text and "callback" not in text
         assert "custom_call @softrank_jvp_v1" in text
@@ -360,7 +360,7 @@ def test_jax_hvp_from_state_is_the_engine_s(n):
         x = jnp.asarray(values)
         for op, reg, descending, eps in itertools.product((0, 1), (0, 1), (False, True),
                                                           (1e-3, 0.3, 1.0, 20.0, 0.0, math.inf)):
-            params = dict(op=op, reg=reg, descending=descending, eps=eps)
+            params = {"op": op, "reg": reg, "descending": descending, "eps": eps}
             state = srj._forward_p.bind(x, **params)
             expected = np.asarray(srj._hvp_p.bind(x, *state, jnp.asarray(c), jnp.asarray(t),
                                                   **params))
