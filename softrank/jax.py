@@ -33,8 +33,17 @@ Lowering: on the CPU, where the compiled engine was built with the XLA FFI
 handlers (they come with jaxlib; see the README), each primitive is an XLA
 custom call into the C++ core (targets ``softrank_*_v1``; no Python, no
 copies), with a sharding rule that partitions every leading (batch)
-dimension and keeps the row whole. Otherwise (another platform, the numba
-engine, no handlers) it runs the engine through :func:`jax.pure_callback`:
+dimension and keeps the row whole. On a CUDA GPU, where softrank was built
+with its CUDA core (``softrank._C.cuda_compiled()``), ``softrank_forward``,
+``softrank_forward_value``, ``softrank_jvp`` and ``softrank_vjp`` are XLA
+custom calls into it under the same target names (handlers registered for
+platform "CUDA", on XLA's stream, scratch from XLA's allocator), and
+``softrank_hvp`` is lowered to its composition of the jvp and vjp calls: the
+soft rank, the soft sort and their derivatives stay on the GPU. The
+operators on the permutahedron below are computed on the host there. XLA
+picks the lowering by the platform it compiles for, never by
+``jax.default_backend()``. Otherwise (another platform, the numba engine on
+the CPU, no handlers) it runs the engine through :func:`jax.pure_callback`:
 tens of microseconds more per call, the data moves to the host and back, and
 under ``jit`` with sharded inputs the callback runs on one device (inside
 ``shard_map`` it runs on every shard). With the callback, switch float64 on
@@ -139,13 +148,40 @@ def _register_targets() -> bool:
     return True
 
 
+def _register_cuda_targets() -> frozenset:
+    """Register the CUDA core's XLA FFI handlers (platform "CUDA"; the same
+    target names as the CPU ones); their names, empty where the core was built
+    without CUDA or without the CPU handlers (then the API version is unchecked)."""
+    if not _HAVE_FFI_TARGETS:
+        return frozenset()
+    from softrank import _C  # type: ignore[attr-defined]
+
+    targets = getattr(_C, "xla_ffi_cuda_targets", None)
+    if targets is None:
+        return frozenset()
+    handlers = targets()
+    for name, capsule in handlers.items():
+        jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+    return frozenset(handlers)
+
+
 _HAVE_FFI_TARGETS = _register_targets()
+_CUDA_FFI_TARGETS = _register_cuda_targets()
 
 
 def _ffi_ready() -> bool:
     """Whether a CPU lowering can call the core as an XLA custom call: the
     native engine is in use and was built with the XLA FFI handlers."""
     return _HAVE_FFI_TARGETS and _engine.backend() == "native"
+
+
+def _lowers_to_ffi(platform: str, target: str) -> bool:
+    """Whether a lowering for ``platform`` ("cpu" or "cuda") can call ``target``
+    as an XLA custom call. On CUDA: where the core was built with that CUDA
+    handler (the CUDA core is the GPU's only engine, whichever runs on the CPU)."""
+    if platform == "cuda":
+        return target in _CUDA_FFI_TARGETS
+    return _ffi_ready()
 
 
 def export_disabled_checks() -> list:
@@ -277,6 +313,23 @@ def _hvp_by_composition(x, c, t, params: dict):
         return _second(x, out, perm, block_start, t, u, params, engine_hvp=False)
 
     return jax.linear_transpose(second, t)(c)[0]
+
+
+def _hvp_from_state(x, out, perm, block_start, c, t, params: dict):
+    """The engine's hvp, ``grad_x <c, J(x) t>``, composed of ``softrank_jvp``
+    and ``softrank_vjp`` over the given forward state (the transpose of
+    :func:`_second` in its last argument): what the hvp primitive lowers to
+    where the core has no hvp handler (CUDA). NaN on a non-finite row, as the
+    engine."""
+    op, reg, eps = params["op"], params["reg"], params["eps"]
+    if _second_is_zero(op, reg, eps):
+        result = jnp.zeros_like(out)
+    else:
+        def second(u):
+            return _second(x, out, perm, block_start, t, u, params, engine_hvp=False)
+
+        result = jax.linear_transpose(second, t)(c)[0]
+    return jnp.where(block_start[..., :1] < 0, jnp.asarray(np.nan, out.dtype), result)
 
 
 # --- JVP rules ---------------------------------------------------------------
@@ -463,19 +516,40 @@ def _callback_lowering(ctx, *args, prim_name: str, **params):
     return mlir.lower_fun(call, multiple_results=True)(ctx, *args)
 
 
-def _cpu_lowering(ctx, *args, prim_name: str, op, reg, descending, eps):
+def _ffi_call_lowering(ctx, *args, prim_name: str, platform: str, op, reg, descending, eps):
+    """The core's XLA custom call for ``platform`` where its handler is there,
+    else the host callback."""
     params = dict(op=op, reg=reg, descending=descending, eps=eps)
-    if not _ffi_ready():
+    target = _TARGETS[prim_name]
+    if not _lowers_to_ffi(platform, target):
         return _callback_lowering(ctx, *args, prim_name=prim_name, **params)
-    rule = jax.ffi.ffi_lowering(_TARGETS[prim_name], extra_attributes=_partitioning_attributes(ctx))
+    rule = jax.ffi.ffi_lowering(target, extra_attributes=_partitioning_attributes(ctx))
     return rule(ctx, *args, op=np.int32(op), reg=np.int32(reg), descending=bool(descending),
                 eps=np.float64(eps))
 
 
+def _cuda_hvp_lowering(ctx, *args, **params):
+    """The CUDA core has no hvp handler: the hvp is lowered as its composition of
+    the jvp and vjp custom calls (:func:`_hvp_from_state`), or the callback where
+    those are missing too."""
+    if not all(_lowers_to_ffi("cuda", _TARGETS[name]) for name in ("softrank_jvp", "softrank_vjp")):
+        return _callback_lowering(ctx, *args, prim_name=_hvp_p.name, **params)
+    return mlir.lower_fun(lambda *a: (_hvp_from_state(*a, params),),
+                          multiple_results=True)(ctx, *args)
+
+
+# XLA picks the lowering by the platform it compiles for: the callback by
+# default, the custom call on the CPU and on CUDA GPUs (the hvp there composed
+# of the others).
 for _prim in (_forward_p, _value_p, _jvp_p, _vjp_p, _hvp_p):
     mlir.register_lowering(_prim, functools.partial(_callback_lowering, prim_name=_prim.name))
-    mlir.register_lowering(_prim, functools.partial(_cpu_lowering, prim_name=_prim.name),
-                           platform="cpu")
+    mlir.register_lowering(
+        _prim, functools.partial(_ffi_call_lowering, prim_name=_prim.name, platform="cpu"),
+        platform="cpu")
+    mlir.register_lowering(
+        _prim, _cuda_hvp_lowering if _prim is _hvp_p
+        else functools.partial(_ffi_call_lowering, prim_name=_prim.name, platform="cuda"),
+        platform="cuda")
 
 
 # --- public API ------------------------------------------------------------------

@@ -4,9 +4,11 @@
 ``soft_topk_mask``, ``spearman``, ``soft_quantile``, ``soft_median`` and
 ``isotonic_regression`` act along any ``axis`` of a tensor of any (statically
 known) rank, with the same arguments and values as :mod:`softrank.numpy`. The
-forward pass runs the CPU engine on the host (tensors on a GPU are copied to
-the host and back) and stores the permutations and the PAV blocks, so every
-derivative costs O(n) per row. float16 and bfloat16 are computed in float32
+forward pass runs the CPU engine on the host and stores the permutations and
+the PAV blocks, so every derivative costs O(n) per row. TensorFlow tensors on
+a GPU are computed on the host: softrank's CUDA core serves softrank.torch and
+softrank.jax only, so each op copies its inputs from the GPU to the host and
+its results back. float16 and bfloat16 are computed in float32
 and returned in their own dtype; integer, bool and complex inputs raise
 TypeError (targets, ``w`` and weights may be integers).
 

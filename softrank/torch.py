@@ -32,10 +32,17 @@ a differentiating ``torch.func`` transform (the public functions support
 them; direct calls support autograd, vmap, compile and export).
 
 Devices: the CPU kernels hand the engine numpy views of the tensors, without
-copies when they are contiguous. softrank has no CUDA core yet: the CUDA
-kernels copy their inputs to the host, run the CPU engine and copy the
-results back to the input's device (synchronising with the current stream);
-results are exact, but each call pays two transfers.
+copies when they are contiguous. Where softrank was built with its CUDA core
+(``softrank._C.cuda_compiled()``), the CUDA kernels of ``soft_forward``,
+``soft_vjp`` and ``soft_jvp`` run it on the tensors' device, on the current
+stream, with memory from torch's caching allocator (:mod:`softrank._torch_cuda`),
+and the CUDA kernel of ``soft_hvp`` composes those two products with torch
+operations: ``soft_rank``, ``soft_sort`` and their derivatives of every
+supported order never leave the GPU. ``projection_forward`` and
+``isotonic_forward`` are computed on the host for CUDA tensors: their CUDA
+kernels copy the inputs to the host, run the CPU engine and copy the results
+back to the input's device (synchronising with the current stream). Without
+the CUDA core every CUDA kernel is that host round trip.
 
 An eager call on a plain CPU tensor (no torch.func transform, compile,
 dispatch or function mode, forward-mode level, batched tensor or tensor
@@ -76,7 +83,7 @@ import numpy as np
 from torch import Tensor
 from torch.autograd import forward_ad as _forward_ad
 
-from softrank import _derivatives, _engine, _host, _layout, _operators
+from softrank import _derivatives, _engine, _host, _layout, _operators, _torch_cuda
 from softrank._engine import OP_RANK, OP_SORT, REG_KL, REG_L2
 from softrank._types import Direction, Regularization
 from softrank._validate import (
@@ -160,6 +167,7 @@ def _jvp_kernel(x, out, perm, block_start, tangent, op, reg, descending, eps):
 
 
 def _hvp_kernel(x, out, perm, block_start, cotangent, tangent, op, reg, descending, eps):
+    """The CPU kernel (and the CUDA one without the CUDA core: computed on the host)."""
     host = _host.hvp(
         _host_array(x), _host_array(out), _host_array(perm), _host_array(block_start),
         _host_array(cotangent), _host_array(tangent), op, reg, descending, eps,
@@ -177,11 +185,13 @@ def _like_x_fake(x, *rest):
 
 
 def _projection_kernel(z, w, eps, reg):
+    """The CPU kernel, and the CUDA kernel: CUDA tensors are computed on the host."""
     out, state = _host.projection(_host_array(z), _host_array(w), eps, reg)
     return (_on_device(out, z),) + tuple(_on_device(field, z) for field in state)
 
 
 def _isotonic_kernel(y, weights, increasing, reg):
+    """The CPU kernel, and the CUDA kernel: CUDA tensors are computed on the host."""
     solution, block_start = _host.isotonic(
         _host_array(y), None if weights is None else _host_array(weights), increasing, reg
     )
@@ -215,18 +225,28 @@ _LIB.define(
 )
 _OPS = torch.ops.softrank
 
-for _name, _kernel, _fake in (
-    ("soft_forward", _forward_kernel, _forward_fake),
-    ("soft_vjp", _vjp_kernel, _like_x_fake),
-    ("soft_jvp", _jvp_kernel, _like_x_fake),
-    ("soft_hvp", _hvp_kernel, _like_x_fake),
-    ("projection_forward", _projection_kernel, _projection_fake),
-    ("isotonic_forward", _isotonic_kernel, _isotonic_fake),
+_HOST_KERNELS = {
+    "soft_forward": _forward_kernel,
+    "soft_vjp": _vjp_kernel,
+    "soft_jvp": _jvp_kernel,
+    "soft_hvp": _hvp_kernel,
+    "projection_forward": _projection_kernel,
+    "isotonic_forward": _isotonic_kernel,
+}
+# The CUDA core's kernels where softrank was built with it; the host round
+# trip of the kernels above for the rest (see softrank._torch_cuda).
+_CUDA_KERNELS = _torch_cuda.cuda_kernels(_torch_cuda.core(), _HOST_KERNELS)
+
+for _name, _fake in (
+    ("soft_forward", _forward_fake),
+    ("soft_vjp", _like_x_fake),
+    ("soft_jvp", _like_x_fake),
+    ("soft_hvp", _like_x_fake),
+    ("projection_forward", _projection_fake),
+    ("isotonic_forward", _isotonic_fake),
 ):
-    # A CUDA core registers its own kernel here; until then CUDA tensors
-    # take the host round trip of the kernels above.
-    for _device in ("CPU", "CUDA"):
-        _LIB.impl(_name, _kernel, _device)
+    _LIB.impl(_name, _HOST_KERNELS[_name], "CPU")
+    _LIB.impl(_name, _CUDA_KERNELS[_name], "CUDA")
     # (The fake kernel also serves eager meta tensors.)
     torch.library.register_fake(f"softrank::{_name}", _fake, lib=_LIB)
 
@@ -974,8 +994,9 @@ def soft_rank(
     x : Tensor, shape (..., n, ...)
         float32 and float64 are computed natively; float16 and bfloat16 in
         float32 and returned in their own dtype. Integer, bool and complex
-        tensors raise TypeError. CUDA tensors make a host round trip (see the
-        module docstring); the result is on ``x``'s device.
+        tensors raise TypeError. CUDA tensors are computed on their device
+        where softrank was built with its CUDA core, else on the host (see
+        the module docstring); the result is on ``x``'s device.
     eps : float, default 1.0
         Regularization strength, >= 0, not differentiated: a Python number
         (a constant of the graph under ``torch.compile``), or in eager mode
@@ -1178,8 +1199,8 @@ def permutahedron_projection(
     z : Tensor, shape (..., n, ...)
         float32 and float64 are computed natively; float16 and bfloat16 in
         float32 and returned in their own dtype. Integer, bool and complex
-        tensors raise TypeError. CUDA tensors make a host round trip (see the
-        module docstring); the result is on ``z``'s device.
+        tensors raise TypeError. CUDA tensors are computed on the host (a
+        round trip, see the module docstring); the result is on ``z``'s device.
     w : Tensor or array_like, optional
         Shape (n,) (the same vector for every row) or the shape of ``z``; any
         order (only its sorted values matter); on ``z``'s device, computed in
@@ -1494,7 +1515,8 @@ def isotonic_regression(
     Parameters
     ----------
     y : Tensor, shape (..., n, ...)
-        As ``x`` in :func:`soft_rank`.
+        As ``z`` in :func:`permutahedron_projection`: CUDA tensors are
+        computed on the host (a round trip); the result is on ``y``'s device.
     weights : Tensor or array_like, shape of ``y``, optional
         Positive finite weights, on ``y``'s device, computed in ``y``'s
         compute dtype; default all ones. Checked (ValueError) where their

@@ -29,6 +29,14 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "cuda: needs a CUDA GPU and softrank built with its CUDA core (skipped elsewhere; "
+        "run them with -m cuda)",
+    )
+
+
 def _engine_params():
     try:
         from softrank._engine import available_backends

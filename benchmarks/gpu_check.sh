@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# The GPU check of softrank's CUDA core, in one go (well under 8 minutes):
+#   1. build softrank in place with SOFTRANK_CUDA=ON (CMake, no network, no pip);
+#   2. pytest -m cuda tests/test_cuda.py (the CUDA paths against the CPU engine);
+#   3. compute-sanitizer memcheck over forward + backward (float32/float64, l2/kl,
+#      rank/sort, short and long rows);
+#   4. torchsort from a local source, where one is found (optional);
+#   5. the GPU benchmark table (benchmarks/test_bench_cuda.py).
+# Every stage has a timeout, cut to what is left of the total budget, so one hang
+# does not eat the rest; a compact summary ends the output. Logs go to $OUT (set on
+# the GPU machine) or a temporary directory.
+#
+# Run from anywhere: bash benchmarks/gpu_check.sh
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 470),
+# TORCHSORT_SRC (a torchsort source tree), CMAKE_CUDA_ARCHITECTURES (default: the
+# GPU's own compute capability).
+# Exit status: 0 when every stage that ran passed, 1 when one failed or timed
+# out, 2 when this machine cannot run the check (no GPU, a tool missing).
+set -u
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+# softrank is built in place (softrank/_C*.so), never installed: every Python
+# process of the check imports it from here.
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+py=${PYTHON:-python3}
+budget=${GPU_CHECK_BUDGET_S:-470}
+start=$(date +%s)
+logs=${OUT:-$(mktemp -d -t softrank-gpu-check.XXXXXX)}
+mkdir -p "$logs"
+summary=()
+failed=0
+
+remaining() { echo $((budget - ($(date +%s) - start))); }
+
+# stage NAME CAP_S COMMAND...: run with a timeout of min(CAP_S, what is left),
+# log to $logs/NAME.log and show its tail; record the outcome for the summary.
+stage() {
+  local name=$1 cap=$2
+  shift 2
+  local left
+  left=$(remaining)
+  if ((left < 15)); then
+    summary+=("$name: SKIPPED (budget spent)")
+    failed=1
+    return 1
+  fi
+  ((cap > left)) && cap=$left
+  echo "=== $name (timeout ${cap}s)"
+  local began rc
+  began=$(date +%s)
+  timeout --kill-after=10 "$cap" "$@" >"$logs/$name.log" 2>&1
+  rc=$?
+  tail -n 25 "$logs/$name.log"
+  local took=$(($(date +%s) - began))
+  if ((rc == 0)); then
+    summary+=("$name: ok (${took}s)")
+  elif ((rc == 124 || rc == 137)); then
+    summary+=("$name: TIMEOUT after ${took}s (log: $logs/$name.log)")
+    failed=1
+  else
+    summary+=("$name: FAILED rc=$rc (${took}s, log: $logs/$name.log)")
+    failed=1
+  fi
+  return $rc
+}
+
+finish() {
+  echo
+  echo "=== summary (total $(($(date +%s) - start))s, logs in $logs)"
+  printf '  %s\n' "${summary[@]}"
+  if [[ -f "$logs/benchmark.log" ]]; then
+    sed -n '/^goals:/,$p' "$logs/benchmark.log"
+  fi
+  exit "$failed"
+}
+
+unavailable() {
+  echo "gpu_check: cannot run here: $1" >&2
+  exit 2
+}
+
+# --- 0. what this machine has --------------------------------------------------------
+command -v "$py" >/dev/null || unavailable "no $py"
+command -v cmake >/dev/null || unavailable "no cmake"
+nvcc=$(command -v nvcc || ls "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" 2>/dev/null) ||
+  unavailable "no nvcc (put the CUDA toolkit's bin on PATH or set CUDA_HOME)"
+for module in torch pybind11 pytest numpy; do
+  "$py" -c "import $module" 2>/dev/null || unavailable "Python module $module is missing"
+done
+if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
+  unavailable "no NVIDIA GPU (nvidia-smi finds none): the build, the cuda tests and the benchmarks need one"
+fi
+"$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" ||
+  unavailable "torch sees no CUDA device (a CPU-only torch, or no driver)"
+echo "GPU: $(nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader | head -n 1)"
+echo "nvcc: $("$nvcc" --version | tail -n 1); $("$py" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)')"
+echo "logs: $logs"
+
+# --- 1. build -----------------------------------------------------------------------
+archs=${CMAKE_CUDA_ARCHITECTURES:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader |
+  head -n 1 | tr -d ' .')}
+generator=""
+command -v ninja >/dev/null && generator="-GNinja"
+export py nvcc archs generator
+# (A function run by timeout through bash -c: it sees only exported names.)
+build() {
+  set -e
+  cmake -S . -B build/gpu $generator -DSOFTRANK_BUILD_PYTHON=ON -DSOFTRANK_CUDA=ON \
+    -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_COMPILER="$nvcc" -DCMAKE_CUDA_ARCHITECTURES="$archs" \
+    -DPython_EXECUTABLE="$(command -v "$py")" -Dpybind11_DIR="$("$py" -m pybind11 --cmakedir)"
+  cmake --build build/gpu --target _C -j "$(nproc)"
+  local built
+  built=$(ls build/gpu/_C*.so | head -n 1)
+  cp "$built" "softrank/.$(basename "$built").tmp"
+  mv "softrank/.$(basename "$built").tmp" "softrank/$(basename "$built")"
+  "$py" -c "from softrank import _C; assert _C.cuda_compiled(), 'built without the CUDA core'; print('cuda_device_count', _C.cuda_device_count())"
+}
+export -f build
+stage build 240 bash -c build || finish
+
+# --- 2. the cuda tests ------------------------------------------------------------------
+pytest_args=(-q -p no:cacheprovider -m cuda -rs)
+if ! "$py" -c "import hypothesis" 2>/dev/null; then
+  # tests/conftest.py needs hypothesis; the cuda tests do not.
+  pytest_args+=(--noconftest -o "markers=cuda: needs a CUDA GPU")
+fi
+stage tests 180 "$py" -m pytest "${pytest_args[@]}" tests/test_cuda.py
+
+# --- 3. compute-sanitizer -----------------------------------------------------------------
+sanitizer=$(command -v compute-sanitizer || ls "$(dirname "$nvcc")/compute-sanitizer" 2>/dev/null)
+if [[ -n "$sanitizer" ]]; then
+  cat >"$logs/sanitize.py" <<'EOF'
+# Forward and backward through softrank's CUDA kernels, for compute-sanitizer.
+import torch
+
+import softrank.torch as srt
+
+torch.manual_seed(0)
+for n, rows in ((1, 3), (7, 5), (1000, 16), (300_000, 1)):
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(rows, n, dtype=dtype, device="cuda")
+        if rows > 1:
+            x[0, n // 2] = float("nan")  # a non-finite row
+        for fn in (srt.soft_rank, srt.soft_sort):
+            for reg in ("l2", "kl"):
+                leaf = x.clone().requires_grad_()
+                y = fn(leaf, 0.5, regularization=reg, direction="descending" if n == 7 else "ascending")
+                y.backward(torch.randn_like(y))
+                _ = torch.func.jvp(lambda v: fn(v, 0.5, regularization=reg), (x,), (x,))
+torch.cuda.synchronize()
+print("sanitizer script done")
+EOF
+  # Without the caching allocator every tensor is its own allocation, so memcheck
+  # sees an access past an output or the workspace.
+  stage sanitizer 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    "$sanitizer" --tool memcheck --error-exitcode 1 --print-limit 20 "$py" "$logs/sanitize.py"
+else
+  summary+=("sanitizer: SKIPPED (no compute-sanitizer next to $nvcc or on PATH)")
+fi
+
+# --- 4. torchsort (optional) --------------------------------------------------------------
+torchsort_src=""
+for candidate in "${TORCHSORT_SRC:-}" "$root/../peers/torchsort" "$root/peers/torchsort" \
+  /work/peers/torchsort; do
+  if [[ -n "$candidate" && -f "$candidate/setup.py" ]]; then
+    torchsort_src=$candidate
+    break
+  fi
+done
+if "$py" -c "import torchsort" 2>/dev/null; then
+  summary+=("torchsort: already importable")
+elif [[ -z "$torchsort_src" ]]; then
+  summary+=("torchsort: SKIPPED (no local source: set TORCHSORT_SRC to a torchsort checkout)")
+elif (($(remaining) < 200)); then
+  summary+=("torchsort: SKIPPED (under 200 s left for it and the benchmarks)")
+else
+  mkdir -p "$logs/site"
+  failed_before=$failed
+  if stage torchsort 150 "$py" -m pip install --no-build-isolation --no-deps --no-index \
+    --target "$logs/site" "$torchsort_src"; then
+    export PYTHONPATH="$logs/site${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    # Optional: its failure is reported, not counted.
+    summary[${#summary[@]} - 1]+=" (optional: benchmarks run without it)"
+    failed=$failed_before
+  fi
+fi
+
+# --- 5. the benchmark table -----------------------------------------------------------------
+stage benchmark 240 "$py" benchmarks/test_bench_cuda.py
+finish
