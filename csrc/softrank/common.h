@@ -55,11 +55,11 @@ SOFTRANK_HD double rho_sum(index_t n, index_t s, index_t e) {
 // depend only on their own inputs, so the split never changes a bit.
 struct SerialRanges {
   template <class Fn>
-  void operator()(index_t n, Fn&& fn) const {
+  SOFTRANK_HD void operator()(index_t n, Fn&& fn) const {
     fn(index_t{0}, n);
   }
   template <class Fn>
-  void tasks(index_t count, Fn&& fn) const {
+  SOFTRANK_HD void tasks(index_t count, Fn&& fn) const {
     for (index_t t = 0; t < count; ++t) fn(t);
   }
 };
