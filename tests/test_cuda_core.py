@@ -281,6 +281,30 @@ def test_device_matches_the_cpu_engine(dtype, kind, shape):
                         np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kind", ["random", "ties", "nan"])
+@pytest.mark.parametrize("shape", [(1, 2**18), (2, 300_001)])
+def test_device_long_rows_match_the_cpu_engine(dtype, kind, shape):
+    # Rows of 2^18 items or more are pooled in chunks, one block of threads per
+    # row on the device (forward_long_rows, product_long_rows).
+    torch = _torch_cuda()
+    c = _C()
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    x = _rows(dtype, *shape, kind, seed=zlib.crc32(f"long{dtype}{kind}{shape}".encode()))
+    x *= 50.0  # spread, so that both singleton and pooled blocks occur
+    vec = np.random.default_rng(3).standard_normal(shape).astype(dtype)
+    for op, reg in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        for eps in (0.0, 1.0, 1e4):
+            out, perm, blocks = c.soft_forward(x, op, reg, True, eps)
+            xd, out_d, perm_d, blocks_d = _device_forward(torch, x, op, reg, True, eps)
+            np.testing.assert_array_equal(perm_d.cpu().numpy(), perm)
+            np.testing.assert_array_equal(blocks_d.cpu().numpy(), blocks)
+            np.testing.assert_allclose(out_d.cpu().numpy(), out, rtol=tol, atol=tol)
+            expected = c.soft_vjp(x, out, perm, blocks, vec, op, reg, True, eps)
+            got = _device_product(torch, xd, out_d, perm_d, blocks_d, vec, op, reg, True, eps, True)
+            np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)
+
+
 def test_device_workspace_too_small_raises_value_error():
     torch = _torch_cuda()
     c = _C()

@@ -81,7 +81,9 @@ unsigned grid_for(std::int64_t items, int threads) {
 //
 // Keys: descending_key(x' + 0) of every element (+0 turns -0 into +0, as on
 // the CPU), values: the column. A stable ascending sort of the keys orders
-// x' decreasingly with ties in column order: the CPU's permutation. CUB's
+// x' decreasingly with ties in column order: the CPU's permutation (CUB's
+// radix sorts are stable, DeviceSegmentedRadixSort by sharing DeviceRadixSort's
+// implementation; the tests of ties check the permutation exactly). CUB's
 // radix sorts take int item counts, so a batch is sorted in groups of rows
 // of at most INT_MAX items, one group per call; a group of one row is
 // sorted by DeviceRadixSort (faster on one long row than the segmented sort).
@@ -188,20 +190,6 @@ struct ForwardScratch {
   index_t chunks;
 };
 
-// Equal keys in column order. CUB documents DeviceRadixSort as stable but not
-// DeviceSegmentedRadixSort: this puts any run of equal keys that a sort left
-// out of column order right (by insertion, which on an ordered run only reads).
-template <class Key>
-__device__ void order_ties_by_column(const Key* keys, index_t n, index_t* perm) {
-  for (index_t i = 1; i < n; ++i) {
-    if (keys[i] != keys[i - 1] || perm[i - 1] < perm[i]) continue;
-    const index_t column = perm[i];
-    index_t j = i;
-    for (; j > 0 && keys[j - 1] == keys[i] && perm[j - 1] > column; --j) perm[j] = perm[j - 1];
-    perm[j] = column;
-  }
-}
-
 // Rows [0, rows) of a sorted group: every pointer starts at the group's first row.
 template <class T, class Key>
 __global__ void forward_rows(const Key* keys, const index_t* columns, std::int64_t rows,
@@ -227,7 +215,6 @@ __global__ void forward_rows(const Key* keys, const index_t* columns, std::int64
       fill_non_finite_row(n, row_out, row_perm, row_blocks);
       continue;
     }
-    order_ties_by_column(row_keys, n, row_perm);
     const std::int64_t table = r * (static_cast<std::int64_t>(n) + 1);
     const std::int64_t chunk = r * s.chunks;
     const DeviceRowScratch w{xs,
@@ -243,6 +230,80 @@ __global__ void forward_rows(const Key* keys, const index_t* columns, std::int64
   }
 }
 
+// Rows long enough to be pooled in chunks (pav_chunk_count(n) > 1): one block
+// of threads per row runs soft_forward_sorted together, every thread
+// computing its scalars (the same values) and BlockRanges sharing out the
+// data-parallel steps (ranges, tasks) and giving the serial ones (single) to
+// thread 0, each step between barriers: the CPU's long-row schedule.
+struct BlockRanges {
+  template <class Fn>
+  __device__ void operator()(index_t n, Fn&& fn) const {
+    __syncthreads();  // (nobody still reads what the step overwrites)
+    const std::int64_t per = (static_cast<std::int64_t>(n) + blockDim.x - 1) / blockDim.x;
+    const std::int64_t lo = threadIdx.x * per < n ? threadIdx.x * per : n;
+    const std::int64_t hi = lo + per < n ? lo + per : n;
+    if (lo < hi) fn(static_cast<index_t>(lo), static_cast<index_t>(hi));
+    __syncthreads();
+  }
+  template <class Fn>
+  __device__ void tasks(index_t count, Fn&& fn) const {
+    __syncthreads();
+    for (index_t t = threadIdx.x; t < count; t += blockDim.x) fn(t);
+    __syncthreads();
+  }
+  template <class Fn>
+  __device__ void single(Fn&& fn) const {
+    __syncthreads();
+    if (threadIdx.x == 0) fn();
+    __syncthreads();
+  }
+};
+
+constexpr int kLongRowThreads = 256;
+
+template <class T, class Key>
+__global__ void __launch_bounds__(kLongRowThreads)
+    forward_long_rows(const Key* keys, const index_t* columns, index_t n, OpSpec spec, T* out,
+                      index_t* perm, index_t* block_start, ForwardScratch s) {
+  const std::int64_t r = blockIdx.x;
+  const std::int64_t off = r * n;
+  const Key* row_keys = keys + off;
+  index_t* row_perm = perm + off;
+  index_t* row_blocks = block_start + off;
+  T* row_out = out + off;
+  double* xs = s.xs + off;
+  const std::int64_t per = (static_cast<std::int64_t>(n) + blockDim.x - 1) / blockDim.x;
+  const std::int64_t lo = threadIdx.x * per < n ? threadIdx.x * per : n;
+  const std::int64_t hi = lo + per < n ? lo + per : n;
+  bool finite = true;
+  for (std::int64_t i = lo; i < hi; ++i) {
+    const auto v = value_of_key(row_keys[i]);
+    finite = finite && is_finite_bits(float_bits(v));
+    xs[i] = static_cast<double>(v);
+    row_perm[i] = columns[off + i];
+  }
+  if (!__syncthreads_and(finite)) {  // fill_non_finite_row, shared out
+    for (std::int64_t i = lo; i < hi; ++i) {
+      row_out[i] = static_cast<T>(kNaN);
+      row_perm[i] = static_cast<index_t>(i);
+      row_blocks[i] = -1;
+    }
+    return;
+  }
+  const std::int64_t table = r * (static_cast<std::int64_t>(n) + 1);
+  const std::int64_t chunk = r * s.chunks;
+  const DeviceRowScratch w{xs,
+                           s.work + table,
+                           s.work2 + table,
+                           BlockStack{s.start + off, s.ref + off, s.stat + off, s.stat2 + off,
+                                      s.tail + off},
+                           s.chunk_first + chunk,
+                           s.chunk_last + chunk,
+                           s.chunk_end + chunk,
+                           nullptr};
+  soft_forward_sorted(n, spec, w, row_out, row_perm, row_blocks, BlockRanges{});
+}
+
 template <class T>
 __global__ void product_rows(const T* x, const T* out, const index_t* perm,
                              const index_t* block_start, const T* vec, std::int64_t rows,
@@ -254,6 +315,24 @@ __global__ void product_rows(const T* x, const T* out, const index_t* perm,
     soft_product_row(x + off, out + off, perm + off, block_start + off, vec + off, n, spec,
                      transpose, result + off, work + off);
   }
+}
+
+// The products of long rows (those of forward_long_rows): one block per row,
+// each thread the blocks that start in its share of the row, as the CPU's
+// long-row driver splits it (soft_product_batch).
+template <class T>
+__global__ void __launch_bounds__(kLongRowThreads)
+    product_long_rows(const T* x, const T* out, const index_t* perm, const index_t* block_start,
+                      const T* vec, index_t n, OpSpec spec, bool transpose, T* result,
+                      double* work) {
+  const std::int64_t off = static_cast<std::int64_t>(blockIdx.x) * n;
+  const index_t* bs = block_start + off;
+  const auto cut = [&](std::int64_t t) {
+    if (t == blockDim.x || bs[0] < 0) return t == 0 ? index_t{0} : n;
+    return bs[static_cast<index_t>(static_cast<std::int64_t>(n) * t / blockDim.x)];
+  };
+  soft_product_range(x + off, out + off, perm + off, bs, vec + off, n, spec, transpose,
+                     result + off, work + off, cut(threadIdx.x), cut(threadIdx.x + 1));
 }
 
 // --- Workspace layouts ---------------------------------------------------------
@@ -362,10 +441,16 @@ void forward(const T* x, std::int64_t rows, index_t n, const OpSpec& spec, T* ou
     s.chunk_first += row0 * s.chunks;
     s.chunk_last += row0 * s.chunks;
     s.chunk_end += row0 * s.chunks;
-    forward_rows<<<grid_for(count, kRowThreads), kRowThreads, 0, stream>>>(
-        keys.Current(), columns.Current(), count, n, spec, out + off, perm + off,
-        block_start + off, s);
-    check_launch("forward_rows");
+    if (s.chunks > 1) {
+      forward_long_rows<<<static_cast<unsigned>(count), kLongRowThreads, 0, stream>>>(
+          keys.Current(), columns.Current(), n, spec, out + off, perm + off, block_start + off, s);
+      check_launch("forward_long_rows");
+    } else {
+      forward_rows<<<grid_for(count, kRowThreads), kRowThreads, 0, stream>>>(
+          keys.Current(), columns.Current(), count, n, spec, out + off, perm + off,
+          block_start + off, s);
+      check_launch("forward_rows");
+    }
   }
 }
 
@@ -387,9 +472,16 @@ void product(const T* x, const T* out, const index_t* perm, const index_t* block
                                 ", got " + std::to_string(workspace_bytes));
   Carver c{aligned_base(workspace)};
   double* work = c.take<double>(rows * n);
-  product_rows<<<grid_for(rows, kRowThreads), kRowThreads, 0, stream>>>(
-      x, out, perm, block_start, vec, rows, n, spec, transpose, result, work);
-  check_launch("product_rows");
+  if (pav_chunk_count(n) > 1) {
+    // (A row here holds 2^18 items or more: rows is far below the grid limit.)
+    product_long_rows<<<static_cast<unsigned>(rows), kLongRowThreads, 0, stream>>>(
+        x, out, perm, block_start, vec, n, spec, transpose, result, work);
+    check_launch("product_long_rows");
+  } else {
+    product_rows<<<grid_for(rows, kRowThreads), kRowThreads, 0, stream>>>(
+        x, out, perm, block_start, vec, rows, n, spec, transpose, result, work);
+    check_launch("product_rows");
+  }
 }
 
 }  // namespace

@@ -337,26 +337,29 @@ SOFTRANK_HD void soft_forward_sorted(index_t n, const OpSpec& spec, const Scratc
     pav_chunk(0);
   } else {
     ranges.tasks(chunks, pav_chunk);
-    const bool merge_all = std::isinf(eps);
-    if (eps == 0.0) {
-      pav_merge_chunks(HardPooling{op}, n, chunks, b, first, last);
-    } else if (l2 && op == Op::Rank) {
-      pav_merge_chunks(rank_l2_pooling(eps), n, chunks, b, first, last);
-    } else if (l2) {
-      pav_merge_chunks(sort_l2_pooling(eps), n, chunks, b, first, last);
-    } else if (op == Op::Rank) {
-      if (rank_kl_exact_sums(n))
-        pav_merge_chunks(RankKlPooling<true>{merge_all, n, step}, n, chunks, b, first, last);
-      else
-        pav_merge_chunks(RankKlPooling<false>{merge_all, n, step}, n, chunks, b, first, last);
-    } else {
-      pav_merge_chunks(SortKlPooling{merge_all, scale, step, decay}, n, chunks, b, first, last);
-    }
-    index_t next = n;
-    for (index_t c = chunks; c-- > 0;) {
-      end[c] = next;
-      if (first[c] < last[c]) next = b.start[first[c]];
-    }
+    // The merge of the chunks' stacks is one serial step.
+    ranges.single([&] {
+      const bool merge_all = std::isinf(eps);
+      if (eps == 0.0) {
+        pav_merge_chunks(HardPooling{op}, n, chunks, b, first, last);
+      } else if (l2 && op == Op::Rank) {
+        pav_merge_chunks(rank_l2_pooling(eps), n, chunks, b, first, last);
+      } else if (l2) {
+        pav_merge_chunks(sort_l2_pooling(eps), n, chunks, b, first, last);
+      } else if (op == Op::Rank) {
+        if (rank_kl_exact_sums(n))
+          pav_merge_chunks(RankKlPooling<true>{merge_all, n, step}, n, chunks, b, first, last);
+        else
+          pav_merge_chunks(RankKlPooling<false>{merge_all, n, step}, n, chunks, b, first, last);
+      } else {
+        pav_merge_chunks(SortKlPooling{merge_all, scale, step, decay}, n, chunks, b, first, last);
+      }
+      index_t next = n;
+      for (index_t c = chunks; c-- > 0;) {
+        end[c] = next;
+        if (first[c] < last[c]) next = b.start[first[c]];
+      }
+    });
   }
   const double sgn = spec.descending ? 1.0 : -1.0;  // sort output sign
   const bool rank_kl = eps != 0.0 && op == Op::Rank && !l2;
