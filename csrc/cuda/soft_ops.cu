@@ -24,6 +24,7 @@
 #include "softrank/projection.h"
 #include "softrank/soft_row.h"
 #include "softrank/sort_keys.h"
+#include "softrank/team_ranges.h"
 
 namespace softrank {
 namespace cuda {
@@ -231,32 +232,13 @@ __global__ void forward_rows(const Key* keys, const index_t* columns, std::int64
 }
 
 // Rows long enough to be pooled in chunks (pav_chunk_count(n) > 1): one block
-// of threads per row runs soft_forward_sorted together, every thread
-// computing its scalars (the same values) and BlockRanges sharing out the
-// data-parallel steps (ranges, tasks) and giving the serial ones (single) to
-// thread 0, each step between barriers: the CPU's long-row schedule.
-struct BlockRanges {
-  template <class Fn>
-  __device__ void operator()(index_t n, Fn&& fn) const {
-    __syncthreads();  // (nobody still reads what the step overwrites)
-    const std::int64_t per = (static_cast<std::int64_t>(n) + blockDim.x - 1) / blockDim.x;
-    const std::int64_t lo = threadIdx.x * per < n ? threadIdx.x * per : n;
-    const std::int64_t hi = lo + per < n ? lo + per : n;
-    if (lo < hi) fn(static_cast<index_t>(lo), static_cast<index_t>(hi));
-    __syncthreads();
-  }
-  template <class Fn>
-  __device__ void tasks(index_t count, Fn&& fn) const {
-    __syncthreads();
-    for (index_t t = threadIdx.x; t < count; t += blockDim.x) fn(t);
-    __syncthreads();
-  }
-  template <class Fn>
-  __device__ void single(Fn&& fn) const {
-    __syncthreads();
-    if (threadIdx.x == 0) fn();
-    __syncthreads();
-  }
+// of threads per row runs soft_forward_sorted together, with the team
+// schedule of team_ranges.h (the CPU's long-row steps, shared out between
+// barriers).
+struct BlockTeam {
+  __device__ std::int64_t rank() const { return threadIdx.x; }
+  __device__ std::int64_t size() const { return blockDim.x; }
+  __device__ void sync() const { __syncthreads(); }
 };
 
 constexpr int kLongRowThreads = 256;
@@ -272,20 +254,19 @@ __global__ void __launch_bounds__(kLongRowThreads)
   index_t* row_blocks = block_start + off;
   T* row_out = out + off;
   double* xs = s.xs + off;
-  const std::int64_t per = (static_cast<std::int64_t>(n) + blockDim.x - 1) / blockDim.x;
-  const std::int64_t lo = threadIdx.x * per < n ? threadIdx.x * per : n;
-  const std::int64_t hi = lo + per < n ? lo + per : n;
+  index_t lo, hi;
+  team_share(n, threadIdx.x, blockDim.x, lo, hi);
   bool finite = true;
-  for (std::int64_t i = lo; i < hi; ++i) {
+  for (index_t i = lo; i < hi; ++i) {
     const auto v = value_of_key(row_keys[i]);
     finite = finite && is_finite_bits(float_bits(v));
     xs[i] = static_cast<double>(v);
     row_perm[i] = columns[off + i];
   }
   if (!__syncthreads_and(finite)) {  // fill_non_finite_row, shared out
-    for (std::int64_t i = lo; i < hi; ++i) {
+    for (index_t i = lo; i < hi; ++i) {
       row_out[i] = static_cast<T>(kNaN);
-      row_perm[i] = static_cast<index_t>(i);
+      row_perm[i] = i;
       row_blocks[i] = -1;
     }
     return;
@@ -301,7 +282,7 @@ __global__ void __launch_bounds__(kLongRowThreads)
                            s.chunk_last + chunk,
                            s.chunk_end + chunk,
                            nullptr};
-  soft_forward_sorted(n, spec, w, row_out, row_perm, row_blocks, BlockRanges{});
+  soft_forward_sorted(n, spec, w, row_out, row_perm, row_blocks, TeamRanges<BlockTeam>{});
 }
 
 template <class T>
