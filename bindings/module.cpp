@@ -479,6 +479,10 @@ void check_cuda_shape(std::int64_t rows, std::int64_t n) {
   if (rows < 0) throw py::value_error("rows must be >= 0, got " + std::to_string(rows));
   if (n < 1 || n > std::numeric_limits<index_t>::max())
     throw py::value_error("n must be in [1, 2**31 - 1], got " + std::to_string(n));
+  // (Beyond any device's memory; keeps the byte counts of the workspace finite.)
+  if (rows > (std::int64_t{1} << 48) / n)
+    throw py::value_error("rows * n must be at most 2**48, got rows " + std::to_string(rows) +
+                          " and n " + std::to_string(n));
 }
 
 // A device address; 0 is refused where the batch is not empty.

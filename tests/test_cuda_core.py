@@ -104,6 +104,7 @@ BAD_FORWARD = [
     ("n", dict(n=0)),
     ("n", dict(n=-3)),
     ("n", dict(n=2**31)),
+    ("rows", dict(rows=2**40, n=2**10)),
     ("op", dict(op=2)),
     ("reg", dict(reg=-1)),
     ("eps", dict(eps=-1.0)),
