@@ -12,9 +12,11 @@
 #include <deque>
 #include <limits>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "cuda/cuda_ops.h"
 #include "softrank/batched.h"
 #include "softrank/cpu_features.h"
 #include "softrank/parallel.h"
@@ -486,6 +488,115 @@ py::tuple isotonic_vjp_weighted(const py::array& y_arg, const py::array& solutio
   return py::make_tuple(grad, grad_weights);
 }
 
+// --- The CUDA core (csrc/cuda/cuda_ops.h) ---------------------------------------
+//
+// Device buffers arrive as integer addresses (torch's data_ptr(), a stream's
+// cuda_stream), so nothing here is built against a framework. Every argument
+// that can be checked without the device is checked first (ValueError naming
+// it); a build without the core raises RuntimeError, as does a call on a
+// machine without a usable device.
+
+void require_cuda_core() {
+  if (!softrank::cuda::compiled())
+    throw std::runtime_error("softrank was built without the CUDA core");
+}
+
+// True for float64, false for float32.
+bool cuda_dtype(const std::string& dtype) {
+  if (dtype == "float32") return false;
+  if (dtype == "float64") return true;
+  throw py::value_error("dtype must be 'float32' or 'float64', got '" + dtype + "'");
+}
+
+void check_cuda_shape(std::int64_t rows, std::int64_t n) {
+  if (rows < 0) throw py::value_error("rows must be >= 0, got " + std::to_string(rows));
+  if (n < 1 || n > std::numeric_limits<index_t>::max())
+    throw py::value_error("n must be in [1, 2**31 - 1], got " + std::to_string(n));
+  // (Beyond any device's memory; keeps the byte counts of the workspace finite.)
+  if (rows > (std::int64_t{1} << 48) / n)
+    throw py::value_error("rows * n must be at most 2**48, got rows " + std::to_string(rows) +
+                          " and n " + std::to_string(n));
+}
+
+// A device address; 0 is refused where the batch is not empty.
+void* device_pointer(std::uintptr_t address, const char* name, bool needed) {
+  if (needed && address == 0)
+    throw py::value_error(std::string(name) + " must be a non-null device pointer");
+  return reinterpret_cast<void*>(address);
+}
+
+void check_workspace(std::size_t needed, std::uint64_t workspace_bytes) {
+  if (workspace_bytes < needed)
+    throw py::value_error("workspace_bytes must be at least " + std::to_string(needed) +
+                          " (cuda_*_workspace), got " + std::to_string(workspace_bytes));
+}
+
+std::size_t cuda_forward_workspace(const std::string& dtype, std::int64_t rows, std::int64_t n) {
+  require_cuda_core();
+  const bool f64 = cuda_dtype(dtype);
+  check_cuda_shape(rows, n);
+  return softrank::cuda::soft_forward_workspace(f64, rows, static_cast<index_t>(n));
+}
+
+std::size_t cuda_product_workspace(const std::string& dtype, std::int64_t rows, std::int64_t n) {
+  require_cuda_core();
+  const bool f64 = cuda_dtype(dtype);
+  check_cuda_shape(rows, n);
+  return softrank::cuda::soft_product_workspace(f64, rows, static_cast<index_t>(n));
+}
+
+void cuda_forward(const std::string& dtype, std::uintptr_t x, std::int64_t rows, std::int64_t n,
+                  int op, int reg, bool descending, double eps, std::uintptr_t out,
+                  std::uintptr_t perm, std::uintptr_t block_start, std::uintptr_t workspace,
+                  std::uint64_t workspace_bytes, std::uintptr_t stream) {
+  require_cuda_core();
+  const bool f64 = cuda_dtype(dtype);
+  check_cuda_shape(rows, n);
+  const softrank::OpSpec spec = make_spec(op, reg, descending, eps);
+  const bool any = rows > 0;
+  void* px = device_pointer(x, "x", any);
+  void* pout = device_pointer(out, "out", any);
+  void* pperm = device_pointer(perm, "perm", any);
+  void* pblocks = device_pointer(block_start, "block_start", any);
+  void* pwork = device_pointer(workspace, "workspace", any);
+  if (!any) return;
+  check_workspace(softrank::cuda::soft_forward_workspace(f64, rows, static_cast<index_t>(n)),
+                  workspace_bytes);
+  py::gil_scoped_release release;
+  softrank::cuda::soft_forward(f64, px, rows, static_cast<index_t>(n), spec, pout,
+                               static_cast<index_t*>(pperm), static_cast<index_t*>(pblocks),
+                               pwork, static_cast<std::size_t>(workspace_bytes),
+                               reinterpret_cast<void*>(stream));
+}
+
+void cuda_product(const std::string& dtype, std::uintptr_t x, std::uintptr_t out,
+                  std::uintptr_t perm, std::uintptr_t block_start, std::uintptr_t vec,
+                  std::int64_t rows, std::int64_t n, int op, int reg, bool descending, double eps,
+                  bool transpose, std::uintptr_t result, std::uintptr_t workspace,
+                  std::uint64_t workspace_bytes, std::uintptr_t stream) {
+  require_cuda_core();
+  const bool f64 = cuda_dtype(dtype);
+  check_cuda_shape(rows, n);
+  const softrank::OpSpec spec = make_spec(op, reg, descending, eps);
+  const bool any = rows > 0;
+  void* px = device_pointer(x, "x", any);
+  void* pout = device_pointer(out, "out", any);
+  void* pperm = device_pointer(perm, "perm", any);
+  void* pblocks = device_pointer(block_start, "block_start", any);
+  void* pvec = device_pointer(vec, "vec", any);
+  void* presult = device_pointer(result, "result", any);
+  void* pwork = device_pointer(workspace, "workspace", any);
+  if (!any) return;
+  check_workspace(softrank::cuda::soft_product_workspace(f64, rows, static_cast<index_t>(n)),
+                  workspace_bytes);
+  py::gil_scoped_release release;
+  softrank::cuda::soft_product(f64, px, pout, static_cast<const index_t*>(pperm),
+                               static_cast<const index_t*>(pblocks), pvec, rows,
+                               static_cast<index_t>(n), spec, transpose, presult, pwork,
+                               static_cast<std::size_t>(workspace_bytes),
+                               reinterpret_cast<void*>(stream));
+}
+
 }  // namespace
 
 #ifdef SOFTRANK_WITH_XLA_FFI
@@ -493,6 +604,9 @@ py::tuple isotonic_vjp_weighted(const py::array& y_arg, const py::array& solutio
 
 namespace softrank_bindings {
 py::dict xla_ffi_targets();  // xla_ffi.cpp
+#ifdef SOFTRANK_WITH_CUDA
+py::dict xla_ffi_cuda_targets();  // xla_ffi_cuda.cpp
+#endif
 }
 #endif
 
@@ -505,6 +619,38 @@ PYBIND11_MODULE(_C, m) {
   // headers' XLA_FFI_API_MAJOR, _MINOR): softrank.jax checks it against jaxlib's.
   m.attr("xla_ffi_api_version") = py::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
 #endif
+  m.def(
+      "xla_ffi_cuda_targets",
+      [] {
+#if defined(SOFTRANK_WITH_XLA_FFI) && defined(SOFTRANK_WITH_CUDA)
+        return softrank_bindings::xla_ffi_cuda_targets();
+#else
+        return py::dict();
+#endif
+      },
+      "{name: capsule} of the XLA FFI handlers for platform 'CUDA' (forward, forward_value, "
+      "vjp, jvp; the CPU targets' names); empty without the CUDA core.");
+  m.def("cuda_compiled", &softrank::cuda::compiled, "Whether this build holds the CUDA core.");
+  m.def("cuda_device_count", &softrank::cuda::device_count,
+        "The number of usable CUDA devices: 0 without the CUDA core, a driver or a device. "
+        "Never raises.");
+  m.def("cuda_soft_forward_workspace", &cuda_forward_workspace, py::arg("dtype"), py::arg("rows"),
+        py::arg("n"), "Scratch bytes cuda_soft_forward needs for a (rows, n) batch of dtype.");
+  m.def("cuda_soft_forward", &cuda_forward, py::arg("dtype"), py::arg("x"), py::arg("rows"),
+        py::arg("n"), py::arg("op"), py::arg("reg"), py::arg("descending"), py::arg("eps"),
+        py::arg("out"), py::arg("perm"), py::arg("block_start"), py::arg("workspace"),
+        py::arg("workspace_bytes"), py::arg("stream"),
+        "soft_forward on device buffers (addresses of C-contiguous (rows, n) arrays), enqueued "
+        "on `stream` (a cudaStream_t; 0 is the legacy default stream) without synchronising.");
+  m.def("cuda_soft_product_workspace", &cuda_product_workspace, py::arg("dtype"), py::arg("rows"),
+        py::arg("n"), "Scratch bytes cuda_soft_product needs for a (rows, n) batch of dtype.");
+  m.def("cuda_soft_product", &cuda_product, py::arg("dtype"), py::arg("x"), py::arg("out"),
+        py::arg("perm"), py::arg("block_start"), py::arg("vec"), py::arg("rows"), py::arg("n"),
+        py::arg("op"), py::arg("reg"), py::arg("descending"), py::arg("eps"),
+        py::arg("transpose"), py::arg("result"), py::arg("workspace"),
+        py::arg("workspace_bytes"), py::arg("stream"),
+        "soft_vjp (transpose=True) or soft_jvp of `vec` on device buffers, from the state of "
+        "cuda_soft_forward (or soft_forward), enqueued on `stream` without synchronising.");
   m.def("soft_forward", &soft_forward, py::arg("x"), py::arg("op"), py::arg("reg"),
         py::arg("descending"), py::arg("eps"),
         "Soft rank/sort of every row: returns (out, perm, block_start).");

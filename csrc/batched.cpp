@@ -198,6 +198,10 @@ struct ParallelRanges {
   void tasks(index_t count, Fn&& fn) const {
     parallel_for(count, [&](std::int64_t t) { fn(static_cast<index_t>(t)); });
   }
+  template <class Fn>
+  void single(Fn&& fn) const {
+    fn();
+  }
 };
 
 // (One thread: the LSD radix sort of sort_row_descending; see kBucketSortMin.)

@@ -49,18 +49,24 @@ SOFTRANK_HD double rho_sum(index_t n, index_t s, index_t e) {
 }
 
 // Runs the data-parallel steps of one row serially: ranges(n, fn) calls
-// fn(lo, hi) over [0, n), tasks(k, fn) calls fn(t) for t in [0, k). The
-// long-row driver (batched.cpp) passes a version with the same interface that
-// spreads them over the thread pool. Every step writes disjoint outputs that
-// depend only on their own inputs, so the split never changes a bit.
+// fn(lo, hi) over [0, n), tasks(k, fn) calls fn(t) for t in [0, k), and
+// single(fn) calls fn() once (a serial step between parallel ones). The
+// long-row drivers (batched.cpp; the CUDA core's block per row) pass versions
+// with the same interface that spread them over threads. Every step writes
+// disjoint outputs that depend only on their own inputs, so the split never
+// changes a bit.
 struct SerialRanges {
   template <class Fn>
-  void operator()(index_t n, Fn&& fn) const {
+  SOFTRANK_HD void operator()(index_t n, Fn&& fn) const {
     fn(index_t{0}, n);
   }
   template <class Fn>
-  void tasks(index_t count, Fn&& fn) const {
+  SOFTRANK_HD void tasks(index_t count, Fn&& fn) const {
     for (index_t t = 0; t < count; ++t) fn(t);
+  }
+  template <class Fn>
+  SOFTRANK_HD void single(Fn&& fn) const {
+    fn();
   }
 };
 

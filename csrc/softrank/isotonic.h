@@ -15,7 +15,7 @@
 
 #include "common.h"
 #include "pav.h"
-#include "soft_ops.h"  // for_each_block, kNaN
+#include "soft_row.h"  // for_each_block, kNaN
 
 namespace softrank {
 

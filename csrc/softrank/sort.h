@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "common.h"
+#include "sort_keys.h"
 
 namespace softrank {
 
@@ -50,49 +51,6 @@ bool network_sort(std::uint64_t* items, index_t n);
 // touching nothing, where no network is available or n is out of its range.
 bool network_sort_row(const float* x, index_t n, bool negate, index_t* perm, double* xs);
 bool network_sort_row(const double* x, index_t n, bool negate, index_t* perm, double* xs);
-
-inline std::uint32_t float_bits(float v) {
-  std::uint32_t u;
-  std::memcpy(&u, &v, sizeof u);
-  return u;
-}
-inline std::uint64_t float_bits(double v) {
-  std::uint64_t u;
-  std::memcpy(&u, &v, sizeof u);
-  return u;
-}
-
-// Complemented order key: larger value -> smaller key.
-inline std::uint32_t descending_key(float v) {
-  const std::uint32_t u = float_bits(v);
-  const std::uint32_t ordered = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-  return ~ordered;
-}
-inline std::uint64_t descending_key(double v) {
-  const std::uint64_t u = float_bits(v);
-  const std::uint64_t sign = 0x8000000000000000ull;
-  const std::uint64_t ordered = (u & sign) ? ~u : (u | sign);
-  return ~ordered;
-}
-inline float value_of_key(std::uint32_t key) {
-  const std::uint32_t ordered = ~key;
-  const std::uint32_t u = (ordered & 0x80000000u) ? (ordered & 0x7fffffffu) : ~ordered;
-  float v;
-  std::memcpy(&v, &u, sizeof v);
-  return v;
-}
-inline double value_of_key(std::uint64_t key) {
-  const std::uint64_t sign = 0x8000000000000000ull;
-  const std::uint64_t ordered = ~key;
-  const std::uint64_t u = (ordered & sign) ? (ordered & ~sign) : ~ordered;
-  double v;
-  std::memcpy(&v, &u, sizeof v);
-  return v;
-}
-inline bool is_finite_bits(std::uint32_t u) { return (u & 0x7f800000u) != 0x7f800000u; }
-inline bool is_finite_bits(std::uint64_t u) {
-  return (u & 0x7ff0000000000000ull) != 0x7ff0000000000000ull;
-}
 
 // A float64 key with its column: the index breaks ties.
 struct KeyIndex64 {

@@ -6,12 +6,14 @@
 # then runs pytest with libasan preloaded (the interpreter itself is not
 # instrumented) and leak detection off (CPython and the frameworks keep
 # memory until exit by design); UBSan findings abort. The editable install is
-# left alone: a pytest plugin loads the ASan softrank._C in its place.
+# left alone: a pytest plugin loads the ASan softrank._C in its place. The
+# CUDA core is left out (SOFTRANK_CUDA=OFF): these tests run the CPU engine,
+# and the main build compiles the kernels.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY="${PYTHON:-python3}"
 build="${SOFTRANK_ASAN_BUILD:-build/asan-python}"
-cmake -S . -B "$build" -DSOFTRANK_SANITIZE=ON -DSOFTRANK_BUILD_PYTHON=ON \
+cmake -S . -B "$build" -DSOFTRANK_SANITIZE=ON -DSOFTRANK_BUILD_PYTHON=ON -DSOFTRANK_CUDA=OFF \
   -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPython_EXECUTABLE="$(command -v "$PY")" \
   -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" >/dev/null
 cmake --build "$build" -j 2 --target _C >/dev/null

@@ -1,0 +1,519 @@
+// The CUDA core: soft rank / soft sort forward passes and their products on
+// the GPU. The sort is CUB's radix sort over the CPU's order keys
+// (sort_keys.h); every row's PAV, outputs and products are the CPU core's
+// host-device routines (soft_row.h), run by one thread per row, so the GPU
+// computes the CPU's blocks, permutation and outputs (ALGORITHM.md). The
+// device code is compiled without FMA contraction (CMakeLists.txt), as the
+// CPU core is, so that the PAV merge decisions round as they do there.
+//
+// Scratch comes only from the caller's workspace; work is enqueued on the
+// caller's stream and nothing synchronises with the host.
+#include <cuda_runtime.h>
+
+#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_segmented_radix_sort.cuh>
+
+#include <climits>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "cuda/cuda_ops.h"
+#include "softrank/common.h"
+#include "softrank/pav.h"
+#include "softrank/projection.h"
+#include "softrank/soft_row.h"
+#include "softrank/sort_keys.h"
+#include "softrank/team_ranges.h"
+
+namespace softrank {
+namespace cuda {
+namespace {
+
+void check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess)
+    throw std::runtime_error(std::string("softrank CUDA core: ") + what + ": " +
+                             cudaGetErrorString(status));
+}
+
+// A launch reports a bad configuration only through cudaGetLastError.
+void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
+
+// Where the ops' work runs: the calling thread's current device, which must
+// exist (no driver or no device is a RuntimeError, not a crash).
+void require_device() {
+  int device = 0;
+  check(cudaGetDevice(&device), "no usable CUDA device");
+}
+
+constexpr std::size_t kAlign = 256;
+constexpr int kRowThreads = 64;        // threads per block of the one-thread-per-row kernels
+constexpr int kElementThreads = 256;   // threads per block of the elementwise kernels
+constexpr std::int64_t kMaxBlocks = 1 << 20;
+
+std::size_t align_up(std::size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+
+// Cuts aligned buffers from a workspace, in order; with a null base it only
+// counts their bytes (the workspace sizes are computed by the same code).
+struct Carver {
+  char* base;
+  std::size_t used = 0;
+  template <class U>
+  U* take(std::int64_t count) {
+    U* p = base ? reinterpret_cast<U*>(base + used) : nullptr;
+    used += align_up(static_cast<std::size_t>(count) * sizeof(U));
+    return p;
+  }
+};
+
+// The workspace as handed over may be at any address: its first kAlign
+// bytes are spare so that the buffers start aligned.
+char* aligned_base(void* workspace) {
+  const auto address = reinterpret_cast<std::uintptr_t>(workspace);
+  return reinterpret_cast<char*>((address + kAlign - 1) / kAlign * kAlign);
+}
+
+unsigned grid_for(std::int64_t items, int threads) {
+  const std::int64_t blocks = (items + threads - 1) / threads;
+  return static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
+}
+
+// --- The sort ------------------------------------------------------------------
+//
+// Keys: descending_key(x' + 0) of every element (+0 turns -0 into +0, as on
+// the CPU), values: the column. A stable ascending sort of the keys orders
+// x' decreasingly with ties in column order: the CPU's permutation (CUB's
+// radix sorts are stable, DeviceSegmentedRadixSort by sharing DeviceRadixSort's
+// implementation; the tests of ties check the permutation exactly). CUB's
+// radix sorts take int item counts, so a batch is sorted in groups of rows
+// of at most INT_MAX items, one group per call; a group of one row is
+// sorted by DeviceRadixSort (faster on one long row than the segmented sort).
+
+template <class T>
+struct KeyOf;
+template <>
+struct KeyOf<float> {
+  using type = std::uint32_t;
+};
+template <>
+struct KeyOf<double> {
+  using type = std::uint64_t;
+};
+
+template <class T, class Key>
+__global__ void make_keys(const T* x, std::int64_t total, index_t n, bool negate, Key* keys,
+                          index_t* columns) {
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       i < total; i += stride) {
+    const T v = (negate ? -x[i] : x[i]) + T(0);
+    keys[i] = descending_key(v);
+    columns[i] = static_cast<index_t>(i % n);
+  }
+}
+
+__global__ void fill_offsets(int* offsets, std::int64_t count, index_t n) {
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       i < count; i += stride)
+    offsets[i] = static_cast<int>(i * n);
+}
+
+// Rows per sort call.
+std::int64_t rows_per_group(std::int64_t rows, index_t n) {
+  const std::int64_t most = INT_MAX / static_cast<std::int64_t>(n);
+  return rows < most ? rows : most;
+}
+
+template <class Key>
+std::size_t sort_temp_bytes_for(std::int64_t group, index_t n) {
+  cub::DoubleBuffer<Key> keys(nullptr, nullptr);
+  cub::DoubleBuffer<index_t> values(nullptr, nullptr);
+  std::size_t bytes = 0;
+  const int items = static_cast<int>(group * n);
+  if (group == 1) {
+    check(cub::DeviceRadixSort::SortPairs(nullptr, bytes, keys, values, items, 0,
+                                          static_cast<int>(sizeof(Key) * 8)),
+          "sizing the radix sort");
+  } else {
+    const int* offsets = nullptr;
+    check(cub::DeviceSegmentedRadixSort::SortPairs(nullptr, bytes, keys, values, items,
+                                                   static_cast<int>(group), offsets, offsets + 1,
+                                                   0, static_cast<int>(sizeof(Key) * 8)),
+          "sizing the segmented radix sort");
+  }
+  return bytes;
+}
+
+// CUB's temporary storage for every group of a (rows, n) batch: the full
+// groups and the last, shorter one.
+template <class Key>
+std::size_t sort_temp_bytes(std::int64_t rows, index_t n) {
+  const std::int64_t group = rows_per_group(rows, n);
+  std::size_t bytes = sort_temp_bytes_for<Key>(group, n);
+  const std::int64_t rest = rows % group;
+  if (rest != 0) {
+    const std::size_t more = sort_temp_bytes_for<Key>(rest, n);
+    bytes = more > bytes ? more : bytes;
+  }
+  return bytes;
+}
+
+// --- PAV and the outputs, one thread per row -------------------------------------
+
+// What soft_forward_sorted reads of its scratch (RowScratch without the CPU
+// sort's buffers); `decay` is null: every row builds its own kl table.
+struct DeviceRowScratch {
+  double* xs;
+  double* work;
+  double* work2;
+  BlockStack blocks;
+  index_t* chunk_first;
+  index_t* chunk_last;
+  index_t* chunk_end;
+  DecayTable* decay;
+};
+
+// The per-row buffers of a forward pass over a batch, row r's at r * n (r *
+// (n + 1) for the tables, r * chunks for the chunk arrays).
+struct ForwardScratch {
+  double* xs;
+  double* work;
+  double* work2;
+  index_t* start;
+  double* ref;
+  double* stat;
+  double* stat2;
+  double* tail;
+  index_t* chunk_first;
+  index_t* chunk_last;
+  index_t* chunk_end;
+  index_t chunks;
+};
+
+// Rows [0, rows) of a sorted group: every pointer starts at the group's first row.
+template <class T, class Key>
+__global__ void forward_rows(const Key* keys, const index_t* columns, std::int64_t rows,
+                             index_t n, OpSpec spec, T* out, index_t* perm,
+                             index_t* block_start, ForwardScratch s) {
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t r = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       r < rows; r += stride) {
+    const std::int64_t off = r * n;
+    const Key* row_keys = keys + off;
+    index_t* row_perm = perm + off;
+    index_t* row_blocks = block_start + off;
+    T* row_out = out + off;
+    double* xs = s.xs + off;
+    bool finite = true;
+    for (index_t i = 0; i < n; ++i) {
+      const auto v = value_of_key(row_keys[i]);
+      finite = finite && is_finite_bits(float_bits(v));
+      xs[i] = static_cast<double>(v);
+      row_perm[i] = columns[off + i];
+    }
+    if (!finite) {
+      fill_non_finite_row(n, row_out, row_perm, row_blocks);
+      continue;
+    }
+    const std::int64_t table = r * (static_cast<std::int64_t>(n) + 1);
+    const std::int64_t chunk = r * s.chunks;
+    const DeviceRowScratch w{xs,
+                             s.work + table,
+                             s.work2 + table,
+                             BlockStack{s.start + off, s.ref + off, s.stat + off, s.stat2 + off,
+                                        s.tail + off},
+                             s.chunk_first + chunk,
+                             s.chunk_last + chunk,
+                             s.chunk_end + chunk,
+                             nullptr};
+    soft_forward_sorted(n, spec, w, row_out, row_perm, row_blocks, SerialRanges{});
+  }
+}
+
+// Rows long enough to be pooled in chunks (pav_chunk_count(n) > 1): one block
+// of threads per row runs soft_forward_sorted together, with the team
+// schedule of team_ranges.h (the CPU's long-row steps, shared out between
+// barriers).
+struct BlockTeam {
+  __device__ std::int64_t rank() const { return threadIdx.x; }
+  __device__ std::int64_t size() const { return blockDim.x; }
+  __device__ void sync() const { __syncthreads(); }
+};
+
+constexpr int kLongRowThreads = 256;
+
+template <class T, class Key>
+__global__ void __launch_bounds__(kLongRowThreads)
+    forward_long_rows(const Key* keys, const index_t* columns, index_t n, OpSpec spec, T* out,
+                      index_t* perm, index_t* block_start, ForwardScratch s) {
+  const std::int64_t r = blockIdx.x;
+  const std::int64_t off = r * n;
+  const Key* row_keys = keys + off;
+  index_t* row_perm = perm + off;
+  index_t* row_blocks = block_start + off;
+  T* row_out = out + off;
+  double* xs = s.xs + off;
+  index_t lo, hi;
+  team_share(n, threadIdx.x, blockDim.x, lo, hi);
+  bool finite = true;
+  for (index_t i = lo; i < hi; ++i) {
+    const auto v = value_of_key(row_keys[i]);
+    finite = finite && is_finite_bits(float_bits(v));
+    xs[i] = static_cast<double>(v);
+    row_perm[i] = columns[off + i];
+  }
+  if (!__syncthreads_and(finite)) {  // fill_non_finite_row, shared out
+    for (index_t i = lo; i < hi; ++i) {
+      row_out[i] = static_cast<T>(kNaN);
+      row_perm[i] = i;
+      row_blocks[i] = -1;
+    }
+    return;
+  }
+  const std::int64_t table = r * (static_cast<std::int64_t>(n) + 1);
+  const std::int64_t chunk = r * s.chunks;
+  const DeviceRowScratch w{xs,
+                           s.work + table,
+                           s.work2 + table,
+                           BlockStack{s.start + off, s.ref + off, s.stat + off, s.stat2 + off,
+                                      s.tail + off},
+                           s.chunk_first + chunk,
+                           s.chunk_last + chunk,
+                           s.chunk_end + chunk,
+                           nullptr};
+  soft_forward_sorted(n, spec, w, row_out, row_perm, row_blocks, TeamRanges<BlockTeam>{});
+}
+
+template <class T>
+__global__ void product_rows(const T* x, const T* out, const index_t* perm,
+                             const index_t* block_start, const T* vec, std::int64_t rows,
+                             index_t n, OpSpec spec, bool transpose, T* result, double* work) {
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t r = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       r < rows; r += stride) {
+    const std::int64_t off = r * n;
+    soft_product_row(x + off, out + off, perm + off, block_start + off, vec + off, n, spec,
+                     transpose, result + off, work + off);
+  }
+}
+
+// The products of long rows (those of forward_long_rows): one block per row,
+// each thread the blocks that start in its share of the row, as the CPU's
+// long-row driver splits it (soft_product_batch).
+template <class T>
+__global__ void __launch_bounds__(kLongRowThreads)
+    product_long_rows(const T* x, const T* out, const index_t* perm, const index_t* block_start,
+                      const T* vec, index_t n, OpSpec spec, bool transpose, T* result,
+                      double* work) {
+  const std::int64_t off = static_cast<std::int64_t>(blockIdx.x) * n;
+  const index_t* bs = block_start + off;
+  const auto cut = [&](std::int64_t t) {
+    if (t == blockDim.x || bs[0] < 0) return t == 0 ? index_t{0} : n;
+    return bs[static_cast<index_t>(static_cast<std::int64_t>(n) * t / blockDim.x)];
+  };
+  soft_product_range(x + off, out + off, perm + off, bs, vec + off, n, spec, transpose,
+                     result + off, work + off, cut(threadIdx.x), cut(threadIdx.x + 1));
+}
+
+// --- Workspace layouts ---------------------------------------------------------
+
+template <class Key>
+struct ForwardLayout {
+  Key* keys[2];
+  index_t* columns[2];
+  int* offsets;
+  void* sort_temp;
+  std::size_t sort_temp_bytes;
+  ForwardScratch rows;
+  std::size_t bytes;  // including the kAlign spare bytes at the front
+};
+
+template <class Key>
+ForwardLayout<Key> forward_layout(char* base, std::int64_t rows, index_t n,
+                                  std::size_t sort_temp_bytes) {
+  const std::int64_t total = rows * n;
+  const std::int64_t tables = rows * (static_cast<std::int64_t>(n) + 1);
+  const index_t chunks = pav_chunk_count(n);
+  Carver c{base};
+  ForwardLayout<Key> l;
+  l.keys[0] = c.take<Key>(total);
+  l.keys[1] = c.take<Key>(total);
+  l.columns[0] = c.take<index_t>(total);
+  l.columns[1] = c.take<index_t>(total);
+  l.offsets = c.take<int>(rows_per_group(rows, n) + 1);
+  l.sort_temp = c.take<char>(static_cast<std::int64_t>(sort_temp_bytes));
+  l.sort_temp_bytes = sort_temp_bytes;
+  l.rows.xs = c.take<double>(total);
+  l.rows.work = c.take<double>(tables);
+  l.rows.work2 = c.take<double>(tables);
+  l.rows.start = c.take<index_t>(total);
+  l.rows.ref = c.take<double>(total);
+  l.rows.stat = c.take<double>(total);
+  l.rows.stat2 = c.take<double>(total);
+  l.rows.tail = c.take<double>(total);
+  l.rows.chunk_first = c.take<index_t>(rows * chunks);
+  l.rows.chunk_last = c.take<index_t>(rows * chunks);
+  l.rows.chunk_end = c.take<index_t>(rows * chunks);
+  l.rows.chunks = chunks;
+  l.bytes = kAlign + c.used;
+  return l;
+}
+
+template <class T>
+std::size_t forward_workspace(std::int64_t rows, index_t n) {
+  using Key = typename KeyOf<T>::type;
+  if (rows == 0) return 0;
+  require_device();
+  return forward_layout<Key>(nullptr, rows, n, sort_temp_bytes<Key>(rows, n)).bytes;
+}
+
+template <class T>
+void forward(const T* x, std::int64_t rows, index_t n, const OpSpec& spec, T* out, index_t* perm,
+             index_t* block_start, void* workspace, std::size_t workspace_bytes,
+             cudaStream_t stream) {
+  using Key = typename KeyOf<T>::type;
+  if (rows == 0) return;
+  require_device();
+  const std::size_t temp_bytes = sort_temp_bytes<Key>(rows, n);
+  const ForwardLayout<Key> sizes = forward_layout<Key>(nullptr, rows, n, temp_bytes);
+  if (workspace_bytes < sizes.bytes)
+    throw std::invalid_argument("workspace_bytes must be at least " +
+                                std::to_string(sizes.bytes) + ", got " +
+                                std::to_string(workspace_bytes));
+  const ForwardLayout<Key> l = forward_layout<Key>(aligned_base(workspace), rows, n, temp_bytes);
+  const std::int64_t total = rows * n;
+  const std::int64_t group = rows_per_group(rows, n);
+  make_keys<<<grid_for(total, kElementThreads), kElementThreads, 0, stream>>>(
+      x, total, n, negates_input(spec), l.keys[0], l.columns[0]);
+  check_launch("make_keys");
+  if (group > 1) {
+    fill_offsets<<<grid_for(group + 1, kElementThreads), kElementThreads, 0, stream>>>(
+        l.offsets, group + 1, n);
+    check_launch("fill_offsets");
+  }
+  for (std::int64_t row0 = 0; row0 < rows; row0 += group) {
+    const std::int64_t count = rows - row0 < group ? rows - row0 : group;
+    const std::int64_t off = row0 * n;
+    cub::DoubleBuffer<Key> keys(l.keys[0] + off, l.keys[1] + off);
+    cub::DoubleBuffer<index_t> columns(l.columns[0] + off, l.columns[1] + off);
+    std::size_t temp = l.sort_temp_bytes;
+    const int items = static_cast<int>(count * n);
+    constexpr int kBits = static_cast<int>(sizeof(Key) * 8);
+    if (count == 1)
+      check(cub::DeviceRadixSort::SortPairs(l.sort_temp, temp, keys, columns, items, 0, kBits,
+                                            stream),
+            "radix sort");
+    else
+      check(cub::DeviceSegmentedRadixSort::SortPairs(l.sort_temp, temp, keys, columns, items,
+                                                     static_cast<int>(count), l.offsets,
+                                                     l.offsets + 1, 0, kBits, stream),
+            "segmented radix sort");
+    ForwardScratch s = l.rows;
+    const std::int64_t table = row0 * (static_cast<std::int64_t>(n) + 1);
+    s.xs += off;
+    s.work += table;
+    s.work2 += table;
+    s.start += off;
+    s.ref += off;
+    s.stat += off;
+    s.stat2 += off;
+    s.tail += off;
+    s.chunk_first += row0 * s.chunks;
+    s.chunk_last += row0 * s.chunks;
+    s.chunk_end += row0 * s.chunks;
+    if (s.chunks > 1) {
+      forward_long_rows<<<static_cast<unsigned>(count), kLongRowThreads, 0, stream>>>(
+          keys.Current(), columns.Current(), n, spec, out + off, perm + off, block_start + off, s);
+      check_launch("forward_long_rows");
+    } else {
+      forward_rows<<<grid_for(count, kRowThreads), kRowThreads, 0, stream>>>(
+          keys.Current(), columns.Current(), count, n, spec, out + off, perm + off,
+          block_start + off, s);
+      check_launch("forward_rows");
+    }
+  }
+}
+
+std::size_t product_layout_bytes(std::int64_t rows, index_t n) {
+  Carver c{nullptr};
+  c.take<double>(rows * n);
+  return kAlign + c.used;
+}
+
+template <class T>
+void product(const T* x, const T* out, const index_t* perm, const index_t* block_start,
+             const T* vec, std::int64_t rows, index_t n, const OpSpec& spec, bool transpose,
+             T* result, void* workspace, std::size_t workspace_bytes, cudaStream_t stream) {
+  if (rows == 0) return;
+  require_device();
+  const std::size_t needed = product_layout_bytes(rows, n);
+  if (workspace_bytes < needed)
+    throw std::invalid_argument("workspace_bytes must be at least " + std::to_string(needed) +
+                                ", got " + std::to_string(workspace_bytes));
+  Carver c{aligned_base(workspace)};
+  double* work = c.take<double>(rows * n);
+  if (pav_chunk_count(n) > 1) {
+    // (A row here holds 2^18 items or more: rows is far below the grid limit.)
+    product_long_rows<<<static_cast<unsigned>(rows), kLongRowThreads, 0, stream>>>(
+        x, out, perm, block_start, vec, n, spec, transpose, result, work);
+    check_launch("product_long_rows");
+  } else {
+    product_rows<<<grid_for(rows, kRowThreads), kRowThreads, 0, stream>>>(
+        x, out, perm, block_start, vec, rows, n, spec, transpose, result, work);
+    check_launch("product_rows");
+  }
+}
+
+}  // namespace
+
+bool compiled() noexcept { return true; }
+
+int device_count() noexcept {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();  // (clears the failure, which is not sticky, for later calls)
+    return 0;
+  }
+  return count;
+}
+
+std::size_t soft_forward_workspace(bool f64, std::int64_t rows, index_t n) {
+  return f64 ? forward_workspace<double>(rows, n) : forward_workspace<float>(rows, n);
+}
+
+std::size_t soft_product_workspace(bool, std::int64_t rows, index_t n) {
+  if (rows == 0) return 0;
+  require_device();
+  return product_layout_bytes(rows, n);
+}
+
+void soft_forward(bool f64, const void* x, std::int64_t rows, index_t n, const OpSpec& spec,
+                  void* out, index_t* perm, index_t* block_start, void* workspace,
+                  std::size_t workspace_bytes, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (f64)
+    forward(static_cast<const double*>(x), rows, n, spec, static_cast<double*>(out), perm,
+            block_start, workspace, workspace_bytes, s);
+  else
+    forward(static_cast<const float*>(x), rows, n, spec, static_cast<float*>(out), perm,
+            block_start, workspace, workspace_bytes, s);
+}
+
+void soft_product(bool f64, const void* x, const void* out, const index_t* perm,
+                  const index_t* block_start, const void* vec, std::int64_t rows, index_t n,
+                  const OpSpec& spec, bool transpose, void* result, void* workspace,
+                  std::size_t workspace_bytes, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (f64)
+    product(static_cast<const double*>(x), static_cast<const double*>(out), perm, block_start,
+            static_cast<const double*>(vec), rows, n, spec, transpose,
+            static_cast<double*>(result), workspace, workspace_bytes, s);
+  else
+    product(static_cast<const float*>(x), static_cast<const float*>(out), perm, block_start,
+            static_cast<const float*>(vec), rows, n, spec, transpose,
+            static_cast<float*>(result), workspace, workspace_bytes, s);
+}
+
+}  // namespace cuda
+}  // namespace softrank

@@ -1,0 +1,525 @@
+// The per-row soft rank / soft sort routines after the sort: PAV, the
+// outputs, and the vector-Jacobian and Jacobian-vector products. Templates
+// over the value type T (float or double); all arithmetic in double. They
+// take raw pointers and caller-owned scratch, never allocate, and are
+// host-device code: the CPU core (soft_ops.h, batched.cpp) and the CUDA core
+// (csrc/cuda) run these same routines, so the CPU tests test the math the GPU
+// runs. Nothing here includes sort.h (host-only: <vector>, SIMD sorts).
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+#include "common.h"
+#include "pav.h"
+#include "vector_math.h"
+
+namespace softrank {
+
+// What work2 holds between rows: the kl sort's decay table exp(-k / eps),
+// k < length, which depends on eps and k only (rows of a batch share it).
+struct DecayTable {
+  double eps = 0.0;
+  index_t length = 0;
+};
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+// values[i] = exp(values[i]), values <= 0: vectorised on the CPU; on the GPU
+// the same polynomial per element (the CPU kernels apply it elementwise too,
+// so both give the same bits where the device does not contract to FMAs).
+SOFTRANK_HD void exp_nonpositive_buffer(double* values, index_t n) {
+#if defined(__CUDA_ARCH__)
+  for (index_t i = 0; i < n; ++i) values[i] = exp_nonpositive(values[i]);
+#else
+  exp_nonpositive_inplace(values, n);
+#endif
+}
+
+// Iterate the blocks recorded in block_start over sorted positions [lo, hi)
+// (lo and hi block boundaries): calls fn(s, e) per block.
+template <class Fn>
+SOFTRANK_HD void for_each_block(const index_t* block_start, index_t lo, index_t hi, Fn&& fn) {
+  index_t s = lo;
+  while (s < hi) {
+    index_t e = s + 1;
+    while (e < hi && block_start[e] == s) ++e;
+    fn(s, e);
+    s = e;
+  }
+}
+
+// Sort kl: replaces each block's S by log(S / Q) (Q in stat2 stays). S and Q
+// are sums of m terms, each within a few m ulp, so log(S / Q) is within
+// ~8m ulp of 1 in absolute terms: below the rounding of the block's outputs
+// o_k = ref + log(S / Q) - k / eps where every |o_k| >= m (float64), or
+// >= m 2^-20 (float32, whose ulp is 2^29 times coarser): `tolerance` is 1 or
+// 2^-20. Elsewhere, where S and Q are close (|log(S / Q)| < 1) and an output
+// may be small (|x| << 1, or a block whose outputs cross 0), that would be a
+// large relative error: there the ratio is log1p((S - Q) / Q), with S - Q
+// summed termwise as exp(b) * expm1(a - b), a = xs_j - ref, b = -(j - s)/eps
+// (or exp(a) - exp(b) where |a - b| >= 1/2: no cancellation). The exps of a
+// are taken in one vectorised pass over `scratch` (positions [s, e) of n
+// doubles), and expm1 by expm1_small: widely spread rows (the benchmarks')
+// pool blocks of tens of items that all take this path, where libm's exp
+// and expm1 calls were a fifth of the operator's time.
+// Blocks are the stack slots [k_begin, k_end), the last ending at end.
+SOFTRANK_HD void sort_kl_log_ratios(const double* xs, const double* decay, index_t k_begin,
+                               index_t k_end, index_t end, const InverseScale& scale,
+                               double tolerance, const BlockStack& b, double* scratch) {
+  for (index_t k = k_begin; k < k_end; ++k) {
+    const index_t bs = b.start[k];
+    const index_t be = k + 1 < k_end ? b.start[k + 1] : end;
+    if (be - bs == 1) {
+      // A singleton keeps S = Q = 1 exactly (never merged): log(1) = 0,
+      // without the log call that dominated short blocks.
+      b.stat[k] = 0.0;
+      continue;
+    }
+    double log_ratio = std::log(b.stat[k] / b.stat2[k]);
+    // The outputs decrease with k: the smallest |o_k| is at an end, or 0
+    // where they cross it.
+    const double first_out = b.ref[k] + log_ratio;
+    const double last_out = first_out - scale(static_cast<double>(be - bs - 1));
+    const double smallest = first_out <= 0.0 ? -first_out : (last_out >= 0.0 ? last_out : 0.0);
+    if (std::fabs(log_ratio) < 1.0 && !(smallest >= tolerance * static_cast<double>(be - bs))) {
+      const double ref = b.ref[k];
+      // a and b only decrease with j: once both are below -750 (both exps
+      // 0) every later term is exactly 0, so the terms stop there (a block
+      // of 10^4 spread values would otherwise compute them all).
+      index_t stop = bs + 1;
+      while (stop < be &&
+             !(xs[stop] - ref < -750.0 && -scale(static_cast<double>(stop - bs)) < -750.0))
+        ++stop;
+      for (index_t j = bs + 1; j < stop; ++j) scratch[j] = xs[j] - ref;
+      exp_nonpositive_buffer(scratch + bs + 1, stop - bs - 1);
+      double diff = 0.0;
+      for (index_t j = bs + 1; j < stop; ++j) {  // j = bs contributes exp(0) - exp(0) = 0
+        const double a = xs[j] - ref;
+        const double gap = a + scale(static_cast<double>(j - bs));  // a - b
+        const bool near = std::fabs(gap) < 0.5;
+        // (Both forms computed, one kept: no branch on the data.)
+        const double near_term = decay[j - bs] * expm1_small(near ? gap : 0.0);
+        const double far_term = scratch[j] - decay[j - bs];
+        diff += near ? near_term : far_term;
+      }
+      log_ratio = std::log1p(diff / b.stat2[k]);
+    }
+    b.stat[k] = log_ratio;
+  }
+}
+
+// The output pass of soft_forward_sorted over the blocks in stack slots
+// [k_begin, k_end), the last ending at sorted position `end`.
+// Everything arrives by value: captured by reference in a lambda, n and the
+// pointers were reloaded after every store through block_start (an index_t
+// store may alias them), which cost a quarter of a short kl row.
+template <class T>
+SOFTRANK_HD void write_outputs(index_t k_begin, index_t k_end, index_t end, index_t n, BlockStack b,
+                               OpSpec spec, double eps, InverseScale scale,
+                               InverseScale scale_out, double unscale, double sgn, bool rank_kl,
+                               double* xs, T* out, const index_t* perm, index_t* block_start) {
+  // rank kl: the span of sorted positions in blocks of two or more, the
+  // only ones whose outputs need an exp.
+  index_t exp_lo = end, exp_hi = 0;
+  const bool rank_l2 = eps != 0.0 && spec.op == Op::Rank && spec.reg == Reg::L2;
+  for (index_t k = k_begin; k < k_end; ++k) {
+    const index_t bs = b.start[k];
+    const index_t be = k + 1 < k_end ? b.start[k + 1] : end;
+    if (spec.op == Op::Rank && eps != 0.0 && be - bs == 1) {
+      // A singleton's soft rank is its hard rank n - bs, exactly: the
+      // general expressions below give (n - bs) + scale(0) (l2) and
+      // (n - bs) / 1 * exp(0) (kl). Most blocks are singletons where eps is
+      // small relative to the gaps, and this skips their exps.
+      block_start[bs] = bs;
+      out[perm[bs]] = static_cast<T>(static_cast<double>(n - bs));
+      xs[bs] = 0.0;  // (it may lie in the span passed to the kl exp below)
+      continue;
+    }
+    const index_t s = bs, e = be;
+    const double ref = b.ref[k];
+    // The soft operators write block_start in their output (or, rank kl,
+    // exponent) loops: one pass, not two, over blocks that are often short
+    // (each loop's exit is a mispredicted branch).
+    const bool fused = eps != 0.0 && !(rank_l2 && !scale.multiply);
+    if (!fused)
+      for (index_t i = s; i < e; ++i) block_start[i] = bs;
+    if (eps == 0.0) {
+      if (spec.op == Op::Rank) {
+        const double r = rho_mean(n, bs, be);
+        for (index_t i = s; i < e; ++i) out[perm[i]] = static_cast<T>(r);
+      } else {
+        for (index_t i = s; i < e; ++i) out[i] = static_cast<T>(sgn * xs[i]);
+      }
+      continue;
+    }
+    if (spec.op == Op::Rank) {
+      if (spec.reg == Reg::L2) {
+        const double base = rho_mean(n, bs, be), offset = b.stat[k] / static_cast<double>(be - bs);
+        if (scale.multiply) {  // scale(v), its branch hoisted
+          const double inv = scale.inv;
+          for (index_t i = s; i < e; ++i) {
+            block_start[i] = bs;
+            out[perm[i]] = static_cast<T>(base + ((xs[i] - ref) - offset) * inv);
+          }
+        } else {
+          for (index_t i = s; i < e; ++i)
+            out[perm[i]] = static_cast<T>(base + ((xs[i] - ref) - offset) / scale.eps);
+        }
+      } else {
+        // Exponents first (xs is not needed after this); exp and scatter below.
+        for (index_t i = s; i < e; ++i) {
+          block_start[i] = bs;
+          xs[i] = scale(xs[i] - ref);
+        }
+        exp_lo = s < exp_lo ? s : exp_lo;
+        exp_hi = e;
+      }
+    } else {
+      if (spec.reg == Reg::L2) {
+        const double mean = unscale * (ref + b.stat[k] / static_cast<double>(be - bs));
+        // (double: bs + be overflows index_t for rows longer than 2^30)
+        const double centre = 0.5 * (static_cast<double>(bs) + static_cast<double>(be) - 1.0);
+        // scale_out(v) with its branch hoisted, so that the loop vectorises.
+        if (scale_out.multiply) {
+          const double inv = scale_out.inv;
+          for (index_t i = s; i < e; ++i) {
+            block_start[i] = bs;
+            out[i] = static_cast<T>(sgn * ((centre - static_cast<double>(i)) * inv + mean));
+          }
+        } else {
+          const double e_out = scale_out.eps;
+          for (index_t i = s; i < e; ++i) {
+            block_start[i] = bs;
+            out[i] = static_cast<T>(sgn * ((centre - static_cast<double>(i)) / e_out + mean));
+          }
+        }
+      } else {
+        const double base = ref + b.stat[k];  // log(S/Q), see sort_kl_log_ratios
+        if (scale.multiply) {
+          const double inv = scale.inv;
+          for (index_t i = s; i < e; ++i) {
+            block_start[i] = bs;
+            out[i] = static_cast<T>(sgn * (base - static_cast<double>(i - bs) * inv));
+          }
+        } else {
+          for (index_t i = s; i < e; ++i) {
+            block_start[i] = bs;
+            out[i] = static_cast<T>(sgn * (base - static_cast<double>(i - bs) / scale.eps));
+          }
+        }
+      }
+    }
+  }
+  if (rank_kl && exp_lo < exp_hi) {
+    // rank_i = R_B / S_B * exp((xs_i - ref_B) / eps)
+    exp_nonpositive_buffer(xs + exp_lo, exp_hi - exp_lo);
+    for (index_t k = k_begin; k < k_end; ++k) {
+      const index_t bs = b.start[k];
+      const index_t be = k + 1 < k_end ? b.start[k + 1] : end;
+      if (be - bs == 1) continue;  // written above
+      const index_t s = bs, e = be;
+      const double factor = rho_sum(n, bs, be) / b.stat[k];
+      for (index_t i = s; i < e; ++i) out[perm[i]] = static_cast<T>(factor * xs[i]);
+    }
+  }
+}
+
+// After sorting (xs, perm filled): PAV and the outputs. `ranges` runs the
+// elementwise passes (see SerialRanges).
+template <class T, class Scratch, class Ranges>
+SOFTRANK_HD void soft_forward_sorted(index_t n, const OpSpec& spec, const Scratch& w, T* out,
+                                     const index_t* perm, index_t* block_start,
+                                     const Ranges& ranges) {
+  double* xs = w.xs;
+  double eps = spec.eps;
+  // Rows at the ends of the double range run at a power-of-two scale f
+  // (exact): ranks depend on x / eps only, and the l2 sort is homogeneous,
+  // sort(x, eps) = sort(f x, eps / f) / f. Without it, |x| beyond ~1e300
+  // overflows the differences and block sums of x (inf or NaN outputs), and
+  // a rank at subnormal eps keeps its block statistics with an absolute
+  // precision of 2^-1074, i.e. O(1) relative to eps (wrong row sums). The kl
+  // sort needs neither. The check is O(1): xs is sorted.
+  double unscale = 1.0;  // sort l2: maps the scaled block means back
+  constexpr int kMaxExponent = 960;  // |x| f < 2^960: sums of n differences stay finite
+  // (A compare, not std::fmax: that is a libm call per row here. xs is finite.)
+  const double first_abs = n > 0 ? std::fabs(xs[0]) : 0.0;
+  const double last_abs = n > 0 ? std::fabs(xs[n - 1]) : 0.0;
+  const double max_abs = first_abs > last_abs ? first_abs : last_abs;
+  // (The common row needs neither scaling: skip frexp, a libm call per row.)
+  const bool may_scale = max_abs >= 0x1p960 ||
+                         (spec.op == Op::Rank && eps < std::numeric_limits<double>::min());
+  if (n > 0 && eps != 0.0 && !(spec.op == Op::Sort && spec.reg == Reg::KL) && may_scale) {
+    int exponent;
+    std::frexp(max_abs, &exponent);
+    int k = 0;
+    if (exponent > kMaxExponent) {
+      k = kMaxExponent - exponent;
+      // A rank whose eps 2^k would leave the normal range pools only values
+      // within ~n eps of each other, never across the large ones (their
+      // overflowing differences read as "no merge", rightly): no scaling,
+      // which would only cost the small values their digits.
+      if (spec.op == Op::Rank && !(std::ldexp(eps, k) >= std::numeric_limits<double>::min()))
+        k = 0;
+    } else if (spec.op == Op::Rank && eps < std::numeric_limits<double>::min()) {
+      k = std::min(64, kMaxExponent - exponent);
+    }
+    if (k != 0) {
+      const double f = std::ldexp(1.0, k);
+      ranges(n, [&](index_t lo, index_t hi) {
+        for (index_t i = lo; i < hi; ++i) xs[i] *= f;
+      });
+      if (spec.op == Op::Rank) {
+        eps *= f;
+      } else {
+        eps /= f;
+        unscale = 1.0 / f;
+      }
+    }
+  }
+  const BlockStack& b = w.blocks;
+  const InverseScale scale(eps), scale_out(spec.eps);
+  const Op op = spec.op;
+  const bool l2 = spec.reg == Reg::L2;
+  // The kl loops' exp tables (pav.h), one vectorised pass.
+  double* step = w.work;
+  double* decay = w.work2;
+  if (eps != 0.0 && !l2 && op == Op::Rank) {
+    ranges(n, [&](index_t lo, index_t hi) {
+      // scale(v) with its branch hoisted, so that the loops vectorise.
+      if (lo == 0) step[0] = 0.0;
+      const index_t first = lo == 0 ? 1 : lo;
+      const double inv = scale.inv, e = scale.eps;
+      if (scale.multiply) {
+        for (index_t i = first; i < hi; ++i) step[i] = (xs[i] - xs[i - 1]) * inv;
+      } else {
+        for (index_t i = first; i < hi; ++i) step[i] = (xs[i] - xs[i - 1]) / e;
+      }
+      exp_nonpositive_buffer(step + lo, hi - lo);
+    });
+  } else if (eps != 0.0 && !l2) {
+    const bool have_decay = w.decay && w.decay->eps == eps && w.decay->length >= n;
+    ranges(n, [&](index_t lo, index_t hi) {
+      // (The first element apart, so that the loop vectorises.)
+      if (lo == 0) step[0] = 0.0;
+      for (index_t i = lo == 0 ? 1 : lo; i < hi; ++i) step[i] = xs[i] - xs[i - 1];
+      exp_nonpositive_buffer(step + lo, hi - lo);
+      if (have_decay) return;
+      for (index_t i = lo; i < hi; ++i) decay[i] = -scale(static_cast<double>(i));
+      // (The kernel is position-invariant: any split gives the same table.)
+      exp_nonpositive_buffer(decay + lo, hi - lo);
+    });
+    if (w.decay && !have_decay) *w.decay = DecayTable{eps, n};
+  }
+  // PAV, by chunks on long rows (pav.h, "Long rows"): chunk c's blocks end up
+  // in stack slots [first[c], last[c]), ending at sorted position end[c].
+  const index_t chunks = pav_chunk_count(n);
+  index_t one_first = 0, one_last = 0, one_end = n;
+  index_t* first = chunks > 1 ? w.chunk_first : &one_first;
+  index_t* last = chunks > 1 ? w.chunk_last : &one_last;
+  index_t* end = chunks > 1 ? w.chunk_end : &one_end;
+  auto pav_chunk = [&](index_t c) {
+    const index_t lo = c * kPavChunk, hi = c + 1 < chunks ? lo + kPavChunk : n;
+    const BlockStack part{b.start + lo, b.ref + lo, b.stat + lo, b.stat2 + lo, b.tail + lo};
+    index_t count;
+    if (eps == 0.0)
+      count = pav_hard(xs, lo, hi, op, part);
+    else if (l2)
+      count = op == Op::Rank ? pav_rank_l2(xs, lo, hi, eps, part)
+                             : pav_sort_l2(xs, lo, hi, eps, part);
+    else
+      count = op == Op::Rank ? pav_rank_kl(xs, step, lo, hi, n, eps, part)
+                             : pav_sort_kl(xs, step, decay, lo, hi, eps, part);
+    first[c] = lo;
+    last[c] = lo + count;
+  };
+  if (chunks == 1) {
+    pav_chunk(0);
+  } else {
+    ranges.tasks(chunks, pav_chunk);
+    // The merge of the chunks' stacks is one serial step.
+    ranges.single([&] {
+      const bool merge_all = std::isinf(eps);
+      if (eps == 0.0) {
+        pav_merge_chunks(HardPooling{op}, n, chunks, b, first, last);
+      } else if (l2 && op == Op::Rank) {
+        pav_merge_chunks(rank_l2_pooling(eps), n, chunks, b, first, last);
+      } else if (l2) {
+        pav_merge_chunks(sort_l2_pooling(eps), n, chunks, b, first, last);
+      } else if (op == Op::Rank) {
+        if (rank_kl_exact_sums(n))
+          pav_merge_chunks(RankKlPooling<true>{merge_all, n, step}, n, chunks, b, first, last);
+        else
+          pav_merge_chunks(RankKlPooling<false>{merge_all, n, step}, n, chunks, b, first, last);
+      } else {
+        pav_merge_chunks(SortKlPooling{merge_all, scale, step, decay}, n, chunks, b, first, last);
+      }
+      index_t next = n;
+      for (index_t c = chunks; c-- > 0;) {
+        end[c] = next;
+        if (first[c] < last[c]) next = b.start[first[c]];
+      }
+    });
+  }
+  const double sgn = spec.descending ? 1.0 : -1.0;  // sort output sign
+  const bool rank_kl = eps != 0.0 && op == Op::Rank && !l2;
+  auto finish_chunk = [&](index_t c) {
+    if (first[c] == last[c]) return;
+    if (eps != 0.0 && op == Op::Sort && !l2)
+      sort_kl_log_ratios(xs, decay, first[c], last[c], end[c], scale,
+                         sizeof(T) == 4 ? 0x1p-20 : 1.0, b, step);
+    write_outputs(first[c], last[c], end[c], n, b, spec, eps, scale, scale_out, unscale, sgn,
+                  rank_kl, xs, out, perm, block_start);
+  };
+  if (chunks == 1)
+    finish_chunk(0);
+  else
+    ranges.tasks(chunks, finish_chunk);
+}
+
+// A row holding NaN or +-inf: NaN output, block_start -1 (the backward pass
+// then returns NaN too).
+template <class T>
+SOFTRANK_HD void fill_non_finite_row(index_t n, T* out, index_t* perm, index_t* block_start) {
+  for (index_t i = 0; i < n; ++i) {
+    out[i] = static_cast<T>(kNaN);
+    perm[i] = i;
+    block_start[i] = -1;
+  }
+}
+
+// Block softmax of the sorted x' over [s, e): p_i = exp(xs_i - max) / sum,
+// written to p[s, e). Recomputed from x and perm in the backward pass of the
+// kl soft sort.
+template <class T>
+SOFTRANK_HD void block_softmax(const T* x, const index_t* perm, index_t s, index_t e, bool negate,
+                          double* p) {
+  const double sign = negate ? -1.0 : 1.0;
+  const double top = sign * static_cast<double>(x[perm[s]]);  // the block's largest x'
+  for (index_t i = s; i < e; ++i) p[i] = sign * static_cast<double>(x[perm[i]]) - top;
+  exp_nonpositive_buffer(p + s, e - s);
+  double sum = 0.0;
+  for (index_t i = s; i < e; ++i) sum += p[i];
+  const double inv = 1.0 / sum;
+  for (index_t i = s; i < e; ++i) p[i] *= inv;
+}
+
+// Shared by vjp and jvp: `vec` is the cotangent (vjp) or the tangent (jvp);
+// `work` is n doubles of scratch (used by the kl soft sort).
+// For the rank both products are the same (symmetric Jacobian); for the sort
+// the vjp maps sorted positions to columns and the jvp columns to positions.
+// soft_product_range computes the sorted positions [lo, hi), lo and hi block
+// boundaries (the long-row driver splits a row so); soft_product_row all.
+template <class T>
+SOFTRANK_HD void soft_product_range(const T* x, const T* out, const index_t* perm,
+                                    const index_t* block_start, const T* vec, index_t n,
+                                    const OpSpec& spec, bool transpose, T* result, double* work,
+                                    index_t lo, index_t hi) {
+  if (hi <= lo) return;
+  if (block_start[0] < 0) {
+    for (index_t i = lo; i < hi; ++i) result[transpose ? perm[i] : i] = static_cast<T>(kNaN);
+    return;
+  }
+  const double eps = spec.eps;
+  if (spec.op == Op::Rank) {
+    // eps = 0 (hard ranks) and eps = inf (constant ranks) have zero gradient.
+    const double sg = spec.descending ? -1.0 : 1.0;
+    const double scale = (eps == 0.0 || std::isinf(eps)) ? 0.0 : sg / eps;
+    // Subnormal eps: 1/eps (or 1/eps times a kl rank <= n) overflows, and
+    // inf * 0 would make the (zero) gradient of every singleton block NaN.
+    // Divide instead.
+    const bool divide = std::isinf(scale * static_cast<double>(n));
+    // The regularization is decided once per row, not per block, and a
+    // singleton block (the common one where eps is small against the gaps)
+    // is written without loops: the same expressions with m = 1, where
+    // rho_sum(n, s, s + 1) = n - s exactly.
+    if (spec.reg == Reg::L2) {
+      for_each_block(block_start, lo, hi, [&](index_t s, index_t e) {
+        if (e - s == 1) {
+          const index_t p = perm[s];
+          const double v = static_cast<double>(vec[p]);
+          double sum = 0.0;
+          sum += v;  // (as the loop below: 0.0 + v turns -0.0 into +0.0)
+          const double d = v - sum / 1.0;
+          result[p] = static_cast<T>(divide ? sg * (d / eps) : scale * d);
+          return;
+        }
+        double sum = 0.0;
+        for (index_t i = s; i < e; ++i) sum += static_cast<double>(vec[perm[i]]);
+        const double mean = sum / static_cast<double>(e - s);
+        for (index_t i = s; i < e; ++i) {
+          const double d = static_cast<double>(vec[perm[i]]) - mean;
+          result[perm[i]] = static_cast<T>(divide ? sg * (d / eps) : scale * d);
+        }
+      });
+    } else {
+      for_each_block(block_start, lo, hi, [&](index_t s, index_t e) {
+        if (e - s == 1) {
+          const index_t p = perm[s];
+          const double v = static_cast<double>(vec[p]), r = static_cast<double>(out[p]);
+          double dot = 0.0;
+          dot += v * r;
+          const double d = v - dot / static_cast<double>(n - s);
+          result[p] = static_cast<T>(divide ? sg * (r * d / eps) : scale * r * d);
+          return;
+        }
+        double dot = 0.0;
+        for (index_t i = s; i < e; ++i)
+          dot += static_cast<double>(vec[perm[i]]) * static_cast<double>(out[perm[i]]);
+        const double c = dot / rho_sum(n, s, e);
+        for (index_t i = s; i < e; ++i) {
+          const double r = static_cast<double>(out[perm[i]]);
+          const double d = static_cast<double>(vec[perm[i]]) - c;
+          result[perm[i]] = static_cast<T>(divide ? sg * (r * d / eps) : scale * r * d);
+        }
+      });
+    }
+    return;
+  }
+  const bool negate = negates_input(spec);
+  for_each_block(block_start, lo, hi, [&](index_t s, index_t e) {
+    // vjp reads vec at sorted positions; jvp reads it at columns.
+    auto read = [&](index_t i) {
+      return static_cast<double>(transpose ? vec[i] : vec[perm[i]]);
+    };
+    auto write = [&](index_t i, double v) {
+      if (transpose)
+        result[perm[i]] = static_cast<T>(v);
+      else
+        result[i] = static_cast<T>(v);
+    };
+    if (spec.reg == Reg::L2 || spec.eps == 0.0) {
+      double sum = 0.0;
+      for (index_t i = s; i < e; ++i) sum += read(i);
+      const double mean = sum / static_cast<double>(e - s);
+      for (index_t i = s; i < e; ++i) write(i, mean);
+      return;
+    }
+    if (e - s == 1) {
+      // A singleton's softmax is exp(0) / exp(0) = 1: the loops below with
+      // p = 1, without the exp kernel's call (most blocks, where eps is
+      // small against the gaps). (0.0 + v, as the sums below: -0.0 -> +0.0.)
+      write(s, 1.0 * (0.0 + read(s)));
+      return;
+    }
+    block_softmax(x, perm, s, e, negate, work);
+    if (transpose) {
+      double sum = 0.0;
+      for (index_t i = s; i < e; ++i) sum += read(i);
+      for (index_t i = s; i < e; ++i) write(i, work[i] * sum);
+    } else {
+      double dot = 0.0;
+      for (index_t i = s; i < e; ++i) dot += work[i] * read(i);
+      for (index_t i = s; i < e; ++i) write(i, dot);
+    }
+  });
+}
+
+template <class T>
+SOFTRANK_HD void soft_product_row(const T* x, const T* out, const index_t* perm,
+                                  const index_t* block_start, const T* vec, index_t n,
+                                  const OpSpec& spec, bool transpose, T* result, double* work) {
+  soft_product_range(x, out, perm, block_start, vec, n, spec, transpose, result, work, 0, n);
+}
+
+}  // namespace softrank

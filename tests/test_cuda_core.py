@@ -1,0 +1,317 @@
+"""The CUDA core's entry points in softrank._C (csrc/cuda, bindings/module.cpp).
+
+Everything here but the last section runs on any machine: the build flag, the
+device count, the argument checks (made before the device is touched) and the
+errors of a build or a machine without CUDA. The last section compares the
+device forward pass and products with the CPU engine where torch sees a GPU.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import zlib
+
+import numpy as np
+import pytest
+
+from softrank._engine import available_backends
+
+pytestmark = pytest.mark.skipif("native" not in available_backends(), reason="needs softrank._C")
+
+CUDA_TARGETS = {"softrank_forward_v1", "softrank_forward_value_v1", "softrank_vjp_v1", "softrank_jvp_v1"}
+FAKE = 1 << 20  # a non-null address that is never dereferenced: the calls fail before
+
+
+def _C():
+    from softrank import _C
+
+    return _C
+
+
+def forward_args(**override):
+    args = dict(
+        dtype="float32", x=FAKE, rows=4, n=10, op=0, reg=0, descending=False, eps=1.0, out=FAKE,
+        perm=FAKE, block_start=FAKE, workspace=FAKE, workspace_bytes=1 << 40, stream=0,
+    )
+    args.update(override)
+    return args
+
+
+def product_args(**override):
+    args = dict(
+        dtype="float64", x=FAKE, out=FAKE, perm=FAKE, block_start=FAKE, vec=FAKE, rows=4, n=10,
+        op=1, reg=1, descending=True, eps=0.5, transpose=True, result=FAKE, workspace=FAKE,
+        workspace_bytes=1 << 40, stream=0,
+    )
+    args.update(override)
+    return args
+
+
+@pytest.mark.skipif(
+    os.environ.get("SOFTRANK_EXPECT_CUDA") not in ("0", "1"),
+    reason="SOFTRANK_EXPECT_CUDA (1 or 0: whether the build had a CUDA compiler) not set; .ci/run sets it",
+)
+def test_cuda_compiled_matches_the_build():
+    assert _C().cuda_compiled() is (os.environ["SOFTRANK_EXPECT_CUDA"] == "1")
+
+
+def test_cuda_ffi_targets_are_the_cpu_names():
+    c = _C()
+    targets = c.xla_ffi_cuda_targets()
+    if not c.cuda_compiled():
+        assert targets == {}
+        return
+    assert set(targets) == CUDA_TARGETS
+    assert CUDA_TARGETS <= set(c.xla_ffi_targets())
+    # Handlers of their own, not the CPU ones under the same names.
+    address = ctypes.pythonapi.PyCapsule_GetPointer
+    address.restype = ctypes.c_void_p
+    address.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    cpu = c.xla_ffi_targets()
+    cuda = {address(targets[name], None) for name in CUDA_TARGETS}
+    assert len(cuda) == len(CUDA_TARGETS) and 0 not in cuda and None not in cuda
+    assert not cuda & {address(cpu[name], None) for name in CUDA_TARGETS}
+
+
+def test_device_count_never_raises():
+    c = _C()
+    count = c.cuda_device_count()
+    assert isinstance(count, int) and count >= 0
+    assert c.cuda_device_count() == count  # a failed query leaves no error behind
+    if not c.cuda_compiled() or not os.path.exists("/dev/nvidiactl"):
+        assert count == 0
+
+
+def test_without_the_core_every_op_raises_runtime_error():
+    c = _C()
+    if c.cuda_compiled():
+        pytest.skip("built with the CUDA core")
+    for call in (
+        lambda: c.cuda_soft_forward_workspace("float32", 4, 10),
+        lambda: c.cuda_soft_product_workspace("float32", 4, 10),
+        lambda: c.cuda_soft_forward(**forward_args()),
+        lambda: c.cuda_soft_product(**product_args()),
+    ):
+        with pytest.raises(RuntimeError, match="built without the CUDA core"):
+            call()
+
+
+BAD_FORWARD = [
+    ("dtype", dict(dtype="float16")),
+    ("dtype", dict(dtype="int32")),
+    ("rows", dict(rows=-1)),
+    ("n", dict(n=0)),
+    ("n", dict(n=-3)),
+    ("n", dict(n=2**31)),
+    ("rows", dict(rows=2**40, n=2**10)),
+    ("op", dict(op=2)),
+    ("reg", dict(reg=-1)),
+    ("eps", dict(eps=-1.0)),
+    ("eps", dict(eps=math.nan)),
+    ("x", dict(x=0)),
+    ("out", dict(out=0)),
+    ("perm", dict(perm=0)),
+    ("block_start", dict(block_start=0)),
+    ("workspace", dict(workspace=0)),
+]
+
+BAD_PRODUCT = [
+    ("dtype", dict(dtype="float")),
+    ("rows", dict(rows=-2)),
+    ("n", dict(n=0)),
+    ("op", dict(op=7)),
+    ("reg", dict(reg=2)),
+    ("eps", dict(eps=-0.5)),
+    ("eps", dict(eps=math.nan)),
+    ("x", dict(x=0)),
+    ("out", dict(out=0)),
+    ("perm", dict(perm=0)),
+    ("block_start", dict(block_start=0)),
+    ("vec", dict(vec=0)),
+    ("result", dict(result=0)),
+    ("workspace", dict(workspace=0)),
+]
+
+
+def _require_core():
+    if not _C().cuda_compiled():
+        pytest.skip("built without the CUDA core (its ops raise RuntimeError first)")
+
+
+@pytest.mark.parametrize("name,override", BAD_FORWARD)
+def test_forward_bad_argument_raises_value_error_naming_it(name, override):
+    _require_core()
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        _C().cuda_soft_forward(**forward_args(**override))
+
+
+@pytest.mark.parametrize("name,override", BAD_PRODUCT)
+def test_product_bad_argument_raises_value_error_naming_it(name, override):
+    _require_core()
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        _C().cuda_soft_product(**product_args(**override))
+
+
+@pytest.mark.parametrize("fn", ["cuda_soft_forward_workspace", "cuda_soft_product_workspace"])
+@pytest.mark.parametrize(
+    "name,args", [("dtype", ("float16", 4, 10)), ("rows", ("float32", -1, 10)), ("n", ("float64", 4, 0))]
+)
+def test_workspace_bad_argument_raises_value_error_naming_it(fn, name, args):
+    _require_core()
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        getattr(_C(), fn)(*args)
+
+
+def test_empty_batch_touches_nothing():
+    # rows = 0: no work and no scratch, null pointers allowed, on any machine.
+    _require_core()
+    c = _C()
+    assert c.cuda_soft_forward_workspace("float32", 0, 10) == 0
+    assert c.cuda_soft_product_workspace("float64", 0, 10) == 0
+    zeros = dict(x=0, out=0, perm=0, block_start=0, workspace=0, workspace_bytes=0)
+    assert c.cuda_soft_forward(**forward_args(rows=0, **zeros)) is None
+    assert c.cuda_soft_product(**product_args(rows=0, vec=0, result=0, **zeros)) is None
+
+
+def test_without_a_device_the_ops_raise_runtime_error():
+    _require_core()
+    c = _C()
+    if c.cuda_device_count() > 0:
+        pytest.skip("a CUDA device is present (the fake addresses would be dereferenced)")
+    for call in (
+        lambda: c.cuda_soft_forward_workspace("float32", 4, 10),
+        lambda: c.cuda_soft_product_workspace("float64", 4, 10),
+        lambda: c.cuda_soft_forward(**forward_args()),
+        lambda: c.cuda_soft_product(**product_args()),
+    ):
+        with pytest.raises(RuntimeError, match="CUDA"):
+            call()
+    assert c.cuda_device_count() == 0
+
+
+# --- On a GPU: the device results against the CPU engine ---------------------------
+
+
+def _torch_cuda():
+    torch = pytest.importorskip("torch")
+    if not _C().cuda_compiled():
+        pytest.skip("built without the CUDA core")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    return torch
+
+
+def _rows(dtype, rows, n, kind, seed):
+    rng = np.random.default_rng(seed)
+    if kind == "random":
+        x = rng.standard_normal((rows, n))
+    elif kind == "ties":
+        x = rng.integers(0, 4, (rows, n)).astype(float)
+    elif kind == "constant":
+        x = np.full((rows, n), 1.5)
+    elif kind == "presorted":
+        x = np.tile(np.arange(n, 0, -1, dtype=float), (rows, 1))
+    elif kind == "signed_zeros":
+        x = rng.choice([0.0, -0.0, 1.0], (rows, n))
+    else:  # "nan": every other row holds a NaN or an inf
+        x = rng.standard_normal((rows, n))
+        x[::2, n // 2] = np.nan
+        x[1::4, 0] = np.inf
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+def _device_forward(torch, x, op, reg, descending, eps):
+    c = _C()
+    rows, n = x.shape
+    dtype = str(x.dtype)
+    xd = torch.from_numpy(x).cuda()
+    out = torch.empty_like(xd)
+    perm = torch.empty(x.shape, dtype=torch.int32, device="cuda")
+    blocks = torch.empty_like(perm)
+    nbytes = c.cuda_soft_forward_workspace(dtype, rows, n)
+    work = torch.empty(max(nbytes, 1), dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    c.cuda_soft_forward(dtype, xd.data_ptr(), rows, n, op, reg, descending, eps, out.data_ptr(),
+                        perm.data_ptr(), blocks.data_ptr(), work.data_ptr(), nbytes, stream)
+    torch.cuda.synchronize()
+    return xd, out, perm, blocks
+
+
+def _device_product(torch, xd, out, perm, blocks, vec, op, reg, descending, eps, transpose):
+    c = _C()
+    rows, n = vec.shape
+    dtype = str(vec.dtype)
+    vd = torch.from_numpy(vec).cuda()
+    result = torch.empty_like(vd)
+    nbytes = c.cuda_soft_product_workspace(dtype, rows, n)
+    work = torch.empty(max(nbytes, 1), dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    c.cuda_soft_product(dtype, xd.data_ptr(), out.data_ptr(), perm.data_ptr(), blocks.data_ptr(),
+                        vd.data_ptr(), rows, n, op, reg, descending, eps, transpose,
+                        result.data_ptr(), work.data_ptr(), nbytes, stream)
+    torch.cuda.synchronize()
+    return result.cpu().numpy()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kind", ["random", "ties", "constant", "presorted", "signed_zeros", "nan"])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (64, 200), (1, 5000)])
+def test_device_matches_the_cpu_engine(dtype, kind, shape):
+    torch = _torch_cuda()
+    c = _C()
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    x = _rows(dtype, *shape, kind, seed=zlib.crc32(f"{dtype}{kind}{shape}".encode()))
+    rng = np.random.default_rng(7)
+    vec = rng.standard_normal(shape).astype(dtype)
+    for op in (0, 1):
+        for reg in (0, 1):
+            for descending in (False, True):
+                for eps in (0.0, 0.1, 1.0, math.inf):
+                    out, perm, blocks = c.soft_forward(x, op, reg, descending, eps)
+                    xd, out_d, perm_d, blocks_d = _device_forward(torch, x, op, reg, descending, eps)
+                    np.testing.assert_array_equal(perm_d.cpu().numpy(), perm)
+                    np.testing.assert_array_equal(blocks_d.cpu().numpy(), blocks)
+                    np.testing.assert_allclose(out_d.cpu().numpy(), out, rtol=tol, atol=tol)
+                    for transpose in (True, False):
+                        expected = (c.soft_vjp if transpose else c.soft_jvp)(
+                            x, out, perm, blocks, vec, op, reg, descending, eps
+                        )
+                        got = _device_product(torch, xd, out_d, perm_d, blocks_d, vec, op, reg,
+                                              descending, eps, transpose)
+                        np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kind", ["random", "ties", "nan"])
+@pytest.mark.parametrize("shape", [(1, 2**18), (2, 300_001)])
+def test_device_long_rows_match_the_cpu_engine(dtype, kind, shape):
+    # Rows of 2^18 items or more are pooled in chunks, one block of threads per
+    # row on the device (forward_long_rows, product_long_rows).
+    torch = _torch_cuda()
+    c = _C()
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    x = _rows(dtype, *shape, kind, seed=zlib.crc32(f"long{dtype}{kind}{shape}".encode()))
+    x *= 50.0  # spread, so that both singleton and pooled blocks occur
+    vec = np.random.default_rng(3).standard_normal(shape).astype(dtype)
+    for op, reg in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        for eps in (0.0, 1.0, 1e4):
+            out, perm, blocks = c.soft_forward(x, op, reg, True, eps)
+            xd, out_d, perm_d, blocks_d = _device_forward(torch, x, op, reg, True, eps)
+            np.testing.assert_array_equal(perm_d.cpu().numpy(), perm)
+            np.testing.assert_array_equal(blocks_d.cpu().numpy(), blocks)
+            np.testing.assert_allclose(out_d.cpu().numpy(), out, rtol=tol, atol=tol)
+            expected = c.soft_vjp(x, out, perm, blocks, vec, op, reg, True, eps)
+            got = _device_product(torch, xd, out_d, perm_d, blocks_d, vec, op, reg, True, eps, True)
+            np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)
+
+
+def test_device_workspace_too_small_raises_value_error():
+    torch = _torch_cuda()
+    c = _C()
+    nbytes = c.cuda_soft_forward_workspace("float32", 4, 10)
+    assert nbytes > 0
+    with pytest.raises(ValueError, match=r"^workspace_bytes\b"):
+        x = torch.zeros((4, 10), device="cuda")
+        c.cuda_soft_forward("float32", x.data_ptr(), 4, 10, 0, 0, False, 1.0, x.data_ptr(),
+                            x.data_ptr(), x.data_ptr(), x.data_ptr(), nbytes - 1, 0)
