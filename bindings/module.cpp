@@ -545,15 +545,26 @@ std::size_t cuda_product_workspace(const std::string& dtype, std::int64_t rows, 
   return softrank::cuda::soft_product_workspace(f64, rows, static_cast<index_t>(n));
 }
 
+// The checks every cuda_* op makes before its pointers, in this order: the
+// build, the dtype, the shape, the operator's parameters.
+struct CudaCall {
+  bool f64;
+  softrank::OpSpec spec;
+  bool any;  // rows > 0: something to compute
+  CudaCall(const std::string& dtype, std::int64_t rows, std::int64_t n, int op, int reg,
+           bool descending, double eps)
+      : f64((require_cuda_core(), cuda_dtype(dtype))),
+        spec((check_cuda_shape(rows, n), make_spec(op, reg, descending, eps))),
+        any(rows > 0) {}
+};
+
 void cuda_forward(const std::string& dtype, std::uintptr_t x, std::int64_t rows, std::int64_t n,
                   int op, int reg, bool descending, double eps, std::uintptr_t out,
                   std::uintptr_t perm, std::uintptr_t block_start, std::uintptr_t workspace,
                   std::uint64_t workspace_bytes, std::uintptr_t stream) {
-  require_cuda_core();
-  const bool f64 = cuda_dtype(dtype);
-  check_cuda_shape(rows, n);
-  const softrank::OpSpec spec = make_spec(op, reg, descending, eps);
-  const bool any = rows > 0;
+  const CudaCall call(dtype, rows, n, op, reg, descending, eps);
+  const bool f64 = call.f64, any = call.any;
+  const softrank::OpSpec spec = call.spec;
   void* px = device_pointer(x, "x", any);
   void* pout = device_pointer(out, "out", any);
   void* pperm = device_pointer(perm, "perm", any);
@@ -574,11 +585,9 @@ void cuda_product(const std::string& dtype, std::uintptr_t x, std::uintptr_t out
                   std::int64_t rows, std::int64_t n, int op, int reg, bool descending, double eps,
                   bool transpose, std::uintptr_t result, std::uintptr_t workspace,
                   std::uint64_t workspace_bytes, std::uintptr_t stream) {
-  require_cuda_core();
-  const bool f64 = cuda_dtype(dtype);
-  check_cuda_shape(rows, n);
-  const softrank::OpSpec spec = make_spec(op, reg, descending, eps);
-  const bool any = rows > 0;
+  const CudaCall call(dtype, rows, n, op, reg, descending, eps);
+  const bool f64 = call.f64, any = call.any;
+  const softrank::OpSpec spec = call.spec;
   void* px = device_pointer(x, "x", any);
   void* pout = device_pointer(out, "out", any);
   void* pperm = device_pointer(perm, "perm", any);

@@ -189,6 +189,21 @@ struct ForwardScratch {
   index_t* chunk_last;
   index_t* chunk_end;
   index_t chunks;
+
+  // Row r's part of every buffer (its sorted values are xs + r * n).
+  __device__ DeviceRowScratch row(std::int64_t r, index_t n) const {
+    const std::int64_t off = r * n;
+    const std::int64_t table = r * (static_cast<std::int64_t>(n) + 1);
+    const std::int64_t chunk = r * chunks;
+    return DeviceRowScratch{xs + off,
+                            work + table,
+                            work2 + table,
+                            BlockStack{start + off, ref + off, stat + off, stat2 + off, tail + off},
+                            chunk_first + chunk,
+                            chunk_last + chunk,
+                            chunk_end + chunk,
+                            nullptr};
+  }
 };
 
 // Rows [0, rows) of a sorted group: every pointer starts at the group's first row.
@@ -216,18 +231,7 @@ __global__ void forward_rows(const Key* keys, const index_t* columns, std::int64
       fill_non_finite_row(n, row_out, row_perm, row_blocks);
       continue;
     }
-    const std::int64_t table = r * (static_cast<std::int64_t>(n) + 1);
-    const std::int64_t chunk = r * s.chunks;
-    const DeviceRowScratch w{xs,
-                             s.work + table,
-                             s.work2 + table,
-                             BlockStack{s.start + off, s.ref + off, s.stat + off, s.stat2 + off,
-                                        s.tail + off},
-                             s.chunk_first + chunk,
-                             s.chunk_last + chunk,
-                             s.chunk_end + chunk,
-                             nullptr};
-    soft_forward_sorted(n, spec, w, row_out, row_perm, row_blocks, SerialRanges{});
+    soft_forward_sorted(n, spec, s.row(r, n), row_out, row_perm, row_blocks, SerialRanges{});
   }
 }
 
@@ -271,18 +275,8 @@ __global__ void __launch_bounds__(kLongRowThreads)
     }
     return;
   }
-  const std::int64_t table = r * (static_cast<std::int64_t>(n) + 1);
-  const std::int64_t chunk = r * s.chunks;
-  const DeviceRowScratch w{xs,
-                           s.work + table,
-                           s.work2 + table,
-                           BlockStack{s.start + off, s.ref + off, s.stat + off, s.stat2 + off,
-                                      s.tail + off},
-                           s.chunk_first + chunk,
-                           s.chunk_last + chunk,
-                           s.chunk_end + chunk,
-                           nullptr};
-  soft_forward_sorted(n, spec, w, row_out, row_perm, row_blocks, TeamRanges<BlockTeam>{});
+  soft_forward_sorted(n, spec, s.row(r, n), row_out, row_perm, row_blocks,
+                      TeamRanges<BlockTeam>{});
 }
 
 template <class T>
