@@ -110,31 +110,24 @@ def fss_projection(fss, reg, z, w, cot=None):
     import numpy as np
 
     w_sorted = np.sort(w)[::-1]
-    values, grads = [], []
-    for i, row in enumerate(z):
-        obj = fss.Projection(row, w_sorted, regularization=reg)
-        values.append(obj.compute())
-        if cot is not None:
-            grads.append(obj.vjp(cot[i]))
-    if cot is None:
-        return np.stack(values)
-    return np.stack(values), np.stack(grads)
+    return _fss_rows([fss.Projection(row, w_sorted, regularization=reg) for row in z], cot)
 
 
 def fss_isotonic_kl(fss, y, log_w, cot=None):
     """fast-soft-sort's kl isotonic regression (non-increasing; ``log_w`` the log of the
     weights) of each row of y, and with ``cot`` its vjp with respect to y."""
+    return _fss_rows([fss.Isotonic(row, w, regularization="kl") for row, w in zip(y, log_w)],
+                     cot)
+
+
+def _fss_rows(objects, cot=None):
+    """The stacked values of fast-soft-sort objects (one per row) and, with ``cot``, their vjps."""
     import numpy as np
 
-    values, grads = [], []
-    for i, (row, w) in enumerate(zip(y, log_w)):
-        obj = fss.Isotonic(row, w, regularization="kl")
-        values.append(obj.compute())
-        if cot is not None:
-            grads.append(obj.vjp(cot[i]))
+    values = np.stack([obj.compute() for obj in objects])
     if cot is None:
-        return np.stack(values)
-    return np.stack(values), np.stack(grads)
+        return values
+    return values, np.stack([obj.vjp(c) for obj, c in zip(objects, cot)])
 
 
 def torchsort_spearman(reg: str, eps: float):

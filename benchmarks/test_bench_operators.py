@@ -52,7 +52,8 @@ import numpy as np
 import pytest
 
 import _peers
-from _benchutil import EPS, IMPLS, QUICK_SHAPES, Cell, _seed, assert_close, check_once, measure
+from _benchutil import (EPS, IMPLS, QUICK_SHAPES, Case, Cell, _seed, assert_close, check_once,
+                        measure)
 
 DTYPES = ("float32", "float64")
 PASSES = ("fwd", "fwdbwd")
@@ -90,17 +91,14 @@ class OpCell(Cell):
 
 
 @dataclass(frozen=True)
-class OpCase:
-    cell: OpCell
-    impl: str
+class OpCase(Case):
+    """``_benchutil.Case`` of an operator's cell, ordered after every case of the soft_rank /
+    soft_sort grid."""
 
-    @property
-    def id(self) -> str:
-        return f"{self.cell.id}-{self.impl}"
+    cell: OpCell
 
     @property
     def order(self) -> Tuple[int, int]:
-        # after every cell of the soft_rank / soft_sort grid
         return (10**6 + self.cell.order, list(IMPLS).index(self.impl))
 
 
