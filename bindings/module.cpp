@@ -395,6 +395,52 @@ py::tuple projection_forward(const py::array& z_arg, const py::array& w_arg, dou
   return py::make_tuple(out, perm_z, perm_w, blocks);
 }
 
+py::array pearson(const py::array& a_arg, const py::array& b_arg) {
+  const py::array a = aligned(a_arg), b = aligned(b_arg);
+  const Kind kind = check_values(a, "a");
+  check_same_values(b, a, "b", "a");
+  const std::int64_t rows = a.shape(0);
+  const index_t n = static_cast<index_t>(a.shape(1));
+  py::array corr(a.dtype(), std::vector<py::ssize_t>{a.shape(0)});
+  {
+    py::gil_scoped_release release;
+    if (kind == Kind::Float32)
+      softrank::pearson_batch(cdata_of<float>(a), cdata_of<float>(b), rows, n,
+                              data_of<float>(corr));
+    else
+      softrank::pearson_batch(cdata_of<double>(a), cdata_of<double>(b), rows, n,
+                              data_of<double>(corr));
+  }
+  return corr;
+}
+
+py::array pearson_vjp(const py::array& a_arg, const py::array& b_arg,
+                      const py::array& cotangent_arg) {
+  const py::array a = aligned(a_arg), b = aligned(b_arg), cotangent = aligned(cotangent_arg);
+  const Kind kind = check_values(a, "a");
+  check_same_values(b, a, "b", "a");
+  if (cotangent.ndim() != 1 || cotangent.shape(0) != a.shape(0) ||
+      !(cotangent.flags() & py::array::c_style))
+    throw py::value_error("cotangent must be a contiguous 1-D array of shape (" +
+                          std::to_string(a.shape(0)) + ",), got shape " + shape_str(cotangent));
+  if (!cotangent.dtype().is(a.dtype()))
+    throw py::type_error("cotangent must have the dtype of a (" + std::string(py::str(a.dtype())) +
+                         "), got " + std::string(py::str(cotangent.dtype())));
+  const std::int64_t rows = a.shape(0);
+  const index_t n = static_cast<index_t>(a.shape(1));
+  py::array grad = new_rows_array(a.dtype(), a.shape(0), a.shape(1));
+  {
+    py::gil_scoped_release release;
+    if (kind == Kind::Float32)
+      softrank::pearson_vjp_batch(cdata_of<float>(a), cdata_of<float>(b),
+                                  cdata_of<float>(cotangent), rows, n, data_of<float>(grad));
+    else
+      softrank::pearson_vjp_batch(cdata_of<double>(a), cdata_of<double>(b),
+                                  cdata_of<double>(cotangent), rows, n, data_of<double>(grad));
+  }
+  return grad;
+}
+
 py::array inverse_permutations(const py::array& perm_arg) {
   const py::array perm = aligned(perm_arg);
   if (perm.ndim() != 2 || !(perm.flags() & py::array::c_style))
@@ -691,6 +737,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("isotonic_forward", &isotonic_forward, py::arg("y"), py::arg("weights"),
         py::arg("increasing"), py::arg("reg") = 0,
         "Weighted isotonic regression, l2 (reg 0) or kl (reg 1): returns (solution, block_start).");
+  m.def("pearson", &pearson, py::arg("a"), py::arg("b"),
+        "Pearson correlation of each row of a with the same row of b: shape (rows,), NaN for "
+        "a constant row.");
+  m.def("pearson_vjp", &pearson_vjp, py::arg("a"), py::arg("b"), py::arg("cotangent"),
+        "Gradient in a of sum(cotangent * pearson(a, b)), shape (rows, n).");
   m.def("inverse_permutations", &inverse_permutations, py::arg("perm"),
         "inverse[r, perm[r, i]] = i for every row (checked to be permutations).");
   m.def("projection_forward", &projection_forward, py::arg("z"), py::arg("w"), py::arg("eps"),

@@ -11,6 +11,7 @@
 
 #include "softrank/isotonic.h"
 #include "softrank/parallel.h"
+#include "softrank/pearson.h"
 #include "softrank/projection.h"
 #include "softrank/soft_ops.h"
 
@@ -87,6 +88,7 @@ struct ThreadScratch {
     const std::size_t size = static_cast<std::size_t>(n) + 1;
     grow(xs, size);
     grow(ws, size);
+    grow(work, size);
     grow(block_tail, size);
     grow(block_ref, size);
     grow(block_stat, size);
@@ -100,6 +102,7 @@ struct ThreadScratch {
     grow(chunk_wmax, chunks);
     return IsotonicScratch{xs.data(),
                            ws.data(),
+                           work.data(),
                            BlockStack{block_start.data(), block_ref.data(), block_stat.data(),
                                       block_stat2.data(), block_tail.data()},
                            chunk_first.data(),
@@ -471,37 +474,43 @@ void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t
 template <class T>
 void isotonic_kl_forward_batch(const T* y, const T* w, std::int64_t rows, index_t n,
                                bool increasing, T* solution, index_t* block_start) {
+  if (n >= kIsotonicChunkedMin && rows < std::max(2, get_num_threads())) {
+    // Fewer rows than threads: each row's chunks run on the pool.
+    const ParallelRanges ranges{get_num_threads()};
+    const IsotonicScratch scratch = thread_scratch().isotonic(n);
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const std::int64_t off = r * n;
+      isotonic_kl_forward_row(y + off, w ? w + off : nullptr, n, increasing, scratch,
+                              solution + off, block_start + off, ranges);
+    }
+    return;
+  }
+  for_each_row_range(rows, n, [&](std::int64_t begin, std::int64_t end) {
+    const IsotonicScratch scratch = thread_scratch().isotonic(n);
+    for (std::int64_t r = begin; r < end; ++r) {
+      const std::int64_t off = r * n;
+      isotonic_kl_forward_row(y + off, w ? w + off : nullptr, n, increasing, scratch,
+                              solution + off, block_start + off, SerialRanges{});
+    }
+  });
+}
+
+template <class T>
+void pearson_batch(const T* a, const T* b, std::int64_t rows, index_t n, T* corr) {
+  if (n == 0) {  // (for_each_row visits no row of length 0)
+    for (std::int64_t r = 0; r < rows; ++r) corr[r] = static_cast<T>(kNaN);
+    return;
+  }
   for_each_row(rows, n, [&](std::int64_t r) {
-    const std::int64_t off = r * n;
-    ThreadScratch& s = thread_scratch();
-    ThreadScratch::grow(s.xs, static_cast<std::size_t>(n) + 1);
-    ThreadScratch::grow(s.ws, static_cast<std::size_t>(n) + 1);
-    double* ys = s.xs.data();
-    double* log_w = s.ws.data();
-    bool finite = true;
-    for (index_t i = 0; i < n; ++i) {
-      ys[i] = static_cast<double>(y[off + i]);
-      finite = finite && std::isfinite(ys[i]);
-      if (w) log_w[i] = std::log(static_cast<double>(w[off + i]));
-    }
-    if (!finite) {
-      for (index_t i = 0; i < n; ++i) {
-        solution[off + i] = static_cast<T>(kNaN);
-        block_start[off + i] = -1;
-      }
-      return;
-    }
-    const IsotonicKlRule rule{w ? log_w : nullptr, increasing};
-    IsotonicKlRule::Block* stack = block_stack<IsotonicKlRule::Block>(n);
-    const index_t count = pav_run(rule, ys, 0, n, BlockArray<IsotonicKlRule::Block>{stack});
-    for (index_t k = 0; k < count; ++k) {
-      const index_t e = k + 1 < count ? stack[k + 1].start : n;
-      const T value = static_cast<T>(rule.value(stack[k]));
-      for (index_t i = stack[k].start; i < e; ++i) {
-        solution[off + i] = value;
-        block_start[off + i] = stack[k].start;
-      }
-    }
+    corr[r] = static_cast<T>(pearson_moments(a + r * n, b + r * n, n).corr);
+  });
+}
+
+template <class T>
+void pearson_vjp_batch(const T* a, const T* b, const T* cotangent, std::int64_t rows, index_t n,
+                       T* grad) {
+  for_each_row(rows, n, [&](std::int64_t r) {
+    pearson_vjp_row(a + r * n, b + r * n, n, static_cast<double>(cotangent[r]), grad + r * n);
   });
 }
 
@@ -516,6 +525,8 @@ void isotonic_kl_forward_batch(const T* y, const T* w, std::int64_t rows, index_
                                           index_t*);                                            \
   template void isotonic_vjp_batch<T>(const T*, const index_t*, const T*, std::int64_t, index_t, \
                                       T*, const T*, const T*, T*);                              \
+  template void pearson_batch<T>(const T*, const T*, std::int64_t, index_t, T*);              \
+  template void pearson_vjp_batch<T>(const T*, const T*, const T*, std::int64_t, index_t, T*); \
   template void projection_forward_batch<T>(const T*, const T*, std::int64_t, index_t, double,  \
                                             Reg, T*, index_t*, index_t*, index_t*, index_t*,    \
                                             index_t*);                                          \

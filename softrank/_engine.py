@@ -62,6 +62,14 @@ isotonic_vjp_weighted(y, solution, weights, block_start, cotangent) -> (grad_y, 
 inverse_permutations(perm) -> inverse
     int32 (rows, n): inverse[r, perm[r, i]] = i (ValueError unless every row is
     a permutation of 0..n-1).
+pearson(a, b) -> corr
+    The Pearson correlation of each row of a with the same row of b, shape
+    (rows,), dtype of a (sums in float64); NaN for a row of a or b that is
+    constant or holds NaN or inf.
+pearson_vjp(a, b, cotangent) -> grad_a
+    The gradient in a of sum(cotangent * pearson(a, b)) (cotangent of shape
+    (rows,)): cotangent * (b_c / (|a_c| |b_c|) - corr * a_c / |a_c|^2) with
+    a_c, b_c the centred rows; NaN across a row whose corr is NaN.
 set_num_threads(k), get_num_threads()
     Bound the CPU threads (k >= 1). Results are bitwise identical for any k.
 """

@@ -43,6 +43,8 @@ __all__ = [
     "isotonic_vjp_weighted",
     "projection_forward",
     "inverse_permutations",
+    "pearson",
+    "pearson_vjp",
     "set_num_threads",
     "get_num_threads",
 ]
@@ -69,6 +71,7 @@ _INT32 = np.dtype(np.int32)
 _MAX_N = 2**31 - 1
 # The smallest normal double: below it the sort kl merge test runs on logs.
 _DBL_MIN = float(np.finfo(np.float64).tiny)
+_DBL_MAX = float(np.finfo(np.float64).max)
 # The smallest positive (subnormal) double.
 _DENORM_MIN = 5e-324
 # Rows whose largest |x| (|y|) has a binary exponent above this run at a
@@ -1083,9 +1086,29 @@ def _projection_kernel(z, w, eps, reg, out, perm_z, perm_w, bs, chunks):
                             key_buf, idx_buf, bstart, ba, bb, bc, bd, sorted_out)
 
 
-# kl isotonic block: a = log sum exp(y), b = log sum w; value a - b.
+# kl isotonic (csrc/softrank/projection.h, IsotonicKlRule): a block keeps its
+# largest y (ref), S = sum exp(y - ref) and W = sum w (weights scaled near 1
+# by a power of two); V = ref + log(S / W). The merge test compares products
+# with e = exp(-|ref_a - ref_b|), on logs where e or a W is below 2^-400.
+_KL_SMALL = 2.0**-400
+_LN2 = 0.69314718055994530942
+
+
 @njit(**_JIT)
-def _isotonic_kl_row(y, w, has_w, increasing, sol, bs, bstart, ba, bb):
+def _isotonic_kl_merges(increasing, ref_a, sum_a, w_a, ref_b, sum_b, w_b):
+    d = ref_a - ref_b
+    e = math.exp(-d if d >= 0.0 else d)
+    if e >= _KL_SMALL and w_a >= _KL_SMALL and w_b >= _KL_SMALL:
+        lhs = sum_a * w_b if d >= 0.0 else e * sum_a * w_b
+        rhs = e * sum_b * w_a if d >= 0.0 else sum_b * w_a
+    else:
+        lhs = d + math.log(sum_a) + math.log(w_b)
+        rhs = math.log(sum_b) + math.log(w_a)
+    return lhs >= rhs if increasing else lhs <= rhs
+
+
+@njit(**_JIT)
+def _isotonic_kl_row(y, w, has_w, increasing, sol, bs, bstart, bref, bsum, bw, ws):
     n = y.shape[0]
     for i in range(n):
         if not math.isfinite(float(y[i])):
@@ -1093,27 +1116,46 @@ def _isotonic_kl_row(y, w, has_w, increasing, sol, bs, bstart, ba, bb):
                 sol[j] = np.nan
                 bs[j] = -1
             return
+    exponent = 0
+    if has_w:
+        wmax = 0.0
+        for i in range(n):
+            wmax = max(wmax, float(w[i]))
+        exponent = math.frexp(wmax)[1]
+        if exponent > 1 or exponent < -64:
+            for i in range(n):
+                ws[i] = max(math.ldexp(float(w[i]), -exponent), _DENORM_MIN)
+        else:
+            exponent = 0
+            for i in range(n):
+                ws[i] = float(w[i])
     top = 0
     for i in range(n):
         start = i
-        ly = float(y[i])
-        lw = math.log(float(w[i])) if has_w else 0.0
-        while top > 0:
-            va = ba[top - 1] - bb[top - 1]
-            vb = ly - lw
-            if not (va >= vb if increasing else va <= vb):
-                break
-            ly = _log_add_exp(ba[top - 1], ly)
-            lw = _log_add_exp(bb[top - 1], lw)
+        ref = float(y[i])
+        total = 1.0
+        weight = ws[i] if has_w else 1.0
+        while top > 0 and _isotonic_kl_merges(increasing, bref[top - 1], bsum[top - 1],
+                                              bw[top - 1], ref, total, weight):
+            d = bref[top - 1] - ref
+            e = math.exp(-d if d >= 0.0 else d)
+            if d >= 0.0:
+                total = bsum[top - 1] + e * total
+                ref = bref[top - 1]
+            else:
+                total = e * bsum[top - 1] + total
+            weight = bw[top - 1] + weight
             start = bstart[top - 1]
             top -= 1
         bstart[top] = start
-        ba[top] = ly
-        bb[top] = lw
+        bref[top] = ref
+        bsum[top] = total
+        bw[top] = weight
         top += 1
+    shift = exponent * _LN2
     for k in range(top):
         e = bstart[k + 1] if k + 1 < top else n
-        value = ba[k] - bb[k]
+        value = bref[k] + (math.log(bsum[k]) - math.log(bw[k])) - shift
         for i in range(bstart[k], e):
             sol[i] = value
             bs[i] = bstart[k]
@@ -1126,12 +1168,96 @@ def _isotonic_kl_kernel(y, w, has_w, increasing, sol, bs, chunks):
         r0 = c * rows // chunks
         r1 = (c + 1) * rows // chunks
         bstart = np.empty(n, np.int64)
-        ba = np.empty(n, np.float64)
-        bb = np.empty(n, np.float64)
+        bref = np.empty(n, np.float64)
+        bsum = np.empty(n, np.float64)
+        bw = np.empty(n, np.float64)
+        ws = np.empty(n, np.float64)
         for r in range(r0, r1):
             wr = w[r] if has_w else w[0]
-            _isotonic_kl_row(y[r], wr, has_w, increasing, sol[r], bs[r], bstart, ba, bb)
+            _isotonic_kl_row(y[r], wr, has_w, increasing, sol[r], bs[r], bstart, bref, bsum, bw,
+                             ws)
 
+
+
+# Pearson correlation (csrc/softrank/pearson.h): each row brought to a largest
+# magnitude near 1 by a power of two, then means and centred sums in float64;
+# a constant or non-finite row is NaN.
+@njit(**_JIT)
+def _unit_scale(largest):
+    if largest == 0.0:
+        return 1.0
+    exponent = math.frexp(largest)[1]
+    exponent = min(max(exponent, -1021), 1022)
+    return math.ldexp(1.0, -exponent)
+
+
+@njit(**_JIT)
+def _pearson_moments(a, b):
+    """(scale_a, scale_b, mean_a, mean_b, norm_a, norm_b, corr) of one row pair."""
+    n = a.shape[0]
+    max_a = 0.0
+    max_b = 0.0
+    finite = True
+    varies_a = False
+    varies_b = False
+    for i in range(n):
+        fa = abs(float(a[i]))
+        fb = abs(float(b[i]))
+        finite = finite and fa <= _DBL_MAX and fb <= _DBL_MAX
+        max_a = fa if fa > max_a else max_a
+        max_b = fb if fb > max_b else max_b
+        varies_a = varies_a or a[i] != a[0]
+        varies_b = varies_b or b[i] != b[0]
+    if not (finite and varies_a and varies_b):
+        return 1.0, 1.0, np.nan, np.nan, np.nan, np.nan, np.nan
+    scale_a = _unit_scale(max_a)
+    scale_b = _unit_scale(max_b)
+    sum_a = 0.0
+    sum_b = 0.0
+    for i in range(n):
+        sum_a += float(a[i]) * scale_a
+        sum_b += float(b[i]) * scale_b
+    mean_a = sum_a / n
+    mean_b = sum_b / n
+    ab = 0.0
+    aa = 0.0
+    bb = 0.0
+    for i in range(n):
+        da = float(a[i]) * scale_a - mean_a
+        db = float(b[i]) * scale_b - mean_b
+        ab += da * db
+        aa += da * da
+        bb += db * db
+    norm_a = math.sqrt(aa)
+    norm_b = math.sqrt(bb)
+    return scale_a, scale_b, mean_a, mean_b, norm_a, norm_b, ab / norm_a / norm_b
+
+
+@njit(parallel=True, **_JIT)
+def _pearson_kernel(a, b, corr, chunks):
+    rows = a.shape[0]
+    for c in prange(chunks):
+        for r in range(c * rows // chunks, (c + 1) * rows // chunks):
+            corr[r] = _pearson_moments(a[r], b[r])[6]
+
+
+@njit(parallel=True, **_JIT)
+def _pearson_vjp_kernel(a, b, cotangent, grad, chunks):
+    rows, n = a.shape
+    for c in prange(chunks):
+        for r in range(c * rows // chunks, (c + 1) * rows // chunks):
+            scale_a, scale_b, mean_a, mean_b, norm_a, norm_b, corr = _pearson_moments(a[r], b[r])
+            if math.isnan(corr):
+                for i in range(n):
+                    grad[r, i] = np.nan
+                continue
+            g = float(cotangent[r])
+            along_b = g * scale_a / norm_a / norm_b
+            along_a = g * scale_a * corr / norm_a / norm_a
+            for i in range(n):
+                da = float(a[r, i]) * scale_a - mean_a
+                db = float(b[r, i]) * scale_b - mean_b
+                grad[r, i] = along_b * db - along_a * da
 
 
 @njit(**_JIT)
@@ -1495,6 +1621,47 @@ def inverse_permutations(perm):
     if perm.size and not _inverse_kernel(perm, inverse):
         raise ValueError("perm rows must be permutations of 0, ..., n - 1")
     return inverse
+
+
+def pearson(a, b):
+    """Pearson correlation of each row of ``a`` with the same row of ``b``.
+
+    Parameters
+    ----------
+    a, b : numpy.ndarray, float32 or float64, shape (rows, n), same dtype
+
+    Returns
+    -------
+    numpy.ndarray, shape (rows,), dtype of ``a``
+        NaN for a row of ``a`` or ``b`` that is constant or holds NaN or inf.
+    """
+    a = _check_array(a, "a")
+    b = _check_array(b, "b", a.dtype, a.shape)
+    corr = np.empty(a.shape[0], a.dtype)
+    if a.shape[0]:
+        _pearson_kernel(a, b, corr, _chunks(a.shape[0]))
+    return corr
+
+
+def pearson_vjp(a, b, cotangent):
+    """Gradient in ``a`` of ``sum(cotangent * pearson(a, b))``, shape of ``a``.
+
+    ``cotangent`` is 1-D, one value per row, of ``a``'s dtype. Per row:
+    ``cotangent (b_c / (|a_c| |b_c|) - corr a_c / |a_c|^2)``, ``a_c`` and
+    ``b_c`` the centred rows; NaN where ``corr`` is NaN.
+    """
+    a = _check_array(a, "a")
+    b = _check_array(b, "b", a.dtype, a.shape)
+    if not isinstance(cotangent, np.ndarray) or cotangent.ndim != 1 or \
+            cotangent.shape[0] != a.shape[0] or not cotangent.flags.c_contiguous:
+        raise ValueError(f"cotangent must be a contiguous 1-D array of shape ({a.shape[0]},), "
+                         f"got shape {getattr(cotangent, 'shape', None)}")
+    if cotangent.dtype != a.dtype:
+        raise TypeError(f"cotangent must have the dtype of a ({a.dtype}), got {cotangent.dtype}")
+    grad = np.empty_like(a)
+    if a.size:
+        _pearson_vjp_kernel(a, b, cotangent, grad, _chunks(a.shape[0]))
+    return grad
 
 
 def set_num_threads(k):

@@ -91,10 +91,12 @@ def check_axis(axis: Any, ndim: int, name: str = "axis", array_name: str = "x") 
     return axis % ndim
 
 
-def check_float_dtype_kind(kind: str, dtype_name: str, allow_int: bool, name: str = "x") -> None:
+def check_float_dtype_kind(kind: str, dtype_name: Any, allow_int: bool, name: str = "x") -> None:
     """Reject complex, object, string and (unless ``allow_int``) integer dtypes.
 
-    ``kind`` is a numpy dtype kind code ('f', 'i', 'u', 'b', 'c', 'O', ...).
+    ``kind`` is a numpy dtype kind code ('f', 'i', 'u', 'b', 'c', 'O', ...);
+    ``dtype_name`` the dtype's name, or the dtype itself (formatted only in
+    the error: ``str(numpy.dtype)`` costs microseconds a call).
     """
     if kind == "f":
         return

@@ -103,7 +103,7 @@ def _prepare_like(
 ) -> np.ndarray:
     """Bring ``other`` (named ``name``) to the row layout of the input ``like`` of ``shape``."""
     other = np.asarray(other)
-    check_float_dtype_kind(other.dtype.kind, str(other.dtype), allow_int=True, name=name)
+    check_float_dtype_kind(other.dtype.kind, other.dtype, allow_int=True, name=name)
     if other.shape != shape:
         raise ValueError(
             f"{name} must have the shape of {like} {shape}, got {other.shape}"
@@ -504,7 +504,7 @@ def _projection_weights(w: Any, array: np.ndarray, ax: int, rows: np.ndarray):
     if w is None:
         return np.broadcast_to(_operators.rho(n, rows.dtype), rows.shape), True
     w_array = np.asarray(w)
-    check_float_dtype_kind(w_array.dtype.kind, str(w_array.dtype), allow_int=True, name="w")
+    check_float_dtype_kind(w_array.dtype.kind, w_array.dtype, allow_int=True, name="w")
     if _operators.projection_weights_shared(w_array.shape, array.shape, n,
                                             w_array.shape == array.shape):
         return np.broadcast_to(w_array.astype(rows.dtype, copy=False), rows.shape), True
@@ -706,7 +706,7 @@ def _spearman(pred, target, eps, regularization, axis):
     eng = _engine.engine()
     ranks, perm, blocks = eng.soft_forward(rows, _engine.OP_RANK, reg, False, eps)
     target_ranks = eng.soft_forward_value(target_rows, _engine.OP_RANK, _engine.REG_L2, False, 0.0)
-    corr = _operators.pearson_last_axis(_OPS, ranks, target_ranks)
+    corr = eng.pearson(ranks, target_ranks)
     return (array, ax, rows, _reduced_restore(array, ax, rows.dtype), ranks, target_ranks,
             (ranks, perm, blocks), (_engine.OP_RANK, reg, False, eps), corr)
 
@@ -767,16 +767,17 @@ def spearman_with_vjp(
     """
     array, ax, rows, restore, ranks, target_ranks, state, args, corr = _spearman(
         pred, target, eps, regularization, axis)
-    d_corr = _operators.pearson_gradient_last_axis(_OPS, ranks, target_ranks, corr)
     kept = _layout.reduced_shape(array.shape, ax)
 
     def vjp(cotangent: ArrayLike) -> np.ndarray:
         c = np.asarray(cotangent)
-        check_float_dtype_kind(c.dtype.kind, str(c.dtype), allow_int=True, name="cotangent")
+        check_float_dtype_kind(c.dtype.kind, c.dtype, allow_int=True, name="cotangent")
         if c.shape != kept:
             raise ValueError(f"cotangent must have the shape of the result {kept}, got {c.shape}")
-        g = np.ascontiguousarray(c.reshape(-1, 1).astype(rows.dtype) * d_corr, dtype=rows.dtype)
-        grad = _engine.engine().soft_vjp(rows, *state, g, *args)
+        eng = _engine.engine()
+        g = eng.pearson_vjp(ranks, target_ranks,
+                            np.ascontiguousarray(c.reshape(-1), dtype=rows.dtype))
+        grad = eng.soft_vjp(rows, *state, g, *args)
         return _to_rows(array, ax, rows.dtype)[1](grad)
 
     return restore(corr), _pullback("spearman", kept, vjp,
@@ -856,7 +857,7 @@ def soft_quantile_with_vjp(
 
     def vjp(cotangent: ArrayLike) -> np.ndarray:
         c = np.asarray(cotangent)
-        check_float_dtype_kind(c.dtype.kind, str(c.dtype), allow_int=True, name="cotangent")
+        check_float_dtype_kind(c.dtype.kind, c.dtype, allow_int=True, name="cotangent")
         if c.shape != result.shape:
             raise ValueError(
                 f"cotangent must have the shape of the result {result.shape}, got {c.shape}")
@@ -904,15 +905,23 @@ def _isotonic_prepare(y, weights, axis):
     w_rows = None
     if weights is not None:
         w_rows = _prepare_like(array.shape, weights, ax, rows.dtype, "weights", "y")
-        # One pass in the compute dtype: 0 < w < inf (False for NaN too).
-        if not np.all((w_rows > 0) & (w_rows < np.inf)):
-            # Which message: invalid weights, or positive ones that underflow
-            # to 0 in the compute dtype.
-            exact = _prepare_like(array.shape, weights, ax, np.dtype(np.float64), "weights", "y")
-            if not np.all(np.isfinite(exact)) or not np.all(exact > 0):
-                raise ValueError("weights must be finite and > 0 everywhere")
-            raise ValueError(f"weights must stay > 0 in {rows.dtype} (underflow)")
     return array, ax, rows, restore, w_rows
+
+
+def _checked_weights(solve: Callable[[], Any], array: np.ndarray, weights: Any, ax: int,
+                     dtype: np.dtype):
+    """``solve()``, an engine call that checks ``0 < weights < inf`` (in the
+    compute dtype) and raises otherwise; its error here says which: invalid
+    weights, or positive ones that underflow to 0 in the compute dtype."""
+    try:
+        return solve()
+    except ValueError as error:
+        if weights is None or not str(error).startswith("weights must be finite"):
+            raise
+        exact = _prepare_like(array.shape, weights, ax, np.dtype(np.float64), "weights", "y")
+        if not np.all(np.isfinite(exact)) or not np.all(exact > 0):
+            raise ValueError("weights must be finite and > 0 everywhere") from None
+        raise ValueError(f"weights must stay > 0 in {dtype} (underflow)") from None
 
 
 def isotonic_regression(
@@ -955,8 +964,10 @@ def isotonic_regression(
     array([1. , 2.5, 2.5, 4. ])
     """
     reg = check_regularization(regularization)
-    _, _, rows, restore, w_rows = _isotonic_prepare(y, weights, axis)
-    solution, _ = _engine.engine().isotonic_forward(rows, w_rows, bool(increasing), reg)
+    array, ax, rows, restore, w_rows = _isotonic_prepare(y, weights, axis)
+    solution, _ = _checked_weights(
+        lambda: _engine.engine().isotonic_forward(rows, w_rows, bool(increasing), reg),
+        array, weights, ax, rows.dtype)
     return restore(solution)
 
 
@@ -976,7 +987,9 @@ def isotonic_regression_with_vjp(
     """
     reg = check_regularization(regularization)
     array, ax, rows, restore, w_rows = _isotonic_prepare(y, weights, axis)
-    solution, blocks = _host.isotonic(rows, w_rows, bool(increasing), reg)
+    solution, blocks = _checked_weights(
+        lambda: _host.isotonic(rows, w_rows, bool(increasing), reg), array, weights, ax,
+        rows.dtype)
     shape = array.shape
     weights_dtype = np.asarray(weights).dtype if weights is not None else None
 
@@ -1013,7 +1026,8 @@ def isotonic_regression_vjp(
         array, ax, rows, restore, w_rows = _isotonic_prepare(y, weights, axis)
         vec = _prepare_like(array.shape, cotangent, ax, rows.dtype, "cotangent", "y")
         eng = _engine.engine()
-        _, blocks = eng.isotonic_forward(rows, w_rows, bool(increasing))
+        _, blocks = _checked_weights(lambda: eng.isotonic_forward(rows, w_rows, bool(increasing)),
+                                     array, weights, ax, rows.dtype)
         return restore(eng.isotonic_vjp(w_rows, blocks, vec))
     _, vjp = isotonic_regression_with_vjp(y, weights=weights, increasing=increasing,
                                           regularization=regularization, axis=axis)

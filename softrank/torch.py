@@ -198,6 +198,24 @@ def _isotonic_kernel(y, weights, increasing, reg):
     return _on_device(solution, y), _on_device(block_start, y)
 
 
+def _pearson_kernel(a, b):
+    """The CPU kernel: the engine's Pearson correlation of the last axes of a and b."""
+    n = a.shape[-1]
+    rows = math.prod(a.shape[:-1])
+    corr = _engine.engine().pearson(_host_array(a.reshape(rows, n).contiguous()),
+                                    _host_array(b.reshape(rows, n).contiguous()))
+    return torch.from_numpy(corr).reshape(a.shape[:-1])
+
+
+def _pearson_device_kernel(a, b):
+    """The CUDA kernel: the same formula in torch operations, on the device."""
+    return _operators.pearson_last_axis(_TORCH_OPS, a, b)
+
+
+def _pearson_fake(a, b):
+    return a.new_empty(a.shape[:-1])
+
+
 def _projection_fake(z, w, eps, reg):
     index = z.new_empty(z.shape, dtype=torch.int64)
     return (z.new_empty(z.shape), index) + tuple(torch.empty_like(index) for _ in range(4))
@@ -223,6 +241,7 @@ _LIB.define(
 _LIB.define(
     "isotonic_forward(Tensor y, Tensor? weights, bool increasing, int reg) -> (Tensor, Tensor)"
 )
+_LIB.define("pearson(Tensor a, Tensor b) -> Tensor")
 _OPS = torch.ops.softrank
 
 _HOST_KERNELS = {
@@ -232,10 +251,12 @@ _HOST_KERNELS = {
     "soft_hvp": _hvp_kernel,
     "projection_forward": _projection_kernel,
     "isotonic_forward": _isotonic_kernel,
+    "pearson": _pearson_kernel,
 }
 # The CUDA core's kernels where softrank was built with it; the host round
 # trip of the kernels above for the rest (see softrank._torch_cuda).
-_CUDA_KERNELS = _torch_cuda.cuda_kernels(_torch_cuda.core(), _HOST_KERNELS)
+_CUDA_KERNELS = dict(_torch_cuda.cuda_kernels(_torch_cuda.core(), _HOST_KERNELS),
+                     pearson=_pearson_device_kernel)
 
 for _name, _fake in (
     ("soft_forward", _forward_fake),
@@ -244,6 +265,7 @@ for _name, _fake in (
     ("soft_hvp", _like_x_fake),
     ("projection_forward", _projection_fake),
     ("isotonic_forward", _isotonic_fake),
+    ("pearson", _pearson_fake),
 ):
     _LIB.impl(_name, _HOST_KERNELS[_name], "CPU")
     _LIB.impl(_name, _CUDA_KERNELS[_name], "CUDA")
@@ -771,6 +793,47 @@ _LIB.impl(
 )
 
 
+class _Pearson(torch.autograd.Function):
+    """softrank::pearson, differentiable in ``a`` (``b``, the target's ranks, is
+    a constant): the gradient and the tangent by
+    :func:`softrank._operators.pearson_gradient_last_axis` in torch operations,
+    so that they differentiate again."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a, b):
+        with _below_autograd():
+            return _OPS.pearson.default(a, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, b = inputs
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(a, b, output)
+        if _forward_mode_possible():
+            ctx.save_for_forward(a, b, output)
+
+    @staticmethod
+    def backward(ctx, grad_corr):
+        if grad_corr is None:
+            return None, None
+        a, b, corr = ctx.saved_tensors
+        d_corr = _operators.pearson_gradient_last_axis(_TORCH_OPS, a, b, corr)
+        return grad_corr[..., None] * d_corr, None
+
+    @staticmethod
+    def jvp(ctx, a_tangent, b_tangent):
+        with _formula_inputs(ctx.saved_tensors, 2) as (a, b, corr):
+            if a_tangent is None:
+                return torch.zeros_like(corr)
+            d_corr = _operators.pearson_gradient_last_axis(_TORCH_OPS, a, b, corr)
+            return (d_corr * a_tangent).sum(dim=-1)
+
+
+_LIB.impl("pearson", _autograd_kernel("pearson", _Pearson, "spearman"), "Autograd")
+
+
 class _EagerIsotonic(torch.autograd.Function):
     """``isotonic_regression``'s eager route on the CPU: the engine on host views.
 
@@ -828,18 +891,17 @@ _apply_isotonic_eager = super(torch.autograd.Function, _EagerIsotonic).apply
 def _spearman_operators(pred, target_ranks, regularization, eps):
     """``spearman`` of ``(rows, n)`` tensors through the differentiable operators."""
     ranks = soft_rank(pred, eps, regularization=regularization)
-    return _operators.pearson_last_axis(_TORCH_OPS, ranks, target_ranks)
+    return _pearson(ranks, target_ranks)
 
 
 class _EagerSpearman(torch.autograd.Function):
-    """``spearman``'s eager route on the CPU: the engine and the Pearson
-    correlation on host views, one autograd node.
+    """``spearman``'s eager route on the CPU: the engine on host views, one
+    autograd node.
 
-    The soft ranks and the target's hard ranks come from the engine, the
-    correlation and its gradient
-    (:func:`softrank._operators.pearson_gradient_last_axis`) from torch ops
-    on those host buffers (no graph), and the gradient in ``pred`` from the
-    engine's ``soft_vjp``, as in ``softrank.numpy``'s ``spearman_with_vjp``. A backward that records a graph
+    The soft ranks, the target's hard ranks, the correlation
+    (``pearson``) and its gradient (``pearson_vjp``) come from the engine,
+    on host buffers (no graph), and the gradient in ``pred`` from its
+    ``soft_vjp``, as in ``softrank.numpy``'s ``spearman_with_vjp``. A backward that records a graph
     (``create_graph=True``) recomputes the correlation through the
     differentiable operators and differentiates that. Applied through the
     base class (see :class:`_EagerForward`).
@@ -854,28 +916,28 @@ class _EagerSpearman(torch.autograd.Function):
         ranks, perm, block_start = eng.soft_forward(pred_host, _engine.OP_RANK, reg, False, eps)
         target_ranks = eng.soft_forward_value(
             _host_array(target), _engine.OP_RANK, _engine.REG_L2, False, 0.0)
-        # (torch's reductions, not numpy's: the same bits as the operators' route.)
-        ranks_t, target_t = torch.from_numpy(ranks), torch.from_numpy(target_ranks)
-        corr = _operators.pearson_last_axis(_TORCH_OPS, ranks_t, target_t)
+        corr = torch.from_numpy(eng.pearson(ranks, target_ranks))
         ctx.save_for_backward(pred)
-        ctx.host = (pred_host, ranks, perm, block_start, ranks_t, target_t, corr)
+        ctx.host = (pred_host, ranks, perm, block_start, target_ranks)
         ctx.params = (regularization, reg, eps)
         return corr
 
     @staticmethod
     def backward(ctx, grad_corr):
         (pred,) = ctx.saved_tensors
-        pred_host, ranks, perm, block_start, ranks_t, target_t, corr = ctx.host
+        pred_host, ranks, perm, block_start, target_ranks = ctx.host
         regularization, reg, eps = ctx.params
         if torch.is_grad_enabled() or not _eager(grad_corr):
             with torch.enable_grad():
-                value = _spearman_operators(pred, target_t, regularization, eps)
+                value = _spearman_operators(pred, torch.from_numpy(target_ranks), regularization,
+                                            eps)
                 (grad,) = torch.autograd.grad(value, pred, grad_corr, create_graph=True)
             return grad, None, None, None
-        d_corr = _operators.pearson_gradient_last_axis(_TORCH_OPS, ranks_t, target_t, corr)
-        cotangent = _host_array((grad_corr.to(pred.dtype)[:, None] * d_corr).contiguous())
-        grad = _engine.engine().soft_vjp(pred_host, ranks, perm, block_start, cotangent,
-                                         _engine.OP_RANK, reg, False, eps)
+        eng = _engine.engine()
+        cotangent = eng.pearson_vjp(ranks, target_ranks,
+                                    _host_array(grad_corr.to(pred.dtype).contiguous()))
+        grad = eng.soft_vjp(pred_host, ranks, perm, block_start, cotangent,
+                            _engine.OP_RANK, reg, False, eps)
         return torch.from_numpy(grad), None, None, None
 
 
@@ -906,11 +968,27 @@ torch.library.register_vmap("softrank::projection_forward", _projection_vmap, li
 torch.library.register_vmap("softrank::isotonic_forward", _isotonic_vmap, lib=_LIB)
 
 
+def _pearson_vmap(info, in_dims, a, b):
+    a, b = _batch_first(info, in_dims, (a, b))
+    return _OPS.pearson(a, b), 0
+
+
+torch.library.register_vmap("softrank::pearson", _pearson_vmap, lib=_LIB)
+
+
 def _projection(z, w, eps, reg):
     """``(out, perm_z, inv_z, perm_w, inv_w, block_start)`` of tensors shaped ``(..., n)``."""
     if _functorch_active():
         return _Projection.apply(z, w, eps, reg)
     return _OPS.projection_forward(z, w, eps, reg)
+
+
+def _pearson(a, b):
+    """The Pearson correlation of the last axes of ``a`` and ``b`` (removed);
+    differentiable in ``a``."""
+    if _functorch_active():
+        return _Pearson.apply(a, b)
+    return _OPS.pearson(a, b)
 
 
 def _isotonic(y, weights, increasing, reg):
@@ -1374,7 +1452,7 @@ def spearman(
     else:
         ranks = soft_rank(moved, eps, regularization=regularization)
         target_ranks = soft_rank(target, 0.0).detach()
-        corr = _operators.pearson_last_axis(_TORCH_OPS, ranks, target_ranks)
+        corr = _pearson(ranks, target_ranks)
     return corr if corr.dtype == pred.dtype else corr.to(pred.dtype)
 
 
@@ -1396,8 +1474,7 @@ def _spearman_eager(pred: Tensor, target: Tensor, eps: float, regularization: st
                                        check_regularization(regularization), False, eps)
         target_ranks = eng.soft_forward_value(
             _host_array(target_rows), _engine.OP_RANK, _engine.REG_L2, False, 0.0)
-        corr = _operators.pearson_last_axis(
-            _TORCH_OPS, torch.from_numpy(ranks), torch.from_numpy(target_ranks))
+        corr = torch.from_numpy(eng.pearson(ranks, target_ranks))
     return corr.view(shape[:-1])
 
 

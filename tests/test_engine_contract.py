@@ -1039,3 +1039,71 @@ def test_inverse_permutations(eng):
             eng.inverse_permutations(np.array(bad, np.int32))
     with pytest.raises(TypeError, match="int32"):
         eng.inverse_permutations(perm.astype(np.int64))
+
+
+def _pearson_reference(a, b):
+    """Row-by-row Pearson correlation by np.corrcoef, in float64."""
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    corr = np.array([np.corrcoef(ra, rb)[0, 1] for ra, rb in zip(a64, b64)])
+    return corr
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pearson_and_its_vjp(eng, dtype):
+    """pearson matches np.corrcoef row by row (scale-free: rows of 1e200 and
+    1e-200 too); pearson_vjp matches central differences of pearson; constant
+    and non-finite rows give NaN; empty shapes and bad arguments."""
+    rng = np.random.default_rng(11)
+    a = rng.normal(size=(6, 17))
+    b = rng.normal(size=(6, 17))
+    b[1] = a[1] * 3.0 + 1.0  # corr = 1
+    b[2] = -a[2]  # corr = -1
+    a[3] = 0.1  # constant (its mean rounds off 0.1): NaN
+    a[4, 5] = np.nan
+    b[5] = 7.0  # constant target: NaN
+    a, b = a.astype(dtype), b.astype(dtype)
+    corr = eng.pearson(a, b)
+    assert corr.dtype == dtype and corr.shape == (6,)
+    want = _pearson_reference(a, b)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        np.testing.assert_allclose(corr, want, rtol=1e-6 if dtype == np.float32 else 1e-13,
+                                   atol=1e-6 if dtype == np.float32 else 1e-14)
+    assert np.isnan(corr[[3, 4, 5]]).all() and np.isfinite(corr[:3]).all()
+    np.testing.assert_allclose(corr[1:3], [1.0, -1.0], rtol=1e-6)
+
+    if dtype == np.float64:
+        big = eng.pearson(a[:3] * 1e200, b[:3] * 1e-200)
+        np.testing.assert_allclose(big, corr[:3], rtol=1e-12)
+        small = eng.pearson(a[:3] * 1e-200, b[:3])
+        np.testing.assert_allclose(small, corr[:3], rtol=1e-12)
+
+    cotangent = rng.normal(size=6).astype(dtype)
+    grad = eng.pearson_vjp(a, b, cotangent)
+    assert grad.dtype == dtype and grad.shape == a.shape
+    assert np.isnan(grad[[3, 4, 5]]).all()
+    a64, b64 = a[:3].astype(np.float64), b[:3].astype(np.float64)
+    step = 1e-6
+    numeric = np.zeros_like(a64)
+    for j in range(a64.shape[1]):
+        up, down = a64.copy(), a64.copy()
+        up[:, j] += step
+        down[:, j] -= step
+        numeric[:, j] = cotangent[:3] * (_pearson_reference(up, b64)
+                                         - _pearson_reference(down, b64)) / (2 * step)
+    np.testing.assert_allclose(grad[:3], numeric, rtol=1e-4 if dtype == np.float32 else 1e-6,
+                               atol=1e-5 if dtype == np.float32 else 1e-8)
+    assert np.abs(grad[0]).max() > 1e-3
+
+    assert eng.pearson(np.zeros((0, 5), dtype), np.zeros((0, 5), dtype)).shape == (0,)
+    empty_rows = eng.pearson(np.zeros((3, 0), dtype), np.zeros((3, 0), dtype))
+    assert empty_rows.shape == (3,) and np.isnan(empty_rows).all()
+    assert eng.pearson_vjp(np.zeros((2, 0), dtype), np.zeros((2, 0), dtype),
+                           np.ones(2, dtype)).shape == (2, 0)
+    with pytest.raises(ValueError, match="b must have"):
+        eng.pearson(a, b[:, :3].copy())
+    with pytest.raises(TypeError, match="b must have"):
+        eng.pearson(a, b.astype(np.float64 if dtype == np.float32 else np.float32))
+    with pytest.raises(ValueError, match="cotangent"):
+        eng.pearson_vjp(a, b, np.ones(5, dtype))
+    with pytest.raises(TypeError, match="cotangent"):
+        eng.pearson_vjp(a, b, np.ones(6, np.float64 if dtype == np.float32 else np.float32))

@@ -60,4 +60,14 @@ void isotonic_vjp_batch(const T* w, const index_t* block_start, const T* cotange
                         std::int64_t rows, index_t n, T* grad, const T* y = nullptr,
                         const T* solution = nullptr, T* grad_weights = nullptr);
 
+// The Pearson correlation of each row of a with the same row of b (pearson.h):
+// corr has `rows` entries, NaN for a constant row or one holding NaN or inf.
+template <class T>
+void pearson_batch(const T* a, const T* b, std::int64_t rows, index_t n, T* corr);
+
+// grad (rows, n): the gradient of sum_r cotangent[r] * corr[r] with respect to a.
+template <class T>
+void pearson_vjp_batch(const T* a, const T* b, const T* cotangent, std::int64_t rows, index_t n,
+                       T* grad);
+
 }  // namespace softrank

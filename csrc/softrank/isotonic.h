@@ -1,6 +1,6 @@
-// Weighted l2 isotonic regression of one row by PAV (pav.h's
-// IsotonicL2Pooling, or IsotonicUnitPooling for unit weights), and its
-// vector-Jacobian product.
+// Weighted isotonic regression of one row by PAV: l2 (pav.h's
+// IsotonicL2Pooling, or IsotonicUnitPooling for unit weights) with its
+// vector-Jacobian product, and kl (IsotonicKlRule below).
 //
 // Rows from kIsotonicChunkedMin positions are pooled in chunks of
 // kIsotonicChunk positions, joined by pav_merge_chunks (pav.h), as the soft
@@ -15,7 +15,8 @@
 
 #include "common.h"
 #include "pav.h"
-#include "soft_row.h"  // for_each_block, kNaN
+#include "soft_row.h"  // for_each_block, kNaN, exp_nonpositive_buffer
+#include "vector_math.h"
 
 namespace softrank {
 
@@ -29,8 +30,9 @@ SOFTRANK_HD index_t isotonic_chunk_count(index_t n) {
 // Caller-owned scratch of one row: ys, ws and the stack n long; the chunk
 // arrays isotonic_chunk_count(n) long.
 struct IsotonicScratch {
-  double* ys;  // sign * y, scaled
+  double* ys;  // sign * y, scaled (kl: exp(y - R))
   double* ws;  // the weights, scaled
+  double* refs;  // kl: each position's reference R
   BlockStack blocks;
   index_t* chunk_first;  // each chunk's stack slots [first, last) ...
   index_t* chunk_last;
@@ -165,6 +167,206 @@ void isotonic_forward_row(const T* y, const T* w, index_t n, bool increasing,
       if (shift != 0) value = std::ldexp(value, -shift);
       for (index_t i = bs; i < be; ++i) {
         solution[i] = static_cast<T>(value);
+        block_start[i] = bs;
+      }
+    }
+  });
+}
+
+// --- Isotonic regression under kl ---------------------------------------------
+//
+// argmin_v sum_i exp(y_i - v_i) + w_i v_i with v monotone (fast-soft-sort's
+// isotonic_kl with w = e^its w): the value of a block is LSE_B(y) - log
+// sum_B w. Non-decreasing solutions pool when V_a >= V_b, non-increasing ones
+// when V_a <= V_b (adjacent blocks with equal values pool, as in l2).
+//
+// No log in the loop, and mostly no exp. The row is cut into runs whose
+// values span at most kIsotonicKlSpan (isotonic_kl_references); each
+// position i gets its run's largest value as reference R_i and t_i = exp(y_i
+// - R_i), in [e^-300, 1], computed beforehand in one vectorised pass (a
+// position whose run would hold it alone is its own reference). A block
+// keeps a reference R (the largest of its positions'), S = sum exp(y - R)
+// and W = sum w (the weights brought near 1 by a power of two beforehand),
+// so V = R + log(S / W). With e = exp(-|R_a - R_b|) (1, and no exp call,
+// within a run), V_a >= V_b reads S_a W_b >= e S_b W_a where R_a >= R_b and
+// e S_a W_b >= S_b W_a otherwise. The pooled S is S_a + e S_b or e S_a +
+// S_b, W is W_a + W_b; each final block pays one log. S stays >= e^-300 (a
+// block holds a position of its reference's run), so with e and the W at
+// least 2^-250 every product is a normal double; otherwise the test runs on
+// logs. (The log-domain loop this replaces took two log_add_exp, an exp and
+// a log1p each, per pool.)
+constexpr double kIsotonicKlSpan = 300.0;
+
+// Blocks are pav.h's PavBlock (stored field by field in a BlockStack, so
+// that a block loaded from the stack never waits on a wide store of it):
+// ref = R, stat = S, stat2 = W.
+struct IsotonicKlRule {
+  const double* refs;     // R_i
+  const double* weights;  // w_i (scaled), or null for unit weights
+  bool increasing;
+
+  SOFTRANK_HD PavBlock item(const double* t, index_t i) const {
+    return PavBlock{i, i + 1, refs[i], t[i], weights ? weights[i] : 1.0, 0.0};
+  }
+  // exp(-|d|): 1, without the call, within a run (computing the exp there
+  // regardless, branch-free, made the loop twice as slow: it sits on the
+  // dependency chain of the pools).
+  SOFTRANK_HD static double factor(double d) {
+    return d == 0.0 ? 1.0 : exp_nonpositive(d > 0.0 ? -d : d);
+  }
+  SOFTRANK_HD bool merges(const PavBlock& a, const PavBlock& b) const {
+    constexpr double kSmall = 0x1p-250;
+    const double d = a.ref - b.ref;
+    const double e = factor(d);
+    double lhs, rhs;
+    if (e >= kSmall && a.stat2 >= kSmall && b.stat2 >= kSmall) {
+      lhs = d >= 0.0 ? a.stat * b.stat2 : e * a.stat * b.stat2;
+      rhs = d >= 0.0 ? e * b.stat * a.stat2 : b.stat * a.stat2;
+    } else {
+      lhs = d + std::log(a.stat) + std::log(b.stat2);
+      rhs = std::log(b.stat) + std::log(a.stat2);
+    }
+    return increasing ? lhs >= rhs : lhs <= rhs;
+  }
+  SOFTRANK_HD PavBlock pool(const PavBlock& a, const PavBlock& b) const {
+    const double d = a.ref - b.ref;
+    const double e = factor(d);
+    return d >= 0.0 ? PavBlock{a.start, b.end, a.ref, a.stat + e * b.stat, a.stat2 + b.stat2, 0.0}
+                    : PavBlock{a.start, b.end, b.ref, e * a.stat + b.stat, a.stat2 + b.stat2, 0.0};
+  }
+  // The block's value, less the log of the weights' scale (the caller takes
+  // it off); one log of the quotient, finite unless W is below 2^-900.
+  SOFTRANK_HD double value(double ref, double sum, double weight) const {
+    return ref + (weight >= 0x1p-900 ? std::log(sum / weight) : std::log(sum) - std::log(weight));
+  }
+};
+
+// The references R_i of IsotonicKlRule: the row (n finite values) cut
+// greedily into runs spanning at most kIsotonicKlSpan, each run's largest
+// value for each of its positions; `t` receives y_i - R_i (<= 0) for the
+// caller to exponentiate. `t` may be `y` (each value is read before it is
+// overwritten).
+SOFTRANK_HD void isotonic_kl_references(const double* y, index_t n, double* refs, double* t) {
+  if (n <= 0) return;
+  index_t run = 0;
+  double top = y[0], bottom = y[0];
+  auto close = [&](index_t end) {
+    for (index_t i = run; i < end; ++i) {
+      refs[i] = top;
+      t[i] = y[i] - top;
+    }
+  };
+  for (index_t i = 1; i < n; ++i) {
+    const double hi = y[i] > top ? y[i] : top, lo = y[i] < bottom ? y[i] : bottom;
+    if (hi - lo > kIsotonicKlSpan) {
+      close(i);
+      run = i;
+      top = bottom = y[i];
+    } else {
+      top = hi;
+      bottom = lo;
+    }
+  }
+  close(n);
+}
+
+
+// kl: solution and block_start as isotonic_forward_row (-1 and NaN across a
+// row holding NaN or +-inf). The same chunks as l2, pooled by IsotonicKlRule
+// and joined by pav_merge_chunks; each chunk cuts its own runs, so the
+// result depends on n alone, not on the thread count.
+template <class T, class Ranges>
+void isotonic_kl_forward_row(const T* y, const T* w, index_t n, bool increasing,
+                             const IsotonicScratch& s, T* solution, index_t* block_start,
+                             const Ranges& ranges) {
+  if (n == 0) return;
+  const index_t chunks = isotonic_chunk_count(n);
+  double* ys = s.ys;
+  double* ws = s.ws;
+  auto chunk_lo = [](index_t c) { return c * kIsotonicChunk; };
+  auto chunk_hi = [&](index_t c) { return c + 1 < chunks ? (c + 1) * kIsotonicChunk : n; };
+  // One pass: the values, the weights, a finiteness flag and the largest weight.
+  ranges.tasks(chunks, [&](index_t c) {
+    const index_t lo = chunk_lo(c), hi = chunk_hi(c);
+    bool finite = true;
+    for (index_t i = lo; i < hi; ++i) {
+      const double v = static_cast<double>(y[i]);
+      ys[i] = v;
+      finite &= std::fabs(v) <= std::numeric_limits<double>::max();
+    }
+    double wmax = 0.0;
+    if (w) {
+      for (index_t i = lo; i < hi; ++i) {
+        const double v = static_cast<double>(w[i]);
+        ws[i] = v;
+        wmax = v > wmax ? v : wmax;
+      }
+    }
+    s.chunk_ymax[c] = finite ? 0.0 : std::numeric_limits<double>::quiet_NaN();
+    s.chunk_wmax[c] = wmax;
+  });
+  bool finite = true;
+  double wmax = 0.0;
+  for (index_t c = 0; c < chunks; ++c) {
+    finite &= !std::isnan(s.chunk_ymax[c]);
+    wmax = s.chunk_wmax[c] > wmax ? s.chunk_wmax[c] : wmax;
+  }
+  if (!finite) {
+    ranges(n, [&](index_t lo, index_t hi) {
+      for (index_t i = lo; i < hi; ++i) {
+        solution[i] = static_cast<T>(std::numeric_limits<double>::quiet_NaN());
+        block_start[i] = -1;
+      }
+    });
+    return;
+  }
+  // Weights brought to a largest one in [1, 2) where they lie outside
+  // [2^-64, 2] (exact, as under l2) so that their sums cannot overflow; the
+  // values then shift by exponent * ln 2, taken off below.
+  int exponent = 0;
+  if (w) {
+    std::frexp(wmax, &exponent);
+    if (exponent > 1 || exponent < -64) {
+      ranges(n, [&](index_t lo, index_t hi) {
+        for (index_t i = lo; i < hi; ++i)
+          ws[i] = std::fmax(std::ldexp(ws[i], -exponent),
+                            std::numeric_limits<double>::denorm_min());
+      });
+    } else {
+      exponent = 0;
+    }
+  }
+  const double shift = exponent * 0.69314718055994530942;
+  const IsotonicKlRule rule{s.refs, w ? ws : nullptr, increasing};
+  const BlockStack b = s.blocks;
+  index_t one_first = 0, one_last = 0, one_end = n;
+  index_t* first = chunks > 1 ? s.chunk_first : &one_first;
+  index_t* last = chunks > 1 ? s.chunk_last : &one_last;
+  index_t* end = chunks > 1 ? s.chunk_end : &one_end;
+  ranges.tasks(chunks, [&](index_t c) {
+    const index_t lo = chunk_lo(c), hi = chunk_hi(c);
+    // ys becomes t = exp(y - R), in place.
+    isotonic_kl_references(ys + lo, hi - lo, s.refs + lo, ys + lo);
+    exp_nonpositive_buffer(ys + lo, hi - lo);
+    const BlockStack part{b.start + lo, b.ref + lo, b.stat + lo, b.stat2 + lo, b.tail + lo};
+    first[c] = lo;
+    last[c] = lo + pav_run(rule, ys, lo, hi, part);
+  });
+  if (chunks > 1) {
+    pav_merge_chunks(rule, n, chunks, b, first, last, kIsotonicChunk);
+    index_t next = n;
+    for (index_t c = chunks; c-- > 0;) {
+      end[c] = next;
+      if (first[c] < last[c]) next = b.start[first[c]];
+    }
+  }
+  ranges.tasks(chunks, [&](index_t c) {
+    for (index_t k = first[c]; k < last[c]; ++k) {
+      const index_t bs = b.start[k];
+      const index_t be = k + 1 < last[c] ? b.start[k + 1] : end[c];
+      const T value = static_cast<T>(rule.value(b.ref[k], b.stat[k], b.stat2[k]) - shift);
+      for (index_t i = bs; i < be; ++i) {
+        solution[i] = value;
         block_start[i] = bs;
       }
     }

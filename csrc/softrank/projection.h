@@ -112,34 +112,6 @@ struct ProjectionKlRule {
   }
 };
 
-// --- Isotonic regression under kl ---------------------------------------------
-//
-// argmin_v sum_i exp(y_i - v_i) + w_i v_i with v monotone (fast-soft-sort's
-// isotonic_kl with w = e^its w): the value of a block is LSE_B(y) - log
-// sum_B w. Non-decreasing solutions pool when V_a >= V_b, non-increasing ones
-// when V_a <= V_b (adjacent blocks with equal values pool, as in l2).
-struct IsotonicKlRule {
-  struct Block {
-    index_t start;
-    double lse_y;  // log sum exp(y) over the block
-    double log_w;  // log sum w over the block
-  };
-  const double* log_weights;  // log w_i, or null for unit weights
-  bool increasing;
-
-  SOFTRANK_HD Block item(const double* values, index_t i) const {
-    return Block{i, values[i], log_weights ? log_weights[i] : 0.0};
-  }
-  SOFTRANK_HD bool merges(const Block& a, const Block& b) const {
-    const double va = a.lse_y - a.log_w, vb = b.lse_y - b.log_w;
-    return increasing ? va >= vb : va <= vb;
-  }
-  SOFTRANK_HD Block pool(const Block& a, const Block& b) const {
-    return Block{a.start, log_add_exp(a.lse_y, b.lse_y), log_add_exp(a.log_w, b.log_w)};
-  }
-  SOFTRANK_HD double value(const Block& b) const { return b.lse_y - b.log_w; }
-};
-
 // The projection of one sorted row: s and ws decreasing (n values each),
 // writes the projection at each sorted position into `sorted_out` and the
 // blocks into block_start. `stack` holds n blocks of the rule's type.

@@ -216,3 +216,120 @@ TEST(isotonic, long_rows_pooled_in_chunks) {
   const Iso<double> r = isotonic(y, kNone, 1, static_cast<int>(y.size()), true);
   for (std::size_t i = 0; i < y.size(); ++i) CHECK(std::isnan(r.sol[i]) && r.block[i] == -1);
 }
+
+namespace {
+
+// Textbook kl PAV in long double: a block's value is log sum exp(y) - log
+// sum w, pooled by log-sum-exp (no references, no runs, no chunks).
+std::vector<LD> textbook_isotonic_kl(const std::vector<double>& y, const std::vector<double>* w,
+                                     bool increasing) {
+  struct Block {
+    LD lse, log_w;
+    int count;
+    LD value() const { return lse - log_w; }
+  };
+  auto log_add_exp = [](LD a, LD b) {
+    const LD m = std::max(a, b);
+    return m + std::log(std::exp(a - m) + std::exp(b - m));
+  };
+  std::vector<Block> stack;
+  for (std::size_t i = 0; i < y.size(); ++i) {
+    Block cur{static_cast<LD>(y[i]), w ? std::log(static_cast<LD>((*w)[i])) : 0.0L, 1};
+    while (!stack.empty() && (increasing ? stack.back().value() >= cur.value()
+                                         : stack.back().value() <= cur.value())) {
+      cur = Block{log_add_exp(stack.back().lse, cur.lse), log_add_exp(stack.back().log_w, cur.log_w),
+                  cur.count + stack.back().count};
+      stack.pop_back();
+    }
+    stack.push_back(cur);
+  }
+  std::vector<LD> out;
+  for (const Block& b : stack)
+    for (int k = 0; k < b.count; ++k) out.push_back(b.value());
+  return out;
+}
+
+Iso<double> isotonic_kl(const std::vector<double>& y, const std::vector<double>* w,
+                        std::int64_t rows, index_t n, bool increasing) {
+  Iso<double> r;
+  const std::size_t size = static_cast<std::size_t>(rows) * static_cast<std::size_t>(n);
+  r.sol.assign(size, sentinel<double>());
+  r.block.assign(size, -7);
+  softrank::isotonic_kl_forward_batch(y.data(), w ? w->data() : nullptr, rows, n, increasing,
+                                      r.sol.data(), r.block.data());
+  return r;
+}
+
+}  // namespace
+
+TEST(isotonic, kl_runs_chunks_and_extremes) {
+  // The kl loop keeps sums relative to per-run references (runs spanning at
+  // most 300 in y) and pools long rows in chunks: the same solution as a
+  // textbook log-sum-exp PAV, on rows whose values span far more than a run
+  // (many references, blocks across runs and across chunks), with weights
+  // spanning 2^-500..2^500 (the test on logs) and at the scales that are
+  // rescaled; the same bits for any thread count and on both row paths.
+  Rng rng(45);
+  const int chunk = softrank::kIsotonicChunk;
+  long long spanning = 0;
+  for (int n : {1000, softrank::kIsotonicChunkedMin, 100003})
+    for (int kind = 0; kind < 5; ++kind)
+      for (bool weighted : {false, true})
+        for (bool increasing : {true, false}) {
+          std::vector<double> y(n), w(n);
+          for (int i = 0; i < n; ++i) {
+            // 0: a trend with noise; 1: noise wider than a run and a chunk;
+            // 2: a falling row (one block); 3: steps of 1000 (every run a
+            // single position apart); 4: a trend with falling stretches
+            // across chunk boundaries.
+            const double t = increasing ? i : -i;
+            y[i] = kind == 0   ? t + 5 * rng.normal()
+                   : kind == 1 ? t + 3 * chunk * rng.normal()
+                   : kind == 2 ? -t
+                   : kind == 3 ? 1000.0 * (i % 3) - 5 * t
+                               : ((i + chunk / 2) / chunk % 2 ? -t : t) + rng.normal();
+            w[i] = kind == 3 ? std::ldexp(1.0, static_cast<int>(rng.uniform(-500, 500)))
+                             : std::exp(rng.uniform(-2, 2));
+          }
+          const std::vector<double>* wp = weighted ? &w : nullptr;
+          const std::vector<LD> ref = textbook_isotonic_kl(y, wp, increasing);
+          const Iso<double> one = isotonic_kl(y, wp, 1, n, increasing);
+          double scale = 1;
+          for (LD v : ref) scale = std::max(scale, std::fabs(static_cast<double>(v)));
+          for (int i = 0; i < n; ++i) {
+            CHECK_NEAR(one.sol[i], static_cast<double>(ref[i]), 1e-12 * scale)
+                << n << kind << weighted << increasing << i;
+            const index_t b = one.block[i];
+            CHECK(b >= 0 && b <= i && one.block[b] == b) << n << kind << i;
+            if (i > 0 && b == one.block[i - 1]) CHECK_SAME(one.sol[i], one.sol[i - 1]);
+            spanning += n > chunk && i % chunk == 0 && i > 0 && b != i;
+          }
+          std::vector<double> y3, w3;
+          for (int r = 0; r < 3; ++r) {
+            y3.insert(y3.end(), y.begin(), y.end());
+            w3.insert(w3.end(), w.begin(), w.end());
+          }
+          const Iso<double> three = isotonic_kl(y3, weighted ? &w3 : nullptr, 3, n, increasing);
+          const int saved = softrank::get_num_threads();
+          softrank::set_num_threads(1);
+          const Iso<double> serial = isotonic_kl(y, wp, 1, n, increasing);
+          softrank::set_num_threads(saved);
+          for (int i = 0; i < n; ++i) {
+            CHECK_SAME(three.sol[2 * n + i], one.sol[i]) << n << kind << i;
+            CHECK(three.block[2 * n + i] == one.block[i]);
+            CHECK_SAME(serial.sol[i], one.sol[i]) << n << kind << i;
+          }
+        }
+  CHECK(spanning > 100) << "too few blocks across chunks to test the merges:" << spanning;
+  // Weights near the largest double: rescaled, the values shift back exactly.
+  std::vector<double> y{0.5, 0.25, 2.0, 1.0}, huge{1e308, 1e308, 1e307, 1e308};
+  const std::vector<LD> want = textbook_isotonic_kl(y, &huge, true);
+  const Iso<double> got = isotonic_kl(y, &huge, 1, 4, true);
+  for (int i = 0; i < 4; ++i) CHECK_NEAR(got.sol[i], static_cast<double>(want[i]), 1e-12 * 710);
+  // A NaN in the last chunk poisons the whole row (and only it).
+  std::vector<double> bad(100003);
+  for (std::size_t i = 0; i < bad.size(); ++i) bad[i] = static_cast<double>(i % 7);
+  bad.back() = kNaN;
+  const Iso<double> r = isotonic_kl(bad, kNone, 1, static_cast<int>(bad.size()), true);
+  for (std::size_t i = 0; i < bad.size(); ++i) CHECK(std::isnan(r.sol[i]) && r.block[i] == -1);
+}
