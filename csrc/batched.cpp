@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <exception>
 #include <mutex>
 #include <vector>
@@ -414,16 +415,22 @@ void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t
   // Fewer rows than threads: a row's two sorts run at the same time.
   const bool sort_pairs_in_parallel = n >= kParallelMinElements && get_num_threads() > 1 &&
                                       rows < get_num_threads();
-  for_each_row(rows, n, [&](std::int64_t r) {
+  // A row whose w equals the previous row's (a w shared by every row, as the
+  // adapters pass one) reuses that row's sorted w and its permutation: one
+  // compare pass instead of a sort.
+  auto project_row = [&](std::int64_t r, bool same_w_as_previous) {
     const std::int64_t off = r * n;
     ThreadScratch& scratch_owner = thread_scratch();
     RowScratch scratch = scratch_owner.row(n, sizeof(T) == 8);
     double* s = scratch.xs;
-    double* ws = scratch.work;
+    double* ws = scratch.work;  // (kept from the previous row where w is the same)
     double* sorted_out = scratch.work2;
     scratch_owner.decay = DecayTable{};  // work2 is overwritten here
     bool valid;
-    if (already_decreasing(w + off, n, reg == Reg::KL, perm_w + off, ws)) {
+    if (same_w_as_previous) {
+      std::memcpy(perm_w + off, perm_w + off - n, sizeof(index_t) * static_cast<std::size_t>(n));
+      valid = sort_row_descending(z + off, n, false, scratch.sort, perm_z + off, s);
+    } else if (already_decreasing(w + off, n, reg == Reg::KL, perm_w + off, ws)) {
       valid = sort_row_descending(z + off, n, false, scratch.sort, perm_z + off, s);
     } else {
       bool valid_z = false, valid_w = false;
@@ -455,7 +462,7 @@ void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t
         perm_z[off + i] = perm_w[off + i] = block_start[off + i] = i;
       }
       write_inverses();
-      return;
+      return false;
     }
     if (reg == Reg::L2) {
       const ProjectionL2Rule rule{s, ws, eps, pool_all};
@@ -468,6 +475,16 @@ void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t
     }
     for (index_t i = 0; i < n; ++i) out[off + perm_z[off + i]] = static_cast<T>(sorted_out[i]);
     write_inverses();
+    return true;
+  };
+  for_each_row_range(rows, n, [&](std::int64_t begin, std::int64_t end) {
+    bool previous_valid = false;  // the previous row's ws and perm_w hold its sorted w
+    for (std::int64_t r = begin; r < end; ++r) {
+      const bool same_w =
+          previous_valid && std::memcmp(w + r * n, w + (r - 1) * n,
+                                        sizeof(T) * static_cast<std::size_t>(n)) == 0;
+      previous_valid = project_row(r, same_w);
+    }
   });
 }
 

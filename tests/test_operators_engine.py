@@ -400,6 +400,37 @@ def test_long_row_alone_or_in_a_batch_same_bits(eng, reg):
 
 
 @pytest.mark.parametrize("reg", [L2, KL])
+def test_rows_sharing_w_same_bits_as_rows_alone(eng, reg):
+    """Rows whose w equals the previous row's reuse its sorted w (the
+    compiled core): every output and permutation is the same, bit for bit,
+    as each row projected alone, on one thread or two, also around a NaN
+    row, a changed w, a -0.0 for a +0.0, ties, and (kl) -inf in w."""
+    rng = np.random.default_rng(16)
+    rows, n = 12, 300
+    w_shared = np.round(rng.normal(size=n) * 4.0)  # ties
+    w_shared[::11] = 0.0
+    if reg == KL:
+        w_shared[::13] = -np.inf
+    w = np.tile(w_shared, (rows, 1))
+    w[5] = rng.normal(size=n)  # a row with another w, between shared ones
+    w[8, w_shared == 0.0] = -0.0  # the same values, other bits
+    z = rng.normal(size=(rows, n)) * 20.0
+    z[3, 7] = np.nan  # an invalid row in the middle of a run of shared w
+    threads = eng.get_num_threads()
+    try:
+        for count in (1, 2):
+            eng.set_num_threads(count)
+            batch = eng.projection_forward(z, w, 0.7, reg)
+            for r in range(rows):
+                alone = eng.projection_forward(z[r:r + 1].copy(), w[r:r + 1].copy(), 0.7, reg)
+                for got, want in zip(alone, batch):
+                    np.testing.assert_array_equal(got[0], want[r])
+            assert np.isnan(batch[0][3]).all() and np.isfinite(batch[0][[2, 4, 11]]).all()
+    finally:
+        eng.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("reg", [L2, KL])
 def test_float32_close_to_float64(eng, reg):
     rng = np.random.default_rng(9)
     z = rng.normal(size=(5, 30))
