@@ -498,25 +498,35 @@ def _pullback(name: str, shape: Tuple[int, ...], fn: Callable, doc: str) -> Call
 # --- permutahedron projection ----------------------------------------------------
 
 
+def _shared_rows(vector: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
+    """``vector`` (length n, the rows' dtype) repeated as C-contiguous rows of
+    ``shape``: the engine takes a ``w`` per row."""
+    if shape[0] == 1:
+        return np.ascontiguousarray(vector).reshape(shape)
+    rows = np.empty(shape, vector.dtype)
+    rows[...] = vector
+    return rows
+
+
 def _projection_weights(w: Any, array: np.ndarray, ax: int, rows: np.ndarray):
-    """``w`` in the row layout of ``rows``, and whether it was one vector for every row."""
+    """``w`` in the row layout of ``rows`` (C-contiguous), and whether it was
+    one vector for every row."""
     n = rows.shape[1]
     if w is None:
-        return np.broadcast_to(_operators.rho(n, rows.dtype), rows.shape), True
+        return _shared_rows(_operators.rho(n, rows.dtype), rows.shape), True
     w_array = np.asarray(w)
     check_float_dtype_kind(w_array.dtype.kind, w_array.dtype, allow_int=True, name="w")
     if _operators.projection_weights_shared(w_array.shape, array.shape, n,
                                             w_array.shape == array.shape):
-        return np.broadcast_to(w_array.astype(rows.dtype, copy=False), rows.shape), True
+        return _shared_rows(w_array.astype(rows.dtype, copy=False), rows.shape), True
     w_rows, _ = _to_rows(w_array, ax, rows.dtype)
-    return w_rows, False
+    return np.ascontiguousarray(w_rows), False
 
 
 def _projection(z, w, eps, reg, axis, name="z", keep_state=True):
     """The projection's rows and, where ``keep_state``, its state for a pullback."""
     array, ax, rows, restore = _prepare(z, axis, name=name)
     w_rows, shared = _projection_weights(w, array, ax, rows)
-    w_rows = np.ascontiguousarray(w_rows)
     if keep_state:
         out, state = _host.projection(rows, w_rows, eps, reg)
     else:  # the value alone: no inverse permutations, no int64 copies
