@@ -66,6 +66,10 @@ def _compute_dtype(dtype: np.dtype, name: str) -> np.dtype:
     return result
 
 
+def _identity(result: np.ndarray) -> np.ndarray:
+    return result
+
+
 def _to_rows(
     x: np.ndarray, axis: int, dtype: np.dtype
 ) -> Tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
@@ -76,6 +80,9 @@ def _to_rows(
     last axis of a contiguous array of the compute dtype, costs no copy.
     """
     last = axis == x.ndim - 1
+    if last and x.ndim == 2 and x.dtype == dtype and x.flags.c_contiguous:
+        # The common case, rows already: no copy, and the result is the rows.
+        return x, _identity
     moved = x if last else np.moveaxis(x, axis, -1)
     moved_shape = moved.shape
     flat = np.ascontiguousarray(moved, dtype=dtype).reshape(_layout.rows_of(moved_shape))
