@@ -359,6 +359,17 @@ template <class T>
 void isotonic_vjp_batch(const T* w, const index_t* block_start, const T* cotangent,
                         std::int64_t rows, index_t n, T* grad, const T* y, const T* solution,
                         T* grad_weights) {
+  if (n >= kIsotonicChunkedMin && rows < std::max(2, get_num_threads())) {
+    // Fewer rows than threads: each row's blocks are split over the pool.
+    const ParallelRanges ranges{get_num_threads()};
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const std::int64_t off = r * n;
+      isotonic_vjp_row(w ? w + off : nullptr, block_start + off, cotangent + off, n, grad + off,
+                       grad_weights ? y + off : nullptr, grad_weights ? solution + off : nullptr,
+                       grad_weights ? grad_weights + off : nullptr, ranges);
+    }
+    return;
+  }
   for_each_row(rows, n, [&](std::int64_t r) {
     const std::int64_t off = r * n;
     isotonic_vjp_row(w ? w + off : nullptr, block_start + off, cotangent + off, n, grad + off,

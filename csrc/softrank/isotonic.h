@@ -377,52 +377,63 @@ void isotonic_kl_forward_row(const T* y, const T* w, index_t n, bool increasing,
 // w_j / W_B sum_B cotangent over the block B of j. With y, solution and
 // grad_weights (weighted rows), the gradient with respect to the weights in
 // the same pass: grad_weights_j = (y_j - v_B) / W_B sum_B cotangent.
-// NaN across a row whose block_start is -1.
-template <class T>
+// NaN across a row whose block_start is -1. `ranges` splits the row into
+// parts at block boundaries (each block is computed whole by one task, by the
+// same expressions: the same bits for any split).
+template <class T, class Ranges = SerialRanges>
 void isotonic_vjp_row(const T* w, const index_t* block_start, const T* cotangent, index_t n,
                       T* grad, const T* y = nullptr, const T* solution = nullptr,
-                      T* grad_weights = nullptr) {
+                      T* grad_weights = nullptr, const Ranges& ranges = Ranges{}) {
   if (n == 0) return;
   if (block_start[0] < 0) {
-    for (index_t i = 0; i < n; ++i) grad[i] = static_cast<T>(kNaN);
-    if (grad_weights)
-      for (index_t i = 0; i < n; ++i) grad_weights[i] = static_cast<T>(kNaN);
+    ranges(n, [&](index_t lo, index_t hi) {
+      for (index_t i = lo; i < hi; ++i) grad[i] = static_cast<T>(kNaN);
+      if (grad_weights)
+        for (index_t i = lo; i < hi; ++i) grad_weights[i] = static_cast<T>(kNaN);
+    });
     return;
   }
-  for_each_block(block_start, 0, n, [&](index_t s, index_t e) {
-    double sum = 0.0, wsum = 0.0;
-    for (index_t i = s; i < e; ++i) {
-      sum += static_cast<double>(cotangent[i]);
-      wsum += w ? static_cast<double>(w[i]) : 1.0;
-    }
-    // Weights whose sum overflows, or is so small that sum / wsum overflows:
-    // scaled by a power of two (exact; ldexp, as 2^-exponent itself
-    // overflows for subnormal weights).
-    int shift = 0;
-    if (w && !(wsum >= 0x1p-960 && wsum <= 0x1p960)) {
-      double wmax = 0.0;
-      for (index_t i = s; i < e; ++i) wmax = std::fmax(wmax, static_cast<double>(w[i]));
-      std::frexp(wmax, &shift);
-      shift = -shift;
-      wsum = 0.0;
-      for (index_t i = s; i < e; ++i) wsum += std::ldexp(static_cast<double>(w[i]), shift);
-    }
-    // sum / W_B = ldexp(per_weight, shift).
-    const double per_weight = sum / wsum;
-    if (grad_weights) {
-      const double value = static_cast<double>(solution[s]);
+  // The first block starting at or after position p (n if none).
+  auto next_block = [&](index_t p) {
+    while (p < n && block_start[p] != p) ++p;
+    return p;
+  };
+  ranges(n, [&](index_t lo, index_t hi) {
+    for_each_block(block_start, next_block(lo), next_block(hi), [&](index_t s, index_t e) {
+      double sum = 0.0, wsum = 0.0;
       for (index_t i = s; i < e; ++i) {
-        const double g = (static_cast<double>(y[i]) - value) * per_weight;
-        grad_weights[i] = static_cast<T>(shift != 0 ? std::ldexp(g, shift) : g);
+        sum += static_cast<double>(cotangent[i]);
+        wsum += w ? static_cast<double>(w[i]) : 1.0;
       }
-    }
-    if (shift != 0) {
+      // Weights whose sum overflows, or is so small that sum / wsum overflows:
+      // scaled by a power of two (exact; ldexp, as 2^-exponent itself
+      // overflows for subnormal weights).
+      int shift = 0;
+      if (w && !(wsum >= 0x1p-960 && wsum <= 0x1p960)) {
+        double wmax = 0.0;
+        for (index_t i = s; i < e; ++i) wmax = std::fmax(wmax, static_cast<double>(w[i]));
+        std::frexp(wmax, &shift);
+        shift = -shift;
+        wsum = 0.0;
+        for (index_t i = s; i < e; ++i) wsum += std::ldexp(static_cast<double>(w[i]), shift);
+      }
+      // sum / W_B = ldexp(per_weight, shift).
+      const double per_weight = sum / wsum;
+      if (grad_weights) {
+        const double value = static_cast<double>(solution[s]);
+        for (index_t i = s; i < e; ++i) {
+          const double g = (static_cast<double>(y[i]) - value) * per_weight;
+          grad_weights[i] = static_cast<T>(shift != 0 ? std::ldexp(g, shift) : g);
+        }
+      }
+      if (shift != 0) {
+        for (index_t i = s; i < e; ++i)
+          grad[i] = static_cast<T>(std::ldexp(static_cast<double>(w[i]), shift) * per_weight);
+        return;
+      }
       for (index_t i = s; i < e; ++i)
-        grad[i] = static_cast<T>(std::ldexp(static_cast<double>(w[i]), shift) * per_weight);
-      return;
-    }
-    for (index_t i = s; i < e; ++i)
-      grad[i] = static_cast<T>((w ? static_cast<double>(w[i]) : 1.0) * per_weight);
+        grad[i] = static_cast<T>((w ? static_cast<double>(w[i]) : 1.0) * per_weight);
+    });
   });
 }
 

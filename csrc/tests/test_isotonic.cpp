@@ -198,15 +198,33 @@ TEST(isotonic, long_rows_pooled_in_chunks) {
             w3.insert(w3.end(), w.begin(), w.end());
           }
           const Iso<double> three = isotonic(y3, weighted ? &w3 : nullptr, 3, n, increasing);
+          // The vjp too: a lone long row's blocks are split over the threads.
+          std::vector<double> g(n), g3;
+          for (double& v : g) v = rng.normal();
+          for (int r = 0; r < 3; ++r) g3.insert(g3.end(), g.begin(), g.end());
+          const std::vector<double> vjp_one = isotonic_vjp(wp, one, g, 1, n);
+          const std::vector<double> vjp_three =
+              isotonic_vjp(weighted ? &w3 : nullptr, three, g3, 3, n);
           const int saved = softrank::get_num_threads();
           softrank::set_num_threads(1);
           const Iso<double> serial = isotonic(y, wp, 1, n, increasing);
+          const std::vector<double> vjp_serial = isotonic_vjp(wp, one, g, 1, n);
           softrank::set_num_threads(saved);
           for (int i = 0; i < n; ++i) {
             CHECK_SAME(three.sol[2 * n + i], one.sol[i]) << n << kind << i;
             CHECK(three.block[2 * n + i] == one.block[i]);
             CHECK_SAME(serial.sol[i], one.sol[i]) << n << kind << i;
+            CHECK_SAME(vjp_three[2 * n + i], vjp_one[i]) << n << kind << i;
+            CHECK_SAME(vjp_serial[i], vjp_one[i]) << n << kind << i;
           }
+          // Each block's gradient sums to the block's cotangent (and is not
+          // left unwritten by a split).
+          double total = 0, total_g = 0;
+          for (int i = 0; i < n; ++i) {
+            total += vjp_one[i];
+            total_g += g[i];
+          }
+          CHECK_NEAR(total, total_g, 1e-9 * n);
         }
   CHECK(spanning > 100) << "too few blocks across chunks to test the merges:" << spanning;
   // A NaN in the last chunk poisons the whole row (and only it).
