@@ -130,8 +130,26 @@ _NO_JIT = (
 def _host_array(tensor: Tensor) -> np.ndarray:
     """A numpy view of a CPU tensor (a host copy of a CUDA one)."""
     if tensor.is_cpu:
-        return tensor.detach().numpy()
+        # (detach() costs a microsecond; only a tensor that requires grad needs it.)
+        return tensor.detach().numpy() if tensor.requires_grad else tensor.numpy()
     return tensor.detach().cpu().numpy()
+
+
+def _rows_of(tensor: Tensor) -> Tensor:
+    """``tensor`` (its operator dim last, ``dim() >= 1``) as C-contiguous ``(rows, n)``.
+
+    Each tensor method call costs a microsecond or two: the common 2-D
+    contiguous case makes none it does not need (the result is then
+    ``tensor`` itself, and :func:`_unfold` leaves results as they are).
+    """
+    rows = tensor if tensor.dim() == 2 else tensor.reshape(
+        math.prod(tensor.shape[:-1]), tensor.shape[-1])
+    return rows if rows.is_contiguous() else rows.contiguous()
+
+
+def _unfold(result: Tensor, shape: torch.Size) -> Tensor:
+    """A ``(rows, ...)`` result of :func:`_rows_of`'s rows back in ``shape``."""
+    return result if result.shape == shape else result.view(shape)
 
 
 def _on_device(array: np.ndarray, like: Tensor) -> Tensor:
@@ -1031,13 +1049,7 @@ def _soft_op(x: Any, eps: Any, regularization: Any, direction: Any, dim: Any, op
         last = axis == ndim - 1
         moved = x if last else x.movedim(axis, -1)
     shape = moved.shape
-    # (Each tensor method call costs a microsecond or two: the common 2-D
-    # contiguous case makes none it does not need.)
-    rows = moved if ndim == 2 else moved.reshape(math.prod(shape[:-1]), shape[-1])
-    if compute_dtype is not dtype:
-        rows = rows.to(compute_dtype)
-    if not rows.is_contiguous():
-        rows = rows.contiguous()
+    rows = _rows_of(moved if compute_dtype is dtype else moved.to(compute_dtype))
     if _functorch_active():
         out = _Forward.apply(rows, op, reg, descending, eps)[0]
     elif not (rows.is_cpu and _eager(rows)):
@@ -1046,8 +1058,7 @@ def _soft_op(x: Any, eps: Any, regularization: Any, direction: Any, dim: Any, op
         out = _apply_forward_eager(rows, op, reg, descending, eps)
     else:
         out = _forward_value_kernel(rows, op, reg, descending, eps)
-    if ndim != 2:
-        out = out.view(shape)
+    out = _unfold(out, shape)
     if not last:
         out = out.movedim(-1, axis)
     return out if compute_dtype is dtype else out.to(dtype)
@@ -1459,13 +1470,8 @@ def spearman(
 def _spearman_eager(pred: Tensor, target: Tensor, eps: float, regularization: str) -> Tensor:
     """``spearman`` of ``pred`` (its dim last) by :class:`_EagerSpearman`."""
     shape = pred.shape
-    n = shape[-1]
-    rows = pred.reshape(-1, n)
-    if not rows.is_contiguous():
-        rows = rows.contiguous()
-    target_rows = target.reshape(-1, n)
-    if not target_rows.is_contiguous():
-        target_rows = target_rows.contiguous()
+    rows = _rows_of(pred)
+    target_rows = _rows_of(target)
     if torch.is_grad_enabled() and rows.requires_grad:
         corr = _apply_spearman_eager(rows, target_rows, regularization, eps)
     else:
@@ -1475,7 +1481,7 @@ def _spearman_eager(pred: Tensor, target: Tensor, eps: float, regularization: st
         target_ranks = eng.soft_forward_value(
             _host_array(target_rows), _engine.OP_RANK, _engine.REG_L2, False, 0.0)
         corr = torch.from_numpy(eng.pearson(ranks, target_ranks))
-    return corr.view(shape[:-1])
+    return _unfold(corr, shape[:-1])
 
 
 @torch.compiler.assume_constant_result
@@ -1633,7 +1639,7 @@ def isotonic_regression(
         if weights.shape != y.shape:
             raise ValueError(
                 f"weights must have the shape of y {tuple(y.shape)}, got {tuple(weights.shape)}")
-        moved_weights = weights.to(dtype)
+        moved_weights = weights if weights.dtype == dtype else weights.to(dtype)
         if axis != weights.dim() - 1:
             moved_weights = moved_weights.movedim(axis, -1)
     eager = moved.is_cpu and moved.numel() and _eager(moved) and (
@@ -1657,15 +1663,8 @@ def isotonic_regression(
 def _isotonic_eager(y: Tensor, weights: Optional[Tensor], increasing: bool, reg: int) -> Tensor:
     """The solution by :class:`_EagerIsotonic`, or the engine alone where nothing needs a gradient."""
     shape = y.shape
-    n = shape[-1] if shape else 1
-    rows = y.reshape(-1, n)
-    if not rows.is_contiguous():
-        rows = rows.contiguous()
-    weight_rows = None
-    if weights is not None:
-        weight_rows = weights.reshape(-1, n)
-        if not weight_rows.is_contiguous():
-            weight_rows = weight_rows.contiguous()
+    rows = _rows_of(y)
+    weight_rows = None if weights is None else _rows_of(weights)
     if torch.is_grad_enabled() and (rows.requires_grad or (
             weight_rows is not None and weight_rows.requires_grad)):
         solution = _apply_isotonic_eager(rows, weight_rows, increasing, reg)
@@ -1673,7 +1672,7 @@ def _isotonic_eager(y: Tensor, weights: Optional[Tensor], increasing: bool, reg:
         solution = torch.from_numpy(_engine.engine().isotonic_forward(
             _host_array(rows), None if weight_rows is None else _host_array(weight_rows),
             increasing, reg)[0])
-    return solution.view(shape)
+    return _unfold(solution, shape)
 
 
 # TorchScript reads this attribute (for direct and recursive scripting) and

@@ -235,7 +235,8 @@ struct IsotonicKlRule {
                     : PavBlock{a.start, b.end, b.ref, e * a.stat + b.stat, a.stat2 + b.stat2, 0.0};
   }
   // The block's value, less the log of the weights' scale (the caller takes
-  // it off); one log of the quotient, finite unless W is below 2^-900.
+  // it off): one log of the quotient, a normal double (in [2^-466, 2^931])
+  // where W >= 2^-900; two logs below.
   SOFTRANK_HD double value(double ref, double sum, double weight) const {
     return ref + (weight >= 0x1p-900 ? std::log(sum / weight) : std::log(sum) - std::log(weight));
   }
