@@ -331,28 +331,37 @@ void soft_hvp_batch(const T* x, const T* out, const index_t* perm, const index_t
   });
 }
 
-template <class T>
-void isotonic_forward_batch(const T* y, const T* w, std::int64_t rows, index_t n, bool increasing,
-                            T* solution, index_t* block_start) {
+// Runs row(y, w, scratch, solution, block_start, ranges) over every row of an
+// isotonic regression: where a call has fewer rows than threads, each long
+// row's chunks on the pool (ParallelRanges), otherwise one row per task.
+template <class T, class RowFn>
+void for_each_isotonic_row(const T* y, const T* w, std::int64_t rows, index_t n, T* solution,
+                           index_t* block_start, RowFn&& row) {
+  auto offsets = [&](std::int64_t r, const IsotonicScratch& scratch, const auto& ranges) {
+    const std::int64_t off = r * n;
+    row(y + off, w ? w + off : nullptr, scratch, solution + off, block_start + off, ranges);
+  };
   if (n >= kIsotonicChunkedMin && rows < std::max(2, get_num_threads())) {
-    // Fewer rows than threads: each row's chunks run on the pool.
     const ParallelRanges ranges{get_num_threads()};
     const IsotonicScratch scratch = thread_scratch().isotonic(n);
-    for (std::int64_t r = 0; r < rows; ++r) {
-      const std::int64_t off = r * n;
-      isotonic_forward_row(y + off, w ? w + off : nullptr, n, increasing, scratch,
-                           solution + off, block_start + off, ranges);
-    }
+    for (std::int64_t r = 0; r < rows; ++r) offsets(r, scratch, ranges);
     return;
   }
   for_each_row_range(rows, n, [&](std::int64_t begin, std::int64_t end) {
     const IsotonicScratch scratch = thread_scratch().isotonic(n);
-    for (std::int64_t r = begin; r < end; ++r) {
-      const std::int64_t off = r * n;
-      isotonic_forward_row(y + off, w ? w + off : nullptr, n, increasing, scratch,
-                           solution + off, block_start + off, SerialRanges{});
-    }
+    for (std::int64_t r = begin; r < end; ++r) offsets(r, scratch, SerialRanges{});
   });
+}
+
+template <class T>
+void isotonic_forward_batch(const T* y, const T* w, std::int64_t rows, index_t n, bool increasing,
+                            T* solution, index_t* block_start) {
+  for_each_isotonic_row(y, w, rows, n, solution, block_start,
+                        [&](const T* yr, const T* wr, const IsotonicScratch& scratch, T* sol,
+                            index_t* blocks, const auto& ranges) {
+                          isotonic_forward_row(yr, wr, n, increasing, scratch, sol, blocks,
+                                               ranges);
+                        });
 }
 
 template <class T>
@@ -502,25 +511,12 @@ void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t
 template <class T>
 void isotonic_kl_forward_batch(const T* y, const T* w, std::int64_t rows, index_t n,
                                bool increasing, T* solution, index_t* block_start) {
-  if (n >= kIsotonicChunkedMin && rows < std::max(2, get_num_threads())) {
-    // Fewer rows than threads: each row's chunks run on the pool.
-    const ParallelRanges ranges{get_num_threads()};
-    const IsotonicScratch scratch = thread_scratch().isotonic(n);
-    for (std::int64_t r = 0; r < rows; ++r) {
-      const std::int64_t off = r * n;
-      isotonic_kl_forward_row(y + off, w ? w + off : nullptr, n, increasing, scratch,
-                              solution + off, block_start + off, ranges);
-    }
-    return;
-  }
-  for_each_row_range(rows, n, [&](std::int64_t begin, std::int64_t end) {
-    const IsotonicScratch scratch = thread_scratch().isotonic(n);
-    for (std::int64_t r = begin; r < end; ++r) {
-      const std::int64_t off = r * n;
-      isotonic_kl_forward_row(y + off, w ? w + off : nullptr, n, increasing, scratch,
-                              solution + off, block_start + off, SerialRanges{});
-    }
-  });
+  for_each_isotonic_row(y, w, rows, n, solution, block_start,
+                        [&](const T* yr, const T* wr, const IsotonicScratch& scratch, T* sol,
+                            index_t* blocks, const auto& ranges) {
+                          isotonic_kl_forward_row(yr, wr, n, increasing, scratch, sol, blocks,
+                                                  ranges);
+                        });
 }
 
 template <class T>

@@ -3,7 +3,8 @@
 // Input layout (every byte string is a valid input):
 //   byte 0  flags: bit 0 op (rank/sort), bit 1 reg (l2/kl), bit 2 descending,
 //           bit 3 float32, bits 4-5 mode (0, 3: soft op; 1: isotonic;
-//           2: weighted isotonic), bits 6-7 value encoding (0: raw doubles,
+//           2: weighted isotonic; l2, or kl with bit 1), bits 6-7 value
+//           encoding (0: raw doubles,
 //           1: a table of special values, 2: small integers (ties), 3: raw
 //           floats)
 //   byte 1  eps: < 224 picks from a table of strengths (0 ... 1e300, DBL_MAX,
@@ -24,7 +25,9 @@
 //   - rows are independent: a row computed in a batch is bitwise the row
 //     computed alone
 //   - isotonic: finite, ordered, within [min y, max y], weighted sum kept,
-//     the vjp conserves the cotangent's sum
+//     the vjp conserves the cotangent's sum; kl: finite, ordered, within
+//     [min (y - log w), max (y - log w)] (each block's value is a log of a
+//     ratio of sums, between the smallest and largest term ratios)
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -228,6 +231,32 @@ void check_soft(const std::vector<T>& x, std::int64_t rows, index_t n, const OpS
   }
 }
 
+// Whether a row of y is finite, and the range of term(i, y_i) over it.
+struct RowScan {
+  bool finite;
+  double lo, hi;
+};
+template <class T, class Term>
+RowScan scan_row(const std::vector<T>& y, std::size_t off, index_t n, Term term) {
+  RowScan scan{true, kInf, -kInf};
+  for (index_t i = 0; i < n; ++i) {
+    const double v = static_cast<double>(y[off + i]);
+    scan.finite = scan.finite && std::isfinite(v);
+    scan.lo = std::min(scan.lo, term(i, v));
+    scan.hi = std::max(scan.hi, term(i, v));
+  }
+  return scan;
+}
+
+// A row of y holding NaN or +-inf: NaN solution and block_start -1 throughout.
+template <class T>
+void check_nan_row(const std::vector<T>& sol, const std::vector<index_t>& block, std::size_t off,
+                   index_t n, const OpSpec& spec) {
+  for (index_t i = 0; i < n; ++i)
+    if (!std::isnan(static_cast<double>(sol[off + i])) || block[off + i] != -1)
+      fail("isotonic: non-finite row not NaN", spec, n, i, sol[off + i], 0);
+}
+
 template <class T>
 void check_isotonic(const std::vector<T>& y, const std::vector<T>* w, std::int64_t rows, index_t n,
                     bool increasing) {
@@ -242,18 +271,11 @@ void check_isotonic(const std::vector<T>& y, const std::vector<T>* w, std::int64
   const double rel = sizeof(T) == 4 ? 2e-5 : 1e-10;
   for (std::int64_t r = 0; r < rows; ++r) {
     const std::size_t off = static_cast<std::size_t>(r) * static_cast<std::size_t>(n);
-    bool finite = true;
-    double lo = kInf, hi = -kInf;
-    for (index_t i = 0; i < n; ++i) {
-      const double v = static_cast<double>(y[off + i]);
-      finite = finite && std::isfinite(v);
-      lo = std::min(lo, v);
-      hi = std::max(hi, v);
-    }
+    const RowScan scan = scan_row(y, off, n, [](index_t, double v) { return v; });
+    const bool finite = scan.finite;
+    const double lo = scan.lo, hi = scan.hi;
     if (!finite) {
-      for (index_t i = 0; i < n; ++i)
-        if (!std::isnan(static_cast<double>(sol[off + i])) || block[off + i] != -1)
-          fail("isotonic: non-finite row not NaN", dummy, n, i, sol[off + i], 0);
+      check_nan_row(sol, block, off, n, dummy);
       continue;
     }
     const double ymax = std::max(std::fabs(lo), std::fabs(hi));
@@ -295,6 +317,46 @@ void check_isotonic(const std::vector<T>& y, const std::vector<T>* w, std::int64
 }
 
 template <class T>
+void check_isotonic_kl(const std::vector<T>& y, const std::vector<T>* w, std::int64_t rows,
+                       index_t n, bool increasing) {
+  const std::size_t size = y.size();
+  std::vector<T> sol(size);
+  std::vector<index_t> block(size);
+  softrank::isotonic_kl_forward_batch(y.data(), w ? w->data() : nullptr, rows, n, increasing,
+                                      sol.data(), block.data());
+  const OpSpec dummy{Op::Rank, Reg::KL, !increasing, -1.0};
+  const double rel = sizeof(T) == 4 ? 2e-5 : 1e-10;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const std::size_t off = static_cast<std::size_t>(r) * static_cast<std::size_t>(n);
+    const RowScan scan = scan_row(y, off, n, [&](index_t i, double v) {
+      return v - (w ? std::log(static_cast<double>((*w)[off + i])) : 0.0);
+    });
+    const bool finite = scan.finite;
+    const double lo = scan.lo, hi = scan.hi;
+    if (!finite) {
+      check_nan_row(sol, block, off, n, dummy);
+      continue;
+    }
+    const double scale = std::max({std::fabs(lo), std::fabs(hi), 1.0});
+    for (index_t i = 0; i < n; ++i) {
+      const double v = static_cast<double>(sol[off + i]);
+      // (float32: the solution is rounded to float; its bounds are not.)
+      const double tol = rel * scale + (sizeof(T) == 4 ? 1e-7 * std::fabs(v) : 0.0);
+      if (!std::isfinite(v) || v < lo - tol || v > hi + tol)
+        fail("isotonic kl: solution not finite or outside its term ratios", dummy, n, i, v, lo);
+      if (i > 0) {
+        const double p = static_cast<double>(sol[off + i - 1]);
+        const double order_tol = 1e-15 * scale;
+        if (increasing ? v < p - order_tol : v > p + order_tol)
+          fail("isotonic kl: not ordered", dummy, n, i, p, v);
+      }
+      const index_t b = block[off + i];
+      if (b < 0 || b > i || block[off + b] != b) fail("isotonic kl: bad block", dummy, n, i, b, 0);
+    }
+  }
+}
+
+template <class T>
 void run(Reader& in, std::uint8_t flags, double eps, std::int64_t rows) {
   const int encoding = flags >> 6;
   std::vector<T> values;
@@ -329,7 +391,10 @@ void run(Reader& in, std::uint8_t flags, double eps, std::int64_t rows) {
         if (!(w[i] > 0)) w[i] = static_cast<T>(1);
       }
     }
-    check_isotonic(values, mode == 2 ? &w : nullptr, rows, n, (flags & 4) == 0);
+    if (flags & 2)
+      check_isotonic_kl(values, mode == 2 ? &w : nullptr, rows, n, (flags & 4) == 0);
+    else
+      check_isotonic(values, mode == 2 ? &w : nullptr, rows, n, (flags & 4) == 0);
     return;
   }
   const OpSpec s{(flags & 1) ? Op::Sort : Op::Rank, (flags & 2) ? Reg::KL : Reg::L2,

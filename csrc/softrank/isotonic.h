@@ -41,30 +41,34 @@ struct IsotonicScratch {
   double* chunk_wmax;    // max w of each chunk
 };
 
-// Solution (shape (n,)) and block_start (each position's block's first
-// position; -1 across a row holding NaN or +-inf, whose solution is NaN).
-// `w` may be null (unit weights).
+// The parts of a row both regularisations share. Chunk c holds positions
+// [isotonic_chunk_lo(c), isotonic_chunk_hi(c)).
+SOFTRANK_HD index_t isotonic_chunk_lo(index_t c) { return c * kIsotonicChunk; }
+SOFTRANK_HD index_t isotonic_chunk_hi(index_t c, index_t chunks, index_t n) {
+  return c + 1 < chunks ? (c + 1) * kIsotonicChunk : n;
+}
+
+struct IsotonicRowPrepared {
+  bool finite;  // no NaN or +-inf in y
+  double ymax;  // max |y|
+  double wmax;  // max w (0 without weights)
+};
+
+// One pass over the row: ys = sign * y, ws = w, finiteness and the largest
+// magnitudes. (Compares, not fmax: GCC calls libm's fmax, which took a
+// quarter of the row's time; a NaN or inf marks the chunk instead of
+// entering the max.)
 template <class T, class Ranges>
-void isotonic_forward_row(const T* y, const T* w, index_t n, bool increasing,
-                          const IsotonicScratch& s, T* solution, index_t* block_start,
-                          const Ranges& ranges) {
-  if (n == 0) return;
+IsotonicRowPrepared isotonic_prepare_row(const T* y, const T* w, index_t n, double sign,
+                                         const IsotonicScratch& s, const Ranges& ranges) {
   const index_t chunks = isotonic_chunk_count(n);
-  const double sign = increasing ? 1.0 : -1.0;
-  double* ys = s.ys;
-  double* ws = s.ws;
-  auto chunk_lo = [](index_t c) { return c * kIsotonicChunk; };
-  auto chunk_hi = [&](index_t c) { return c + 1 < chunks ? (c + 1) * kIsotonicChunk : n; };
-  // One pass: the signed values, the weights and their largest magnitudes.
-  // (Compares, not fmax: GCC calls libm's fmax, which took a quarter of the
-  // row's time; a NaN or inf marks the chunk instead of entering the max.)
   ranges.tasks(chunks, [&](index_t c) {
-    const index_t lo = chunk_lo(c), hi = chunk_hi(c);
+    const index_t lo = isotonic_chunk_lo(c), hi = isotonic_chunk_hi(c, chunks, n);
     double ymax = 0.0;
     bool finite = true;
     for (index_t i = lo; i < hi; ++i) {
       const double v = sign * static_cast<double>(y[i]);
-      ys[i] = v;
+      s.ys[i] = v;
       const double a = std::fabs(v);
       finite &= a <= std::numeric_limits<double>::max();
       ymax = a > ymax ? a : ymax;
@@ -73,104 +77,159 @@ void isotonic_forward_row(const T* y, const T* w, index_t n, bool increasing,
     if (w) {
       for (index_t i = lo; i < hi; ++i) {
         const double v = static_cast<double>(w[i]);
-        ws[i] = v;
+        s.ws[i] = v;
         wmax = v > wmax ? v : wmax;
       }
     }
     s.chunk_ymax[c] = finite ? ymax : std::numeric_limits<double>::quiet_NaN();
     s.chunk_wmax[c] = wmax;
   });
-  double ymax = 0.0, wmax = 0.0;
-  bool finite = true;
+  IsotonicRowPrepared row{true, 0.0, 0.0};
   for (index_t c = 0; c < chunks; ++c) {
-    finite &= !std::isnan(s.chunk_ymax[c]);
-    ymax = s.chunk_ymax[c] > ymax ? s.chunk_ymax[c] : ymax;
-    wmax = s.chunk_wmax[c] > wmax ? s.chunk_wmax[c] : wmax;
+    row.finite &= !std::isnan(s.chunk_ymax[c]);
+    row.ymax = s.chunk_ymax[c] > row.ymax ? s.chunk_ymax[c] : row.ymax;
+    row.wmax = s.chunk_wmax[c] > row.wmax ? s.chunk_wmax[c] : row.wmax;
   }
-  if (!finite) {
-    ranges(n, [&](index_t lo, index_t hi) {
-      for (index_t i = lo; i < hi; ++i) {
-        solution[i] = static_cast<T>(std::numeric_limits<double>::quiet_NaN());
-        block_start[i] = -1;
-      }
-    });
-    return;
-  }
-  // Power-of-two scaling (exact, so the same bits wherever nothing over- or
-  // underflows): differences of y overflow for |y| near 1e308, block means of
-  // rows below 2^-960 round to the subnormal grid (even outside [min y,
-  // max y]), and weight sums overflow for weights near 1e308 and lose digits
-  // for subnormal ones. Values are brought below 2^960 or up from the
-  // subnormals, weights to a largest one near 1 (a weight more than 2^1074
-  // times smaller than the largest stays at the smallest positive double).
-  int exponent;
-  std::frexp(ymax, &exponent);
-  int shift = 0;
-  if (exponent > 960)
-    shift = 960 - exponent;
-  else if (ymax > 0.0 && exponent < -960)
-    shift = -exponent;
-  if (shift != 0)
-    ranges(n, [&](index_t lo, index_t hi) {
-      for (index_t i = lo; i < hi; ++i) ys[i] = std::ldexp(ys[i], shift);
-    });
-  if (w) {
-    std::frexp(wmax, &exponent);
-    if (exponent > 1 || exponent < -64) {
-      // (ldexp per element: 2^-exponent itself overflows for subnormal weights)
-      ranges(n, [&](index_t lo, index_t hi) {
-        for (index_t i = lo; i < hi; ++i)
-          ws[i] = std::fmax(std::ldexp(ws[i], -exponent),
-                            std::numeric_limits<double>::denorm_min());
-      });
+  return row;
+}
+
+// The row of a y holding NaN or +-inf: NaN, and block_start -1.
+template <class T, class Ranges>
+void isotonic_nan_row(index_t n, T* solution, index_t* block_start, const Ranges& ranges) {
+  ranges(n, [&](index_t lo, index_t hi) {
+    for (index_t i = lo; i < hi; ++i) {
+      solution[i] = static_cast<T>(std::numeric_limits<double>::quiet_NaN());
+      block_start[i] = -1;
     }
-  }
+  });
+}
+
+// Weights brought to a largest one in [1, 2) where they lie outside [2^-64,
+// 2] (exact), so that their sums cannot overflow nor lose digits to the
+// subnormals (a weight more than 2^1074 times smaller than the largest stays
+// at the smallest positive double). Returns the power of two taken off
+// (0: none). (ldexp per element: 2^-exponent itself overflows for subnormal
+// weights.)
+template <class Ranges>
+int isotonic_scale_weights(double* ws, index_t n, double wmax, const Ranges& ranges) {
+  int exponent;
+  std::frexp(wmax, &exponent);
+  if (exponent <= 1 && exponent >= -64) return 0;
+  ranges(n, [&](index_t lo, index_t hi) {
+    for (index_t i = lo; i < hi; ++i)
+      ws[i] = std::fmax(std::ldexp(ws[i], -exponent), std::numeric_limits<double>::denorm_min());
+  });
+  return exponent;
+}
+
+// Where each chunk's blocks are once the chunks are pooled: stack slots
+// [first[c], last[c]), the last one ending at end[c].
+struct IsotonicChunkBlocks {
+  const index_t* first;
+  const index_t* last;
+  const index_t* end;
+};
+
+// PAV over each chunk of the prepared row `values` (by pav_run, in
+// parallel), then pav_merge_chunks, with one pooling rule. A row of one chunk
+// uses `single` for its three slots.
+template <class Rule, class Ranges, class BeforeChunk>
+IsotonicChunkBlocks isotonic_pool_chunks(const Rule& rule, const double* values, index_t n,
+                                         const IsotonicScratch& s, index_t* single,
+                                         const Ranges& ranges, BeforeChunk before_chunk) {
+  const index_t chunks = isotonic_chunk_count(n);
   const BlockStack b = s.blocks;
-  index_t one_first = 0, one_last = 0, one_end = n;
-  index_t* first = chunks > 1 ? s.chunk_first : &one_first;
-  index_t* last = chunks > 1 ? s.chunk_last : &one_last;
-  index_t* end = chunks > 1 ? s.chunk_end : &one_end;
+  index_t* first = chunks > 1 ? s.chunk_first : single;
+  index_t* last = chunks > 1 ? s.chunk_last : single + 1;
+  index_t* end = chunks > 1 ? s.chunk_end : single + 2;
+  end[0] = n;
   ranges.tasks(chunks, [&](index_t c) {
-    const index_t lo = chunk_lo(c), hi = chunk_hi(c);
+    const index_t lo = isotonic_chunk_lo(c), hi = isotonic_chunk_hi(c, chunks, n);
+    before_chunk(lo, hi);
     const BlockStack part{b.start + lo, b.ref + lo, b.stat + lo, b.stat2 + lo, b.tail + lo};
-    const index_t count = w ? pav_run(IsotonicL2Pooling{ws}, ys, lo, hi, part)
-                            : pav_run(IsotonicUnitPooling{false, IsotonicUnitTest{}}, ys, lo, hi,
-                                      part);
     first[c] = lo;
-    last[c] = lo + count;
+    last[c] = lo + pav_run(rule, values, lo, hi, part);
   });
   if (chunks > 1) {
-    if (w)
-      pav_merge_chunks(IsotonicL2Pooling{ws}, n, chunks, b, first, last, kIsotonicChunk);
-    else
-      pav_merge_chunks(IsotonicUnitPooling{false, IsotonicUnitTest{}}, n, chunks, b, first, last,
-                       kIsotonicChunk);
+    pav_merge_chunks(rule, n, chunks, b, first, last, kIsotonicChunk);
     index_t next = n;
     for (index_t c = chunks; c-- > 0;) {
       end[c] = next;
       if (first[c] < last[c]) next = b.start[first[c]];
     }
   }
-  // A block mean lies within [-max |y|, max |y|]; its rounding may not, and
-  // for max |y| = DBL_MAX scaling back would overflow to inf: clamp.
-  const double bound = shift != 0 ? std::ldexp(ymax, shift) : ymax;
-  ranges.tasks(chunks, [&](index_t c) {
-    for (index_t k = first[c]; k < last[c]; ++k) {
+  return IsotonicChunkBlocks{first, last, end};
+}
+
+// solution and block_start over every block, value_of(k) the value of stack
+// slot k (computed once per block, by the task of its chunk).
+template <class T, class Ranges, class ValueOf>
+void isotonic_write_blocks(const BlockStack& b, const IsotonicChunkBlocks& blocks, index_t n,
+                           ValueOf value_of, T* solution, index_t* block_start,
+                           const Ranges& ranges) {
+  ranges.tasks(isotonic_chunk_count(n), [&](index_t c) {
+    for (index_t k = blocks.first[c]; k < blocks.last[c]; ++k) {
       const index_t bs = b.start[k];
-      const index_t be = k + 1 < last[c] ? b.start[k + 1] : end[c];
-      const double mean_minus_ref = w ? b.stat[k] : b.stat[k] / b.stat2[k];
-      // Clamped only when outside: fmin/fmax may return either zero for +-0,
-      // which would make an all-zero row's sign platform-dependent.
-      double value = sign * (b.ref[k] + mean_minus_ref);
-      if (value > bound) value = bound;
-      if (value < -bound) value = -bound;
-      if (shift != 0) value = std::ldexp(value, -shift);
+      const index_t be = k + 1 < blocks.last[c] ? b.start[k + 1] : blocks.end[c];
+      const T value = static_cast<T>(value_of(k));
       for (index_t i = bs; i < be; ++i) {
-        solution[i] = static_cast<T>(value);
+        solution[i] = value;
         block_start[i] = bs;
       }
     }
   });
+}
+
+// Solution (shape (n,)) and block_start (each position's block's first
+// position; -1 across a row holding NaN or +-inf, whose solution is NaN).
+// `w` may be null (unit weights).
+template <class T, class Ranges>
+void isotonic_forward_row(const T* y, const T* w, index_t n, bool increasing,
+                          const IsotonicScratch& s, T* solution, index_t* block_start,
+                          const Ranges& ranges) {
+  if (n == 0) return;
+  const double sign = increasing ? 1.0 : -1.0;
+  const IsotonicRowPrepared row = isotonic_prepare_row(y, w, n, sign, s, ranges);
+  if (!row.finite) return isotonic_nan_row(n, solution, block_start, ranges);
+  // Power-of-two scaling (exact, so the same bits wherever nothing over- or
+  // underflows): differences of y overflow for |y| near 1e308, block means of
+  // rows below 2^-960 round to the subnormal grid (even outside [min y,
+  // max y]), and weight sums overflow for weights near 1e308 and lose digits
+  // for subnormal ones. Values are brought below 2^960 or up from the
+  // subnormals, weights to a largest one near 1 (isotonic_scale_weights).
+  int exponent;
+  std::frexp(row.ymax, &exponent);
+  int shift = 0;
+  if (exponent > 960)
+    shift = 960 - exponent;
+  else if (row.ymax > 0.0 && exponent < -960)
+    shift = -exponent;
+  double* ys = s.ys;
+  if (shift != 0)
+    ranges(n, [&](index_t lo, index_t hi) {
+      for (index_t i = lo; i < hi; ++i) ys[i] = std::ldexp(ys[i], shift);
+    });
+  if (w) isotonic_scale_weights(s.ws, n, row.wmax, ranges);
+  const BlockStack b = s.blocks;
+  index_t single[3];
+  auto nothing = [](index_t, index_t) {};
+  const IsotonicChunkBlocks blocks =
+      w ? isotonic_pool_chunks(IsotonicL2Pooling{s.ws}, ys, n, s, single, ranges, nothing)
+        : isotonic_pool_chunks(IsotonicUnitPooling{false, IsotonicUnitTest{}}, ys, n, s, single,
+                               ranges, nothing);
+  // A block mean lies within [-max |y|, max |y|]; its rounding may not, and
+  // for max |y| = DBL_MAX scaling back would overflow to inf: clamp.
+  const double bound = shift != 0 ? std::ldexp(row.ymax, shift) : row.ymax;
+  auto value_of = [&](index_t k) {
+    const double mean_minus_ref = w ? b.stat[k] : b.stat[k] / b.stat2[k];
+    // Clamped only when outside: fmin/fmax may return either zero for +-0,
+    // which would make an all-zero row's sign platform-dependent.
+    double value = sign * (b.ref[k] + mean_minus_ref);
+    if (value > bound) value = bound;
+    if (value < -bound) value = -bound;
+    return shift != 0 ? std::ldexp(value, -shift) : value;
+  };
+  isotonic_write_blocks(b, blocks, n, value_of, solution, block_start, ranges);
 }
 
 // --- Isotonic regression under kl ---------------------------------------------
@@ -281,97 +340,24 @@ void isotonic_kl_forward_row(const T* y, const T* w, index_t n, bool increasing,
                              const IsotonicScratch& s, T* solution, index_t* block_start,
                              const Ranges& ranges) {
   if (n == 0) return;
-  const index_t chunks = isotonic_chunk_count(n);
-  double* ys = s.ys;
-  double* ws = s.ws;
-  auto chunk_lo = [](index_t c) { return c * kIsotonicChunk; };
-  auto chunk_hi = [&](index_t c) { return c + 1 < chunks ? (c + 1) * kIsotonicChunk : n; };
-  // One pass: the values, the weights, a finiteness flag and the largest weight.
-  ranges.tasks(chunks, [&](index_t c) {
-    const index_t lo = chunk_lo(c), hi = chunk_hi(c);
-    bool finite = true;
-    for (index_t i = lo; i < hi; ++i) {
-      const double v = static_cast<double>(y[i]);
-      ys[i] = v;
-      finite &= std::fabs(v) <= std::numeric_limits<double>::max();
-    }
-    double wmax = 0.0;
-    if (w) {
-      for (index_t i = lo; i < hi; ++i) {
-        const double v = static_cast<double>(w[i]);
-        ws[i] = v;
-        wmax = v > wmax ? v : wmax;
-      }
-    }
-    s.chunk_ymax[c] = finite ? 0.0 : std::numeric_limits<double>::quiet_NaN();
-    s.chunk_wmax[c] = wmax;
-  });
-  bool finite = true;
-  double wmax = 0.0;
-  for (index_t c = 0; c < chunks; ++c) {
-    finite &= !std::isnan(s.chunk_ymax[c]);
-    wmax = s.chunk_wmax[c] > wmax ? s.chunk_wmax[c] : wmax;
-  }
-  if (!finite) {
-    ranges(n, [&](index_t lo, index_t hi) {
-      for (index_t i = lo; i < hi; ++i) {
-        solution[i] = static_cast<T>(std::numeric_limits<double>::quiet_NaN());
-        block_start[i] = -1;
-      }
-    });
-    return;
-  }
-  // Weights brought to a largest one in [1, 2) where they lie outside
-  // [2^-64, 2] (exact, as under l2) so that their sums cannot overflow; the
-  // values then shift by exponent * ln 2, taken off below.
-  int exponent = 0;
-  if (w) {
-    std::frexp(wmax, &exponent);
-    if (exponent > 1 || exponent < -64) {
-      ranges(n, [&](index_t lo, index_t hi) {
-        for (index_t i = lo; i < hi; ++i)
-          ws[i] = std::fmax(std::ldexp(ws[i], -exponent),
-                            std::numeric_limits<double>::denorm_min());
-      });
-    } else {
-      exponent = 0;
-    }
-  }
+  const IsotonicRowPrepared row = isotonic_prepare_row(y, w, n, 1.0, s, ranges);
+  if (!row.finite) return isotonic_nan_row(n, solution, block_start, ranges);
+  // The weights' scale shifts every value by exponent * ln 2, taken off below.
+  const int exponent = w ? isotonic_scale_weights(s.ws, n, row.wmax, ranges) : 0;
   const double shift = exponent * 0.69314718055994530942;
-  const IsotonicKlRule rule{s.refs, w ? ws : nullptr, increasing};
+  const IsotonicKlRule rule{s.refs, w ? s.ws : nullptr, increasing};
+  double* ys = s.ys;
+  index_t single[3];
+  const IsotonicChunkBlocks blocks =
+      isotonic_pool_chunks(rule, ys, n, s, single, ranges, [&](index_t lo, index_t hi) {
+        // ys becomes t = exp(y - R), in place.
+        isotonic_kl_references(ys + lo, hi - lo, s.refs + lo, ys + lo);
+        exp_nonpositive_buffer(ys + lo, hi - lo);
+      });
   const BlockStack b = s.blocks;
-  index_t one_first = 0, one_last = 0, one_end = n;
-  index_t* first = chunks > 1 ? s.chunk_first : &one_first;
-  index_t* last = chunks > 1 ? s.chunk_last : &one_last;
-  index_t* end = chunks > 1 ? s.chunk_end : &one_end;
-  ranges.tasks(chunks, [&](index_t c) {
-    const index_t lo = chunk_lo(c), hi = chunk_hi(c);
-    // ys becomes t = exp(y - R), in place.
-    isotonic_kl_references(ys + lo, hi - lo, s.refs + lo, ys + lo);
-    exp_nonpositive_buffer(ys + lo, hi - lo);
-    const BlockStack part{b.start + lo, b.ref + lo, b.stat + lo, b.stat2 + lo, b.tail + lo};
-    first[c] = lo;
-    last[c] = lo + pav_run(rule, ys, lo, hi, part);
-  });
-  if (chunks > 1) {
-    pav_merge_chunks(rule, n, chunks, b, first, last, kIsotonicChunk);
-    index_t next = n;
-    for (index_t c = chunks; c-- > 0;) {
-      end[c] = next;
-      if (first[c] < last[c]) next = b.start[first[c]];
-    }
-  }
-  ranges.tasks(chunks, [&](index_t c) {
-    for (index_t k = first[c]; k < last[c]; ++k) {
-      const index_t bs = b.start[k];
-      const index_t be = k + 1 < last[c] ? b.start[k + 1] : end[c];
-      const T value = static_cast<T>(rule.value(b.ref[k], b.stat[k], b.stat2[k]) - shift);
-      for (index_t i = bs; i < be; ++i) {
-        solution[i] = value;
-        block_start[i] = bs;
-      }
-    }
-  });
+  isotonic_write_blocks(
+      b, blocks, n, [&](index_t k) { return rule.value(b.ref[k], b.stat[k], b.stat2[k]) - shift; },
+      solution, block_start, ranges);
 }
 
 // Gradient of sum(cotangent * solution) with respect to y (l2): grad_j =

@@ -154,76 +154,116 @@ std::vector<LD> textbook_isotonic(const std::vector<double>& y, const std::vecto
 
 }  // namespace
 
+namespace {
+
+// Position i of a long test row of kind 0: a trend with noise (blocks of a
+// few); 1: noise wider than a chunk (blocks across chunks); 2: a falling row
+// (one block); 3: steps of 1000 (kl: every run a single position apart); 4:
+// a trend with falling stretches over chunk boundaries. The trend runs the
+// way of the fit.
+double long_row_value(int kind, int i, bool increasing, Rng& rng) {
+  const int chunk = softrank::kIsotonicChunk;
+  const double t = increasing ? i : -i;
+  return kind == 0   ? t + 5 * rng.normal()
+         : kind == 1 ? t + 3 * chunk * rng.normal()
+         : kind == 2 ? -t
+         : kind == 3 ? 1000.0 * (i % 3) - 5 * t
+                     : ((i + chunk / 2) / chunk % 2 ? -t : t) + rng.normal();
+}
+
+// A solution against its reference (tolerance tol), with valid blocks of
+// bitwise-equal values; counts the blocks that span a chunk boundary.
+void check_solution(const Iso<double>& one, const std::vector<LD>& ref, int n, double tol,
+                    long long& spanning) {
+  const int chunk = softrank::kIsotonicChunk;
+  for (int i = 0; i < n; ++i) {
+    CHECK_NEAR(one.sol[i], static_cast<double>(ref[i]), tol) << n << i;
+    const index_t b = one.block[i];
+    CHECK(b >= 0 && b <= i && one.block[b] == b) << n << i;
+    if (i > 0 && b == one.block[i - 1]) CHECK_SAME(one.sol[i], one.sol[i - 1]);
+    spanning += n > chunk && i % chunk == 0 && i > 0 && b != i;
+  }
+}
+
+// The row solved by solve(y, w, rows) as three copies (the many-rows path,
+// one row per task) and alone on one thread: the bits of `one`, the row
+// alone on every thread (its chunks spread over them).
+template <class Solve>
+void check_row_paths(Solve solve, const std::vector<double>& y, const std::vector<double>* w,
+                     int n, const Iso<double>& one) {
+  std::vector<double> y3, w3;
+  for (int r = 0; r < 3; ++r) {
+    y3.insert(y3.end(), y.begin(), y.end());
+    if (w) w3.insert(w3.end(), w->begin(), w->end());
+  }
+  const Iso<double> three = solve(y3, w ? &w3 : nullptr, 3);
+  const int saved = softrank::get_num_threads();
+  softrank::set_num_threads(1);
+  const Iso<double> serial = solve(y, w, 1);
+  softrank::set_num_threads(saved);
+  for (int i = 0; i < n; ++i) {
+    CHECK_SAME(three.sol[2 * n + i], one.sol[i]) << n << i;
+    CHECK(three.block[2 * n + i] == one.block[i]);
+    CHECK_SAME(serial.sol[i], one.sol[i]) << n << i;
+  }
+}
+
+}  // namespace
+
 TEST(isotonic, long_rows_pooled_in_chunks) {
   // Rows from kIsotonicChunkedMin positions are pooled in chunks joined at
   // their boundaries: the same solution as one pass, whatever the thread
   // count, and the same bits on the many-rows path (one row per thread) as
   // on the one-row path (the row's chunks spread over the threads).
   Rng rng(44);
-  const int chunk = softrank::kIsotonicChunk;
   long long spanning = 0;
   for (int n : {softrank::kIsotonicChunkedMin - 1, softrank::kIsotonicChunkedMin, 100003})
-    for (int kind = 0; kind < 4; ++kind)
+    for (int kind : {0, 1, 2, 4})
       for (bool weighted : {false, true})
         for (bool increasing : {true, false}) {
           std::vector<double> y(n), w(n);
           for (int i = 0; i < n; ++i) {
-            // 0: a trend with noise (blocks of a few); 1: noise wider than a
-            // chunk (blocks across chunks); 2: a falling row (one block);
-            // 3: a trend with falling stretches over chunk boundaries.
-            const double t = increasing ? i : -i;
-            y[i] = kind == 0   ? t + 5 * rng.normal()
-                   : kind == 1 ? t + 3 * chunk * rng.normal()
-                   : kind == 2 ? -t
-                               : ((i + chunk / 2) / chunk % 2 ? -t : t) + rng.normal();
+            y[i] = long_row_value(kind, i, increasing, rng);
             w[i] = std::exp(rng.uniform(-2, 2));
           }
           const std::vector<double>* wp = weighted ? &w : nullptr;
-          const std::vector<LD> ref = textbook_isotonic(y, wp, increasing);
           const Iso<double> one = isotonic(y, wp, 1, n, increasing);
           double scale = 0;
           for (double v : y) scale = std::max(scale, std::fabs(v));
-          for (int i = 0; i < n; ++i) {
-            CHECK_NEAR(one.sol[i], static_cast<double>(ref[i]), 1e-12 * scale)
-                << n << kind << weighted << increasing << i;
-            const index_t b = one.block[i];
-            CHECK(b >= 0 && b <= i && one.block[b] == b) << n << kind << i;
-            if (i > 0 && b == one.block[i - 1]) CHECK_SAME(one.sol[i], one.sol[i - 1]);
-            spanning += i % chunk == 0 && i > 0 && b != i;
-          }
-          // Three copies of the row: the many-rows path (one row per task).
-          std::vector<double> y3, w3;
+          check_solution(one, textbook_isotonic(y, wp, increasing), n, 1e-12 * scale, spanning);
+          check_row_paths(
+              [&](const std::vector<double>& ys, const std::vector<double>* ws, int rows) {
+                return isotonic(ys, ws, rows, n, increasing);
+              },
+              y, wp, n, one);
+          // The vjp too: a lone long row's blocks are split over the threads.
+          std::vector<double> g(n), g3, w3;
+          for (double& v : g) v = rng.normal();
           for (int r = 0; r < 3; ++r) {
-            y3.insert(y3.end(), y.begin(), y.end());
+            g3.insert(g3.end(), g.begin(), g.end());
             w3.insert(w3.end(), w.begin(), w.end());
           }
-          const Iso<double> three = isotonic(y3, weighted ? &w3 : nullptr, 3, n, increasing);
-          // The vjp too: a lone long row's blocks are split over the threads.
-          std::vector<double> g(n), g3;
-          for (double& v : g) v = rng.normal();
-          for (int r = 0; r < 3; ++r) g3.insert(g3.end(), g.begin(), g.end());
+          Iso<double> three;
+          for (int r = 0; r < 3; ++r) {
+            three.sol.insert(three.sol.end(), one.sol.begin(), one.sol.end());
+            three.block.insert(three.block.end(), one.block.begin(), one.block.end());
+          }
           const std::vector<double> vjp_one = isotonic_vjp(wp, one, g, 1, n);
           const std::vector<double> vjp_three =
               isotonic_vjp(weighted ? &w3 : nullptr, three, g3, 3, n);
           const int saved = softrank::get_num_threads();
           softrank::set_num_threads(1);
-          const Iso<double> serial = isotonic(y, wp, 1, n, increasing);
           const std::vector<double> vjp_serial = isotonic_vjp(wp, one, g, 1, n);
           softrank::set_num_threads(saved);
-          for (int i = 0; i < n; ++i) {
-            CHECK_SAME(three.sol[2 * n + i], one.sol[i]) << n << kind << i;
-            CHECK(three.block[2 * n + i] == one.block[i]);
-            CHECK_SAME(serial.sol[i], one.sol[i]) << n << kind << i;
-            CHECK_SAME(vjp_three[2 * n + i], vjp_one[i]) << n << kind << i;
-            CHECK_SAME(vjp_serial[i], vjp_one[i]) << n << kind << i;
-          }
-          // Each block's gradient sums to the block's cotangent (and is not
-          // left unwritten by a split).
           double total = 0, total_g = 0;
           for (int i = 0; i < n; ++i) {
+            CHECK_SAME(vjp_three[2 * n + i], vjp_one[i]) << n << kind << i;
+            CHECK_SAME(vjp_serial[i], vjp_one[i]) << n << kind << i;
             total += vjp_one[i];
             total_g += g[i];
           }
+          // Each block's gradient sums to the block's cotangent (and no
+          // position is left unwritten by a split).
           CHECK_NEAR(total, total_g, 1e-9 * n);
         }
   CHECK(spanning > 100) << "too few blocks across chunks to test the merges:" << spanning;
@@ -288,7 +328,6 @@ TEST(isotonic, kl_runs_chunks_and_extremes) {
   // spanning 2^-500..2^500 (the test on logs) and at the scales that are
   // rescaled; the same bits for any thread count and on both row paths.
   Rng rng(45);
-  const int chunk = softrank::kIsotonicChunk;
   long long spanning = 0;
   for (int n : {1000, softrank::kIsotonicChunkedMin, 100003})
     for (int kind = 0; kind < 5; ++kind)
@@ -296,16 +335,7 @@ TEST(isotonic, kl_runs_chunks_and_extremes) {
         for (bool increasing : {true, false}) {
           std::vector<double> y(n), w(n);
           for (int i = 0; i < n; ++i) {
-            // 0: a trend with noise; 1: noise wider than a run and a chunk;
-            // 2: a falling row (one block); 3: steps of 1000 (every run a
-            // single position apart); 4: a trend with falling stretches
-            // across chunk boundaries.
-            const double t = increasing ? i : -i;
-            y[i] = kind == 0   ? t + 5 * rng.normal()
-                   : kind == 1 ? t + 3 * chunk * rng.normal()
-                   : kind == 2 ? -t
-                   : kind == 3 ? 1000.0 * (i % 3) - 5 * t
-                               : ((i + chunk / 2) / chunk % 2 ? -t : t) + rng.normal();
+            y[i] = long_row_value(kind, i, increasing, rng);
             w[i] = kind == 3 ? std::ldexp(1.0, static_cast<int>(rng.uniform(-500, 500)))
                              : std::exp(rng.uniform(-2, 2));
           }
@@ -314,29 +344,12 @@ TEST(isotonic, kl_runs_chunks_and_extremes) {
           const Iso<double> one = isotonic_kl(y, wp, 1, n, increasing);
           double scale = 1;
           for (LD v : ref) scale = std::max(scale, std::fabs(static_cast<double>(v)));
-          for (int i = 0; i < n; ++i) {
-            CHECK_NEAR(one.sol[i], static_cast<double>(ref[i]), 1e-12 * scale)
-                << n << kind << weighted << increasing << i;
-            const index_t b = one.block[i];
-            CHECK(b >= 0 && b <= i && one.block[b] == b) << n << kind << i;
-            if (i > 0 && b == one.block[i - 1]) CHECK_SAME(one.sol[i], one.sol[i - 1]);
-            spanning += n > chunk && i % chunk == 0 && i > 0 && b != i;
-          }
-          std::vector<double> y3, w3;
-          for (int r = 0; r < 3; ++r) {
-            y3.insert(y3.end(), y.begin(), y.end());
-            w3.insert(w3.end(), w.begin(), w.end());
-          }
-          const Iso<double> three = isotonic_kl(y3, weighted ? &w3 : nullptr, 3, n, increasing);
-          const int saved = softrank::get_num_threads();
-          softrank::set_num_threads(1);
-          const Iso<double> serial = isotonic_kl(y, wp, 1, n, increasing);
-          softrank::set_num_threads(saved);
-          for (int i = 0; i < n; ++i) {
-            CHECK_SAME(three.sol[2 * n + i], one.sol[i]) << n << kind << i;
-            CHECK(three.block[2 * n + i] == one.block[i]);
-            CHECK_SAME(serial.sol[i], one.sol[i]) << n << kind << i;
-          }
+          check_solution(one, ref, n, 1e-12 * scale, spanning);
+          check_row_paths(
+              [&](const std::vector<double>& ys, const std::vector<double>* ws, int rows) {
+                return isotonic_kl(ys, ws, rows, n, increasing);
+              },
+              y, wp, n, one);
         }
   CHECK(spanning > 100) << "too few blocks across chunks to test the merges:" << spanning;
   // Weights near the largest double: rescaled, the values shift back exactly.
