@@ -4,6 +4,7 @@
 // (csrc/cuda/soft_ops.cu) instantiates the soft operators' routines. Built by
 // .ci/run with nvcc -c only:
 //   nvcc -std=c++17 --expt-relaxed-constexpr -arch=sm_80 -Icsrc -c csrc/tests/cuda_device_headers.cu
+#include "softrank/isotonic.h"
 #include "softrank/pav.h"
 #include "softrank/projection.h"
 #include "softrank/soft_row.h"
@@ -18,11 +19,14 @@ __global__ void projection_rows(const double* s, const double* ws, index_t n, do
   project_sorted(ProjectionKlRule{s, ws, eps, false}, n, kl_stack, out, block_start);
 }
 
-__global__ void isotonic_rows(const double* y, const double* w, const double* log_w, index_t n,
-                              BlockStack stack, IsotonicKlRule::Block* kl_stack) {
+__global__ void isotonic_rows(const double* y, const double* w, index_t n, BlockStack stack,
+                              double* refs, double* t, double* out) {
   pav_run(IsotonicL2Pooling{w}, y, 0, n, stack);
   pav_run(IsotonicUnitPooling{false, IsotonicUnitTest{}}, y, 0, n, stack);
-  pav_run(IsotonicKlRule{log_w, true}, y, 0, n, BlockArray<IsotonicKlRule::Block>{kl_stack});
+  isotonic_kl_references(y, n, refs, t);
+  const IsotonicKlRule kl{refs, w, true};
+  const index_t count = pav_run(kl, t, 0, n, stack);
+  for (index_t k = 0; k < count; ++k) out[k] = kl.value(stack.ref[k], stack.stat[k], stack.stat2[k]);
 }
 
 }  // namespace softrank
