@@ -331,9 +331,15 @@ void soft_hvp_batch(const T* x, const T* out, const index_t* perm, const index_t
   });
 }
 
+// Whether an isotonic call splits each row over the pool (ParallelRanges):
+// long rows, fewer of them than threads. Otherwise one row per task.
+inline bool isotonic_rows_on_pool(std::int64_t rows, index_t n) {
+  return n >= kIsotonicChunkedMin && rows < std::max(2, get_num_threads());
+}
+
 // Runs row(y, w, scratch, solution, block_start, ranges) over every row of an
-// isotonic regression: where a call has fewer rows than threads, each long
-// row's chunks on the pool (ParallelRanges), otherwise one row per task.
+// isotonic regression (isotonic_rows_on_pool: each long row's chunks on the
+// pool, or one row per task).
 template <class T, class RowFn>
 void for_each_isotonic_row(const T* y, const T* w, std::int64_t rows, index_t n, T* solution,
                            index_t* block_start, RowFn&& row) {
@@ -341,7 +347,7 @@ void for_each_isotonic_row(const T* y, const T* w, std::int64_t rows, index_t n,
     const std::int64_t off = r * n;
     row(y + off, w ? w + off : nullptr, scratch, solution + off, block_start + off, ranges);
   };
-  if (n >= kIsotonicChunkedMin && rows < std::max(2, get_num_threads())) {
+  if (isotonic_rows_on_pool(rows, n)) {
     const ParallelRanges ranges{get_num_threads()};
     const IsotonicScratch scratch = thread_scratch().isotonic(n);
     for (std::int64_t r = 0; r < rows; ++r) offsets(r, scratch, ranges);
@@ -368,8 +374,7 @@ template <class T>
 void isotonic_vjp_batch(const T* w, const index_t* block_start, const T* cotangent,
                         std::int64_t rows, index_t n, T* grad, const T* y, const T* solution,
                         T* grad_weights) {
-  if (n >= kIsotonicChunkedMin && rows < std::max(2, get_num_threads())) {
-    // Fewer rows than threads: each row's blocks are split over the pool.
+  if (isotonic_rows_on_pool(rows, n)) {  // each row's blocks split over the pool
     const ParallelRanges ranges{get_num_threads()};
     for (std::int64_t r = 0; r < rows; ++r) {
       const std::int64_t off = r * n;
@@ -447,10 +452,9 @@ void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t
     double* sorted_out = scratch.work2;
     scratch_owner.decay = DecayTable{};  // work2 is overwritten here
     bool valid;
-    if (same_w_as_previous) {
+    if (same_w_as_previous)
       std::memcpy(perm_w + off, perm_w + off - n, sizeof(index_t) * static_cast<std::size_t>(n));
-      valid = sort_row_descending(z + off, n, false, scratch.sort, perm_z + off, s);
-    } else if (already_decreasing(w + off, n, reg == Reg::KL, perm_w + off, ws)) {
+    if (same_w_as_previous || already_decreasing(w + off, n, reg == Reg::KL, perm_w + off, ws)) {
       valid = sort_row_descending(z + off, n, false, scratch.sort, perm_z + off, s);
     } else {
       bool valid_z = false, valid_w = false;

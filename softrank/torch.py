@@ -218,11 +218,8 @@ def _isotonic_kernel(y, weights, increasing, reg):
 
 def _pearson_kernel(a, b):
     """The CPU kernel: the engine's Pearson correlation of the last axes of a and b."""
-    n = a.shape[-1]
-    rows = math.prod(a.shape[:-1])
-    corr = _engine.engine().pearson(_host_array(a.reshape(rows, n).contiguous()),
-                                    _host_array(b.reshape(rows, n).contiguous()))
-    return torch.from_numpy(corr).reshape(a.shape[:-1])
+    corr = _engine.engine().pearson(_host_array(_rows_of(a)), _host_array(_rows_of(b)))
+    return _unfold(torch.from_numpy(corr), a.shape[:-1])
 
 
 def _pearson_device_kernel(a, b):

@@ -13,15 +13,6 @@
 #define SOFTRANK_HD inline
 #endif
 
-// For a rare branch kept out of a hot loop.
-#if defined(__CUDACC__)
-#define SOFTRANK_NOINLINE __noinline__
-#elif defined(__GNUC__) || defined(__clang__)
-#define SOFTRANK_NOINLINE __attribute__((noinline))
-#else
-#define SOFTRANK_NOINLINE
-#endif
-
 namespace softrank {
 
 // Positions and permutations are int32: rows longer than 2^31 - 1 are refused
