@@ -36,10 +36,11 @@ struct ThreadScratch {
     const std::size_t size = static_cast<std::size_t>(n) + 1;
     if (wide) {
       grow(keys64, size);
-      if (n > kRankSortMax && n < kWideDigitThreshold) {
+      if (n >= kSimdSortMin) {  // (kSimdSortMin <= kRankSortMax)
         grow(packed, size);
         grow(packed_tmp, size);
-      } else if (n > kRankSortMax) {
+      }
+      if (n >= kBucketSortMin) {
         grow(keyed64, size);
         grow(keyed64_tmp, size);
       }

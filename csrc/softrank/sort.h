@@ -52,6 +52,23 @@ bool network_sort(std::uint64_t* items, index_t n);
 bool network_sort_row(const float* x, index_t n, bool negate, index_t* perm, double* xs);
 bool network_sort_row(const double* x, index_t n, bool negate, index_t* perm, double* xs);
 
+// Rows of kSimdSortMin to kSimdSortMax items (float32), or to
+// kWideDigitThreshold - 1 (float64, whose packed items truncate the key), are
+// sorted by the vendored x86-simd-sort's AVX2 quicksort of the packed uint64
+// items where simd_sort_available() (simd_sort.cpp): 2-3x faster than the LSD
+// radix passes there (1000 float32: 6 vs 14 us, measured), whose scatter is
+// bound by the latency of its counters. The packed items are unique, so any
+// correct sort of them gives the one stable order. Beyond kSimdSortMax the
+// radix sort is as fast and stays.
+constexpr index_t kSimdSortMin = kNetworkSortMax + 1;
+constexpr index_t kSimdSortMax = 1 << 15;
+constexpr index_t kSimdSortMax64 = 1 << 20;
+static_assert(kSimdSortMin <= kRankSortMax, "rows past the rank sort need packed scratch either way");
+bool simd_sort_available();
+// Sorts items[0, n) ascending; returns false, touching nothing, where the
+// CPU (or the build) has no AVX2 quicksort.
+bool simd_sort_u64(std::uint64_t* items, std::int64_t n);
+
 // A float64 key with its column: the index breaks ties.
 struct KeyIndex64 {
   std::uint64_t key;
@@ -330,16 +347,36 @@ bool bucket_sort_row(const T* x, index_t n, bool negate, typename Items::Item* a
 }
 
 // Float64 rows sorted by truncated keys (the top bits over the column, as
-// one uint64) leave perm in the order of (truncated key, column). This
-// reorders it to the order of (whole key, column) by a stable insertion
-// sort, which moves items only within runs of equal truncated keys.
-inline void sort_by_whole_keys(const std::uint64_t* keys, index_t n, index_t* perm) {
-  for (index_t i = 1; i < n; ++i) {
-    const index_t p = perm[i];
-    const std::uint64_t k = keys[p];
-    index_t j = i;
-    for (; j > 0 && keys[perm[j - 1]] > k; --j) perm[j] = perm[j - 1];
-    perm[j] = p;
+// one uint64) leave perm in the order of (truncated key, column). This puts
+// each run of equal truncated keys, items [first, last), in the order of
+// (whole key, column): insertion sort for short runs, std::sort beyond, so
+// that a long run (many values within 2^column_bits ulp of each other) costs
+// O(m log m), not O(m^2).
+inline void sort_run_by_whole_keys(const std::uint64_t* keys, index_t* perm, index_t first,
+                                   index_t last) {
+  if (last - first <= 16) {
+    // Stable: a run's columns come in increasing order.
+    for (index_t i = first + 1; i < last; ++i) {
+      const index_t p = perm[i];
+      const std::uint64_t k = keys[p];
+      index_t j = i;
+      for (; j > first && keys[perm[j - 1]] > k; --j) perm[j] = perm[j - 1];
+      perm[j] = p;
+    }
+    return;
+  }
+  std::sort(perm + first, perm + last, [keys](index_t a, index_t b) {
+    return keys[a] < keys[b] || (keys[a] == keys[b] && a < b);
+  });
+}
+
+inline void sort_by_whole_keys(const std::uint64_t* items, index_t n, int column_bits,
+                               const std::uint64_t* keys, index_t* perm) {
+  for (index_t first = 0; first < n;) {
+    index_t last = first + 1;
+    while (last < n && ((items[last] ^ items[first]) >> column_bits) == 0) ++last;
+    if (last - first > 1) sort_run_by_whole_keys(keys, perm, first, last);
+    first = last;
   }
 }
 
@@ -358,15 +395,15 @@ inline void unpack_truncated_items(const std::uint64_t* items, index_t n, int co
     perm[i] = static_cast<index_t>(items[i] & column_mask);
     tied |= static_cast<std::uint64_t>(((items[i] ^ items[i - 1]) >> column_bits) == 0);
   }
-  if (tied) sort_by_whole_keys(keys, n, perm);
+  if (tied) sort_by_whole_keys(items, n, column_bits, keys, perm);
   for (index_t i = 0; i < n; ++i) xs[i] = value_of_key(keys[perm[i]]);
 }
 
 // Scratch for one row of length <= capacity; owned by the caller.
 struct SortScratch {
-  std::uint64_t* packed;     // n words: float32 rows, float64 rows below kWideDigitThreshold
+  std::uint64_t* packed;     // n words: the packed items of every sorted row
   std::uint64_t* packed_tmp;
-  KeyIndex64* keyed64;       // n items (float64 path)
+  KeyIndex64* keyed64;       // n items (float64 rows of the bucket sort)
   KeyIndex64* keyed64_tmp;
   std::uint32_t* keys32;     // n keys (short float32 rows)
   std::uint64_t* keys64;     // n keys (short float64 rows)
@@ -397,7 +434,8 @@ inline bool sort_row_descending(const float* x, index_t n, bool negate, SortScra
     keys[i] = descending_key(v);
   }
   if (non_finite) return false;
-  if (n <= kRankSortMax) {
+  const bool simd = n >= kSimdSortMin && n <= kSimdSortMax && simd_sort_available();
+  if (n <= kRankSortMax && !simd) {
     rank_sort(keys, n, perm);
     for (index_t i = 0; i < n; ++i) xs[i] = static_cast<double>(value_of_key(keys[perm[i]]));
     return true;
@@ -405,8 +443,9 @@ inline bool sort_row_descending(const float* x, index_t n, bool negate, SortScra
   std::uint64_t* a = s.packed;
   for (index_t i = 0; i < n; ++i)
     a[i] = (static_cast<std::uint64_t>(keys[i]) << 32) | static_cast<std::uint32_t>(i);
-  a = n < kWideDigitThreshold ? radix_sort<8>(a, s.packed_tmp, n, 32, 64, s.counts)
-                              : radix_sort<11>(a, s.packed_tmp, n, 32, 64, s.counts);
+  if (!(simd && simd_sort_u64(a, n)))
+    a = n < kWideDigitThreshold ? radix_sort<8>(a, s.packed_tmp, n, 32, 64, s.counts)
+                                : radix_sort<11>(a, s.packed_tmp, n, 32, 64, s.counts);
   unpack_sorted(a, n, perm, xs);
   return true;
 }
@@ -423,36 +462,26 @@ inline bool sort_row_descending(const double* x, index_t n, bool negate, SortScr
     keys[i] = descending_key(v);
   }
   if (non_finite) return false;
-  if (n <= kRankSortMax) {
+  const bool simd = n >= kSimdSortMin && n <= kSimdSortMax64 && simd_sort_available();
+  if (n <= kRankSortMax && !simd) {
     rank_sort(keys, n, perm);
     for (index_t i = 0; i < n; ++i) xs[i] = value_of_key(keys[perm[i]]);
     return true;
   }
-  if (n < kWideDigitThreshold) {
-    // Items of 8 bytes, as for float32: the key's top 64 - b bits over the
-    // column's b = bit_length(n - 1) bits (the soft sort of (128, 1000)
-    // float64 rows ran 1.1-1.3x faster than with 16-byte KeyIndex64 items,
-    // measured). Keys that agree in those bits (equal values, or values
-    // within 2^b ulp) come out in column order; where the sorted items show
-    // such a pair, sort_by_whole_keys puts them right.
-    const int b = bit_length<std::uint32_t>(static_cast<std::uint32_t>(n - 1));
-    const std::uint64_t column_mask = (std::uint64_t{1} << b) - 1;
-    std::uint64_t* p = s.packed;
-    for (index_t i = 0; i < n; ++i) p[i] = (keys[i] & ~column_mask) | static_cast<std::uint64_t>(i);
-    p = radix_sort<8>(p, s.packed_tmp, n, b, 64, s.counts);
-    unpack_truncated_items(p, n, b, keys, perm, xs);
-    return true;
-  }
-  KeyIndex64* a = s.keyed64;
-  for (index_t i = 0; i < n; ++i) {
-    a[i].key = keys[i];
-    a[i].index = static_cast<std::uint32_t>(i);
-  }
-  a = radix_sort<11>(a, s.keyed64_tmp, n, 0, 64, s.counts);
-  for (index_t i = 0; i < n; ++i) {
-    perm[i] = static_cast<index_t>(a[i].index);
-    xs[i] = value_of_key(a[i].key);
-  }
+  // Items of 8 bytes, as for float32: the key's top 64 - b bits over the
+  // column's b = bit_length(n - 1) bits (the soft sort of (128, 1000) float64
+  // rows ran 1.1-1.3x faster than with 16-byte KeyIndex64 items, and a row
+  // of 1e5 1.5x, measured). Keys that agree in those bits (equal values, or
+  // values within 2^b ulp) come out in column order; where the sorted items
+  // show such a pair, sort_by_whole_keys puts them right.
+  const int b = bit_length<std::uint32_t>(static_cast<std::uint32_t>(n - 1));
+  const std::uint64_t column_mask = (std::uint64_t{1} << b) - 1;
+  std::uint64_t* p = s.packed;
+  for (index_t i = 0; i < n; ++i) p[i] = (keys[i] & ~column_mask) | static_cast<std::uint64_t>(i);
+  if (!(simd && simd_sort_u64(p, n)))
+    p = n < kWideDigitThreshold ? radix_sort<8>(p, s.packed_tmp, n, b, 64, s.counts)
+                                : radix_sort<11>(p, s.packed_tmp, n, b, 64, s.counts);
+  unpack_truncated_items(p, n, b, keys, perm, xs);
   return true;
 }
 

@@ -1,7 +1,9 @@
 // The sorting paths: the network (n <= 128, AVX-512 or AVX2 where the CPU
-// has it), counting ranks (n <= 160), 8-bit radix (n < 2048), 11-bit radix
-// (longer; from 2^18 the bucket sort, test_long_rows.cpp), for float32 and
-// float64, against std::stable_sort;
+// has it), the AVX2 quicksort of x86-simd-sort (129 to 2^15 float32 items, to
+// 2^20 float64 ones, where the CPU has AVX2), counting ranks (n <= 160), 8-bit
+// radix (n < 2048), 11-bit radix (longer; from 2^18 the bucket sort,
+// test_long_rows.cpp), for float32 and float64, against std::stable_sort;
+// the quicksort and the radix sorts on packed items against std::sort;
 // soft outputs across the thresholds against the optimality certificate;
 // permutation equivariance.
 #include <chrono>
@@ -18,7 +20,7 @@ namespace {
 
 const int kLengths[] = {0,   1,   2,   3,   7,   8,   9,   15,   16,    17,    63,    64,
                         65,  100, 127, 128, 129, 150, 155, 159,  160,   161,   162,   165,
-                        170, 255, 256, 2000, 2047, 2048, 2049, 65536, 70000};
+                        170, 255, 256, 2000, 2047, 2048, 2049, 32768, 32769, 65536, 70000};
 
 // Rows that stress the key mapping: ties, signed zeros, subnormals, the
 // extremes of the type, negative values.
@@ -114,6 +116,56 @@ TEST(sort_paths, rank_sort_direct) {
       bool ok = o32[n] == -1 && o64[n] == -1;  // nothing written past n
       for (int i = 0; i < n; ++i) ok = ok && o32[i] == r32[i] && o64[i] == r64[i];
       CHECK(ok) << "rank_sort n=" << n << "kind" << kind;
+    }
+}
+
+// The sorts of packed uint64 items (whole rows take one or the other by CPU
+// and length, so each is called here directly, whatever the CPU): the AVX2
+// quicksort where available, 8- and 11-bit LSD radix over the bits that
+// differ, against std::sort. Items are unique (a key over its column).
+TEST(sort_paths, packed_item_sorts_direct) {
+  Rng rng(27);
+  const bool simd = softrank::simd_sort_available();
+#if defined(SOFTRANK_X86_DISPATCH)
+  CHECK(simd == (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                 __builtin_cpu_supports("popcnt")))
+      << "simd sort availability";
+#endif
+  for (int n : {0, 1, 2, 3, 5, 16, 17, 100, 129, 500, 1000, 2047, 4096, 33000})
+    for (int kind = 0; kind < 5; ++kind) {
+      const int column_bits = 17;
+      std::vector<std::uint64_t> items(static_cast<std::size_t>(n));
+      for (int i = 0; i < n; ++i) {
+        const std::uint64_t r = rng.gen();
+        // Random keys, many ties, two extreme keys, keys sharing their top
+        // 40 bits (skipped digits), sorted input and reversed input.
+        const std::uint64_t key = kind == 0   ? r >> column_bits
+                                  : kind == 1 ? r % 5
+                                  : kind == 2 ? (r % 2 ? ~0ull >> column_bits : 0)
+                                  : kind == 3 ? (0x2b5ull << 30) | (r >> 50)
+                                              : static_cast<std::uint64_t>(n - i);
+        items[i] = key << column_bits | static_cast<std::uint64_t>(i);
+      }
+      std::vector<std::uint64_t> want = items;
+      std::sort(want.begin(), want.end());
+      const std::string ctx = "n=" + std::to_string(n) + " kind=" + std::to_string(kind);
+      if (simd) {
+        std::vector<std::uint64_t> got = items;
+        CHECK(softrank::simd_sort_u64(got.data(), n)) << ctx << "simd sort ran";
+        CHECK(got == want) << ctx << "simd sort";
+      } else {
+        std::vector<std::uint64_t> got = items;
+        CHECK(!softrank::simd_sort_u64(got.data(), n) && got == items) << ctx << "no simd sort";
+      }
+      std::vector<std::uint32_t> counts(softrank::kMaxRadixPasses * softrank::kMaxRadixBuckets);
+      for (int wide = 0; wide < 2; ++wide) {
+        std::vector<std::uint64_t> a = items, tmp(static_cast<std::size_t>(n));
+        const std::uint64_t* got =
+            n == 0 ? a.data()
+            : wide ? softrank::radix_sort<11>(a.data(), tmp.data(), n, column_bits, 64, counts.data())
+                   : softrank::radix_sort<8>(a.data(), tmp.data(), n, column_bits, 64, counts.data());
+        CHECK(std::equal(want.begin(), want.end(), got)) << ctx << "radix sort, wide " << wide;
+      }
     }
 }
 
