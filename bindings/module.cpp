@@ -366,7 +366,10 @@ py::tuple isotonic_forward(const py::array& y_arg, const py::object& weights, bo
   return py::make_tuple(solution, blocks);
 }
 
-py::tuple projection_forward(const py::array& z_arg, const py::array& w_arg, double eps, int reg) {
+// projection_forward and (value_only) projection_forward_value: the value
+// alone sorts w without its order where it can, and returns out only.
+py::object projection_forward_impl(const py::array& z_arg, const py::array& w_arg, double eps,
+                                   int reg, bool value_only) {
   const py::array z = aligned(z_arg), w = aligned(w_arg);
   const Kind kind = check_values(z, "z");
   check_same_values(w, z, "w", "z");
@@ -377,10 +380,11 @@ py::tuple projection_forward(const py::array& z_arg, const py::array& w_arg, dou
   py::array out = new_rows_array(z.dtype(), z.shape(0), z.shape(1));
   const py::dtype index_dtype = py::dtype::of<index_t>();
   py::array perm_z = new_rows_array(index_dtype, z.shape(0), z.shape(1));
-  py::array perm_w = new_rows_array(index_dtype, z.shape(0), z.shape(1));
+  py::array perm_w = value_only ? py::array(index_dtype, std::vector<py::ssize_t>{0})
+                                : new_rows_array(index_dtype, z.shape(0), z.shape(1));
   py::array blocks = new_rows_array(index_dtype, z.shape(0), z.shape(1));
   index_t* pz = data_of<index_t>(perm_z);
-  index_t* pw = data_of<index_t>(perm_w);
+  index_t* pw = value_only ? nullptr : data_of<index_t>(perm_w);
   index_t* pb = data_of<index_t>(blocks);
   const auto regularization = static_cast<softrank::Reg>(reg);
   {
@@ -392,7 +396,16 @@ py::tuple projection_forward(const py::array& z_arg, const py::array& w_arg, dou
       softrank::projection_forward_batch(cdata_of<double>(z), cdata_of<double>(w), rows, n, eps,
                                          regularization, data_of<double>(out), pz, pw, pb);
   }
+  if (value_only) return std::move(out);
   return py::make_tuple(out, perm_z, perm_w, blocks);
+}
+
+py::tuple projection_forward(const py::array& z, const py::array& w, double eps, int reg) {
+  return projection_forward_impl(z, w, eps, reg, false);
+}
+
+py::array projection_forward_value(const py::array& z, const py::array& w, double eps, int reg) {
+  return projection_forward_impl(z, w, eps, reg, true);
 }
 
 py::array pearson(const py::array& a_arg, const py::array& b_arg) {
@@ -748,6 +761,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("reg"),
         "Projection of z / eps onto the permutahedron of w, every row: returns (out, perm_z, "
         "perm_w, block_start).");
+  m.def("projection_forward_value", &projection_forward_value, py::arg("z"), py::arg("w"),
+        py::arg("eps"), py::arg("reg"),
+        "projection_forward's out alone, bit for bit (w's values are sorted without their "
+        "order where possible).");
   m.def("isotonic_vjp", &isotonic_vjp, py::arg("weights"), py::arg("block_start"),
         py::arg("cotangent"), "Vector-Jacobian product of the isotonic regression.");
   m.def("isotonic_vjp_weighted", &isotonic_vjp_weighted, py::arg("y"), py::arg("solution"),

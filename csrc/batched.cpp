@@ -453,9 +453,12 @@ void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t
     double* sorted_out = scratch.work2;
     scratch_owner.decay = DecayTable{};  // work2 is overwritten here
     bool valid;
-    if (same_w_as_previous)
-      std::memcpy(perm_w + off, perm_w + off - n, sizeof(index_t) * static_cast<std::size_t>(n));
-    if (same_w_as_previous || already_decreasing(w + off, n, reg == Reg::KL, perm_w + off, ws)) {
+    // perm_w null (a value-only forward): w's order goes to scratch, or is
+    // not made at all where its values alone can be sorted.
+    index_t* const pw = perm_w ? perm_w + off : scratch.blocks.start;
+    if (same_w_as_previous && perm_w)
+      std::memcpy(pw, pw - n, sizeof(index_t) * static_cast<std::size_t>(n));
+    if (same_w_as_previous || already_decreasing(w + off, n, reg == Reg::KL, pw, ws)) {
       valid = sort_row_descending(z + off, n, false, scratch.sort, perm_z + off, s);
     } else {
       bool valid_z = false, valid_w = false;
@@ -466,7 +469,8 @@ void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t
         if (which == 0)
           valid_z = sort_row_descending(z + off, n, false, sort, perm_z + off, s);
         else
-          valid_w = sort_row_descending(w + off, n, false, sort, perm_w + off, ws);
+          valid_w = (!perm_w && sort_values_descending(w + off, n, ws)) ||
+                    sort_row_descending(w + off, n, false, sort, pw, ws);
       };
       if (sort_pairs_in_parallel) {
         parallel_for(2, sort_one);
@@ -475,7 +479,7 @@ void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t
         if (valid_z) sort_one(1);
       }
       valid = valid_z && (valid_w || (reg == Reg::KL &&
-                                      sort_with_minus_infinity(w + off, n, perm_w + off, ws)));
+                                      sort_with_minus_infinity(w + off, n, pw, ws)));
     }
     auto write_inverses = [&] {
       for (index_t i = 0; inv_z && i < n; ++i) inv_z[off + perm_z[off + i]] = i;
@@ -484,7 +488,7 @@ void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t
     if (!valid) {
       for (index_t i = 0; i < n; ++i) {
         out[off + i] = static_cast<T>(kNaN);
-        perm_z[off + i] = perm_w[off + i] = block_start[off + i] = i;
+        perm_z[off + i] = pw[i] = block_start[off + i] = i;
       }
       write_inverses();
       return false;
@@ -493,9 +497,29 @@ void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t
       const ProjectionL2Rule rule{s, ws, eps, pool_all};
       project_sorted(rule, n, block_stack<ProjectionL2Rule::Block>(n), sorted_out,
                      block_start + off);
-    } else {
+    } else if (pool_all || eps == 0.0) {
       const ProjectionKlRule rule{s, ws, eps, pool_all};
       project_sorted(rule, n, block_stack<ProjectionKlRule::Block>(n), sorted_out,
+                     block_start + off);
+    } else {
+      // The rule's per-position references and exps, in the block stack's
+      // arrays (this rule keeps its own stack).
+      double* refs_s = scratch.blocks.ref;
+      double* t_s = scratch.blocks.stat;
+      double* refs_w = scratch.blocks.stat2;
+      double* t_w = scratch.blocks.tail;
+      kl_references(s, n, eps, refs_s, t_s);
+      exp_nonpositive_buffer(t_s, n);
+      index_t finite_w = n;  // ws decreasing: its -inf (zeros of e^w) come last
+      while (finite_w > 1 && ws[finite_w - 1] == -ProjectionKlRule::kInf) --finite_w;
+      kl_references(ws, finite_w, 1.0, refs_w, t_w);
+      for (index_t i = finite_w; i < n; ++i) {
+        refs_w[i] = refs_w[finite_w - 1];
+        t_w[i] = -ProjectionKlRule::kInf;
+      }
+      exp_nonpositive_buffer(t_w, n);
+      const ProjectionKlRunsRule rule{s, ws, refs_s, t_s, refs_w, t_w, eps};
+      project_sorted(rule, n, block_stack<ProjectionKlRunsRule::Block>(n), sorted_out,
                      block_start + off);
     }
     for (index_t i = 0; i < n; ++i) out[off + perm_z[off + i]] = static_cast<T>(sorted_out[i]);

@@ -31,6 +31,9 @@ def isotonic_forward(
 def projection_forward(
     z: NDArray[_Float], w: NDArray[_Float], eps: float, reg: int
 ) -> Tuple[NDArray[_Float], NDArray[_Int32], NDArray[_Int32], NDArray[_Int32]]: ...
+def projection_forward_value(
+    z: NDArray[_Float], w: NDArray[_Float], eps: float, reg: int
+) -> NDArray[_Float]: ...
 def isotonic_vjp(
     weights: Optional[NDArray[_Float]], block_start: NDArray[_Int32], cotangent: NDArray[_Float]
 ) -> NDArray[_Float]: ...

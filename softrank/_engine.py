@@ -54,6 +54,9 @@ projection_forward(z, w, eps, reg) -> (out, perm_z, perm_w, block_start)
     the PAV blocks over sorted positions. Under kl w may hold -inf where the
     row's largest w is finite. Other non-finite rows give NaN output,
     identity permutations and singleton blocks.
+projection_forward_value(z, w, eps, reg) -> out
+    projection_forward's ``out`` alone, bit for bit (the native engine then
+    sorts w's values without their order where it can).
 isotonic_vjp(weights_or_None, block_start, cotangent) -> grad_y
     grad_y[j] = w_j / W_B * sum_{i in B} cotangent[i] for j in block B.
 isotonic_vjp_weighted(y, solution, weights, block_start, cotangent) -> (grad_y, grad_weights)

@@ -42,6 +42,7 @@ __all__ = [
     "isotonic_vjp",
     "isotonic_vjp_weighted",
     "projection_forward",
+    "projection_forward_value",
     "inverse_permutations",
     "pearson",
     "pearson_vjp",
@@ -1547,6 +1548,15 @@ def projection_forward(z, w, eps, reg):
     if rows and n:
         _projection_kernel(z, w, eps, int(reg), out, perm_z, perm_w, block_start, _chunks(rows))
     return out, perm_z, perm_w, block_start
+
+
+def projection_forward_value(z, w, eps, reg):
+    """``out`` of :func:`projection_forward` alone (the engine contract's value-only call).
+
+    The numba kernel sorts w with its order anyway; only the native engine
+    saves that work.
+    """
+    return projection_forward(z, w, eps, reg)[0]
 
 
 def isotonic_vjp(weights, block_start, cotangent):

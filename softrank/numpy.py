@@ -537,7 +537,7 @@ def _projection(z, w, eps, reg, axis, name="z", keep_state=True):
     if keep_state:
         out, state = _host.projection(rows, w_rows, eps, reg)
     else:  # the value alone: no inverse permutations, no int64 copies
-        out, state = _engine.engine().projection_forward(rows, w_rows, eps, reg)[0], None
+        out, state = _engine.engine().projection_forward_value(rows, w_rows, eps, reg), None
     return array, ax, rows, w_rows, shared, restore, out, state
 
 
@@ -635,7 +635,7 @@ def _topk(x, k, eps, regularization, axis, keep_state=True):
     if keep_state:
         out, state = _host.projection(rows, w_rows, eps, reg)
     else:
-        out, state = _engine.engine().projection_forward(rows, w_rows, eps, reg)[0], None
+        out, state = _engine.engine().projection_forward_value(rows, w_rows, eps, reg), None
     mask = np.exp(out) if reg == _engine.REG_KL else out
     return array, ax, rows, w_rows, restore, out, mask, state, eps, reg
 

@@ -399,6 +399,46 @@ def test_long_row_alone_or_in_a_batch_same_bits(eng, reg):
         eng.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reg", [L2, KL])
+def test_forward_value_equals_forward_out(eng, reg, dtype):
+    """projection_forward_value is projection_forward's out bit for bit: rows
+    short and long enough for the value-only sort of w (the compiled core
+    sorts w's values without their order from 129 on), ties and -0.0 in w,
+    a shared w, (kl) -inf in w, NaN and inf rows, eps 0 and inf, one and two
+    threads, empty shapes."""
+    rng = np.random.default_rng(17)
+    cases = []
+    for n in (5, 128, 129, 1000, 5000):
+        z = rng.normal(size=(4, n)) * 3.0
+        w = rng.normal(size=(4, n)) * 2.0
+        w[1] = np.round(w[1])  # ties
+        w[1, ::7] = -0.0
+        w[2] = w[3]  # a shared w
+        if reg == KL:
+            w[3, ::5] = -np.inf
+        else:
+            w[3, 2] = np.inf  # an invalid row
+        z[0, n // 2] = np.nan
+        cases.append((z, w))
+    cases += [(np.zeros((0, 4)), np.zeros((0, 4))), (np.zeros((3, 0)), np.zeros((3, 0)))]
+    threads = eng.get_num_threads()
+    try:
+        for count in (1, 2):
+            eng.set_num_threads(count)
+            for z, w in cases:
+                z, w = z.astype(dtype), w.astype(dtype)
+                for eps in (0.0, 0.5, np.inf):
+                    want = eng.projection_forward(z, w, eps, reg)[0]
+                    got = eng.projection_forward_value(z, w, eps, reg)
+                    assert got.dtype == z.dtype and got.shape == z.shape
+                    np.testing.assert_array_equal(got, want)
+    finally:
+        eng.set_num_threads(threads)
+    with pytest.raises((ValueError, TypeError), match="w"):
+        eng.projection_forward_value(np.zeros((2, 3)), np.zeros((2, 4)), 1.0, reg)
+
+
 @pytest.mark.parametrize("reg", [L2, KL])
 def test_rows_sharing_w_same_bits_as_rows_alone(eng, reg):
     """Rows whose w equals the previous row's reuse its sorted w (the

@@ -40,7 +40,9 @@ void isotonic_forward_batch(const T* y, const T* w, std::int64_t rows, index_t n
 // blocks over sorted positions; inv_z / inv_w, when not null, the inverse
 // permutations (inv[perm[i]] = i). w may hold -inf under kl (zeros of e^w)
 // where the row's largest w is finite. Rows holding other non-finite values
-// get NaN output, identity permutations and singleton blocks.
+// get NaN output, identity permutations and singleton blocks. perm_w (and
+// then inv_w) may be null: a value-only forward, which sorts w's values
+// without their order where it can; out is the same bit for bit.
 template <class T>
 void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t n, double eps,
                               Reg reg, T* out, index_t* perm_z, index_t* perm_w,

@@ -306,27 +306,28 @@ struct IsotonicKlRule {
   }
 };
 
-// The references R_i of IsotonicKlRule: the row (n finite values) cut
-// greedily into runs spanning at most kIsotonicKlSpan, each run's largest
-// value for each of its positions; `t` receives y_i - R_i (<= 0) for the
-// caller to exponentiate. `t` may be `y` (each value is read before it is
-// overwritten).
-SOFTRANK_HD void isotonic_kl_references(const double* y, index_t n, double* refs, double* t) {
+// The references of ProjectionKlRunsRule (and, with eps = 1, of
+// IsotonicKlRule): the n values v (finite, any order) cut greedily into runs
+// whose (largest - smallest) / eps is at most kIsotonicKlSpan; each run's
+// largest value for each of its positions in `refs`, and (v_i - R_i) / eps
+// (<= 0) in `t` for the caller to exponentiate. `t` may be `v` (each value is
+// read before it is overwritten).
+SOFTRANK_HD void kl_references(const double* v, index_t n, double eps, double* refs, double* t) {
   if (n <= 0) return;
   index_t run = 0;
-  double top = y[0], bottom = y[0];
+  double top = v[0], bottom = v[0];
   auto close = [&](index_t end) {
     for (index_t i = run; i < end; ++i) {
       refs[i] = top;
-      t[i] = y[i] - top;
+      t[i] = (v[i] - top) / eps;
     }
   };
   for (index_t i = 1; i < n; ++i) {
-    const double hi = y[i] > top ? y[i] : top, lo = y[i] < bottom ? y[i] : bottom;
-    if (hi - lo > kIsotonicKlSpan) {
+    const double hi = v[i] > top ? v[i] : top, lo = v[i] < bottom ? v[i] : bottom;
+    if ((hi - lo) / eps > kIsotonicKlSpan) {
       close(i);
       run = i;
-      top = bottom = y[i];
+      top = bottom = v[i];
     } else {
       top = hi;
       bottom = lo;
@@ -335,6 +336,11 @@ SOFTRANK_HD void isotonic_kl_references(const double* y, index_t n, double* refs
   close(n);
 }
 
+// The references R_i of IsotonicKlRule: kl_references with eps = 1 (an
+// exact division: the runs and t of y itself).
+SOFTRANK_HD void isotonic_kl_references(const double* y, index_t n, double* refs, double* t) {
+  kl_references(y, n, 1.0, refs, t);
+}
 
 // kl: solution and block_start as isotonic_forward_row (-1 and NaN across a
 // row holding NaN or +-inf). The same chunks as l2, pooled by IsotonicKlRule

@@ -68,6 +68,9 @@ bool simd_sort_available();
 // Sorts items[0, n) ascending; returns false, touching nothing, where the
 // CPU (or the build) has no AVX2 quicksort.
 bool simd_sort_u64(std::uint64_t* items, std::int64_t n);
+// Sorts values[0, n) (finite, no -0) decreasingly; false, touching nothing,
+// as simd_sort_u64.
+bool simd_sort_f64_descending(double* values, std::int64_t n);
 
 // A float64 key with its column: the index breaks ties.
 struct KeyIndex64 {
@@ -483,6 +486,26 @@ inline bool sort_row_descending(const double* x, index_t n, bool negate, SortScr
                                 : radix_sort<11>(p, s.packed_tmp, n, b, 64, s.counts);
   unpack_truncated_items(p, n, b, keys, perm, xs);
   return true;
+}
+
+// The values of x sorted decreasingly into xs, without their order (for a
+// caller that needs no permutation: the projection's w in a value-only
+// forward): the AVX2 quicksort of the values themselves, about twice as fast
+// as sorting (key, column) items and unpacking them. The values are those
+// sort_row_descending writes (x in double, -0 as +0), so the result is the
+// same bit for bit. Returns false, with xs unspecified, where the row holds
+// NaN or +-inf, n < kSimdSortMin or no such sort is available: the caller
+// then sorts with the permutation.
+template <class T>
+bool sort_values_descending(const T* x, index_t n, double* xs) {
+  if (n < kSimdSortMin || !simd_sort_available()) return false;
+  std::uint64_t non_finite = 0;
+  for (index_t i = 0; i < n; ++i) {
+    const double v = static_cast<double>(x[i]) + 0.0;
+    non_finite |= !is_finite_bits(float_bits(v));
+    xs[i] = v;
+  }
+  return !non_finite && simd_sort_f64_descending(xs, n);
 }
 
 }  // namespace softrank
