@@ -494,9 +494,18 @@ void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t
       return false;
     }
     if (reg == Reg::L2) {
-      const ProjectionL2Rule rule{s, ws, eps, pool_all};
+      // (ws is kept for the next row: a scaled copy goes to the free block
+      // array.)
+      const int k = projection_l2_scale_down(s, ws, n, scratch.blocks.ref);
+      const ProjectionL2Rule rule{s, k ? scratch.blocks.ref : ws, eps, pool_all};
       project_sorted(rule, n, block_stack<ProjectionL2Rule::Block>(n), sorted_out,
                      block_start + off);
+      // Scaled back within [min w, max w], where P(w) lies (at max w = DBL_MAX
+      // a rounding up would otherwise give inf).
+      for (index_t i = 0; k && i < n; ++i) {
+        const double v = std::ldexp(sorted_out[i], k);
+        sorted_out[i] = v > ws[0] ? ws[0] : v < ws[n - 1] ? ws[n - 1] : v;
+      }
     } else if (pool_all || eps == 0.0) {
       const ProjectionKlRule rule{s, ws, eps, pool_all};
       project_sorted(rule, n, block_stack<ProjectionKlRule::Block>(n), sorted_out,

@@ -27,7 +27,13 @@ pids=()
 for src in csrc/*.cpp fuzz/fuzz_core.cpp; do
   obj="$out/$(basename "${src%.cpp}").o"
   objs+=("$obj")
-  "$cxx" "${flags[@]}" -c "$src" -o "$obj" &
+  extra=()
+  # The vendored AVX2 quicksort: its one file compiled for AVX2, as
+  # CMakeLists.txt does (entered only where the CPU has it).
+  if [ "$src" = csrc/simd_sort.cpp ] && [ "$(uname -m)" = x86_64 ]; then
+    extra=(-mavx2 -mfma -mpopcnt -Icsrc/third_party/x86-simd-sort)
+  fi
+  "$cxx" "${flags[@]}" ${extra[@]+"${extra[@]}"} -c "$src" -o "$obj" &
   pids+=($!)
   if [ "${#pids[@]}" -ge 2 ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
 done

@@ -2,8 +2,9 @@
 //
 // Input layout (every byte string is a valid input):
 //   byte 0  flags: bit 0 op (rank/sort), bit 1 reg (l2/kl), bit 2 descending,
-//           bit 3 float32, bits 4-5 mode (0, 3: soft op; 1: isotonic;
-//           2: weighted isotonic; l2, or kl with bit 1), bits 6-7 value
+//           bit 3 float32, bits 4-5 mode (0: soft op; 1: isotonic;
+//           2: weighted isotonic; 3: projection onto the permutahedron;
+//           l2, or kl with bit 1), bits 6-7 value
 //           encoding (0: raw doubles,
 //           1: a table of special values, 2: small integers (ties), 3: raw
 //           floats)
@@ -28,6 +29,7 @@
 //     the vjp conserves the cotangent's sum; kl: finite, ordered, within
 //     [min (y - log w), max (y - log w)] (each block's value is a log of a
 //     ratio of sums, between the smallest and largest term ratios)
+//   - the projection onto the permutahedron: see check_projection
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -366,6 +368,102 @@ void check_isotonic_kl(const std::vector<T>& y, const std::vector<T>* w, std::in
   }
 }
 
+// The projection onto the permutahedron of w (mode 3): z the values, w a
+// shuffle of them (kl: with -inf where the source is negative and even).
+//   - a row with NaN or +inf anywhere, -inf in z, -inf in w under l2, or no
+//     finite w under kl: NaN output;
+//   - valid rows: every output in [min w, max w] (P(w) is the hull of w's
+//     permutations; kl: exp(out) in P(e^w)), finite except -inf under kl
+//     where w holds -inf; l2 sum(out) = sum(w), kl logsumexp(out) =
+//     logsumexp(w); out ordered as z (perm_z the stable decreasing order of
+//     z, out non-increasing along it); blocks a partition;
+//   - the value-only forward (perm_w null) gives out bit for bit.
+template <class T>
+void check_projection(const std::vector<T>& z, std::int64_t rows, index_t n, double eps, Reg reg) {
+  const std::size_t size = z.size();
+  std::vector<T> w(size), out(size), value_only(size);
+  for (std::size_t i = 0; i < size; ++i) {
+    const T v = z[(i * 7 + 3) % size];
+    w[i] = reg == Reg::KL && v < 0 && (i % 2 == 0) ? static_cast<T>(-kInf) : v;
+  }
+  std::vector<index_t> perm_z(size), perm_w(size), block(size), perm_z2(size), block2(size);
+  softrank::projection_forward_batch(z.data(), w.data(), rows, n, eps, reg, out.data(),
+                                     perm_z.data(), perm_w.data(), block.data());
+  softrank::projection_forward_batch(z.data(), w.data(), rows, n, eps, reg, value_only.data(),
+                                     perm_z2.data(), static_cast<index_t*>(nullptr),
+                                     block2.data());
+  const OpSpec dummy{Op::Sort, reg, false, eps};
+  const double rel = sizeof(T) == 4 ? 2e-5 : 1e-9;
+  for (std::size_t i = 0; i < size; ++i)
+    if (!same_bits(out[i], value_only[i]))
+      fail("projection: value-only forward differs", dummy, n, static_cast<int>(i), out[i],
+           value_only[i]);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const std::size_t off = static_cast<std::size_t>(r) * static_cast<std::size_t>(n);
+    bool valid = true, any_finite_w = false, w_has_minus_inf = false;
+    double wlo = kInf, whi = -kInf;
+    for (index_t i = 0; i < n; ++i) {
+      const double zi = static_cast<double>(z[off + i]), wi = static_cast<double>(w[off + i]);
+      valid = valid && std::isfinite(zi) && !std::isnan(wi) && wi != kInf &&
+              (reg == Reg::KL || wi != -kInf);
+      any_finite_w = any_finite_w || std::isfinite(wi);
+      w_has_minus_inf = w_has_minus_inf || wi == -kInf;
+      wlo = std::min(wlo, wi);
+      whi = std::max(whi, wi);
+    }
+    if (n == 0) continue;
+    valid = valid && any_finite_w;
+    if (!valid) {
+      for (index_t i = 0; i < n; ++i)
+        if (!std::isnan(static_cast<double>(out[off + i])))
+          fail("projection: invalid row not NaN", dummy, n, i, out[off + i], 0);
+      continue;
+    }
+    const double scale = std::max({std::fabs(whi), std::isfinite(wlo) ? std::fabs(wlo) : 0.0, 1.0});
+    const double tol = rel * scale;
+    // Sums scaled by the largest |w| (values near DBL_MAX), in long double.
+    long double sum_out = 0.0L, sum_w = 0.0L;
+    for (index_t i = 0; i < n; ++i) {
+      const double v = static_cast<double>(out[off + i]);
+      if (std::isnan(v) || v == kInf || (v == -kInf && !w_has_minus_inf) ||
+          v < wlo - tol || v > whi + tol)
+        fail("projection: output outside [min w, max w]", dummy, n, i, v, whi);
+      if (reg == Reg::L2) {
+        sum_out += static_cast<long double>(v) / scale;
+        sum_w += static_cast<long double>(w[off + i]) / scale;
+      } else {
+        sum_out += std::exp(static_cast<long double>(v) - whi);
+        sum_w += std::exp(static_cast<long double>(w[off + i]) - whi);
+      }
+    }
+    // l2: |sum| error within rel * n (in units of the largest |w|); kl: the
+    // sums of exp(. - max w) (>= 1 for w) relative, plus what rounding each
+    // output to its dtype does to its exp: a relative |v| ulp, which at
+    // |v| ~ 1e300 leaves the sums unchecked (the values are still bounded
+    // and ordered above).
+    const double ulp = sizeof(T) == 4 ? 6e-8 : 1.2e-16;
+    const long double sum_tol =
+        reg == Reg::L2 ? static_cast<long double>(rel) * (n + 1)
+                       : (static_cast<long double>(rel) + 4.0L * ulp * scale) * n *
+                             std::max(sum_w, sum_out);
+    if (!(std::fabs(static_cast<double>(sum_out - sum_w)) <= sum_tol))
+      fail("projection: sum (l2) or sum of exp (kl) not kept", dummy, n, -1,
+           static_cast<double>(sum_out), static_cast<double>(sum_w));
+    for (index_t k = 0; k < n; ++k) {
+      const index_t p = perm_z[off + k];
+      if (p < 0 || p >= n) fail("projection: perm_z out of range", dummy, n, k, p, 0);
+      const index_t b = block[off + k];
+      if (b < 0 || b > k || block[off + b] != b) fail("projection: bad block", dummy, n, k, b, 0);
+      if (k == 0) continue;
+      const index_t q = perm_z[off + k - 1];
+      const double zp = static_cast<double>(z[off + p]), zq = static_cast<double>(z[off + q]);
+      if (zq < zp || (zq == zp && q > p)) fail("projection: perm_z not the stable order", dummy, n, k, zq, zp);
+      const double op = static_cast<double>(out[off + p]), oq = static_cast<double>(out[off + q]);
+      if (op > oq + tol) fail("projection: output not ordered as z", dummy, n, k, oq, op);
+    }
+  }
+}
+
 template <class T>
 void run(Reader& in, std::uint8_t flags, double eps, std::int64_t rows) {
   const int encoding = flags >> 6;
@@ -405,6 +503,10 @@ void run(Reader& in, std::uint8_t flags, double eps, std::int64_t rows) {
       check_isotonic_kl(values, mode == 2 ? &w : nullptr, rows, n, (flags & 4) == 0);
     else
       check_isotonic(values, mode == 2 ? &w : nullptr, rows, n, (flags & 4) == 0);
+    return;
+  }
+  if (mode == 3) {
+    check_projection(values, rows, n, eps, (flags & 2) ? Reg::KL : Reg::L2);
     return;
   }
   const OpSpec s{(flags & 1) ? Op::Sort : Op::Rank, (flags & 2) ? Reg::KL : Reg::L2,

@@ -68,7 +68,10 @@ def main():
                           bytes([flags(op, reg, desc, 0, 0, 0), EPS[eps], 0]) + raw_doubles(vals))
         # float32, two rows, and isotonic (plain and weighted)
         write(f"{rname}_f32", bytes([flags(0, 1, 0, 1, 0, 3), EPS["0.1"], 0]) + raw_floats(vals))
-        write(f"{rname}_rows2", bytes([flags(1, 0, 1, 0, 3, 0), EPS["1"], 1]) + raw_doubles(vals + vals[::-1]))
+        write(f"{rname}_rows2", bytes([flags(1, 0, 1, 0, 0, 0), EPS["1"], 1]) + raw_doubles(vals + vals[::-1]))
+        # the projection onto the permutahedron (mode 3), l2 and kl, two rows
+        write(f"{rname}_proj", bytes([flags(0, 0, 0, 0, 3, 0), EPS["1"], 1]) + raw_doubles(vals + vals[::-1]))
+        write(f"{rname}_projkl", bytes([flags(0, 1, 0, 0, 3, 0), EPS["0.3"], 1]) + raw_doubles(vals[::-1] + vals))
         write(f"{rname}_iso", bytes([flags(0, 0, 0, 0, 1, 0), 0, 0]) + raw_doubles(vals))
         write(f"{rname}_isow", bytes([flags(0, 0, 1, 0, 2, 0), 0, 0]) + raw_doubles(vals))
     # Raw eps values from 0 to 1e300 (eps byte 0xff + the double).

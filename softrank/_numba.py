@@ -987,6 +987,32 @@ def _projection_kl_merges(eps, pool_all, ref_a, ls_a, lw_a, ref_b, ls_b, lw_b):
     return (ref_a - ref_b) / eps + (ls_a - ls_b) <= lw_a - lw_b
 
 
+# kl projection with 0 < eps < inf (csrc/softrank/projection.h,
+# ProjectionKlRunsRule, each block's references its first position's s and
+# ws): a = ref (s), b = S = sum exp((s - ref) / eps), c = wref (ws), d = W =
+# sum exp(ws - wref), 0 where every ws is -inf. V_a <= V_b compares products
+# with e = exp(-|d|), d = (ref_a - ref_b) / eps - (wref_a - wref_b); on logs
+# where e is below 2^-100.
+_KL_RUNS_SMALL = 2.0**-100
+
+
+@njit(**_JIT)
+def _projection_kl_runs_merges(eps, ref_a, sum_a, wref_a, wsum_a, ref_b, sum_b, wref_b, wsum_b):
+    dr = 0.0 if ref_a == ref_b else (ref_a - ref_b) / eps
+    dq = wref_a - wref_b
+    d = dr - dq
+    if d == 0.0:
+        return sum_a * wsum_b <= sum_b * wsum_a
+    e = math.exp(-d if d > 0.0 else d)
+    if e >= _KL_RUNS_SMALL:
+        if d > 0.0:
+            return sum_a * wsum_b <= e * sum_b * wsum_a
+        return e * sum_a * wsum_b <= sum_b * wsum_a
+    log_wb = math.log(wsum_b) if wsum_b > 0.0 else -_INF
+    log_wa = math.log(wsum_a) if wsum_a > 0.0 else -_INF
+    return dr + math.log(sum_a) + log_wb <= dq + math.log(sum_b) + log_wa
+
+
 @njit(**_JIT)
 def _projection_row(z, w, eps, reg, out, perm_z, perm_w, bs, s, ws, key_buf, idx_buf,
                     bstart, ba, bb, bc, bd, sorted_out):
@@ -1013,6 +1039,24 @@ def _projection_row(z, w, eps, reg, out, perm_z, perm_w, bs, s, ws, key_buf, idx
             perm_w[i] = i
             bs[i] = i
         return
+    # l2 rows of values beyond about 2^1021 / n^2 are scaled by 2^-k (l2 is
+    # homogeneous), as projection_l2_scale_down: the cross products of counts
+    # and sums would overflow.
+    k_scale = 0
+    w_low, w_high = 0.0, 0.0
+    if reg == _REG_L2:
+        largest = max(abs(s[0]), abs(s[n - 1]), abs(ws[0]), abs(ws[n - 1]))
+        bits = 0
+        while (n >> bits) != 0:
+            bits += 1
+        limit = 1021 - 2 * bits
+        exponent = math.frexp(largest)[1]
+        if exponent > limit:
+            k_scale = exponent - limit
+            w_low, w_high = ws[n - 1], ws[0]
+            for i in range(n):
+                s[i] = math.ldexp(s[i], -k_scale)
+                ws[i] = math.ldexp(ws[i], -k_scale)
     top = 0
     for i in range(n):
         start = i
@@ -1032,6 +1076,28 @@ def _projection_row(z, w, eps, reg, out, perm_z, perm_w, bs, s, ws, key_buf, idx
             ba[top] = ref
             bb[top] = off
             bc[top] = cnt
+            bd[top] = wsum
+        elif not (pool_all or eps == 0.0):
+            ref, ssum = s[i], 1.0
+            if ws[i] > -_INF:
+                wref, wsum = ws[i], 1.0
+            else:  # a zero of e^w: the last finite ws as reference (ws[0] is finite)
+                wref, wsum = bc[top - 1], 0.0
+            while top > 0 and _projection_kl_runs_merges(eps, ba[top - 1], bb[top - 1],
+                                                         bc[top - 1], bd[top - 1], ref, ssum,
+                                                         wref, wsum):
+                ref_a, wref_a = ba[top - 1], bc[top - 1]
+                es = 1.0 if ref == ref_a else math.exp((ref - ref_a) / eps)
+                ew = 1.0 if wref == wref_a else math.exp(wref - wref_a)
+                ssum = bb[top - 1] + es * ssum
+                wsum = bd[top - 1] + ew * wsum
+                ref, wref = ref_a, wref_a
+                start = bstart[top - 1]
+                top -= 1
+            bstart[top] = start
+            ba[top] = ref
+            bb[top] = ssum
+            bc[top] = wref
             bd[top] = wsum
         else:
             ref, ls, lw = s[i], 0.0, ws[i]
@@ -1058,8 +1124,13 @@ def _projection_row(z, w, eps, reg, out, perm_z, perm_w, bs, s, ws, key_buf, idx
                     value = w_mean
                 else:
                     value = ((s[i] - ba[k]) - bb[k] / bc[k]) / eps + w_mean
+            elif not (pool_all or eps == 0.0):
+                shift = bc[k] + math.log(bd[k] / bb[k]) if bd[k] > 0.0 else -_INF
+                value = (s[i] - ba[k]) / eps + shift
             else:
                 value = _projection_kl_centred(s[i], ba[k], eps, pool_all) - bb[k] + bc[k]
+            if k_scale != 0:  # scaled back within [min w, max w] (ws is scaled too)
+                value = min(max(math.ldexp(value, k_scale), w_low), w_high)
             sorted_out[i] = value
             bs[i] = bstart[k]
     for i in range(n):

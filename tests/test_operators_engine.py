@@ -129,6 +129,25 @@ def test_projection_matches_minmax_high_precision(eng, minmax_large):
         assert R.rel_err(got, ref) <= 1e-12, (len(z), REG_NAME[reg], eps)
 
 
+def test_l2_values_near_the_largest_double(eng):
+    """l2 rows of values near 1e307 (the rule's cross products of counts and
+    sums would overflow: such rows are scaled by a power of two) against the
+    min-max reduction in mpmath; the output stays within [min w, max w] and
+    keeps sum(w). Found by the fuzzer (13 values, eps = 1)."""
+    rng = np.random.default_rng(18)
+    for n, magnitude in ((13, 2e307), (40, 1e307), (200, 1e305), (7, 1.7e308)):
+        z = np.clip(rng.normal(size=n), -4.0, 4.0) * (magnitude / 4)
+        z[1:4] = z[0]  # ties
+        z[5] = 3e-310
+        w = np.clip(rng.normal(size=n), -4.0, 4.0) * (magnitude / 4)
+        w[::6] = 0.0
+        for eps in (1.0, 1e300):
+            got = _project(eng, z, w, eps, L2)
+            assert np.all(got >= w.min()) and np.all(got <= w.max())
+            ref = R.project_minmax([float(v) for v in z / eps], [float(v) for v in w], "l2")
+            np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12 * np.abs(w).max())
+
+
 def _eps_scaling_cases():
     rng = np.random.default_rng(3)
     cases = []

@@ -78,6 +78,31 @@ struct ProjectionL2Rule {
   }
 };
 
+// l2 is homogeneous, P(c z, c w) = c P(z, w) for c > 0, and its rule's
+// cross products of counts and sums reach 1.5 n^2 max(|s|, |ws|), which
+// overflows where the values exceed about 2^1021 / n^2 (a row of 13 values
+// near 1e307 pooled wrongly). Such a row is scaled by 2^-k (exact, but for
+// values below 2^(k - 1074), which are far below the row's resolution) to
+// below that bound: s in place, ws into `ws_scaled`. Returns k (0: nothing
+// scaled, ws_scaled untouched); the caller multiplies the output by 2^k.
+SOFTRANK_HD int projection_l2_scale_down(double* s, const double* ws, index_t n, double* ws_scaled) {
+  if (n <= 0) return 0;
+  const double largest = std::fmax(std::fmax(std::fabs(s[0]), std::fabs(s[n - 1])),
+                                   std::fmax(std::fabs(ws[0]), std::fabs(ws[n - 1])));
+  int bits = 0;
+  while (bits < 32 && (static_cast<std::int64_t>(n) >> bits) != 0) ++bits;
+  const int limit = 1021 - 2 * bits;  // largest < 2^limit: 1.5 n^2 largest < 2^1023
+  int exponent;
+  std::frexp(largest, &exponent);  // largest < 2^exponent
+  if (exponent <= limit) return 0;
+  const int k = exponent - limit;
+  for (index_t i = 0; i < n; ++i) {
+    s[i] = std::ldexp(s[i], -k);
+    ws_scaled[i] = std::ldexp(ws[i], -k);
+  }
+  return k;
+}
+
 struct ProjectionKlRule {
   struct Block {
     index_t start;
