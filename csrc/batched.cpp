@@ -517,11 +517,11 @@ void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t
       double* t_s = scratch.blocks.stat;
       double* refs_w = scratch.blocks.stat2;
       double* t_w = scratch.blocks.tail;
-      kl_references(s, n, eps, refs_s, t_s);
+      kl_references_decreasing(s, n, eps, refs_s, t_s);
       exp_nonpositive_buffer(t_s, n);
       index_t finite_w = n;  // ws decreasing: its -inf (zeros of e^w) come last
       while (finite_w > 1 && ws[finite_w - 1] == -ProjectionKlRule::kInf) --finite_w;
-      kl_references(ws, finite_w, 1.0, refs_w, t_w);
+      kl_references_decreasing(ws, finite_w, 1.0, refs_w, t_w);
       for (index_t i = finite_w; i < n; ++i) {
         refs_w[i] = refs_w[finite_w - 1];
         t_w[i] = -ProjectionKlRule::kInf;

@@ -37,6 +37,18 @@ bool simd_sort_u64(std::uint64_t* items, std::int64_t n) {
 #endif
 }
 
+bool simd_sort_f32_descending(float* values, std::int64_t n) {
+#if defined(SOFTRANK_HAVE_SIMD_SORT)
+  if (!simd_sort_available()) return false;
+  if (n > 1) x86simdsortStatic::qsort(values, static_cast<std::size_t>(n), false, true);
+  return true;
+#else
+  (void)values;
+  (void)n;
+  return false;
+#endif
+}
+
 bool simd_sort_f64_descending(double* values, std::int64_t n) {
 #if defined(SOFTRANK_HAVE_SIMD_SORT)
   if (!simd_sort_available()) return false;

@@ -1125,7 +1125,12 @@ def _projection_row(z, w, eps, reg, out, perm_z, perm_w, bs, s, ws, key_buf, idx
                 else:
                     value = ((s[i] - ba[k]) - bb[k] / bc[k]) / eps + w_mean
             elif not (pool_all or eps == 0.0):
-                shift = bc[k] + math.log(bd[k] / bb[k]) if bd[k] > 0.0 else -_INF
+                if bd[k] == 0.0:
+                    shift = -_INF
+                elif bd[k] == 1.0 and bb[k] == 1.0:  # f's own terms: no log
+                    shift = bc[k]
+                else:
+                    shift = bc[k] + math.log(bd[k] / bb[k])
                 value = (s[i] - ba[k]) / eps + shift
             else:
                 value = _projection_kl_centred(s[i], ba[k], eps, pool_all) - bb[k] + bc[k]

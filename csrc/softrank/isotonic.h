@@ -336,6 +336,32 @@ SOFTRANK_HD void kl_references(const double* v, index_t n, double eps, double* r
   close(n);
 }
 
+// kl_references for decreasing v (the projection's sorted s and ws): each
+// run starts at its largest value, so no min/max chain; a run ends where
+// top - v exceeds kIsotonicKlSpan * eps (one compare a value), or, where that
+// product overflows, (top - v) / eps exceeds kIsotonicKlSpan. The runs may
+// differ from kl_references' by an ulp at a boundary; either keeps every t
+// in [e^-300, 1] to rounding, which is all the rules need.
+SOFTRANK_HD void kl_references_decreasing(const double* v, index_t n, double eps, double* refs,
+                                          double* t) {
+  const double span = kIsotonicKlSpan * eps;
+  const bool by_span = span <= std::numeric_limits<double>::max();
+  for (index_t run = 0; run < n;) {
+    const double top = v[run];
+    index_t end = run + 1;
+    if (by_span) {
+      while (end < n && !(top - v[end] > span)) ++end;
+    } else {
+      while (end < n && !((top - v[end]) / eps > kIsotonicKlSpan)) ++end;
+    }
+    for (index_t i = run; i < end; ++i) {
+      refs[i] = top;
+      t[i] = (v[i] - top) / eps;
+    }
+    run = end;
+  }
+}
+
 // The references R_i of IsotonicKlRule: kl_references with eps = 1 (an
 // exact division: the runs and t of y itself).
 SOFTRANK_HD void isotonic_kl_references(const double* y, index_t n, double* refs, double* t) {

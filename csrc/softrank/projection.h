@@ -148,7 +148,7 @@ struct ProjectionKlRule {
 // kl with 0 < eps < inf on the CPU: the arithmetic of IsotonicKlRule
 // (isotonic.h), no log in the loop, in place of ProjectionKlRule's two
 // log_add_exp per pool (a third of a 1000-row's time). Both s / eps and ws
-// are cut into runs spanning at most kIsotonicKlSpan (kl_references); each
+// are cut into runs spanning at most kIsotonicKlSpan (kl_references_decreasing); each
 // position i gets its runs' largest values R_i (of s, in units of s) and Q_i
 // (of ws), and t_i = exp((s_i - R_i) / eps), u_i = exp(ws_i - Q_i), both in
 // [e^-300, 1] (u_i = 0 where ws_i = -inf), computed beforehand in vectorised
@@ -225,6 +225,14 @@ SOFTRANK_HD void project_sorted(const Rule& rule, index_t n, typename Rule::Bloc
   const index_t count = pav_run(rule, rule.s, 0, n, BlockArray<typename Rule::Block>{stack});
   for (index_t k = 0; k < count; ++k) {
     const index_t e = k + 1 < count ? stack[k + 1].start : n;
+    if (e - stack[k].start == 1) {
+      // A block of one is its ws, which is what every rule's output comes to
+      // there ((s_i - ref) = 0, the block's mean or LSE of ws is ws_i): no
+      // division, no log (most blocks, where z is spread wide against w).
+      sorted_out[stack[k].start] = rule.ws[stack[k].start];
+      block_start[stack[k].start] = stack[k].start;
+      continue;
+    }
     const auto block_output = rule.prepare(stack[k]);
     for (index_t i = stack[k].start; i < e; ++i) {
       sorted_out[i] = rule.output(block_output, i);

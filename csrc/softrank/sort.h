@@ -52,14 +52,16 @@ bool network_sort(std::uint64_t* items, index_t n);
 bool network_sort_row(const float* x, index_t n, bool negate, index_t* perm, double* xs);
 bool network_sort_row(const double* x, index_t n, bool negate, index_t* perm, double* xs);
 
-// Rows of kSimdSortMin to kSimdSortMax items (float32), or to
-// kWideDigitThreshold - 1 (float64, whose packed items truncate the key), are
-// sorted by the vendored x86-simd-sort's AVX2 quicksort of the packed uint64
-// items where simd_sort_available() (simd_sort.cpp): 2-3x faster than the LSD
-// radix passes there (1000 float32: 6 vs 14 us, measured), whose scatter is
-// bound by the latency of its counters. The packed items are unique, so any
-// correct sort of them gives the one stable order. Beyond kSimdSortMax the
-// radix sort is as fast and stays.
+// Rows of kSimdSortMin to kSimdSortMax items (float32), or to kSimdSortMax64
+// (float64, whose packed items truncate the key), are sorted by the vendored
+// x86-simd-sort's AVX2 quicksort of the packed uint64 items where
+// simd_sort_available() (simd_sort.cpp): 2-3x faster than the LSD radix
+// passes at a few hundred to a few thousand items (1000 float32: 7 vs 14 us
+// a row, keys and unpacking included, measured), whose scatter waits on the
+// latency of its counters. The packed items are unique, so any correct sort
+// of them gives the one stable order. Beyond kSimdSortMax the float32 radix
+// sort (3 passes) is as fast and stays; the float64 one (5 passes of 11 bits
+// over 44 bits at 1e5) stays 10-20% slower up to 1e6, measured.
 constexpr index_t kSimdSortMin = kNetworkSortMax + 1;
 constexpr index_t kSimdSortMax = 1 << 15;
 constexpr index_t kSimdSortMax64 = 1 << 20;
@@ -71,6 +73,7 @@ bool simd_sort_u64(std::uint64_t* items, std::int64_t n);
 // Sorts values[0, n) (finite, no -0) decreasingly; false, touching nothing,
 // as simd_sort_u64.
 bool simd_sort_f64_descending(double* values, std::int64_t n);
+bool simd_sort_f32_descending(float* values, std::int64_t n);
 
 // A float64 key with its column: the index breaks ties.
 struct KeyIndex64 {
@@ -496,16 +499,30 @@ inline bool sort_row_descending(const double* x, index_t n, bool negate, SortScr
 // same bit for bit. Returns false, with xs unspecified, where the row holds
 // NaN or +-inf, n < kSimdSortMin or no such sort is available: the caller
 // then sorts with the permutation.
+// (float32 rows sort as float32, 8 to a vector register, then widen.)
 template <class T>
 bool sort_values_descending(const T* x, index_t n, double* xs) {
   if (n < kSimdSortMin || !simd_sort_available()) return false;
   std::uint64_t non_finite = 0;
-  for (index_t i = 0; i < n; ++i) {
-    const double v = static_cast<double>(x[i]) + 0.0;
-    non_finite |= !is_finite_bits(float_bits(v));
-    xs[i] = v;
+  if constexpr (sizeof(T) == 4) {
+    thread_local std::vector<float> values;
+    if (values.size() < static_cast<std::size_t>(n)) values.resize(static_cast<std::size_t>(n));
+    for (index_t i = 0; i < n; ++i) {
+      const float v = x[i] + 0.0f;
+      non_finite |= !is_finite_bits(float_bits(v));
+      values[i] = v;
+    }
+    if (non_finite || !simd_sort_f32_descending(values.data(), n)) return false;
+    for (index_t i = 0; i < n; ++i) xs[i] = static_cast<double>(values[i]);
+    return true;
+  } else {
+    for (index_t i = 0; i < n; ++i) {
+      const double v = static_cast<double>(x[i]) + 0.0;
+      non_finite |= !is_finite_bits(float_bits(v));
+      xs[i] = v;
+    }
+    return !non_finite && simd_sort_f64_descending(xs, n);
   }
-  return !non_finite && simd_sort_f64_descending(xs, n);
 }
 
 }  // namespace softrank

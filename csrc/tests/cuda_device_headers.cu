@@ -19,8 +19,8 @@ __global__ void projection_rows(const double* s, const double* ws, index_t n, do
                                 index_t* block_start) {
   project_sorted(ProjectionL2Rule{s, ws, eps, false}, n, l2_stack, out, block_start);
   project_sorted(ProjectionKlRule{s, ws, eps, false}, n, kl_stack, out, block_start);
-  kl_references(s, n, eps, refs_s, t_s);
-  kl_references(ws, n, 1.0, refs_w, t_w);
+  kl_references_decreasing(s, n, eps, refs_s, t_s);
+  kl_references_decreasing(ws, n, 1.0, refs_w, t_w);
   exp_nonpositive_buffer(t_s, n);
   exp_nonpositive_buffer(t_w, n);
   project_sorted(ProjectionKlRunsRule{s, ws, refs_s, t_s, refs_w, t_w, eps}, n, kl_runs_stack,
