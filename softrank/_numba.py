@@ -1115,8 +1115,11 @@ def _projection_row(z, w, eps, reg, out, perm_z, perm_w, bs, s, ws, key_buf, idx
             bb[top] = ls
             bc[top] = lw
         top += 1
+    kl_runs = reg != _REG_L2 and not (pool_all or eps == 0.0)
     for k in range(top):
         e = bstart[k + 1] if k + 1 < top else n
+        if kl_runs:  # one log per block: ws_f + log(W / S)
+            shift = bc[k] + math.log(bd[k] / bb[k]) if bd[k] > 0.0 else -_INF
         for i in range(bstart[k], e):
             if reg == _REG_L2:
                 w_mean = bd[k] / bc[k]
@@ -1124,13 +1127,7 @@ def _projection_row(z, w, eps, reg, out, perm_z, perm_w, bs, s, ws, key_buf, idx
                     value = w_mean
                 else:
                     value = ((s[i] - ba[k]) - bb[k] / bc[k]) / eps + w_mean
-            elif not (pool_all or eps == 0.0):
-                if bd[k] == 0.0:
-                    shift = -_INF
-                elif bd[k] == 1.0 and bb[k] == 1.0:  # f's own terms: no log
-                    shift = bc[k]
-                else:
-                    shift = bc[k] + math.log(bd[k] / bb[k])
+            elif kl_runs:
                 value = (s[i] - ba[k]) / eps + shift
             else:
                 value = _projection_kl_centred(s[i], ba[k], eps, pool_all) - bb[k] + bc[k]
