@@ -51,10 +51,12 @@ class ThreadPool {
   int limit() const { return limit_; }
 
   void run(std::int64_t num_tasks, const std::function<void(std::int64_t)>& task) {
-    std::unique_lock<std::mutex> run_lock(run_mutex_, std::try_to_lock);
     const int threads = static_cast<int>(std::min<std::int64_t>(limit_, num_tasks));
-    if (!run_lock.owns_lock() || threads <= 1) {
-      // Busy (another caller holds the pool) or nothing to share: run here.
+    // Nothing to share: run here without taking the pool, which a task may
+    // still use (one row of a batch split into two parallel sorts).
+    std::unique_lock<std::mutex> run_lock(run_mutex_, std::defer_lock);
+    if (threads <= 1 || !run_lock.try_lock()) {
+      // (or busy: another caller holds the pool)
       for (std::int64_t t = 0; t < num_tasks; ++t) task(t);
       return;
     }

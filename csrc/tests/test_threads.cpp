@@ -171,3 +171,53 @@ TEST(threads, set_num_threads_bounds) {
   softrank::set_num_threads(saved);
   CHECK(softrank::get_num_threads() == saved);
 }
+
+// The projection onto P(w): one row, or fewer rows than threads, sorts z and
+// w at the same time (batched.cpp); the outputs, permutations and blocks are
+// those of one thread, bit for bit. Rows with a w of their own, a w shared by
+// every row (the later rows reuse the first one's sort), and both value-only
+// (perm_w null) and full forwards.
+TEST(threads, projection_bitwise_identical_for_any_thread_count) {
+  Rng rng(33);
+  const int saved = softrank::get_num_threads();
+  struct Result {
+    std::vector<double> out;
+    std::vector<index_t> perm_z, perm_w, block;
+  };
+  for (const Case& c : {Case{1, 20000}, Case{1, 70001}, Case{3, 30000}})
+    for (bool shared_w : {false, true})
+      for (Reg reg : {Reg::L2, Reg::KL}) {
+        const std::size_t size = static_cast<std::size_t>(c.rows) * static_cast<std::size_t>(c.n);
+        std::vector<double> z(size), w(size);
+        for (std::size_t i = 0; i < size; ++i) {
+          z[i] = (i % 5 == 0) ? std::floor(rng.normal() * 10.0) : rng.normal() * 10.0;
+          const std::size_t col = shared_w ? i % static_cast<std::size_t>(c.n) : i;
+          w[i] = shared_w && i >= static_cast<std::size_t>(c.n) ? w[col] : rng.uniform(1.0, 9.0);
+        }
+        for (double eps : {0.5, 1.0, kInf})
+          for (bool value_only : {false, true}) {
+            auto run = [&] {
+              Result r{std::vector<double>(size), std::vector<index_t>(size),
+                       std::vector<index_t>(size), std::vector<index_t>(size)};
+              softrank::projection_forward_batch(z.data(), w.data(), c.rows, c.n, eps, reg,
+                                                 r.out.data(), r.perm_z.data(),
+                                                 value_only ? nullptr : r.perm_w.data(),
+                                                 r.block.data());
+              return r;
+            };
+            softrank::set_num_threads(1);
+            const Result one = run();
+            CHECK(std::all_of(one.out.begin(), one.out.end(), [](double v) { return std::isfinite(v); }));
+            for (int k : {2, 3, 8}) {
+              softrank::set_num_threads(k);
+              const Result many = run();
+              CHECK(bitwise_equal(one.out, many.out) && bitwise_equal(one.perm_z, many.perm_z) &&
+                    bitwise_equal(one.perm_w, many.perm_w) && bitwise_equal(one.block, many.block))
+                  << "rows" << c.rows << "n" << c.n << "shared_w" << shared_w << "kl"
+                  << (reg == Reg::KL) << "eps" << eps << "value_only" << value_only << "threads" << k
+                  << first_difference("out", one.out, many.out);
+            }
+          }
+      }
+  softrank::set_num_threads(saved);
+}
