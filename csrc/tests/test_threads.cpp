@@ -184,7 +184,7 @@ TEST(threads, projection_bitwise_identical_for_any_thread_count) {
     std::vector<double> out;
     std::vector<index_t> perm_z, perm_w, block;
   };
-  for (const Case& c : {Case{1, 20000}, Case{1, 70001}, Case{3, 30000}})
+  for (const Case& c : {Case{1, 1000}, Case{1, 20000}, Case{1, 70001}, Case{3, 30000}})
     for (bool shared_w : {false, true})
       for (Reg reg : {Reg::L2, Reg::KL}) {
         const std::size_t size = static_cast<std::size_t>(c.rows) * static_cast<std::size_t>(c.n);
