@@ -984,7 +984,12 @@ def _projection_kl_merges(eps, pool_all, ref_a, ls_a, lw_a, ref_b, ls_b, lw_b):
         return True
     if eps == 0.0:
         return ref_a == ref_b
-    return (ref_a - ref_b) / eps + (ls_a - ls_b) <= lw_a - lw_b
+    left = (ref_a - ref_b) / eps + (ls_a - ls_b)
+    right = lw_a - lw_b
+    if math.isfinite(left) and math.isfinite(right):
+        return left <= right
+    # a spread past the largest double: the test at half scale
+    return (0.5 * ref_a - 0.5 * ref_b) / eps + 0.5 * (ls_a - ls_b) <= 0.5 * lw_a - 0.5 * lw_b
 
 
 # kl projection with 0 < eps < inf (csrc/softrank/projection.h,
@@ -1000,6 +1005,13 @@ _KL_RUNS_SMALL = 2.0**-100
 def _projection_kl_runs_merges(eps, ref_a, sum_a, wref_a, wsum_a, ref_b, sum_b, wref_b, wsum_b):
     dr = 0.0 if ref_a == ref_b else (ref_a - ref_b) / eps
     dq = wref_a - wref_b
+    if not (math.isfinite(dr) and math.isfinite(dq)):
+        # a spread past the largest double: the log test at half scale
+        if wsum_b == 0.0:
+            return True
+        dh = (0.5 * ref_a - 0.5 * ref_b) / eps - (0.5 * wref_a - 0.5 * wref_b)
+        log_wa = math.log(wsum_a) if wsum_a > 0.0 else -_INF
+        return dh + 0.5 * (math.log(sum_a) + math.log(wsum_b)) <= 0.5 * (math.log(sum_b) + log_wa)
     d = dr - dq
     if d == 0.0:
         return sum_a * wsum_b <= sum_b * wsum_a
@@ -1120,6 +1132,8 @@ def _projection_row(z, w, eps, reg, out, perm_z, perm_w, bs, s, ws, key_buf, idx
         e = bstart[k + 1] if k + 1 < top else n
         if kl_runs:  # one log per block: ws_f + log(W / S)
             shift = bc[k] + math.log(bd[k] / bb[k]) if bd[k] > 0.0 else -_INF
+            # the block's spread of s / eps past the largest double: at half scale
+            wide = bd[k] > 0.0 and not math.isfinite((s[e - 1] - ba[k]) / eps)
         for i in range(bstart[k], e):
             if reg == _REG_L2:
                 w_mean = bd[k] / bc[k]
@@ -1128,7 +1142,10 @@ def _projection_row(z, w, eps, reg, out, perm_z, perm_w, bs, s, ws, key_buf, idx
                 else:
                     value = ((s[i] - ba[k]) - bb[k] / bc[k]) / eps + w_mean
             elif kl_runs:
-                value = (s[i] - ba[k]) / eps + shift
+                if wide:
+                    value = 2.0 * ((0.5 * s[i] - 0.5 * ba[k]) / eps + 0.5 * shift)
+                else:
+                    value = (s[i] - ba[k]) / eps + shift
             else:
                 value = _projection_kl_centred(s[i], ba[k], eps, pool_all) - bb[k] + bc[k]
             if k_scale != 0:  # scaled back within [min w, max w] (ws is scaled too)

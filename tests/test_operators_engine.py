@@ -235,6 +235,50 @@ def test_eps_inf_is_one_block(eng, reg):
         np.testing.assert_array_equal(bs[0], np.zeros(n))
 
 
+def _kl_spread_cases():
+    """kl rows whose spread of z / eps, of w, or of both is wider than a double."""
+    big = np.finfo(np.float64).max
+    rng = np.random.default_rng(19)
+
+    def wide(n):  # values over [-0.97, 0.97] * DBL_MAX, spread past it
+        return np.clip(rng.normal(size=n), -3.9, 3.9) * (big / 4)
+
+    return [
+        # two blocks whose reference differences both overflow: z / eps
+        # apart by 2.5 DBL_MAX against w by 2 DBL_MAX (no pool), then the
+        # other way round (pool); eps = 1 / (spread DBL_MAX), subnormal
+        ([1.0, -1.0], [big, -big], (1.0 / 1.25) / big),
+        ([1.0, -1.0], [big, -big], (1.0 / 0.75) / big),
+        ([3.0, 1.0, -2.0, 0.5], [big, -big, 0.0, 5.0], 1e-320),  # the fuzzer's shape
+        ([3.0, 1.0, -2.0, 0.5], [big, -big, 0.0, 5.0], 1.0),
+        (wide(9), rng.normal(size=9), 1.0),
+        (wide(9), wide(9), 1e-3),
+        (wide(10), wide(10), 1.0),
+        (rng.normal(size=12), np.r_[wide(6), rng.normal(size=6)], 1e-300),
+        (rng.normal(size=12), np.r_[wide(6), rng.normal(size=6)], 1.0),
+    ]
+
+
+def test_kl_spreads_past_the_largest_double(eng):
+    """kl rows whose spread of z / eps or of w is wider than a double (the
+    pooling tests' differences of references overflow, and compared inf with
+    inf): against the min-max reduction in mpmath, within [min w, max w].
+    Found by the fuzzer (w of +-DBL_MAX at eps = 1e-320 pooled a block it
+    should not)."""
+    import mpmath
+
+    for z, w, eps in _kl_spread_cases():
+        z = np.asarray(z, dtype=np.float64)
+        w = np.asarray(w, dtype=np.float64)
+        # (2400 bits: z / eps up to 1e320 beside w of order 1, exactly)
+        with mpmath.workprec(2400):
+            z_exact = [mpmath.mpf(float(v)) / mpmath.mpf(eps) for v in z]
+            ref = R.project_minmax(z_exact, [mpmath.mpf(float(v)) for v in w], "kl", prec=2400)
+        got = _project(eng, z, w, eps, KL)
+        assert np.all(got >= w.min()) and np.all(got <= w.max()), (z, w, eps, got)
+        assert R.rel_err(got, ref) <= 1e-12, (z, w, eps, got, ref)
+
+
 def test_kl_minus_infinity_in_w(eng):
     """kl with zeros of e^w: the top-k mask. Against the brute force with those w set to
     -40 (e^-40 is below float64's resolution next to the other entries) and against

@@ -69,7 +69,7 @@ struct ProjectionL2Rule {
   struct Output {
     double ref, offset_mean, w_mean;
   };
-  SOFTRANK_HD Output prepare(const Block& b) const {
+  SOFTRANK_HD Output prepare(const Block& b, index_t /*end*/) const {
     return Output{b.ref, b.offset / b.count, b.w_sum / b.count};
   }
   SOFTRANK_HD double output(const Output& o, index_t i) const {
@@ -124,7 +124,15 @@ struct ProjectionKlRule {
   SOFTRANK_HD bool merges(const Block& a, const Block& b) const {
     if (pool_all || b.lse_w == -kInf) return true;
     if (eps == 0.0) return a.ref == b.ref;  // the hard limit pools ties only
-    return (a.ref - b.ref) / eps + (a.lse_s - b.lse_s) <= a.lse_w - b.lse_w;
+    const double left = (a.ref - b.ref) / eps + (a.lse_s - b.lse_s);  // >= 0 but for lse_s
+    const double right = a.lse_w - b.lse_w;
+    if (std::isfinite(left) && std::isfinite(right)) return left <= right;
+    // A spread of z / eps or of w wider than a double (left or right is
+    // +inf, and inf <= inf would pool): the test at half scale, where the
+    // right side is finite and the left overflows only where it is the
+    // larger.
+    return (0.5 * a.ref - 0.5 * b.ref) / eps + 0.5 * (a.lse_s - b.lse_s) <=
+           0.5 * a.lse_w - 0.5 * b.lse_w;
   }
   SOFTRANK_HD Block pool(const Block& a, const Block& b) const {
     return Block{a.start, a.ref, log_add_exp(a.lse_s, b.lse_s + centred(b.ref, a.ref)),
@@ -138,10 +146,21 @@ struct ProjectionKlRule {
     if (pool_all || v == ref) return 0.0;
     return eps == 0.0 ? -kInf : (v - ref) / eps;
   }
-  // s_i / eps - V_B = (s_i - ref) / eps - lse_s + lse_w.
-  SOFTRANK_HD const Block& prepare(const Block& b) const { return b; }
-  SOFTRANK_HD double output(const Block& b, index_t i) const {
-    return centred(s[i], b.ref) - b.lse_s + b.lse_w;
+  // s_i / eps - V_B = (s_i - ref) / eps - lse_s + lse_w. Where the block's
+  // spread of s / eps passes the largest double (`wide`; the output itself
+  // lies in [min w, max w]), the sum is formed at half scale.
+  struct Output {
+    double ref, lse_s, lse_w;
+    bool wide;
+  };
+  SOFTRANK_HD Output prepare(const Block& b, index_t end) const {
+    return Output{b.ref, b.lse_s, b.lse_w,
+                  !pool_all && eps != 0.0 && !std::isfinite((s[end - 1] - b.ref) / eps)};
+  }
+  SOFTRANK_HD double output(const Output& o, index_t i) const {
+    if (o.wide)
+      return 2.0 * ((0.5 * s[i] - 0.5 * o.ref) / eps - 0.5 * o.lse_s + 0.5 * o.lse_w);
+    return centred(s[i], o.ref) - o.lse_s + o.lse_w;
   }
 };
 
@@ -183,6 +202,7 @@ struct ProjectionKlRunsRule {
     constexpr double kSmall = 0x1p-100;
     const double dr = a.ref_s == b.ref_s ? 0.0 : (a.ref_s - b.ref_s) / eps;  // >= 0
     const double dq = a.ref_w - b.ref_w;                                    // >= 0
+    if (!(std::isfinite(dr) && std::isfinite(dq))) return merges_past_overflow(a, b);
     const double d = dr - dq;
     if (d == 0.0) return a.sum_s * b.sum_w <= b.sum_s * a.sum_w;
     const double e = exp_nonpositive(d > 0.0 ? -d : d);
@@ -190,8 +210,17 @@ struct ProjectionKlRunsRule {
       return d > 0.0 ? a.sum_s * b.sum_w <= e * b.sum_s * a.sum_w
                      : e * a.sum_s * b.sum_w <= b.sum_s * a.sum_w;
     }
-    // (dr and dq apart: no inf - inf where both overflow.)
     return dr + std::log(a.sum_s) + std::log(b.sum_w) <= dq + std::log(b.sum_s) + std::log(a.sum_w);
+  }
+  // dr or dq past the largest double (a spread of z / eps or of w wider than
+  // a double, where d would be inf - inf): the log test at half scale. dq / 2
+  // is finite (both references are), so dh is +inf only where dr / 2
+  // overflows too, which then decides; b's ws all -inf (W_b = 0) pools.
+  SOFTRANK_HD bool merges_past_overflow(const Block& a, const Block& b) const {
+    if (b.sum_w == 0.0) return true;
+    const double dh = (0.5 * a.ref_s - 0.5 * b.ref_s) / eps - (0.5 * a.ref_w - 0.5 * b.ref_w);
+    return dh + 0.5 * (std::log(a.sum_s) + std::log(b.sum_w)) <=
+           0.5 * (std::log(b.sum_s) + std::log(a.sum_w));
   }
   SOFTRANK_HD Block pool(const Block& a, const Block& b) const {
     const double es = a.ref_s == b.ref_s ? 1.0 : exp_nonpositive((b.ref_s - a.ref_s) / eps);
@@ -203,15 +232,20 @@ struct ProjectionKlRunsRule {
   // values (as ProjectionKlRule's, so that a block of one is exactly ws_f,
   // not ws_f up to the rounding of log(exp(.))). One log per block: W' / S'
   // is a normal double (both lie in [1, 2^464]), or 0 (W = 0: -inf).
+  // Where the block's spread of s / eps passes the largest double (`wide`),
+  // the output (which lies in [min w, max w]) is formed at half scale.
   struct Output {
     double ref, shift;
+    bool wide;
   };
-  SOFTRANK_HD Output prepare(const Block& b) const {
+  SOFTRANK_HD Output prepare(const Block& b, index_t end) const {
     const index_t f = b.start;
-    if (b.sum_w == 0.0) return Output{s[f], -std::numeric_limits<double>::infinity()};
-    return Output{s[f], ws[f] + std::log((b.sum_w / t_w[f]) / (b.sum_s / t_s[f]))};
+    if (b.sum_w == 0.0) return Output{s[f], -std::numeric_limits<double>::infinity(), false};
+    return Output{s[f], ws[f] + std::log((b.sum_w / t_w[f]) / (b.sum_s / t_s[f])),
+                  !std::isfinite((s[end - 1] - s[f]) / eps)};
   }
   SOFTRANK_HD double output(const Output& o, index_t i) const {
+    if (o.wide) return 2.0 * ((0.5 * s[i] - 0.5 * o.ref) / eps + 0.5 * o.shift);
     return (s[i] - o.ref) / eps + o.shift;
   }
 };
@@ -233,7 +267,7 @@ SOFTRANK_HD void project_sorted(const Rule& rule, index_t n, typename Rule::Bloc
       block_start[stack[k].start] = stack[k].start;
       continue;
     }
-    const auto block_output = rule.prepare(stack[k]);
+    const auto block_output = rule.prepare(stack[k], e);
     for (index_t i = stack[k].start; i < e; ++i) {
       sorted_out[i] = rule.output(block_output, i);
       block_start[i] = stack[k].start;

@@ -2,6 +2,7 @@
 #include <chrono>
 
 #include "helpers.h"
+#include "softrank/projection.h"
 
 using namespace th;
 
@@ -319,4 +320,40 @@ TEST(regressions, isotonic_block_mean_at_dbl_max_stays_finite) {
     }
   }
   CHECK(bad == 0) << bad << "non-finite solutions";
+}
+
+// Bug (found by the fuzzer): kl projection rows whose spread of z / eps and
+// of w both exceed the largest double compared inf with inf in the pooling
+// test (ProjectionKlRule: (ref_a - ref_b) / eps + ... <= lse_w_a - lse_w_b;
+// the runs rule: d = inf - inf = NaN), so two blocks pooled where z / eps
+// was the wider spread. Fixed in projection.h: the test at half scale where
+// a side overflows. Two values: z = (1, -1), w = (DBL_MAX, -DBL_MAX), so
+// V_a - V_b = 2 / eps - 2 DBL_MAX; 2 / eps = 2.5 DBL_MAX keeps the blocks
+// apart (out = w exactly), 1.5 DBL_MAX pools them. Both rules: the runs rule
+// through projection_forward_batch (the CPU's route for 0 < eps < inf),
+// ProjectionKlRule directly (the CUDA core's).
+TEST(regressions, kl_projection_spreads_past_the_largest_double) {
+  const double big = std::numeric_limits<double>::max();
+  const double z[2] = {1.0, -1.0}, w[2] = {big, -big};
+  for (double spread : {1.25, 0.75}) {
+    const double eps = (1.0 / spread) / big;  // (subnormal: 2 / eps = 2 spread DBL_MAX)
+    const bool apart = spread > 1.0;
+    double out[2];
+    index_t perm_z[2], perm_w[2], block[2];
+    softrank::projection_forward_batch<double>(z, w, 1, 2, eps, Reg::KL, out, perm_z, perm_w,
+                                               block);
+    CHECK(block[1] == (apart ? 1 : 0)) << "runs rule, spread" << spread;
+    if (apart) CHECK(out[0] == big && out[1] == -big) << out[0] << out[1];
+    for (double v : out) CHECK(v >= -big && v <= big) << "runs rule" << v;
+
+    const double s[2] = {1.0, -1.0}, ws[2] = {big, -big};
+    const softrank::ProjectionKlRule rule{s, ws, eps, false};
+    softrank::ProjectionKlRule::Block stack[2];
+    double sorted_out[2];
+    index_t block_start[2];
+    softrank::project_sorted(rule, 2, stack, sorted_out, block_start);
+    CHECK(block_start[1] == (apart ? 1 : 0)) << "ProjectionKlRule, spread" << spread;
+    if (apart) CHECK(sorted_out[0] == big && sorted_out[1] == -big);
+    for (double v : sorted_out) CHECK(v >= -big && v <= big) << "ProjectionKlRule" << v;
+  }
 }
