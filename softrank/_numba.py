@@ -1142,10 +1142,9 @@ def _projection_row(z, w, eps, reg, out, perm_z, perm_w, bs, s, ws, key_buf, idx
                 else:
                     value = ((s[i] - ba[k]) - bb[k] / bc[k]) / eps + w_mean
             elif kl_runs:
-                if wide:
+                value = (s[i] - ba[k]) / eps + shift
+                if wide and value == -_INF:  # (halving a subnormal s would round)
                     value = 2.0 * ((0.5 * s[i] - 0.5 * ba[k]) / eps + 0.5 * shift)
-                else:
-                    value = (s[i] - ba[k]) / eps + shift
             else:
                 value = _projection_kl_centred(s[i], ba[k], eps, pool_all) - bb[k] + bc[k]
             if k_scale != 0:  # scaled back within [min w, max w] (ws is scaled too)

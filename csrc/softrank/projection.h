@@ -158,9 +158,11 @@ struct ProjectionKlRule {
                   !pool_all && eps != 0.0 && !std::isfinite((s[end - 1] - b.ref) / eps)};
   }
   SOFTRANK_HD double output(const Output& o, index_t i) const {
-    if (o.wide)
+    const double v = centred(s[i], o.ref) - o.lse_s + o.lse_w;
+    // (only the positions that overflow: halving a subnormal s would round)
+    if (o.wide && v == -kInf)
       return 2.0 * ((0.5 * s[i] - 0.5 * o.ref) / eps - 0.5 * o.lse_s + 0.5 * o.lse_w);
-    return centred(s[i], o.ref) - o.lse_s + o.lse_w;
+    return v;
   }
 };
 
@@ -245,8 +247,11 @@ struct ProjectionKlRunsRule {
                   !std::isfinite((s[end - 1] - s[f]) / eps)};
   }
   SOFTRANK_HD double output(const Output& o, index_t i) const {
-    if (o.wide) return 2.0 * ((0.5 * s[i] - 0.5 * o.ref) / eps + 0.5 * o.shift);
-    return (s[i] - o.ref) / eps + o.shift;
+    const double v = (s[i] - o.ref) / eps + o.shift;
+    // (only the positions that overflow: halving a subnormal s would round)
+    if (o.wide && v == -std::numeric_limits<double>::infinity())
+      return 2.0 * ((0.5 * s[i] - 0.5 * o.ref) / eps + 0.5 * o.shift);
+    return v;
   }
 };
 
