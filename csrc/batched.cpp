@@ -465,8 +465,19 @@ void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t
     double* t_s = scratch.blocks.stat;
     double* refs_w = scratch.blocks.stat2;
     double* t_w = scratch.blocks.tail;
+    // kl depends on z / eps alone. Where |s| reaches 2^1022 its differences
+    // (s_a - s_b, divided by eps) would overflow although their quotients
+    // by eps need not (eps > 1): s and eps are both divided by 4 (exact but
+    // for subnormal s, far below such a row's resolution) where eps stays
+    // normal. (A smaller eps overflows the quotients anyway: the rule's
+    // half-scale paths.)
+    double eps_s = eps;
     auto z_references = [&] {
-      kl_references_decreasing(s, n, eps, refs_s, t_s);
+      if (std::fmax(std::fabs(s[0]), std::fabs(s[n - 1])) >= 0x1p1022 && eps >= 0x1p-1000) {
+        for (index_t i = 0; i < n; ++i) s[i] *= 0.25;
+        eps_s = eps * 0.25;
+      }
+      kl_references_decreasing(s, n, eps_s, refs_s, t_s);
       exp_nonpositive_buffer(t_s, n);
     };
     auto w_references = [&] {
@@ -545,7 +556,7 @@ void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t
       // previous row's: the block stack's arrays are overwritten by its PAV)
       if (!z_references_made) z_references();
       if (!w_references_made) w_references();
-      const ProjectionKlRunsRule rule{s, ws, refs_s, t_s, refs_w, t_w, eps};
+      const ProjectionKlRunsRule rule{s, ws, refs_s, t_s, refs_w, t_w, eps_s};
       project_sorted(rule, n, block_stack<ProjectionKlRunsRule::Block>(n), sorted_out,
                      block_start + off);
     }

@@ -1069,6 +1069,13 @@ def _projection_row(z, w, eps, reg, out, perm_z, perm_w, bs, s, ws, key_buf, idx
             for i in range(n):
                 s[i] = math.ldexp(s[i], -k_scale)
                 ws[i] = math.ldexp(ws[i], -k_scale)
+    # kl depends on z / eps alone: where |s| reaches 2^1022 (its differences
+    # would overflow) s and eps are both divided by 4, as batched.cpp does.
+    if (reg != _REG_L2 and not (pool_all or eps == 0.0)
+            and max(abs(s[0]), abs(s[n - 1])) >= 2.0**1022 and eps >= 2.0**-1000):
+        for i in range(n):
+            s[i] *= 0.25
+        eps = eps * 0.25
     top = 0
     for i in range(n):
         start = i
