@@ -506,11 +506,11 @@ void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t
         SortScratch sort = thread_scratch().row(n, sizeof(T) == 8).sort;
         if (which == 0) {
           valid_z = sort_row_descending(z + off, n, false, sort, perm_z + off, s);
-          if (valid_z && kl_runs && sort_pairs_in_parallel) z_references(), z_references_made = true;
+          if (valid_z && kl_runs) z_references(), z_references_made = true;
         } else {
           valid_w = (!perm_w && sort_values_descending(w + off, n, ws)) ||
                     sort_row_descending(w + off, n, false, sort, pw, ws);
-          if (valid_w && kl_runs && sort_pairs_in_parallel) w_references(), w_references_made = true;
+          if (valid_w && kl_runs) w_references(), w_references_made = true;
         }
       };
       if (sort_pairs_in_parallel) {
@@ -547,7 +547,7 @@ void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t
         const double v = std::ldexp(sorted_out[i], k);
         sorted_out[i] = v > ws[0] ? ws[0] : v < ws[n - 1] ? ws[n - 1] : v;
       }
-    } else if (pool_all || eps == 0.0) {
+    } else if (!kl_runs) {  // eps = 0 or inf
       const ProjectionKlRule rule{s, ws, eps, pool_all};
       project_sorted(rule, n, block_stack<ProjectionKlRule::Block>(n), sorted_out,
                      block_start + off);

@@ -1069,10 +1069,10 @@ def _projection_row(z, w, eps, reg, out, perm_z, perm_w, bs, s, ws, key_buf, idx
             for i in range(n):
                 s[i] = math.ldexp(s[i], -k_scale)
                 ws[i] = math.ldexp(ws[i], -k_scale)
+    kl_runs = reg != _REG_L2 and not (pool_all or eps == 0.0)
     # kl depends on z / eps alone: where |s| reaches 2^1022 (its differences
     # would overflow) s and eps are both divided by 4, as batched.cpp does.
-    if (reg != _REG_L2 and not (pool_all or eps == 0.0)
-            and max(abs(s[0]), abs(s[n - 1])) >= 2.0**1022 and eps >= 2.0**-1000):
+    if kl_runs and max(abs(s[0]), abs(s[n - 1])) >= 2.0**1022 and eps >= 2.0**-1000:
         for i in range(n):
             s[i] *= 0.25
         eps = eps * 0.25
@@ -1096,7 +1096,7 @@ def _projection_row(z, w, eps, reg, out, perm_z, perm_w, bs, s, ws, key_buf, idx
             bb[top] = off
             bc[top] = cnt
             bd[top] = wsum
-        elif not (pool_all or eps == 0.0):
+        elif kl_runs:
             ref, ssum = s[i], 1.0
             if ws[i] > -_INF:
                 wref, wsum = ws[i], 1.0
@@ -1134,7 +1134,6 @@ def _projection_row(z, w, eps, reg, out, perm_z, perm_w, bs, s, ws, key_buf, idx
             bb[top] = ls
             bc[top] = lw
         top += 1
-    kl_runs = reg != _REG_L2 and not (pool_all or eps == 0.0)
     for k in range(top):
         e = bstart[k + 1] if k + 1 < top else n
         if kl_runs:  # one log per block: ws_f + log(W / S)
