@@ -538,7 +538,9 @@ void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t
       // (ws is kept for the next row: a scaled copy goes to the free block
       // array.)
       const int k = projection_l2_scale_down(s, ws, n, scratch.blocks.ref);
-      const ProjectionL2Rule rule{s, k ? scratch.blocks.ref : ws, eps, pool_all};
+      const int k_eps = projection_l2_scale_up(s, n, eps);
+      const ProjectionL2Rule rule{s, k ? scratch.blocks.ref : ws, std::ldexp(eps, k_eps),
+                                  pool_all};
       project_sorted(rule, n, block_stack<ProjectionL2Rule::Block>(n), sorted_out,
                      block_start + off);
       // Scaled back within [min w, max w], where P(w) lies (at max w = DBL_MAX

@@ -446,10 +446,14 @@ def _forward_row(x, out, perm, bs, op, reg, descending, eps,
         elif op == _OP_RANK:
             if reg == _REG_L2:
                 base = _rho_mean(n, s, e)
-                offset = bstat[k] / float(e - s)
-                for i in range(s, e):
-                    out[perm[i]] = base + _scale((xs[i] - ref) - offset, eps, inv,
-                                                 multiply)
+                if multiply:
+                    offset = bstat[k] / float(e - s)
+                    for i in range(s, e):
+                        out[perm[i]] = base + ((xs[i] - ref) - offset) * inv
+                else:  # the offsets' mean after the division (soft_row.h)
+                    offset_over_eps = bstat[k] / eps / float(e - s)
+                    for i in range(s, e):
+                        out[perm[i]] = base + ((xs[i] - ref) / eps - offset_over_eps)
             else:
                 # rank_i = R_B / S_B * exp((xs_i - ref) / eps); exponent <= 0.
                 factor = _rho_sum(n, s, e) / bstat[k]
@@ -1069,6 +1073,16 @@ def _projection_row(z, w, eps, reg, out, perm_z, perm_w, bs, s, ws, key_buf, idx
             for i in range(n):
                 s[i] = math.ldexp(s[i], -k_scale)
                 ws[i] = math.ldexp(ws[i], -k_scale)
+        # At a subnormal eps, s and eps are multiplied by 2^k (P depends on
+        # z / eps alone), as projection_l2_scale_up: block means of s would
+        # round on the subnormal grid, amplified by 1 / eps.
+        if eps > 0.0 and eps < 2.0**-1000:
+            room = limit - math.frexp(max(abs(s[0]), abs(s[n - 1])))[1]
+            k_eps = min(room, -math.frexp(eps)[1])
+            if k_eps > 0:
+                for i in range(n):
+                    s[i] = math.ldexp(s[i], k_eps)
+                eps = math.ldexp(eps, k_eps)
     kl_runs = reg != _REG_L2 and not (pool_all or eps == 0.0)
     # kl depends on z / eps alone: where |s| reaches 2^1022 (its differences
     # would overflow) s and eps are both divided by 4, as batched.cpp does.
@@ -1140,13 +1154,15 @@ def _projection_row(z, w, eps, reg, out, perm_z, perm_w, bs, s, ws, key_buf, idx
             shift = bc[k] + math.log(bd[k] / bb[k]) if bd[k] > 0.0 else -_INF
             # the block's spread of s / eps past the largest double: at half scale
             wide = bd[k] > 0.0 and not math.isfinite((s[e - 1] - ba[k]) / eps)
+        if reg == _REG_L2:  # the mean of the offsets after the division by eps (projection.h)
+            w_mean = bd[k] / bc[k]
+            offset_mean_over_eps = 0.0 if pool_all or eps == 0.0 else bb[k] / eps / bc[k]
         for i in range(bstart[k], e):
             if reg == _REG_L2:
-                w_mean = bd[k] / bc[k]
                 if pool_all or eps == 0.0:
                     value = w_mean
                 else:
-                    value = ((s[i] - ba[k]) - bb[k] / bc[k]) / eps + w_mean
+                    value = ((s[i] - ba[k]) / eps - offset_mean_over_eps) + w_mean
             elif kl_runs:
                 value = (s[i] - ba[k]) / eps + shift
                 if wide and value == -_INF:  # (halving a subnormal s would round)

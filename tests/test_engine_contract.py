@@ -965,20 +965,26 @@ def test_rank_huge_row_tiny_eps_keeps_small_gaps(eng, reg):
         np.testing.assert_array_equal(out[0, 1:], rest[0])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "C++ core defect (d56c554), mirrored by numba: a row with |x| > 2^960 and "
-    "subnormal gaps at subnormal eps is neither scaled down (eps would leave "
-    "the normal range) nor up (the large value would overflow), so the l2 "
-    "rank keeps its block statistics to 2^-1074, O(1) of eps: "
-    "[1.7e308, 4d, 5d, -3d] (d = 2^-1074) at eps = d ranks [4, 1.5, 2.5, 1], "
-    "row sum 9, instead of [4, 2, 3, 1]"))
 def test_rank_huge_row_subnormal_eps_subnormal_gaps(eng):
+    """A row with |x| > 2^960 and subnormal gaps at a subnormal eps can be
+    scaled neither down (eps would leave the normal range) nor up (the large
+    value would overflow). Its l2 rank took a block's mean offset on the
+    subnormal grid, O(1) relative to eps: [1.7e308, 4d, 5d, -3d] (d = 2^-1074)
+    at eps = d ranked [4, 1.5, 2.5, 1] (row sum 9); the mean is now taken after
+    the division by eps (soft_row.h). Against the exact projection (mpmath)."""
+    import mpmath
+    from reference import project_minmax
+
     d = _DENORM
     x = np.array([[1.7e308, 4 * d, 5 * d, -3 * d]])
-    for eps in (d, 2 * d):
+    for eps in (d, 2 * d, 3 * d):
         out = eng.soft_forward(x, _engine.OP_RANK, _engine.REG_L2, False, eps)[0]
         rest = eng.soft_forward(np.ascontiguousarray(x[:, 1:]), _engine.OP_RANK,
                                 _engine.REG_L2, False, eps)[0]
+        with mpmath.workprec(2400):
+            exact = project_minmax([mpmath.mpf(float(v)) / mpmath.mpf(eps) for v in x[0]],
+                                   [4, 3, 2, 1], "l2", prec=2400)
+        np.testing.assert_allclose(out[0], exact, rtol=1e-15, atol=0)
         np.testing.assert_allclose(out.sum(), 10.0, rtol=1e-12)
         np.testing.assert_array_equal(out[0, 1:], rest[0])
 

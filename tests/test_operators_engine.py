@@ -295,6 +295,49 @@ def test_kl_spreads_past_the_largest_double(eng):
         assert R.rel_err(got[~zeros], ref[~zeros]) <= 1e-12, (z, w, eps, got, ref)
 
 
+def _l2_subnormal_cases():
+    """l2 rows of subnormal z at a subnormal eps, where z / eps is of order 1."""
+    tiny = 5e-324  # 2^-1074, the subnormal grid's step
+    rng = np.random.default_rng(23)
+    return [
+        # z / eps = (1/3, 0) against w apart by 0.3: no pool, but eps (w_a - w_b)
+        # = 0.9 steps rounds to the step that z_a - z_b is, and pooled
+        ([tiny, 0.0], [0.3, 0.0], 3 * tiny),
+        ([0.0, tiny], [0.0, 0.3], 3 * tiny),
+        # a pooled block whose mean offset (-tiny / 4) is off the grid, beside
+        # 2^1014, which leaves no room to scale the row up
+        ([0.0, -tiny, 0.0, 0.0, 2.0**1014], [1.0, 1.0, 1.0, 0.0, 2.0], 3 * tiny),
+        # the fuzzer's row: a block of 0 and -tiny (their mean offset is not
+        # on the subnormal grid) beside -1e300 and 1, at eps = 3.2e-319
+        ([0.0, -1e300, 0.0, -tiny] + [0.0] * 3 + [1.0] + [0.0] * 23,
+         [0.0, -2.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0] + [0.0] * 4 + [-4.0, 2.0] + [0.0] * 16,
+         3.2378592100206092e-319),
+        # random subnormal z and small w, with and without a large outlier
+        (rng.integers(-40, 41, size=20) * tiny, rng.normal(size=20), 7.3 * tiny),
+        (np.r_[rng.integers(-40, 41, size=11) * tiny, 1e10], rng.normal(size=12), 1e-320),
+        (rng.integers(-3000, 3001, size=30) * tiny, rng.normal(size=30) * 1e-3, 3e-310),
+    ]
+
+
+def test_l2_subnormal_z_at_subnormal_eps(eng):
+    """l2 rows whose z and eps are subnormal (z / eps of order 1): against the
+    min-max reduction in mpmath. The engines' block means and their pooling
+    test rounded on the subnormal grid, amplified by 1 / eps (found by the
+    fuzzer: sum(w) off by 1e-5)."""
+    import mpmath
+
+    for z, w, eps in _l2_subnormal_cases():
+        z = np.asarray(z, dtype=np.float64)
+        w = np.asarray(w, dtype=np.float64)
+        with mpmath.workprec(2400):
+            z_exact = [mpmath.mpf(float(v)) / mpmath.mpf(eps) for v in z]
+            ref = R.project_minmax(z_exact, [mpmath.mpf(float(v)) for v in w], "l2", prec=2400)
+        got = _project(eng, z, w, eps, L2)
+        scale = np.abs(w).max()
+        assert np.abs(got - np.asarray(ref)).max() <= 1e-13 * scale, (z, w, eps, got, ref)
+        assert abs(got.sum() - w.sum()) <= 1e-13 * scale * len(w), (got.sum(), w.sum())
+
+
 def test_kl_minus_infinity_in_w(eng):
     """kl with zeros of e^w: the top-k mask. Against the brute force with those w set to
     -40 (e^-40 is below float64's resolution next to the other entries) and against

@@ -65,16 +65,22 @@ struct ProjectionL2Rule {
                  a.count + b.count, a.w_sum + b.w_sum};
   }
   // The projection at sorted position i of block b: (s_i - mean_B s) / eps +
-  // mean_B ws, the block's quotients taken once.
+  // mean_B ws, the block's quotients taken once. The mean of s's offsets is
+  // taken after the division by eps: offset / count of subnormal offsets
+  // would round on the subnormal grid, which 1 / eps amplifies (subnormal z
+  // beside a large one at a subnormal eps lost 1e-9 of sum(w)), whereas
+  // (s_i - ref) and offset are exact there and their quotients by eps round
+  // relatively.
   struct Output {
-    double ref, offset_mean, w_mean;
+    double ref, offset_mean_over_eps, w_mean;
   };
   SOFTRANK_HD Output prepare(const Block& b, index_t /*end*/) const {
-    return Output{b.ref, b.offset / b.count, b.w_sum / b.count};
+    const bool limit = pool_all || eps == 0.0;  // (s_i - mean) / eps -> 0 in both limits
+    return Output{b.ref, limit ? 0.0 : b.offset / eps / b.count, b.w_sum / b.count};
   }
   SOFTRANK_HD double output(const Output& o, index_t i) const {
-    if (pool_all || eps == 0.0) return o.w_mean;  // (s_i - mean) / eps -> 0 in both limits
-    return ((s[i] - o.ref) - o.offset_mean) / eps + o.w_mean;
+    if (pool_all || eps == 0.0) return o.w_mean;
+    return ((s[i] - o.ref) / eps - o.offset_mean_over_eps) + o.w_mean;
   }
 };
 
@@ -85,13 +91,20 @@ struct ProjectionL2Rule {
 // values below 2^(k - 1074), which are far below the row's resolution) to
 // below that bound: s in place, ws into `ws_scaled`. Returns k (0: nothing
 // scaled, ws_scaled untouched); the caller multiplies the output by 2^k.
+//
+// The largest binary exponent of the rule's values for a row of n: values
+// below 2^limit keep 1.5 n^2 max(|s|, |ws|) below 2^1023.
+SOFTRANK_HD int projection_l2_exponent_limit(index_t n) {
+  int bits = 0;
+  while (bits < 32 && (static_cast<std::int64_t>(n) >> bits) != 0) ++bits;
+  return 1021 - 2 * bits;
+}
+
 SOFTRANK_HD int projection_l2_scale_down(double* s, const double* ws, index_t n, double* ws_scaled) {
   if (n <= 0) return 0;
   const double largest = std::fmax(std::fmax(std::fabs(s[0]), std::fabs(s[n - 1])),
                                    std::fmax(std::fabs(ws[0]), std::fabs(ws[n - 1])));
-  int bits = 0;
-  while (bits < 32 && (static_cast<std::int64_t>(n) >> bits) != 0) ++bits;
-  const int limit = 1021 - 2 * bits;  // largest < 2^limit: 1.5 n^2 largest < 2^1023
+  const int limit = projection_l2_exponent_limit(n);
   int exponent;
   std::frexp(largest, &exponent);  // largest < 2^exponent
   if (exponent <= limit) return 0;
@@ -100,6 +113,25 @@ SOFTRANK_HD int projection_l2_scale_down(double* s, const double* ws, index_t n,
     s[i] = std::ldexp(s[i], -k);
     ws_scaled[i] = std::ldexp(ws[i], -k);
   }
+  return k;
+}
+
+// P depends on z / eps alone. At a subnormal eps (below 2^-1000) the rule's
+// block means of s (offset / count) and its eps (w_a - w_b) round on the
+// subnormal grid, whose step 2^-1074 is then amplified by 1 / eps: a row of
+// subnormal z at eps = 3e-319 lost 1e-5 of sum(w). Such a row's s and eps
+// are multiplied by 2^k (exact: no value leaves the range) with k as large
+// as the row allows: s below projection_l2_exponent_limit, eps at most 1.
+// Returns k (0: nothing scaled); the caller's eps becomes ldexp(eps, k).
+SOFTRANK_HD int projection_l2_scale_up(double* s, index_t n, double eps) {
+  if (n <= 0 || !(eps > 0.0 && eps < 0x1p-1000)) return 0;
+  int s_exponent, eps_exponent;
+  std::frexp(std::fmax(std::fabs(s[0]), std::fabs(s[n - 1])), &s_exponent);  // (0 for 0)
+  std::frexp(eps, &eps_exponent);
+  const int room = projection_l2_exponent_limit(n) - s_exponent;
+  const int k = room < -eps_exponent ? room : -eps_exponent;
+  if (k <= 0) return 0;
+  for (index_t i = 0; i < n; ++i) s[i] = std::ldexp(s[i], k);
   return k;
 }
 

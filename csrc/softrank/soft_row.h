@@ -163,8 +163,13 @@ SOFTRANK_HD void write_outputs(index_t k_begin, index_t k_end, index_t end, inde
             out[perm[i]] = static_cast<T>(base + ((xs[i] - ref) - offset) * inv);
           }
         } else {
+          // (A subnormal eps, whose inverse overflows.) The offsets' mean
+          // after the division: offset / count rounds on the subnormal grid,
+          // O(1) relative to such an eps, where (xs - ref) and their sum are
+          // exact and their quotients round relatively.
+          const double offset_over_eps = b.stat[k] / scale.eps / static_cast<double>(be - bs);
           for (index_t i = s; i < e; ++i)
-            out[perm[i]] = static_cast<T>(base + ((xs[i] - ref) - offset) / scale.eps);
+            out[perm[i]] = static_cast<T>(base + ((xs[i] - ref) / scale.eps - offset_over_eps));
         }
       } else {
         // Exponents first (xs is not needed after this); exp and scatter below.

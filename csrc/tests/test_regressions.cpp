@@ -357,3 +357,58 @@ TEST(regressions, kl_projection_spreads_past_the_largest_double) {
     for (double v : sorted_out) CHECK(v >= -big && v <= big) << "ProjectionKlRule" << v;
   }
 }
+
+// Bug (found by the fuzzer): the l2 projection of subnormal z at a subnormal
+// eps rounded on the subnormal grid, amplified by 1 / eps: its pooling test
+// (eps (w_a - w_b) rounded to the step that z_a - z_b is) and its block means
+// (offset / count). Fixed in projection.h: such a row's s and eps are scaled
+// up together (projection_l2_scale_up), and the offsets' mean is taken after
+// the division by eps. Two rows against their exact projections:
+// - z / eps = (1/3, 0), w = (0.3, 0): no pool, out = w exactly (it pooled);
+// - z = (0, -2^-1074, 0, 0, 2^1014), w = (1, 1, 1, 0, 2), eps = 3 2^-1074:
+//   2^1014 leaves the scale-up no room. Sorted, V = s / eps - w is
+//   (huge, -1, -1, -1, -1/3): the last four pool (mean s / eps = -1/12, whose
+//   offset -2^-1076 is off the subnormal grid), out = s / eps + 5/6, i.e. 5/6
+//   for the zeros and 1/2 for -2^-1074 (the mean rounded to 0 gave 3/4).
+TEST(regressions, l2_projection_of_subnormal_z_at_subnormal_eps) {
+  const double tiny = std::numeric_limits<double>::denorm_min();
+  {
+    const double z[2] = {tiny, 0.0}, w[2] = {0.3, 0.0};
+    double out[2];
+    index_t perm_z[2], perm_w[2], block[2];
+    softrank::projection_forward_batch<double>(z, w, 1, 2, 3 * tiny, Reg::L2, out, perm_z,
+                                               perm_w, block);
+    CHECK(block[1] == 1) << "pooled at z / eps = (1/3, 0)";
+    CHECK(out[0] == 0.3 && out[1] == 0.0) << out[0] << out[1];
+  }
+  {
+    const double z[5] = {0.0, -tiny, 0.0, 0.0, 0x1p1014}, w[5] = {1.0, 1.0, 1.0, 0.0, 2.0};
+    double out[5];
+    index_t perm_z[5], perm_w[5], block[5];
+    softrank::projection_forward_batch<double>(z, w, 1, 5, 3 * tiny, Reg::L2, out, perm_z,
+                                               perm_w, block);
+    CHECK(out[4] == 2.0) << out[4];
+    for (int i : {0, 2, 3}) CHECK(std::fabs(out[i] - 5.0 / 6) <= 4e-16) << i << out[i];
+    CHECK(std::fabs(out[1] - 0.5) <= 4e-16) << out[1];
+  }
+}
+
+// Bug: a rank l2 row holding |x| > 2^960 beside subnormal gaps, at a
+// subnormal eps, can be scaled neither down (eps would leave the normal
+// range) nor up (the large value would overflow); its outputs took a block's
+// mean offset on the subnormal grid, O(1) relative to eps: [1.7e308, 4d, 5d,
+// -3d] (d = 2^-1074) at eps = d ranked [4, 1.5, 2.5, 1] (row sum 9). Fixed in
+// soft_row.h: at such an eps (1 / eps overflows) the mean is taken after the
+// division. Exact ranks: x / eps = (big, 4, 5, -3) / e for eps = e d; 5 / e
+// and 4 / e (rho 3 and 2) pool where 1 / e <= 1, to 2.5 +- 1 / (2 e).
+TEST(regressions, rank_of_huge_and_subnormal_values_at_subnormal_eps) {
+  const std::vector<double> x{1.7e308, 4 * kDenorm, 5 * kDenorm, -3 * kDenorm};
+  const std::vector<std::pair<double, std::vector<double>>> cases = {
+      {1.0, {4.0, 2.0, 3.0, 1.0}}, {2.0, {4.0, 2.25, 2.75, 1.0}},
+      {3.0, {4.0, 7.0 / 3, 8.0 / 3, 1.0}}};
+  for (const auto& [e, want] : cases) {
+    const OpSpec s{Op::Rank, Reg::L2, false, e * kDenorm};
+    const Forward<double> f = forward(x, 1, 4, s);
+    for (int i = 0; i < 4; ++i) CHECK_NEAR(f.out[i], want[i], 1e-15) << "eps" << e << "d" << i;
+  }
+}
