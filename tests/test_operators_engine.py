@@ -235,6 +235,17 @@ def test_eps_inf_is_one_block(eng, reg):
         np.testing.assert_array_equal(bs[0], np.zeros(n))
 
 
+def _exact_projection(z, w, eps, reg):
+    """P(z / eps, w) by the min-max reduction in mpmath at 2400 bits (z / eps
+    up to 1e320 beside w of order 1, exactly), rounded to float64."""
+    import mpmath
+
+    with mpmath.workprec(2400):
+        z_exact = [mpmath.mpf(float(v)) / mpmath.mpf(eps) for v in z]
+        ref = R.project_minmax(z_exact, [mpmath.mpf(float(v)) for v in w], reg, prec=2400)
+    return np.asarray(ref, dtype=np.float64)
+
+
 def _kl_spread_cases():
     """kl rows whose spread of z / eps, of w, or of both is wider than a double."""
     big = np.finfo(np.float64).max
@@ -278,16 +289,10 @@ def test_kl_spreads_past_the_largest_double(eng):
     inf): against the min-max reduction in mpmath, within [min w, max w].
     Found by the fuzzer (w of +-DBL_MAX at eps = 1e-320 pooled a block it
     should not)."""
-    import mpmath
-
     for z, w, eps in _kl_spread_cases():
         z = np.asarray(z, dtype=np.float64)
         w = np.asarray(w, dtype=np.float64)
-        # (2400 bits: z / eps up to 1e320 beside w of order 1, exactly)
-        with mpmath.workprec(2400):
-            z_exact = [mpmath.mpf(float(v)) / mpmath.mpf(eps) for v in z]
-            ref = R.project_minmax(z_exact, [mpmath.mpf(float(v)) for v in w], "kl", prec=2400)
-        ref = np.asarray(ref, dtype=np.float64)
+        ref = _exact_projection(z, w, eps, "kl")
         got = _project(eng, z, w, eps, KL)
         assert np.all(got >= w.min()) and np.all(got <= w.max()), (z, w, eps, got)
         zeros = np.isneginf(ref)  # (zeros of e^out, where w holds -inf)
@@ -324,17 +329,13 @@ def test_l2_subnormal_z_at_subnormal_eps(eng):
     min-max reduction in mpmath. The engines' block means and their pooling
     test rounded on the subnormal grid, amplified by 1 / eps (found by the
     fuzzer: sum(w) off by 1e-5)."""
-    import mpmath
-
     for z, w, eps in _l2_subnormal_cases():
         z = np.asarray(z, dtype=np.float64)
         w = np.asarray(w, dtype=np.float64)
-        with mpmath.workprec(2400):
-            z_exact = [mpmath.mpf(float(v)) / mpmath.mpf(eps) for v in z]
-            ref = R.project_minmax(z_exact, [mpmath.mpf(float(v)) for v in w], "l2", prec=2400)
+        ref = _exact_projection(z, w, eps, "l2")
         got = _project(eng, z, w, eps, L2)
         scale = np.abs(w).max()
-        assert np.abs(got - np.asarray(ref)).max() <= 1e-13 * scale, (z, w, eps, got, ref)
+        assert np.abs(got - ref).max() <= 1e-13 * scale, (z, w, eps, got, ref)
         assert abs(got.sum() - w.sum()) <= 1e-13 * scale * len(w), (got.sum(), w.sum())
 
 
