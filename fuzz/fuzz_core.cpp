@@ -139,18 +139,6 @@ void check_soft(const std::vector<T>& x, std::int64_t rows, index_t n, const OpS
     // sides of its merge test overflow): see csrc/tests/test_regressions.cpp.
     const bool known_kl_limit = s.op == Op::Sort && s.reg == Reg::KL && s.eps < 1e-300 &&
                                 xmax > 1e300;
-    // Known limit: a rank at a subnormal eps is solved at the scale 2^k that
-    // makes eps normal (k <= 64); where the row's largest |x| leaves no room
-    // for that (|x| beyond ~2^896 in the same row as subnormal gaps), the
-    // merge test's eps h w rounds to 2^-1074, which is O(1) relative to eps:
-    // blocks may pool or not by that much, so ranks may leave [1, n] or the
-    // order of x by O(1). The row sum holds (outputs take a block's mean
-    // after the division by eps, soft_row.h) and is checked.
-    int xexp;
-    std::frexp(xmax, &xexp);
-    const bool known_subnormal_limit =
-        s.op == Op::Rank && s.eps > 0 && s.eps < kMin &&
-        !(std::ldexp(s.eps, std::max(0, std::min(64, 960 - xexp))) >= kMin);
     long double sum = 0.0L;
     for (index_t i = 0; i < n; ++i) {
       const double v = static_cast<double>(o[i]);
@@ -160,7 +148,7 @@ void check_soft(const std::vector<T>& x, std::int64_t rows, index_t n, const OpS
       if (b[i] < 0 || b[i] > i || b[b[i]] != b[i] || (i > 0 && b[i] != b[i - 1] && b[i] != i))
         fail("block_start is not a partition", s, n, i, b[i], 0);
       if (s.op == Op::Rank) {
-        if (!known_subnormal_limit && !(v >= 1.0 - rel * n && v <= n + rel * n))
+        if (!(v >= 1.0 - rel * n && v <= n + rel * n))
           fail("rank outside [1, n]", s, n, i, v, 0);
       } else {
         // The kl sort's merge test works on values of size |x| + 1 and cannot
@@ -176,7 +164,6 @@ void check_soft(const std::vector<T>& x, std::int64_t rows, index_t n, const OpS
       const double want = 0.5 * n * (n + 1.0);
       if (!(std::fabs(static_cast<double>(sum) - want) <= rel * want + 1e-9))
         fail("rank row sum", s, n, -1, static_cast<double>(sum), want);
-      if (known_subnormal_limit) continue;
       // Monotone in x, ties bitwise equal: walk x in increasing order.
       std::vector<index_t> order(n);
       std::iota(order.begin(), order.end(), 0);

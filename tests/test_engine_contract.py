@@ -989,6 +989,32 @@ def test_rank_huge_row_subnormal_eps_subnormal_gaps(eng):
         np.testing.assert_array_equal(out[0, 1:], rest[0])
 
 
+def test_rank_huge_row_subnormal_eps_random_rows(eng):
+    """Random rows of the same regime: integer multiples of d = 2^-1074 up to
+    2^40 d beside one value of 1e300 or more, at eps = e d (e up to 2^51),
+    ascending and descending: the l2 ranks against the exact projection
+    (mpmath). Its merge test is exact there (block sums and counts are
+    integers times d), and so must the outputs be."""
+    import mpmath
+    from reference import project_minmax
+
+    d = _DENORM
+    rng = np.random.default_rng(41)
+    for _ in range(60):
+        n = int(rng.integers(2, 12))
+        x = rng.integers(-2 ** int(rng.integers(2, 40)), 2 ** 40, size=n) * d
+        x[rng.integers(0, n)] = rng.choice([1.7e308, -1.7e308, 1e300, 2.0 ** 1000])
+        eps = int(rng.integers(1, 2 ** int(rng.integers(1, 52)))) * d
+        descending = bool(rng.integers(0, 2))
+        out = eng.soft_forward(x[None], _engine.OP_RANK, _engine.REG_L2, descending, eps)[0][0]
+        sign = -1 if descending else 1
+        with mpmath.workprec(2400):
+            exact = project_minmax([mpmath.mpf(sign * float(v)) / mpmath.mpf(eps) for v in x],
+                                   list(range(n, 0, -1)), "l2", prec=2400)
+        np.testing.assert_allclose(out, exact, rtol=0, atol=1e-13 * n,
+                                   err_msg=f"x={x.tolist()} eps={eps} descending={descending}")
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("descending", [False, True])
 def test_kl_sort_elementwise_precision_both_sides_of_the_plain_log_ratio(eng, dtype, descending):
