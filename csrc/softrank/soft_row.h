@@ -242,8 +242,11 @@ SOFTRANK_HD void soft_forward_sorted(index_t n, const OpSpec& spec, const Scratc
   // (exact): ranks depend on x / eps only, and the l2 sort is homogeneous,
   // sort(x, eps) = sort(f x, eps / f) / f. Without it, |x| beyond ~1e300
   // overflows the differences and block sums of x (inf or NaN outputs), and
-  // a rank at subnormal eps keeps its block statistics with an absolute
-  // precision of 2^-1074, i.e. O(1) relative to eps (wrong row sums). The kl
+  // a rank at subnormal eps works on the subnormal grid, whose step 2^-1074
+  // is O(1) relative to eps: at the scale its block statistics are normal
+  // numbers and 1/eps is finite. (A rank row that cannot be scaled, below,
+  // is solved on the grid: its l2 merge test is exact there, and
+  // write_outputs takes its block means after the division by eps.) The kl
   // sort needs neither. The check is O(1): xs is sorted.
   double unscale = 1.0;  // sort l2: maps the scaled block means back
   constexpr int kMaxExponent = 960;  // |x| f < 2^960: sums of n differences stay finite
