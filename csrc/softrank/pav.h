@@ -288,9 +288,22 @@ SOFTRANK_HD index_t pav_hard(const double* xs, index_t lo, index_t hi, Op op, Bl
 constexpr index_t kPavChunk = 1 << 16;
 constexpr index_t kPavChunkedMin = 1 << 18;  // rows from this long are chunked
 
-SOFTRANK_HD index_t pav_chunk_count(index_t n) {
-  return n >= kPavChunkedMin ? (n - 1) / kPavChunk + 1 : (n > 0 ? 1 : 0);
-}
+// How a row is cut into PAV chunks: `size` positions each for rows of
+// `min_chunked` or more, one chunk below. The CPU core's cut (cpu_pav_chunking)
+// is fixed; the CUDA core cuts rows more finely, to the size of the team of
+// threads that pools them (csrc/cuda), which changes the roundings of block
+// sums, never the blocks' math.
+struct PavChunking {
+  index_t size;
+  index_t min_chunked;
+  SOFTRANK_HD index_t count(index_t n) const {
+    return n >= min_chunked ? (n - 1) / size + 1 : (n > 0 ? 1 : 0);
+  }
+};
+
+SOFTRANK_HD PavChunking cpu_pav_chunking() { return PavChunking{kPavChunk, kPavChunkedMin}; }
+
+SOFTRANK_HD index_t pav_chunk_count(index_t n) { return cpu_pav_chunking().count(n); }
 
 // Joins the chunks' stacks. On entry chunk c's blocks are the stack slots
 // [first[c], last[c]) with first[c] = c * kPavChunk; on return the blocks of

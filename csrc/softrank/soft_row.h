@@ -110,7 +110,10 @@ SOFTRANK_HD void sort_kl_log_ratios(const double* xs, const double* decay, index
 }
 
 // The output pass of soft_forward_sorted over the blocks in stack slots
-// [k_begin, k_end), the last ending at sorted position `end`.
+// [k_begin, k_end), the last ending at sorted position `end`, writing the
+// sorted positions in [clip_lo, clip_hi) only: a long row's output is cut by
+// position, so that a block spanning many chunks is written by many threads
+// (every output is the same expression of its block's statistics either way).
 // Everything arrives by value: captured by reference in a lambda, n and the
 // pointers were reloaded after every store through block_start (an index_t
 // store may alias them), which cost a quarter of a short kl row.
@@ -118,7 +121,8 @@ template <class T>
 SOFTRANK_HD void write_outputs(index_t k_begin, index_t k_end, index_t end, index_t n, BlockStack b,
                                OpSpec spec, double eps, InverseScale scale,
                                InverseScale scale_out, double unscale, double sgn, bool rank_kl,
-                               double* xs, T* out, const index_t* perm, index_t* block_start) {
+                               double* xs, T* out, const index_t* perm, index_t* block_start,
+                               index_t clip_lo, index_t clip_hi) {
   // rank kl: the span of sorted positions in blocks of two or more, the
   // only ones whose outputs need an exp.
   index_t exp_lo = end, exp_hi = 0;
@@ -126,6 +130,9 @@ SOFTRANK_HD void write_outputs(index_t k_begin, index_t k_end, index_t end, inde
   for (index_t k = k_begin; k < k_end; ++k) {
     const index_t bs = b.start[k];
     const index_t be = k + 1 < k_end ? b.start[k + 1] : end;
+    // The block's positions inside the window.
+    const index_t s = bs > clip_lo ? bs : clip_lo, e = be < clip_hi ? be : clip_hi;
+    if (s >= e) continue;
     if (spec.op == Op::Rank && eps != 0.0 && be - bs == 1) {
       // A singleton's soft rank is its hard rank n - bs, exactly: the
       // general expressions below give (n - bs) + scale(0) (l2) and
@@ -136,7 +143,6 @@ SOFTRANK_HD void write_outputs(index_t k_begin, index_t k_end, index_t end, inde
       xs[bs] = 0.0;  // (it may lie in the span passed to the kl exp below)
       continue;
     }
-    const index_t s = bs, e = be;
     const double ref = b.ref[k];
     // The soft operators write block_start in their output (or, rank kl,
     // exponent) loops: one pass, not two, over blocks that are often short
@@ -223,11 +229,18 @@ SOFTRANK_HD void write_outputs(index_t k_begin, index_t k_end, index_t end, inde
       const index_t bs = b.start[k];
       const index_t be = k + 1 < k_end ? b.start[k + 1] : end;
       if (be - bs == 1) continue;  // written above
-      const index_t s = bs, e = be;
+      const index_t s = bs > clip_lo ? bs : clip_lo, e = be < clip_hi ? be : clip_hi;
       const double factor = rho_sum(n, bs, be) / b.stat[k];
       for (index_t i = s; i < e; ++i) out[perm[i]] = static_cast<T>(factor * xs[i]);
     }
   }
+}
+
+// The PAV chunks of a row run by `ranges`: the CPU core's for its own
+// schedules; a team of GPU threads carries its own (team_ranges.h).
+template <class Ranges>
+SOFTRANK_HD PavChunking pav_chunking_of(const Ranges&) {
+  return cpu_pav_chunking();
 }
 
 // After sorting (xs, perm filled): PAV and the outputs. `ranges` runs the
@@ -321,13 +334,15 @@ SOFTRANK_HD void soft_forward_sorted(index_t n, const OpSpec& spec, const Scratc
   }
   // PAV, by chunks on long rows (pav.h, "Long rows"): chunk c's blocks end up
   // in stack slots [first[c], last[c]), ending at sorted position end[c].
-  const index_t chunks = pav_chunk_count(n);
+  const PavChunking chunking = pav_chunking_of(ranges);
+  const index_t chunks = chunking.count(n);
+  const index_t chunk_size = chunking.size;
   index_t one_first = 0, one_last = 0, one_end = n;
   index_t* first = chunks > 1 ? w.chunk_first : &one_first;
   index_t* last = chunks > 1 ? w.chunk_last : &one_last;
   index_t* end = chunks > 1 ? w.chunk_end : &one_end;
   auto pav_chunk = [&](index_t c) {
-    const index_t lo = c * kPavChunk, hi = c + 1 < chunks ? lo + kPavChunk : n;
+    const index_t lo = c * chunk_size, hi = c + 1 < chunks ? lo + chunk_size : n;
     const BlockStack part{b.start + lo, b.ref + lo, b.stat + lo, b.stat2 + lo, b.tail + lo};
     index_t count;
     if (eps == 0.0)
@@ -342,47 +357,83 @@ SOFTRANK_HD void soft_forward_sorted(index_t n, const OpSpec& spec, const Scratc
     last[c] = lo + count;
   };
   if (chunks == 1) {
-    pav_chunk(0);
+    ranges.single([&] { pav_chunk(0); });  // (a team runs this row on one member)
   } else {
     ranges.tasks(chunks, pav_chunk);
     // The merge of the chunks' stacks is one serial step.
     ranges.single([&] {
       const bool merge_all = std::isinf(eps);
       if (eps == 0.0) {
-        pav_merge_chunks(HardPooling{op}, n, chunks, b, first, last);
+        pav_merge_chunks(HardPooling{op}, n, chunks, b, first, last, chunk_size);
       } else if (l2 && op == Op::Rank) {
-        pav_merge_chunks(rank_l2_pooling(eps), n, chunks, b, first, last);
+        pav_merge_chunks(rank_l2_pooling(eps), n, chunks, b, first, last, chunk_size);
       } else if (l2) {
-        pav_merge_chunks(sort_l2_pooling(eps), n, chunks, b, first, last);
+        pav_merge_chunks(sort_l2_pooling(eps), n, chunks, b, first, last, chunk_size);
       } else if (op == Op::Rank) {
         if (rank_kl_exact_sums(n))
-          pav_merge_chunks(RankKlPooling<true>{merge_all, n, step}, n, chunks, b, first, last);
+          pav_merge_chunks(RankKlPooling<true>{merge_all, n, step}, n, chunks, b, first, last, chunk_size);
         else
-          pav_merge_chunks(RankKlPooling<false>{merge_all, n, step}, n, chunks, b, first, last);
+          pav_merge_chunks(RankKlPooling<false>{merge_all, n, step}, n, chunks, b, first, last, chunk_size);
       } else {
-        pav_merge_chunks(SortKlPooling{merge_all, scale, step, decay}, n, chunks, b, first, last);
+        pav_merge_chunks(SortKlPooling{merge_all, scale, step, decay}, n, chunks, b, first, last, chunk_size);
       }
+      // Where each chunk's blocks end; and an emptied chunk (all of it inside
+      // a block pooled on into a later chunk) takes the slot of that block
+      // (the first slot of the chunk after it, which the loop has already
+      // set) as its empty range, and its end as end[c]. The last chunk
+      // always keeps its last block.
       index_t next = n;
       for (index_t c = chunks; c-- > 0;) {
-        end[c] = next;
-        if (first[c] < last[c]) next = b.start[first[c]];
+        if (first[c] < last[c]) {
+          end[c] = next;
+          next = b.start[first[c]];
+        } else {
+          const index_t k = first[c + 1];
+          first[c] = last[c] = k;
+          end[c] = first[c + 1] < last[c + 1] && k + 1 < last[c + 1] ? b.start[k + 1]
+                                                                      : end[c + 1];
+        }
       }
     });
   }
   const double sgn = spec.descending ? 1.0 : -1.0;  // sort output sign
   const bool rank_kl = eps != 0.0 && op == Op::Rank && !l2;
-  auto finish_chunk = [&](index_t c) {
-    if (first[c] == last[c]) return;
+  auto log_ratios = [&](index_t c) {
     if (eps != 0.0 && op == Op::Sort && !l2)
       sort_kl_log_ratios(xs, decay, first[c], last[c], end[c], scale,
                          sizeof(T) == 4 ? 0x1p-20 : 1.0, b, step);
-    write_outputs(first[c], last[c], end[c], n, b, spec, eps, scale, scale_out, unscale, sgn,
-                  rank_kl, xs, out, perm, block_start);
   };
-  if (chunks == 1)
-    finish_chunk(0);
-  else
-    ranges.tasks(chunks, finish_chunk);
+  auto write_slots = [&](index_t k_begin, index_t k_end, index_t slots_end, index_t lo,
+                         index_t hi) {
+    write_outputs(k_begin, k_end, slots_end, n, b, spec, eps, scale, scale_out, unscale, sgn,
+                  rank_kl, xs, out, perm, block_start, lo, hi);
+  };
+  if (chunks == 1) {
+    ranges.single([&] {
+      log_ratios(0);
+      write_slots(first[0], last[0], end[0], 0, n);
+    });
+    return;
+  }
+  if (eps != 0.0 && op == Op::Sort && !l2) ranges.tasks(chunks, log_ratios);
+  // The outputs by chunk of positions: chunk c's own blocks, then the block
+  // that runs on past them (stored in the next chunk's first slot), or, in
+  // an emptied chunk, the one block that covers it.
+  ranges.tasks(chunks, [&](index_t c) {
+    const index_t lo = c * chunk_size, hi = c + 1 < chunks ? lo + chunk_size : n;
+    if (first[c] == last[c]) {
+      write_slots(first[c], first[c] + 1, end[c], lo, hi);
+      return;
+    }
+    write_slots(first[c], last[c], end[c], lo, hi);
+    if (end[c] < hi) {
+      const index_t k = first[c + 1];
+      const index_t block_end = first[c + 1] < last[c + 1] && k + 1 < last[c + 1]
+                                    ? b.start[k + 1]
+                                    : end[c + 1];
+      write_slots(k, k + 1, block_end, end[c], hi);
+    }
+  });
 }
 
 // A row holding NaN or +-inf: NaN output, block_start -1 (the backward pass

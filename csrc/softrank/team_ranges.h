@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "common.h"
+#include "pav.h"
 
 namespace softrank {
 
@@ -28,6 +29,9 @@ SOFTRANK_HD void team_share(index_t n, std::int64_t rank, std::int64_t size, ind
 template <class Team>
 struct TeamRanges {
   Team team;
+  // The row's PAV chunks (pav.h): the CPU's unless the team's launcher cuts
+  // rows to its own size.
+  PavChunking chunking = cpu_pav_chunking();
   template <class Fn>
   SOFTRANK_HD void operator()(index_t n, Fn&& fn) const {
     team.sync();
@@ -49,5 +53,10 @@ struct TeamRanges {
     team.sync();
   }
 };
+
+template <class Team>
+SOFTRANK_HD PavChunking pav_chunking_of(const TeamRanges<Team>& ranges) {
+  return ranges.chunking;
+}
 
 }  // namespace softrank

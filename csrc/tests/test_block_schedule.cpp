@@ -74,47 +74,58 @@ std::vector<T> team_row(Rng& rng, int n, int kind) {
   return x;
 }
 
+// soft_forward_sorted of one row by a team of `members` std::threads cutting
+// the row into `chunking`'s PAV chunks, from the CPU engine's sort (`perm`).
+template <class T>
+void team_forward(const std::vector<T>& x, int n, const OpSpec& spec, const std::vector<index_t>& perm,
+                  int members, softrank::PavChunking chunking, std::vector<T>& out,
+                  std::vector<index_t>& block) {
+  const index_t chunks = chunking.count(n);
+  // The sorted x' as the CUDA core decodes it from the sort keys.
+  const bool negate = softrank::negates_input(spec);
+  std::vector<double> xs(n), work(n + 1), work2(n + 1), ref_v(n), stat(n), stat2(n), tail(n);
+  std::vector<index_t> start(n), first(chunks), last(chunks), end(chunks);
+  for (int i = 0; i < n; ++i) {
+    const T v = x[perm[i]];
+    xs[i] = static_cast<double>((negate ? -v : v) + T(0));
+  }
+  const TeamScratch w{xs.data(),
+                      work.data(),
+                      work2.data(),
+                      softrank::BlockStack{start.data(), ref_v.data(), stat.data(), stat2.data(),
+                                           tail.data()},
+                      first.data(),
+                      last.data(),
+                      end.data(),
+                      nullptr};
+  out.assign(n, sentinel<T>());
+  block.assign(n, -7);
+  Barrier barrier(members);
+  std::vector<std::thread> team;
+  for (int m = 0; m < members; ++m)
+    team.emplace_back([&, m] {
+      softrank::soft_forward_sorted(
+          n, spec, w, out.data(), perm.data(), block.data(),
+          softrank::TeamRanges<ThreadTeam>{ThreadTeam{m, members, &barrier}, chunking});
+    });
+  for (auto& t : team) t.join();
+}
+
+// With the CPU's chunks the team computes the CPU engine's bits.
 template <class T>
 void check_team_forward(int members) {
   Rng rng(97 + sizeof(T) + members);
   for (int n : {(1 << 18) + 3, 300007}) {
-    const index_t chunks = softrank::pav_chunk_count(n);
-    CHECK(chunks > 1) << "n" << n;
+    CHECK(softrank::pav_chunk_count(n) > 1) << "n" << n;
     for (int kind = 0; kind < 4; ++kind) {
       const std::vector<T> x = team_row<T>(rng, n, kind);
       // (1e-310: a subnormal eps, which the rank rescales for too)
       for (double eps : {0.0, 0.3, 1e3, 1e-310}) {
         for (const OpSpec& spec : all_specs(eps)) {
           const Forward<T> ref = forward(x, 1, n, spec);
-          // The sorted x' as the CUDA core decodes it from the sort keys.
-          const bool negate = softrank::negates_input(spec);
-          std::vector<double> xs(n), work(n + 1), work2(n + 1), ref_v(n), stat(n), stat2(n),
-              tail(n);
-          std::vector<index_t> start(n), first(chunks), last(chunks), end(chunks);
-          for (int i = 0; i < n; ++i) {
-            const T v = x[ref.perm[i]];
-            xs[i] = static_cast<double>((negate ? -v : v) + T(0));
-          }
-          const TeamScratch w{xs.data(),
-                              work.data(),
-                              work2.data(),
-                              softrank::BlockStack{start.data(), ref_v.data(), stat.data(),
-                                                   stat2.data(), tail.data()},
-                              first.data(),
-                              last.data(),
-                              end.data(),
-                              nullptr};
-          std::vector<T> out(n, sentinel<T>());
-          std::vector<index_t> block(n, -7);
-          Barrier barrier(members);
-          std::vector<std::thread> team;
-          for (int m = 0; m < members; ++m)
-            team.emplace_back([&, m] {
-              softrank::soft_forward_sorted(
-                  n, spec, w, out.data(), ref.perm.data(), block.data(),
-                  softrank::TeamRanges<ThreadTeam>{ThreadTeam{m, members, &barrier}});
-            });
-          for (auto& t : team) t.join();
+          std::vector<T> out;
+          std::vector<index_t> block;
+          team_forward(x, n, spec, ref.perm, members, softrank::cpu_pav_chunking(), out, block);
           bool same = true;
           for (int i = 0; i < n; ++i)
             same = same && check::same_bits(out[i], ref.out[i]) && block[i] == ref.block[i];
@@ -126,7 +137,57 @@ void check_team_forward(int members) {
   }
 }
 
+// The CUDA core's cuts: chunks of a few positions to thousands, rows of one
+// chunk to hundreds. The blocks are the CPU's; the outputs differ from the
+// CPU's only by the roundings of the block sums, summed in other pieces:
+// relative to the largest of the row's outputs and, for the sort, of its
+// inputs (a block mean of terms of +-1e300 may cancel to a far smaller
+// output, whose error is that of the terms).
+template <class T>
+void check_fine_chunks(int members) {
+  Rng rng(131 + sizeof(T) + members);
+  const double tol = sizeof(T) == 8 ? 1e-12 : 2e-6;
+  for (softrank::PavChunking chunking :
+       {softrank::PavChunking{1, 2}, softrank::PavChunking{3, 4}, softrank::PavChunking{64, 128},
+        softrank::PavChunking{1000, 1000}}) {
+    for (int n : {1, 2, 7, 130, 999, 4099, 20011}) {
+      for (int kind = 0; kind < 6; ++kind) {
+        std::vector<T> x = team_row<T>(rng, n, kind < 4 ? kind : 0);
+        if (kind == 4) std::fill(x.begin(), x.end(), T(1.5));  // one block
+        if (kind == 5) std::sort(x.begin(), x.end());          // presorted
+        for (double eps : {0.0, 0.3, 1.0, 1e3, 1e-310}) {
+          for (const OpSpec& spec : all_specs(eps)) {
+            const Forward<T> ref = forward(x, 1, n, spec);
+            std::vector<T> out;
+            std::vector<index_t> block;
+            team_forward(x, n, spec, ref.perm, members, chunking, out, block);
+            double worst = 0.0, row_scale = 1.0;
+            bool blocks_same = true;
+            for (int i = 0; i < n; ++i) {
+              row_scale = std::max(row_scale, std::fabs(static_cast<double>(ref.out[i])));
+              if (spec.op == Op::Sort)
+                row_scale = std::max(row_scale, std::fabs(static_cast<double>(x[i])));
+            }
+            for (int i = 0; i < n; ++i) {
+              const double a = static_cast<double>(out[i]), b = static_cast<double>(ref.out[i]);
+              const double err = std::fabs(a - b) / row_scale;
+              worst = std::isnan(err) ? kInf : std::max(worst, err);
+              blocks_same = blocks_same && block[i] == ref.block[i];
+            }
+            CHECK(worst <= tol && blocks_same)
+                << describe(spec) << "n" << n << "kind" << kind << "chunk" << chunking.size
+                << "members" << members << (sizeof(T) == 4 ? "f32" : "f64") << "error" << worst
+                << "blocks same" << blocks_same;
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 TEST(block_schedule, team_forward_float32) { check_team_forward<float>(5); }
 TEST(block_schedule, team_forward_float64) { check_team_forward<double>(3); }
+TEST(block_schedule, fine_chunks_float32) { check_fine_chunks<float>(4); }
+TEST(block_schedule, fine_chunks_float64) { check_fine_chunks<double>(3); }
