@@ -581,4 +581,223 @@ SOFTRANK_HD void soft_product_row(const T* x, const T* out, const index_t* perm,
   soft_product_range(x, out, perm, block_start, vec, n, spec, transpose, result, work, 0, n);
 }
 
+// --- Products of one row by a team of threads ----------------------------------
+//
+// soft_product_range splits a row only at block starts, so one block is one
+// thread's work: a row pooled into a few long blocks (the common case where eps
+// is large against the gaps) would run serially. A team instead cuts the row
+// into `pieces` runs of positions. A block inside a piece is computed as
+// soft_product_range computes it; a block that crosses pieces is summed in
+// fragments (the piece's leading run, the part of a block begun in an earlier
+// piece, and its trailing run, the part of a block that goes on into the
+// next), the fragments are joined by one member in O(pieces), and every piece
+// then writes its fragments. Only the crossing blocks' sums are added in
+// another order than on the CPU.
+
+// The sums a block's product needs over sorted positions [i0, i1) of the
+// block [s, e): `a` (rank l2: sum v; rank kl: sum v r; sort l2: sum v; sort
+// kl: sum v with transpose, else sum exp(x'_i - x'_s) v) and `z` (sort kl:
+// sum exp(x'_i - x'_s); otherwise unused). v is the cotangent or tangent as
+// soft_product_range reads it.
+struct ProductSums {
+  double a;
+  double z;
+};
+
+template <class T>
+SOFTRANK_HD ProductSums product_fragment_sums(const T* x, const T* out, const index_t* perm,
+                                              const T* vec, const OpSpec& spec, bool transpose,
+                                              index_t s, index_t i0, index_t i1) {
+  ProductSums sums{0.0, 0.0};
+  if (spec.op == Op::Rank) {
+    for (index_t i = i0; i < i1; ++i) {
+      const double v = static_cast<double>(vec[perm[i]]);
+      sums.a += spec.reg == Reg::L2 ? v : v * static_cast<double>(out[perm[i]]);
+    }
+    return sums;
+  }
+  auto read = [&](index_t i) { return static_cast<double>(transpose ? vec[i] : vec[perm[i]]); };
+  if (spec.reg == Reg::L2 || spec.eps == 0.0) {
+    for (index_t i = i0; i < i1; ++i) sums.a += read(i);
+    return sums;
+  }
+  const double sign = negates_input(spec) ? -1.0 : 1.0;
+  const double top = sign * static_cast<double>(x[perm[s]]);  // the block's largest x'
+  for (index_t i = i0; i < i1; ++i) {
+    const double p = exp_nonpositive(sign * static_cast<double>(x[perm[i]]) - top);
+    sums.z += p;
+    sums.a += transpose ? read(i) : p * read(i);
+  }
+  return sums;
+}
+
+// Writes the products at sorted positions [i0, i1) of the block [s, e) whose
+// whole sums are `sums`.
+template <class T>
+SOFTRANK_HD void product_fragment_write(const T* x, const T* out, const index_t* perm,
+                                        const T* vec, index_t n, const OpSpec& spec,
+                                        bool transpose, T* result, index_t s, index_t e,
+                                        ProductSums sums, index_t i0, index_t i1) {
+  const double eps = spec.eps;
+  if (spec.op == Op::Rank) {
+    const double sg = spec.descending ? -1.0 : 1.0;
+    const double scale = (eps == 0.0 || std::isinf(eps)) ? 0.0 : sg / eps;
+    const bool divide = std::isinf(scale * static_cast<double>(n));  // (soft_product_range)
+    const bool l2 = spec.reg == Reg::L2;
+    const double c = l2 ? sums.a / static_cast<double>(e - s) : sums.a / rho_sum(n, s, e);
+    for (index_t i = i0; i < i1; ++i) {
+      const double v = static_cast<double>(vec[perm[i]]);
+      const double r = l2 ? 1.0 : static_cast<double>(out[perm[i]]);
+      const double d = v - c;
+      result[perm[i]] = static_cast<T>(divide ? sg * (r * d / eps) : scale * r * d);
+    }
+    return;
+  }
+  auto write = [&](index_t i, double v) {
+    if (transpose)
+      result[perm[i]] = static_cast<T>(v);
+    else
+      result[i] = static_cast<T>(v);
+  };
+  if (spec.reg == Reg::L2 || eps == 0.0) {
+    const double mean = sums.a / static_cast<double>(e - s);
+    for (index_t i = i0; i < i1; ++i) write(i, mean);
+    return;
+  }
+  const double sign = negates_input(spec) ? -1.0 : 1.0;
+  const double top = sign * static_cast<double>(x[perm[s]]);
+  const double inv = 1.0 / sums.z;
+  for (index_t i = i0; i < i1; ++i) {
+    if (transpose)
+      write(i, exp_nonpositive(sign * static_cast<double>(x[perm[i]]) - top) * inv * sums.a);
+    else
+      write(i, sums.a * inv);
+  }
+}
+
+// Scratch of soft_product_team: 2 * pieces doubles for each of `lead` and
+// `trail` ({a, z} of piece p at 2p) and 2 * pieces index_t for each of
+// `lead_end` and `trail_end` (the fragment's end, then its block's end).
+struct ProductPieces {
+  double* lead;
+  double* trail;
+  index_t* lead_end;
+  index_t* trail_end;
+};
+
+// How many pieces a team of `members` cuts a row of n into: one per member,
+// at least `min_piece` positions each, at most `max_pieces` (their join is
+// serial).
+SOFTRANK_HD index_t product_piece_count(index_t n, std::int64_t members, index_t min_piece,
+                                        index_t max_pieces) {
+  std::int64_t pieces = (static_cast<std::int64_t>(n) + min_piece - 1) / min_piece;
+  if (pieces > members) pieces = members;
+  if (pieces > max_pieces) pieces = max_pieces;
+  return static_cast<index_t>(pieces < 1 ? 1 : pieces);
+}
+
+// The products of one row (soft_product_row's), by the team `ranges`.
+template <class T, class Ranges>
+SOFTRANK_HD void soft_product_team(const T* x, const T* out, const index_t* perm,
+                                   const index_t* block_start, const T* vec, index_t n,
+                                   const OpSpec& spec, bool transpose, T* result, double* work,
+                                   index_t pieces, ProductPieces scratch, const Ranges& ranges) {
+  if (n == 0) return;
+  auto piece_lo = [&](index_t p) {
+    return static_cast<index_t>(static_cast<std::int64_t>(n) * p / pieces);
+  };
+  if (block_start[0] < 0) {  // a non-finite row: NaN everywhere
+    ranges.tasks(pieces, [&](index_t p) {
+      soft_product_range(x, out, perm, block_start, vec, n, spec, transpose, result, work,
+                         piece_lo(p), piece_lo(p + 1));
+    });
+    return;
+  }
+  // Whether position i starts a block (a block boundary).
+  auto starts = [&](index_t i) { return i == n || block_start[i] == i; };
+  // 1. Each piece: its leading and trailing fragments' sums, and its inner blocks.
+  ranges.tasks(pieces, [&](index_t p) {
+    const index_t lo = piece_lo(p), hi = piece_lo(p + 1);
+    index_t inner_lo = lo;
+    scratch.lead_end[2 * p] = -1;
+    scratch.trail_end[2 * p] = -1;
+    if (lo < hi && !starts(lo)) {
+      while (inner_lo < hi && !starts(inner_lo)) ++inner_lo;
+      const ProductSums sums = product_fragment_sums(x, out, perm, vec, spec, transpose,
+                                                     block_start[lo], lo, inner_lo);
+      scratch.lead[2 * p] = sums.a;
+      scratch.lead[2 * p + 1] = sums.z;
+      scratch.lead_end[2 * p] = inner_lo;
+    }
+    index_t inner_hi = hi;
+    if (inner_lo < hi && !starts(hi)) {
+      inner_hi = block_start[hi];  // >= inner_lo: that block starts in this piece
+      const ProductSums sums =
+          product_fragment_sums(x, out, perm, vec, spec, transpose, inner_hi, inner_hi, hi);
+      scratch.trail[2 * p] = sums.a;
+      scratch.trail[2 * p + 1] = sums.z;
+      scratch.trail_end[2 * p] = inner_hi;  // (the fragment's start, here)
+    }
+    soft_product_range(x, out, perm, block_start, vec, n, spec, transpose, result, work,
+                       inner_lo, inner_hi);
+  });
+  // 2. One member joins the fragments: a block's sums are its trailing
+  // fragment's plus the leading fragments of the pieces it runs through; a
+  // second pass, backwards, hands every fragment its block's sums and end.
+  ranges.single([&] {
+    ProductSums run{0.0, 0.0};
+    for (index_t p = 0; p < pieces; ++p) {
+      const index_t hi = piece_lo(p + 1);
+      if (scratch.lead_end[2 * p] >= 0) {
+        run.a += scratch.lead[2 * p];
+        run.z += scratch.lead[2 * p + 1];
+        const index_t end = scratch.lead_end[2 * p];
+        const bool closes = end < hi || starts(hi);
+        // The block's sums once it closes here (its end at lead_end[2p + 1]);
+        // -1 marks a block that runs on into the next piece.
+        scratch.lead[2 * p] = run.a;
+        scratch.lead[2 * p + 1] = run.z;
+        scratch.lead_end[2 * p + 1] = closes ? end : -1;
+      }
+      if (scratch.trail_end[2 * p] >= 0) {
+        run.a = scratch.trail[2 * p];
+        run.z = scratch.trail[2 * p + 1];
+      }
+    }
+    ProductSums block{0.0, 0.0};
+    index_t block_end = n;
+    for (index_t p = pieces; p-- > 0;) {
+      if (scratch.trail_end[2 * p] >= 0) {  // the block the next piece's lead closes or carries
+        scratch.trail[2 * p] = block.a;
+        scratch.trail[2 * p + 1] = block.z;
+        scratch.trail_end[2 * p + 1] = block_end;
+      }
+      if (scratch.lead_end[2 * p] >= 0) {
+        if (scratch.lead_end[2 * p + 1] >= 0) {
+          block = ProductSums{scratch.lead[2 * p], scratch.lead[2 * p + 1]};
+          block_end = scratch.lead_end[2 * p + 1];
+        }
+        scratch.lead[2 * p] = block.a;
+        scratch.lead[2 * p + 1] = block.z;
+        scratch.lead_end[2 * p + 1] = block_end;
+      }
+    }
+  });
+  // 3. Each piece writes its fragments.
+  ranges.tasks(pieces, [&](index_t p) {
+    const index_t lo = piece_lo(p), hi = piece_lo(p + 1);
+    if (scratch.lead_end[2 * p] >= 0)
+      product_fragment_write(x, out, perm, vec, n, spec, transpose, result, block_start[lo],
+                             scratch.lead_end[2 * p + 1],
+                             ProductSums{scratch.lead[2 * p], scratch.lead[2 * p + 1]}, lo,
+                             scratch.lead_end[2 * p]);
+    if (scratch.trail_end[2 * p] >= 0) {
+      const index_t s = scratch.trail_end[2 * p];
+      product_fragment_write(x, out, perm, vec, n, spec, transpose, result, s,
+                             scratch.trail_end[2 * p + 1],
+                             ProductSums{scratch.trail[2 * p], scratch.trail[2 * p + 1]}, s, hi);
+    }
+  });
+}
+
 }  // namespace softrank

@@ -185,9 +185,71 @@ void check_fine_chunks(int members) {
   }
 }
 
+// soft_product_team by a team of std::threads against the CPU engine's
+// products (soft_product_batch): pieces of one position to thousands, rows of
+// one block, of many, and non-finite ones. Only a block that crosses pieces
+// sums in another order; the tolerance is relative to the row's largest
+// input and product terms, as above.
+template <class T>
+void check_team_products(int members) {
+  Rng rng(151 + sizeof(T) + members);
+  const double tol = sizeof(T) == 8 ? 1e-12 : 2e-6;
+  for (index_t min_piece : {1, 3, 64, 1000}) {
+    for (int n : {1, 2, 7, 130, 999, 4099, 20011}) {
+      for (int kind = 0; kind < 7; ++kind) {
+        std::vector<T> x = team_row<T>(rng, n, kind < 4 ? kind : 0);
+        if (kind == 4) std::fill(x.begin(), x.end(), T(1.5));  // one block
+        if (kind == 5) std::sort(x.begin(), x.end());          // presorted
+        if (kind == 6) x[n / 2] = std::numeric_limits<T>::quiet_NaN();
+        std::vector<T> v(n);
+        for (T& e : v) e = static_cast<T>(rng.normal());
+        for (double eps : {0.0, 0.3, 1.0, 1e3, 1e-310}) {
+          for (const OpSpec& spec : all_specs(eps)) {
+            const Forward<T> f = forward(x, 1, n, spec);
+            for (bool transpose : {false, true}) {
+              const std::vector<T> ref = product(x, f, v, 1, n, spec, transpose);
+              const index_t pieces = softrank::product_piece_count(n, members, min_piece, 1 << 20);
+              std::vector<T> result(n, sentinel<T>());
+              std::vector<double> work(n), lead(2 * pieces), trail(2 * pieces);
+              std::vector<index_t> lead_end(2 * pieces), trail_end(2 * pieces);
+              const softrank::ProductPieces scratch{lead.data(), trail.data(), lead_end.data(),
+                                                    trail_end.data()};
+              Barrier barrier(members);
+              std::vector<std::thread> team;
+              for (int m = 0; m < members; ++m)
+                team.emplace_back([&, m] {
+                  softrank::soft_product_team(
+                      x.data(), f.out.data(), f.perm.data(), f.block.data(), v.data(), n, spec,
+                      transpose, result.data(), work.data(), pieces, scratch,
+                      softrank::TeamRanges<ThreadTeam>{ThreadTeam{m, members, &barrier}});
+                });
+              for (auto& t : team) t.join();
+              double row_scale = 1.0, worst = 0.0;
+              for (int i = 0; i < n; ++i)
+                row_scale = std::max(row_scale, std::fabs(static_cast<double>(ref[i])));
+              bool nan_same = true;
+              for (int i = 0; i < n; ++i) {
+                const double a = static_cast<double>(result[i]), b = static_cast<double>(ref[i]);
+                nan_same = nan_same && std::isnan(a) == std::isnan(b) && !is_sentinel(result[i]);
+                if (!std::isnan(b)) worst = std::max(worst, std::fabs(a - b) / row_scale);
+              }
+              CHECK(nan_same && worst <= tol)
+                  << describe(spec) << "n" << n << "kind" << kind << "min piece" << min_piece
+                  << "transpose" << transpose << "members" << members
+                  << (sizeof(T) == 4 ? "f32" : "f64") << "error" << worst;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 TEST(block_schedule, team_forward_float32) { check_team_forward<float>(5); }
 TEST(block_schedule, team_forward_float64) { check_team_forward<double>(3); }
 TEST(block_schedule, fine_chunks_float32) { check_fine_chunks<float>(4); }
 TEST(block_schedule, fine_chunks_float64) { check_fine_chunks<double>(3); }
+TEST(block_schedule, team_products_float32) { check_team_products<float>(4); }
+TEST(block_schedule, team_products_float64) { check_team_products<double>(3); }
