@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check of softrank's CUDA core, in one go (well under 8 minutes):
 #   1. build softrank in place with SOFTRANK_CUDA=ON (CMake, no network, no pip);
-#   2. pytest -m cuda tests/test_cuda.py (the CUDA paths against the CPU engine);
+#   2. pytest -m cuda tests/test_cuda.py tests/test_cuda_core.py (the CUDA paths
+#      and the CUDA core against the CPU engine);
 #   3. compute-sanitizer memcheck over forward + backward (float32/float64, l2/kl,
 #      rank/sort, short and long rows);
 #   4. torchsort from a local source, where one is found (optional);
@@ -125,7 +126,7 @@ if ! "$py" -c "import hypothesis" 2>/dev/null; then
   # tests/conftest.py needs hypothesis; the cuda tests do not.
   pytest_args+=(--noconftest -o "markers=cuda: needs a CUDA GPU")
 fi
-stage tests 180 "$py" -m pytest "${pytest_args[@]}" tests/test_cuda.py
+stage tests 200 "$py" -m pytest "${pytest_args[@]}" tests/test_cuda.py tests/test_cuda_core.py
 
 # --- 3. compute-sanitizer -----------------------------------------------------------------
 sanitizer=$(command -v compute-sanitizer || ls "$(dirname "$nvcc")/compute-sanitizer" 2>/dev/null)
@@ -137,7 +138,7 @@ import torch
 import softrank.torch as srt
 
 torch.manual_seed(0)
-for n, rows in ((1, 3), (7, 5), (1000, 16), (300_000, 1)):
+for n, rows in ((1, 3), (7, 5), (1000, 16), (2**20 + 3, 1)):
     for dtype in (torch.float32, torch.float64):
         x = torch.randn(rows, n, dtype=dtype, device="cuda")
         if rows > 1:

@@ -1,8 +1,10 @@
 // The CUDA core: soft rank / soft sort forward passes and their products on
 // the GPU. The sort is CUB's radix sort over the CPU's order keys
 // (sort_keys.h); every row's PAV, outputs and products are the CPU core's
-// host-device routines (soft_row.h), run by one thread per row, so the GPU
-// computes the CPU's blocks, permutation and outputs (ALGORITHM.md). The
+// host-device routines (soft_row.h), run by one thread per short row and by
+// a team of threads per longer one ("Schedules" below), so the GPU computes
+// the CPU's blocks and permutation and its outputs up to the roundings of
+// block sums (ALGORITHM.md). The
 // device code is compiled without FMA contraction (CMakeLists.txt), as the
 // CPU core is, so that the PAV merge decisions round as they do there.
 //
@@ -12,6 +14,7 @@
 
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_segmented_radix_sort.cuh>
+#include <cooperative_groups.h>
 
 #include <climits>
 #include <cstdint>
@@ -159,7 +162,105 @@ std::size_t sort_temp_bytes(std::int64_t rows, index_t n) {
   return bytes;
 }
 
-// --- PAV and the outputs, one thread per row -------------------------------------
+// --- Schedules -------------------------------------------------------------------
+//
+// A row shorter than kTeamRowMin is one thread's work (SerialRanges: the CPU's
+// per-row schedule). A longer row is a team's: one block of kTeamThreads per
+// row, or, for a batch of at most kGridRowsMax rows of kGridRowMin items or
+// more, the whole grid, launched cooperatively, row after row. A team cuts its
+// row into PAV chunks and product pieces of about one per member, at most
+// kMaxJoin of them (their joins are serial: pav_merge_chunks and the fragment
+// join of soft_product_team), at least kMinTeamChunk items each; every other
+// step is shared out over the members (team_ranges.h). The chunks depend only
+// on n and the team size that the schedule plans, never on where it runs: a
+// cooperative launch that the device refuses falls back to blocks that run
+// the same chunks.
+
+constexpr index_t kTeamRowMin = 512;
+constexpr int kTeamThreads = 256;
+constexpr index_t kMinTeamChunk = 32;
+constexpr index_t kMaxJoin = 2048;
+constexpr index_t kGridRowMin = index_t{1} << 20;
+constexpr std::int64_t kGridRowsMax = 4;
+
+struct BlockTeam {
+  __device__ std::int64_t rank() const { return threadIdx.x; }
+  __device__ std::int64_t size() const { return blockDim.x; }
+  __device__ void sync() const { __syncthreads(); }
+  __device__ bool all(bool value) const { return __syncthreads_and(value) != 0; }
+};
+
+// The grid of a cooperative launch; `flag` is one int of scratch for all().
+struct GridTeam {
+  int* flag;
+  __device__ std::int64_t rank() const {
+    return static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  }
+  __device__ std::int64_t size() const { return static_cast<std::int64_t>(gridDim.x) * blockDim.x; }
+  __device__ void sync() const { cooperative_groups::this_grid().sync(); }
+  __device__ bool all(bool value) const {
+    sync();
+    if (rank() == 0) *flag = 1;
+    sync();
+    if (!value) *flag = 0;
+    sync();
+    return *static_cast<volatile int*>(flag) != 0;  // (the next all() starts with a sync)
+  }
+};
+
+// Rows of [0, count) chunked as a team of `members` would cut them.
+PavChunking team_chunking(index_t n, std::int64_t members) {
+  const std::int64_t parts = members < kMaxJoin ? members : kMaxJoin;
+  std::int64_t size = (static_cast<std::int64_t>(n) + parts - 1) / parts;
+  if (size < kMinTeamChunk) size = kMinTeamChunk;
+  return PavChunking{static_cast<index_t>(size), kTeamRowMin};
+}
+
+enum class Schedule { kThread, kBlock, kGrid };
+
+struct Plan {
+  Schedule schedule;
+  std::int64_t members;  // the team's threads (1: a thread per row)
+  unsigned grid_blocks;  // kGrid: the cooperative launch's blocks
+  PavChunking chunking;
+  index_t pieces;        // soft_product_team's pieces
+};
+
+// The blocks of kTeamThreads that a cooperative launch of `kernel` may hold
+// on the current device, 0 where it cannot launch one.
+unsigned cooperative_blocks(const void* kernel) {
+  int device = 0, cooperative = 0, sms = 0, per_sm = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device),
+        "cudaDeviceGetAttribute");
+  if (!cooperative) return 0;
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+        "cudaDeviceGetAttribute");
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kTeamThreads, 0),
+        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  return static_cast<unsigned>(per_sm > 0 ? per_sm * sms : 0);
+}
+
+// `grid_kernel`: the cooperative kernel the kGrid schedule would launch.
+Plan plan_rows(std::int64_t rows, index_t n, const void* grid_kernel) {
+  Plan p{Schedule::kThread, 1, 0, cpu_pav_chunking(), 1};
+  if (n < kTeamRowMin) return p;
+  p.schedule = Schedule::kBlock;
+  p.members = kTeamThreads;
+  if (n >= kGridRowMin && rows <= kGridRowsMax) {
+    const unsigned blocks = cooperative_blocks(grid_kernel);
+    if (blocks > 1) {
+      p.schedule = Schedule::kGrid;
+      p.grid_blocks = blocks;
+      p.members = static_cast<std::int64_t>(blocks) * kTeamThreads;
+    }
+  }
+  p.chunking = team_chunking(n, p.members);
+  p.pieces = product_piece_count(n, p.members, kMinTeamChunk, kMaxJoin);
+  return p;
+}
+
+// --- PAV and the outputs -----------------------------------------------------------
 
 // What soft_forward_sorted reads of its scratch (RowScratch without the CPU
 // sort's buffers); `decay` is null: every row builds its own kl table.
@@ -189,6 +290,7 @@ struct ForwardScratch {
   index_t* chunk_last;
   index_t* chunk_end;
   index_t chunks;
+  int* flag;  // one int (GridTeam::all)
 
   // Row r's part of every buffer (its sorted values are xs + r * n).
   __device__ DeviceRowScratch row(std::int64_t r, index_t n) const {
@@ -206,7 +308,8 @@ struct ForwardScratch {
   }
 };
 
-// Rows [0, rows) of a sorted group: every pointer starts at the group's first row.
+// Rows [0, rows) of a sorted group, one thread each: every pointer starts at
+// the group's first row.
 template <class T, class Key>
 __global__ void forward_rows(const Key* keys, const index_t* columns, std::int64_t rows,
                              index_t n, OpSpec spec, T* out, index_t* perm,
@@ -235,31 +338,22 @@ __global__ void forward_rows(const Key* keys, const index_t* columns, std::int64
   }
 }
 
-// Rows long enough to be pooled in chunks (pav_chunk_count(n) > 1): one block
-// of threads per row runs soft_forward_sorted together, with the team
-// schedule of team_ranges.h (the CPU's long-row steps, shared out between
-// barriers).
-struct BlockTeam {
-  __device__ std::int64_t rank() const { return threadIdx.x; }
-  __device__ std::int64_t size() const { return blockDim.x; }
-  __device__ void sync() const { __syncthreads(); }
-};
-
-constexpr int kLongRowThreads = 256;
-
-template <class T, class Key>
-__global__ void __launch_bounds__(kLongRowThreads)
-    forward_long_rows(const Key* keys, const index_t* columns, index_t n, OpSpec spec, T* out,
-                      index_t* perm, index_t* block_start, ForwardScratch s) {
-  const std::int64_t r = blockIdx.x;
+// Row r of a sorted group by `team`: the keys decoded and the non-finite test
+// shared out, then soft_forward_sorted with the team's chunks.
+template <class T, class Key, class Team>
+__device__ void forward_team_row(const Key* keys, const index_t* columns, std::int64_t r,
+                                 index_t n, const OpSpec& spec, T* out, index_t* perm,
+                                 index_t* block_start, const ForwardScratch& s,
+                                 PavChunking chunking, Team team) {
   const std::int64_t off = r * n;
   const Key* row_keys = keys + off;
   index_t* row_perm = perm + off;
   index_t* row_blocks = block_start + off;
   T* row_out = out + off;
   double* xs = s.xs + off;
+  const TeamRanges<Team> ranges{team, chunking};
   index_t lo, hi;
-  team_share(n, threadIdx.x, blockDim.x, lo, hi);
+  team_share(n, team.rank(), team.size(), lo, hi);
   bool finite = true;
   for (index_t i = lo; i < hi; ++i) {
     const auto v = value_of_key(row_keys[i]);
@@ -267,7 +361,7 @@ __global__ void __launch_bounds__(kLongRowThreads)
     xs[i] = static_cast<double>(v);
     row_perm[i] = columns[off + i];
   }
-  if (!__syncthreads_and(finite)) {  // fill_non_finite_row, shared out
+  if (!team.all(finite)) {  // fill_non_finite_row, shared out
     for (index_t i = lo; i < hi; ++i) {
       row_out[i] = static_cast<T>(kNaN);
       row_perm[i] = i;
@@ -275,9 +369,30 @@ __global__ void __launch_bounds__(kLongRowThreads)
     }
     return;
   }
-  soft_forward_sorted(n, spec, s.row(r, n), row_out, row_perm, row_blocks,
-                      TeamRanges<BlockTeam>{});
+  soft_forward_sorted(n, spec, s.row(r, n), row_out, row_perm, row_blocks, ranges);
 }
+
+template <class T, class Key>
+__global__ void __launch_bounds__(kTeamThreads)
+    forward_block_rows(const Key* keys, const index_t* columns, index_t n, OpSpec spec, T* out,
+                       index_t* perm, index_t* block_start, ForwardScratch s,
+                       PavChunking chunking) {
+  forward_team_row(keys, columns, blockIdx.x, n, spec, out, perm, block_start, s, chunking,
+                   BlockTeam{});
+}
+
+// (Every thread runs every row: the team's barriers are the whole grid's.)
+template <class T, class Key>
+__global__ void __launch_bounds__(kTeamThreads)
+    forward_grid_rows(const Key* keys, const index_t* columns, std::int64_t rows, index_t n,
+                      OpSpec spec, T* out, index_t* perm, index_t* block_start, ForwardScratch s,
+                      PavChunking chunking) {
+  for (std::int64_t r = 0; r < rows; ++r)
+    forward_team_row(keys, columns, r, n, spec, out, perm, block_start, s, chunking,
+                     GridTeam{s.flag});
+}
+
+// --- The products ------------------------------------------------------------------
 
 template <class T>
 __global__ void product_rows(const T* x, const T* out, const index_t* perm,
@@ -292,22 +407,47 @@ __global__ void product_rows(const T* x, const T* out, const index_t* perm,
   }
 }
 
-// The products of long rows (those of forward_long_rows): one block per row,
-// each thread the blocks that start in its share of the row, as the CPU's
-// long-row driver splits it (soft_product_batch).
+// soft_product_team's scratch of every row, row r's at r * 2 * pieces.
+struct ProductScratch {
+  double* lead;
+  double* trail;
+  index_t* lead_end;
+  index_t* trail_end;
+  index_t pieces;
+  __device__ ProductPieces row(std::int64_t r) const {
+    const std::int64_t off = r * 2 * pieces;
+    return ProductPieces{lead + off, trail + off, lead_end + off, trail_end + off};
+  }
+};
+
+template <class T, class Team>
+__device__ void product_team_row(const T* x, const T* out, const index_t* perm,
+                                 const index_t* block_start, const T* vec, std::int64_t r,
+                                 index_t n, const OpSpec& spec, bool transpose, T* result,
+                                 double* work, const ProductScratch& s, Team team) {
+  const std::int64_t off = r * n;
+  soft_product_team(x + off, out + off, perm + off, block_start + off, vec + off, n, spec,
+                    transpose, result + off, work + off, s.pieces, s.row(r),
+                    TeamRanges<Team>{team});
+}
+
 template <class T>
-__global__ void __launch_bounds__(kLongRowThreads)
-    product_long_rows(const T* x, const T* out, const index_t* perm, const index_t* block_start,
-                      const T* vec, index_t n, OpSpec spec, bool transpose, T* result,
-                      double* work) {
-  const std::int64_t off = static_cast<std::int64_t>(blockIdx.x) * n;
-  const index_t* bs = block_start + off;
-  const auto cut = [&](std::int64_t t) {
-    if (t == blockDim.x || bs[0] < 0) return t == 0 ? index_t{0} : n;
-    return bs[static_cast<index_t>(static_cast<std::int64_t>(n) * t / blockDim.x)];
-  };
-  soft_product_range(x + off, out + off, perm + off, bs, vec + off, n, spec, transpose,
-                     result + off, work + off, cut(threadIdx.x), cut(threadIdx.x + 1));
+__global__ void __launch_bounds__(kTeamThreads)
+    product_block_rows(const T* x, const T* out, const index_t* perm, const index_t* block_start,
+                       const T* vec, index_t n, OpSpec spec, bool transpose, T* result,
+                       double* work, ProductScratch s) {
+  product_team_row(x, out, perm, block_start, vec, blockIdx.x, n, spec, transpose, result, work,
+                   s, BlockTeam{});
+}
+
+template <class T>
+__global__ void __launch_bounds__(kTeamThreads)
+    product_grid_rows(const T* x, const T* out, const index_t* perm, const index_t* block_start,
+                      const T* vec, std::int64_t rows, index_t n, OpSpec spec, bool transpose,
+                      T* result, double* work, ProductScratch s) {
+  for (std::int64_t r = 0; r < rows; ++r)
+    product_team_row(x, out, perm, block_start, vec, r, n, spec, transpose, result, work, s,
+                     GridTeam{nullptr});
 }
 
 // --- Workspace layouts ---------------------------------------------------------
@@ -325,10 +465,10 @@ struct ForwardLayout {
 
 template <class Key>
 ForwardLayout<Key> forward_layout(char* base, std::int64_t rows, index_t n,
-                                  std::size_t sort_temp_bytes) {
+                                  std::size_t sort_temp_bytes, const Plan& plan) {
   const std::int64_t total = rows * n;
   const std::int64_t tables = rows * (static_cast<std::int64_t>(n) + 1);
-  const index_t chunks = pav_chunk_count(n);
+  const index_t chunks = plan.chunking.count(n);
   Carver c{base};
   ForwardLayout<Key> l;
   l.keys[0] = c.take<Key>(total);
@@ -350,8 +490,16 @@ ForwardLayout<Key> forward_layout(char* base, std::int64_t rows, index_t n,
   l.rows.chunk_last = c.take<index_t>(rows * chunks);
   l.rows.chunk_end = c.take<index_t>(rows * chunks);
   l.rows.chunks = chunks;
+  l.rows.flag = c.take<int>(1);
   l.bytes = kAlign + c.used;
   return l;
+}
+
+template <class T>
+Plan forward_plan(std::int64_t rows, index_t n) {
+  using Key = typename KeyOf<T>::type;
+  return plan_rows(rows_per_group(rows, n), n,
+                   reinterpret_cast<const void*>(&forward_grid_rows<T, Key>));
 }
 
 template <class T>
@@ -359,7 +507,9 @@ std::size_t forward_workspace(std::int64_t rows, index_t n) {
   using Key = typename KeyOf<T>::type;
   if (rows == 0) return 0;
   require_device();
-  return forward_layout<Key>(nullptr, rows, n, sort_temp_bytes<Key>(rows, n)).bytes;
+  return forward_layout<Key>(nullptr, rows, n, sort_temp_bytes<Key>(rows, n),
+                             forward_plan<T>(rows, n))
+      .bytes;
 }
 
 template <class T>
@@ -370,12 +520,14 @@ void forward(const T* x, std::int64_t rows, index_t n, const OpSpec& spec, T* ou
   if (rows == 0) return;
   require_device();
   const std::size_t temp_bytes = sort_temp_bytes<Key>(rows, n);
-  const ForwardLayout<Key> sizes = forward_layout<Key>(nullptr, rows, n, temp_bytes);
+  const Plan plan = forward_plan<T>(rows, n);
+  const ForwardLayout<Key> sizes = forward_layout<Key>(nullptr, rows, n, temp_bytes, plan);
   if (workspace_bytes < sizes.bytes)
     throw std::invalid_argument("workspace_bytes must be at least " +
                                 std::to_string(sizes.bytes) + ", got " +
                                 std::to_string(workspace_bytes));
-  const ForwardLayout<Key> l = forward_layout<Key>(aligned_base(workspace), rows, n, temp_bytes);
+  const ForwardLayout<Key> l =
+      forward_layout<Key>(aligned_base(workspace), rows, n, temp_bytes, plan);
   const std::int64_t total = rows * n;
   const std::int64_t group = rows_per_group(rows, n);
   make_keys<<<grid_for(total, kElementThreads), kElementThreads, 0, stream>>>(
@@ -416,23 +568,68 @@ void forward(const T* x, std::int64_t rows, index_t n, const OpSpec& spec, T* ou
     s.chunk_first += row0 * s.chunks;
     s.chunk_last += row0 * s.chunks;
     s.chunk_end += row0 * s.chunks;
-    if (s.chunks > 1) {
-      forward_long_rows<<<static_cast<unsigned>(count), kLongRowThreads, 0, stream>>>(
-          keys.Current(), columns.Current(), n, spec, out + off, perm + off, block_start + off, s);
-      check_launch("forward_long_rows");
-    } else {
+    const Key* sorted_keys = keys.Current();
+    const index_t* sorted_columns = columns.Current();
+    T* group_out = out + off;
+    index_t* group_perm = perm + off;
+    index_t* group_blocks = block_start + off;
+    bool launched = false;
+    if (plan.schedule == Schedule::kGrid && count <= kGridRowsMax) {
+      PavChunking chunking = plan.chunking;
+      std::int64_t rows_arg = count;
+      index_t n_arg = n;
+      OpSpec spec_arg = spec;
+      void* args[] = {&sorted_keys, &sorted_columns, &rows_arg, &n_arg,     &spec_arg,
+                      &group_out,   &group_perm,     &group_blocks, &s,     &chunking};
+      const cudaError_t status = cudaLaunchCooperativeKernel(
+          reinterpret_cast<const void*>(&forward_grid_rows<T, Key>), plan.grid_blocks,
+          kTeamThreads, args, 0, stream);
+      if (status == cudaSuccess) {
+        launched = true;
+      } else {
+        cudaGetLastError();  // (refused: the blocks below run the same chunks)
+      }
+    }
+    if (!launched && plan.schedule != Schedule::kThread) {
+      forward_block_rows<<<static_cast<unsigned>(count), kTeamThreads, 0, stream>>>(
+          sorted_keys, sorted_columns, n, spec, group_out, group_perm, group_blocks, s,
+          plan.chunking);
+      check_launch("forward_block_rows");
+    } else if (!launched) {
       forward_rows<<<grid_for(count, kRowThreads), kRowThreads, 0, stream>>>(
-          keys.Current(), columns.Current(), count, n, spec, out + off, perm + off,
-          block_start + off, s);
+          sorted_keys, sorted_columns, count, n, spec, group_out, group_perm, group_blocks, s);
       check_launch("forward_rows");
     }
   }
 }
 
-std::size_t product_layout_bytes(std::int64_t rows, index_t n) {
-  Carver c{nullptr};
-  c.take<double>(rows * n);
-  return kAlign + c.used;
+template <class T>
+Plan product_plan(std::int64_t rows, index_t n) {
+  return plan_rows(rows, n, reinterpret_cast<const void*>(&product_grid_rows<T>));
+}
+
+struct ProductLayout {
+  double* work;
+  ProductScratch pieces;
+  std::size_t bytes;  // including the kAlign spare bytes at the front
+};
+
+ProductLayout product_layout(char* base, std::int64_t rows, index_t n, const Plan& plan) {
+  Carver c{base};
+  ProductLayout l;
+  l.work = c.take<double>(rows * n);
+  const std::int64_t slots = plan.schedule == Schedule::kThread ? 0 : rows * 2 * plan.pieces;
+  l.pieces = ProductScratch{c.take<double>(slots), c.take<double>(slots),
+                            c.take<index_t>(slots), c.take<index_t>(slots), plan.pieces};
+  l.bytes = kAlign + c.used;
+  return l;
+}
+
+template <class T>
+std::size_t product_workspace(std::int64_t rows, index_t n) {
+  if (rows == 0) return 0;
+  require_device();
+  return product_layout(nullptr, rows, n, product_plan<T>(rows, n)).bytes;
 }
 
 template <class T>
@@ -441,17 +638,32 @@ void product(const T* x, const T* out, const index_t* perm, const index_t* block
              T* result, void* workspace, std::size_t workspace_bytes, cudaStream_t stream) {
   if (rows == 0) return;
   require_device();
-  const std::size_t needed = product_layout_bytes(rows, n);
+  const Plan plan = product_plan<T>(rows, n);
+  const std::size_t needed = product_layout(nullptr, rows, n, plan).bytes;
   if (workspace_bytes < needed)
     throw std::invalid_argument("workspace_bytes must be at least " + std::to_string(needed) +
                                 ", got " + std::to_string(workspace_bytes));
-  Carver c{aligned_base(workspace)};
-  double* work = c.take<double>(rows * n);
-  if (pav_chunk_count(n) > 1) {
-    // (A row here holds 2^18 items or more: rows is far below the grid limit.)
-    product_long_rows<<<static_cast<unsigned>(rows), kLongRowThreads, 0, stream>>>(
-        x, out, perm, block_start, vec, n, spec, transpose, result, work);
-    check_launch("product_long_rows");
+  const ProductLayout l = product_layout(aligned_base(workspace), rows, n, plan);
+  double* work = l.work;
+  ProductScratch pieces = l.pieces;
+  if (plan.schedule == Schedule::kGrid) {
+    std::int64_t rows_arg = rows;
+    index_t n_arg = n;
+    OpSpec spec_arg = spec;
+    bool transpose_arg = transpose;
+    void* args[] = {&x,        &out,       &perm,          &block_start, &vec,  &rows_arg,
+                    &n_arg,    &spec_arg,  &transpose_arg, &result,      &work, &pieces};
+    const cudaError_t status =
+        cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(&product_grid_rows<T>),
+                                    plan.grid_blocks, kTeamThreads, args, 0, stream);
+    if (status == cudaSuccess) return;
+    cudaGetLastError();  // (refused: the blocks below cut the same pieces)
+  }
+  if (plan.schedule != Schedule::kThread) {
+    // (A team's row holds kTeamRowMin items or more: rows is far below the grid limit.)
+    product_block_rows<<<static_cast<unsigned>(rows), kTeamThreads, 0, stream>>>(
+        x, out, perm, block_start, vec, n, spec, transpose, result, work, pieces);
+    check_launch("product_block_rows");
   } else {
     product_rows<<<grid_for(rows, kRowThreads), kRowThreads, 0, stream>>>(
         x, out, perm, block_start, vec, rows, n, spec, transpose, result, work);
@@ -476,10 +688,8 @@ std::size_t soft_forward_workspace(bool f64, std::int64_t rows, index_t n) {
   return f64 ? forward_workspace<double>(rows, n) : forward_workspace<float>(rows, n);
 }
 
-std::size_t soft_product_workspace(bool, std::int64_t rows, index_t n) {
-  if (rows == 0) return 0;
-  require_device();
-  return product_layout_bytes(rows, n);
+std::size_t soft_product_workspace(bool f64, std::int64_t rows, index_t n) {
+  return f64 ? product_workspace<double>(rows, n) : product_workspace<float>(rows, n);
 }
 
 void soft_forward(bool f64, const void* x, std::int64_t rows, index_t n, const OpSpec& spec,

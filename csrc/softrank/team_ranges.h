@@ -4,8 +4,9 @@
 // a contiguous share each; tasks: round robin) and a serial step runs on
 // member 0, each step between two barriers, so that no member still reads
 // what a step overwrites and every member sees what it wrote. The CUDA core's
-// team is a block of threads (one per row of 2^18 items or more); the C++
-// tests run the same code with std::threads (test_block_schedule.cpp).
+// team is a block of threads, or a cooperative grid, per row of 512 items or
+// more (csrc/cuda/soft_ops.cu, "Schedules"); the C++ tests run the same code
+// with std::threads (test_block_schedule.cpp).
 // Team: rank(), size() and sync() (a barrier of the whole team).
 #pragma once
 
