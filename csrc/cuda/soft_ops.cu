@@ -169,17 +169,15 @@ std::size_t sort_temp_bytes(std::int64_t rows, index_t n) {
 // row, or, for a batch of at most kGridRowsMax rows of kGridRowMin items or
 // more, the whole grid, launched cooperatively, row after row. A team cuts its
 // row into PAV chunks and product pieces of about one per member, at most
-// kMaxJoin of them (their joins are serial: pav_merge_chunks and the fragment
+// kMaxTeamJoin of them (their joins are serial: pav_merge_chunks and the fragment
 // join of soft_product_team), at least kMinTeamChunk items each; every other
 // step is shared out over the members (team_ranges.h). The chunks depend only
 // on n and the team size that the schedule plans, never on where it runs: a
 // cooperative launch that the device refuses falls back to blocks that run
 // the same chunks.
 
-constexpr index_t kTeamRowMin = 512;
+// (kTeamRowMin, kMinTeamChunk, kMaxTeamJoin and the chunks: team_ranges.h)
 constexpr int kTeamThreads = 256;
-constexpr index_t kMinTeamChunk = 32;
-constexpr index_t kMaxJoin = 2048;
 constexpr index_t kGridRowMin = index_t{1} << 20;
 constexpr std::int64_t kGridRowsMax = 4;
 
@@ -207,14 +205,6 @@ struct GridTeam {
     return *static_cast<volatile int*>(flag) != 0;  // (the next all() starts with a sync)
   }
 };
-
-// Rows of [0, count) chunked as a team of `members` would cut them.
-PavChunking team_chunking(index_t n, std::int64_t members) {
-  const std::int64_t parts = members < kMaxJoin ? members : kMaxJoin;
-  std::int64_t size = (static_cast<std::int64_t>(n) + parts - 1) / parts;
-  if (size < kMinTeamChunk) size = kMinTeamChunk;
-  return PavChunking{static_cast<index_t>(size), kTeamRowMin};
-}
 
 enum class Schedule { kThread, kBlock, kGrid };
 
@@ -255,8 +245,8 @@ Plan plan_rows(std::int64_t rows, index_t n, const void* grid_kernel) {
       p.members = static_cast<std::int64_t>(blocks) * kTeamThreads;
     }
   }
-  p.chunking = team_chunking(n, p.members);
-  p.pieces = product_piece_count(n, p.members, kMinTeamChunk, kMaxJoin);
+  p.chunking = team_pav_chunking(n, p.members);
+  p.pieces = product_piece_count(n, p.members, kMinTeamChunk, kMaxTeamJoin);
   return p;
 }
 

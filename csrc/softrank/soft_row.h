@@ -371,11 +371,14 @@ SOFTRANK_HD void soft_forward_sorted(index_t n, const OpSpec& spec, const Scratc
         pav_merge_chunks(sort_l2_pooling(eps), n, chunks, b, first, last, chunk_size);
       } else if (op == Op::Rank) {
         if (rank_kl_exact_sums(n))
-          pav_merge_chunks(RankKlPooling<true>{merge_all, n, step}, n, chunks, b, first, last, chunk_size);
+          pav_merge_chunks(RankKlPooling<true>{merge_all, n, step}, n, chunks, b, first, last,
+                           chunk_size);
         else
-          pav_merge_chunks(RankKlPooling<false>{merge_all, n, step}, n, chunks, b, first, last, chunk_size);
+          pav_merge_chunks(RankKlPooling<false>{merge_all, n, step}, n, chunks, b, first, last,
+                           chunk_size);
       } else {
-        pav_merge_chunks(SortKlPooling{merge_all, scale, step, decay}, n, chunks, b, first, last, chunk_size);
+        pav_merge_chunks(SortKlPooling{merge_all, scale, step, decay}, n, chunks, b, first, last,
+                         chunk_size);
       }
       // Where each chunk's blocks end; and an emptied chunk (all of it inside
       // a block pooled on into a later chunk) takes the slot of that block

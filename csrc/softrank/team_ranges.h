@@ -55,6 +55,23 @@ struct TeamRanges {
   }
 };
 
+// The CUDA core's cut of a team's row (csrc/cuda/soft_ops.cu, "Schedules"):
+// rows of kTeamRowMin items or more are a team's; a team of `members` threads
+// cuts one into PAV chunks (and product pieces: product_piece_count, with the
+// same bounds) of about one per member, at most kMaxTeamJoin of them (their
+// joins are serial), at least kMinTeamChunk items each. Here, so that the C++
+// tests run the cuts the GPU runs.
+constexpr index_t kTeamRowMin = 512;
+constexpr index_t kMinTeamChunk = 32;
+constexpr index_t kMaxTeamJoin = 2048;
+
+SOFTRANK_HD PavChunking team_pav_chunking(index_t n, std::int64_t members) {
+  const std::int64_t parts = members < kMaxTeamJoin ? members : kMaxTeamJoin;
+  std::int64_t size = (static_cast<std::int64_t>(n) + parts - 1) / parts;
+  if (size < kMinTeamChunk) size = kMinTeamChunk;
+  return PavChunking{static_cast<index_t>(size), kTeamRowMin};
+}
+
 template <class Team>
 SOFTRANK_HD PavChunking pav_chunking_of(const TeamRanges<Team>& ranges) {
   return ranges.chunking;

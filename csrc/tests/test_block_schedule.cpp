@@ -77,7 +77,8 @@ std::vector<T> team_row(Rng& rng, int n, int kind) {
 // soft_forward_sorted of one row by a team of `members` std::threads cutting
 // the row into `chunking`'s PAV chunks, from the CPU engine's sort (`perm`).
 template <class T>
-void team_forward(const std::vector<T>& x, int n, const OpSpec& spec, const std::vector<index_t>& perm,
+void team_forward(const std::vector<T>& x, int n, const OpSpec& spec,
+                  const std::vector<index_t>& perm,
                   int members, softrank::PavChunking chunking, std::vector<T>& out,
                   std::vector<index_t>& block) {
   const index_t chunks = chunking.count(n);
@@ -185,6 +186,42 @@ void check_fine_chunks(int members) {
   }
 }
 
+// soft_product_team of one row in `pieces` by a team of `members`
+// std::threads: its largest error against the CPU engine's products, relative
+// to their largest magnitude; nan_same: NaN where they are NaN, and every
+// entry written.
+template <class T>
+double team_product_error(const std::vector<T>& x, const Forward<T>& f, const std::vector<T>& v,
+                          int n, const OpSpec& spec, bool transpose, index_t pieces, int members,
+                          bool& nan_same) {
+  const std::vector<T> ref = product(x, f, v, 1, n, spec, transpose);
+  std::vector<T> result(n, sentinel<T>());
+  std::vector<double> work(n), lead(2 * pieces), trail(2 * pieces);
+  std::vector<index_t> lead_end(2 * pieces), trail_end(2 * pieces);
+  const softrank::ProductPieces scratch{lead.data(), trail.data(), lead_end.data(),
+                                        trail_end.data()};
+  Barrier barrier(members);
+  std::vector<std::thread> team;
+  for (int m = 0; m < members; ++m)
+    team.emplace_back([&, m] {
+      softrank::soft_product_team(x.data(), f.out.data(), f.perm.data(), f.block.data(), v.data(),
+                                  n, spec, transpose, result.data(), work.data(), pieces, scratch,
+                                  softrank::TeamRanges<ThreadTeam>{
+                                      ThreadTeam{m, members, &barrier}});
+    });
+  for (auto& t : team) t.join();
+  double row_scale = 1.0, worst = 0.0;
+  for (int i = 0; i < n; ++i)
+    row_scale = std::max(row_scale, std::fabs(static_cast<double>(ref[i])));
+  nan_same = true;
+  for (int i = 0; i < n; ++i) {
+    const double a = static_cast<double>(result[i]), b = static_cast<double>(ref[i]);
+    nan_same = nan_same && std::isnan(a) == std::isnan(b) && !is_sentinel(result[i]);
+    if (!std::isnan(b)) worst = std::max(worst, std::fabs(a - b) / row_scale);
+  }
+  return worst;
+}
+
 // soft_product_team by a team of std::threads against the CPU engine's
 // products (soft_product_batch): pieces of one position to thousands, rows of
 // one block, of many, and non-finite ones. Only a block that crosses pieces
@@ -207,36 +244,71 @@ void check_team_products(int members) {
           for (const OpSpec& spec : all_specs(eps)) {
             const Forward<T> f = forward(x, 1, n, spec);
             for (bool transpose : {false, true}) {
-              const std::vector<T> ref = product(x, f, v, 1, n, spec, transpose);
               const index_t pieces = softrank::product_piece_count(n, members, min_piece, 1 << 20);
-              std::vector<T> result(n, sentinel<T>());
-              std::vector<double> work(n), lead(2 * pieces), trail(2 * pieces);
-              std::vector<index_t> lead_end(2 * pieces), trail_end(2 * pieces);
-              const softrank::ProductPieces scratch{lead.data(), trail.data(), lead_end.data(),
-                                                    trail_end.data()};
-              Barrier barrier(members);
-              std::vector<std::thread> team;
-              for (int m = 0; m < members; ++m)
-                team.emplace_back([&, m] {
-                  softrank::soft_product_team(
-                      x.data(), f.out.data(), f.perm.data(), f.block.data(), v.data(), n, spec,
-                      transpose, result.data(), work.data(), pieces, scratch,
-                      softrank::TeamRanges<ThreadTeam>{ThreadTeam{m, members, &barrier}});
-                });
-              for (auto& t : team) t.join();
-              double row_scale = 1.0, worst = 0.0;
-              for (int i = 0; i < n; ++i)
-                row_scale = std::max(row_scale, std::fabs(static_cast<double>(ref[i])));
               bool nan_same = true;
-              for (int i = 0; i < n; ++i) {
-                const double a = static_cast<double>(result[i]), b = static_cast<double>(ref[i]);
-                nan_same = nan_same && std::isnan(a) == std::isnan(b) && !is_sentinel(result[i]);
-                if (!std::isnan(b)) worst = std::max(worst, std::fabs(a - b) / row_scale);
-              }
+              const double worst =
+                  team_product_error(x, f, v, n, spec, transpose, pieces, members, nan_same);
               CHECK(nan_same && worst <= tol)
                   << describe(spec) << "n" << n << "kind" << kind << "min piece" << min_piece
                   << "transpose" << transpose << "members" << members
                   << (sizeof(T) == 4 ? "f32" : "f64") << "error" << worst;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// The cuts the CUDA core plans (team_pav_chunking, product_piece_count with
+// its bounds) for a block of 256 threads and for a cooperative grid of 132
+// blocks of 256, run by a few std::threads: the forward against the CPU
+// engine (same blocks, outputs to the block sums' rounding) and both
+// products.
+template <class T>
+void check_gpu_cuts(int members) {
+  Rng rng(173 + sizeof(T) + members);
+  const double tol = sizeof(T) == 8 ? 1e-12 : 2e-6;
+  for (int n : {512, 1000, 70001, (1 << 20) + 3}) {
+    const bool huge = n > (1 << 20);
+    for (std::int64_t planned : {std::int64_t{256}, std::int64_t{132 * 256}}) {
+      const softrank::PavChunking chunking = softrank::team_pav_chunking(n, planned);
+      const index_t pieces = softrank::product_piece_count(n, planned, softrank::kMinTeamChunk,
+                                                           softrank::kMaxTeamJoin);
+      CHECK(chunking.count(n) > 1 && chunking.count(n) <= softrank::kMaxTeamJoin &&
+            chunking.size >= softrank::kMinTeamChunk && pieces <= softrank::kMaxTeamJoin)
+          << "n" << n << "planned" << planned;
+      for (int kind : {0, 1, 4}) {
+        if (huge && kind != 0) continue;
+        std::vector<T> x = team_row<T>(rng, n, kind == 4 ? 0 : kind);
+        if (kind == 4) std::fill(x.begin(), x.end(), T(1.5));
+        std::vector<T> v(n);
+        for (T& e : v) e = static_cast<T>(rng.normal());
+        for (double eps : {0.0, 1.0, 1e-3}) {
+          if (huge && eps != 1.0) continue;
+          for (const OpSpec& spec : all_specs(eps)) {
+            if (huge && spec.descending) continue;
+            const Forward<T> ref = forward(x, 1, n, spec);
+            std::vector<T> out;
+            std::vector<index_t> block;
+            team_forward(x, n, spec, ref.perm, members, chunking, out, block);
+            double worst = 0.0, row_scale = 1.0;
+            bool blocks_same = true;
+            for (int i = 0; i < n; ++i)
+              row_scale = std::max(row_scale, std::fabs(double(ref.out[i])));
+            for (int i = 0; i < n; ++i) {
+              worst = std::max(worst, std::fabs(double(out[i]) - double(ref.out[i])) / row_scale);
+              blocks_same = blocks_same && block[i] == ref.block[i];
+            }
+            CHECK(worst <= tol && blocks_same) << describe(spec) << "n" << n << "kind" << kind
+                                               << "planned" << planned << "error" << worst;
+            for (bool transpose : {false, true}) {
+              bool nan_same = true;
+              const double err =
+                  team_product_error(x, ref, v, n, spec, transpose, pieces, members, nan_same);
+              CHECK(nan_same && err <= tol) << describe(spec) << "n" << n << "kind" << kind
+                                            << "planned" << planned << "transpose" << transpose
+                                            << "error" << err;
             }
           }
         }
@@ -253,3 +325,5 @@ TEST(block_schedule, fine_chunks_float32) { check_fine_chunks<float>(4); }
 TEST(block_schedule, fine_chunks_float64) { check_fine_chunks<double>(3); }
 TEST(block_schedule, team_products_float32) { check_team_products<float>(4); }
 TEST(block_schedule, team_products_float64) { check_team_products<double>(3); }
+TEST(block_schedule, gpu_cuts_float32) { check_gpu_cuts<float>(4); }
+TEST(block_schedule, gpu_cuts_float64) { check_gpu_cuts<double>(3); }
