@@ -138,12 +138,35 @@ void check_team_forward(int members) {
   }
 }
 
-// The CUDA core's cuts: chunks of a few positions to thousands, rows of one
-// chunk to hundreds. The blocks are the CPU's; the outputs differ from the
-// CPU's only by the roundings of the block sums, summed in other pieces:
+// team_forward's largest error against the CPU engine's forward `ref`,
 // relative to the largest of the row's outputs and, for the sort, of its
 // inputs (a block mean of terms of +-1e300 may cancel to a far smaller
-// output, whose error is that of the terms).
+// output, whose error is that of the terms); blocks_same: the same blocks.
+template <class T>
+double team_forward_error(const std::vector<T>& x, int n, const OpSpec& spec,
+                          const Forward<T>& ref, int members, softrank::PavChunking chunking,
+                          bool& blocks_same) {
+  std::vector<T> out;
+  std::vector<index_t> block;
+  team_forward(x, n, spec, ref.perm, members, chunking, out, block);
+  double worst = 0.0, row_scale = 1.0;
+  for (int i = 0; i < n; ++i) {
+    row_scale = std::max(row_scale, std::fabs(static_cast<double>(ref.out[i])));
+    if (spec.op == Op::Sort) row_scale = std::max(row_scale, std::fabs(static_cast<double>(x[i])));
+  }
+  blocks_same = true;
+  for (int i = 0; i < n; ++i) {
+    const double a = static_cast<double>(out[i]), b = static_cast<double>(ref.out[i]);
+    const double err = std::fabs(a - b) / row_scale;
+    worst = std::isnan(err) ? kInf : std::max(worst, err);
+    blocks_same = blocks_same && block[i] == ref.block[i];
+  }
+  return worst;
+}
+
+// The CUDA core's cuts: chunks of a few positions to thousands, rows of one
+// chunk to hundreds. The blocks are the CPU's; the outputs differ from the
+// CPU's only by the roundings of the block sums, summed in other pieces.
 template <class T>
 void check_fine_chunks(int members) {
   Rng rng(131 + sizeof(T) + members);
@@ -159,22 +182,9 @@ void check_fine_chunks(int members) {
         for (double eps : {0.0, 0.3, 1.0, 1e3, 1e-310}) {
           for (const OpSpec& spec : all_specs(eps)) {
             const Forward<T> ref = forward(x, 1, n, spec);
-            std::vector<T> out;
-            std::vector<index_t> block;
-            team_forward(x, n, spec, ref.perm, members, chunking, out, block);
-            double worst = 0.0, row_scale = 1.0;
             bool blocks_same = true;
-            for (int i = 0; i < n; ++i) {
-              row_scale = std::max(row_scale, std::fabs(static_cast<double>(ref.out[i])));
-              if (spec.op == Op::Sort)
-                row_scale = std::max(row_scale, std::fabs(static_cast<double>(x[i])));
-            }
-            for (int i = 0; i < n; ++i) {
-              const double a = static_cast<double>(out[i]), b = static_cast<double>(ref.out[i]);
-              const double err = std::fabs(a - b) / row_scale;
-              worst = std::isnan(err) ? kInf : std::max(worst, err);
-              blocks_same = blocks_same && block[i] == ref.block[i];
-            }
+            const double worst =
+                team_forward_error(x, n, spec, ref, members, chunking, blocks_same);
             CHECK(worst <= tol && blocks_same)
                 << describe(spec) << "n" << n << "kind" << kind << "chunk" << chunking.size
                 << "members" << members << (sizeof(T) == 4 ? "f32" : "f64") << "error" << worst
@@ -289,17 +299,9 @@ void check_gpu_cuts(int members) {
           for (const OpSpec& spec : all_specs(eps)) {
             if (huge && spec.descending) continue;
             const Forward<T> ref = forward(x, 1, n, spec);
-            std::vector<T> out;
-            std::vector<index_t> block;
-            team_forward(x, n, spec, ref.perm, members, chunking, out, block);
-            double worst = 0.0, row_scale = 1.0;
             bool blocks_same = true;
-            for (int i = 0; i < n; ++i)
-              row_scale = std::max(row_scale, std::fabs(double(ref.out[i])));
-            for (int i = 0; i < n; ++i) {
-              worst = std::max(worst, std::fabs(double(out[i]) - double(ref.out[i])) / row_scale);
-              blocks_same = blocks_same && block[i] == ref.block[i];
-            }
+            const double worst =
+                team_forward_error(x, n, spec, ref, members, chunking, blocks_same);
             CHECK(worst <= tol && blocks_same) << describe(spec) << "n" << n << "kind" << kind
                                                << "planned" << planned << "error" << worst;
             for (bool transpose : {false, true}) {
