@@ -341,6 +341,11 @@ SOFTRANK_HD void soft_forward_sorted(index_t n, const OpSpec& spec, const Scratc
   index_t* first = chunks > 1 ? w.chunk_first : &one_first;
   index_t* last = chunks > 1 ? w.chunk_last : &one_last;
   index_t* end = chunks > 1 ? w.chunk_end : &one_end;
+  // Where the block in chunk c's first slot ends (an emptied chunk's, once
+  // the merge step below has given it its covering block: its end[c]).
+  auto first_block_end = [&](index_t c) {
+    return first[c] + 1 < last[c] ? b.start[first[c] + 1] : end[c];
+  };
   auto pav_chunk = [&](index_t c) {
     const index_t lo = c * chunk_size, hi = c + 1 < chunks ? lo + chunk_size : n;
     const BlockStack part{b.start + lo, b.ref + lo, b.stat + lo, b.stat2 + lo, b.tail + lo};
@@ -391,10 +396,8 @@ SOFTRANK_HD void soft_forward_sorted(index_t n, const OpSpec& spec, const Scratc
           end[c] = next;
           next = b.start[first[c]];
         } else {
-          const index_t k = first[c + 1];
-          first[c] = last[c] = k;
-          end[c] = first[c + 1] < last[c + 1] && k + 1 < last[c + 1] ? b.start[k + 1]
-                                                                      : end[c + 1];
+          first[c] = last[c] = first[c + 1];
+          end[c] = first_block_end(c + 1);
         }
       }
     });
@@ -430,11 +433,7 @@ SOFTRANK_HD void soft_forward_sorted(index_t n, const OpSpec& spec, const Scratc
     }
     write_slots(first[c], last[c], end[c], lo, hi);
     if (end[c] < hi) {
-      const index_t k = first[c + 1];
-      const index_t block_end = first[c + 1] < last[c + 1] && k + 1 < last[c + 1]
-                                    ? b.start[k + 1]
-                                    : end[c + 1];
-      write_slots(k, k + 1, block_end, end[c], hi);
+      write_slots(first[c + 1], first[c + 1] + 1, first_block_end(c + 1), end[c], hi);
     }
   });
 }
