@@ -58,11 +58,13 @@ SOFTRANK_HD void for_each_block(const index_t* block_start, index_t lo, index_t 
 // may be small (|x| << 1, or a block whose outputs cross 0), that would be a
 // large relative error: there the ratio is log1p((S - Q) / Q), with S - Q
 // summed termwise as exp(b) * expm1(a - b), a = xs_j - ref, b = -(j - s)/eps
-// (or exp(a) - exp(b) where |a - b| >= 1/2: no cancellation). The exps of a
-// are taken in one vectorised pass over `scratch` (positions [s, e) of n
-// doubles), and expm1 by expm1_small: widely spread rows (the benchmarks')
-// pool blocks of tens of items that all take this path, where libm's exp
-// and expm1 calls were a fifth of the operator's time.
+// (or exp(a) - exp(b) where |a - b| >= 1/2: no cancellation). The exps of a,
+// the terms and their sum are one vectorised pass (sort_kl_diff_sum, with
+// `scratch`, positions [s, e) of n doubles, for its portable variant), and
+// expm1 is expm1_small: widely spread rows (the benchmarks') pool blocks of
+// tens of items that all take this path, where libm's exp and expm1 calls
+// were a fifth of the operator's time, and the scalar terms after them a
+// quarter of a float64 (1024, 64) soft sort's.
 // Blocks are the stack slots [k_begin, k_end), the last ending at end.
 SOFTRANK_HD void sort_kl_log_ratios(const double* xs, const double* decay, index_t k_begin,
                                index_t k_end, index_t end, const InverseScale& scale,
@@ -86,23 +88,30 @@ SOFTRANK_HD void sort_kl_log_ratios(const double* xs, const double* decay, index
       const double ref = b.ref[k];
       // a and b only decrease with j: once both are below -750 (both exps
       // 0) every later term is exactly 0, so the terms stop there (a block
-      // of 10^4 spread values would otherwise compute them all).
-      index_t stop = bs + 1;
-      while (stop < be &&
-             !(xs[stop] - ref < -750.0 && -scale(static_cast<double>(stop - bs)) < -750.0))
-        ++stop;
-      for (index_t j = bs + 1; j < stop; ++j) scratch[j] = xs[j] - ref;
-      exp_nonpositive_buffer(scratch + bs + 1, stop - bs - 1);
-      double diff = 0.0;
-      for (index_t j = bs + 1; j < stop; ++j) {  // j = bs contributes exp(0) - exp(0) = 0
-        const double a = xs[j] - ref;
-        const double gap = a + scale(static_cast<double>(j - bs));  // a - b
-        const bool near = std::fabs(gap) < 0.5;
-        // (Both forms computed, one kept: no branch on the data.)
-        const double near_term = decay[j - bs] * expm1_small(near ? gap : 0.0);
-        const double far_term = scratch[j] - decay[j - bs];
-        diff += near ? near_term : far_term;
+      // of 10^4 spread values would otherwise compute them all). Where the
+      // block's last term is not such a one, no term is.
+      const auto negligible = [&](index_t j) {
+        return xs[j] - ref < -750.0 && -scale(static_cast<double>(j - bs)) < -750.0;
+      };
+      index_t stop = be;
+      if (negligible(be - 1)) {
+        stop = bs + 1;
+        while (!negligible(stop)) ++stop;
       }
+      // The terms j = bs + 1 .. stop - 1 (j = bs contributes exp(0) - exp(0)
+      // = 0), in sort_kl_diff_sum's order.
+#if defined(__CUDA_ARCH__)
+      double lanes[4] = {0.0, 0.0, 0.0, 0.0};
+      for (index_t j = bs + 1; j < stop; ++j) {
+        const double a = xs[j] - ref;
+        lanes[(j - bs - 1) % 4] += sort_kl_diff_term(
+            a, exp_nonpositive(a), scale(static_cast<double>(j - bs)), decay[j - bs]);
+      }
+      const double diff = join_lanes(lanes);
+#else
+      const double diff = sort_kl_diff_sum(xs + bs + 1, ref, decay + 1, scale.inv, scale.eps,
+                                           scale.multiply, stop - bs - 1, scratch + bs + 1);
+#endif
       log_ratio = std::log1p(diff / b.stat2[k]);
     }
     b.stat[k] = log_ratio;

@@ -3,6 +3,7 @@
 // (scalar) and, vectorised, by exp_nonpositive_inplace (vector_math.cpp).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -90,7 +91,45 @@ SOFTRANK_FORCE_INLINE double expm1_small(double x) {
   return x + x * (x * p);
 }
 
+// One term of the kl soft sort's S - Q (soft_row.h, sort_kl_log_ratios):
+// exp(a) - d computed without cancellation, where a = x'_j - ref <= 0, d =
+// exp(-k / eps) is the decay table's entry and offset = k / eps (k = j - s):
+// d * expm1(a - (-offset)) where the two exponents are within 1/2, else
+// exp_a - d (exp_a = exp(a), computed by the caller; no cancellation there).
+// Both forms are computed and one kept: no branch on the data.
+SOFTRANK_FORCE_INLINE double sort_kl_diff_term(double a, double exp_a, double offset, double d) {
+  const double gap = a + offset;
+  const bool near = std::fabs(gap) < 0.5;
+  const double near_term = d * expm1_small(near ? gap : 0.0);
+  const double far_term = exp_a - d;
+  return near ? near_term : far_term;
+}
+
 // values[i] = exp(values[i]) for values[i] <= 0 (or -inf); vectorised.
 void exp_nonpositive_inplace(double* values, std::int64_t n);
+
+// The sum of sort_kl_diff_term(a, exp(a), offset, decay[i]) over i in
+// [0, count), with a = xs[i] - ref and offset = (i + 1) * inv where
+// `multiply`, else (i + 1) / eps; exp(a) as exp_nonpositive_inplace gives
+// it. Summed in four interleaved partial sums (term i into lane i % 4)
+// joined as (s0 + s1) + (s2 + s3): a vector kernel's order, kept by every
+// path (the scalar one too: sort_kl_diff_lanes) so that all give the same
+// bits; one chain of adds in order was a sixth of a float64 (1024, 64) kl
+// soft sort. `scratch` holds count doubles (the portable path's exps).
+double sort_kl_diff_sum(const double* xs, double ref, const double* decay, double inv, double eps,
+                        bool multiply, std::int64_t count, double* scratch);
+
+// For the tests: the kernels of one level (SimdLevel, cpu_features.h: 0
+// baseline, 1 AVX2, 2 AVX-512), whatever simd_level() chose; false, doing
+// nothing, where the CPU or the build lacks that level.
+bool exp_nonpositive_inplace_at(int level, double* values, std::int64_t n);
+bool sort_kl_diff_sum_at(int level, const double* xs, double ref, const double* decay, double inv,
+                         double eps, bool multiply, std::int64_t count, double* scratch,
+                         double* sum);
+
+// The partial sums' join (sort_kl_diff_sum).
+SOFTRANK_FORCE_INLINE double join_lanes(const double* lanes) {
+  return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+}
 
 }  // namespace softrank
