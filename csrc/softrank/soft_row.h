@@ -49,6 +49,33 @@ SOFTRANK_HD void for_each_block(const index_t* block_start, index_t lo, index_t 
   }
 }
 
+// The sum of term(0) .. term(count - 1) in four interleaved partial sums
+// (term i into lane i % 4) joined as (s0 + s1) + (s2 + s3): four chains of
+// adds instead of one, whose latency bound the backward pass's block sums,
+// in one order on every machine (sort_kl_diff_sum's). Starting from +0, as a
+// plain sum: a sum of -0 terms is +0.
+template <class Term>
+SOFTRANK_HD double lane_sum(index_t count, Term&& term) {
+  if (count < 4) {
+    // One term a lane: the same value as the join, since 0 + t is never -0
+    // and adding the empty lanes' +0 changes nothing. (Most blocks are
+    // short, and the lanes' loops cost them more than they save.)
+    double sum = 0.0;
+    for (index_t i = 0; i < count; ++i) sum += term(i);
+    return sum;
+  }
+  double lanes[4] = {0.0, 0.0, 0.0, 0.0};
+  index_t i = 0;
+  for (; i + 4 <= count; i += 4) {
+    lanes[0] += term(i);
+    lanes[1] += term(i + 1);
+    lanes[2] += term(i + 2);
+    lanes[3] += term(i + 3);
+  }
+  for (index_t lane = 0; i < count; ++i, ++lane) lanes[lane] += term(i);
+  return join_lanes(lanes);
+}
+
 // Sort kl: replaces each block's S by log(S / Q) (Q in stat2 stays). S and Q
 // are sums of m terms, each within a few m ulp, so log(S / Q) is within
 // ~8m ulp of 1 in absolute terms: below the rounding of the block's outputs
@@ -468,8 +495,7 @@ SOFTRANK_HD void block_softmax(const T* x, const index_t* perm, index_t s, index
   const double top = sign * static_cast<double>(x[perm[s]]);  // the block's largest x'
   for (index_t i = s; i < e; ++i) p[i] = sign * static_cast<double>(x[perm[i]]) - top;
   exp_nonpositive_buffer(p + s, e - s);
-  double sum = 0.0;
-  for (index_t i = s; i < e; ++i) sum += p[i];
+  const double sum = lane_sum(e - s, [&](index_t j) { return p[s + j]; });
   const double inv = 1.0 / sum;
   for (index_t i = s; i < e; ++i) p[i] *= inv;
 }
@@ -514,8 +540,8 @@ SOFTRANK_HD void soft_product_range(const T* x, const T* out, const index_t* per
           result[p] = static_cast<T>(divide ? sg * (d / eps) : scale * d);
           return;
         }
-        double sum = 0.0;
-        for (index_t i = s; i < e; ++i) sum += static_cast<double>(vec[perm[i]]);
+        const double sum =
+            lane_sum(e - s, [&](index_t j) { return static_cast<double>(vec[perm[s + j]]); });
         const double mean = sum / static_cast<double>(e - s);
         for (index_t i = s; i < e; ++i) {
           const double d = static_cast<double>(vec[perm[i]]) - mean;
@@ -533,9 +559,9 @@ SOFTRANK_HD void soft_product_range(const T* x, const T* out, const index_t* per
           result[p] = static_cast<T>(divide ? sg * (r * d / eps) : scale * r * d);
           return;
         }
-        double dot = 0.0;
-        for (index_t i = s; i < e; ++i)
-          dot += static_cast<double>(vec[perm[i]]) * static_cast<double>(out[perm[i]]);
+        const double dot = lane_sum(e - s, [&](index_t j) {
+          return static_cast<double>(vec[perm[s + j]]) * static_cast<double>(out[perm[s + j]]);
+        });
         const double c = dot / rho_sum(n, s, e);
         for (index_t i = s; i < e; ++i) {
           const double r = static_cast<double>(out[perm[i]]);
@@ -559,8 +585,7 @@ SOFTRANK_HD void soft_product_range(const T* x, const T* out, const index_t* per
         result[i] = static_cast<T>(v);
     };
     if (spec.reg == Reg::L2 || spec.eps == 0.0) {
-      double sum = 0.0;
-      for (index_t i = s; i < e; ++i) sum += read(i);
+      const double sum = lane_sum(e - s, [&](index_t j) { return read(s + j); });
       const double mean = sum / static_cast<double>(e - s);
       for (index_t i = s; i < e; ++i) write(i, mean);
       return;
@@ -574,12 +599,10 @@ SOFTRANK_HD void soft_product_range(const T* x, const T* out, const index_t* per
     }
     block_softmax(x, perm, s, e, negate, work);
     if (transpose) {
-      double sum = 0.0;
-      for (index_t i = s; i < e; ++i) sum += read(i);
+      const double sum = lane_sum(e - s, [&](index_t j) { return read(s + j); });
       for (index_t i = s; i < e; ++i) write(i, work[i] * sum);
     } else {
-      double dot = 0.0;
-      for (index_t i = s; i < e; ++i) dot += work[i] * read(i);
+      const double dot = lane_sum(e - s, [&](index_t j) { return work[s + j] * read(s + j); });
       for (index_t i = s; i < e; ++i) write(i, dot);
     }
   });
