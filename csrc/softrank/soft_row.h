@@ -51,15 +51,14 @@ SOFTRANK_HD void for_each_block(const index_t* block_start, index_t lo, index_t 
 
 // The sum of term(0) .. term(count - 1) in four interleaved partial sums
 // (term i into lane i % 4) joined as (s0 + s1) + (s2 + s3): four chains of
-// adds instead of one, whose latency bound the backward pass's block sums,
-// in one order on every machine (sort_kl_diff_sum's). Starting from +0, as a
-// plain sum: a sum of -0 terms is +0.
+// adds instead of one, in one order on every machine (sort_kl_diff_sum's,
+// which the CUDA core computes with it). Starting from +0, as a plain sum: a
+// sum of -0 terms is +0.
 template <class Term>
 SOFTRANK_HD double lane_sum(index_t count, Term&& term) {
   if (count < 4) {
     // One term a lane: the same value as the join, since 0 + t is never -0
-    // and adding the empty lanes' +0 changes nothing. (Most blocks are
-    // short, and the lanes' loops cost them more than they save.)
+    // and adding the empty lanes' +0 changes nothing.
     double sum = 0.0;
     for (index_t i = 0; i < count; ++i) sum += term(i);
     return sum;
@@ -74,6 +73,20 @@ SOFTRANK_HD double lane_sum(index_t count, Term&& term) {
   }
   for (index_t lane = 0; i < count; ++i, ++lane) lanes[lane] += term(i);
   return join_lanes(lanes);
+}
+
+// A block's sum in the backward pass: in order below kLaneSumMin terms,
+// else by lane_sum, whose four chains of adds do not wait on each other's
+// latency as one chain does (a kl soft sort's blocks of tens of items),
+// while its extra loop exits cost short blocks (a kl soft rank's, of 2 to
+// 8) more than they save. The choice depends on the block's length only.
+constexpr index_t kLaneSumMin = 16;
+template <class Term>
+SOFTRANK_HD double block_sum(index_t count, Term&& term) {
+  if (count >= kLaneSumMin) return lane_sum(count, term);
+  double sum = 0.0;
+  for (index_t i = 0; i < count; ++i) sum += term(i);
+  return sum;
 }
 
 // Sort kl: replaces each block's S by log(S / Q) (Q in stat2 stays). S and Q
@@ -128,13 +141,12 @@ SOFTRANK_HD void sort_kl_log_ratios(const double* xs, const double* decay, index
       // The terms j = bs + 1 .. stop - 1 (j = bs contributes exp(0) - exp(0)
       // = 0), in sort_kl_diff_sum's order.
 #if defined(__CUDA_ARCH__)
-      double lanes[4] = {0.0, 0.0, 0.0, 0.0};
-      for (index_t j = bs + 1; j < stop; ++j) {
+      const double diff = lane_sum(stop - bs - 1, [&](index_t i) {
+        const index_t j = bs + 1 + i;
         const double a = xs[j] - ref;
-        lanes[(j - bs - 1) % 4] += sort_kl_diff_term(
-            a, exp_nonpositive(a), scale(static_cast<double>(j - bs)), decay[j - bs]);
-      }
-      const double diff = join_lanes(lanes);
+        return sort_kl_diff_term(a, exp_nonpositive(a), scale(static_cast<double>(j - bs)),
+                                 decay[j - bs]);
+      });
 #else
       const double diff = sort_kl_diff_sum(xs + bs + 1, ref, decay + 1, scale.inv, scale.eps,
                                            scale.multiply, stop - bs - 1, scratch + bs + 1);
@@ -495,7 +507,7 @@ SOFTRANK_HD void block_softmax(const T* x, const index_t* perm, index_t s, index
   const double top = sign * static_cast<double>(x[perm[s]]);  // the block's largest x'
   for (index_t i = s; i < e; ++i) p[i] = sign * static_cast<double>(x[perm[i]]) - top;
   exp_nonpositive_buffer(p + s, e - s);
-  const double sum = lane_sum(e - s, [&](index_t j) { return p[s + j]; });
+  const double sum = block_sum(e - s, [&](index_t j) { return p[s + j]; });
   const double inv = 1.0 / sum;
   for (index_t i = s; i < e; ++i) p[i] *= inv;
 }
@@ -541,7 +553,7 @@ SOFTRANK_HD void soft_product_range(const T* x, const T* out, const index_t* per
           return;
         }
         const double sum =
-            lane_sum(e - s, [&](index_t j) { return static_cast<double>(vec[perm[s + j]]); });
+            block_sum(e - s, [&](index_t j) { return static_cast<double>(vec[perm[s + j]]); });
         const double mean = sum / static_cast<double>(e - s);
         for (index_t i = s; i < e; ++i) {
           const double d = static_cast<double>(vec[perm[i]]) - mean;
@@ -559,7 +571,7 @@ SOFTRANK_HD void soft_product_range(const T* x, const T* out, const index_t* per
           result[p] = static_cast<T>(divide ? sg * (r * d / eps) : scale * r * d);
           return;
         }
-        const double dot = lane_sum(e - s, [&](index_t j) {
+        const double dot = block_sum(e - s, [&](index_t j) {
           return static_cast<double>(vec[perm[s + j]]) * static_cast<double>(out[perm[s + j]]);
         });
         const double c = dot / rho_sum(n, s, e);
@@ -585,7 +597,7 @@ SOFTRANK_HD void soft_product_range(const T* x, const T* out, const index_t* per
         result[i] = static_cast<T>(v);
     };
     if (spec.reg == Reg::L2 || spec.eps == 0.0) {
-      const double sum = lane_sum(e - s, [&](index_t j) { return read(s + j); });
+      const double sum = block_sum(e - s, [&](index_t j) { return read(s + j); });
       const double mean = sum / static_cast<double>(e - s);
       for (index_t i = s; i < e; ++i) write(i, mean);
       return;
@@ -599,10 +611,10 @@ SOFTRANK_HD void soft_product_range(const T* x, const T* out, const index_t* per
     }
     block_softmax(x, perm, s, e, negate, work);
     if (transpose) {
-      const double sum = lane_sum(e - s, [&](index_t j) { return read(s + j); });
+      const double sum = block_sum(e - s, [&](index_t j) { return read(s + j); });
       for (index_t i = s; i < e; ++i) write(i, work[i] * sum);
     } else {
-      const double dot = lane_sum(e - s, [&](index_t j) { return work[s + j] * read(s + j); });
+      const double dot = block_sum(e - s, [&](index_t j) { return work[s + j] * read(s + j); });
       for (index_t i = s; i < e; ++i) write(i, dot);
     }
   });

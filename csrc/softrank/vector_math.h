@@ -112,10 +112,13 @@ void exp_nonpositive_inplace(double* values, std::int64_t n);
 // [0, count), with a = xs[i] - ref and offset = (i + 1) * inv where
 // `multiply`, else (i + 1) / eps; exp(a) as exp_nonpositive_inplace gives
 // it. Summed in four interleaved partial sums (term i into lane i % 4)
-// joined as (s0 + s1) + (s2 + s3): a vector kernel's order, kept by every
-// path (the scalar one too: sort_kl_diff_lanes) so that all give the same
-// bits; one chain of adds in order was a sixth of a float64 (1024, 64) kl
-// soft sort. `scratch` holds count doubles (the portable path's exps).
+// joined as (s0 + s1) + (s2 + s3): the vector kernels' order, kept by the
+// portable kernel and by the CUDA core (lane_sum, soft_row.h), so that the
+// sum's rounding is the same on every path; one chain of adds in order was
+// a sixth of a float64 (1024, 64) kl soft sort. The AVX2 and AVX-512
+// kernels give the same bits; the portable one and the GPU differ from them
+// only by their exps' (no FMA). `scratch` holds count doubles (the portable
+// kernel's exps).
 double sort_kl_diff_sum(const double* xs, double ref, const double* decay, double inv, double eps,
                         bool multiply, std::int64_t count, double* scratch);
 
