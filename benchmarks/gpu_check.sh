@@ -2,19 +2,21 @@
 # The GPU check of softrank's CUDA core, in one go (well under 8 minutes):
 #   1. build softrank in place with SOFTRANK_CUDA=ON (CMake, no network, no pip);
 #   2. pytest -m cuda tests/test_cuda.py tests/test_cuda_core.py (the CUDA paths
-#      and the CUDA core against the CPU engine);
-#   3. compute-sanitizer memcheck over forward + backward (float32/float64, l2/kl,
-#      rank/sort, short and long rows);
-#   4. torchsort from a local source, where one is found (optional);
-#   5. the GPU benchmark table (benchmarks/test_bench_cuda.py).
+#      and the CUDA core against the CPU engine); the summary counts its skips;
+#   3. torchsort from a local source, where one is found (optional);
+#   4. the GPU benchmark table (benchmarks/test_bench_cuda.py);
+#   5. compute-sanitizer memcheck over forward + backward (float32/float64, l2/kl,
+#      rank/sort, short and long rows), in what is left of the budget: last, so
+#      that a slow sanitizer never costs the table.
 # Every stage has a timeout, cut to what is left of the total budget, so one hang
 # does not eat the rest; a compact summary ends the output. Logs go to $OUT (set on
 # the GPU machine) or a temporary directory.
 #
 # Run from anywhere: bash benchmarks/gpu_check.sh
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 470),
-# TORCHSORT_SRC (a torchsort source tree), CMAKE_CUDA_ARCHITECTURES (default: the
-# GPU's own compute capability).
+# TORCHSORT_SRC (a torchsort source tree; the device tool carries an ignored
+# folder of the checkout, e.g. peers/torchsort, where one was unpacked),
+# CMAKE_CUDA_ARCHITECTURES (default: the GPU's own compute capability).
 # Exit status: 0 when every stage that ran passed, 1 when one failed or timed
 # out, 2 when this machine cannot run the check (no GPU, a tool missing).
 set -u
@@ -25,6 +27,9 @@ cd "$root"
 # process of the check imports it from here.
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 py=${PYTHON:-python3}
+# jax would take 75% of the GPU's memory at its first use, next to torch in the
+# same test process.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 budget=${GPU_CHECK_BUDGET_S:-470}
 start=$(date +%s)
 logs=${OUT:-$(mktemp -d -t softrank-gpu-check.XXXXXX)}
@@ -96,6 +101,7 @@ fi
   unavailable "torch sees no CUDA device (a CPU-only torch, or no driver)"
 echo "GPU: $(nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader | head -n 1)"
 echo "nvcc: $("$nvcc" --version | tail -n 1); $("$py" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)')"
+echo "jax: $(timeout 60 "$py" -c 'import jax, jaxlib; print(jax.__version__, "jaxlib", jaxlib.__version__, "devices", jax.devices())' 2>&1 | tail -n 1)"
 echo "logs: $logs"
 
 # --- 1. build -----------------------------------------------------------------------
@@ -115,7 +121,23 @@ build() {
   built=$(ls build/gpu/_C*.so | head -n 1)
   cp "$built" "softrank/.$(basename "$built").tmp"
   mv "softrank/.$(basename "$built").tmp" "softrank/$(basename "$built")"
-  "$py" -c "from softrank import _C; assert _C.cuda_compiled(), 'built without the CUDA core'; print('cuda_device_count', _C.cuda_device_count())"
+  # The core must see the GPU that torch sees: a driver older than the toolkit
+  # (the CUDA runtime is linked statically) gives a device count of 0, and
+  # every cuda test would skip.
+  "$py" - <<'PYEOF'
+from softrank import _C
+assert _C.cuda_compiled(), "built without the CUDA core"
+count = _C.cuda_device_count()
+print("cuda_device_count", count)
+assert count > 0, ("the CUDA core sees no device (a driver older than the toolkit?): "
+                   "check nvidia-smi's CUDA version against nvcc's")
+print("XLA FFI CUDA handlers:", sorted(_C.xla_ffi_cuda_targets()))
+try:
+    import softrank.jax as srj
+    print("softrank.jax CUDA targets registered:", sorted(srj._CUDA_FFI_TARGETS))
+except Exception as exc:  # jax absent or broken: its tests skip and say so
+    print("softrank.jax does not import:", type(exc).__name__, exc)
+PYEOF
 }
 export -f build
 stage build 240 bash -c build || finish
@@ -126,41 +148,14 @@ if ! "$py" -c "import hypothesis" 2>/dev/null; then
   # tests/conftest.py needs hypothesis; the cuda tests do not.
   pytest_args+=(--noconftest -o "markers=cuda: needs a CUDA GPU")
 fi
-stage tests 200 "$py" -m pytest "${pytest_args[@]}" tests/test_cuda.py tests/test_cuda_core.py
+stage tests 200 "$py" -m pytest "${pytest_args[@]}" --durations=10 tests/test_cuda.py \
+  tests/test_cuda_core.py
+# pytest's last line ("N passed, M skipped in T s") on the summary: a skipped
+# cuda test on a GPU machine is coverage missing (the -rs list in the log says why).
+counts=$(grep -E '[0-9]+ (passed|failed|error)' "$logs/tests.log" | tail -n 1 | tr -d '=')
+[[ -n "$counts" ]] && summary[${#summary[@]} - 1]+=" [${counts# }]"
 
-# --- 3. compute-sanitizer -----------------------------------------------------------------
-sanitizer=$(command -v compute-sanitizer || ls "$(dirname "$nvcc")/compute-sanitizer" 2>/dev/null)
-if [[ -n "$sanitizer" ]]; then
-  cat >"$logs/sanitize.py" <<'EOF'
-# Forward and backward through softrank's CUDA kernels, for compute-sanitizer.
-import torch
-
-import softrank.torch as srt
-
-torch.manual_seed(0)
-for n, rows in ((1, 3), (7, 5), (1000, 16), (2**20 + 3, 1)):
-    for dtype in (torch.float32, torch.float64):
-        x = torch.randn(rows, n, dtype=dtype, device="cuda")
-        if rows > 1:
-            x[0, n // 2] = float("nan")  # a non-finite row
-        for fn in (srt.soft_rank, srt.soft_sort):
-            for reg in ("l2", "kl"):
-                leaf = x.clone().requires_grad_()
-                y = fn(leaf, 0.5, regularization=reg, direction="descending" if n == 7 else "ascending")
-                y.backward(torch.randn_like(y))
-                _ = torch.func.jvp(lambda v: fn(v, 0.5, regularization=reg), (x,), (x,))
-torch.cuda.synchronize()
-print("sanitizer script done")
-EOF
-  # Without the caching allocator every tensor is its own allocation, so memcheck
-  # sees an access past an output or the workspace.
-  stage sanitizer 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-    "$sanitizer" --tool memcheck --error-exitcode 1 --print-limit 20 "$py" "$logs/sanitize.py"
-else
-  summary+=("sanitizer: SKIPPED (no compute-sanitizer next to $nvcc or on PATH)")
-fi
-
-# --- 4. torchsort (optional) --------------------------------------------------------------
+# --- 3. torchsort (optional) --------------------------------------------------------------
 torchsort_src=""
 for candidate in "${TORCHSORT_SRC:-}" "$root/../peers/torchsort" "$root/peers/torchsort" \
   /work/peers/torchsort; do
@@ -188,6 +183,56 @@ else
   fi
 fi
 
-# --- 5. the benchmark table -----------------------------------------------------------------
+# --- 4. the benchmark table -----------------------------------------------------------------
 stage benchmark 240 "$py" benchmarks/test_bench_cuda.py
+
+# --- 5. compute-sanitizer -----------------------------------------------------------------
+# (nvcc on PATH may be a wrapper script: the toolkit's own bin is looked in too.)
+sanitizer=""
+for candidate in "$(command -v compute-sanitizer)" "$(dirname "$nvcc")/compute-sanitizer" \
+  "$(dirname "$(readlink -f "$nvcc")")/compute-sanitizer" \
+  "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
+  "${CUDA_HOME:-/usr/local/cuda}/compute-sanitizer/compute-sanitizer"; do
+  if [[ -n "$candidate" && -x "$candidate" && ! -d "$candidate" ]]; then
+    sanitizer=$candidate
+    break
+  fi
+done
+if [[ -n "$sanitizer" ]]; then
+  cat >"$logs/sanitize.py" <<'EOF'
+# Forward and backward through softrank's CUDA kernels, for compute-sanitizer.
+import torch
+
+import softrank.torch as srt
+
+torch.manual_seed(0)
+both = (torch.float32, torch.float64)
+# A thread per row, a block per row, rows sorted whole (few rows of >= 4096),
+# the grid (a cooperative launch; one dtype: memcheck is slow on 2^20 items).
+for n, rows, dtypes in ((1, 3, both), (7, 5, both), (1000, 16, both), (5000, 4, both),
+                        (2**20 + 3, 1, (torch.float32,))):
+    for dtype in dtypes:
+        x = torch.randn(rows, n, dtype=dtype, device="cuda")
+        if rows > 1:
+            x[0, n // 2] = float("nan")  # a non-finite row
+        for fn in (srt.soft_rank, srt.soft_sort):
+            for reg in ("l2", "kl"):
+                leaf = x.clone().requires_grad_()
+                y = fn(leaf, 0.5, regularization=reg, direction="descending" if n == 7 else "ascending")
+                y.backward(torch.randn_like(y))
+                _ = torch.func.jvp(lambda v: fn(v, 0.5, regularization=reg), (x,), (x,))
+torch.cuda.synchronize()
+print("sanitizer script done")
+EOF
+  # Without the caching allocator every tensor is its own allocation, so memcheck
+  # sees an access past an output or the workspace. API errors are not counted:
+  # the core checks every call it makes (and throws), and a cooperative launch
+  # that the instrumented device refuses is an expected, handled error.
+  stage sanitizer 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    "$sanitizer" --tool memcheck --report-api-errors no --error-exitcode 1 --print-limit 20 \
+    "$py" "$logs/sanitize.py"
+else
+  summary+=("sanitizer: SKIPPED (no compute-sanitizer on PATH, next to $nvcc or in ${CUDA_HOME:-/usr/local/cuda})")
+fi
+
 finish

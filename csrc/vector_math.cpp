@@ -270,13 +270,10 @@ double sort_kl_diff_sum_baseline(const double* xs, double ref, const double* dec
                                  double eps, bool multiply, std::int64_t count, double* scratch) {
   for (std::int64_t i = 0; i < count; ++i) scratch[i] = xs[i] - ref;
   exp_baseline(scratch, count);
-  double partial[4] = {0.0, 0.0, 0.0, 0.0};
-  for (std::int64_t i = 0; i < count; ++i) {
+  return lane_sum(count, [&](std::int64_t i) {
     const double k = static_cast<double>(i + 1);
-    partial[i % 4] +=
-        sort_kl_diff_term(xs[i] - ref, scratch[i], multiply ? k * inv : k / eps, decay[i]);
-  }
-  return join_lanes(partial);
+    return sort_kl_diff_term(xs[i] - ref, scratch[i], multiply ? k * inv : k / eps, decay[i]);
+  });
 }
 
 using DiffSumKernel = double (*)(const double*, double, const double*, double, double, bool,

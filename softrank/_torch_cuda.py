@@ -79,18 +79,26 @@ def _forward_kernel(cuda: ModuleType):
         dtype = _dtype_name(x)
         rows = _rows(x, x.dtype, x.device)
         count, n = rows.shape
-        out = torch.empty_like(rows)
-        perm = torch.empty(rows.shape, dtype=torch.int32, device=x.device)
+        # Allocated in x's shape, C-contiguous: the (rows, n) memory the core
+        # writes, returned as they are. (A view of a (rows, n) tensor would make
+        # the outputs views, which autograd refuses to let a user modify in
+        # place.)
+        out = torch.empty(x.shape, dtype=rows.dtype, device=x.device)
+        perm = torch.empty(x.shape, dtype=torch.int32, device=x.device)
         block_start = torch.empty_like(perm)
         if rows.numel():
-            workspace = _workspace(cuda.cuda_soft_forward_workspace(dtype, count, n), x.device)
+            # (The size is the current device's: CUB's scratch and the schedule
+            # depend on it, so it is asked with x's device made current.)
             with _launch(x.device) as stream:
+                workspace = _workspace(
+                    cuda.cuda_soft_forward_workspace(dtype, count, n), x.device
+                )
                 cuda.cuda_soft_forward(
                     dtype, rows.data_ptr(), count, n, op, reg, bool(descending), float(eps),
                     out.data_ptr(), perm.data_ptr(), block_start.data_ptr(),
                     workspace.data_ptr(), workspace.numel(), stream,
                 )
-        return out.view(x.shape), perm.view(x.shape), block_start.view(x.shape)
+        return out, perm, block_start
 
     return soft_forward
 
@@ -105,17 +113,17 @@ def _product_kernel(cuda: ModuleType, transpose: bool):
         perm_rows = _rows(perm, torch.int32, device)
         block_rows = _rows(block_start, torch.int32, device)
         vector_rows = _rows(vector, x.dtype, device)
-        result = torch.empty_like(rows)
+        result = torch.empty(x.shape, dtype=rows.dtype, device=device)  # (not a view)
         if rows.numel():
-            workspace = _workspace(cuda.cuda_soft_product_workspace(dtype, count, n), device)
             with _launch(device) as stream:
+                workspace = _workspace(cuda.cuda_soft_product_workspace(dtype, count, n), device)
                 cuda.cuda_soft_product(
                     dtype, rows.data_ptr(), out_rows.data_ptr(), perm_rows.data_ptr(),
                     block_rows.data_ptr(), vector_rows.data_ptr(), count, n, op, reg,
                     bool(descending), float(eps), transpose, result.data_ptr(),
                     workspace.data_ptr(), workspace.numel(), stream,
                 )
-        return result.view(x.shape)
+        return result
 
     return soft_product
 

@@ -286,14 +286,18 @@ def test_device_matches_the_cpu_engine(dtype, kind, shape):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("kind", ["random", "ties", "constant", "nan"])
-@pytest.mark.parametrize("shape", [(3, 513), (2, 70_001), (2, 2**20 + 3)])
+@pytest.mark.parametrize(
+    "shape", [(3, 513), (5, 4096), (128, 4096), (2, 70_001), (2, 2**20 + 3)]
+)
 def test_device_long_rows_match_the_cpu_engine(dtype, kind, shape):
     # Rows of 512 items or more are a team's on the device: one block of
     # threads per row, or the whole grid (a cooperative launch) for a few rows
     # of 2^20 or more, each row cut into PAV chunks and product pieces of about
     # one per thread (csrc/cuda/soft_ops.cu, "Schedules"). The blocks are the
     # CPU's; a block sum over other chunks rounds otherwise, so the tolerance is
-    # relative to the row's largest value.
+    # relative to the row's largest value. The sort: fewer than 128 rows of
+    # 4096 or more are sorted whole, by key and then by row (ties across rows:
+    # "ties", "constant"); (3, 513) and (128, 4096) by the segmented sort.
     torch = _torch_cuda()
     c = _C()
     tol = 1e-5 if dtype == "float32" else 1e-12

@@ -89,8 +89,19 @@ unsigned grid_for(std::int64_t items, int threads) {
 // radix sorts are stable, DeviceSegmentedRadixSort by sharing DeviceRadixSort's
 // implementation; the tests of ties check the permutation exactly). CUB's
 // radix sorts take int item counts, so a batch is sorted in groups of rows
-// of at most INT_MAX items, one group per call; a group of one row is
-// sorted by DeviceRadixSort (faster on one long row than the segmented sort).
+// of at most INT_MAX items, one group per call, in one of three ways
+// (sort_method):
+// - one row: DeviceRadixSort, which spreads it over the whole GPU;
+// - a few long rows (fewer than kWholeSortRowsMax of kWholeSortRowMin items
+//   or more): DeviceSegmentedRadixSort gives each row one thread block, so
+//   64 rows of 1e5 would run on 64 multiprocessors, each sorting 1e5 keys
+//   alone. Instead the whole group is sorted by key with DeviceRadixSort
+//   (values: the item's index in the group), then by row, on the few bits of
+//   the row index, by a second, stable DeviceRadixSort: within a row the
+//   items keep the key order, ties in column order. The keys are then
+//   rebuilt from x by the sorted items (sort_gather_keys). (torch.sort
+//   schedules a few long rows the same way.)
+// - otherwise: DeviceSegmentedRadixSort, a block per row.
 
 template <class T>
 struct KeyOf;
@@ -115,6 +126,38 @@ __global__ void make_keys(const T* x, std::int64_t total, index_t n, bool negate
   }
 }
 
+// sort_method's kWhole: items[i] = i, the value of the first sort.
+__global__ void fill_items(index_t* items, std::int64_t count) {
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       i < count; i += stride)
+    items[i] = static_cast<index_t>(i);
+}
+
+// kWhole: the row of each item (in key order), the second sort's key.
+__global__ void rows_of_items(const index_t* items, std::int64_t count, index_t n,
+                              std::uint32_t* rows) {
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       i < count; i += stride)
+    rows[i] = static_cast<std::uint32_t>(items[i] / n);
+}
+
+// kWhole: the sorted group's keys and columns from its items in row-then-key
+// order (x: the group's first row; keys as make_keys makes them).
+template <class T, class Key>
+__global__ void sort_gather_keys(const T* x, const index_t* items, std::int64_t count, index_t n,
+                                 bool negate, Key* keys, index_t* columns) {
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       i < count; i += stride) {
+    const index_t item = items[i];
+    const T v = (negate ? -x[item] : x[item]) + T(0);
+    keys[i] = descending_key(v);
+    columns[i] = item % n;
+  }
+}
+
 __global__ void fill_offsets(int* offsets, std::int64_t count, index_t n) {
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
   for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -128,22 +171,56 @@ std::int64_t rows_per_group(std::int64_t rows, index_t n) {
   return rows < most ? rows : most;
 }
 
+enum class SortMethod { kOneRow, kWhole, kSegmented };
+constexpr std::int64_t kWholeSortRowsMax = 128;
+constexpr index_t kWholeSortRowMin = 4096;
+
+SortMethod sort_method(std::int64_t count, index_t n) {
+  if (count == 1) return SortMethod::kOneRow;
+  if (count < kWholeSortRowsMax && n >= kWholeSortRowMin) return SortMethod::kWhole;
+  return SortMethod::kSegmented;
+}
+
+// The bits of a row index below `count` (kWhole's second sort): at least 1.
+int row_bits(std::int64_t count) {
+  int bits = 1;
+  while ((std::int64_t{1} << bits) < count) ++bits;
+  return bits;
+}
+
+// CUB's temporary storage for sorting one group of `group` rows, queried
+// with the arguments of the calls in forward().
 template <class Key>
 std::size_t sort_temp_bytes_for(std::int64_t group, index_t n) {
   cub::DoubleBuffer<Key> keys(nullptr, nullptr);
   cub::DoubleBuffer<index_t> values(nullptr, nullptr);
   std::size_t bytes = 0;
   const int items = static_cast<int>(group * n);
-  if (group == 1) {
-    check(cub::DeviceRadixSort::SortPairs(nullptr, bytes, keys, values, items, 0,
-                                          static_cast<int>(sizeof(Key) * 8)),
-          "sizing the radix sort");
-  } else {
-    const int* offsets = nullptr;
-    check(cub::DeviceSegmentedRadixSort::SortPairs(nullptr, bytes, keys, values, items,
-                                                   static_cast<int>(group), offsets, offsets + 1,
-                                                   0, static_cast<int>(sizeof(Key) * 8)),
-          "sizing the segmented radix sort");
+  constexpr int kBits = static_cast<int>(sizeof(Key) * 8);
+  switch (sort_method(group, n)) {
+    case SortMethod::kOneRow:
+      check(cub::DeviceRadixSort::SortPairs(nullptr, bytes, keys, values, items, 0, kBits),
+            "sizing the radix sort");
+      break;
+    case SortMethod::kWhole: {
+      check(cub::DeviceRadixSort::SortPairs(nullptr, bytes, keys, values, items, 0, kBits),
+            "sizing the radix sort");
+      cub::DoubleBuffer<std::uint32_t> row_keys(nullptr, nullptr);
+      std::size_t by_row = 0;
+      check(cub::DeviceRadixSort::SortPairs(nullptr, by_row, row_keys, values, items, 0,
+                                            row_bits(group)),
+            "sizing the radix sort by row");
+      bytes = by_row > bytes ? by_row : bytes;
+      break;
+    }
+    case SortMethod::kSegmented: {
+      int* offsets = nullptr;  // (the call's type: a const int* sizes other kernels)
+      check(cub::DeviceSegmentedRadixSort::SortPairs(nullptr, bytes, keys, values, items,
+                                                     static_cast<int>(group), offsets,
+                                                     offsets + 1, 0, kBits),
+            "sizing the segmented radix sort");
+      break;
+    }
   }
   return bytes;
 }
@@ -207,6 +284,20 @@ struct GridTeam {
 };
 
 enum class Schedule { kThread, kBlock, kGrid };
+
+// Whether `stream` is capturing a CUDA graph (torch's CUDA graphs, XLA's
+// command buffers). A refused launch there invalidates the capture, so the
+// kGrid schedule's cooperative launch is not tried, and its rows run as
+// blocks (the same chunks). A query that fails (the legacy stream while
+// another thread captures) counts as capturing; its error is cleared.
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
+    cudaGetLastError();
+    return true;
+  }
+  return status != cudaStreamCaptureStatusNone;
+}
 
 struct Plan {
   Schedule schedule;
@@ -495,7 +586,7 @@ Plan forward_plan(std::int64_t rows, index_t n) {
 template <class T>
 std::size_t forward_workspace(std::int64_t rows, index_t n) {
   using Key = typename KeyOf<T>::type;
-  if (rows == 0) return 0;
+  if (rows == 0 || n == 0) return 0;
   require_device();
   return forward_layout<Key>(nullptr, rows, n, sort_temp_bytes<Key>(rows, n),
                              forward_plan<T>(rows, n))
@@ -507,7 +598,7 @@ void forward(const T* x, std::int64_t rows, index_t n, const OpSpec& spec, T* ou
              index_t* block_start, void* workspace, std::size_t workspace_bytes,
              cudaStream_t stream) {
   using Key = typename KeyOf<T>::type;
-  if (rows == 0) return;
+  if (rows == 0 || n == 0) return;
   require_device();
   const std::size_t temp_bytes = sort_temp_bytes<Key>(rows, n);
   const Plan plan = forward_plan<T>(rows, n);
@@ -520,10 +611,13 @@ void forward(const T* x, std::int64_t rows, index_t n, const OpSpec& spec, T* ou
       forward_layout<Key>(aligned_base(workspace), rows, n, temp_bytes, plan);
   const std::int64_t total = rows * n;
   const std::int64_t group = rows_per_group(rows, n);
+  const bool negate = negates_input(spec);
   make_keys<<<grid_for(total, kElementThreads), kElementThreads, 0, stream>>>(
-      x, total, n, negates_input(spec), l.keys[0], l.columns[0]);
+      x, total, n, negate, l.keys[0], l.columns[0]);
   check_launch("make_keys");
-  if (group > 1) {
+  const std::int64_t rest = rows % group;
+  if (sort_method(group, n) == SortMethod::kSegmented ||
+      (rest != 0 && sort_method(rest, n) == SortMethod::kSegmented)) {
     fill_offsets<<<grid_for(group + 1, kElementThreads), kElementThreads, 0, stream>>>(
         l.offsets, group + 1, n);
     check_launch("fill_offsets");
@@ -536,15 +630,56 @@ void forward(const T* x, std::int64_t rows, index_t n, const OpSpec& spec, T* ou
     std::size_t temp = l.sort_temp_bytes;
     const int items = static_cast<int>(count * n);
     constexpr int kBits = static_cast<int>(sizeof(Key) * 8);
-    if (count == 1)
-      check(cub::DeviceRadixSort::SortPairs(l.sort_temp, temp, keys, columns, items, 0, kBits,
-                                            stream),
-            "radix sort");
-    else
-      check(cub::DeviceSegmentedRadixSort::SortPairs(l.sort_temp, temp, keys, columns, items,
-                                                     static_cast<int>(count), l.offsets,
-                                                     l.offsets + 1, 0, kBits, stream),
-            "segmented radix sort");
+    const Key* sorted_keys = nullptr;
+    const index_t* sorted_columns = nullptr;
+    switch (sort_method(count, n)) {
+      case SortMethod::kOneRow:
+        check(cub::DeviceRadixSort::SortPairs(l.sort_temp, temp, keys, columns, items, 0, kBits,
+                                              stream),
+              "radix sort");
+        sorted_keys = keys.Current();
+        sorted_columns = columns.Current();
+        break;
+      case SortMethod::kWhole: {
+        // By key, the values being the items' indices in the group...
+        fill_items<<<grid_for(items, kElementThreads), kElementThreads, 0, stream>>>(
+            columns.Current(), items);
+        check_launch("fill_items");
+        check(cub::DeviceRadixSort::SortPairs(l.sort_temp, temp, keys, columns, items, 0, kBits,
+                                              stream),
+              "radix sort");
+        // ... then by row, stably, with the row indices in the key buffers
+        // (the sorted keys are not needed again; a Key holds a uint32).
+        cub::DoubleBuffer<std::uint32_t> row_keys(
+            reinterpret_cast<std::uint32_t*>(l.keys[0] + off),
+            reinterpret_cast<std::uint32_t*>(l.keys[1] + off));
+        rows_of_items<<<grid_for(items, kElementThreads), kElementThreads, 0, stream>>>(
+            columns.Current(), items, n, row_keys.Current());
+        check_launch("rows_of_items");
+        temp = l.sort_temp_bytes;
+        check(cub::DeviceRadixSort::SortPairs(l.sort_temp, temp, row_keys, columns, items, 0,
+                                              row_bits(count), stream),
+              "radix sort by row");
+        // The keys and columns of the items in that order (the row keys are
+        // dead: their buffer takes the keys).
+        Key* gathered_keys = l.keys[0] + off;
+        index_t* gathered_columns = columns.Alternate();
+        sort_gather_keys<<<grid_for(items, kElementThreads), kElementThreads, 0, stream>>>(
+            x + off, columns.Current(), items, n, negate, gathered_keys, gathered_columns);
+        check_launch("sort_gather_keys");
+        sorted_keys = gathered_keys;
+        sorted_columns = gathered_columns;
+        break;
+      }
+      case SortMethod::kSegmented:
+        check(cub::DeviceSegmentedRadixSort::SortPairs(l.sort_temp, temp, keys, columns, items,
+                                                       static_cast<int>(count), l.offsets,
+                                                       l.offsets + 1, 0, kBits, stream),
+              "segmented radix sort");
+        sorted_keys = keys.Current();
+        sorted_columns = columns.Current();
+        break;
+    }
     ForwardScratch s = l.rows;
     const std::int64_t table = row0 * (static_cast<std::int64_t>(n) + 1);
     s.xs += off;
@@ -558,13 +693,11 @@ void forward(const T* x, std::int64_t rows, index_t n, const OpSpec& spec, T* ou
     s.chunk_first += row0 * s.chunks;
     s.chunk_last += row0 * s.chunks;
     s.chunk_end += row0 * s.chunks;
-    const Key* sorted_keys = keys.Current();
-    const index_t* sorted_columns = columns.Current();
     T* group_out = out + off;
     index_t* group_perm = perm + off;
     index_t* group_blocks = block_start + off;
     bool launched = false;
-    if (plan.schedule == Schedule::kGrid && count <= kGridRowsMax) {
+    if (plan.schedule == Schedule::kGrid && count <= kGridRowsMax && !capturing(stream)) {
       PavChunking chunking = plan.chunking;
       std::int64_t rows_arg = count;
       index_t n_arg = n;
@@ -617,7 +750,7 @@ ProductLayout product_layout(char* base, std::int64_t rows, index_t n, const Pla
 
 template <class T>
 std::size_t product_workspace(std::int64_t rows, index_t n) {
-  if (rows == 0) return 0;
+  if (rows == 0 || n == 0) return 0;
   require_device();
   return product_layout(nullptr, rows, n, product_plan<T>(rows, n)).bytes;
 }
@@ -626,7 +759,7 @@ template <class T>
 void product(const T* x, const T* out, const index_t* perm, const index_t* block_start,
              const T* vec, std::int64_t rows, index_t n, const OpSpec& spec, bool transpose,
              T* result, void* workspace, std::size_t workspace_bytes, cudaStream_t stream) {
-  if (rows == 0) return;
+  if (rows == 0 || n == 0) return;
   require_device();
   const Plan plan = product_plan<T>(rows, n);
   const std::size_t needed = product_layout(nullptr, rows, n, plan).bytes;
@@ -636,7 +769,7 @@ void product(const T* x, const T* out, const index_t* perm, const index_t* block
   const ProductLayout l = product_layout(aligned_base(workspace), rows, n, plan);
   double* work = l.work;
   ProductScratch pieces = l.pieces;
-  if (plan.schedule == Schedule::kGrid) {
+  if (plan.schedule == Schedule::kGrid && !capturing(stream)) {
     std::int64_t rows_arg = rows;
     index_t n_arg = n;
     OpSpec spec_arg = spec;

@@ -26,8 +26,9 @@ struct DecayTable {
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 // values[i] = exp(values[i]), values <= 0: vectorised on the CPU; on the GPU
-// the same polynomial per element (the CPU kernels apply it elementwise too,
-// so both give the same bits where the device does not contract to FMAs).
+// the same polynomial per element. The GPU (compiled without contraction)
+// gives the portable CPU kernel's bits; the AVX2 and AVX-512 kernels use
+// FMAs, so their exps may differ from those by an ulp (vector_math.h).
 SOFTRANK_HD void exp_nonpositive_buffer(double* values, index_t n) {
 #if defined(__CUDA_ARCH__)
   for (index_t i = 0; i < n; ++i) values[i] = exp_nonpositive(values[i]);
@@ -49,44 +50,15 @@ SOFTRANK_HD void for_each_block(const index_t* block_start, index_t lo, index_t 
   }
 }
 
-// The sum of term(0) .. term(count - 1) in four interleaved partial sums
-// (term i into lane i % 4) joined as (s0 + s1) + (s2 + s3): four chains of
-// adds instead of one, in one order on every machine (sort_kl_diff_sum's,
-// which the CUDA core computes with it). Starting from +0, as a plain sum: a
-// sum of -0 terms is +0.
-template <class Term>
-SOFTRANK_HD double lane_sum(index_t count, Term&& term) {
-  if (count < 4) {
-    // One term a lane: the same value as the join, since 0 + t is never -0
-    // and adding the empty lanes' +0 changes nothing.
-    double sum = 0.0;
-    for (index_t i = 0; i < count; ++i) sum += term(i);
-    return sum;
-  }
-  double lanes[4] = {0.0, 0.0, 0.0, 0.0};
-  index_t i = 0;
-  for (; i + 4 <= count; i += 4) {
-    lanes[0] += term(i);
-    lanes[1] += term(i + 1);
-    lanes[2] += term(i + 2);
-    lanes[3] += term(i + 3);
-  }
-  for (index_t lane = 0; i < count; ++i, ++lane) lanes[lane] += term(i);
-  return join_lanes(lanes);
-}
-
 // A block's sum in the backward pass: in order below kLaneSumMin terms,
-// else by lane_sum, whose four chains of adds do not wait on each other's
-// latency as one chain does (a kl soft sort's blocks of tens of items),
-// while its extra loop exits cost short blocks (a kl soft rank's, of 2 to
-// 8) more than they save. The choice depends on the block's length only.
+// else by lane_sum (vector_math.h), whose four chains of adds do not wait on
+// each other's latency as one chain does (a kl soft sort's blocks of tens of
+// items), while its extra loop exits cost short blocks (a kl soft rank's, of
+// 2 to 8) more than they save. The choice depends on the block's length only.
 constexpr index_t kLaneSumMin = 16;
 template <class Term>
 SOFTRANK_HD double block_sum(index_t count, Term&& term) {
-  if (count >= kLaneSumMin) return lane_sum(count, term);
-  double sum = 0.0;
-  for (index_t i = 0; i < count; ++i) sum += term(i);
-  return sum;
+  return count >= kLaneSumMin ? lane_sum(count, term) : ordered_sum(count, term);
 }
 
 // Sort kl: replaces each block's S by log(S / Q) (Q in stat2 stays). S and Q

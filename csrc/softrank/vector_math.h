@@ -113,7 +113,7 @@ void exp_nonpositive_inplace(double* values, std::int64_t n);
 // `multiply`, else (i + 1) / eps; exp(a) as exp_nonpositive_inplace gives
 // it. Summed in four interleaved partial sums (term i into lane i % 4)
 // joined as (s0 + s1) + (s2 + s3): the vector kernels' order, kept by the
-// portable kernel and by the CUDA core (lane_sum, soft_row.h), so that the
+// portable kernel and by the CUDA core (both through lane_sum, below), so that the
 // sum's rounding is the same on every path; one chain of adds in order was
 // a sixth of a float64 (1024, 64) kl soft sort. The AVX2 and AVX-512
 // kernels give the same bits; the portable one and the GPU differ from them
@@ -130,9 +130,40 @@ bool sort_kl_diff_sum_at(int level, const double* xs, double ref, const double* 
                          double eps, bool multiply, std::int64_t count, double* scratch,
                          double* sum);
 
-// The partial sums' join (sort_kl_diff_sum).
+// The partial sums' join (sort_kl_diff_sum, lane_sum).
 SOFTRANK_FORCE_INLINE double join_lanes(const double* lanes) {
   return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+}
+
+// term(0) + ... + term(count - 1), one add after another from +0 (a sum of
+// -0 terms is +0).
+template <class Index, class Term>
+SOFTRANK_FORCE_INLINE double ordered_sum(Index count, Term&& term) {
+  double sum = 0.0;
+  for (Index i = 0; i < count; ++i) sum += term(i);
+  return sum;
+}
+
+// The sum of term(0) .. term(count - 1) in four interleaved partial sums
+// (term i into lane i % 4) joined as (s0 + s1) + (s2 + s3): four chains of
+// adds instead of one, in one order on every machine. It is sort_kl_diff_sum's
+// order: its portable kernel and the CUDA core (soft_row.h) compute it with
+// this, the vector kernels in their lanes. Below 4 terms (one a lane) the
+// join is the in-order sum: 0 + t is never -0, and the empty lanes' +0 add
+// nothing.
+template <class Index, class Term>
+SOFTRANK_FORCE_INLINE double lane_sum(Index count, Term&& term) {
+  if (count < 4) return ordered_sum(count, term);
+  double lanes[4] = {0.0, 0.0, 0.0, 0.0};
+  Index i = 0;
+  for (; i + 4 <= count; i += 4) {
+    lanes[0] += term(i);
+    lanes[1] += term(i + 1);
+    lanes[2] += term(i + 2);
+    lanes[3] += term(i + 3);
+  }
+  for (int lane = 0; i < count; ++i, ++lane) lanes[lane] += term(i);
+  return join_lanes(lanes);
 }
 
 }  // namespace softrank
