@@ -257,7 +257,7 @@ def _device_product(torch, xd, out, perm, blocks, vec, op, reg, descending, eps,
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("kind", ["random", "ties", "constant", "presorted", "signed_zeros", "nan"])
-@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (64, 200), (1, 5000)])
+@pytest.mark.parametrize("shape", [(1, 1), (5, 1), (3, 7), (64, 200), (1, 5000)])
 def test_device_matches_the_cpu_engine(dtype, kind, shape):
     torch = _torch_cuda()
     c = _C()

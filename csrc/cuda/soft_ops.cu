@@ -91,6 +91,7 @@ unsigned grid_for(std::int64_t items, int threads) {
 // radix sorts take int item counts, so a batch is sorted in groups of rows
 // of at most INT_MAX items, one group per call, in one of three ways
 // (sort_method):
+// - rows of one item: none (make_keys' order is sorted);
 // - one row: DeviceRadixSort, which spreads it over the whole GPU;
 // - a few long rows (fewer than kWholeSortRowsMax of kWholeSortRowMin items
 //   or more): DeviceSegmentedRadixSort gives each row one thread block, so
@@ -171,11 +172,12 @@ std::int64_t rows_per_group(std::int64_t rows, index_t n) {
   return rows < most ? rows : most;
 }
 
-enum class SortMethod { kOneRow, kWhole, kSegmented };
+enum class SortMethod { kNone, kOneRow, kWhole, kSegmented };
 constexpr std::int64_t kWholeSortRowsMax = 128;
 constexpr index_t kWholeSortRowMin = 4096;
 
 SortMethod sort_method(std::int64_t count, index_t n) {
+  if (n == 1) return SortMethod::kNone;  // (make_keys' order is the sorted one)
   if (count == 1) return SortMethod::kOneRow;
   if (count < kWholeSortRowsMax && n >= kWholeSortRowMin) return SortMethod::kWhole;
   return SortMethod::kSegmented;
@@ -198,6 +200,8 @@ std::size_t sort_temp_bytes_for(std::int64_t group, index_t n) {
   const int items = static_cast<int>(group * n);
   constexpr int kBits = static_cast<int>(sizeof(Key) * 8);
   switch (sort_method(group, n)) {
+    case SortMethod::kNone:
+      break;
     case SortMethod::kOneRow:
       check(cub::DeviceRadixSort::SortPairs(nullptr, bytes, keys, values, items, 0, kBits),
             "sizing the radix sort");
@@ -633,6 +637,10 @@ void forward(const T* x, std::int64_t rows, index_t n, const OpSpec& spec, T* ou
     const Key* sorted_keys = nullptr;
     const index_t* sorted_columns = nullptr;
     switch (sort_method(count, n)) {
+      case SortMethod::kNone:
+        sorted_keys = keys.Current();
+        sorted_columns = columns.Current();
+        break;
       case SortMethod::kOneRow:
         check(cub::DeviceRadixSort::SortPairs(l.sort_temp, temp, keys, columns, items, 0, kBits,
                                               stream),
