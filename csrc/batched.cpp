@@ -30,7 +30,20 @@ struct ThreadScratch {
   std::vector<index_t> block_start, chunk_first, chunk_last, chunk_end;
   std::vector<index_t> state_perm, state_blocks;  // a row's forward state when not returned
   std::vector<double> chunk_ymax, chunk_wmax;
+  std::vector<double> piece_lead, piece_trail;  // soft_product_team's fragments
+  std::vector<index_t> piece_lead_end, piece_trail_end;
   DecayTable decay;  // what work2 holds
+
+  // soft_product_team's scratch for `pieces` pieces.
+  ProductPieces product_pieces(index_t pieces) {
+    const std::size_t slots = 2 * static_cast<std::size_t>(pieces);
+    grow(piece_lead, slots);
+    grow(piece_trail, slots);
+    grow(piece_lead_end, slots);
+    grow(piece_trail_end, slots);
+    return ProductPieces{piece_lead.data(), piece_trail.data(), piece_lead_end.data(),
+                         piece_trail_end.data()};
+  }
 
   RowScratch row(index_t n, bool wide) {
     const std::size_t size = static_cast<std::size_t>(n) + 1;
@@ -284,38 +297,53 @@ void soft_forward_batch(const T* x, std::int64_t rows, index_t n, const OpSpec& 
   });
 }
 
+// The products of a row of kLongRow items or more are soft_product_team's
+// (soft_row.h): the row cut into pieces of about kProductPiece positions
+// whatever its blocks, a block that crosses pieces summed in fragments and
+// joined in O(pieces). On the pool the pieces run in parallel, so a row
+// pooled into a few long blocks (a soft sort where eps is large against the
+// gaps) no longer runs on one thread, as it did when rows were split at
+// block starts. The pieces depend on n only and every row of that length
+// takes this path, alone on the pool or in a batch (one thread's pieces in
+// order, SerialRanges): the same bits for any thread count and batch.
+constexpr index_t kProductPiece = index_t{1} << 14;
+constexpr index_t kMaxProductPieces = 1024;
+
+index_t cpu_product_pieces(index_t n) {
+  return product_piece_count(n, kMaxProductPieces, kProductPiece, kMaxProductPieces);
+}
+
 template <class T>
 void soft_product_batch(const T* x, const T* out, const index_t* perm, const index_t* block_start,
                         const T* vec, std::int64_t rows, index_t n, const OpSpec& spec,
                         bool transpose, T* result) {
   if (use_long_row_path(rows, n)) {
-    // Split each row at block boundaries: block_start[p] is the start of the
-    // block holding p. (-1 on a non-finite row: one part, all NaN.)
     const ParallelRanges ranges{get_num_threads()};
-    const int parts = ranges.parts();
-    // The kl sort's softmax scratch: each part writes its own blocks' range.
+    // (work: the kl sort's softmax, each piece writing its own positions.)
     ThreadScratch& s = thread_scratch();
     ThreadScratch::grow(s.work, static_cast<std::size_t>(n) + 1);
-    double* work = s.work.data();
+    const index_t pieces = cpu_product_pieces(n);
+    const ProductPieces scratch = s.product_pieces(pieces);
     for (std::int64_t r = 0; r < rows; ++r) {
       const std::int64_t off = r * n;
-      const index_t* bs = block_start + off;
-      auto cut = [&](int t) {
-        if (t == parts || bs[0] < 0) return t == 0 ? index_t{0} : n;
-        return bs[static_cast<index_t>(static_cast<std::int64_t>(n) * t / parts)];
-      };
-      ranges.tasks(parts, [&](index_t t) {
-        soft_product_range(x + off, out + off, perm + off, bs, vec + off, n, spec, transpose,
-                           result + off, work, cut(t), cut(t + 1));
-      });
+      soft_product_team(x + off, out + off, perm + off, block_start + off, vec + off, n, spec,
+                        transpose, result + off, s.work.data(), pieces, scratch, ranges);
     }
     return;
   }
   for_each_row(rows, n, [&](std::int64_t r) {
     const std::int64_t off = r * n;
+    ThreadScratch& s = thread_scratch();
+    if (n >= kLongRow) {
+      ThreadScratch::grow(s.work, static_cast<std::size_t>(n) + 1);
+      const index_t pieces = cpu_product_pieces(n);
+      soft_product_team(x + off, out + off, perm + off, block_start + off, vec + off, n, spec,
+                        transpose, result + off, s.work.data(), pieces, s.product_pieces(pieces),
+                        SerialRanges{});
+      return;
+    }
     double* work = nullptr;
     if (spec.op == Op::Sort && spec.reg == Reg::KL) {
-      ThreadScratch& s = thread_scratch();
       ThreadScratch::grow(s.work, static_cast<std::size_t>(n) + 1);
       work = s.work.data();
     }

@@ -610,7 +610,8 @@ SOFTRANK_HD void soft_product_row(const T* x, const T* out, const index_t* perm,
 // piece, and its trailing run, the part of a block that goes on into the
 // next), the fragments are joined by one member in O(pieces), and every piece
 // then writes its fragments. Only the crossing blocks' sums are added in
-// another order than on the CPU.
+// another order than soft_product_range's. The CPU core runs it too, on rows
+// of 2^18 items or more (batched.cpp: pieces that depend on n only).
 
 // The sums a block's product needs over sorted positions [i0, i1) of the
 // block [s, e): `a` (rank l2: sum v; rank kl: sum v r; sort l2: sum v; sort
@@ -625,37 +626,46 @@ struct ProductSums {
 template <class T>
 SOFTRANK_HD ProductSums product_fragment_sums(const T* x, const T* out, const index_t* perm,
                                               const T* vec, const OpSpec& spec, bool transpose,
-                                              index_t s, index_t i0, index_t i1) {
-  ProductSums sums{0.0, 0.0};
+                                              index_t s, index_t i0, index_t i1, double* work) {
+  // In lane_sum's four partial sums: a fragment may be most of a row (a
+  // block of 10^6 items), where one chain of adds waited on each add.
+  const index_t count = i1 - i0;
   if (spec.op == Op::Rank) {
-    for (index_t i = i0; i < i1; ++i) {
-      const double v = static_cast<double>(vec[perm[i]]);
-      sums.a += spec.reg == Reg::L2 ? v : v * static_cast<double>(out[perm[i]]);
-    }
-    return sums;
+    if (spec.reg == Reg::L2)
+      return ProductSums{
+          lane_sum(count, [&](index_t j) { return static_cast<double>(vec[perm[i0 + j]]); }), 0.0};
+    return ProductSums{lane_sum(count,
+                                [&](index_t j) {
+                                  const index_t p = perm[i0 + j];
+                                  return static_cast<double>(vec[p]) *
+                                         static_cast<double>(out[p]);
+                                }),
+                       0.0};
   }
   auto read = [&](index_t i) { return static_cast<double>(transpose ? vec[i] : vec[perm[i]]); };
-  if (spec.reg == Reg::L2 || spec.eps == 0.0) {
-    for (index_t i = i0; i < i1; ++i) sums.a += read(i);
-    return sums;
-  }
+  if (spec.reg == Reg::L2 || spec.eps == 0.0)
+    return ProductSums{lane_sum(count, [&](index_t j) { return read(i0 + j); }), 0.0};
+  // The softmax weights exp(x'_i - x'_s) into work[i0, i1) (vectorised on
+  // the CPU), which product_fragment_write reads again for the vjp.
   const double sign = negates_input(spec) ? -1.0 : 1.0;
   const double top = sign * static_cast<double>(x[perm[s]]);  // the block's largest x'
-  for (index_t i = i0; i < i1; ++i) {
-    const double p = exp_nonpositive(sign * static_cast<double>(x[perm[i]]) - top);
-    sums.z += p;
-    sums.a += transpose ? read(i) : p * read(i);
-  }
-  return sums;
+  for (index_t i = i0; i < i1; ++i) work[i] = sign * static_cast<double>(x[perm[i]]) - top;
+  exp_nonpositive_buffer(work + i0, count);
+  const double z = lane_sum(count, [&](index_t j) { return work[i0 + j]; });
+  const double a = transpose
+                       ? lane_sum(count, [&](index_t j) { return read(i0 + j); })
+                       : lane_sum(count, [&](index_t j) { return work[i0 + j] * read(i0 + j); });
+  return ProductSums{a, z};
 }
 
 // Writes the products at sorted positions [i0, i1) of the block [s, e) whose
-// whole sums are `sums`.
+// whole sums are `sums`; work[i0, i1): the softmax weights that
+// product_fragment_sums left there (the kl sort's).
 template <class T>
-SOFTRANK_HD void product_fragment_write(const T* x, const T* out, const index_t* perm,
-                                        const T* vec, index_t n, const OpSpec& spec,
-                                        bool transpose, T* result, index_t s, index_t e,
-                                        ProductSums sums, index_t i0, index_t i1) {
+SOFTRANK_HD void product_fragment_write(const T* out, const index_t* perm, const T* vec,
+                                        index_t n, const OpSpec& spec, bool transpose, T* result,
+                                        index_t s, index_t e, ProductSums sums, index_t i0,
+                                        index_t i1, const double* work) {
   const double eps = spec.eps;
   if (spec.op == Op::Rank) {
     const double sg = spec.descending ? -1.0 : 1.0;
@@ -682,14 +692,11 @@ SOFTRANK_HD void product_fragment_write(const T* x, const T* out, const index_t*
     for (index_t i = i0; i < i1; ++i) write(i, mean);
     return;
   }
-  const double sign = negates_input(spec) ? -1.0 : 1.0;
-  const double top = sign * static_cast<double>(x[perm[s]]);
   const double inv = 1.0 / sums.z;
-  for (index_t i = i0; i < i1; ++i) {
-    if (transpose)
-      write(i, exp_nonpositive(sign * static_cast<double>(x[perm[i]]) - top) * inv * sums.a);
-    else
-      write(i, sums.a * inv);
+  if (transpose) {
+    for (index_t i = i0; i < i1; ++i) write(i, work[i] * inv * sums.a);
+  } else {
+    for (index_t i = i0; i < i1; ++i) write(i, sums.a * inv);
   }
 }
 
@@ -742,7 +749,7 @@ SOFTRANK_HD void soft_product_team(const T* x, const T* out, const index_t* perm
     if (lo < hi && !starts(lo)) {
       while (inner_lo < hi && !starts(inner_lo)) ++inner_lo;
       const ProductSums sums = product_fragment_sums(x, out, perm, vec, spec, transpose,
-                                                     block_start[lo], lo, inner_lo);
+                                                     block_start[lo], lo, inner_lo, work);
       scratch.lead[2 * p] = sums.a;
       scratch.lead[2 * p + 1] = sums.z;
       scratch.lead_end[2 * p] = inner_lo;
@@ -750,8 +757,8 @@ SOFTRANK_HD void soft_product_team(const T* x, const T* out, const index_t* perm
     index_t inner_hi = hi;
     if (inner_lo < hi && !starts(hi)) {
       inner_hi = block_start[hi];  // >= inner_lo: that block starts in this piece
-      const ProductSums sums =
-          product_fragment_sums(x, out, perm, vec, spec, transpose, inner_hi, inner_hi, hi);
+      const ProductSums sums = product_fragment_sums(x, out, perm, vec, spec, transpose,
+                                                     inner_hi, inner_hi, hi, work);
       scratch.trail[2 * p] = sums.a;
       scratch.trail[2 * p + 1] = sums.z;
       scratch.trail_end[2 * p] = inner_hi;  // (the fragment's start, here)
@@ -805,15 +812,16 @@ SOFTRANK_HD void soft_product_team(const T* x, const T* out, const index_t* perm
   ranges.tasks(pieces, [&](index_t p) {
     const index_t lo = piece_lo(p), hi = piece_lo(p + 1);
     if (scratch.lead_end[2 * p] >= 0)
-      product_fragment_write(x, out, perm, vec, n, spec, transpose, result, block_start[lo],
+      product_fragment_write(out, perm, vec, n, spec, transpose, result, block_start[lo],
                              scratch.lead_end[2 * p + 1],
                              ProductSums{scratch.lead[2 * p], scratch.lead[2 * p + 1]}, lo,
-                             scratch.lead_end[2 * p]);
+                             scratch.lead_end[2 * p], work);
     if (scratch.trail_end[2 * p] >= 0) {
       const index_t s = scratch.trail_end[2 * p];
-      product_fragment_write(x, out, perm, vec, n, spec, transpose, result, s,
+      product_fragment_write(out, perm, vec, n, spec, transpose, result, s,
                              scratch.trail_end[2 * p + 1],
-                             ProductSums{scratch.trail[2 * p], scratch.trail[2 * p + 1]}, s, hi);
+                             ProductSums{scratch.trail[2 * p], scratch.trail[2 * p + 1]}, s, hi,
+                             work);
     }
   });
 }

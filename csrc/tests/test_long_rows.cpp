@@ -152,11 +152,16 @@ TEST(long_rows, soft_outputs_are_optimal) {
       }
 }
 
+// Rows of kLongRow (2^18) items or more: their products are soft_product_team's
+// pieces of 2^14 positions, a block crossing pieces summed in fragments. The
+// same bits on two threads and one, and alone or in a batch (whose rows run
+// their pieces in order on one thread); against the row routine, which sums
+// each block whole, within rounding.
 TEST(long_rows, parallel_products_match_the_row_routine) {
   Rng rng(45);
   const int saved = softrank::get_num_threads();
-  softrank::set_num_threads(2);
   const int n = 300007;
+  int crossing_rows = 0;  // rows with a block across a piece boundary
   for (int kind : {0, 1, 7})
     for (double eps : {0.0, 1.0, 1e4})
       for (const OpSpec& s : all_specs(eps)) {
@@ -164,16 +169,50 @@ TEST(long_rows, parallel_products_match_the_row_routine) {
         std::vector<double> g(n);
         for (double& v : g) v = rng.normal();
         const Forward<double> f = forward(x, 1, n, s);
+        bool crossing = false;
+        const std::int64_t pieces = (n + (1 << 14) - 1) >> 14;  // (batched.cpp's cut)
+        for (std::int64_t p = 1; p < pieces; ++p) {
+          const std::int64_t b = std::int64_t{n} * p / pieces;
+          crossing = crossing || f.block[b] != b;
+        }
+        crossing_rows += crossing;
+        // The batch: this row between two others (a copy of it and a reversed one).
+        std::vector<double> x3(3 * static_cast<std::size_t>(n)), g3(x3.size());
+        for (int i = 0; i < n; ++i) {
+          x3[i] = x[i];
+          x3[n + i] = x[i];
+          x3[2 * n + i] = x[n - 1 - i];
+          g3[i] = g3[n + i] = g[i];
+          g3[2 * n + i] = g[n - 1 - i];
+        }
+        const Forward<double> f3 = forward(x3, 3, n, s);
         for (bool transpose : {true, false}) {
-          std::vector<double> threaded(n), serial(n), work(n + 1);
+          std::vector<double> threaded(n), one_thread(n), serial(n), work(n + 1);
+          std::vector<double> batch(x3.size());
+          softrank::set_num_threads(2);
           softrank::soft_product_batch(x.data(), f.out.data(), f.perm.data(), f.block.data(),
                                        g.data(), 1, n, s, transpose, threaded.data());
+          softrank::soft_product_batch(x3.data(), f3.out.data(), f3.perm.data(), f3.block.data(),
+                                       g3.data(), 3, n, s, transpose, batch.data());
+          softrank::set_num_threads(1);
+          softrank::soft_product_batch(x.data(), f.out.data(), f.perm.data(), f.block.data(),
+                                       g.data(), 1, n, s, transpose, one_thread.data());
           softrank::soft_product_row(x.data(), f.out.data(), f.perm.data(), f.block.data(),
                                      g.data(), n, s, transpose, serial.data(), work.data());
-          bool same = true;
-          for (int i = 0; i < n; ++i) same = same && check::same_bits(threaded[i], serial[i]);
+          bool same = true, same_in_batch = true, near = true;
+          double scale = 1.0;
+          for (int i = 0; i < n; ++i) scale = std::max(scale, std::fabs(serial[i]));
+          for (int i = 0; i < n; ++i) {
+            same = same && check::same_bits(threaded[i], one_thread[i]);
+            same_in_batch = same_in_batch && check::same_bits(batch[n + i], one_thread[i]);
+            near = near && check::near(threaded[i], serial[i], 1e-12 * scale);
+          }
           CHECK(same) << describe(s) << "kind" << kind << (transpose ? "vjp" : "jvp");
+          CHECK(same_in_batch) << describe(s) << "kind" << kind << (transpose ? "vjp" : "jvp");
+          CHECK(near) << describe(s) << "kind" << kind << (transpose ? "vjp" : "jvp");
         }
       }
+  // The fragments are exercised: eps = 1e4 pools most of each row.
+  CHECK(crossing_rows >= 10) << crossing_rows;
   softrank::set_num_threads(saved);
 }
