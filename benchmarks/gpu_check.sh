@@ -7,7 +7,10 @@
 #   4. the GPU benchmark table (benchmarks/test_bench_cuda.py);
 #   5. compute-sanitizer memcheck over forward + backward (float32/float64, l2/kl,
 #      rank/sort, short and long rows), in what is left of the budget: last, so
-#      that a slow sanitizer never costs the table.
+#      that a slow sanitizer never costs the table;
+#   6. where 100 s or more are left, benchmarks/gpu_tune.py: the long-row cells
+#      under other bounds on a team's chunk count (optional: reported, not
+#      counted), the measurement that kMaxTeamJoin (team_ranges.h) waits for.
 # Every stage has a timeout, cut to what is left of the total budget, so one hang
 # does not eat the rest; a compact summary ends the output. Logs go to $OUT (set on
 # the GPU machine) or a temporary directory.
@@ -233,6 +236,18 @@ EOF
     "$py" "$logs/sanitize.py"
 else
   summary+=("sanitizer: SKIPPED (no compute-sanitizer on PATH, next to $nvcc or in ${CUDA_HOME:-/usr/local/cuda})")
+fi
+
+# --- 6. the team cut sweep (optional) -----------------------------------------------------------
+if (($(remaining) >= 100)); then
+  failed_before=$failed
+  # (Its whole table is $logs/tune.log; the stage shows its last 25 lines.)
+  if ! stage tune $(($(remaining) - 10)) "$py" benchmarks/gpu_tune.py; then
+    summary[${#summary[@]} - 1]+=" (optional)"
+    failed=$failed_before
+  fi
+else
+  summary+=("tune: SKIPPED (under 100 s left)")
 fi
 
 finish

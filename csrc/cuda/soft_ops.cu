@@ -18,6 +18,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -258,9 +259,28 @@ std::size_t sort_temp_bytes(std::int64_t rows, index_t n) {
 // the same chunks.
 
 // (kTeamRowMin, kMinTeamChunk, kMaxTeamJoin and the chunks: team_ranges.h)
+//
+// The serial joins cost O(chunks) dependent global loads on one thread, the
+// chunks' PAV O(n / chunks) on each: which count balances them depends on
+// the GPU's latencies, which this project has not measured yet. For that
+// measurement (benchmarks/gpu_tune.py), SOFTRANK_CUDA_MAX_TEAM_JOIN, read
+// once per process, replaces kMaxTeamJoin: an integer from 2 to 65536;
+// anything else is ignored.
 constexpr int kTeamThreads = 256;
 constexpr index_t kGridRowMin = index_t{1} << 20;
 constexpr std::int64_t kGridRowsMax = 4;
+
+index_t max_team_join() {
+  static const index_t value = [] {
+    const char* text = std::getenv("SOFTRANK_CUDA_MAX_TEAM_JOIN");
+    if (text == nullptr || *text == '\0') return kMaxTeamJoin;
+    char* end = nullptr;
+    const long parsed = std::strtol(text, &end, 10);
+    if (*end != '\0' || parsed < 2 || parsed > 65536) return kMaxTeamJoin;
+    return static_cast<index_t>(parsed);
+  }();
+  return value;
+}
 
 struct BlockTeam {
   __device__ std::int64_t rank() const { return threadIdx.x; }
@@ -340,8 +360,9 @@ Plan plan_rows(std::int64_t rows, index_t n, const void* grid_kernel) {
       p.members = static_cast<std::int64_t>(blocks) * kTeamThreads;
     }
   }
-  p.chunking = team_pav_chunking(n, p.members);
-  p.pieces = product_piece_count(n, p.members, kMinTeamChunk, kMaxTeamJoin);
+  const index_t max_join = max_team_join();
+  p.chunking = team_pav_chunking(n, p.members, max_join);
+  p.pieces = product_piece_count(n, p.members, kMinTeamChunk, max_join);
   return p;
 }
 

@@ -65,8 +65,11 @@ constexpr index_t kTeamRowMin = 512;
 constexpr index_t kMinTeamChunk = 32;
 constexpr index_t kMaxTeamJoin = 2048;
 
-SOFTRANK_HD PavChunking team_pav_chunking(index_t n, std::int64_t members) {
-  const std::int64_t parts = members < kMaxTeamJoin ? members : kMaxTeamJoin;
+// (max_join: kMaxTeamJoin, unless the CUDA core is told otherwise to measure
+// other cuts: soft_ops.cu, max_team_join.)
+SOFTRANK_HD PavChunking team_pav_chunking(index_t n, std::int64_t members,
+                                          index_t max_join = kMaxTeamJoin) {
+  const std::int64_t parts = members < max_join ? members : max_join;
   std::int64_t size = (static_cast<std::int64_t>(n) + parts - 1) / parts;
   if (size < kMinTeamChunk) size = kMinTeamChunk;
   return PavChunking{static_cast<index_t>(size), kTeamRowMin};
