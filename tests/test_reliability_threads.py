@@ -21,9 +21,10 @@ from frameworks import require
 KWARGS = [
     dict(regularization=reg, direction=d) for reg in ("l2", "kl") for d in ("ascending", "descending")
 ]
-# Shapes: below and above the parallel threshold (16384 elements), and one
-# long row (the path that splits a single row over the threads).
-SHAPES = [(5, 40), (64, 700), (3, 161), (2, 70000)]
+# Shapes: below and above the parallel threshold (16384 elements), and a lone
+# row of 2^18 or more (1, 300_000), whose sort, PAV chunks, outputs and
+# product pieces are split over the threads (batched.cpp, the long-row path).
+SHAPES = [(5, 40), (64, 700), (3, 161), (2, 70000), (1, 300_000)]
 
 
 @pytest.fixture(autouse=True)
