@@ -313,37 +313,43 @@ index_t cpu_product_pieces(index_t n) {
   return product_piece_count(n, kMaxProductPieces, kProductPiece, kMaxProductPieces);
 }
 
+// One such row's products, its pieces run by `ranges` (the pool's, or
+// SerialRanges), with the calling thread's scratch (work: the kl sort's
+// softmax, each piece writing its own positions).
+template <class T, class Ranges>
+void soft_product_pieces(const T* x, const T* out, const index_t* perm, const index_t* block_start,
+                         const T* vec, index_t n, const OpSpec& spec, bool transpose, T* result,
+                         const Ranges& ranges) {
+  ThreadScratch& s = thread_scratch();
+  ThreadScratch::grow(s.work, static_cast<std::size_t>(n) + 1);
+  const index_t pieces = cpu_product_pieces(n);
+  soft_product_team(x, out, perm, block_start, vec, n, spec, transpose, result, s.work.data(),
+                    pieces, s.product_pieces(pieces), ranges);
+}
+
 template <class T>
 void soft_product_batch(const T* x, const T* out, const index_t* perm, const index_t* block_start,
                         const T* vec, std::int64_t rows, index_t n, const OpSpec& spec,
                         bool transpose, T* result) {
   if (use_long_row_path(rows, n)) {
     const ParallelRanges ranges{get_num_threads()};
-    // (work: the kl sort's softmax, each piece writing its own positions.)
-    ThreadScratch& s = thread_scratch();
-    ThreadScratch::grow(s.work, static_cast<std::size_t>(n) + 1);
-    const index_t pieces = cpu_product_pieces(n);
-    const ProductPieces scratch = s.product_pieces(pieces);
     for (std::int64_t r = 0; r < rows; ++r) {
       const std::int64_t off = r * n;
-      soft_product_team(x + off, out + off, perm + off, block_start + off, vec + off, n, spec,
-                        transpose, result + off, s.work.data(), pieces, scratch, ranges);
+      soft_product_pieces(x + off, out + off, perm + off, block_start + off, vec + off, n, spec,
+                          transpose, result + off, ranges);
     }
     return;
   }
   for_each_row(rows, n, [&](std::int64_t r) {
     const std::int64_t off = r * n;
-    ThreadScratch& s = thread_scratch();
     if (n >= kLongRow) {
-      ThreadScratch::grow(s.work, static_cast<std::size_t>(n) + 1);
-      const index_t pieces = cpu_product_pieces(n);
-      soft_product_team(x + off, out + off, perm + off, block_start + off, vec + off, n, spec,
-                        transpose, result + off, s.work.data(), pieces, s.product_pieces(pieces),
-                        SerialRanges{});
+      soft_product_pieces(x + off, out + off, perm + off, block_start + off, vec + off, n, spec,
+                          transpose, result + off, SerialRanges{});
       return;
     }
     double* work = nullptr;
     if (spec.op == Op::Sort && spec.reg == Reg::KL) {
+      ThreadScratch& s = thread_scratch();
       ThreadScratch::grow(s.work, static_cast<std::size_t>(n) + 1);
       work = s.work.data();
     }
