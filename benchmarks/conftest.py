@@ -31,6 +31,7 @@ def _loadavg() -> str:
 def pytest_configure(config):
     config.addinivalue_line("markers", "quick: a small subset of the benchmark grid (seconds)")
     config.addinivalue_line("markers", "threads: thread-scaling benchmarks")
+    config.addinivalue_line("markers", "fresh: the same array against fresh arrays each call")
     config._softrank_loadavg_start = _loadavg()
 
 

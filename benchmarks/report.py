@@ -19,7 +19,9 @@ all numbers from the run(s) given, with one statistic of each benchmark
   fast-soft-sort and ``softrank.jax`` / ott-jax, for soft rank / sort and the
   operators on the permutahedron (``test_bench_operators.py``); bar <= 0.5;
 - Sinkhorn (50 iterations) / softrank at n = 100 and 1000;
-- threads: time with 1 thread / time with 2 threads (bar >= 1.6 at (1, 10^6)).
+- threads: time with 1 thread / time with 2 threads (bar >= 1.6 at (1, 10^6));
+- fresh data: each call on a new array against the same array every call
+  (``test_bench_fresh_data.py``), for softrank.numpy and np.argsort; no bar.
 
 Given several JSON files (runs of the same code on the same machine), each
 benchmark's statistic is the smallest over the runs: on a shared machine a burst of
@@ -60,9 +62,11 @@ CellKey = Tuple[str, str, str, int, int, str]  # op, reg, dtype, batch, n, pass
 
 
 def load(paths: List[Path], stat: str):
-    """{cell: {impl: seconds}}, {thread cell: {threads: seconds}}, [machine/meta per file]."""
+    """{cell: {impl: seconds}}, {thread cell: {threads: seconds}},
+    {fresh-data cell: {(impl, "same" | "fresh"): seconds}}, [machine/meta per file]."""
     cells: Dict[CellKey, Dict[str, float]] = defaultdict(dict)
     threads: Dict[CellKey, Dict[int, float]] = defaultdict(dict)
+    fresh: Dict[CellKey, Dict[Tuple[str, str], float]] = defaultdict(dict)
     meta = []
     for path in paths:
         opener = gzip.open if str(path).endswith(".gz") else open
@@ -86,10 +90,12 @@ def load(paths: List[Path], stat: str):
             # several runs: keep the best (the least disturbed) of each benchmark
             if info.get("kind") == "threads":
                 slot, name = threads[key], int(info["threads"])
+            elif info.get("kind") == "fresh":
+                slot, name = fresh[key], (info["base_impl"], info["arrays"])
             else:
                 slot, name = cells[key], info["impl"]
             slot[name] = min(seconds, slot.get(name, math.inf))
-    return cells, threads, meta
+    return cells, threads, fresh, meta
 
 
 # --- formatting ---------------------------------------------------------------
@@ -247,6 +253,28 @@ def thread_section(threads, checks) -> Optional[str]:
     return table(CELL_HEADER.split(" | ") + ["1 thread", "2 threads", "1 / 2 threads"], rows)
 
 
+def fresh_section(fresh) -> Optional[str]:
+    rows = []
+    for key in ordered(fresh):
+        t = fresh[key]
+
+        def ratio(a, b):
+            return t[a] / t[b] if (a in t and b in t) else None
+
+        sr, ref = "softrank.numpy", "np.argsort"
+        rows.append(cell_label(key).split(" | ") + [
+            fmt_time(t.get((sr, "same"))), fmt_time(t.get((sr, "fresh"))),
+            fmt_ratio(ratio((sr, "fresh"), (sr, "same"))),
+            fmt_ratio(ratio((ref, "fresh"), (ref, "same"))),
+            fmt_ratio(ratio((sr, "same"), (ref, "same"))),
+            fmt_ratio(ratio((sr, "fresh"), (ref, "fresh")))])
+    if not rows:
+        return None
+    return table(CELL_HEADER.split(" | ") + [
+        "softrank same", "softrank fresh", "softrank fresh / same", "argsort fresh / same",
+        "floor ratio, same", "floor ratio, fresh"], rows)
+
+
 def summary_section(checks) -> str:
     groups: Dict[Tuple, List] = defaultdict(list)
     for kind, dtype, pass_, who, key, ratio, ok in checks:
@@ -370,7 +398,7 @@ def main(argv=None) -> int:
 
     name = args.name or args.json[0].name.split(".json")[0]
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    cells, threads, meta = load(args.json, args.stat)
+    cells, threads, fresh, meta = load(args.json, args.stat)
     checks: List = []
 
     parts = [f"# softrank benchmark: {name}", "",
@@ -381,6 +409,7 @@ def main(argv=None) -> int:
     peer = peer_section(cells, checks) if cells else None
     sink = sinkhorn_section(cells) if cells else None
     thr = thread_section(threads, checks)
+    new_data = fresh_section(fresh)
     if checks:
         parts += ["", "## Summary", "", summary_section(checks)]
     if floor:
@@ -402,6 +431,13 @@ def main(argv=None) -> int:
     if thr:
         parts += ["", "## Thread scaling (softrank.numpy)", "",
                   f"Bar at (1, 1e6): ≥ {THREAD_BAR}.", "", thr]
+    if new_data:
+        parts += ["", "## The same array every call against fresh arrays (softrank.numpy, "
+                  "np.argsort)", "",
+                  "The grid times one array per cell; a training loop passes new values "
+                  "every step. fresh: each call takes the next of 16 arrays of the grid's "
+                  "distribution. The floor ratio is softrank / np.argsort on the same kind of "
+                  "data. No bar.", "", new_data]
     if not args.no_plots and cells:
         pngs = plots(cells, args.out_dir, name, args.stat)
         parts += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs]
