@@ -276,6 +276,14 @@ def _pav_soft(xs, op, reg, eps, bstart, bref, bstat, bstat2):
                     merge = True
                 elif eu >= _DBL_MIN and ev >= _DBL_MIN:
                     merge = stat2_a * stat * eu <= ev * stat_a * stat2
+                elif np.isinf(u) and np.isinf(v):
+                    # u - v = inf - inf (refs near +-DBL_MAX, a subnormal eps):
+                    # the log test at half scale (pav.h, sort_kl_merges).
+                    half_u = 0.5 * ref_a - 0.5 * ref
+                    half_v = _scale(0.5 * float(s - sa), eps, inv, multiply)
+                    merge = 0.5 * np.log(stat2_a * stat) - half_u <= (
+                        0.5 * np.log(stat_a * stat2) - half_v
+                    )
                 else:
                     # Both sides would underflow: the same test on logs.
                     merge = np.log(stat2_a * stat) - u <= np.log(stat_a * stat2) - v

@@ -757,6 +757,28 @@ def test_native_numba_agree_near_dbl_max(op, reg, descending, eps):
             assert np.all((out >= 1 - 1e-12) & (out <= n + 1e-12))
 
 
+@needs_both
+@pytest.mark.parametrize("descending", [False, True])
+@pytest.mark.parametrize("eps", EPS_SUBNORMAL)
+def test_kl_sort_near_dbl_max_at_subnormal_eps_is_the_hard_sort(descending, eps):
+    """Where 1/eps overflows, a block of m values pools only across a gap beyond
+    m / eps, which no two doubles have: the kl soft sort is the hard sort, bit
+    for bit. Its merge test once took u - v = inf - inf (a gap beyond DBL_MAX
+    against m / eps) for a merge and returned -inf (pav.h, sort_kl_merges)."""
+    rng = np.random.default_rng([10, int(descending), EPS_SUBNORMAL.index(eps)])
+    assert np.isinf(1.0 / eps)
+    m = _DBL_MAX
+    # (and rows whose sorted neighbours differ by more than DBL_MAX)
+    beyond = [np.array([[m, m, -m]]), np.array([[1.5e308, -1.5e308], [-1e308, 1e308]]),
+              np.array([[1.2e308, -1.2e308, 1.2e308], [m, -m, -m]])]
+    for x in _huge_rows(rng) + beyond:
+        out, back = _engine_pair_all(x, _engine.OP_SORT, _engine.REG_KL, descending, eps, rng)
+        want = np.sort(x, axis=1)
+        np.testing.assert_array_equal(out, want[:, ::-1] if descending else want)
+        for fn, g in back.items():
+            assert np.all(np.isfinite(g)), fn
+
+
 @pytest.mark.parametrize("reg", REGS)
 @pytest.mark.parametrize("descending", [False, True])
 @pytest.mark.parametrize("eps", (1e-3, 1.0, 1e300))

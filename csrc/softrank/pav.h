@@ -164,6 +164,14 @@ SOFTRANK_HD bool sort_kl_merges(bool merge_all, const InverseScale& scale, index
   if (eu >= std::numeric_limits<double>::min() && ev >= std::numeric_limits<double>::min())
     return sum_rho_a * sum * eu <= ev * sum_a * sum_rho;
   const double u = ref_a - ref, v = scale(static_cast<double>(s - sa));
+  if (std::isinf(u) && std::isinf(v)) {
+    // u and v are both beyond DBL_MAX (refs near +-DBL_MAX, and a subnormal
+    // eps): u - v would be inf - inf, which compared as a merge (-inf outputs
+    // where the blocks stay apart). The same test at half scale: u / 2 is
+    // finite, and where v / 2 still overflows, v > u and the blocks do not merge.
+    const double half_u = 0.5 * ref_a - 0.5 * ref, half_v = scale(0.5 * static_cast<double>(s - sa));
+    return 0.5 * std::log(sum_rho_a * sum) - half_u <= 0.5 * std::log(sum_a * sum_rho) - half_v;
+  }
   // Both logs lie in [0, log(m_a m_b)] <= [0, 43.7] (m < 2^31), so where
   // u - v is outside [-44, 44] the logs cannot change the answer: decide
   // without them (same decisions, two log calls saved per test on rows of
