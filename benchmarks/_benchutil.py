@@ -154,13 +154,23 @@ def _seed(*key) -> int:
     return zlib.crc32(repr(key).encode())
 
 
+def _uniform(seed: int, batch: int, n: int, dtype: str) -> np.ndarray:
+    """A (batch, n) array uniform on [0, n) (mean gap between neighbours 1 = eps)."""
+    rng = np.random.default_rng(seed)
+    return (rng.random((batch, n)) * n).astype(dtype)
+
+
 def data(batch: int, n: int, dtype: str) -> np.ndarray:
     """x, uniform on [0, n): the same array for every implementation of a cell."""
     key = ("x", batch, n, dtype)
     if key not in _DATA:
-        rng = np.random.default_rng(_seed(batch, n))
-        _DATA[key] = (rng.random((batch, n)) * n).astype(dtype)
+        _DATA[key] = _uniform(_seed(batch, n), batch, n, dtype)
     return _DATA[key]
+
+
+def fresh_data(batch: int, n: int, dtype: str, k: int) -> np.ndarray:
+    """The k-th of other arrays drawn as ``data`` draws its one (test_bench_fresh_data.py)."""
+    return _uniform(_seed("fresh", batch, n, k), batch, n, dtype)
 
 
 def cotangent(batch: int, n: int, dtype: str) -> np.ndarray:

@@ -23,7 +23,7 @@ import itertools
 import numpy as np
 import pytest
 
-from _benchutil import EPS, _seed, cotangent, data
+from _benchutil import EPS, cotangent, data, fresh_data
 
 SHAPES = ((1024, 64), (128, 1000), (1, 10**4))
 FRESH_ARRAYS = 16
@@ -42,11 +42,7 @@ CASES = [
 
 def fresh_arrays(batch: int, n: int, dtype: str) -> list:
     """FRESH_ARRAYS arrays drawn as ``data`` draws its one (uniform on [0, n))."""
-    out = []
-    for k in range(FRESH_ARRAYS):
-        rng = np.random.default_rng(_seed("fresh", batch, n, k))
-        out.append((rng.random((batch, n)) * n).astype(dtype))
-    return out
+    return [fresh_data(batch, n, dtype, k) for k in range(FRESH_ARRAYS)]
 
 
 @pytest.mark.fresh
