@@ -97,10 +97,12 @@ void soft_hvp_row(const T* x, const T* out, const index_t* perm, const index_t* 
     });
     return;
   }
-  const bool negate = negates_input(spec);
   const double sgn = spec.descending ? 1.0 : -1.0;
+  // The block softmaxes, their exps in one call (soft_row.h, block_softmax_exponents).
+  block_softmax_exponents(x, perm, block_start, 0, n, negates_input(spec), work);
+  exp_nonpositive_buffer(work, n);
   for_each_block(block_start, 0, n, [&](index_t s, index_t e) {
-    block_softmax(x, perm, s, e, negate, work);
+    block_softmax_normalise(s, e, work);
     double c_sum = 0.0, t_bar = 0.0;
     for (index_t i = s; i < e; ++i) {
       c_sum += static_cast<double>(c[i]);
