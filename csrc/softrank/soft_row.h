@@ -478,13 +478,25 @@ SOFTRANK_HD void fill_non_finite_row(index_t n, T* out, index_t* perm, index_t* 
 // (lo, hi block boundaries), exp_nonpositive_buffer takes their exps (its
 // kernel is position-invariant: any split gives the same bits), and
 // block_softmax_normalise divides one block's exps by their sum.
+// The blocks are for_each_block's (runs of block_start entries equal to the
+// run's first position), never block_start[i] read as an index: a forged
+// state (block_start anything) must not reach outside the row.
 template <class T>
 SOFTRANK_HD void block_softmax_exponents(const T* x, const index_t* perm,
                                          const index_t* block_start, index_t lo, index_t hi,
                                          bool negate, double* p) {
+  if (hi <= lo) return;
   const double sign = negate ? -1.0 : 1.0;
-  for (index_t i = lo; i < hi; ++i)
-    p[i] = sign * static_cast<double>(x[perm[i]]) - sign * static_cast<double>(x[perm[block_start[i]]]);
+  index_t s = lo;
+  double top = sign * static_cast<double>(x[perm[lo]]);  // the block's largest x'
+  p[lo] = top - top;
+  for (index_t i = lo + 1; i < hi; ++i) {
+    const double v = sign * static_cast<double>(x[perm[i]]);
+    const bool starts = block_start[i] != s;
+    s = starts ? i : s;
+    top = starts ? v : top;
+    p[i] = v - top;
+  }
 }
 
 SOFTRANK_HD void block_softmax_normalise(index_t s, index_t e, double* p) {
