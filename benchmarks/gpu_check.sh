@@ -8,9 +8,11 @@
 #   5. compute-sanitizer memcheck over forward + backward (float32/float64, l2/kl,
 #      rank/sort, short and long rows), in what is left of the budget: last, so
 #      that a slow sanitizer never costs the table;
-#   6. where 100 s or more are left, benchmarks/gpu_tune.py: the long-row cells
-#      under other bounds on a team's chunk count (optional: reported, not
-#      counted), the measurement that kMaxTeamJoin (team_ranges.h) waits for.
+#   6. where 100 s or more are left, benchmarks/gpu_tune.py (optional: reported,
+#      not counted; the whole table is $logs/tune.log): many short rows under
+#      each sort method (SOFTRANK_CUDA_SORT), the measurement that sort_method
+#      (soft_ops.cu) waits for, then the long-row cells under other bounds on a
+#      team's chunk count, the one that kMaxTeamJoin (team_ranges.h) waits for.
 # Every stage has a timeout, cut to what is left of the total budget, so one hang
 # does not eat the rest; a compact summary ends the output. Logs go to $OUT (set on
 # the GPU machine) or a temporary directory.
@@ -238,7 +240,7 @@ else
   summary+=("sanitizer: SKIPPED (no compute-sanitizer on PATH, next to $nvcc or in ${CUDA_HOME:-/usr/local/cuda})")
 fi
 
-# --- 6. the team cut sweep (optional) -----------------------------------------------------------
+# --- 6. the sort and team cut sweeps (optional) -----------------------------------------------------------
 if (($(remaining) >= 100)); then
   failed_before=$failed
   # (Its whole table is $logs/tune.log; the stage shows its last 25 lines.)

@@ -331,3 +331,66 @@ def test_device_workspace_too_small_raises_value_error():
         x = torch.zeros((4, 10), device="cuda")
         c.cuda_soft_forward("float32", x.data_ptr(), 4, 10, 0, 0, False, 1.0, x.data_ptr(),
                             x.data_ptr(), x.data_ptr(), x.data_ptr(), nbytes - 1, 0)
+
+
+FORCED_SORT_SCRIPT = r"""
+import json, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import test_cuda_core as t
+import torch
+c = t._C()
+sizes = {}
+for dtype in ("float32", "float64"):
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    for shape in t.FORCED_SORT_SHAPES:
+        sizes[f"{dtype}{shape}"] = c.cuda_soft_forward_workspace(dtype, *shape)
+        for kind in ("random", "ties", "constant", "nan"):
+            x = t._rows(dtype, *shape, kind, seed=len(sizes))
+            for op in (0, 1):
+                for reg in (0, 1):
+                    for descending in (False, True):
+                        out, perm, blocks = c.soft_forward(x, op, reg, descending, 1.0)
+                        _, out_d, perm_d, blocks_d = t._device_forward(torch, x, op, reg,
+                                                                       descending, 1.0)
+                        what = f"{dtype} {shape} {kind} op={op} reg={reg} desc={descending}"
+                        np.testing.assert_array_equal(perm_d.cpu().numpy(), perm, err_msg=what)
+                        np.testing.assert_array_equal(blocks_d.cpu().numpy(), blocks, err_msg=what)
+                        np.testing.assert_allclose(out_d.cpu().numpy(), out, rtol=tol, atol=tol,
+                                                   err_msg=what)
+print(json.dumps(sizes))
+"""
+# Shapes whose default sort is the segmented one ((64, 200), (300, 100)) and
+# the whole one ((5, 4096)); (2, 3) is tiny.
+FORCED_SORT_SHAPES = [(2, 3), (64, 200), (300, 100), (5, 4096)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["segmented", "whole"])
+def test_device_forced_sort_method_matches_the_cpu_engine(method):
+    # SOFTRANK_CUDA_SORT (read once per process, for benchmarks/gpu_tune.py)
+    # forces how a batch is sorted: a thread block per row, or whole by key and
+    # then by row. Either must give the CPU's permutation (ties in column order,
+    # ties across rows) and outputs; the workspace sizes show that the setting
+    # took effect (each method asks CUB for its own temporary storage).
+    import json
+    import subprocess
+    import sys
+
+    _torch_cuda()
+    env = dict(os.environ, SOFTRANK_CUDA_SORT=method)
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-c", FORCED_SORT_SCRIPT, here], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    forced = json.loads(proc.stdout.strip().splitlines()[-1])
+    c = _C()
+    default = {f"{dtype}{shape}": c.cuda_soft_forward_workspace(dtype, *shape)
+               for dtype in ("float32", "float64") for shape in FORCED_SORT_SHAPES}
+    assert forced.keys() == default.keys()
+    # Where the default method is the other one, the sizes differ.
+    changed = [(64, 200), (300, 100)] if method == "whole" else [(5, 4096)]
+    for dtype in ("float32", "float64"):
+        for shape in changed:
+            key = f"{dtype}{shape}"
+            assert forced[key] != default[key], (key, forced[key])

@@ -19,6 +19,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -177,9 +178,27 @@ enum class SortMethod { kNone, kOneRow, kWhole, kSegmented };
 constexpr std::int64_t kWholeSortRowsMax = 128;
 constexpr index_t kWholeSortRowMin = 4096;
 
+// Where many short rows sort faster, a block per row or whole then by row,
+// is unmeasured (CUB's DeviceSegmentedSort is no option: above 300 segments
+// it synchronises the stream). For that measurement (benchmarks/gpu_tune.py)
+// SOFTRANK_CUDA_SORT, read once per process, forces the method of every
+// batch of two rows or more: "segmented" or "whole"; anything else is ignored.
+// (Once per process: the workspace query and the op must agree.)
+SortMethod forced_sort_method() {
+  static const SortMethod value = [] {
+    const char* text = std::getenv("SOFTRANK_CUDA_SORT");
+    if (text != nullptr && std::strcmp(text, "segmented") == 0) return SortMethod::kSegmented;
+    if (text != nullptr && std::strcmp(text, "whole") == 0) return SortMethod::kWhole;
+    return SortMethod::kNone;
+  }();
+  return value;
+}
+
 SortMethod sort_method(std::int64_t count, index_t n) {
   if (n == 1) return SortMethod::kNone;  // (make_keys' order is the sorted one)
   if (count == 1) return SortMethod::kOneRow;
+  const SortMethod forced = forced_sort_method();
+  if (forced != SortMethod::kNone) return forced;
   if (count < kWholeSortRowsMax && n >= kWholeSortRowMin) return SortMethod::kWhole;
   return SortMethod::kSegmented;
 }
