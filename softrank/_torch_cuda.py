@@ -147,6 +147,7 @@ def composed_hvp(vjp: Callable, jvp: Callable) -> Callable:
 
     def soft_hvp(x, out, perm, block_start, cotangent, tangent, op, reg, descending, eps):
         params = (op, reg, descending, eps)
+        out = out.to(device=x.device, dtype=x.dtype)  # (the rank's r^2 below is a torch op)
         state = (x, out, perm, block_start)
         cotangent = cotangent.to(device=x.device, dtype=x.dtype)
         tangent = tangent.to(device=x.device, dtype=x.dtype)

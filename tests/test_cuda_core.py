@@ -374,14 +374,13 @@ def test_device_forced_sort_method_matches_the_cpu_engine(method):
     # ties across rows) and outputs; the workspace sizes show that the setting
     # took effect (each method asks CUB for its own temporary storage).
     import json
-    import subprocess
-    import sys
+
+    from child_python import run_python
 
     _torch_cuda()
     env = dict(os.environ, SOFTRANK_CUDA_SORT=method)
     here = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, "-c", FORCED_SORT_SCRIPT, here], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_python(FORCED_SORT_SCRIPT, here, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     forced = json.loads(proc.stdout.strip().splitlines()[-1])
     c = _C()

@@ -12,6 +12,8 @@ import pytest
 import softrank
 from softrank._engine import available_backends
 
+from child_python import run_python
+
 HEAVY = ("torch", "jax", "tensorflow", "numba")
 
 PROBE = r"""
@@ -26,13 +28,9 @@ print(json.dumps({{"loaded": loaded, "backend": softrank.backend()}}))
 def _run(imports, extra_env=None):
     env = dict(os.environ)
     env.pop("SOFTRANK_BACKEND", None)
-    # the child imports the same softrank as this process
-    root = os.path.dirname(os.path.dirname(os.path.abspath(softrank.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     if extra_env:
         env.update(extra_env)
-    code = PROBE.format(imports=imports, heavy=HEAVY)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    proc = run_python(PROBE.format(imports=imports, heavy=HEAVY), env=env)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -4,9 +4,6 @@ References: the direct (jitted) call of the same function in this process.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,8 +14,8 @@ jax = require("jax")
 import jax.numpy as jnp  # noqa: E402
 from jax import export  # noqa: E402
 
-import softrank  # noqa: E402
 import softrank.jax as srj  # noqa: E402
+from child_python import run_python
 
 
 def _loss_and_grad(v):
@@ -77,9 +74,6 @@ def test_import_without_jax_names_the_extra():
     code = ("import sys; sys.modules['jax'] = None\n"
             "try:\n    import softrank.jax\n"
             "except ImportError as exc:\n    print(exc)\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(softrank.__file__)))
-    env = dict(os.environ, PYTHONPATH=root)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          timeout=120)
+    proc = run_python(code, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "softrank.jax needs JAX: pip install 'softrank[jax]'"

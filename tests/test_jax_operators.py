@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -25,8 +23,8 @@ jax = require("jax")
 import jax.numpy as jnp  # noqa: E402
 from jax import export  # noqa: E402
 
-import softrank  # noqa: E402
 import softrank.jax as srj  # noqa: E402
+from child_python import run_python
 
 REGS = ("l2", "kl")
 EPS = 0.7
@@ -622,11 +620,7 @@ def test_batch_sharded_input_gives_the_unsharded_values():
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         " --xla_force_host_platform_device_count=2").strip()
     env["JAX_PLATFORMS"] = "cpu"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(softrank.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(
-        [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    proc = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], capture_output=True,
-                          text=True, env=env, timeout=600, check=False)
+    proc = run_python(SHARDING_SCRIPT, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["collectives"] == [] and report["callbacks"] == []

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
+from child_python import run_python
 from frameworks import require
 
 jax = require("jax")
-import softrank  # noqa: E402
 import softrank.jax as srj  # noqa: E402
 
 SCRIPT = r"""
@@ -85,10 +83,7 @@ def _run(path: str, axis_type: str) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
     env["JAX_PLATFORMS"] = "cpu"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(softrank.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, path, axis_type], capture_output=True,
-                          text=True, env=env, timeout=600)
+    proc = run_python(SCRIPT, path, axis_type, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 import ast
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
 import softrank
 from softrank import _xla_ffi_version
 from softrank._engine import available_backends
+from child_python import run_python
 
 PACKAGE = os.path.dirname(os.path.abspath(softrank.__file__))
 ROOT = os.path.dirname(PACKAGE)
@@ -89,8 +88,7 @@ def test_missing_framework_names_the_extra(module, framework, extra):
         f"import sys; sys.modules[{framework!r}] = None\n"
         f"try:\n    import {module}\nexcept ImportError as exc:\n    print('ImportError:', exc)\n"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    proc = run_python(code, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("ImportError:"), proc.stdout
     assert f"softrank[{extra}]" in proc.stdout, proc.stdout
@@ -114,8 +112,8 @@ def test_incompatible_jaxlib_falls_back_with_a_warning():
         "np.testing.assert_allclose(np.asarray(sj.soft_rank(x, 0.5)), soft_rank(x, 0.5), rtol=1e-6)\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ)
     env.pop("SOFTRANK_BACKEND", None)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    proc = run_python(code, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("ok")

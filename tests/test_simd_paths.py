@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-import softrank
 from softrank._engine import available_backends
+
+from child_python import run_python
 
 pytestmark = pytest.mark.skipif("native" not in available_backends(), reason="needs softrank._C")
 
@@ -59,9 +59,7 @@ def _run(disable: str | None) -> dict:
     env.pop("SOFTRANK_DISABLE_AVX512", None)
     if disable is not None:
         env["SOFTRANK_DISABLE_AVX512"] = disable
-    root = os.path.dirname(os.path.dirname(os.path.abspath(softrank.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=300)
+    proc = run_python(PROBE, env=env)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -111,10 +109,7 @@ print(json.dumps(worst))
 """
     env = dict(os.environ, SOFTRANK_DISABLE_AVX512="1")
     env.pop("SOFTRANK_BACKEND", None)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(softrank.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     tests_dir = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, "-c", code, tests_dir], capture_output=True, text=True,
-                          env=env, timeout=300)
+    proc = run_python(code, tests_dir, env=env)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) < 1e-9

@@ -157,17 +157,11 @@ def test_unknown_rank_raises():
 
 
 def test_import_without_tensorflow_names_the_extra():
-    import os
-    import subprocess
-    import sys
+    from child_python import run_python
 
-    import softrank
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(softrank.__file__)))
     code = ("import sys\nsys.modules['tensorflow'] = None  # makes `import tensorflow` fail\n"
             "try:\n    import softrank.tensorflow\nexcept ImportError as exc:\n    print(exc)\n")
-    env = dict(os.environ, PYTHONPATH=root)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    proc = run_python(code)
     assert proc.returncode == 0, proc.stderr
     assert "softrank.tensorflow needs TensorFlow: pip install 'softrank[tensorflow]'" in proc.stdout
     assert "tensorflow-cpu" in proc.stdout

@@ -7,15 +7,13 @@ gradient, against finite differences.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
-import softrank
 import softrank.numpy as srn
+from child_python import run_python
 from frameworks import require
 from reference import vjp_fd
 
@@ -86,10 +84,7 @@ print("loaded")
 
 def _python(code, path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(softrank.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(path)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = run_python(textwrap.dedent(code), str(path), env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
 

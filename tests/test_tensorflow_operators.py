@@ -465,13 +465,9 @@ def test_third_derivatives_of_the_projection_and_isotonic_regression(regularizat
 
 
 def test_saved_model_reloads_in_a_fresh_process(tmp_path):
-    import os
-    import subprocess
-    import sys
+    from child_python import run_python
 
-    import softrank
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(softrank.__file__)))
     save = """
 import sys, numpy as np, tensorflow as tf
 import softrank.tensorflow as srtf
@@ -503,11 +499,9 @@ np.testing.assert_allclose(y.numpy(), want.numpy(), rtol=1e-13, atol=1e-13)
 np.testing.assert_allclose(grad.numpy(), tape.gradient(loss, x).numpy(), rtol=1e-13, atol=1e-13)
 print("reloaded")
 """
-    env = dict(os.environ, PYTHONPATH=root)
     path = str(tmp_path / "model")
     for code in (save, load):
-        proc = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
-                              env=env, timeout=600)
+        proc = run_python(code, path, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert "reloaded" in proc.stdout
 

@@ -8,9 +8,6 @@ makes are counted.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import typing
 
 import pytest
@@ -22,6 +19,7 @@ import softrank.torch as srt  # noqa: E402
 from torch_fd import contract, fd_hessian, fd_jacobian  # noqa: E402
 from softrank import _engine  # noqa: E402
 from softrank._types import Direction, Regularization  # noqa: E402
+from child_python import run_python
 
 # torch's own gradcheck and inductor call deprecated torch.jit APIs, and the
 # TorchScript tests call them on purpose.
@@ -339,7 +337,6 @@ def test_jit_script_raises_naming_the_alternatives():
 
 
 def test_import_without_torch_names_the_extra():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(srt.__file__)))
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "try:\n"
@@ -347,8 +344,7 @@ def test_import_without_torch_names_the_extra():
         "except ImportError as exc:\n"
         "    print(exc)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=root, env={**os.environ, "PYTHONPATH": root})
+    proc = run_python(code, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "softrank.torch needs PyTorch: pip install 'softrank[torch]'" in proc.stdout
 
