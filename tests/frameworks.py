@@ -7,6 +7,7 @@ fast-soft-sort is not on PyPI: its agreement tests run where
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -42,3 +43,21 @@ def fast_soft_sort():
             return importlib.import_module("fast_soft_sort.numpy_ops")
     finally:
         sys.path.remove(FAST_SOFT_SORT_DIR)
+
+
+@contextlib.contextmanager
+def jax_x64(enabled: bool = True):
+    """JAX's float64 switch, set process-wide for the block and restored after.
+
+    Not the ``jax.enable_x64`` context: it is thread-local, and XLA may run a
+    ``pure_callback`` (softrank's host path: the numba engine, or an op with no
+    XLA handler) on another thread, where it does not hold, and jax then
+    canonicalises the callback's float64 results to float32 and fails.
+    """
+    jax = importlib.import_module("jax")
+    saved = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", enabled)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", saved)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import softrank.numpy as srn
-from frameworks import require
+from frameworks import jax_x64, require
 
 OPS = ("rank", "sort")
 REGULARIZATIONS = ("l2", "kl")
@@ -54,7 +54,7 @@ def _jax(op, x, cotangent, axis, **kwargs):
     import softrank.jax as srj
 
     forward = {"rank": srj.soft_rank, "sort": srj.soft_sort}[op]
-    with jax.enable_x64(x.dtype == np.float64):
+    with jax_x64(x.dtype == np.float64):
         out, pullback = jax.vjp(lambda v: forward(v, EPS, axis=axis, **kwargs), x)
         (grad,) = pullback(cotangent)
         assert out.dtype == x.dtype and grad.dtype == x.dtype

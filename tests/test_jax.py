@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import softrank.numpy as srn
-from frameworks import require
+from frameworks import jax_x64, require
 
 jax = require("jax")
 import jax.numpy as jnp  # noqa: E402
@@ -111,7 +111,7 @@ def test_vmap_of_the_backward_with_unbatched_primal():
 
 @pytest.mark.parametrize("x64", [False, True])
 def test_with_and_without_x64(x64):
-    with jax.enable_x64(x64):
+    with jax_x64(x64):
         x = jnp.asarray(_x((3, 10), seed=6, dtype=np.float64))
         assert x.dtype == (jnp.float64 if x64 else jnp.float32)
         out = jax.jit(lambda v: srj.soft_sort(v, 0.2, regularization="kl"))(x)

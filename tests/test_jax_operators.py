@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 import pytest
-from frameworks import require
+from frameworks import jax_x64, require
 
 import softrank.numpy as srn
 
@@ -32,12 +32,8 @@ EPS = 0.7
 
 @pytest.fixture(autouse=True)
 def x64():
-    saved = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
+    with jax_x64(True):
         yield
-    finally:
-        jax.config.update("jax_enable_x64", saved)
 
 
 def _rng(seed):

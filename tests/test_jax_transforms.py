@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import softrank.numpy as srn
-from frameworks import require
+from frameworks import jax_x64, require
 
 jax = require("jax")
 import jax.numpy as jnp  # noqa: E402
@@ -36,16 +36,8 @@ def path(request, monkeypatch):
     else:
         monkeypatch.setattr(srj, "_ffi_ready", lambda: False)
     jax.clear_caches()
-    # float64 for the finite differences. Set globally, not with the
-    # enable_x64 context (thread-local): XLA may run a pure_callback on
-    # another thread, where the context would not hold and jax would
-    # canonicalize the callback's float64 results to float32.
-    saved = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
+    with jax_x64(True):  # (float64 for the finite differences)
         yield request.param
-    finally:
-        jax.config.update("jax_enable_x64", saved)
 
 
 def _row(n=6, seed=6):

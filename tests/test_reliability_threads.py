@@ -7,6 +7,7 @@ requires them, elsewhere they are skipped when missing).
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,7 +17,7 @@ import pytest
 import softrank
 import softrank.numpy as srn
 from softrank import _engine
-from frameworks import require
+from frameworks import jax_x64, require
 
 KWARGS = [
     dict(regularization=reg, direction=d) for reg in ("l2", "kl") for d in ("ascending", "descending")
@@ -160,8 +161,7 @@ def _framework_ops(name):
         return (lambda a: torch.from_numpy(a), lambda t: t.detach().numpy(),
                 lambda t, **kw: srt.soft_rank(t, 0.6, **kw), lambda t, **kw: srt.soft_sort(t, 0.6, **kw))
     if name == "jax":
-        jnp = require("jax.numpy")
-        require("jax").config.update("jax_enable_x64", True)
+        jnp = require("jax.numpy")  # (float64: the test runs under jax_x64)
         import softrank.jax as srj
 
         return (lambda a: jnp.asarray(a), lambda t: np.asarray(t),
@@ -175,6 +175,13 @@ def _framework_ops(name):
 
 @pytest.mark.parametrize("name", ["torch", "jax", "tensorflow"])
 def test_framework_adapters_threads_and_thread_count(name):
+    # jax in float64 for this test only (the switch set process-wide, as the
+    # pool's threads need it, and restored after).
+    with jax_x64(True) if name == "jax" else contextlib.nullcontext():
+        _adapters_threads_and_thread_count(name)
+
+
+def _adapters_threads_and_thread_count(name):
     to_fw, to_np, rank, sort = _framework_ops(name)
     x, _, _ = _inputs((64, 700), 8)
     softrank.set_num_threads(1)
