@@ -84,7 +84,7 @@ from __future__ import annotations
 
 import functools
 import string
-from typing import Any
+from typing import Any, Callable
 
 try:
     import jax
@@ -495,6 +495,26 @@ def _partitioning_attributes(ctx) -> dict:
     return attributes
 
 
+def _x64_checked(host: Callable, results) -> Callable:
+    """``host`` for a ``pure_callback`` with 64-bit ``results``: it raises a clear
+    error where float64 is off in the thread that XLA runs the callback on
+    (the thread-local ``jax.enable_x64`` context does not reach it), where jax
+    would otherwise reject the results as "Incorrect output dtype"."""
+    if not any(np.dtype(r.dtype).itemsize == 8 for r in results):
+        return host
+
+    def checked(*operands):
+        if not jax.config.jax_enable_x64:
+            raise RuntimeError(
+                "softrank.jax: this float64 operation runs on the host through "
+                "jax.pure_callback, on a thread where jax's float64 switch is off: the "
+                "jax.enable_x64 context is thread-local and does not reach it. Switch float64 "
+                "on with jax.config.update('jax_enable_x64', True) instead.")
+        return host(*operands)
+
+    return checked
+
+
 def _callback_lowering(ctx, *args, prim_name: str, **params):
     """The engine through jax.pure_callback (the host function is looked up
     now, so that the tests can count its calls). Under jit with sharded
@@ -505,8 +525,8 @@ def _callback_lowering(ctx, *args, prim_name: str, **params):
             "softrank.jax: jax.export needs softrank's XLA custom calls (the CPU platform and "
             "the native engine built with the XLA FFI handlers); here the operator runs "
             "through jax.pure_callback, which cannot be serialized")
-    host = functools.partial(getattr(_host, _HOST[prim_name]), **params)
     results = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ctx.avals_out)
+    host = _x64_checked(functools.partial(getattr(_host, _HOST[prim_name]), **params), results)
 
     def call(*operands):
         out = jax.pure_callback(host, results if len(results) > 1 else results[0], *operands,
@@ -700,9 +720,10 @@ def _host_lowering(ctx, *args, host, **params):
             "which jax.export cannot serialize")
     results = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ctx.avals_out)
 
+    checked = _x64_checked(functools.partial(host, **params), results)
+
     def call(*operands):
-        return jax.pure_callback(functools.partial(host, **params), results, *operands,
-                                 vmap_method="broadcast_all")
+        return jax.pure_callback(checked, results, *operands, vmap_method="broadcast_all")
 
     return mlir.lower_fun(call, multiple_results=True)(ctx, *args)
 

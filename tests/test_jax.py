@@ -211,3 +211,38 @@ def test_ffi_handlers_check_what_they_are_handed(path):
     vjp = jax.ffi.ffi_call("softrank_vjp_v1", like)
     with pytest.raises(Exception, match="perm"):
         jax.block_until_ready(vjp(x, x, perm, block_start, x, **good))
+
+
+def test_float64_callback_on_a_thread_without_x64_raises_a_clear_error(path):
+    """XLA may run a pure_callback on another thread, which the thread-local
+    jax.enable_x64 context does not reach; jax would then reject the float64
+    results as "Incorrect output dtype". The host function says what to do."""
+    import threading
+
+    if path == "ffi":
+        pytest.skip("the callback path's check")
+    results = (jax.ShapeDtypeStruct((2, 3), np.float64),)
+    checked = srj._x64_checked(lambda v: (v * 2.0,), results)
+    value = np.ones((2, 3))
+    caught = []
+
+    def in_a_fresh_thread():
+        try:
+            checked(value)
+        except RuntimeError as exc:
+            caught.append(exc)
+
+    with jax.enable_x64(True):
+        assert checked(value)[0].dtype == np.float64  # this thread: on
+        worker = threading.Thread(target=in_a_fresh_thread)
+        worker.start()
+        worker.join()
+    assert len(caught) == 1 and "jax.config.update('jax_enable_x64', True)" in str(caught[0])
+    with jax_x64(True):  # process-wide: every thread
+        worker = threading.Thread(target=in_a_fresh_thread)
+        worker.start()
+        worker.join()
+    assert len(caught) == 1
+    # float32 results need no switch
+    unchecked = lambda v: (v,)  # noqa: E731
+    assert srj._x64_checked(unchecked, (jax.ShapeDtypeStruct((2,), np.float32),)) is unchecked
