@@ -50,6 +50,9 @@ under ``jit`` with sharded inputs the callback runs on one device (inside
 with ``jax.config.update("jax_enable_x64", True)`` rather than the
 ``jax.enable_x64`` context: that context is thread-local, and XLA may run the
 callback on another thread, where jax then rejects its float64 results.
+Nor call the callback path from several Python threads at once: jax's
+callbacks can then hang in jax itself (a plain jitted ``pure_callback`` does,
+in jax 0.10 on the CPU); the XLA FFI path has no such limit.
 
 Exporting (``jax.export``, CPU): the custom call targets are not in JAX's
 list of targets with a compatibility guarantee, so name them::
