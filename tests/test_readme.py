@@ -1,9 +1,10 @@
 """The README's Python examples run as written, and print what their comments say.
 
-Every ```python block of README.md runs, in order, in one namespace per
-framework-free run of blocks (a block may continue the one before it, as the
-numpy example's "with_vjp" block does), except blocks placed right after an
-HTML comment ``<!-- readme-test: skip ... -->`` (a signature, a fragment).
+Every ```python block of README.md runs in a namespace of its own, except
+blocks placed right after an HTML comment ``<!-- readme-test: skip ... -->``
+(a signature, a fragment). A block that imports nothing continues the block
+just before it (as the numpy example's "with_vjp" block does): that block
+runs first, in the same namespace.
 A block that imports torch, jax or tensorflow is skipped where that framework
 is missing (outside CI, see frameworks.py). A line ``expression  # [values]``
 or ``# name == [values]`` states a result: it is compared with the values.
@@ -70,7 +71,7 @@ def test_readme_has_an_example_per_framework():
 def test_readme_example_runs_and_states_true_values(index, code):
     for name in _frameworks_of(code):
         require(name)
-    # A block that imports nothing continues the blocks before it (their names).
+    # A block that imports nothing continues the block just before it (its names).
     namespace: Dict[str, object] = {}
     if not re.search(r"^\s*(import|from)\s", code, re.M):
         earlier = [c for i, c in BLOCKS if i < index]
