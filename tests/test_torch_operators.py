@@ -5,8 +5,8 @@ References, never softrank.torch's own backward:
   scipy.stats.spearmanr, np.quantile, np.median and a brute-force top-k indicator;
 - first derivatives: central finite differences (float64) of the torch function
   and softrank.numpy's ``*_with_vjp`` pullbacks;
-- second derivatives: central differences of central differences, and torch's
-  numerical gradgradcheck;
+- second derivatives: nested fourth-order central differences (torch_fd.fd_hessian,
+  which checks itself at two steps), and torch's numerical gradgradcheck;
 - batched and compiled calls: the unbatched eager call.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ pytestmark = [
 
 REGS = ["l2", "kl"]
 RTOL, ATOL = 1e-6, 1e-7  # against finite differences (torch_fd.STEP)
-RTOL2, ATOL2 = 1e-5, 1e-6  # second derivatives (torch_fd.STEP2)
+RTOL2, ATOL2 = 1e-5, 1e-6  # second derivatives (torch_fd.fd_hessian)
 PUBLIC = ["permutahedron_projection", "soft_topk_mask", "spearman", "soft_quantile", "soft_median",
           "isotonic_regression"]
 
@@ -421,7 +421,8 @@ def _cube_loss(f, weights):
 
 @pytest.mark.parametrize("name, reg", CASES)
 def test_second_derivatives_by_every_route_match_finite_differences(name, reg):
-    x = _spread(_x((2, 4), seed=23))
+    # a point that fd_hessian's stencils keep away from every kink of every case (it checks)
+    x = _spread(_x((2, 4), seed=27))
     extra = _extra((2, 4), -1)
     assert _pooled(name, reg, x, extra)
     f = _torch_fn(name, reg, extra)

@@ -34,7 +34,7 @@ CASES = [(op, reg) for op in ("rank", "sort") for reg in ("l2", "kl")]
 # Finite differences: the steps keep rows away from the kinks of l2 (a
 # perturbation of 1e-6 does not change the PAV blocks of these inputs).
 RTOL, ATOL = 1e-6, 1e-7  # against finite differences (torch_fd.STEP)
-RTOL2, ATOL2 = 1e-5, 1e-6  # second derivatives (torch_fd.STEP2)
+RTOL2, ATOL2 = 1e-5, 1e-6  # second derivatives (torch_fd.fd_hessian)
 
 
 def _x(shape, seed=0, dtype=torch.float64):
@@ -150,7 +150,8 @@ def test_func_grad_and_vjp_match_finite_differences(op, reg):
 
 @pytest.mark.parametrize("op, reg", CASES)
 def test_hessians_by_every_route_match_finite_differences(op, reg):
-    x, weights = _x((2, 4), seed=11), _x((2, 4), seed=12)
+    # a point that fd_hessian's stencils keep away from every kink of every case (it checks)
+    x, weights = _x((2, 4), seed=16), _x((2, 4), seed=12)
     g = _loss(op, reg, weights, direction="descending")
     want = fd_hessian(g, x)
     routes = {
