@@ -182,6 +182,36 @@ def available_backends() -> list:
     return names
 
 
+def cuda_disabled_by_environment() -> bool:
+    """Whether ``SOFTRANK_DISABLE_CUDA`` is set (to anything but "" or "0").
+
+    The switch of the GPU path, read where the adapters register their CUDA
+    kernels (when ``softrank.torch`` / ``softrank.jax`` is imported), as
+    ``SOFTRANK_DISABLE_AVX512`` is for the CPU's.
+    """
+    value = os.environ.get("SOFTRANK_DISABLE_CUDA", "").strip()
+    return value not in ("", "0")
+
+
+def cuda_core() -> ModuleType | None:
+    """The compiled core (``softrank._C``) where it was built with its CUDA core and
+    ``SOFTRANK_DISABLE_CUDA`` is not set; otherwise None.
+
+    Where it is None, the adapters compute CUDA tensors and arrays on the host
+    (a copy to the host, the CPU engine, a copy back), as a build without the
+    CUDA core does. The CUDA core is the GPU's engine whichever engine runs on
+    the CPU (``SOFTRANK_BACKEND`` does not affect it).
+    """
+    if cuda_disabled_by_environment():
+        return None
+    try:
+        from softrank import _C  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    compiled = getattr(_C, "cuda_compiled", None)
+    return _C if compiled is not None and compiled() else None
+
+
 def force_backend(name: str) -> None:
     """Switch the engine in this process ("native" or "numba"); for tests and benchmarks."""
     global _engine, _engine_name

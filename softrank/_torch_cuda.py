@@ -30,19 +30,16 @@ from typing import Callable, Dict, Iterator, Optional
 import torch
 from torch import Tensor
 
+from softrank import _engine
 from softrank._codes import OP_RANK, REG_L2
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
 
 
 def core() -> Optional[ModuleType]:
-    """The compiled core (``softrank._C``) when it was built with CUDA, else None."""
-    try:
-        from softrank import _C  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    compiled = getattr(_C, "cuda_compiled", None)
-    return _C if compiled is not None and compiled() else None
+    """The compiled core (``softrank._C``) when it was built with CUDA and
+    ``SOFTRANK_DISABLE_CUDA`` is not set, else None (:func:`softrank._engine.cuda_core`)."""
+    return _engine.cuda_core()
 
 
 @contextlib.contextmanager

@@ -39,7 +39,9 @@ with its CUDA core (``softrank._C.cuda_compiled()``), ``softrank_forward``,
 custom calls into it under the same target names (handlers registered for
 platform "CUDA", on XLA's stream, scratch from XLA's allocator), and
 ``softrank_hvp`` is lowered to its composition of the jvp and vjp calls: the
-soft rank, the soft sort and their derivatives stay on the GPU. The
+soft rank, the soft sort and their derivatives stay on the GPU
+(``SOFTRANK_DISABLE_CUDA`` set when this module is imported leaves the CUDA
+handlers unregistered: the callback below then serves the GPU too). The
 operators on the permutahedron below are computed on the host there. XLA
 picks the lowering by the platform it compiles for, never by
 ``jax.default_backend()``. Otherwise (another platform, the numba engine on
@@ -154,12 +156,12 @@ def _register_targets() -> bool:
 def _register_cuda_targets() -> frozenset:
     """Register the CUDA core's XLA FFI handlers (platform "CUDA"; the same
     target names as the CPU ones); their names, empty where the core was built
-    without CUDA or without the CPU handlers (then the API version is unchecked)."""
-    if not _HAVE_FFI_TARGETS:
+    without CUDA or without the CPU handlers (then the API version is unchecked),
+    or where ``SOFTRANK_DISABLE_CUDA`` is set (:func:`softrank._engine.cuda_core`)."""
+    cuda = _engine.cuda_core()
+    if not _HAVE_FFI_TARGETS or cuda is None:
         return frozenset()
-    from softrank import _C  # type: ignore[attr-defined]
-
-    targets = getattr(_C, "xla_ffi_cuda_targets", None)
+    targets = getattr(cuda, "xla_ffi_cuda_targets", None)
     if targets is None:
         return frozenset()
     handlers = targets()

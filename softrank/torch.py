@@ -42,7 +42,8 @@ supported order never leave the GPU. ``projection_forward`` and
 ``isotonic_forward`` are computed on the host for CUDA tensors: their CUDA
 kernels copy the inputs to the host, run the CPU engine and copy the results
 back to the input's device (synchronising with the current stream). Without
-the CUDA core every CUDA kernel is that host round trip.
+the CUDA core, or with ``SOFTRANK_DISABLE_CUDA`` set when this module is
+imported, every CUDA kernel is that host round trip.
 
 An eager call on a plain CPU tensor (no torch.func transform, compile,
 dispatch or function mode, forward-mode level, batched tensor or tensor

@@ -125,6 +125,52 @@ def test_without_cuda_core_the_cuda_key_gets_the_host_kernels():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"softrank::{name}", "CUDA")
 
 
+SWITCH_PROBE = r"""
+import json
+import softrank.torch as srt
+from softrank import _torch_cuda
+result = {
+    "core": _torch_cuda.core() is not None,
+    "hosted": all(srt._CUDA_KERNELS[name] is srt._HOST_KERNELS[name]
+                  for name in srt._HOST_KERNELS if name != "pearson"),
+}
+try:
+    import softrank.jax as srj
+except ImportError:
+    result["jax_cuda_targets"] = None
+else:
+    result["jax_cuda_targets"] = sorted(srj._CUDA_FFI_TARGETS)
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.parametrize("value, disabled", [("1", True), ("yes", True), ("0", False),
+                                             ("", False), (None, False)])
+def test_disable_cuda_switch_routes_cuda_to_the_host(value, disabled):
+    # SOFTRANK_DISABLE_CUDA, read when the adapters import: set (to anything but
+    # "" or "0"), the CUDA dispatch keys get the host round trip and jax
+    # registers no CUDA handler, even in a build with the CUDA core.
+    import json
+    import os
+
+    from child_python import run_python
+
+    env = dict(os.environ)
+    env.pop("SOFTRANK_DISABLE_CUDA", None)
+    if value is not None:
+        env["SOFTRANK_DISABLE_CUDA"] = value
+    proc = run_python(SWITCH_PROBE, env=env)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    uses_core = CUDA_COMPILED and not disabled
+    assert got["core"] is uses_core
+    assert got["hosted"] is not uses_core
+    if got["jax_cuda_targets"] is not None:
+        srj = require("softrank.jax")
+        expected = sorted(_C.xla_ffi_cuda_targets()) if uses_core and srj._HAVE_FFI_TARGETS else []
+        assert got["jax_cuda_targets"] == expected
+
+
 def test_with_cuda_core_the_cuda_kernels_are_the_core_s():
     if CUDA_COMPILED:
         assert _torch_cuda.core() is _C
@@ -545,6 +591,58 @@ def test_cuda_one_long_row(op, reg, dtype):
     y.backward(_cuda(cot, dtype))
     assert_close(y, y_cpu, dtype)
     assert_close(x.grad, x_cpu.grad, dtype)
+
+
+DISABLED_CUDA_SCRIPT = r"""
+import numpy as np
+import torch
+import softrank.numpy as srn
+import softrank.torch as srt
+from softrank import _torch_cuda
+assert _torch_cuda.core() is None
+rng = np.random.default_rng(9)
+values, cot = rng.normal(size=(4, 300)), rng.normal(size=(4, 300))
+for name in ("soft_rank", "soft_sort"):
+    for reg in ("l2", "kl"):
+        x = torch.tensor(values, device="cuda", requires_grad=True)
+        y = getattr(srt, name)(x, 0.5, regularization=reg)
+        assert y.device == x.device, y.device
+        (grad,) = torch.autograd.grad(y, x, torch.tensor(cot, device="cuda"))
+        assert grad.device == x.device, grad.device
+        # the host round trip runs the CPU engine: softrank.numpy's bits
+        want, pullback = getattr(srn, name + "_with_vjp")(values, 0.5, regularization=reg)
+        np.testing.assert_array_equal(y.detach().cpu().numpy(), want)
+        np.testing.assert_array_equal(grad.cpu().numpy(), pullback(cot))
+try:
+    import jax
+    import softrank.jax as srj
+except ImportError:
+    print("torch ok; jax absent")
+else:
+    assert not srj._CUDA_FFI_TARGETS
+    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    if gpus:
+        x = jax.device_put(values.astype(np.float32), gpus[0])
+        y = jax.jit(lambda t: srj.soft_rank(t, 0.5))(x)
+        np.testing.assert_array_equal(np.asarray(y), srn.soft_rank(values.astype(np.float32), 0.5))
+        print("torch ok; jax ok on", gpus[0])
+    else:
+        print("torch ok; jax sees no GPU")
+"""
+
+
+@_gpu_test
+def test_cuda_disabled_by_the_switch_computes_on_the_host():
+    """``SOFTRANK_DISABLE_CUDA=1``: CUDA tensors (and jax GPU arrays) take the host
+    round trip, whose results are the CPU engine's bit for bit and stay on the GPU."""
+    import os
+
+    from child_python import run_python
+
+    env = dict(os.environ, SOFTRANK_DISABLE_CUDA="1", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    proc = run_python(DISABLED_CUDA_SCRIPT, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "torch ok" in proc.stdout
 
 
 @_gpu_test
