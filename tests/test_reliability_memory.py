@@ -20,7 +20,7 @@ from softrank import _engine
 pytestmark = [
     pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc/self/statm"),
     # AddressSanitizer keeps freed memory in quarantine: RSS says nothing there.
-    pytest.mark.skipif(bool(os.environ.get("SOFTRANK_ASAN_EXTENSION")),
+    pytest.mark.skipif(os.environ.get("SOFTRANK_TEST_EXTENSION_KIND") == "asan",
                        reason="RSS under AddressSanitizer (csrc/tests/python_asan.sh)"),
 ]
 
