@@ -800,4 +800,16 @@ PYBIND11_MODULE(_C, m) {
       "simd_level", [] { return softrank::simd_level_name(softrank::simd_level()); },
       "The instruction set the core runs at: 'avx512', 'avx2' or 'baseline' (the CPU's best, "
       "capped by SOFTRANK_DISABLE_AVX512=1, read once when the core loads).");
+  m.def(
+      "simd_variants_compiled",
+      [] {
+#if defined(SOFTRANK_X86_DISPATCH)
+        return true;
+#else
+        return false;
+#endif
+      },
+      "Whether the core was built with its x86 AVX2 / AVX-512 variants: False on arm64 and "
+      "other non-x86 targets and with SOFTRANK_PORTABLE_ONLY=ON, where simd_level() is "
+      "'baseline' on any CPU.");
 }

@@ -24,7 +24,9 @@ def simd_level() -> str:
     str
         ``"avx512"``, ``"avx2"`` or ``"baseline"`` for the native core: the
         best the CPU supports, capped at AVX2 by ``SOFTRANK_DISABLE_AVX512=1``
-        (read once, when the core loads). ``"numba"`` for the numba engine,
+        (read once, when the core loads); ``"baseline"`` on any CPU for a
+        core built without its x86 variants (arm64, or the CMake option
+        ``SOFTRANK_PORTABLE_ONLY``). ``"numba"`` for the numba engine,
         whose code LLVM compiles for the host CPU.
     """
     from softrank._engine import engine
