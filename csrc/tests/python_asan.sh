@@ -13,12 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY="${PYTHON:-python3}"
-build="${SOFTRANK_ASAN_BUILD:-build/asan-python}"
-cmake -S . -B "$build" -DSOFTRANK_SANITIZE=ON -DSOFTRANK_BUILD_PYTHON=ON -DSOFTRANK_CUDA=OFF \
-  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPython_EXECUTABLE="$(command -v "$PY")" \
-  -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" >/dev/null
-cmake --build "$build" -j 2 --target _C >/dev/null
-ext="$(ls "$PWD/$build"/_C*.so | head -1)"
+ext="$(csrc/tests/build_extension.sh "${SOFTRANK_ASAN_BUILD:-build/asan-python}" \
+  -DSOFTRANK_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo)"
 libasan="$(${CXX:-c++} -print-file-name=libasan.so)"
 # libstdc++ preloaded too: python itself does not link it, and ASan's
 # __cxa_throw interceptor aborts ("real___cxa_throw != 0") on the first C++

@@ -6,19 +6,17 @@
 #   csrc/tests/python_portable.sh [pytest args]
 # (default: the engine-level tests, which compare the engine with the numba
 # engine and the independent references, in-process). Builds
-# build/portable-python; the editable install is left alone: a pytest plugin
+# build/portable-python (build_extension.sh); the editable install is left alone: a pytest plugin
 # (extension_pytest_plugin.py) loads this softrank._C in its place. Tests that
 # check the engine in a child process (test_simd_paths.py, ...) would import
 # the package's own extension: pass in-process tests only.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY="${PYTHON:-python3}"
-build="${SOFTRANK_PORTABLE_BUILD:-build/portable-python}"
-cmake -S . -B "$build" -DSOFTRANK_PORTABLE_ONLY=ON -DSOFTRANK_BUILD_PYTHON=ON -DSOFTRANK_CUDA=OFF \
-  -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v "$PY")" \
-  -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" >/dev/null
-cmake --build "$build" -j 2 --target _C >/dev/null
-export SOFTRANK_TEST_EXTENSION="$(ls "$PWD/$build"/_C*.so | head -1)"
+SOFTRANK_TEST_EXTENSION="$(csrc/tests/build_extension.sh \
+  "${SOFTRANK_PORTABLE_BUILD:-build/portable-python}" -DSOFTRANK_PORTABLE_ONLY=ON \
+  -DCMAKE_BUILD_TYPE=Release)"
+export SOFTRANK_TEST_EXTENSION
 export SOFTRANK_TEST_EXTENSION_KIND=portable
 "$PY" -c "
 import importlib.util, sys
