@@ -21,11 +21,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import itertools
+import json
 import math
+import os
 
 import numpy as np
 import pytest
 
+from child_python import run_python
 from frameworks import jax_x64, require
 
 torch = require("torch")
@@ -150,10 +153,6 @@ def test_disable_cuda_switch_routes_cuda_to_the_host(value, disabled):
     # SOFTRANK_DISABLE_CUDA, read when the adapters import: set (to anything but
     # "" or "0"), the CUDA dispatch keys get the host round trip and jax
     # registers no CUDA handler, even in a build with the CUDA core.
-    import json
-    import os
-
-    from child_python import run_python
 
     env = dict(os.environ)
     env.pop("SOFTRANK_DISABLE_CUDA", None)
@@ -635,9 +634,6 @@ else:
 def test_cuda_disabled_by_the_switch_computes_on_the_host():
     """``SOFTRANK_DISABLE_CUDA=1``: CUDA tensors (and jax GPU arrays) take the host
     round trip, whose results are the CPU engine's bit for bit and stay on the GPU."""
-    import os
-
-    from child_python import run_python
 
     env = dict(os.environ, SOFTRANK_DISABLE_CUDA="1", XLA_PYTHON_CLIENT_PREALLOCATE="false")
     proc = run_python(DISABLED_CUDA_SCRIPT, env=env)

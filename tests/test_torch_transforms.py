@@ -16,7 +16,7 @@ from frameworks import require
 
 torch = require("torch")
 import softrank.torch as srt  # noqa: E402
-from torch_fd import contract, fd_hessian, fd_jacobian  # noqa: E402
+from torch_fd import HESSIAN_ATOL, HESSIAN_RTOL, contract, fd_hessian, fd_jacobian  # noqa: E402
 from softrank import _engine  # noqa: E402
 from softrank._types import Direction, Regularization  # noqa: E402
 from child_python import run_python
@@ -34,7 +34,7 @@ CASES = [(op, reg) for op in ("rank", "sort") for reg in ("l2", "kl")]
 # Finite differences: the steps keep rows away from the kinks of l2 (a
 # perturbation of 1e-6 does not change the PAV blocks of these inputs).
 RTOL, ATOL = 1e-6, 1e-7  # against finite differences (torch_fd.STEP)
-RTOL2, ATOL2 = 1e-5, 1e-6  # second derivatives (torch_fd.fd_hessian)
+RTOL2, ATOL2 = HESSIAN_RTOL, HESSIAN_ATOL  # second derivatives (torch_fd.fd_hessian)
 
 
 def _x(shape, seed=0, dtype=torch.float64):

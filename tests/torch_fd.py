@@ -12,7 +12,7 @@ STEP = 1e-6  # first derivatives (float64)
 # in {-2, -1, 1, 2} steps: up to 4 steps from x along one axis.
 HESSIAN_STEP = 1e-3
 # The two estimates must agree to this fraction of the tolerance the tests compare with
-# (rtol 1e-5, atol 1e-6); a stencil that reaches across a kink of the piecewise-smooth
+# (HESSIAN_RTOL, HESSIAN_ATOL; the tests import it); a stencil that reaches across a kink of the piecewise-smooth
 # function (a PAV block that splits or merges) is off by orders of magnitude more.
 HESSIAN_AGREEMENT = 0.25
 HESSIAN_RTOL, HESSIAN_ATOL = 1e-5, 1e-6

@@ -7,9 +7,9 @@
 # instrumented) and leak detection off (CPython and the frameworks keep
 # memory until exit by design); UBSan findings abort. The editable install is
 # left alone: a pytest plugin (extension_pytest_plugin.py) loads the ASan
-# softrank._C in its place. The
-# CUDA core is left out (SOFTRANK_CUDA=OFF): these tests run the CPU engine,
-# and the main build compiles the kernels.
+# softrank._C in its place. The CUDA core is left out (SOFTRANK_CUDA=OFF, by
+# build_extension.sh): these tests run the CPU engine, and the main build
+# compiles the kernels.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY="${PYTHON:-python3}"

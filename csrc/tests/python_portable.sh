@@ -6,10 +6,10 @@
 #   csrc/tests/python_portable.sh [pytest args]
 # (default: the engine-level tests, which compare the engine with the numba
 # engine and the independent references, in-process). Builds
-# build/portable-python (build_extension.sh); the editable install is left alone: a pytest plugin
-# (extension_pytest_plugin.py) loads this softrank._C in its place. Tests that
-# check the engine in a child process (test_simd_paths.py, ...) would import
-# the package's own extension: pass in-process tests only.
+# build/portable-python (build_extension.sh); the editable install is left
+# alone: a pytest plugin (extension_pytest_plugin.py) loads this softrank._C in
+# its place. Tests that check the engine in a child process (test_simd_paths.py,
+# ...) would import the package's own extension: pass in-process tests only.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY="${PYTHON:-python3}"
@@ -23,7 +23,7 @@ import importlib.util, sys
 spec = importlib.util.spec_from_file_location('softrank._C', sys.argv[1])
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
-assert module.simd_level() == 'baseline', module.simd_level()
+assert not module.simd_variants_compiled(), 'built with the x86 variants'
 " "$SOFTRANK_TEST_EXTENSION"
 export PYTHONPATH="$PWD/csrc/tests${PYTHONPATH:+:$PYTHONPATH}"
 if (($# == 0)); then
