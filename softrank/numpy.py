@@ -257,6 +257,18 @@ def _caller_may_write(buffer: np.ndarray, array: np.ndarray, source: Any) -> boo
     return array is source or not array.flags.owndata
 
 
+def _private(buffer: np.ndarray, array: np.ndarray, source: Any) -> np.ndarray:
+    """``buffer`` or, where the caller may write to it later, a copy of it:
+    for what a pullback reads after the forward has returned."""
+    return buffer.copy() if _caller_may_write(buffer, array, source) else buffer
+
+
+def _unshared(buffer: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """``buffer`` or, where the ``value`` handed to the caller is (a view of)
+    it, a copy: a pullback must not see the caller's writes to its value."""
+    return buffer.copy() if np.may_share_memory(buffer, value) else buffer
+
+
 def _soft_with_vjp(x, eps, regularization, direction, axis, op, name):
     array, ax, rows, restore, state, args = _soft_forward(
         x, eps, regularization, direction, axis, op
@@ -269,10 +281,10 @@ def _soft_with_vjp(x, eps, regularization, direction, axis, op, name):
     # perm and the blocks only, plus the output for the kl rank and x for
     # the kl sort; perm and block_start are the forward's own.
     kl = args[1] == _engine.REG_KL
-    if kl and op == _engine.OP_SORT and _caller_may_write(rows, array, x):
-        rows = rows.copy()
-    if kl and op == _engine.OP_RANK and np.may_share_memory(value, out):
-        state = (out.copy(),) + tuple(state[1:])
+    if kl and op == _engine.OP_SORT:
+        rows = _private(rows, array, x)
+    if kl and op == _engine.OP_RANK:
+        state = (_unshared(out, value),) + tuple(state[1:])
     shape = array.shape
 
     def vjp(cotangent: ArrayLike) -> np.ndarray:
@@ -608,6 +620,13 @@ def permutahedron_projection_with_vjp(
     shape = array.shape
     w_given = w is not None
     w_dtype = np.asarray(w).dtype if w_given else None
+    # What the pullback reads, kept from the caller's later writes: z and w
+    # (the kl block softmaxes) and the output (its NaN rows).
+    out = _unshared(out, value)
+    if reg == _engine.REG_KL:
+        rows = _private(rows, array, z)
+        if w_given:
+            w_rows = _private(w_rows, np.asarray(w), w)
 
     def vjp(cotangent: ArrayLike):
         g = _prepare_like(shape, cotangent, ax, rows.dtype, "cotangent", "z")
@@ -695,6 +714,12 @@ def soft_topk_mask_with_vjp(
     array, ax, rows, w_rows, restore, out, mask, state, eps, reg = _topk(
         x, k, eps, regularization, axis)
     shape = array.shape
+    value = restore(mask)
+    # What the pullback reads, kept from the caller's later writes: x (the
+    # kl block softmax), the mask (kl) and the output (its NaN rows).
+    out, mask = _unshared(out, value), _unshared(mask, value)
+    if reg == _engine.REG_KL:
+        rows = _private(rows, array, x)
 
     def vjp(cotangent: ArrayLike) -> np.ndarray:
         g = _prepare_like(shape, cotangent, ax, rows.dtype, "cotangent")
@@ -704,7 +729,7 @@ def soft_topk_mask_with_vjp(
                                               need_w=False)
         return restore(grad)
 
-    return restore(mask), _pullback("soft_topk_mask", shape, vjp,
+    return value, _pullback("soft_topk_mask", shape, vjp,
                                     "Gradient of sum(cotangent * soft_topk_mask(x)) in x.")
 
 
@@ -870,6 +895,8 @@ def soft_quantile_with_vjp(
     array, ax, rows, restore, reduced, quantiles, scalar, state, args, value = _quantile(
         x, q, eps, regularization, axis)
     result = reduced(value)
+    if args[1] == _engine.REG_KL:  # the kl sort's vjp reads x: keep it from later writes
+        rows = _private(rows, array, x)
     lo, hi, frac = _operators.quantile_positions(quantiles, rows.shape[1])
 
     def vjp(cotangent: ArrayLike) -> np.ndarray:
@@ -1009,6 +1036,14 @@ def isotonic_regression_with_vjp(
         rows.dtype)
     shape = array.shape
     weights_dtype = np.asarray(weights).dtype if weights is not None else None
+    value = restore(solution)
+    # What the pullback reads, kept from the caller's later writes: y, the
+    # weights and the solution.
+    solution = _unshared(solution, value)
+    if reg == _engine.REG_KL or weights is not None:  # (l2 without weights reads neither)
+        rows = _private(rows, array, y)
+    if weights is not None:
+        w_rows = _private(w_rows, np.asarray(weights), weights)
 
     def vjp(cotangent: ArrayLike):
         g = _prepare_like(shape, cotangent, ax, rows.dtype, "cotangent", "y")
@@ -1018,7 +1053,7 @@ def isotonic_regression_with_vjp(
         return restore(grad_y), restore(grad_w).astype(_gradient_dtype(weights_dtype, rows.dtype),
                                                        copy=False)
 
-    return restore(solution), _pullback(
+    return value, _pullback(
         "isotonic_regression", shape, vjp,
         "(grad_y, grad_weights) of sum(cotangent * isotonic_regression(y, weights=weights)).")
 
