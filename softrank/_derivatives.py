@@ -49,10 +49,26 @@ def z_scale(eps: float) -> float:
     return 1.0 / eps
 
 
-def _block_softmax(ops, values, block_start):
-    """softmax of ``values`` within each block; ``values`` sorted decreasingly per block."""
+def times_scale(value, eps: float):
+    """``value * z_scale(eps)``, or ``value / eps`` where ``1 / eps`` overflows
+    (a subnormal eps): there an exact 0 (a singleton block's term) must stay
+    0, not become ``0 * inf = NaN``."""
+    scale = 1.0 / eps
+    return value * scale if math.isfinite(scale) else value / eps
+
+
+def _block_softmax(ops, values, block_start, eps: Optional[float] = None):
+    """softmax of ``values`` (divided by ``eps`` where given) within each
+    block; ``values`` sorted decreasingly per block.
+
+    The block's largest value is subtracted before the division by eps: with
+    ``|z| / eps`` beyond the float range (z = 1e10 at eps = 1e-300, finite
+    outputs) the quotients would be inf and ``inf - inf`` NaN, while the
+    differences divide to 0 (the head) and -inf (exp 0), the exact softmax.
+    """
     head = ops.stop_gradient(ops.take(values, block_start))  # the block's largest value
-    e = ops.exp(values - head)
+    shifted = values - head
+    e = ops.exp(shifted if eps is None else times_scale(shifted, eps))
     return e / ops.block_sum(e, block_start)
 
 
@@ -68,13 +84,14 @@ def projection_jvp(ops, z, w, out, state, tz: Optional[Any], tw: Optional[Any], 
     scale = z_scale(eps)
     sorted_tangent = None
     if tz is not None and scale != 0.0:
-        a = ops.take(tz, perm_z) * scale
+        # Centred before scaled: a singleton block's exact 0 stays 0 at any eps.
+        a = ops.take(tz, perm_z)
         if reg == REG_L2:
             count = ops.block_sum(ops.ones_like(a), block_start)
-            sorted_tangent = a - ops.block_sum(a, block_start) / count
+            sorted_tangent = times_scale(a - ops.block_sum(a, block_start) / count, eps)
         else:
-            p = _block_softmax(ops, ops.take(z, perm_z) * scale, block_start)
-            sorted_tangent = a - ops.block_sum(p * a, block_start)
+            p = _block_softmax(ops, ops.take(z, perm_z), block_start, eps)
+            sorted_tangent = times_scale(a - ops.block_sum(p * a, block_start), eps)
     if tw is not None:
         b = ops.take(tw, perm_w)
         if reg == REG_L2:
@@ -106,10 +123,10 @@ def projection_vjp(ops, z, w, out, state, cotangent, eps: float, reg: int,
         if scale == 0.0:
             grad_z = cotangent * 0.0 + poison
         elif reg == REG_L2:
-            grad_z = ops.take((g - total / count) * scale, inv_z) + poison
+            grad_z = ops.take(times_scale(g - total / count, eps), inv_z) + poison
         else:
-            p = _block_softmax(ops, ops.take(z, perm_z) * scale, block_start)
-            grad_z = ops.take((g - p * total) * scale, inv_z) + poison
+            p = _block_softmax(ops, ops.take(z, perm_z), block_start, eps)
+            grad_z = ops.take(times_scale(g - p * total, eps), inv_z) + poison
     if need_w:
         if reg == REG_L2:
             sorted_grad = total / count

@@ -725,8 +725,11 @@ def soft_topk_mask_with_vjp(
         g = _prepare_like(shape, cotangent, ax, rows.dtype, "cotangent")
         if reg == _engine.REG_KL:
             g = g * mask  # d exp(out) = exp(out) d out
-        grad, _ = _derivatives.projection_vjp(_OPS, rows, w_rows, out, state, g, eps, reg,
-                                              need_w=False)
+        # Differences of x over a tiny eps may overflow to -inf on purpose
+        # (softmax weights of exactly 0; see _derivatives._block_softmax).
+        with np.errstate(over="ignore"):
+            grad, _ = _derivatives.projection_vjp(_OPS, rows, w_rows, out, state, g, eps, reg,
+                                                  need_w=False)
         return restore(grad)
 
     return value, _pullback("soft_topk_mask", shape, vjp,

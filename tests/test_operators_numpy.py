@@ -369,6 +369,32 @@ def test_topk_vjp_zero_in_the_limits(backend, regularization):
 
 
 @pytest.mark.parametrize("regularization", REGS)
+def test_topk_vjp_where_x_over_eps_overflows(backend, regularization):
+    """|x| / eps beyond the float range (x = 1e10, eps = 1e-300; eps subnormal)
+    with finite masks: the gradient is the closed form, finite where it is.
+    Distinct values: singleton blocks, gradient exactly 0. A tie at the
+    boundary pools one block {0, 1} of mask 1/2 each: d mask_i / d x_j =
+    m_i (delta_ij - 1/2) / eps there (l2: m_i = 1; kl: the factor exp(out) =
+    1/2 of d exp(out)), 0 elsewhere."""
+    distinct = np.array([[1e10, 1.0, -1e10, 0.0], [3e9, 1e9, 2e9, 5.0]])
+    tied = np.array([[1e10, 1e10, -1e10, 0.0]])
+    cot = np.array([[1.0, -2.0, 0.5, 3.0]])
+    factor = 1.0 if regularization == "l2" else 0.5
+    for eps in (1e-300, 1e-310):
+        mask, vjp = srn.soft_topk_mask_with_vjp(distinct, 2, eps, regularization=regularization)
+        np.testing.assert_array_equal(mask, [[1, 1, 0, 0], [1, 0, 1, 0]])
+        np.testing.assert_array_equal(vjp(np.ones_like(distinct) + distinct * 0 + [[1, 2, 3, 4]]),
+                                      np.zeros_like(distinct))
+        mask, vjp = srn.soft_topk_mask_with_vjp(tied, 1, eps, regularization=regularization)
+        np.testing.assert_array_equal(mask, [[0.5, 0.5, 0, 0]])
+        jac = np.zeros((4, 4))
+        jac[:2, :2] = factor * (np.eye(2) - 0.5)
+        with np.errstate(over="ignore"):
+            expected = (cot @ jac) / eps  # inf where the true gradient overflows (eps = 1e-310)
+        np.testing.assert_allclose(vjp(cot), expected, rtol=1e-15)
+
+
+@pytest.mark.parametrize("regularization", REGS)
 def test_vjp_nan_rows(backend, regularization):
     """A row whose output is NaN gets NaN gradients; the other rows are unaffected."""
     z = np.array([[0.3, -1.0, 2.0], [1.0, np.nan, 0.0]])
