@@ -49,12 +49,27 @@ def z_scale(eps: float) -> float:
     return 1.0 / eps
 
 
-def times_scale(value, eps: float):
-    """``value * z_scale(eps)``, or ``value / eps`` where ``1 / eps`` overflows
-    (a subnormal eps): there an exact 0 (a singleton block's term) must stay
-    0, not become ``0 * inf = NaN``."""
+def _split_scale(eps: float) -> Tuple[float, float]:
+    """``(before, after)``, normal floats whose product is ``1 / eps``.
+
+    A linear map ``v -> C v / eps`` (C a block centring) is computed as
+    ``after * C(before * v)``: ``(1, 1 / eps)``, or where ``1 / eps``
+    overflows (a subnormal eps) ``(2^537, 2^-537 / eps)``, each at most
+    2^537. Then an exact 0 of ``C`` (a singleton block) stays 0 instead of
+    ``0 * inf = NaN``, and so does it in the transposed map that reverse mode
+    derives from a jvp (``before * C^T(after * g)``), which would overflow
+    ``g / eps`` before centring. (``v / eps`` would not do either: XLA flushes
+    a subnormal eps to 0.)"""
     scale = 1.0 / eps
-    return value * scale if math.isfinite(scale) else value / eps
+    if math.isfinite(scale):
+        return 1.0, scale
+    return 2.0**537, 2.0**-537 / eps
+
+
+def times_scale(value, eps: float):
+    """``value * z_scale(eps)``, finite where the product is (see :func:`_split_scale`)."""
+    before, after = _split_scale(eps)
+    return value * after if before == 1.0 else value * before * after
 
 
 def _block_softmax(ops, values, block_start, eps: Optional[float] = None):
@@ -84,14 +99,17 @@ def projection_jvp(ops, z, w, out, state, tz: Optional[Any], tw: Optional[Any], 
     scale = z_scale(eps)
     sorted_tangent = None
     if tz is not None and scale != 0.0:
-        # Centred before scaled: a singleton block's exact 0 stays 0 at any eps.
+        # Centred, then scaled: a singleton block's exact 0 stays 0 at any eps.
+        before, after = _split_scale(eps)
         a = ops.take(tz, perm_z)
+        if before != 1.0:
+            a = a * before
         if reg == REG_L2:
             count = ops.block_sum(ops.ones_like(a), block_start)
-            sorted_tangent = times_scale(a - ops.block_sum(a, block_start) / count, eps)
+            sorted_tangent = (a - ops.block_sum(a, block_start) / count) * after
         else:
             p = _block_softmax(ops, ops.take(z, perm_z), block_start, eps)
-            sorted_tangent = times_scale(a - ops.block_sum(p * a, block_start), eps)
+            sorted_tangent = (a - ops.block_sum(p * a, block_start)) * after
     if tw is not None:
         b = ops.take(tw, perm_w)
         if reg == REG_L2:

@@ -9,6 +9,8 @@ import math
 import numbers
 from typing import Any
 
+import numpy as np
+
 from softrank._codes import REGULARIZATIONS
 
 DIRECTIONS = ("ascending", "descending")
@@ -110,3 +112,24 @@ def check_float_dtype_kind(kind: str, dtype_name: Any, allow_int: bool, name: st
     raise TypeError(
         f"{name} must have a real floating dtype, got {dtype_name}"
     )
+
+
+def check_weights(values: np.ndarray, compute_dtype: Any) -> None:
+    """Raise unless the isotonic ``weights`` are finite and > 0, as given and
+    once cast to the compute dtype (where 1e300 overflows to inf and 1e-50
+    underflows to 0 in float32).
+
+    ``values``: the weights as a numpy array of their own (real) dtype.
+    """
+    exact = values.astype(np.float64, copy=False)
+    if not np.all(np.isfinite(exact) & (exact > 0)):
+        raise ValueError("weights must be finite and > 0 everywhere")
+    dtype = np.dtype(compute_dtype)
+    with np.errstate(over="ignore", under="ignore"):
+        cast = values.astype(dtype)
+    if not np.all(np.isfinite(cast)):
+        raise ValueError(
+            f"weights must stay finite in {dtype} (the compute dtype): some exceed its "
+            f"largest value {np.finfo(dtype).max:.4g}")
+    if not np.all(cast > 0):
+        raise ValueError(f"weights must stay > 0 in {dtype} (the compute dtype; they underflow)")

@@ -110,6 +110,7 @@ from softrank._validate import (
     check_eps,
     check_float_dtype_kind,
     check_regularization,
+    check_weights,
 )
 
 __all__ = [
@@ -295,8 +296,12 @@ def _second(x, out, perm, block_start, t, u, params: dict, *, engine_hvp: bool =
     if op == OP_RANK:
         if engine_hvp:
             return _hvp_p.bind(x, out, perm, block_start, t, u, **params)
-        scale = (-1.0 if descending else 1.0) / eps
-        return jvp(jvp(t) * jvp(u) / (scale * out * out))
+        # (J t)(J u) / (s r^2), with 1 / s = sign * eps applied to J t first:
+        # J t is O(s), so J t / s is O(1) at any eps, while s r^2 (and the
+        # square of it that differentiating the quotient makes) underflows
+        # to 0 for eps beyond ~1e155 (0 / 0 = NaN in the third derivative).
+        inverse_scale = (-1.0 if descending else 1.0) * eps
+        return jvp(jvp(t) * inverse_scale * jvp(u) / (out * out))
     # The sorted position of each column (the inverse of perm, row by row).
     rows = perm.reshape(-1, perm.shape[-1])
     positions = jnp.arange(perm.shape[-1], dtype=perm.dtype)
@@ -1035,7 +1040,13 @@ def soft_topk_mask(
     w_rows = jnp.broadcast_to(jnp.asarray(_operators.topk_weights(n, k, reg, rows.dtype)),
                               rows.shape)
     out = _projection(rows, w_rows, eps, reg)[0]
-    return _restore(jnp.exp(out) if reg == REG_KL else out, x, ax)
+    if reg == REG_KL:
+        # A block of zero weights (log w = -inf) has out = -inf and a mask of
+        # exactly 0 near x; its out tangent, (1 - p) dx / eps, may overflow,
+        # and exp's jvp would make 0 * inf = NaN of the mask's 0 tangent.
+        out = jnp.where(jnp.isneginf(out), jax.lax.stop_gradient(out), out)
+        return _restore(jnp.exp(out), x, ax)
+    return _restore(out, x, ax)
 
 
 def spearman(
@@ -1221,10 +1232,9 @@ def isotonic_regression(
     if weights is not None:
         w_rows = _like_rows(weights, y, ax, rows, "weights", "y")
         if not isinstance(weights, jax.core.Tracer):
-            values = np.asarray(weights, dtype=np.float64)
-            if not np.all(np.isfinite(values)) or not np.all(values > 0):
-                raise ValueError("weights must be finite and > 0 everywhere")
-            if not np.all(np.asarray(w_rows) > 0):
-                raise ValueError(f"weights must stay > 0 in {rows.dtype} (underflow)")
+            # Concrete weights (numpy, or a jax array closed over under jit)
+            # are checked as given: w_rows, made from them by jnp operations,
+            # is itself traced under jit.
+            check_weights(np.asarray(weights), rows.dtype)
     solution = _isotonic(rows, w_rows, bool(_static(increasing, "increasing", "bool")), reg)[0]
     return _restore(solution, y, ax)

@@ -25,6 +25,7 @@ from softrank._validate import (
     check_eps,
     check_float_dtype_kind,
     check_regularization,
+    check_weights,
 )
 
 __all__ = [
@@ -959,16 +960,14 @@ def _checked_weights(solve: Callable[[], Any], array: np.ndarray, weights: Any, 
                      dtype: np.dtype):
     """``solve()``, an engine call that checks ``0 < weights < inf`` (in the
     compute dtype) and raises otherwise; its error here says which: invalid
-    weights, or positive ones that underflow to 0 in the compute dtype."""
+    weights, or valid ones that overflow or underflow in the compute dtype."""
     try:
         return solve()
     except ValueError as error:
         if weights is None or not str(error).startswith("weights must be finite"):
             raise
-        exact = _prepare_like(array.shape, weights, ax, np.dtype(np.float64), "weights", "y")
-        if not np.all(np.isfinite(exact)) or not np.all(exact > 0):
-            raise ValueError("weights must be finite and > 0 everywhere") from None
-        raise ValueError(f"weights must stay > 0 in {dtype} (underflow)") from None
+        check_weights(np.asarray(weights), dtype)
+        raise
 
 
 def isotonic_regression(

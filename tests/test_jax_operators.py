@@ -439,6 +439,69 @@ def test_jit_and_jit_of_grad(name, reg):
         np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("reg", REGS)
+def test_isotonic_with_concrete_weights_under_jit_checkpoint_and_scan(reg):
+    """Weights closed over (numpy, or a jax array: concrete, not traced) are
+    checked as given and used as constants inside jit, checkpoint and scan."""
+    rng = _rng(31)
+    y = rng.normal(size=(2, 5)) * 2
+    u = rng.uniform(0.5, 3.0, size=(2, 5))
+    c = rng.normal(size=(2, 5))
+    want, np_vjp = srn.isotonic_regression_with_vjp(y, weights=u, regularization=reg)
+    want_grad = np_vjp(c)[0]
+    for weights in (u, jnp.asarray(u)):
+        def fn(v, weights=weights):
+            return srj.isotonic_regression(v, weights=weights, regularization=reg)
+
+        def loss(v, fn=fn):
+            return jnp.sum(c * fn(v))
+
+        np.testing.assert_allclose(np.asarray(jax.jit(fn)(y)), want, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(jax.jit(jax.grad(loss))(y)), want_grad,
+                                   rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(jax.grad(jax.checkpoint(loss))(y)), want_grad,
+                                   rtol=1e-10, atol=1e-12)
+        _, scanned = jax.lax.scan(lambda carry, v, fn=fn: (carry, fn(v)), 0.0, y[None])
+        np.testing.assert_allclose(np.asarray(scanned[0]), want, rtol=1e-12, atol=1e-12)
+
+
+def test_isotonic_weights_that_overflow_or_underflow_in_the_compute_dtype_are_refused():
+    """Valid float64 weights that leave float32's range when y is float32:
+    inf weights would give NaN solutions, 0 weights meaningless ones."""
+    y = np.array([[1.0, 3.0, 2.0, 4.0]], np.float32)
+    cases = ((np.full((1, 4), 1e300), r"weights must stay finite in float32"),
+             (np.full((1, 4), 1e-50), r"weights must stay > 0 in float32"))
+    for weights, message in cases:
+        for w in (weights, weights.tolist()):
+            with pytest.raises(ValueError, match=message):
+                srj.isotonic_regression(y, weights=w)
+            with pytest.raises(ValueError, match=message):
+                jax.jit(lambda v, w=w: srj.isotonic_regression(v, weights=w))(y)
+            with pytest.raises(ValueError, match=message):
+                srn.isotonic_regression(y, weights=w)
+
+
+@pytest.mark.parametrize("reg", REGS)
+def test_topk_gradient_where_x_over_eps_overflows(reg):
+    """|x| / eps beyond the float range with finite masks: the gradients in
+    both modes equal softrank.numpy's (tested there against the closed form),
+    with no NaN."""
+    c = np.array([[1.0, -2.0, 0.5, 3.0]])
+    for x, k in ((np.array([[3e9, 1e9, 2e9, 5.0]]), 2), (np.array([[1e10, 1e10, -1e10, 0.0]]), 1)):
+        for eps in (1e-300, 1e-310):
+            _, vjp = srn.soft_topk_mask_with_vjp(x, k, eps, regularization=reg)
+            with np.errstate(over="ignore"):
+                want = vjp(c)
+
+            def fn(v, k=k, eps=eps):
+                return srj.soft_topk_mask(v, k, eps, regularization=reg)
+
+            grad = jax.grad(lambda v: jnp.sum(c * fn(v)))(x)
+            np.testing.assert_array_equal(np.asarray(grad), want)
+            tangent = jax.jvp(fn, (x,), (c,))[1]  # the mask's Jacobian is symmetric
+            np.testing.assert_array_equal(np.asarray(tangent), want)
+
+
 def test_jit_with_static_k_q_and_eps():
     x = _rng(18).normal(size=(3, 6))
     topk = jax.jit(srj.soft_topk_mask, static_argnums=(1, 2))

@@ -162,6 +162,24 @@ def test_third_derivatives_agree_across_routes_and_with_finite_differences(op, r
         np.testing.assert_allclose(jax.jit(route)(x), want, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.parametrize("direction", ["ascending", "descending"])
+def test_third_derivative_of_the_kl_rank_at_huge_eps_is_zero_not_nan(direction):
+    """Beyond eps ~ 1e155 the kl rank's third derivative, O(eps^-3), is below
+    the float range: it must come out 0, not the 0 / 0 of a composed quotient
+    whose denominator underflows."""
+    x, w = _row(n=4, seed=16), _weights(n=4, seed=9)
+    for eps in (1e160, 1e300):
+        def loss(v, eps=eps):
+            return (w * jnp.sin(srj.soft_rank(v, eps, regularization="kl",
+                                              direction=direction))).sum()
+
+        for name, route in (("jacfwd(hessian)", jax.jacfwd(jax.hessian(loss))),
+                            ("jacrev(jacrev(jacrev))", jax.jacrev(jax.jacrev(jax.jacrev(loss))))):
+            got = np.asarray(jax.jit(route)(x))
+            np.testing.assert_allclose(got, np.zeros((4, 4, 4)), rtol=0, atol=1e-300,
+                                       err_msg=f"{name} at eps={eps}")
+
+
 def test_fourth_derivative_of_the_kl_sort():
     """A fourth derivative (jacfwd of jacrev of hessian) against differences of the third."""
     x, w = _row(n=3, seed=2), _weights(n=3, seed=11)
