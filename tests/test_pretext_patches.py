@@ -126,3 +126,50 @@ def test_torch_tensors_keep_dtype_and_round_trip_bitwise():
 def test_bad_sizes_raise_value_error(call):
     with pytest.raises(ValueError):
         call()
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: P.split_image(np.zeros((1, 4, 6)), "grid", (2.7, 3)), r"grid\[0\] must be an int, got float 2.7"),
+    (lambda: P.split_image(np.zeros((1, 4, 6)), "grid", (2, 3.0)), r"grid\[1\] must be an int"),
+    (lambda: P.split_image(np.zeros((1, 4, 6)), "grid", 2.0), "grid"),
+    (lambda: P.split_image(np.zeros((1, 4, 6)), "grid", True), "grid must be an int or a pair"),
+    (lambda: P.split_image(np.zeros((1, 4, 6)), "vertical", 2.0), "number of strips"),
+    (lambda: P.split_image(np.zeros((1, 4, 6)), "horizontal", (2,)), "number of strips"),
+    (lambda: P.merge_image(np.zeros((1, 6, 1, 2, 2)), "grid", (2.7, 3)), r"grid\[0\]"),
+    (lambda: P.split_spectrogram(np.zeros((4, 6)), "both", (2, 1.5)), r"grid\[1\]"),
+    (lambda: P.split_spectrogram(np.zeros((4, 6)), "time", 3.0), "number of pieces"),
+    (lambda: P.split_video(np.zeros((8, 1, 2, 2)), 2.0), "num_clips must be an int"),
+    (lambda: P.merge_video(np.zeros((2, 4, 1, 2, 2)), 2.5), "num_clips must be an int"),
+    (lambda: P.split_signal(np.zeros(6), 2.0), "num_segments must be an int"),
+    (lambda: P.merge_signal(np.zeros((2, 3)), True), "num_segments must be an int"),
+    (lambda: P.split_signal([1.0, 2.0, 3.0, 4.0], 2), "signals must be a torch.Tensor or numpy.ndarray"),
+    (lambda: P.merge_video([[0.0]]), "patches must be a torch.Tensor or numpy.ndarray"),
+])
+def test_non_integer_counts_are_refused_not_truncated(call, match):
+    # (2.7, 3) used to split silently into a 2 x 3 grid.
+    with pytest.raises(TypeError, match=match):
+        call()
+
+
+def test_numpy_integer_counts_split_like_python_ints():
+    images = _arange((2, 1, 4, 6))
+    for kind, grid, same in [
+        ("vertical", np.int64(3), 3), ("horizontal", np.int32(2), 2),
+        ("grid", (np.int64(2), np.int16(3)), (2, 3)), ("grid", np.int64(2), 2),
+    ]:
+        patches = P.split_image(images, kind, grid)
+        np.testing.assert_array_equal(patches, P.split_image(images, kind, same))
+        np.testing.assert_array_equal(P.merge_image(patches, kind, grid), images)
+    spectrograms = _arange((2, 4, 6))
+    for kind, grid, same in [
+        ("time", np.int64(3), 3), ("frequency", np.uint8(2), 2), ("both", np.array([2, 3]), (2, 3)),
+    ]:
+        np.testing.assert_array_equal(P.split_spectrogram(spectrograms, kind, grid),
+                                      P.split_spectrogram(spectrograms, kind, same))
+    # Independent reference: strip j of a vertical split is columns 2j..2j+1.
+    strips = P.split_image(images, "vertical", np.int64(3))
+    for j in range(3):
+        np.testing.assert_array_equal(strips[:, j], images[..., 2 * j:2 * j + 2])
+    np.testing.assert_array_equal(P.split_signal(_arange((2, 6)), np.int64(3)), _arange((2, 6)).reshape(2, 3, 2))
+    videos = _arange((2, 8, 1, 2, 2))
+    np.testing.assert_array_equal(P.merge_video(P.split_video(videos, np.int64(4)), np.int64(4)), videos)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 import os
 
@@ -119,3 +120,70 @@ def test_hamming_set_rejects_impossible_requests():
         perm.hamming_permutation_set(0, 3)
     with pytest.raises(ValueError):
         perm.hamming_permutation_set(10, 9, pool_size=5)
+
+
+@pytest.mark.parametrize("k, n, pool_size", [(100, 5, 100), (50, 6, 60), (119, 5, 119), (120, 5, 120), (30, 4, 24)])
+def test_hamming_set_is_distinct_even_from_a_small_pool(k, n, pool_size):
+    # pool_size close to n!: many random draws repeat, and before the fix the greedy step
+    # re-picked pool index 0 once the distinct candidates ran out (69 distinct rows of 100).
+    if k > math.factorial(n):
+        with pytest.raises(ValueError, match="exceeds"):
+            perm.hamming_permutation_set(k, n, pool_size=pool_size)
+        return
+    for seed in range(5):
+        chosen = perm.hamming_permutation_set(k, n, seed=seed, pool_size=pool_size)
+        assert chosen.shape == (k, n) and _is_permutation(chosen)
+        assert len({tuple(row) for row in chosen}) == k, seed
+        assert perm.min_pairwise_hamming(chosen) >= 2  # distinct permutations differ in >= 2 places
+
+
+def test_hamming_set_greedy_steps_are_maximal_over_all_permutations():
+    # Independent reference (Noroozi & Favaro, Algorithm 1) when the pool is all n! = 24:
+    # every chosen permutation after the first maximises the summed distance to those before it.
+    chosen = perm.hamming_permutation_set(12, 4, seed=3)
+    every = np.array(list(itertools.permutations(range(4))))
+    for k in range(1, len(chosen)):
+        seen = {tuple(row) for row in chosen[:k]}
+        summed = [sum(int(np.sum(p != c)) for c in chosen[:k]) for p in every if tuple(p) not in seen]
+        assert sum(int(np.sum(chosen[k] != c)) for c in chosen[:k]) == max(summed), k
+
+
+def test_hamming_set_accepts_numpy_integers_and_refuses_other_types():
+    expected = perm.hamming_permutation_set(10, 5, seed=1, pool_size=50)
+    np.testing.assert_array_equal(
+        perm.hamming_permutation_set(np.int64(10), np.int32(5), seed=1, pool_size=np.int64(50)), expected
+    )
+    for kwargs, name in [
+        (dict(num_permutations=2.5, num_patches=4), "num_permutations"),
+        (dict(num_permutations=True, num_patches=4), "num_permutations"),
+        (dict(num_permutations=3, num_patches=4.0), "num_patches"),
+        (dict(num_permutations=3, num_patches=4, pool_size=100.0), "pool_size"),
+    ]:
+        with pytest.raises(TypeError, match=name):
+            perm.hamming_permutation_set(**kwargs)
+
+
+def test_hamming_set_refuses_k_above_n_factorial_at_the_boundary():
+    assert len(perm.hamming_permutation_set(720, 6)) == 720
+    with pytest.raises(ValueError, match="num_permutations=721 exceeds the 720 permutations of 6 patches"):
+        perm.hamming_permutation_set(721, 6)
+    with pytest.raises(ValueError, match="num_patches"):
+        perm.hamming_permutation_set(1, 0)
+    with pytest.raises(ValueError, match="pool_size"):
+        perm.hamming_permutation_set(10, 9, pool_size=9)
+
+
+@pytest.mark.parametrize("rows", [np.array([[0, 1, 2]]), np.zeros((0, 3), dtype=np.int64)])
+def test_pairwise_hamming_needs_a_pair(rows):
+    # One permutation has no pair: no minimum or mean exists, so refuse rather than
+    # return NaN (mean) or fail inside numpy's reduction (min).
+    for function in (perm.min_pairwise_hamming, perm.mean_pairwise_hamming, perm.hamming_set_summary):
+        with pytest.raises(ValueError, match="at least 2 permutations"):
+            function(rows)
+
+
+def test_pairwise_hamming_refuses_a_non_matrix_and_is_exact_for_two_rows():
+    with pytest.raises(ValueError, match=r"shape \(K, n\)"):
+        perm.min_pairwise_hamming(np.arange(4))
+    rows = np.array([[0, 1, 2, 3], [1, 0, 3, 2]])
+    assert perm.hamming_set_summary(rows) == (4, 4.0)

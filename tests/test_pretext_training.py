@@ -123,3 +123,70 @@ def test_load_patched_shapes_for_every_split():
         data = demo.load_patched(name, kind, 60)
         assert tuple(data.patches.shape[1:]) == shape, (name, kind)
         assert data.patches.dtype == torch.float32 and len(data.labels) == len(data.patches)
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--steps", "0"], "--steps"),  # used to end in statistics.StatisticsError
+    (["--steps", "-5"], "--steps"),  # used to end in UnboundLocalError
+    (["--steps", "2.5"], "--steps"),
+    (["--batch-size", "0"], "--batch-size"),  # used to end in a RuntimeError from reshape
+    (["--batch-size", "-8"], "--batch-size"),
+    (["--few-labels-per-class", "0"], "--few-labels-per-class"),  # used to end in a RuntimeError from max()
+    (["--num-permutations", "100", "0"], "--num-permutations"),
+    (["--seeds", "0", "-1"], "--seeds"),
+    (["--seeds", str(2**32)], "--seeds"),
+    (["--threads", "0"], "--threads"),
+    (["--eps", "0"], "--eps"),
+    (["--eps", "-1"], "--eps"),
+    (["--eps", "nan"], "--eps"),
+    (["--eps", "inf"], "--eps"),
+    (["--eps", "x"], "--eps"),
+])
+def test_demo_command_line_refuses_bad_numbers_with_a_usage_error(argv, option, capsys, monkeypatch):
+    ran = []
+    monkeypatch.setattr(demo, "run_demo", lambda *args, **kwargs: ran.append(args) or [])
+    for parse in (lambda: demo.build_parser().parse_args(argv), lambda: demo.main(argv)):
+        with pytest.raises(SystemExit) as exit_info:
+            parse()
+        assert exit_info.value.code == 2  # argparse's usage error, not a traceback
+        error = capsys.readouterr().err
+        assert f"argument {option}:" in error and "usage: softrank-pretext-demo" in error, error
+    assert ran == []  # refused before any data is made or trained on
+
+
+def test_demo_command_line_refuses_a_batch_that_does_not_divide_among_processes(capsys, monkeypatch):
+    monkeypatch.setattr(demo, "run_demo", lambda *args, **kwargs: pytest.fail("run_demo was called"))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--batch-size", "64"])
+    assert exit_info.value.code == 2
+    assert "argument --batch-size: 64 is not a multiple of the 3 processes" in capsys.readouterr().err
+
+
+def test_demo_command_line_accepts_the_boundary_values():
+    args = demo.build_parser().parse_args([
+        "--steps", "1", "--batch-size", "1", "--few-labels-per-class", "1", "--num-permutations", "1",
+        "--seeds", "0", str(2**32 - 1), "--threads", "1", "--eps", "1e-3",
+    ])
+    config = demo.config_from_args(args)
+    assert (config.pretrain_steps, config.batch_size, config.few_labels_per_class) == (1, 1, 1)
+    assert config.num_permutations == (1,) and config.seeds == (0, 2**32 - 1) and config.eps == 1e-3
+    config.validate()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("pretrain_steps", 0), ("batch_size", 0), ("few_labels_per_class", 0), ("num_permutations", (100, 0)),
+    ("seeds", (-1,)), ("seeds", ()), ("eps", float("nan")), ("learning_rate", 0.0), ("test_fraction", 1.0),
+    ("sinkhorn_iterations", 0), ("datasets", ("mnist",)), ("patches", "diagonal"),
+])
+def test_run_demo_refuses_a_bad_config_before_any_work(field, value):
+    config = demo.DemoConfig(**{field: value})
+    with pytest.raises(ValueError, match=f"DemoConfig.{field}"):
+        demo.run_demo(config)
+
+
+@pytest.mark.parametrize("steps, batch_size", [(0, 4), (-5, 4), (1, 0)])
+def test_pretrain_refuses_no_steps_or_an_empty_batch(steps, batch_size):
+    model = PretextModel(PatchEncoder((4,), 4, 4), "soft_rank", 6, head_hidden_dim=4)
+    with pytest.raises(ValueError, match="steps" if steps < 1 else "batch_size"):
+        demo.pretrain(model, _toy_patches(), steps=steps, batch_size=batch_size, learning_rate=1e-3, seed=0)

@@ -105,8 +105,43 @@ class DemoConfig:
     sinkhorn_iterations: int = 20
     show_progress: bool = True
 
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field that no run could use.
+
+        Called by :func:`run_demo`, so that a bad value fails before any data is
+        generated rather than as an internal error deep in training or probing.
+        """
+        for name in ("pretrain_steps", "batch_size", "embedding_dim", "hidden_dim", "num_examples",
+                     "few_labels_per_class", "sinkhorn_iterations"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"DemoConfig.{name} must be an integer >= 1, got {value!r}")
+        for name, low in (("seeds", 0), ("num_permutations", 1)):
+            values = getattr(self, name)
+            valid = [not isinstance(v, bool) and isinstance(v, (int, np.integer)) and v >= low for v in values]
+            if not values or not all(valid):
+                raise ValueError(f"DemoConfig.{name} must be a non-empty tuple of integers >= {low}, got {values!r}")
+        if any(seed > _MAX_SEED for seed in self.seeds):
+            raise ValueError(f"DemoConfig.seeds must be <= {_MAX_SEED} (scikit-learn's limit), got {self.seeds!r}")
+        for name in ("learning_rate", "eps", "probe_c", "sinkhorn_temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not (
+                math.isfinite(value) and value > 0
+            ):
+                raise ValueError(f"DemoConfig.{name} must be a finite number > 0, got {value!r}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"DemoConfig.test_fraction must lie strictly between 0 and 1, got {self.test_fraction!r}")
+        for name, allowed in (("datasets", DATASETS), ("methods", METHOD_ORDER)):
+            values = getattr(self, name)
+            if not values or any(v not in allowed for v in values):
+                raise ValueError(f"DemoConfig.{name} must be a non-empty tuple drawn from {allowed}, got {values!r}")
+        if self.patches not in patching.IMAGE_KINDS:
+            raise ValueError(f"DemoConfig.patches must be one of {patching.IMAGE_KINDS}, got {self.patches!r}")
+
 
 QUICK = dict(pretrain_steps=1000)
+
+_MAX_SEED = 2**32 - 1  # scikit-learn's random_state and numpy's legacy seeding accept 0..2**32 - 1
 
 
 @dataclass
@@ -234,7 +269,7 @@ def pretrain(
     model : PretextModel
     train_patches : torch.Tensor, shape (N, n, *patch_shape), float32
     steps, batch_size : int
-        ``batch_size`` is global and must be a multiple of the world size.
+        Both >= 1; ``batch_size`` is global and must be a multiple of the world size.
     learning_rate : float
     seed : int
     permutation_set : torch.Tensor, shape (K, n), int64, optional
@@ -247,8 +282,18 @@ def pretrain(
     -------
     PretrainResult
         Per-step wall times (sampling, forward, backward, update) and the last loss.
+
+    Raises
+    ------
+    ValueError
+        If ``steps`` or ``batch_size`` is below 1, ``batch_size`` does not divide
+        among the processes, or ``permutation_set`` is missing for classification.
     """
     dist_info = dist_info or Distributed()
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        # steps = 0 would leave no loss and no step time to report; batch_size = 0 no example.
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if model.method == "classification" and permutation_set is None:
         raise ValueError("permutation_set is required for method='classification'")
     if batch_size % dist_info.world_size:
@@ -282,7 +327,7 @@ def pretrain(
         result.step_seconds.append(time.perf_counter() - start)
         if on_step is not None:
             on_step(step, loss.item())
-    result.final_loss = loss.item() if steps else float("nan")
+    result.final_loss = loss.item()
     model.eval()
     return result
 
@@ -388,7 +433,13 @@ def run_demo(config: DemoConfig, dist_info: Optional[Distributed] = None) -> Lis
     list of dict
         One entry per (dataset, method, K, label budget); see :func:`main` for
         the keys.
+
+    Raises
+    ------
+    ValueError
+        If a field of ``config`` is out of range (:meth:`DemoConfig.validate`).
     """
+    config.validate()
     from tqdm.auto import tqdm
 
     dist_info = dist_info or Distributed()
@@ -585,8 +636,48 @@ def save_plot(results: Sequence[Dict], path: str) -> None:
 # ----------------------------------------------------------------------------- command line
 
 
+def _bounded_int(low: int, high: Optional[int] = None) -> Callable[[str], int]:
+    """An argparse ``type`` for integers in ``[low, high]``.
+
+    A bad value becomes argparse's usage error naming the option (exit code 2),
+    instead of a traceback from deep inside training (``--steps 0`` used to end
+    in a ``StatisticsError``, ``--batch-size 0`` in a reshape error).
+    """
+    bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer {bounds}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be an integer {bounds}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # what argparse calls the type in its own messages
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    """An argparse ``type`` for finite floats > 0 (``float()`` alone accepts "nan" and "inf")."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of :func:`main`; every numeric option is range-checked while parsing.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+    """
     defaults = DemoConfig()
+    positive = _bounded_int(1)
     parser = argparse.ArgumentParser(
         prog="softrank-pretext-demo",
         description="Pre-train a patch encoder by reordering shuffled patches (soft rank) "
@@ -595,19 +686,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help=f"fewer pre-training steps ({QUICK['pretrain_steps']})")
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(defaults.datasets))
     parser.add_argument("--methods", nargs="+", choices=METHOD_ORDER, default=list(defaults.methods))
-    parser.add_argument("--seeds", nargs="+", type=int, default=list(defaults.seeds))
-    parser.add_argument("--num-permutations", nargs="+", type=int, default=list(defaults.num_permutations),
+    parser.add_argument("--seeds", nargs="+", type=_bounded_int(0, _MAX_SEED), default=list(defaults.seeds))
+    parser.add_argument("--num-permutations", nargs="+", type=positive, default=list(defaults.num_permutations),
                         help="K values of the classification baseline (capped at n!)")
     parser.add_argument("--patches", choices=patching.IMAGE_KINDS, default=defaults.patches,
                         help="image split; spectrograms follow: grid=time-frequency tiles, "
                         "vertical=time segments, horizontal=frequency bands")
-    parser.add_argument("--steps", type=int, default=None, help="pre-training steps per run")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global batch size")
-    parser.add_argument("--eps", type=float, default=defaults.eps, help="soft_rank strength")
-    parser.add_argument("--few-labels-per-class", type=int, default=defaults.few_labels_per_class)
+    parser.add_argument("--steps", type=positive, default=None, help="pre-training steps per run (>= 1)")
+    parser.add_argument("--batch-size", type=positive, default=defaults.batch_size,
+                        help="global batch size (>= 1, a multiple of the number of processes)")
+    parser.add_argument("--eps", type=_positive_float, default=defaults.eps, help="soft_rank strength (> 0)")
+    parser.add_argument("--few-labels-per-class", type=positive, default=defaults.few_labels_per_class)
     parser.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON")
     parser.add_argument("--plot", metavar="PATH", default=None, help="write a PNG plot of the results")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=positive, default=1,
                         help="torch threads per process (default 1: the models are so small that "
                         "intra-op threads cost more than they give, badly so on a busy machine)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -646,7 +738,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     seeds; null for none), ``seeds``, ``num_patches``, ``patches`` and
     ``pretrain_steps``.
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % world_size:
+        # Checked before the process group is joined, so every process stops with the same usage error.
+        parser.error(f"argument --batch-size: {args.batch_size} is not a multiple of the {world_size} processes")
     config = config_from_args(args)
     dist_info = init_distributed()
     torch.set_num_threads(args.threads)

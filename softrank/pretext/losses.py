@@ -17,7 +17,10 @@ patches[b, perm[b, j]]``).
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+import numbers
+import operator
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +43,72 @@ asks the scores to be separated by one unit, the spacing of the ranks
 themselves; for scores closer than that the soft ranks blend linearly and the
 loss behaves like a regression of the scores onto ``eps * ranks``.
 """
+
+
+def _check_float_tensor(value: Any, name: str) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {value.dtype}")
+
+
+def _check_index_tensor(value: Any, name: str) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        # A float tensor would be read as class probabilities by cross_entropy, a silently different loss.
+        raise TypeError(f"{name} must have an integer dtype (int64), got {value.dtype}")
+
+
+def _check_temperature(temperature: Any) -> float:
+    """``temperature`` as a float; raise unless it is a real number, finite and > 0.
+
+    The logits are divided by it: 0 gives NaN (0/0) or inf, a negative value
+    reverses the preferred assignment, and inf erases the logits. A tensor is
+    refused rather than converted, since converting would silently cut the
+    gradient of a learnt temperature.
+    """
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a real number (float), got {type(temperature).__name__} {temperature!r}")
+    value = float(temperature)
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
+    return value
+
+
+def _check_num_iterations(num_iterations: Any) -> int:
+    """``num_iterations`` as an int; raise unless it is an integer >= 1.
+
+    With 0 iterations the "soft permutation" is the raw scaled logits, not a
+    normalised matrix, and the loss is not a cross entropy.
+    """
+    if isinstance(num_iterations, bool):
+        raise TypeError(f"num_iterations must be an int, got bool {num_iterations!r}")
+    try:
+        value = operator.index(num_iterations)
+    except TypeError:
+        raise TypeError(
+            f"num_iterations must be an int, got {type(num_iterations).__name__} {num_iterations!r}"
+        ) from None
+    if value < 1:
+        raise ValueError(f"num_iterations must be >= 1, got {value}")
+    return value
+
+
+def _check_permutations(permutations: Any, batch: int, num_patches: int, name: str = "permutations") -> None:
+    """Raise unless ``permutations`` is an integer ``(batch, n)`` tensor whose rows permute ``0..n-1``.
+
+    A repeated or out-of-range index would otherwise score one patch twice (a
+    wrong loss, silently) or fail deep inside ``gather``.
+    """
+    _check_index_tensor(permutations, name)
+    if tuple(permutations.shape) != (batch, num_patches):
+        raise ValueError(
+            f"{name} must have shape (B, n) = {(batch, num_patches)}, got {tuple(permutations.shape)}"
+        )
+    identity = torch.arange(num_patches, device=permutations.device, dtype=permutations.dtype)
+    if not bool((permutations.sort(dim=1).values == identity).all()):
+        raise ValueError(f"every row of {name} must be a permutation of 0..{num_patches - 1}")
 
 
 def reorder_loss(
@@ -77,6 +146,14 @@ def reorder_loss(
     -------
     torch.Tensor, shape (), dtype of ``scores``
 
+    Raises
+    ------
+    TypeError
+        If ``scores`` is not a floating-point tensor or ``target_ranks`` not a tensor.
+    ValueError
+        If the shapes differ or are not ``(B, n)`` with ``B, n >= 1``, or
+        ``eps``/``regularization`` is invalid (checked by ``soft_rank``).
+
     Examples
     --------
     >>> scores = torch.tensor([[3.0, 1.0, 2.0]])
@@ -85,10 +162,18 @@ def reorder_loss(
     """
     from softrank.torch import soft_rank  # lazy: the torch adapter is optional
 
+    _check_float_tensor(scores, "scores")
+    if not isinstance(target_ranks, torch.Tensor):
+        raise TypeError(f"target_ranks must be a torch.Tensor, got {type(target_ranks).__name__}")
     if scores.shape != target_ranks.shape or scores.dim() != 2:
         raise ValueError(
             f"scores {tuple(scores.shape)} and target_ranks {tuple(target_ranks.shape)} "
             "must both have shape (B, n)"
+        )
+    if scores.numel() == 0:
+        # The mean over no patches is 0/0 = NaN.
+        raise ValueError(
+            f"scores must hold at least one example of at least one patch, got shape {tuple(scores.shape)}"
         )
     num_patches = scores.shape[1]
     ranks = soft_rank(scores, eps, regularization=regularization, direction="ascending", dim=1)
@@ -112,8 +197,29 @@ def permutation_classification_loss(logits: torch.Tensor, permutation_labels: to
     Returns
     -------
     torch.Tensor, shape (), dtype of ``logits``
+
+    Raises
+    ------
+    TypeError
+        If ``logits`` is not floating point or ``permutation_labels`` not integer
+        (``cross_entropy`` would read float labels as class probabilities).
+    ValueError
+        If ``logits`` is not ``(B, K)`` with ``B, K >= 1``, the labels are not
+        ``(B,)``, or a label lies outside ``0..K-1`` (``cross_entropy`` would
+        silently ignore ``-100``).
     """
-    return F.cross_entropy(logits, permutation_labels)
+    _check_float_tensor(logits, "logits")
+    _check_index_tensor(permutation_labels, "permutation_labels")
+    if logits.dim() != 2 or logits.shape[0] < 1 or logits.shape[1] < 1:
+        raise ValueError(f"logits must have shape (B, K) with B, K >= 1, got {tuple(logits.shape)}")
+    batch, num_permutations = logits.shape
+    if tuple(permutation_labels.shape) != (batch,):
+        raise ValueError(
+            f"permutation_labels must have shape (B,) = ({batch},), got {tuple(permutation_labels.shape)}"
+        )
+    if bool(((permutation_labels < 0) | (permutation_labels >= num_permutations)).any()):
+        raise ValueError(f"permutation_labels must lie in 0..{num_permutations - 1} (K = {num_permutations})")
+    return F.cross_entropy(logits, permutation_labels.to(device=logits.device, dtype=torch.int64))
 
 
 def sample_gumbel(shape: torch.Size | tuple, *, generator: Optional[torch.Generator] = None,
@@ -127,6 +233,16 @@ def sample_gumbel(shape: torch.Size | tuple, *, generator: Optional[torch.Genera
     tiny = torch.finfo(torch.float64).tiny
     uniform = torch.rand(shape, generator=generator, dtype=torch.float64).clamp_(tiny, 1.0 - 1e-16)
     return (-torch.log(-torch.log(uniform))).to(dtype)
+
+
+def _check_assignment_logits(assignment_logits: Any) -> None:
+    _check_float_tensor(assignment_logits, "assignment_logits")
+    shape = tuple(assignment_logits.shape)
+    if len(shape) != 3 or shape[1] != shape[2] or shape[0] < 1 or shape[1] < 1:
+        raise ValueError(
+            f"assignment_logits must have shape (B, n, n) with B, n >= 1 (square: one row and one "
+            f"column per patch), got {shape}"
+        )
 
 
 def gumbel_sinkhorn(
@@ -157,7 +273,28 @@ def gumbel_sinkhorn(
     -------
     torch.Tensor, shape (B, n, n), dtype of ``assignment_logits``
         ``log S``; ``S`` is (approximately) doubly stochastic.
+
+    Raises
+    ------
+    TypeError
+        If the logits or the noise are not floating point, ``temperature`` is not
+        a real number or ``num_iterations`` not an integer.
+    ValueError
+        If the logits are not ``(B, n, n)`` with ``B, n >= 1``, the noise has
+        another shape, ``temperature`` is not finite and > 0, or
+        ``num_iterations < 1``.
     """
+    _check_assignment_logits(assignment_logits)
+    temperature = _check_temperature(temperature)
+    num_iterations = _check_num_iterations(num_iterations)
+    if gumbel_noise is not None:
+        _check_float_tensor(gumbel_noise, "gumbel_noise")
+        if gumbel_noise.shape != assignment_logits.shape:
+            # Broadcasting would silently share one noise draw between examples.
+            raise ValueError(
+                f"gumbel_noise must have the shape of assignment_logits {tuple(assignment_logits.shape)}, "
+                f"got {tuple(gumbel_noise.shape)}"
+            )
     log_alpha = assignment_logits
     if gumbel_noise is not None:
         log_alpha = log_alpha + gumbel_noise.to(log_alpha)
@@ -192,12 +329,21 @@ def gumbel_sinkhorn_loss(
     Returns
     -------
     torch.Tensor, shape (), dtype of ``assignment_logits``
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`gumbel_sinkhorn`; also if ``permutations`` is not an integer
+        ``(B, n)`` tensor whose every row is a permutation of ``0..n-1``.
     """
+    _check_assignment_logits(assignment_logits)
+    batch, num_patches = assignment_logits.shape[:2]
+    _check_permutations(permutations, batch, num_patches)
     log_assignment = gumbel_sinkhorn(
         assignment_logits,
         temperature=temperature,
         num_iterations=num_iterations,
         gumbel_noise=gumbel_noise,
     )
-    chosen = log_assignment.gather(2, permutations.unsqueeze(2).to(log_assignment.device))
+    chosen = log_assignment.gather(2, permutations.unsqueeze(2).to(device=log_assignment.device, dtype=torch.int64))
     return -chosen.mean()

@@ -17,13 +17,17 @@ patches' embeddings in their natural order (:meth:`PatchEncoder.features`).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+import operator
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
 from softrank.pretext.losses import (
     DEFAULT_EPS,
+    _check_num_iterations,
+    _check_permutations,
+    _check_temperature,
     gumbel_sinkhorn_loss,
     permutation_classification_loss,
     reorder_loss,
@@ -33,6 +37,19 @@ from softrank.pretext.permutations import ranks_that_unshuffle
 __all__ = ["METHODS", "PatchEncoder", "PretextModel"]
 
 METHODS = ("soft_rank", "classification", "sinkhorn")
+
+
+def _positive_int(value: Any, name: str) -> int:
+    """``value`` as an int >= 1 (numpy integers accepted); raise naming ``name`` otherwise."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+    if number < 1:
+        raise ValueError(f"{name} must be >= 1, got {number}")
+    return number
 
 
 class PatchEncoder(nn.Module):
@@ -133,10 +150,11 @@ class PretextModel(nn.Module):
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.encoder = encoder
         self.method = method
-        self.num_patches = int(num_patches)
+        self.num_patches = _positive_int(num_patches, "num_patches")
         self.eps = float(eps)
-        self.sinkhorn_temperature = float(sinkhorn_temperature)
-        self.sinkhorn_iterations = int(sinkhorn_iterations)
+        # Checked here, where the model is built, rather than at the first training step.
+        self.sinkhorn_temperature = _check_temperature(sinkhorn_temperature)
+        self.sinkhorn_iterations = _check_num_iterations(sinkhorn_iterations)
         d = encoder.embedding_dim
         # The soft ranks are invariant to a shift of all scores, and Sinkhorn to a shift of a
         # column of logits, so an output bias would get no gradient: leave it out.
@@ -145,9 +163,10 @@ class PretextModel(nn.Module):
         elif method == "sinkhorn":
             self.head = _mlp_head(d, head_hidden_dim, self.num_patches, output_bias=False)
         else:
-            if not num_permutations or num_permutations < 1:
+            if num_permutations is None:
                 raise ValueError("num_permutations (K >= 1) is required for method='classification'")
-            self.head = _mlp_head(self.num_patches * d, head_hidden_dim, int(num_permutations))
+            num_permutations = _positive_int(num_permutations, "num_permutations")
+            self.head = _mlp_head(self.num_patches * d, head_hidden_dim, num_permutations)
 
     def forward(
         self,
@@ -172,7 +191,22 @@ class PretextModel(nn.Module):
         Returns
         -------
         torch.Tensor, shape (), float32
+
+        Raises
+        ------
+        ValueError
+            If the patches are not ``(B, n, ...)`` with the model's ``n``, or
+            ``permutations`` is not a ``(B, n)`` batch of permutations of ``0..n-1``
+            (``"soft_rank"``, ``"sinkhorn"``).
         """
+        shape = tuple(shuffled_patches.shape)
+        if len(shape) < 2 or shape[1] != self.num_patches:
+            # The soft-rank head scores any number of patches, so a wrong n would train silently.
+            raise ValueError(
+                f"shuffled_patches must have shape (B, n={self.num_patches}, ...), got {shape}"
+            )
+        if self.method != "classification":
+            _check_permutations(permutations, shape[0], self.num_patches)
         embeddings = self.encoder(shuffled_patches)
         if self.method == "soft_rank":
             scores = self.head(embeddings).squeeze(-1)

@@ -8,7 +8,8 @@ image grid, patch ``i * cols + j`` is the one in grid row ``i``, column ``j``.
 
 The functions work on ``torch.Tensor`` and on ``numpy.ndarray`` alike, keep the
 dtype and device, and raise ``ValueError`` naming the argument when a size does
-not divide evenly.
+not divide evenly, and ``TypeError`` when a count is not an integer (a float
+such as 2.7 is refused, not truncated; numpy integers are accepted).
 
 - image ``(..., C, H, W)``, ``"grid"`` rows x cols:
   ``(..., rows*cols, C, H/rows, W/cols)``; ``"vertical"`` n strips:
@@ -31,6 +32,7 @@ True
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Sequence, Tuple, Union
 
 __all__ = [
@@ -61,6 +63,11 @@ def _transpose(array: Any, order: Sequence[int]) -> Any:
     return array.transpose(order)
 
 
+def _check_array(array: Any, name: str) -> None:
+    if not (hasattr(array, "shape") and hasattr(array, "reshape")):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(array).__name__}")
+
+
 def _split_axes(array: Any, event_ndim: int, counts: Sequence[int], name: str) -> Any:
     """Split each of the last ``event_ndim`` axes into ``counts[k]`` equal pieces.
 
@@ -68,6 +75,7 @@ def _split_axes(array: Any, event_ndim: int, counts: Sequence[int], name: str) -
     ``(*batch, prod(counts), d_0 / counts[0], ..., d_{e-1} / counts[e-1])`` with
     the pieces numbered row-major (the first axis varies slowest).
     """
+    _check_array(array, name)
     shape = tuple(array.shape)
     if len(shape) < event_ndim:
         raise ValueError(
@@ -95,6 +103,7 @@ def _split_axes(array: Any, event_ndim: int, counts: Sequence[int], name: str) -
 
 def _merge_axes(patches: Any, event_ndim: int, counts: Sequence[int], name: str) -> Any:
     """Exact inverse of :func:`_split_axes`."""
+    _check_array(patches, name)
     shape = tuple(patches.shape)
     if len(shape) < event_ndim + 1:
         raise ValueError(
@@ -118,30 +127,63 @@ def _merge_axes(patches: Any, event_ndim: int, counts: Sequence[int], name: str)
     return merged.reshape(tuple(batch) + tuple(c * p for c, p in zip(counts, piece)))
 
 
+def _as_count(value: Any, name: str) -> int:
+    """``value`` as a Python int; numpy and other integer types are accepted through ``operator.index``.
+
+    A float such as 2.7 is refused rather than truncated to 2, which would split
+    into a different number of patches than asked for; so is a bool.
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+
+
+def _is_integer(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
 def _as_pair(grid: GridSpec, name: str) -> Tuple[int, int]:
-    if isinstance(grid, int):
-        return grid, grid
-    pair = tuple(int(g) for g in grid)
-    if len(pair) != 2:
+    if isinstance(grid, bool):
+        raise TypeError(f"{name} must be an int or a pair (rows, cols), got bool {grid!r}")
+    if _is_integer(grid):
+        count = operator.index(grid)
+        return count, count
+    if isinstance(grid, (str, bytes)) or not hasattr(grid, "__len__"):
+        raise TypeError(f"{name} must be an int or a pair (rows, cols), got {type(grid).__name__} {grid!r}")
+    if len(grid) != 2:
         raise ValueError(f"{name} must be an int or a pair (rows, cols), got {grid!r}")
-    return pair  # type: ignore[return-value]
+    return _as_count(grid[0], f"{name}[0]"), _as_count(grid[1], f"{name}[1]")
+
+
+def _as_strips(grid: GridSpec, kind: str, what: str) -> int:
+    """The number of strips or pieces for a one-axis ``kind``; ``grid`` must be one integer."""
+    if not _is_integer(grid):
+        raise TypeError(f"grid must be the number of {what} (an int) for kind={kind!r}, got {grid!r}")
+    return operator.index(grid)
 
 
 def image_grid(kind: str, grid: GridSpec) -> Tuple[int, int]:
     """The (rows, cols) grid that ``kind`` and ``grid`` describe for an image.
 
     ``grid``: the pair (rows, cols) or one int for a square grid (``"grid"``);
-    the number of strips (``"vertical"``, ``"horizontal"``).
+    the number of strips (``"vertical"``, ``"horizontal"``). Any integer type
+    (``numpy.int64`` included) is accepted; a float or bool raises ``TypeError``.
     """
+    if kind not in IMAGE_KINDS:
+        raise ValueError(f"kind must be one of {IMAGE_KINDS}, got {kind!r}")
     if kind == "grid":
         return _as_pair(grid, "grid")
-    if not isinstance(grid, int):
-        raise ValueError(f"grid must be the number of strips (an int) for kind={kind!r}")
-    if kind == "vertical":
-        return 1, grid
-    if kind == "horizontal":
-        return grid, 1
-    raise ValueError(f"kind must be one of {IMAGE_KINDS}, got {kind!r}")
+    strips = _as_strips(grid, kind, "strips")
+    return (1, strips) if kind == "vertical" else (strips, 1)
 
 
 def split_image(images: Any, kind: str, grid: GridSpec) -> Any:
@@ -185,17 +227,15 @@ def spectrogram_grid(kind: str, grid: GridSpec) -> Tuple[int, int]:
     """The (frequency bands, time segments) grid for a spectrogram split.
 
     ``grid``: the number of pieces for ``"time"`` or ``"frequency"``; the pair
-    (bands, segments), or one int for both, for ``"both"``.
+    (bands, segments), or one int for both, for ``"both"``. Any integer type is
+    accepted; a float or bool raises ``TypeError``.
     """
+    if kind not in SPECTROGRAM_KINDS:
+        raise ValueError(f"kind must be one of {SPECTROGRAM_KINDS}, got {kind!r}")
     if kind == "both":
         return _as_pair(grid, "grid")
-    if not isinstance(grid, int):
-        raise ValueError(f"grid must be the number of pieces (an int) for kind={kind!r}")
-    if kind == "time":
-        return 1, grid
-    if kind == "frequency":
-        return grid, 1
-    raise ValueError(f"kind must be one of {SPECTROGRAM_KINDS}, got {kind!r}")
+    pieces = _as_strips(grid, kind, "pieces")
+    return (1, pieces) if kind == "time" else (pieces, 1)
 
 
 def split_spectrogram(spectrograms: Any, kind: str, grid: GridSpec) -> Any:
@@ -247,8 +287,9 @@ def split_video(videos: Any, num_clips: int | None = None) -> Any:
     -------
     Tensor or ndarray, shape (..., num_clips, T / num_clips, C, H, W)
     """
+    _check_array(videos, "videos")
     frames = int(videos.shape[-4]) if len(videos.shape) >= 4 else 0
-    clips = frames if num_clips is None else int(num_clips)
+    clips = frames if num_clips is None else _as_count(num_clips, "num_clips")
     return _split_axes(videos, 4, (clips, 1, 1, 1), "videos")
 
 
@@ -263,8 +304,12 @@ def merge_video(patches: Any, num_clips: int | None = None) -> Any:
     -------
     Tensor or ndarray, shape (..., num_clips * t, C, H, W)
     """
-    clips = int(patches.shape[-5]) if num_clips is None and len(patches.shape) >= 5 else num_clips
-    return _merge_axes(patches, 4, (int(clips or 0), 1, 1, 1), "patches")
+    _check_array(patches, "patches")
+    if num_clips is not None:
+        clips = _as_count(num_clips, "num_clips")
+    else:
+        clips = int(patches.shape[-5]) if len(patches.shape) >= 5 else 0  # 0: _merge_axes reports the shape
+    return _merge_axes(patches, 4, (clips, 1, 1, 1), "patches")
 
 
 def split_signal(signals: Any, num_segments: int) -> Any:
@@ -280,7 +325,7 @@ def split_signal(signals: Any, num_segments: int) -> Any:
     -------
     Tensor or ndarray, shape (..., num_segments, L / num_segments)
     """
-    return _split_axes(signals, 1, (int(num_segments),), "signals")
+    return _split_axes(signals, 1, (_as_count(num_segments, "num_segments"),), "signals")
 
 
 def merge_signal(patches: Any, num_segments: int | None = None) -> Any:
@@ -294,5 +339,9 @@ def merge_signal(patches: Any, num_segments: int | None = None) -> Any:
     -------
     Tensor or ndarray, shape (..., num_segments * l)
     """
-    segments = int(patches.shape[-2]) if num_segments is None and len(patches.shape) >= 2 else num_segments
-    return _merge_axes(patches, 1, (int(segments or 0),), "patches")
+    _check_array(patches, "patches")
+    if num_segments is not None:
+        segments = _as_count(num_segments, "num_segments")
+    else:
+        segments = int(patches.shape[-2]) if len(patches.shape) >= 2 else 0  # 0: _merge_axes reports the shape
+    return _merge_axes(patches, 1, (segments,), "patches")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 from typing import Optional, Tuple
 
 import numpy as np
@@ -154,16 +155,57 @@ def _hamming_to_all(candidates: np.ndarray, permutation: np.ndarray) -> np.ndarr
     return np.count_nonzero(candidates != permutation, axis=1)
 
 
-def _candidate_pool(num_patches: int, pool_size: int, rng: np.random.Generator) -> np.ndarray:
-    """All permutations when ``n!`` fits in the pool, else ``pool_size`` distinct random ones."""
-    if math.factorial(num_patches) <= pool_size:
-        return np.array(list(itertools.permutations(range(num_patches))), dtype=np.int64).reshape(
-            -1, num_patches
-        )
-    pool = np.argsort(rng.random((pool_size, num_patches)), axis=1)
-    # Duplicates are rare for n! >> pool_size; dropping them keeps the set distinct.
-    _, first = np.unique(pool, axis=0, return_index=True)
-    return pool[np.sort(first)]
+def _as_count(value: object, name: str) -> int:
+    """``value`` as a Python int (numpy integers accepted); ``TypeError`` naming ``name`` otherwise."""
+    if isinstance(value, bool):  # True would silently count as 1
+        raise TypeError(f"{name} must be an int, got bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+
+
+def _factorial_capped(n: int, cap: int) -> int:
+    """``min(n!, cap + 1)``: enough to compare ``n!`` with ``cap`` without forming a huge ``n!``."""
+    total = 1
+    for factor in range(2, n + 1):
+        total *= factor
+        if total > cap:
+            return cap + 1
+    return total
+
+
+def _all_permutations(num_patches: int) -> np.ndarray:
+    return np.array(list(itertools.permutations(range(num_patches))), dtype=np.int64).reshape(-1, num_patches)
+
+
+def _first_occurrences(rows: np.ndarray) -> np.ndarray:
+    """The distinct rows of ``rows``, each at its first occurrence, in their original order."""
+    _, first = np.unique(rows, axis=0, return_index=True)
+    return rows[np.sort(first)]
+
+
+def _candidate_pool(
+    num_patches: int, pool_size: int, num_permutations: int, rng: np.random.Generator
+) -> np.ndarray:
+    """All ``n!`` permutations when they fit in the pool, else at least ``K`` distinct random ones.
+
+    ``pool_size`` uniform draws with the duplicates dropped: for ``n! >> pool_size``
+    duplicates are rare and the pool is (almost) ``pool_size`` strong. When
+    ``pool_size`` is close to ``n!`` many draws repeat, and fewer than ``K``
+    distinct candidates may remain, so that the greedy choice would have to
+    repeat one: fresh draws then top the pool up to ``K`` distinct permutations.
+    (Only this case draws more, so every set that was already valid keeps its
+    seeded value.) ``n! > pool_size >= K`` guarantees the top-up terminates.
+    """
+    if _factorial_capped(num_patches, pool_size) <= pool_size:
+        return _all_permutations(num_patches)
+    pool = _first_occurrences(np.argsort(rng.random((pool_size, num_patches)), axis=1))
+    while len(pool) < num_permutations:
+        fresh = np.argsort(rng.random((pool_size, num_patches)), axis=1)
+        # The old rows come first, so they keep their place and only unseen ones are appended.
+        pool = _first_occurrences(np.concatenate([pool, fresh]))[:num_permutations]
+    return pool
 
 
 def hamming_permutation_set(
@@ -180,8 +222,9 @@ def hamming_permutation_set(
     distance to the permutations chosen so far is largest (ties: the larger
     minimum distance to the chosen set, then the lower pool index). The
     candidates are all ``n!`` permutations when ``n! <= pool_size``, otherwise
-    ``pool_size`` distinct uniform random permutations, so ``n`` can be 16 or
-    more without enumerating ``n!``. Cost O(K * pool_size * n).
+    ``pool_size`` uniform random permutations with the duplicate draws dropped
+    (topped up with fresh draws if fewer than ``K`` distinct ones remain), so
+    ``n`` can be 16 or more without enumerating ``n!``. Cost O(K * pool_size * n).
 
     Parameters
     ----------
@@ -192,13 +235,20 @@ def hamming_permutation_set(
     seed : int, default 0
         The same seed gives the same set.
     pool_size : int, optional
-        Candidate pool size; default ``max(10000, 20 * K)``.
+        Candidate pool size, at least ``K``; default ``max(10000, 20 * K)``.
 
     Returns
     -------
     numpy.ndarray, shape (K, n), int64
-        Distinct permutations, in the order they were chosen. Report their
+        ``K`` distinct permutations, in the order they were chosen. Report their
         spread with :func:`min_pairwise_hamming` and :func:`mean_pairwise_hamming`.
+
+    Raises
+    ------
+    TypeError
+        If ``num_permutations``, ``num_patches`` or ``pool_size`` is not an integer.
+    ValueError
+        If ``n < 1``, ``K < 1``, ``K > n!`` or ``pool_size < K``.
 
     Examples
     --------
@@ -206,20 +256,25 @@ def hamming_permutation_set(
     >>> perms.shape, len({tuple(p) for p in perms})
     ((10, 9), 10)
     """
+    num_permutations = _as_count(num_permutations, "num_permutations")
+    num_patches = _as_count(num_patches, "num_patches")
     if num_patches < 1:
         raise ValueError(f"num_patches must be >= 1, got {num_patches}")
     if num_permutations < 1:
         raise ValueError(f"num_permutations must be >= 1, got {num_permutations}")
-    if math.factorial(num_patches) < num_permutations:
+    if _factorial_capped(num_patches, num_permutations) < num_permutations:
         raise ValueError(
             f"num_permutations={num_permutations} exceeds the {math.factorial(num_patches)} "
             f"permutations of {num_patches} patches"
         )
-    pool_size = max(10_000, 20 * num_permutations) if pool_size is None else int(pool_size)
-    if pool_size < num_permutations:
-        raise ValueError(f"pool_size={pool_size} must be >= num_permutations={num_permutations}")
+    if pool_size is None:
+        pool_size = max(10_000, 20 * num_permutations)
+    else:
+        pool_size = _as_count(pool_size, "pool_size")
+        if pool_size < num_permutations:
+            raise ValueError(f"pool_size={pool_size} must be >= num_permutations={num_permutations}")
     rng = np.random.default_rng(seed)
-    pool = _candidate_pool(num_patches, pool_size, rng)
+    pool = _candidate_pool(num_patches, pool_size, num_permutations, rng)
     available = np.ones(len(pool), dtype=bool)
     summed = np.zeros(len(pool), dtype=np.int64)
     nearest = np.full(len(pool), num_patches + 1, dtype=np.int64)
@@ -233,30 +288,70 @@ def hamming_permutation_set(
         if len(chosen) == num_permutations:
             break
         # Lexicographic argmax of (summed, nearest) over the available candidates.
+        # The pool holds at least K distinct permutations, so an available candidate
+        # (score >= 0) always beats the -1 of the chosen ones.
         score = np.where(available, summed * (num_patches + 2) + nearest, -1)
         chosen.append(int(np.argmax(score)))
     return pool[chosen].copy()
 
 
-def _pairwise_hamming(permutations: np.ndarray) -> np.ndarray:
+def _pairwise_hamming(permutations: np.ndarray, name: str) -> np.ndarray:
+    """The ``(K, K)`` Hamming distances between the rows of ``permutations`` (``K >= 2``)."""
     perms = np.asarray(permutations)
+    if perms.ndim != 2:
+        raise ValueError(f"{name} must have shape (K, n), got shape {perms.shape}")
+    if len(perms) < 2:
+        # No pair of distinct rows: neither a minimum nor a mean distance exists.
+        raise ValueError(f"{name} must hold at least 2 permutations to have a pairwise distance, got {len(perms)}")
     return np.count_nonzero(perms[:, None, :] != perms[None, :, :], axis=2)
 
 
 def min_pairwise_hamming(permutations: np.ndarray) -> int:
-    """Smallest Hamming distance between two distinct rows of ``(K, n)`` permutations (K >= 2)."""
-    distances = _pairwise_hamming(permutations)
+    """Smallest Hamming distance between two distinct rows of ``(K, n)`` permutations.
+
+    Parameters
+    ----------
+    permutations : array_like, shape (K, n), K >= 2
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    ValueError
+        If ``permutations`` is not 2-D or has fewer than 2 rows (no pair exists).
+    """
+    distances = _pairwise_hamming(permutations, "permutations")
     off_diagonal = ~np.eye(len(distances), dtype=bool)
     return int(distances[off_diagonal].min())
 
 
 def mean_pairwise_hamming(permutations: np.ndarray) -> float:
-    """Average Hamming distance over the pairs of distinct rows of ``(K, n)`` permutations (K >= 2)."""
-    distances = _pairwise_hamming(permutations)
+    """Average Hamming distance over the ordered pairs of distinct rows of ``(K, n)`` permutations.
+
+    Parameters
+    ----------
+    permutations : array_like, shape (K, n), K >= 2
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    ValueError
+        If ``permutations`` is not 2-D or has fewer than 2 rows (no pair exists).
+    """
+    distances = _pairwise_hamming(permutations, "permutations")
     k = len(distances)
     return float(distances.sum() / (k * (k - 1)))
 
 
 def hamming_set_summary(permutations: np.ndarray) -> Tuple[int, float]:
-    """``(min, mean)`` pairwise Hamming distance of a permutation set (for reports)."""
+    """``(min, mean)`` pairwise Hamming distance of a permutation set (for reports).
+
+    Raises ``ValueError`` for fewer than 2 permutations, like
+    :func:`min_pairwise_hamming`.
+    """
     return min_pairwise_hamming(permutations), mean_pairwise_hamming(permutations)
