@@ -8,6 +8,7 @@ runs first, in the same namespace.
 A block that imports torch, jax or tensorflow is skipped where that framework
 is missing (outside CI, see frameworks.py). A line ``expression  # [values]``
 or ``# name == [values]`` states a result: it is compared with the values.
+A ``grad`` or ``grads`` the block computes must be finite and nonzero.
 """
 from __future__ import annotations
 
@@ -78,6 +79,16 @@ def test_readme_example_runs_and_states_true_values(index, code):
         assert earlier, f"README block {index} imports nothing and follows no block"
         exec(compile(earlier[-1], f"README block before {index}", "exec"), namespace)
     exec(compile(code, f"README block {index}", "exec"), namespace)
+    # A gradient an example computes is a real one: a loss summed off the
+    # tape, or an input the loss does not reach, gives None without error.
+    gradients = [name for name in namespace if re.fullmatch(r"grads?", name)]
+    for name in gradients:
+        value = namespace[name]
+        for part in value if isinstance(value, (list, tuple)) else (value,):
+            assert part is not None, f"README block {index}: {name} holds None"
+            array = np.asarray(part, dtype=np.float64)
+            assert np.all(np.isfinite(array)) and np.any(array != 0), (
+                f"README block {index}: {name} is not a finite, nonzero gradient")
     for line, target, values in stated_values(code):
         got = namespace[target] if re.fullmatch(r"\w+", target) else eval(target, namespace)
         np.testing.assert_allclose(np.asarray(got, dtype=np.float64), np.asarray(values),
