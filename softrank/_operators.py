@@ -12,7 +12,7 @@ part of that namespace). Functions here that take ``ops`` also need:
 """
 from __future__ import annotations
 
-import numbers
+import operator
 from typing import Any, Tuple
 
 import numpy as np
@@ -21,10 +21,18 @@ from softrank._codes import REG_KL
 
 
 def check_k(k: Any, n: int) -> int:
-    """``k`` as an int in ``[0, n]``, or raise naming ``k``."""
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+    """``k`` as an int in ``[0, n]``, or raise naming ``k``.
+
+    Any integer with ``__index__`` is taken: Python and numpy ints, and a
+    concrete 0-d integer array or tensor of a framework (as ``q`` and ``eps``
+    take concrete scalars). Bools and floats are refused.
+    """
+    if isinstance(k, (bool, np.bool_)) or "bool" in str(getattr(k, "dtype", "")):
         raise TypeError(f"k must be an int, got {type(k).__name__} {k!r}")
-    k = int(k)
+    try:
+        k = operator.index(k)
+    except TypeError:
+        raise TypeError(f"k must be an int, got {type(k).__name__} {k!r}") from None
     if not 0 <= k <= n:
         raise ValueError(f"k must lie in [0, n] = [0, {n}] (n: the length along the axis), got {k}")
     return k
@@ -76,6 +84,20 @@ def check_quantiles(q: Any) -> Tuple[np.ndarray, bool]:
     ``q`` is a Python number, a 0-d or 1-D array-like, or a concrete
     framework tensor (it selects sorted positions, so it cannot be traced).
     """
+    dtype = getattr(q, "dtype", None)  # (numpy's, or a framework's)
+    if dtype is None:
+        try:
+            dtype = np.asarray(q).dtype
+        except (TypeError, ValueError):
+            pass
+    odd = (bool, np.bool_, str, bytes)
+    if (isinstance(q, odd) or getattr(dtype, "kind", None) in ("b", "U", "S", "c")
+            or "bool" in str(dtype) or "complex" in str(dtype)
+            or (isinstance(q, (list, tuple)) and any(isinstance(v, odd) for v in q))):
+        # np.asarray parses "0.5" and reads True as 1.0: neither is a level.
+        raise TypeError(
+            f"q must be a real number or a 1-D array of real numbers in [0, 1], "
+            f"got {type(q).__name__} {q!r}")
     try:
         values = np.asarray(q, dtype=np.float64)
     except (TypeError, ValueError) as exc:

@@ -42,7 +42,10 @@ def check_eps(eps: Any) -> float:
             raise TypeError(
                 f"eps must be a real number >= 0, got {type(eps).__name__} {eps!r}"
             )
-    value = float(eps)
+    try:
+        value = float(eps)
+    except OverflowError:  # an int beyond the float range, e.g. 10**400: the limit
+        value = math.inf if eps > 0 else -math.inf
     if math.isnan(value):
         raise ValueError("eps must be a number >= 0, got NaN")
     if value < 0:
@@ -68,6 +71,18 @@ def check_direction(direction: Any) -> bool:
             f"direction must be 'ascending' or 'descending', got {direction!r}"
         )
     return direction == "descending"
+
+
+def check_increasing(increasing: Any) -> bool:
+    """Return ``increasing`` as a bool; raise unless it is True or False.
+
+    Read by truthiness, ``"decreasing"`` or ``"no"`` would silently fit an
+    increasing regression.
+    """
+    if isinstance(increasing, (bool, np.bool_)):
+        return bool(increasing)
+    raise TypeError(
+        f"increasing must be True or False, got {type(increasing).__name__} {increasing!r}")
 
 
 def check_axis(axis: Any, ndim: int, name: str = "axis", array_name: str = "x") -> int:
@@ -107,7 +122,7 @@ def check_float_dtype_kind(kind: str, dtype_name: Any, allow_int: bool, name: st
     if kind in "iub":
         raise TypeError(
             f"{name} must have a floating dtype (float16, bfloat16, float32 or "
-            f"float64), got {dtype_name}; cast it first, e.g. x.float()"
+            f"float64), got {dtype_name}; cast it to a floating dtype first"
         )
     raise TypeError(
         f"{name} must have a real floating dtype, got {dtype_name}"

@@ -109,6 +109,7 @@ from softrank._validate import (
     check_direction,
     check_eps,
     check_float_dtype_kind,
+    check_increasing,
     check_regularization,
     check_weights,
 )
@@ -1236,5 +1237,6 @@ def isotonic_regression(
             # are checked as given: w_rows, made from them by jnp operations,
             # is itself traced under jit.
             check_weights(np.asarray(weights), rows.dtype)
-    solution = _isotonic(rows, w_rows, bool(_static(increasing, "increasing", "bool")), reg)[0]
+    increasing = check_increasing(_static(increasing, "increasing", "bool"))
+    solution = _isotonic(rows, w_rows, increasing, reg)[0]
     return _restore(solution, y, ax)

@@ -24,6 +24,7 @@ from softrank._validate import (
     check_direction,
     check_eps,
     check_float_dtype_kind,
+    check_increasing,
     check_regularization,
     check_weights,
 )
@@ -1010,9 +1011,10 @@ def isotonic_regression(
     array([1. , 2.5, 2.5, 4. ])
     """
     reg = check_regularization(regularization)
+    increasing = check_increasing(increasing)
     array, ax, rows, restore, w_rows = _isotonic_prepare(y, weights, axis)
     solution, _ = _checked_weights(
-        lambda: _engine.engine().isotonic_forward(rows, w_rows, bool(increasing), reg),
+        lambda: _engine.engine().isotonic_forward(rows, w_rows, increasing, reg),
         array, weights, ax, rows.dtype)
     return restore(solution)
 
@@ -1032,9 +1034,10 @@ def isotonic_regression_with_vjp(
     (kl): ``grad_y_j = softmax_B(y)_j sum_B c``, ``grad_w_j = -sum_B c / W_B``.
     """
     reg = check_regularization(regularization)
+    increasing = check_increasing(increasing)
     array, ax, rows, restore, w_rows = _isotonic_prepare(y, weights, axis)
     solution, blocks = _checked_weights(
-        lambda: _host.isotonic(rows, w_rows, bool(increasing), reg), array, weights, ax,
+        lambda: _host.isotonic(rows, w_rows, increasing, reg), array, weights, ax,
         rows.dtype)
     shape = array.shape
     weights_dtype = np.asarray(weights).dtype if weights is not None else None
@@ -1076,11 +1079,12 @@ def isotonic_regression_vjp(
     gradient with respect to the weights too: :func:`isotonic_regression_with_vjp`.
     """
     reg = check_regularization(regularization)
+    increasing = check_increasing(increasing)
     if reg == _engine.REG_L2:
         array, ax, rows, restore, w_rows = _isotonic_prepare(y, weights, axis)
         vec = _prepare_like(array.shape, cotangent, ax, rows.dtype, "cotangent", "y")
         eng = _engine.engine()
-        _, blocks = _checked_weights(lambda: eng.isotonic_forward(rows, w_rows, bool(increasing)),
+        _, blocks = _checked_weights(lambda: eng.isotonic_forward(rows, w_rows, increasing),
                                      array, weights, ax, rows.dtype)
         return restore(eng.isotonic_vjp(w_rows, blocks, vec))
     _, vjp = isotonic_regression_with_vjp(y, weights=weights, increasing=increasing,

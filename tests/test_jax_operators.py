@@ -502,6 +502,28 @@ def test_topk_gradient_where_x_over_eps_overflows(reg):
             np.testing.assert_array_equal(np.asarray(tangent), want)
 
 
+def test_argument_checks_shared_with_numpy():
+    """increasing must be a bool, q real numbers, k any integer scalar (a
+    concrete jax one too); the integer-input error suggests no torch idiom."""
+    x = _rng(32).normal(size=(2, 5))
+    for bad in ("no", None, 1):
+        with pytest.raises(TypeError, match=r"\bincreasing\b"):
+            srj.isotonic_regression(x, increasing=bad)
+    for bad in ("0.5", True, jnp.array(True), [0.5, True]):
+        with pytest.raises(TypeError, match=r"\bq\b"):
+            srj.soft_quantile(x, bad)
+    expected = srn.soft_topk_mask(x, 2, 0.5)
+    for k in (np.int64(2), jnp.int32(2), jnp.array(2)):
+        np.testing.assert_allclose(np.asarray(srj.soft_topk_mask(x, k, 0.5)), expected,
+                                   rtol=1e-12, atol=1e-12)
+    for bad in (True, 2.0, jnp.array(True)):
+        with pytest.raises(TypeError, match=r"\bk\b"):
+            srj.soft_topk_mask(x, bad, 0.5)
+    with pytest.raises(TypeError, match=r"x must have a floating dtype") as info:
+        srj.soft_rank(jnp.arange(4), 1.0)
+    assert ".float()" not in str(info.value)
+
+
 def test_jit_with_static_k_q_and_eps():
     x = _rng(18).normal(size=(3, 6))
     topk = jax.jit(srj.soft_topk_mask, static_argnums=(1, 2))

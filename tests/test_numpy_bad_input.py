@@ -66,6 +66,39 @@ def test_good_eps_spellings(backend):
         np.testing.assert_array_equal(srn.soft_rank(X, eps), expected)
 
 
+def test_eps_beyond_the_float_range_is_the_inf_limit(backend):
+    """An int too large for a float (10**400) is eps = inf, not an OverflowError."""
+    for f in FORWARD:
+        np.testing.assert_array_equal(f(X, 10**400), f(X, np.inf))
+    _raises_naming(lambda: srn.soft_rank(X, -10**400), "eps", ValueError)
+
+
+@pytest.mark.parametrize("increasing", ["no", "decreasing", None, 0, 1, 1.0, np.array([True])])
+def test_increasing_must_be_a_bool(backend, increasing):
+    """Read by truthiness, "decreasing" would fit an increasing regression."""
+    for call in (lambda: srn.isotonic_regression(X, increasing=increasing),
+                 lambda: srn.isotonic_regression_with_vjp(X, increasing=increasing),
+                 lambda: srn.isotonic_regression_vjp(X, G, increasing=increasing)):
+        _raises_naming(call, "increasing", TypeError)
+    np.testing.assert_array_equal(srn.isotonic_regression(X, increasing=np.bool_(False)),
+                                  srn.isotonic_regression(X, increasing=False))
+
+
+@pytest.mark.parametrize("q", ["0.5", b"0.5", True, np.bool_(False), [0.5, True], [0.1, "0.2"],
+                               0.5 + 0j])
+def test_quantile_levels_must_be_real_numbers(backend, q):
+    """np.asarray would parse "0.5" and read True as the level 1."""
+    _raises_naming(lambda: srn.soft_quantile(X, q), "q", TypeError)
+
+
+def test_integer_k_of_any_kind_and_nothing_else(backend):
+    expected = srn.soft_topk_mask(X, 2, 0.5)
+    for k in (np.int64(2), np.uint8(2), np.array(2)):
+        np.testing.assert_array_equal(srn.soft_topk_mask(X, k, 0.5), expected)
+    for k in (True, np.bool_(True), 2.0, "2", np.array([2])):
+        _raises_naming(lambda: srn.soft_topk_mask(X, k, 0.5), "k", TypeError)
+
+
 @pytest.mark.parametrize("regularization", ["l1", "L2", "", None, 2, "kl "])
 def test_bad_regularization(backend, regularization):
     for name, call in _calls(regularization=regularization):
