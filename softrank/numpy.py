@@ -793,7 +793,7 @@ def spearman(
     --------
     >>> import numpy as np
     >>> from softrank.numpy import spearman
-    >>> float(spearman(np.array([0.1, 0.5, 0.3]), np.array([1.0, 3.0, 2.0]), eps=0.01))
+    >>> round(float(spearman(np.array([0.1, 0.5, 0.3]), np.array([1.0, 3.0, 2.0]), eps=0.01)), 12)
     1.0
     """
     *_, restore, _, _, _, _, corr = _spearman(pred, target, eps, regularization, axis)
