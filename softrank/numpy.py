@@ -99,8 +99,18 @@ def _to_rows(
     return flat, restore
 
 
+def _as_array(value: Any, name: str) -> np.ndarray:
+    """``np.asarray(value)``, refusing a masked array: its mask would be
+    dropped and the masked entries' data ranked as if they were values."""
+    if isinstance(value, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a numpy masked array: softrank has no masks; pass the values to use "
+            f"(e.g. {name}.filled(fill_value), or {name}.compressed() for a 1-D array)")
+    return np.asarray(value)
+
+
 def _prepare(x: Any, axis: Any, name: str = "x"):
-    array = x if type(x) is np.ndarray else np.asarray(x)
+    array = x if type(x) is np.ndarray else _as_array(x, name)
     dtype = _compute_dtype(array.dtype, name)
     ax = check_axis(axis, array.ndim, array_name=name)
     rows, restore = _to_rows(array, ax, dtype)
@@ -111,7 +121,7 @@ def _prepare_like(
     shape: Tuple[int, ...], other: Any, axis: int, dtype: np.dtype, name: str, like: str = "x"
 ) -> np.ndarray:
     """Bring ``other`` (named ``name``) to the row layout of the input ``like`` of ``shape``."""
-    other = np.asarray(other)
+    other = _as_array(other, name)
     check_float_dtype_kind(other.dtype.kind, other.dtype, allow_int=True, name=name)
     if other.shape != shape:
         raise ValueError(
@@ -535,7 +545,7 @@ def _projection_weights(w: Any, array: np.ndarray, ax: int, rows: np.ndarray):
     n = rows.shape[1]
     if w is None:
         return _shared_rows(_operators.rho(n, rows.dtype), rows.shape), True
-    w_array = np.asarray(w)
+    w_array = _as_array(w, "w")
     check_float_dtype_kind(w_array.dtype.kind, w_array.dtype, allow_int=True, name="w")
     if _operators.projection_weights_shared(w_array.shape, array.shape, n,
                                             w_array.shape == array.shape):
@@ -745,7 +755,7 @@ def _spearman(pred, target, eps, regularization, axis):
     eps = check_eps(eps)
     reg = check_regularization(regularization)
     array, ax, rows, _ = _prepare(pred, axis, name="pred")
-    target_array = np.asarray(target)
+    target_array = _as_array(target, "target")
     if target_array.shape != array.shape:
         raise ValueError(
             f"target must have the shape of pred {array.shape}, got {target_array.shape}")
@@ -817,7 +827,7 @@ def spearman_with_vjp(
     kept = _layout.reduced_shape(array.shape, ax)
 
     def vjp(cotangent: ArrayLike) -> np.ndarray:
-        c = np.asarray(cotangent)
+        c = _as_array(cotangent, "cotangent")
         check_float_dtype_kind(c.dtype.kind, c.dtype, allow_int=True, name="cotangent")
         if c.shape != kept:
             raise ValueError(f"cotangent must have the shape of the result {kept}, got {c.shape}")
@@ -905,7 +915,7 @@ def soft_quantile_with_vjp(
     lo, hi, frac = _operators.quantile_positions(quantiles, rows.shape[1])
 
     def vjp(cotangent: ArrayLike) -> np.ndarray:
-        c = np.asarray(cotangent)
+        c = _as_array(cotangent, "cotangent")
         check_float_dtype_kind(c.dtype.kind, c.dtype, allow_int=True, name="cotangent")
         if c.shape != result.shape:
             raise ValueError(

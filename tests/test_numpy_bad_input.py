@@ -143,6 +143,18 @@ def test_bad_x_dtype(backend, x):
     _raises_naming(lambda: srn.isotonic_regression(x), "y")
 
 
+def test_masked_arrays_are_refused(backend):
+    """The mask would be dropped silently: the masked entries ranked as values."""
+    masked = np.ma.masked_array(X, mask=X < 0)
+    for name, call in _calls(x=masked):
+        _raises_naming(call, "x", TypeError)
+    _raises_naming(lambda: srn.isotonic_regression(masked), "y", TypeError)
+    _raises_naming(lambda: srn.isotonic_regression(X, weights=np.ma.masked_array(G)), "weights",
+                   TypeError)
+    _raises_naming(lambda: srn.spearman(X, masked), "target", TypeError)
+    _raises_naming(lambda: srn.soft_rank_vjp(X, np.ma.masked_array(G), 1.0), "cotangent", TypeError)
+
+
 def test_bad_cotangent_and_tangent(backend):
     for f, name in ((srn.soft_rank_vjp, "cotangent"), (srn.soft_sort_vjp, "cotangent"),
                     (srn.soft_rank_jvp, "tangent"), (srn.soft_sort_jvp, "tangent")):
