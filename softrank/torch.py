@@ -23,13 +23,29 @@ What works: autograd to second order, forward mode
 transform (``grad``, ``vjp``, ``jacrev``, ``jacfwd``, ``hessian``, ``vmap``
 and their compositions), batched gradients (``is_grads_batched``,
 ``vectorize=True``), ``torch.compile(fullgraph=True)`` with static or
-dynamic shapes, ``torch.export``, meta tensors. A vmapped dim is just more
+dynamic shapes (a Python-number ``eps`` or ``q`` is a constant of the graph:
+a new value compiles again), ``torch.export`` (with dynamic dims, the
+operator's own included), meta tensors. A vmapped dim is just more
 rows to the engine, so ``vmap`` makes one engine call for the whole batch.
 What raises, saying what to use instead: ``torch.jit.trace`` and
 ``torch.jit.script`` (use ``torch.compile`` or ``torch.export``), third
 derivatives, and the operators called directly (``torch.ops.softrank.*``) under
 a differentiating ``torch.func`` transform (the public functions support
-them; direct calls support autograd, vmap, compile and export).
+them; direct calls support autograd, vmap, compile and export). The one
+exception among third derivatives: the kl soft sort's (and so
+``soft_quantile``'s and ``soft_median``'s) by forward over forward over
+forward mode (``jacfwd(jacfwd(jacfwd(f)))``, nested ``torch.func.jvp``) and by
+``jacrev`` of that, which are computed: its forward-mode second derivative
+is a composition of ``soft_jvp``, which differentiates again.
+A double backward through a graph compiled by ``torch.compile`` (a gradient
+penalty) is not supported by torch: ``soft_rank``, ``soft_sort`` and
+``spearman`` of an input of the compiled function raise its "torch.compile
+with aot_autograd does not currently support double backward", as
+``torch.sin`` does; where the compiled backward keeps only intermediates
+(``soft_topk_mask``, ``isotonic_regression``, an input transformed before
+the call; ``torch.softmax`` alike), torch drops the penalty's dependence on
+the input without an error. Compute gradient penalties outside
+``torch.compile``.
 
 Devices: the CPU kernels hand the engine numpy views of the tensors, without
 copies when they are contiguous. Where softrank was built with its CUDA core
@@ -83,6 +99,7 @@ except ImportError as exc:
 import numpy as np
 from torch import Tensor
 from torch.autograd import forward_ad as _forward_ad
+from torch.fx.experimental.symbolic_shapes import guard_scalar as _guard_scalar
 
 from softrank import _derivatives, _engine, _host, _layout, _operators, _torch_cuda
 from softrank._engine import OP_RANK, OP_SORT, REG_KL, REG_L2
@@ -146,6 +163,10 @@ def _rows_of(tensor: Tensor) -> Tensor:
     rows = tensor if tensor.dim() == 2 else tensor.reshape(
         math.prod(tensor.shape[:-1]), tensor.shape[-1])
     return rows if rows.is_contiguous() else rows.contiguous()
+
+
+def _contiguous(tensor: Tensor) -> Tensor:
+    return tensor if tensor.is_contiguous() else tensor.contiguous()
 
 
 def _unfold(result: Tensor, shape: torch.Size) -> Tensor:
@@ -355,6 +376,60 @@ def _soft_hvp(*args):
     return _Hvp.apply(*args) if _functorch_active() else _OPS.soft_hvp(*args)
 
 
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_unwrap_for_grad = torch._C._functorch._unwrap_for_grad
+_functorch_level = torch._C._functorch.maybe_get_level
+_is_batched = torch._C._functorch.is_batchedtensor
+_batch_dim = torch._C._functorch.maybe_get_bdim
+_unwrap_batch = torch._C._functorch.get_unwrapped
+_add_batch_dim = torch._C._functorch._add_batch_dim
+
+
+def _grad_level(tensor: Tensor) -> int:
+    """The level of the outermost grad/jvp wrapper of ``tensor`` (-1 if none).
+
+    The vmap rule that ``generate_vmap_rule`` makes runs a jvp staticmethod
+    under a vmap level of its own, above the transform's: the batch
+    wrappers above the grad wrapper are looked through.
+    """
+    while _is_functorch_wrapped(tensor) and _is_batched(tensor):
+        tensor = _unwrap_batch(tensor)
+    return _functorch_level(tensor) if _is_functorch_wrapped(tensor) else -1
+
+
+def _without_level(tensor: Optional[Tensor], level: int) -> Optional[Tensor]:
+    """``tensor`` with its grad wrapper of ``level`` removed, its batch wrappers above kept."""
+    if tensor is None or not _is_functorch_wrapped(tensor):
+        return tensor
+    if _is_batched(tensor) and _functorch_level(tensor) > level:
+        inner = _without_level(_unwrap_batch(tensor), level)
+        return _add_batch_dim(inner, _batch_dim(tensor), _functorch_level(tensor))
+    return _unwrap_for_grad(tensor, level)
+
+
+@contextlib.contextmanager
+def _formula_inputs(saved, output_index):
+    """The saved tensors with which a jvp staticmethod evaluates its formula.
+
+    Under a torch.func transform, an autograd function's jvp runs with
+    forward gradients off, so an enclosing forward transform (the outer
+    jacfwd of jacfwd(jacfwd(f))) would not see how the formula depends on
+    the saved inputs: its tangent of the result would be lost (silently
+    zero). Unwrapped from the level whose tangent the formula computes (the
+    grad level of the function's output, ``saved[output_index]``) and with
+    forward gradients back on, the saved inputs carry the enclosing levels'
+    tangents into the result. (Left wrapped at that level, with forward
+    gradients on, they would make the formula's own autograd functions
+    compute that level's tangent again, without end.)
+    """
+    level = _grad_level(saved[output_index]) if _functorch_active() else -1
+    if level < 0:
+        yield saved
+        return
+    with _forward_ad._set_fwd_grad_enabled(True):
+        yield [_without_level(t, level) for t in saved]
+
+
 def _sum(a, b):
     if a is None:
         return b
@@ -395,7 +470,10 @@ class _Forward(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, x_tangent, *param_tangents):
-        tangent_out = _soft_jvp(*ctx.saved_tensors, x_tangent, *ctx.params)
+        # (Under nested forward transforms the enclosing levels' tangents must
+        # reach soft_jvp's x: see _formula_inputs.)
+        with _formula_inputs(ctx.saved_tensors, 1) as state:
+            tangent_out = _soft_jvp(*state, x_tangent, *ctx.params)
         return tangent_out, None, None
 
 
@@ -411,13 +489,17 @@ class _Vjp(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:5])
-        ctx.save_for_forward(*inputs[:5])
+        # The output too: its functorch level is the one the jvp computes the
+        # tangent of (_formula_inputs), where no input need carry it. (Both
+        # lists alike: the vmap rule that generate_vmap_rule makes keeps one
+        # set of batch dims for the saved tensors, the last saved.)
+        ctx.save_for_backward(*inputs[:5], output)
+        ctx.save_for_forward(*inputs[:5], output)
         ctx.params = tuple(inputs[5:])
 
     @staticmethod
     def backward(ctx, grad_grad):
-        x, out, perm, block_start, cotangent = ctx.saved_tensors
+        x, out, perm, block_start, cotangent, _ = ctx.saved_tensors
         grad_x = grad_cotangent = None
         if ctx.needs_input_grad[0]:
             grad_x = _soft_hvp(x, out, perm, block_start, cotangent, grad_grad, *ctx.params)
@@ -427,14 +509,15 @@ class _Vjp(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, x_tangent, out_tangent, perm_tangent, block_tangent, cotangent_tangent, *rest):
-        x, out, perm, block_start, cotangent = ctx.saved_tensors
-        state = (x, out, perm, block_start)
-        tangent_out = None
-        if cotangent_tangent is not None:
-            tangent_out = _soft_vjp(*state, cotangent_tangent, *ctx.params)
-        if x_tangent is not None:
-            tangent_out = _sum(tangent_out, _soft_hvp(*state, cotangent, x_tangent, *ctx.params))
-        return torch.zeros_like(x) if tangent_out is None else tangent_out
+        with _formula_inputs(ctx.saved_tensors, 5) as (x, out, perm, block_start, cotangent, _):
+            state = (x, out, perm, block_start)
+            tangent_out = None
+            if cotangent_tangent is not None:
+                tangent_out = _soft_vjp(*state, cotangent_tangent, *ctx.params)
+            if x_tangent is not None:
+                tangent_out = _sum(tangent_out,
+                                   _soft_hvp(*state, cotangent, x_tangent, *ctx.params))
+            return torch.zeros_like(x) if tangent_out is None else tangent_out
 
 
 class _Jvp(torch.autograd.Function):
@@ -451,7 +534,7 @@ class _Jvp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, out, perm, block_start, tangent = ctx.saved_tensors
+        x, out, perm, block_start, tangent, _ = ctx.saved_tensors
         grad_x = grad_tangent = None
         if ctx.needs_input_grad[0]:
             grad_x = _soft_hvp(x, out, perm, block_start, grad_out, tangent, *ctx.params)
@@ -461,17 +544,18 @@ class _Jvp(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, x_tangent, out_tangent, perm_tangent, block_tangent, tangent_tangent, *rest):
-        x, out, perm, block_start, tangent = ctx.saved_tensors
-        state = (x, out, perm, block_start)
-        op, reg = ctx.params[:2]
-        tangent_out = None
-        if tangent_tangent is not None:
-            tangent_out = _soft_jvp(*state, tangent_tangent, *ctx.params)
-        # d/dx (J(x) t) s: the second derivative contracted with t and s on
-        # its input sides. 0 for l2, whose Jacobian is locally constant.
-        if x_tangent is not None and reg != REG_L2:
-            tangent_out = _sum(tangent_out, _second_derivative(state, tangent, x_tangent, ctx.params))
-        return torch.zeros_like(x) if tangent_out is None else tangent_out
+        with _formula_inputs(ctx.saved_tensors, 5) as (x, out, perm, block_start, tangent, _):
+            state = (x, out, perm, block_start)
+            reg = ctx.params[1]
+            tangent_out = None
+            if tangent_tangent is not None:
+                tangent_out = _soft_jvp(*state, tangent_tangent, *ctx.params)
+            # d/dx (J(x) t) s: the second derivative contracted with t and s on
+            # its input sides. 0 for l2, whose Jacobian is locally constant.
+            if x_tangent is not None and reg != REG_L2:
+                tangent_out = _sum(tangent_out,
+                                   _second_derivative(state, tangent, x_tangent, ctx.params))
+            return torch.zeros_like(x) if tangent_out is None else tangent_out
 
 
 def _second_derivative(state, t, u, params):
@@ -572,10 +656,6 @@ class _EagerForward(torch.autograd.Function):
 
 
 _apply_forward_eager = super(torch.autograd.Function, _EagerForward).apply
-
-_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-_unwrap_for_grad = torch._C._functorch._unwrap_for_grad
-_functorch_level = torch._C._functorch.maybe_get_level
 
 
 def _autograd_kernel(name, function, public="soft_rank / soft_sort"):
@@ -684,26 +764,6 @@ class _TorchOps:
 
 
 _TORCH_OPS = _TorchOps()
-
-
-@contextlib.contextmanager
-def _formula_inputs(saved, output_index):
-    """The saved tensors with which a jvp staticmethod evaluates its formula.
-
-    Under a torch.func transform, an autograd function's jvp runs with
-    forward gradients off, so an enclosing forward transform (the outer
-    jacfwd of jacfwd(jacfwd(f))) would not see how the formula depends on
-    the saved inputs. Unwrapped from the level whose tangent the formula
-    computes (the level of the function's output, ``saved[output_index]``)
-    and with forward gradients back on, the saved inputs carry the enclosing
-    levels' tangents into the result.
-    """
-    level = _functorch_level(saved[output_index]) if _functorch_active() else -1
-    if level < 0:
-        yield saved
-        return
-    with _forward_ad._set_fwd_grad_enabled(True):
-        yield [t if t is None else _unwrap_for_grad(t, level) for t in saved]
 
 
 class _Projection(torch.autograd.Function):
@@ -1023,14 +1083,7 @@ def _soft_op(x: Any, eps: Any, regularization: Any, direction: Any, dim: Any, op
     if torch._C._get_tracing_state() is not None:
         raise RuntimeError(_NO_JIT)
     if type(eps) is not float or not eps >= 0.0:
-        if isinstance(eps, Tensor):
-            if _is_compiling():
-                raise TypeError(
-                    "eps must be a Python number under torch.compile (a tensor's value "
-                    "is data the graph cannot depend on); pass float(eps)"
-                )
-            eps = eps.detach()
-        eps = check_eps(eps)
+        eps = _eps_argument(eps)
     try:
         reg, descending = _CODES[regularization, direction]
     except (KeyError, TypeError):
@@ -1046,17 +1099,27 @@ def _soft_op(x: Any, eps: Any, regularization: Any, direction: Any, dim: Any, op
         axis = check_axis(dim, ndim, name="dim")
         last = axis == ndim - 1
         moved = x if last else x.movedim(axis, -1)
-    shape = moved.shape
-    rows = _rows_of(moved if compute_dtype is dtype else moved.to(compute_dtype))
+    if compute_dtype is not dtype:
+        moved = moved.to(compute_dtype)
+    # The operators take any (..., n): x goes to them as it is, not reshaped
+    # to rows. Under torch.compile a reshaped x would be an intermediate of
+    # the graph, which AOTAutograd saves for the backward detached: a double
+    # backward (a gradient penalty) through the compiled graph would then
+    # silently drop the penalty's dependence on x instead of raising
+    # "torch.compile with aot_autograd does not currently support double
+    # backward", as it does where the saved tensor is the input itself.
     if _functorch_active():
-        out = _Forward.apply(rows, op, reg, descending, eps)[0]
-    elif not (rows.is_cpu and _eager(rows)):
-        out = _OPS.soft_forward(rows, op, reg, descending, eps)[0]
-    elif rows.requires_grad and torch.is_grad_enabled():
-        out = _apply_forward_eager(rows, op, reg, descending, eps)
+        out = _Forward.apply(_contiguous(moved), op, reg, descending, eps)[0]
+    elif not (moved.is_cpu and _eager(moved)):
+        out = _OPS.soft_forward(_contiguous(moved), op, reg, descending, eps)[0]
     else:
-        out = _forward_value_kernel(rows, op, reg, descending, eps)
-    out = _unfold(out, shape)
+        # The engine's own layout, (rows, n), on the eager path.
+        rows = _rows_of(moved)
+        if rows.requires_grad and torch.is_grad_enabled():
+            out = _apply_forward_eager(rows, op, reg, descending, eps)
+        else:
+            out = _forward_value_kernel(rows, op, reg, descending, eps)
+        out = _unfold(out, moved.shape)
     if not last:
         out = out.movedim(-1, axis)
     return out if compute_dtype is dtype else out.to(dtype)
@@ -1228,7 +1291,7 @@ def _operand(value: Any, name: str, like: Tensor) -> Tensor:
 
 
 def _eps_argument(eps: Any) -> float:
-    """``eps`` as a float, accepting a 0-d tensor outside torch.compile (as :func:`soft_rank`)."""
+    """``eps`` as a float, accepting a 0-d tensor outside torch.compile (every public function)."""
     if type(eps) is float and eps >= 0.0:
         return eps
     if isinstance(eps, Tensor):
@@ -1238,12 +1301,72 @@ def _eps_argument(eps: Any) -> float:
                 "is data the graph cannot depend on); pass float(eps)"
             )
         eps = eps.detach()
+    else:
+        eps = _specialized(eps)
     return check_eps(eps)
+
+
+def _specialized(value: Any) -> Any:
+    """A Python number argument as a plain Python number.
+
+    An int or float argument of a compiled function arrives symbolic (a
+    SymInt or SymFloat) once its value changes between calls, or with
+    ``dynamic=True``; the checks of :mod:`softrank._validate` (``math.isnan``,
+    numpy) and ``torch.compiler.assume_constant_result`` cannot take it.
+    ``guard_scalar`` specializes it, with a guard, to the number it holds:
+    a constant of the graph (another value compiles again), as a float eps
+    passed to the operators always was. Anything else is returned as it is.
+    """
+    if isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool):
+        return _guard_scalar(value)
+    return value
 
 
 def _constant(values: np.ndarray, like: Tensor) -> Tensor:
     """A numpy vector as a constant row, broadcast to ``like``'s shape (no copy per row)."""
     return torch.as_tensor(values, device=like.device).expand(like.shape)
+
+
+# A symbolic n (torch.export with a dynamic size along the operator's dim)
+# cannot size the numpy rows of softrank._operators: the helpers below then
+# build the same values in torch operations, which keep n symbolic.
+# (torch.compile's dynamo shows a symbolic n as an int: there the numpy rows
+# specialize n, and a new n compiles again.)
+
+
+def _rho_row(n: Any, dtype: torch.dtype, like: Tensor) -> Tensor:
+    """``rho = (n, ..., 1)`` (:func:`softrank._operators.rho`), broadcast to ``like``'s shape."""
+    if isinstance(n, torch.SymInt):
+        return torch.arange(n, 0, -1, device=like.device).to(dtype).expand(like.shape)
+    return _constant(_operators.rho(n, _NUMPY_DTYPE[dtype]), like)
+
+
+def _topk_row(n: Any, k: int, reg: int, dtype: torch.dtype, like: Tensor) -> Tensor:
+    """The top-k ``w`` (:func:`softrank._operators.topk_weights`), broadcast to ``like``'s shape."""
+    if not isinstance(n, torch.SymInt):
+        return _constant(_operators.topk_weights(n, k, reg, _NUMPY_DTYPE[dtype]), like)
+    # The row for n = k + 1 holds the selected value (first) and the other
+    # (last), and topk_weights refuses k = 0 for kl itself.
+    values = _operators.topk_weights(k + 1, k, reg, _NUMPY_DTYPE[dtype])
+    pair = torch.as_tensor(values[[0, -1]], device=like.device)
+    return pair[(torch.arange(n, device=like.device) >= k).long()].expand(like.shape)
+
+
+def _quantile_from_sorted(s: Tensor, quantiles: np.ndarray, scalar: bool) -> Tensor:
+    """:func:`softrank._operators.quantile_from_sorted` of ``s`` (sorted ascending)."""
+    n = s.shape[-1]
+    if not isinstance(n, torch.SymInt):
+        return _operators.quantile_from_sorted(_TORCH_OPS, s, quantiles, scalar)
+    # softrank._operators.quantile_positions in float64 torch operations, the
+    # same arithmetic. (torch.export makes no dim of size 0 or 1 dynamic, so
+    # n >= 2 here.)
+    position = torch.as_tensor(quantiles, dtype=torch.float64, device=s.device) * (n - 1)
+    lo = torch.clamp(torch.floor(position), max=n - 1).long()
+    hi = torch.clamp(lo + 1, max=n - 1)
+    frac = (position - lo).to(s.dtype)
+    below = s.index_select(-1, lo)
+    value = below + frac * (s.index_select(-1, hi) - below)
+    return value[..., 0] if scalar else value.movedim(-1, 0)
 
 
 def _known_values(tensor: Tensor):
@@ -1326,11 +1449,13 @@ def permutahedron_projection(
     moved, axis, dtype = _to_last(z, dim, "z")
     n = moved.shape[-1]
     if w is None:
-        weights = _constant(_operators.rho(n, _NUMPY_DTYPE[dtype]), moved)
+        weights = _rho_row(n, dtype, moved)
     else:
         w = _operand(w, "w", z)
-        if _operators.projection_weights_shared(tuple(w.shape), tuple(z.shape), n,
-                                                w.shape == z.shape):
+        # (ndim first: comparing a 1-D w's length with z's batch size would
+        # make torch.export guard a dynamic batch dim.)
+        same_shape = w.dim() == z.dim() and w.shape == z.shape
+        if _operators.projection_weights_shared(tuple(w.shape), tuple(z.shape), n, same_shape):
             weights = w.to(dtype).expand(moved.shape)
         else:
             weights = w.to(dtype)
@@ -1394,7 +1519,7 @@ def soft_topk_mask(
     moved, axis, dtype = _to_last(x, dim, "x")
     n = moved.shape[-1]
     k = _operators.check_k(k, n)
-    weights = _constant(_operators.topk_weights(n, k, reg, _NUMPY_DTYPE[dtype]), moved)
+    weights = _topk_row(n, k, reg, dtype, moved)
     out = _projection(moved, weights, eps, reg)[0]
     mask = out.exp() if reg == REG_KL else out
     return _from_last(mask, axis, x.dtype)
@@ -1502,8 +1627,10 @@ def _quantile_levels(q: Any):
                 "sorted positions, so it cannot be traced, compiled or vmapped"
             )
         q = values.cpu().numpy()
-    elif isinstance(q, list):
-        q = tuple(q)
+    elif isinstance(q, (list, tuple)):
+        q = tuple(_specialized(level) for level in q)
+    else:
+        q = _specialized(q)
     levels, scalar = _checked_levels(q)
     return np.array(levels, dtype=np.float64), scalar
 
@@ -1557,7 +1684,7 @@ def soft_quantile(
     quantiles, scalar = _quantile_levels(q)
     moved = _to_last(x, dim, "x")[0]
     s = soft_sort(moved, eps, regularization=regularization)
-    value = _operators.quantile_from_sorted(_TORCH_OPS, s, quantiles, scalar)
+    value = _quantile_from_sorted(s, quantiles, scalar)
     return value if value.dtype == x.dtype else value.to(x.dtype)
 
 

@@ -8,6 +8,7 @@ from frameworks import require
 
 torch = require("torch")
 import softrank.torch as srt  # noqa: E402
+from torch_fd import fd_jacobian  # noqa: E402
 
 # Inductor's own imports use a deprecated torch.jit API; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -84,3 +85,111 @@ def test_compiled_with_dynamic_shapes():
         x2 = x.detach().clone().requires_grad_(True)
         (want,) = torch.autograd.grad(srt.soft_rank(x2, 0.5).pow(2).sum(), x2)
         torch.testing.assert_close(grad, want)
+
+
+# --- a gradient penalty (double backward) through a compiled graph ----------------------
+# AOTAutograd cannot differentiate its compiled backward: it raises, as for
+# torch.sin, where the tensor the backward needs is the graph's input. A 1-D x
+# was reshaped to rows before the operator, an intermediate that it saves
+# detached: the penalty's dependence on x was then silently dropped.
+
+_PENALIZED = {
+    "soft_rank": lambda t: srt.soft_rank(t, 5.0, regularization="kl"),
+    "soft_sort": lambda t: srt.soft_sort(t, 5.0, regularization="kl", direction="descending"),
+    "spearman": lambda t: srt.spearman(t, torch.linspace(-1, 1, t.shape[-1], dtype=t.dtype)
+                                       .expand(t.shape), 5.0, regularization="kl"),
+}
+
+
+def _penalized_loss(name):
+    op = _PENALIZED[name]
+
+    def loss(x):
+        y = op(x)
+        # (not summing to 0: a kl soft sort pooled into one block would give no gradient)
+        weights = torch.linspace(0.5, 2.0, y.numel(), dtype=y.dtype).reshape(y.shape)
+        (g,) = torch.autograd.grad((y * weights).sum(), x, create_graph=True)
+        return (g ** 2).sum() + x.sum()
+
+    return loss
+
+
+@pytest.mark.parametrize("shape", [(6,), (2, 6), (2, 1, 6)])
+@pytest.mark.parametrize("name", list(_PENALIZED))
+def test_compiled_gradient_penalty_raises_instead_of_dropping_it(name, shape):
+    loss = _penalized_loss(name)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64,
+                    requires_grad=True)
+    torch._dynamo.reset()
+    value = torch.compile(loss)(x)
+    with pytest.raises(RuntimeError, match="does not currently support double backward"):
+        torch.autograd.grad(value, x)
+
+
+@pytest.mark.parametrize("shape", [(6,), (2, 6)])
+@pytest.mark.parametrize("name", list(_PENALIZED))
+def test_eager_gradient_penalty_matches_finite_differences(name, shape):
+    loss = _penalized_loss(name)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def value(t):
+        with torch.enable_grad():  # (fd_jacobian evaluates under no_grad)
+            return loss(t.detach().requires_grad_(True)).detach()
+
+    leaf = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss(leaf), leaf)
+    want = fd_jacobian(value, x)
+    # (the penalty's share, not the constant 1 of x.sum(): the test of it being kept)
+    assert (want - 1).abs().max() > 1e-3
+    torch.testing.assert_close(grad, want, rtol=1e-6, atol=1e-7)
+
+
+# --- Python-number arguments that change between calls ----------------------------------
+# dynamo passes an int (and, once its value changes, a float) as a SymInt /
+# SymFloat; softrank specializes eps and q to the numbers they hold, so that each
+# value is a constant of a graph, as a float eps always was.
+
+_EPS_CALLS = {
+    "soft_rank": lambda t, e: srt.soft_rank(t, e),
+    "soft_sort": lambda t, e: srt.soft_sort(t, e, regularization="kl"),
+    "soft_topk_mask": lambda t, e: srt.soft_topk_mask(t, 2, e),
+    "spearman": lambda t, e: srt.spearman(t, t.flip(-1), e),
+    "soft_quantile": lambda t, e: srt.soft_quantile(t, 0.3, e),
+    "soft_median": lambda t, e: srt.soft_median(t, e, regularization="kl"),
+}
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+@pytest.mark.parametrize("name", list(_EPS_CALLS))
+def test_compiled_int_and_float_eps_that_change_give_the_eager_values(name, dynamic):
+    f = _EPS_CALLS[name]
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, dynamic=dynamic, backend="eager")
+    for eps in (1, 2, 3, 0, 0.5, 1.5):
+        torch.testing.assert_close(compiled(x, eps), f(x, float(eps)), rtol=0, atol=0,
+                                   msg=f"eps={eps!r}")
+
+
+def test_compiled_negative_int_eps_raises_the_library_error():
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t, e: srt.soft_rank(t, e), fullgraph=True, backend="eager")
+    compiled(x, 1)
+    with pytest.raises(Exception, match="eps must be >= 0"):
+        compiled(x, -2)
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+@pytest.mark.parametrize("as_list", [False, True])
+def test_compiled_q_argument_that_changes_gives_the_eager_quantiles(as_list, dynamic):
+    def f(t, q):
+        return srt.soft_quantile(t, [q, 0.5] if as_list else q, 0.5, regularization="kl")
+
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, dynamic=dynamic, backend="eager")
+    for q in (0.2, 0.7, 0.4, 0, 1):
+        torch.testing.assert_close(compiled(x, q), f(x, q), rtol=0, atol=0, msg=f"q={q!r}")
+    with pytest.raises(Exception, match=r"q must lie in \[0, 1\]"):
+        compiled(x, 1.5)

@@ -641,6 +641,74 @@ def test_export_keeps_both_operators():
     torch.testing.assert_close(exported.module()(x), Model()(x), rtol=0, atol=0)
 
 
+class _Exported(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class _ExportedProjection(torch.nn.Module):
+    def __init__(self, reg):
+        super().__init__()
+        self.reg = reg
+
+    def forward(self, z, w):
+        return srt.permutahedron_projection(z, w, regularization=self.reg)
+
+
+@pytest.mark.parametrize("reg", REGS)
+def test_export_with_a_dynamic_batch_and_a_vector_w(reg):
+    # comparing w.shape with z.shape guarded the batch size against len(w)
+    z, w = _spread(_x((4, 6), seed=90)), _x((6,), seed=91)
+    exported = torch.export.export(_ExportedProjection(reg), (z, w),
+                                   dynamic_shapes=({0: torch.export.Dim("batch")}, None))
+    for rows in (1, 3, 6, 9):
+        z2 = _spread(_x((rows, 6), seed=92 + rows))
+        want = torch.from_numpy(srn.permutahedron_projection(z2.numpy(), w.numpy(),
+                                                             regularization=reg))
+        torch.testing.assert_close(exported.module()(z2, w), want, rtol=1e-12, atol=1e-12)
+
+
+_DYNAMIC_N = {
+    "projection": (lambda t, reg: srt.permutahedron_projection(t, regularization=reg),
+                   lambda a, reg: srn.permutahedron_projection(a, regularization=reg)),
+    "topk": (lambda t, reg: srt.soft_topk_mask(t, 2, 0.7, regularization=reg),
+             lambda a, reg: srn.soft_topk_mask(a, 2, 0.7, regularization=reg)),
+    "quantiles": (lambda t, reg: srt.soft_quantile(t, [0.0, 0.1, 0.5, 0.95, 1.0], 0.6,
+                                                   regularization=reg),
+                  lambda a, reg: srn.soft_quantile(a, [0.0, 0.1, 0.5, 0.95, 1.0], 0.6,
+                                                   regularization=reg)),
+    "median": (lambda t, reg: srt.soft_median(t, 0.6, regularization=reg),
+               lambda a, reg: srn.soft_median(a, 0.6, regularization=reg)),
+}
+
+
+@pytest.mark.parametrize("reg", REGS)
+@pytest.mark.parametrize("name", list(_DYNAMIC_N))
+def test_export_with_a_dynamic_n(name, reg):
+    # the rows of w and the quantiles' positions depend on n: built in torch
+    # operations when n is symbolic, not specialized to the example's n
+    f, reference = _DYNAMIC_N[name]
+    x = _spread(_x((3, 6), seed=93))
+    exported = torch.export.export(_Exported(lambda t: f(t, reg)), (x,),
+                                   dynamic_shapes=({1: torch.export.Dim("n", min=3, max=64)},))
+    for n in (3, 4, 7, 16):
+        x2 = _spread(_x((3, n), seed=94 + n))
+        want = torch.from_numpy(np.asarray(reference(x2.numpy(), reg)))
+        torch.testing.assert_close(exported.module()(x2), want, rtol=1e-12, atol=1e-12,
+                                   msg=f"n={n}")
+
+
+def test_export_with_a_dynamic_n_below_k_raises_naming_the_bound():
+    x = _x((3, 6), seed=95)
+    with pytest.raises(Exception, match=r"Constraints violated \(n\)"):
+        torch.export.export(_Exported(lambda t: srt.soft_topk_mask(t, 5)), (x,),
+                            dynamic_shapes=({1: torch.export.Dim("n", min=3, max=64)},))
+
+
 def _traced_calls():
     return {
         "permutahedron_projection": lambda t: srt.permutahedron_projection(t),
@@ -806,7 +874,7 @@ def test_bad_arguments_raise_naming_the_argument():
         (lambda: srt.soft_quantile(x, [0.5, -0.1]), ValueError, r"q must lie in \[0, 1\]"),
         (lambda: srt.soft_quantile(x, float("nan")), ValueError, r"q must lie in \[0, 1\]"),
         (lambda: srt.soft_quantile(x, [[0.5]]), ValueError, "q must be a scalar or 1-D"),
-        (lambda: srt.soft_quantile(x, "half"), TypeError, "q must be a number"),
+        (lambda: srt.soft_quantile(x, "half"), TypeError, "q must be a real number"),
         (lambda: srt.permutahedron_projection(x, torch.ones(4)), ValueError,
          r"w must have length n = 5 .* or the shape of z \(3, 5\), got shape \(4,\)"),
         (lambda: srt.permutahedron_projection(x, torch.ones(5, 3)), ValueError, "w must have length n"),

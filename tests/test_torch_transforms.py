@@ -183,6 +183,93 @@ def test_third_derivative_under_torch_func_raises():
         torch.func.jacrev(torch.func.hessian(g))(x)
 
 
+# --- third derivatives ----------------------------------------------------------------
+# The kl soft sort's forward-mode second derivative is a composition of its
+# jvp, so forward over forward over forward (and reverse over that) gives its
+# third derivative; every other route raises. None may give zeros: the
+# reference is the finite-difference Jacobian of torch.func.hessian (checked
+# against fd_hessian above).
+
+
+def _third_fd(g, x):
+    return fd_jacobian(torch.func.hessian(g), x)
+
+
+def _linear_loss(op, reg, weights, eps=0.8, direction="ascending"):
+    """No cube: the third derivative is the operator's own (the audit's reproducer)."""
+    return lambda t: (OPS[op](t, eps, regularization=reg, direction=direction) * weights).sum()
+
+
+@pytest.mark.parametrize("direction", ["ascending", "descending"])
+@pytest.mark.parametrize("shape", [(5,), (2, 4)])
+def test_kl_soft_sort_third_derivative_forward_over_forward_matches_finite_differences(
+        direction, shape):
+    # eps = 2 pools some entries into blocks (the second derivative is 0 on singletons)
+    x, weights = 1.5 * _x(shape, seed=60), _x(shape, seed=61)
+    assert _has_pooled_block("sort", "kl", x, eps=2.0)
+    g = _linear_loss("sort", "kl", weights, eps=2.0, direction=direction)
+    want = _third_fd(g, x)
+    assert want.abs().max() > 0.01  # (far above the tolerance: not a test of zeros)
+    jacfwd, jacrev = torch.func.jacfwd, torch.func.jacrev
+    for name, route in {"jacfwd^3": jacfwd(jacfwd(jacfwd(g))),
+                        "jacrev(jacfwd(jacfwd))": jacrev(jacfwd(jacfwd(g)))}.items():
+        torch.testing.assert_close(route(x), want, rtol=RTOL2, atol=ATOL2, msg=name)
+
+
+def test_kl_soft_sort_three_nested_jvps_match_finite_differences():
+    # the audit's point: three nested torch.func.jvp gave 0
+    x = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
+    g = _linear_loss("sort", "kl", torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), eps=5.0)
+    t, u, v = _x((3,), seed=62), _x((3,), seed=63), _x((3,), seed=64)
+    jvp = torch.func.jvp
+
+    def second(y):
+        return jvp(lambda z: jvp(g, (z,), (t,))[1], (y,), (u,))[1]
+
+    got = jvp(second, (x,), (v,))[1]
+    want = torch.einsum("ijk,i,j,k->", _third_fd(g, x), t, u, v)
+    assert want.abs() > 0.01
+    torch.testing.assert_close(got, want, rtol=RTOL2, atol=ATOL2)
+
+
+@pytest.mark.parametrize("name", ["quantile", "median"])
+def test_kl_soft_quantile_third_derivative_forward_over_forward_matches_finite_differences(name):
+    x = 1.5 * _x((6,), seed=65)
+    if name == "quantile":
+        g = lambda t: srt.soft_quantile(t, [0.2, 0.7], 0.8, regularization="kl").pow(2).sum()  # noqa: E731
+    else:
+        g = lambda t: srt.soft_median(t, 0.8, regularization="kl").pow(2)  # noqa: E731
+    jacfwd = torch.func.jacfwd
+    want = _third_fd(g, x)
+    assert want.abs().max() > 0.01
+    torch.testing.assert_close(jacfwd(jacfwd(jacfwd(g)))(x), want, rtol=RTOL2, atol=ATOL2)
+
+
+@pytest.mark.parametrize("op, reg", CASES)
+def test_other_third_derivatives_raise_instead_of_giving_zeros(op, reg):
+    x = 1.5 * _x((5,), seed=66)
+    g = _linear_loss(op, reg, _x((5,), seed=67))
+    jacfwd, jacrev = torch.func.jacfwd, torch.func.jacrev
+    routes = {
+        "jacfwd(jacrev(jacfwd))": jacfwd(jacrev(jacfwd(g))),
+        "jacfwd(jacfwd(jacrev))": jacfwd(jacfwd(jacrev(g))),
+        "jacrev(jacrev(jacfwd))": jacrev(jacrev(jacfwd(g))),
+        "jacrev(jacfwd(jacrev))": jacrev(jacfwd(jacrev(g))),
+        "jacfwd(jacrev(jacrev))": jacfwd(jacrev(jacrev(g))),
+        "jacrev(jacrev(jacrev))": jacrev(jacrev(jacrev(g))),
+    }
+    if (op, reg) != ("sort", "kl"):
+        routes["jacfwd^3"] = jacfwd(jacfwd(jacfwd(g)))
+    for name, route in routes.items():
+        if reg == "l2" and name in ("jacfwd^3",):
+            # l2 is piecewise linear: its forward-mode second derivative is
+            # exactly 0 without a formula, and so is the third
+            torch.testing.assert_close(route(x), _third_fd(g, x), rtol=0, atol=ATOL2, msg=name)
+            continue
+        with pytest.raises(NotImplementedError, match="third derivatives"):
+            route(x)
+
+
 # --- vmap ------------------------------------------------------------------------
 
 
