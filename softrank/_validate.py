@@ -138,13 +138,25 @@ def check_weights(values: np.ndarray, compute_dtype: Any) -> None:
     """
     exact = values.astype(np.float64, copy=False)
     if not np.all(np.isfinite(exact) & (exact > 0)):
-        raise ValueError("weights must be finite and > 0 everywhere")
+        raise ValueError(WEIGHTS_INVALID)
     dtype = np.dtype(compute_dtype)
     with np.errstate(over="ignore", under="ignore"):
         cast = values.astype(dtype)
     if not np.all(np.isfinite(cast)):
-        raise ValueError(
-            f"weights must stay finite in {dtype} (the compute dtype): some exceed its "
-            f"largest value {np.finfo(dtype).max:.4g}")
+        raise ValueError(weights_overflow(dtype.name, float(np.finfo(dtype).max)))
     if not np.all(cast > 0):
-        raise ValueError(f"weights must stay > 0 in {dtype} (the compute dtype; they underflow)")
+        raise ValueError(weights_underflow(dtype.name))
+
+
+WEIGHTS_INVALID = "weights must be finite and > 0 everywhere"
+
+
+def weights_overflow(dtype_name: str, largest: float) -> str:
+    """The message for valid weights beyond the compute dtype's range (every adapter's)."""
+    return (f"weights must stay finite in {dtype_name} (the compute dtype): some exceed its "
+            f"largest value {largest:.4g}")
+
+
+def weights_underflow(dtype_name: str) -> str:
+    """The message for valid weights that round to 0 in the compute dtype."""
+    return f"weights must stay > 0 in {dtype_name} (the compute dtype; they underflow)"

@@ -109,7 +109,11 @@ from softrank._validate import (
     check_direction,
     check_eps,
     check_float_dtype_kind,
+    check_increasing,
     check_regularization,
+    WEIGHTS_INVALID,
+    weights_overflow,
+    weights_underflow,
 )
 
 __all__ = [
@@ -1521,8 +1525,14 @@ def soft_topk_mask(
     k = _operators.check_k(k, n)
     weights = _topk_row(n, k, reg, dtype, moved)
     out = _projection(moved, weights, eps, reg)[0]
-    mask = out.exp() if reg == REG_KL else out
-    return _from_last(mask, axis, x.dtype)
+    if reg == REG_KL:
+        # A block of zero weights (log w = -inf) has out = -inf and a mask of
+        # exactly 0 near x; its out tangent, (1 - p) dx / eps, may overflow,
+        # and exp's forward-mode derivative would make 0 * inf = NaN of the
+        # mask's 0 tangent.
+        out = torch.where(torch.isneginf(out), out.detach(), out)
+        return _from_last(out.exp(), axis, x.dtype)
+    return _from_last(out, axis, x.dtype)
 
 
 def spearman(
@@ -1771,17 +1781,23 @@ def isotonic_regression(
         moved_weights is None or _eager(moved_weights))
     if weights is not None:
         # (The engine checks the weights it is given in the eager route: then
-        # only a conversion to the compute dtype is checked here, for underflow.)
+        # only a conversion to the compute dtype is checked here, for overflow
+        # to inf and underflow to 0. Checked in torch, on the weights' device.)
         values = _known_values(weights)
         if values is not None and not (eager and values.dtype == dtype):
             if not bool(torch.all(torch.isfinite(values) & (values > 0))):
-                raise ValueError("weights must be finite and > 0 everywhere")
-            if values.dtype != dtype and not bool(torch.all(values.to(dtype) > 0)):
-                raise ValueError(f"weights must stay > 0 in {_dtype_name(dtype)} (underflow)")
+                raise ValueError(WEIGHTS_INVALID)
+            if values.dtype != dtype:
+                cast = values.to(dtype)
+                if not bool(torch.all(torch.isfinite(cast))):
+                    raise ValueError(weights_overflow(_dtype_name(dtype), torch.finfo(dtype).max))
+                if not bool(torch.all(cast > 0)):
+                    raise ValueError(weights_underflow(_dtype_name(dtype)))
+    increasing = check_increasing(increasing)
     if eager:
-        solution = _isotonic_eager(moved, moved_weights, bool(increasing), reg)
+        solution = _isotonic_eager(moved, moved_weights, increasing, reg)
     else:
-        solution = _isotonic(moved, moved_weights, bool(increasing), reg)[0]
+        solution = _isotonic(moved, moved_weights, increasing, reg)[0]
     return _from_last(solution, axis, y.dtype)
 
 

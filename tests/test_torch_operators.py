@@ -852,6 +852,33 @@ def test_top_k_rows_sum_to_k_with_values_in_the_unit_interval(reg):
                                torch.full_like(x, 4 / 9), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("reg", REGS)
+def test_top_k_derivatives_where_x_over_eps_overflows(reg):
+    """|x| / eps beyond the float range with finite masks: reverse and both
+    forward modes give softrank.numpy's gradient (tested there against the
+    closed form), with no NaN (kl: the zero block's out tangent overflows
+    while its mask is exactly 0)."""
+    c = torch.tensor([[1.0, -2.0, 0.5, 3.0]], dtype=torch.float64)
+    for rows, k in (([[3e9, 1e9, 2e9, 5.0]], 2), ([[1e10, 1e10, -1e10, 0.0]], 1)):
+        x = torch.tensor(rows, dtype=torch.float64)
+        for eps in (1e-300, 1e-310):
+            _, vjp = srn.soft_topk_mask_with_vjp(x.numpy(), k, eps, regularization=reg)
+            with np.errstate(over="ignore"):
+                want = torch.from_numpy(vjp(c.numpy()))
+
+            def fn(v, k=k, eps=eps):
+                return srt.soft_topk_mask(v, k, eps, regularization=reg)
+
+            torch.testing.assert_close(torch.func.grad(lambda v: (c * fn(v)).sum())(x), want,
+                                       rtol=0, atol=0)
+            # (the mask's Jacobian is symmetric: the jvp along c is the same vector)
+            torch.testing.assert_close(torch.func.jvp(fn, (x,), (c,))[1], want, rtol=0, atol=0)
+            with torch.autograd.forward_ad.dual_level():
+                dual = fn(torch.autograd.forward_ad.make_dual(x, c))
+                tangent = torch.autograd.forward_ad.unpack_dual(dual).tangent
+            torch.testing.assert_close(tangent, want, rtol=0, atol=0)
+
+
 def test_top_k_gradient_is_zero_at_eps_zero():
     leaf = _x((2, 6), seed=52).requires_grad_(True)
     for reg in REGS:
@@ -895,7 +922,16 @@ def test_bad_arguments_raise_naming_the_argument():
          r"weights must be finite and > 0"),
         (lambda: srt.isotonic_regression(x.float(), weights=torch.full((3, 5), 1e-300,
                                                                        dtype=torch.float64)),
-         ValueError, r"weights must stay > 0 in float32 \(underflow\)"),
+         ValueError, r"weights must stay > 0 in float32 \(the compute dtype; they underflow\)"),
+        (lambda: srt.isotonic_regression(x.float(), weights=torch.full((3, 5), 1e300,
+                                                                       dtype=torch.float64)),
+         ValueError, r"weights must stay finite in float32"),
+        (lambda: srt.isotonic_regression(x, increasing="decreasing"), TypeError,
+         "increasing must be True or False"),
+        (lambda: srt.isotonic_regression(x, increasing=None), TypeError,
+         "increasing must be True or False"),
+        (lambda: srt.soft_topk_mask(x, torch.tensor(True)), TypeError, "k must be an int"),
+        (lambda: srt.soft_quantile(x, True), TypeError, "q must be a real number"),
         (lambda: srt.isotonic_regression(x, weights=torch.ones(5)), ValueError,
          "weights must have the shape of y"),
         (lambda: srt.isotonic_regression(torch.tensor(1.0)), ValueError,
