@@ -10,7 +10,11 @@ a GPU are computed on the host: softrank's CUDA core serves softrank.torch and
 softrank.jax only, so each op copies its inputs from the GPU to the host and
 its results back. float16 and bfloat16 are computed in float32
 and returned in their own dtype; integer, bool and complex inputs raise
-TypeError (targets, ``w`` and weights may be integers).
+TypeError (targets, ``w`` and weights may be integers). ``eps``, ``k`` and
+``q`` are constants of the computation: Python numbers (or tensors whose
+value is known when the op is built); a ``tf.Variable``, a tensor traced by
+``tf.function`` or one that a tape watches raises TypeError naming the
+argument, as derivatives with respect to them are not supported.
 
 The derivatives of ``permutahedron_projection``, ``soft_topk_mask`` and
 ``isotonic_regression`` are TensorFlow ops over the stored structure
@@ -29,25 +33,36 @@ from outside), ``tf.autodiff.ForwardAccumulator``, Keras training and the
 
 Derivatives of soft_rank and soft_sort (and so of spearman, soft_quantile
 and soft_median): the first derivative in reverse and forward mode; the second
-derivative by nested tapes (reverse-over-reverse), a ForwardAccumulator
-around a tape (forward-over-reverse, e.g. Hessian-vector products) and a
-tape around a ForwardAccumulator (reverse-over-forward), eagerly, inside a
-``tf.function`` (tapes) and around a ``tf.function`` call. ``"l2"`` is
+derivative by nested tapes (reverse-over-reverse) and a ForwardAccumulator
+around a tape (forward-over-reverse, e.g. Hessian-vector products), eagerly,
+inside a ``tf.function`` (tapes) and around a ``tf.function`` call; a tape
+around a ForwardAccumulator (reverse-over-forward) eagerly only. ``"l2"`` is
 differentiable to any order (its Jacobian is piecewise constant, so every
 higher derivative is zero). For ``"kl"`` a derivative that needs more than
 the engine's second derivative ``soft_hvp`` (a third derivative, or two
 nested ForwardAccumulators) raises NotImplementedError (in a graph,
-``tf.errors.UnimplementedError`` when it runs). A ForwardAccumulator created
-inside a ``tf.function`` raises NotImplementedError: TensorFlow ignores
-custom gradients there.
+``tf.errors.UnimplementedError`` when it runs).
+
+Not supported, for every function here: a ForwardAccumulator created inside
+a ``tf.function`` (raises NotImplementedError), and so reverse-over-forward
+in a ``tf.function``; and a tape around a ForwardAccumulator around a
+``tf.function`` call, where TensorFlow does not record the accumulator's jvp
+on the tape (the same for a ``tf.function`` of plain TensorFlow ops): the
+tape's gradient comes back None, or silently lacks the jvp's terms where the
+differentiated value also uses the function's output. softrank cannot see
+that case to refuse it; differentiate eagerly, or use nested tapes or
+forward-over-reverse around the ``tf.function`` instead.
 
 SavedModel: the ops are host callbacks (``PyFuncStateless``) registered
 under fixed names when this module is imported, so ``tf.saved_model.save``
-and Keras ``model.export`` work, and the SavedModel reloads and runs, with
-its first derivatives, in any Python process that has run
-``import softrank.tensorflow``; without that import, calling it raises an
-error that names the import. Runtimes without Python (TF Serving, TFLite)
-cannot run it.
+and Keras ``model.export`` work, and the SavedModel reloads and runs in any
+Python process that has run ``import softrank.tensorflow``, with the
+derivatives listed above for a ``tf.function`` call (plain, persistent and
+nested tapes, ``jacobian``, ForwardAccumulator): in a graph the derivative of
+each callback op is looked up by its op type where the graph runs, none is
+stored in the SavedModel. Without that import, calling it raises an error
+that names the import. Runtimes without Python (TF Serving, TFLite) cannot
+run it.
 
 XLA: ``jit_compile=True`` raises NotImplementedError (a host callback
 cannot be compiled); use ``jit_compile=False`` (Keras:
@@ -70,9 +85,12 @@ except ImportError as exc:
     ) from exc
 # TensorFlow internals without a public equivalent: the registry that PyFunc
 # kernels call back into (to register the callbacks under names a SavedModel
-# can find again), the XLA-context test that tf.function's jit_compile sets up
-# while tracing, and the forward-accumulator state of a tensor.
-from tensorflow.python.eager import forwardprop_util
+# can find again), the registry of gradients by op type (to give PyFuncStateless
+# ops a gradient that a SavedModel does not serialize, see _install_gradient), the
+# XLA-context test that tf.function's jit_compile sets up while tracing, and
+# whether a tape (record) or a forward accumulator watches a tensor.
+from tensorflow.python.eager import forwardprop_util, record
+from tensorflow.python.framework import ops as tf_ops
 from tensorflow.python.ops import control_flow_util, script_ops
 
 from softrank import _derivatives, _host, _layout, _operators
@@ -83,7 +101,9 @@ from softrank._validate import (
     check_direction,
     check_eps,
     check_float_dtype_kind,
+    check_increasing,
     check_regularization,
+    check_weights,
 )
 
 __all__ = [
@@ -163,18 +183,21 @@ def _isotonic_callback(reg):
 # are fixed and the operator's arguments travel as a tensor input, so a graph
 # saved in one process finds its callbacks in any process that imports this
 # module; where none did, TensorFlow's "Could not find callback with key=..."
-# error quotes the token, which says what to import.
+# error quotes the token, which says what to import. The token is also how the
+# gradient of a callback op finds its derivative (_host_callback_gradient).
 _CALLBACKS = {
     name: (f"softrank.tensorflow:{name} (run `import softrank.tensorflow` first)", callback)
     for name, callback in (
-        ("soft_forward", _forward_callback),
-        ("soft_vjp", _vjp_callback),
-        ("soft_jvp", _jvp_callback),
-        ("soft_hvp", _hvp_callback),
+        # The regularization is part of the token: the derivatives branch on it
+        # (l2's hvp is zero, kl's comes from the engine), and the token is what the
+        # gradient of the op can read when it is built (_host_callback_gradient), also
+        # in a backward function where the op's other inputs are placeholders. The
+        # other arguments (eps, ...) travel as a tensor input.
+        *((f"{op}_{reg}", callback)
+          for op, callback in (("soft_forward", _forward_callback), ("soft_vjp", _vjp_callback),
+                               ("soft_jvp", _jvp_callback), ("soft_hvp", _hvp_callback))
+          for reg in ("l2", "kl")),
         ("unavailable_derivative", _unavailable_derivative_callback),
-        # The regularization is part of the token: the derivative formulas branch on it,
-        # and the token is what a gradient of the op itself can read (see
-        # _host_callback_gradient); eps travels as a tensor input.
         ("projection_l2", _projection_callback(0)),
         ("projection_kl", _projection_callback(REG_KL)),
         ("isotonic_l2", _isotonic_callback(0)),
@@ -191,8 +214,17 @@ def _register_callbacks() -> None:
             "its registry of py_func callbacks (script_ops._py_funcs._funcs) is gone"
         )
     # The registry holds weak references; _CALLBACKS keeps the functions alive.
-    for token, callback in _CALLBACKS.values():
+    for name, (token, callback) in _CALLBACKS.items():
         registry[token] = callback
+        registry[_EAGER_TOKENS[name]] = callback
+
+
+# Eagerly, every op is wrapped in a tf.custom_gradient (below), which is what a
+# tape or ForwardAccumulator differentiates; the callback op itself is then not
+# differentiable, as TensorFlow registers PyFuncStateless. Its own token keeps the
+# gradient of _host_callback_gradient off it: the accumulators would otherwise
+# compute (and throw away) a jvp of every eager op, with extra host calls.
+_EAGER_TOKENS = {name: f"{token} [eager]" for name, (token, _) in _CALLBACKS.items()}
 
 
 _register_callbacks()
@@ -207,19 +239,17 @@ _XLA_ERROR = (
 _HIGHER_ORDER_ERROR = (
     "softrank.tensorflow cannot compute this derivative: it needs more than the "
     "second derivative the engine provides (a third derivative of "
-    "regularization='kl', or two nested ForwardAccumulators), or it differentiates "
-    "a reloaded SavedModel through tf.vectorized_map. "
+    "regularization='kl', or two nested ForwardAccumulators). "
     "Supported for 'kl': first derivatives in every mode and "
     "second derivatives by nested GradientTapes, a ForwardAccumulator around a "
-    "GradientTape or a GradientTape around a ForwardAccumulator. "
+    "GradientTape or (eagerly) a GradientTape around a ForwardAccumulator. "
     "regularization='l2' is differentiable to any order."
 )
 
 _GRAPH_FORWARD_ERROR = (
     "softrank.tensorflow does not support a tf.autodiff.ForwardAccumulator created "
-    "inside a tf.function: there TensorFlow ignores custom gradients and would "
-    "return zeros. Create the accumulator outside the tf.function (around the call) "
-    "or run eagerly."
+    "inside a tf.function. Create the accumulator outside the tf.function (around "
+    "the call) or run eagerly."
 )
 
 
@@ -236,8 +266,9 @@ def _in_current_graph(tensors: Sequence[tf.Tensor]) -> List[tf.Tensor]:
 
 
 def _py_func(name, inputs, dtypes):
+    token = _EAGER_TOKENS[name] if tf.executing_eagerly() else _CALLBACKS[name][0]
     return tf.raw_ops.PyFuncStateless(
-        input=list(inputs), token=_CALLBACKS[name][0], Tout=list(dtypes), name=f"softrank_{name}"
+        input=list(inputs), token=token, Tout=list(dtypes), name=f"softrank_{name}"
     )
 
 
@@ -247,22 +278,13 @@ def _host_call(name: str, inputs: Sequence[tf.Tensor], dtypes: Sequence[tf.DType
     if not tf.executing_eagerly():
         if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
             raise NotImplementedError(_XLA_ERROR)
-        # Inside a graph, TensorFlow's ForwardAccumulator differentiates the forward
-        # ops of a custom gradient and ignores the gradient itself: for a host
-        # callback that is a silent zero.
+        # A ForwardAccumulator created inside a graph takes its jvps from the ops'
+        # gradients one op at a time, a path of its own that the tests do not cover
+        # (with tapes, nested accumulators, the kl error paths): refused rather than
+        # trusted.
         if forwardprop_util.pack_tangents(list(inputs)).tangents:
             raise NotImplementedError(_GRAPH_FORWARD_ERROR)
-        if name == "unavailable_derivative":
-            # Not differentiable: a gradient of its own would make the gradient
-            # functions a SavedModel stores refer to themselves.
-            outputs = _py_func(name, inputs, dtypes)
-        else:
-            with tf.compat.v1.get_default_graph().gradient_override_map(
-                {"PyFuncStateless": _GRADIENT_NAME}
-            ):
-                outputs = _py_func(name, inputs, dtypes)
-    else:
-        outputs = _py_func(name, inputs, dtypes)
+    outputs = _py_func(name, inputs, dtypes)
     for tensor in outputs:
         tensor.set_shape(shape)
     return outputs
@@ -283,15 +305,34 @@ class _Forward(NamedTuple):
         return [self.x, self.out, self.perm, self.block_start, self.params]
 
     def call(self, name: str, *vectors: tf.Tensor) -> tf.Tensor:
-        """Callback ``name`` on the stored state and ``vectors`` (shaped like x)."""
+        """Callback ``name`` (of this regularization) on the stored state and
+        ``vectors`` (shaped like x)."""
         inputs = [self.x, self.out, self.perm, self.block_start, *vectors, self.params]
-        return _host_call(name, inputs, [self.x.dtype], self.x.shape)[0]
+        return _host_call(f"{name}_{'kl' if self.kl else 'l2'}", inputs, [self.x.dtype],
+                          self.x.shape)[0]
 
 
-# The custom gradients below take every tensor they use as an argument (the
-# state included) and build their gradient functions from those arguments: a
-# gradient function may run in another graph than the forward pass (a
-# tf.function's backward function), where only its op's own inputs are in scope.
+# Two ways to differentiate the callback ops, one per mode.
+#
+# Eagerly, each op is wrapped in a tf.custom_gradient (below).
+#
+# In a graph (tf.function, Keras, a SavedModel) each op is a bare callback op, and
+# TensorFlow looks its gradient up by op type: _host_callback_gradient, installed
+# for PyFuncStateless, reads the op's token and computes the derivative from the
+# op's own inputs and outputs, as more callback ops of the same kind, so every
+# order is differentiated the same way. A graph then holds none of softrank's
+# gradients, which is what lets a SavedModel keep them: tf.saved_model.save stores
+# a tf.custom_gradient only at the first order (the custom gradients inside its
+# gradient function are lost, so nested or persistent tapes around the reloaded
+# function fail), and a gradient registered under an op type as a single trace
+# without its op (so not the op's derivative). A reloaded graph finds
+# _host_callback_gradient in any process that imported this module, as it finds
+# the callbacks; so do the copies of the ops that tf.vectorized_map (pfor) makes.
+#
+# The custom gradients take every tensor they use as an argument (the state
+# included) and build their gradient functions from those arguments: TensorFlow
+# may trace a gradient function into another graph than the forward pass, where
+# only its op's own inputs are in scope.
 # The state's out, perm, block_start and params get no gradient: the gradient
 # w.r.t. x is already the total derivative (the engine differentiates through
 # the stored state).
@@ -300,12 +341,14 @@ _NO_STATE_GRADIENT = (None, None, None, None)
 
 def _soft_op(x: tf.Tensor, params: tf.Tensor, kl: bool) -> tf.Tensor:
     """The operator on ``x`` (axis last, float32/float64) with its gradient."""
+    name = f"soft_forward_{'kl' if kl else 'l2'}"
+    if not tf.executing_eagerly():
+        return _host_call(name, [x, params], [x.dtype, tf.int32, tf.int32], x.shape)[0]
 
     @tf.custom_gradient
     def soft_op(x, params):
-        out, perm, block_start = _host_call(
-            "soft_forward", [x, params], [x.dtype, tf.int32, tf.int32], x.shape
-        )
+        out, perm, block_start = _host_call(name, [x, params], [x.dtype, tf.int32, tf.int32],
+                                            x.shape)
         state = _Forward(x, out, perm, block_start, params, kl)
 
         def grad(cotangent):
@@ -324,6 +367,8 @@ def _vjp(state: _Forward, cotangent: tf.Tensor) -> tf.Tensor:
     differentiates this function w.r.t. the cotangent to get the jvp of the
     operator, so forward mode rests on it too.
     """
+    if not tf.executing_eagerly():
+        return state.call("soft_vjp", cotangent)
 
     @tf.custom_gradient
     def vjp(x, out, perm, block_start, params, cotangent):
@@ -341,6 +386,8 @@ def _vjp(state: _Forward, cotangent: tf.Tensor) -> tf.Tensor:
 def _jvp(state: _Forward, tangent: tf.Tensor) -> tf.Tensor:
     """``J(x) tangent``; its gradient is ``J(x)^T upstream`` w.r.t. the tangent
     and ``grad_x <upstream, J(x) tangent>`` (an hvp) w.r.t. ``x``."""
+    if not tf.executing_eagerly():
+        return state.call("soft_jvp", tangent)
 
     @tf.custom_gradient
     def jvp(x, out, perm, block_start, params, tangent):
@@ -362,8 +409,13 @@ def _hvp(state: _Forward, cotangent: tf.Tensor, tangent: tf.Tensor) -> tf.Tensor
     Linear in ``tangent``, with gradient ``H upstream`` (H is symmetric): that
     is what a ForwardAccumulator around a tape needs. Its derivatives w.r.t.
     ``x`` and ``cotangent`` are third-order terms: zero for l2, not computed
-    for kl (:func:`_higher_order_guard` carries that dependence).
+    for kl (in a graph, the gradient of the ``soft_hvp`` op is an error there;
+    eagerly :func:`_higher_order_guard` carries that dependence).
     """
+    if not tf.executing_eagerly():
+        if not state.kl:
+            return _graph_zero(state.x, state.out, cotangent, tangent)
+        return state.call("soft_hvp", cotangent, tangent)
     if not state.kl:
         return _zero_derivative(state.x, cotangent, tangent)
 
@@ -386,8 +438,25 @@ def _unavailable_derivative(x: tf.Tensor, upstream: tf.Tensor) -> tf.Tensor:
     return _host_call("unavailable_derivative", [x, upstream], [x.dtype], x.shape)[0]
 
 
+def _graph_zero(like: tf.Tensor, *others: tf.Tensor) -> tf.Tensor:
+    """Zero shaped like ``like``, connected to ``like`` and ``others`` (in a graph).
+
+    A derivative that is identically zero (the l2 hvp, or a formula that does not
+    depend on the op's input) is added this zero so that a higher derivative
+    through it is a tensor of zeros, not TensorFlow's None for "unconnected":
+    ``others`` include an output of the callback op, whose own gradient
+    (:func:`_host_callback_gradient`) again carries such a zero, so the
+    connection holds at every order. ``multiply_no_nan`` keeps it zero (and its
+    gradient too) where a value is NaN or infinite.
+    """
+    zero = tf.math.multiply_no_nan(like, tf.zeros_like(like))
+    for tensor in others:
+        zero = zero + tf.math.multiply_no_nan(tensor, tf.zeros_like(tensor))
+    return zero
+
+
 def _zero_derivative(x: tf.Tensor, cotangent: tf.Tensor, tangent: tf.Tensor) -> tf.Tensor:
-    """The l2 hvp: zero, and so are all its derivatives.
+    """The l2 hvp eagerly: zero, and so are all its derivatives.
 
     Connected to its inputs (rather than a constant), so that a higher
     derivative through it is a tensor of zeros, not TensorFlow's None for
@@ -406,14 +475,13 @@ def _zero_derivative(x: tf.Tensor, cotangent: tf.Tensor, tangent: tf.Tensor) -> 
 
 
 def _higher_order_guard(x: tf.Tensor, cotangent: tf.Tensor) -> tf.Tensor:
-    """Zero, whose derivative is an error: it carries the kl hvp's dependence on
-    ``x`` and ``cotangent`` (which the engine cannot differentiate), so that a
+    """Zero, whose derivative is an error: it carries the eager kl hvp's dependence
+    on ``x`` and ``cotangent`` (which the engine cannot differentiate), so that a
     derivative through it fails clearly instead of coming back as None.
 
-    Eagerly the gradient function raises. In a graph it returns a host callback
-    that raises when it runs: TensorFlow traces some derivatives it may never
-    run (a tf.function's forward-mode function builds its backward function
-    too), and an unused callback is pruned.
+    Eagerly the gradient function raises. Where TensorFlow traces it into a
+    graph it returns a host callback that raises when it runs: TensorFlow may
+    trace derivatives it never runs, and an unused callback is pruned.
     """
 
     @tf.custom_gradient
@@ -429,43 +497,75 @@ def _higher_order_guard(x: tf.Tensor, cotangent: tf.Tensor) -> tf.Tensor:
     return higher_order_guard(*_in_current_graph([x, cotangent]))
 
 
-# The same derivatives as the custom gradients above, registered for the
-# callback ops themselves, for the symbolic gradient of a graph that has lost
-# the custom gradients: tf.vectorized_map (pfor) rewrites them into plain ops
-# but copies each callback op with its attributes, this override included.
-_GRADIENT_NAME = "SoftrankHostCallback"
 _NAMES = {token: name for name, (token, _) in _CALLBACKS.items()}
 
 
-@tf.RegisterGradient(_GRADIENT_NAME)
 def _host_callback_gradient(op, *upstream):
-    if op is None:
-        # tf.saved_model.save traces every overridden gradient without its op (and
-        # with the op's inputs as upstream). A reloaded graph can reach this
-        # gradient only where its custom gradients are gone (pfor): an error there.
-        return [_unavailable_derivative(u, u) if u.dtype.is_floating else None
-                for u in upstream]
-    name = _NAMES[op.get_attr("token").decode()]
+    """The gradient TensorFlow uses for every ``PyFuncStateless`` op (installed by
+    :func:`_install_gradient`).
+
+    For a softrank callback op built in a graph: its derivative, from the op's
+    token, inputs and outputs (see the comment above :func:`_soft_op`). For an
+    eager softrank op (which its tf.custom_gradient differentiates) and any other
+    library's op: what TensorFlow registered before (for PyFuncStateless, no
+    gradient).
+    """
+    token = op.get_attr("token")
+    name = _NAMES.get(token.decode() if isinstance(token, bytes) else token)
+    if name is None:
+        if _PY_FUNC_GRADIENT is not None:
+            return _PY_FUNC_GRADIENT(op, *upstream)
+        return [None] * len(op.inputs)
     inputs = list(op.inputs)
     up = upstream[0]
-    params = inputs[-1]
-    static = tf.get_static_value(params)
+    if up is None:
+        up = tf.zeros_like(op.outputs[0])
+    if name == "unavailable_derivative":
+        # Never runs (its forward raises); an error again, never a silent zero.
+        error = _unavailable_derivative(inputs[0], up)
+        return [error, error]
     if name.startswith(("projection", "isotonic")):
         return _structure_gradient(name, inputs, list(op.outputs), up)
-    # Without the operator's arguments at trace time, take the general (kl) path:
-    # exact for l2 as well, where the engine's hvp is zero.
-    kl = static is None or int(static[1]) == REG_KL
+    name, reg = name.rsplit("_", 1)
+    params = inputs[-1]
     if name == "soft_forward":
-        state = _Forward(inputs[0], *op.outputs, params, kl)
-        return _vjp(state, up), None
-    state = _Forward(*inputs[:4], params, kl)
+        state = _Forward(inputs[0], *op.outputs, params, reg == "kl")
+        return [_vjp(state, up), None]
+    state = _Forward(*inputs[:4], params, reg == "kl")
     vectors = inputs[4:-1]
     if name == "soft_vjp":
-        return (_hvp(state, vectors[0], up), *_NO_STATE_GRADIENT[:3], _jvp(state, up), None)
+        return [_hvp(state, vectors[0], up), *_NO_STATE_GRADIENT[:3], _jvp(state, up), None]
     if name == "soft_jvp":
-        return (_hvp(state, up, vectors[0]), *_NO_STATE_GRADIENT[:3], _vjp(state, up), None)
+        return [_hvp(state, up, vectors[0]), *_NO_STATE_GRADIENT[:3], _vjp(state, up), None]
+    # soft_hvp(cotangent, tangent): linear in the tangent; the derivatives in x and
+    # in the cotangent are third-order terms of kl, which the engine lacks.
     error = _unavailable_derivative(state.x, up)
-    return (error, *_NO_STATE_GRADIENT[:3], error, _hvp(state, vectors[0], up), None)
+    return [error, *_NO_STATE_GRADIENT[:3], error, _hvp(state, vectors[0], up), None]
+
+
+def _install_gradient():
+    """Make :func:`_host_callback_gradient` the gradient of ``PyFuncStateless``;
+    returns the one it replaces (TensorFlow's: None, not differentiable).
+
+    A gradient registered under an op type of our own (``gradient_override_map``)
+    would be saved into a SavedModel as a trace without its op; the gradient of
+    the op type itself is looked up where the graph runs, reloaded or not.
+    """
+    registry = getattr(getattr(tf_ops, "gradient_registry", None), "_registry", None)
+    entry = registry.get("PyFuncStateless") if isinstance(registry, MutableMapping) else None
+    if not isinstance(entry, MutableMapping) or "type" not in entry:
+        raise ImportError(
+            f"softrank.tensorflow does not support TensorFlow {tf.__version__}: its "
+            "registry of gradients (ops.gradient_registry._registry) has changed")
+    previous = entry["type"]
+    # A reloaded softrank.tensorflow replaces its earlier self, not chains to it.
+    previous = getattr(previous, "_softrank_replaced", previous)
+    _host_callback_gradient._softrank_replaced = previous
+    entry["type"] = _host_callback_gradient
+    return previous
+
+
+_PY_FUNC_GRADIENT = _install_gradient()
 
 
 def _dtype_kind(dtype: tf.DType) -> str:
@@ -479,7 +579,7 @@ def _dtype_kind(dtype: tf.DType) -> str:
 
 
 def _apply(x: Any, eps: Any, regularization: Any, direction: Any, axis: Any, op: int):
-    eps = check_eps(eps)
+    eps = _check_eps(eps)
     reg = check_regularization(regularization)
     descending = check_direction(direction)
     x = tf.convert_to_tensor(x)
@@ -513,8 +613,8 @@ def soft_rank(
         A floating tensor; float16 and bfloat16 run in float32.
     eps : float, default 1.0
         Regularization strength, >= 0 (a Python number: it is a constant of
-        the graph). ``eps = 0`` gives the hard ranks (ties get their mean
-        rank), ``eps = inf`` ``(n + 1) / 2``.
+        the graph, see the module docstring). ``eps = 0`` gives the hard
+        ranks (ties get their mean rank), ``eps = inf`` ``(n + 1) / 2``.
     regularization : {"l2", "kl"}
     direction : {"ascending", "descending"}
         "ascending": rank 1 is the smallest value.
@@ -655,7 +755,7 @@ def _reg_name(reg: int) -> str:
 
 
 def _connected(grads, z, w, cotangent):
-    """``grads`` plus a zero that depends on every input of the derivative.
+    """``grads`` plus a zero that depends on every input of the derivative (eagerly).
 
     Where a formula does not depend on z or w (l2, or a kl weight gradient), a
     higher derivative is then a tensor of zeros rather than TensorFlow's None
@@ -664,11 +764,21 @@ def _connected(grads, z, w, cotangent):
     return [None if g is None else g + zero for g in grads]
 
 
+def _graph_connected(grads, out, *others):
+    """:func:`_connected` in a graph: through the op's output ``out`` (and ``others``),
+    see :func:`_graph_zero`."""
+    zero = _graph_zero(out, *others)
+    return [None if g is None else g + zero for g in grads]
+
+
 def _projection_op(z: tf.Tensor, w: tf.Tensor, reg: int, eps: float, need_w: bool) -> tf.Tensor:
     """``P(z / eps, w)`` (l2) or ``P_E(z / eps, w)`` (kl) along the last axis, with its
     gradient in z (and in w where ``need_w``)."""
     params = tf.constant([eps], tf.float64)
     name = f"projection_{_reg_name(reg)}"
+    if not tf.executing_eagerly():
+        # Differentiated by _structure_gradient (see the comment above _soft_op).
+        return _host_call(name, [z, w, params], [z.dtype, *_STATE_DTYPES], z.shape)[0]
 
     @tf.custom_gradient
     def projection(z, w, params):
@@ -692,6 +802,10 @@ def _isotonic_op(y: tf.Tensor, weights: Any, increasing: bool, reg: int) -> tf.T
     params = tf.constant([increasing], tf.float64)
     name = f"isotonic_{_reg_name(reg)}"
     weighted = [] if weights is None else [weights]
+    if not tf.executing_eagerly():
+        # Differentiated by _structure_gradient (see the comment above _soft_op).
+        return _host_call(name, [y, *weighted, params], [y.dtype, tf.int64, tf.int64],
+                          y.shape)[0]
 
     @tf.custom_gradient
     def isotonic(y, params, *weighted):
@@ -715,9 +829,9 @@ def _isotonic_op(y: tf.Tensor, weights: Any, increasing: bool, reg: int) -> tf.T
 
 
 def _structure_gradient(name, inputs, outputs, upstream):
-    """The gradient of a projection / isotonic callback op itself (the override path, see
-    :func:`_host_callback_gradient`): the custom gradients' formulas on the op's own
-    inputs and outputs. eps is read from the op's input, as a tensor."""
+    """The gradient of a projection / isotonic callback op in a graph (see
+    :func:`_host_callback_gradient`): the eager custom gradients' formulas on the op's
+    own inputs and outputs. eps is read from the op's input, as a tensor."""
     reg = REG_KL if name.endswith("kl") else 0
     # A copy of the op (pfor's) may have lost the static shapes set on its outputs;
     # the formulas need their rank.
@@ -726,6 +840,14 @@ def _structure_gradient(name, inputs, outputs, upstream):
         upstream = tf.zeros_like(outputs[0])
     if name.startswith("projection"):
         z, w, params = inputs
+        static = tf.get_static_value(params)
+        if static is not None:
+            # eps as a number (a graph constant, reloaded or not): the
+            # formulas' own scaling, exact where z / eps overflows.
+            grads = _derivatives.projection_vjp(_TensorFlowOps(outputs[-1]), z, w, outputs[0],
+                                                outputs[1:-1], upstream, float(static[0]), reg)
+            grad_z, grad_w = _graph_connected(grads, outputs[0], z, w, upstream)
+            return [grad_z, grad_w, None]
         eps = params[0]
         # The factor of dz (z_scale): 1/eps, or 0 at eps = 0 and inf. Scaling z
         # by it and the result again is the formula at that eps.
@@ -733,13 +855,13 @@ def _structure_gradient(name, inputs, outputs, upstream):
                                  1.0 / eps), z.dtype)
         grads = _derivatives.projection_vjp(_TensorFlowOps(outputs[-1]), z * scale, w,
                                             outputs[0], outputs[1:-1], upstream, 1.0, reg)
-        grad_z, grad_w = _connected(grads, z, w, upstream)
+        grad_z, grad_w = _graph_connected(grads, outputs[0], z, w, upstream)
         return [grad_z * scale, grad_w, None]
     y, *weighted, _ = inputs
     weights = weighted[0] if weighted else None
     grads = _derivatives.isotonic_vjp(_TensorFlowOps(outputs[2]), y, weights, outputs[0],
                                       outputs[1], upstream, reg)
-    grad_y, grad_weights = _connected(grads, y, y if weights is None else weights, upstream)
+    grad_y, grad_weights = _graph_connected(grads, outputs[0], y, *weighted, upstream)
     return [grad_y, *([grad_weights] if weighted else []), None]
 
 
@@ -797,6 +919,64 @@ def _secondary(value: Any, name: str) -> tf.Tensor:
 
 def _shape_text(shape: tf.TensorShape) -> tuple:
     return tuple(shape.as_list())
+
+
+def _same_shape(value: tf.Tensor, like: tf.Tensor, name: str, like_name: str) -> tf.Tensor:
+    """``value``, checked to have the shape of ``like`` (never broadcast).
+
+    ValueError naming ``name`` where the static shapes differ; where a dimension
+    is unknown when the graph is built (a tf.function input_signature with None),
+    ``value`` comes back behind an assertion that raises
+    ``tf.errors.InvalidArgumentError`` when the graph runs with other shapes.
+    """
+    message = f"{name} must have the shape of {like_name}"
+    if value.shape.rank != like.shape.rank or not value.shape.is_compatible_with(like.shape):
+        raise ValueError(f"{message} {_shape_text(like.shape)}, got {_shape_text(value.shape)}")
+    if value.shape.is_fully_defined() and like.shape.is_fully_defined():
+        return value  # compatible and fully known: equal
+    check = tf.debugging.assert_equal(tf.shape(value), tf.shape(like), message=message)
+    with tf.control_dependencies([check]):
+        return tf.identity(value)
+
+
+def _static_argument(value: Any, name: str, what: str) -> Any:
+    """The value of an argument that must be known when the op is built (eps, k, q).
+
+    Python numbers, numpy values and the like pass unchanged; a tensor whose value
+    is known now (an eager tensor, a constant of the graph being traced) gives that
+    value, as a numpy scalar or array. A variable, a tensor traced by tf.function
+    (known only when the graph runs) and a tensor that a GradientTape or a
+    ForwardAccumulator watches raise TypeError naming ``name``: the argument is a
+    constant of the computation, so a derivative with respect to it would come back
+    as a silent None.
+    """
+    unsupported = f"derivatives with respect to {name} are not supported"
+    if isinstance(value, tf.Variable) or (tf.is_tensor(value) and hasattr(value, "assign")):
+        # (a Keras 3 variable is a tensor with assign, not a tf.Variable)
+        raise TypeError(
+            f"{name} must be a static {what} in softrank.tensorflow, got a variable "
+            f"({type(value).__name__}): {unsupported}; pass its value (e.g. v.numpy(), "
+            "read outside any tf.function)")
+    if not isinstance(value, tf.Tensor):
+        return value
+    if record.should_record_backprop([value]) or forwardprop_util.pack_tangents([value]).tangents:
+        raise TypeError(
+            f"{name} must be a static {what} in softrank.tensorflow, got a tensor that a "
+            f"GradientTape or ForwardAccumulator watches: {unsupported}")
+    static = tf.get_static_value(value)
+    if static is None:
+        raise TypeError(
+            f"{name} must be known when the graph is built (a static {what}), got a tensor "
+            "traced by tf.function (an argument of the function, or computed from one): "
+            f"pass a Python number, which the graph keeps as a constant; {unsupported}")
+    if isinstance(static, np.ndarray) and static.ndim == 0:
+        static = static[()]  # the numpy scalar, as Tensor.numpy() gives
+    return static
+
+
+def _check_eps(eps: Any) -> float:
+    """``eps`` as a float >= 0 (:func:`_static_argument`, then the shared check)."""
+    return check_eps(_static_argument(eps, "eps", "Python number"))
 
 
 def permutahedron_projection(
@@ -891,7 +1071,8 @@ def soft_topk_mask(
         A floating tensor; float16 and bfloat16 run in float32. n must be
         statically known.
     k : int
-        0 <= k <= n (kl: k >= 1).
+        0 <= k <= n (kl: k >= 1); a Python or numpy int, or an integer scalar
+        tensor whose value is known (not a variable or a traced tensor).
     eps : float, default 1.0
         >= 0 (a Python number: a constant of the graph). As ``eps -> 0`` the
         mask tends to the indicator of the k largest entries (tied entries at
@@ -918,16 +1099,22 @@ def soft_topk_mask(
     >>> soft_topk_mask(tf.constant([0.1, 3.0, 2.0, -1.0]), k=2, eps=0.5).numpy()
     array([0., 1., 1., 0.], dtype=float32)
     """
-    eps = check_eps(eps)
+    eps = _check_eps(eps)
     reg = check_regularization(regularization)
     x, moved, ax = _prepare(x, axis, "x")
     n = _static_length(moved, "x")
-    k = _operators.check_k(k, n)
+    k = _operators.check_k(_static_argument(k, "k", "int"), n)
     weights = _operators.topk_weights(n, k, reg, moved.dtype.as_numpy_dtype)
     w_moved = tf.broadcast_to(tf.constant(weights), tf.shape(moved))
     out = _projection_op(moved, w_moved, reg, eps, need_w=False)
-    mask = tf.exp(out) if reg == REG_KL else out
-    return tf.cast(_axis_back(mask, ax), x.dtype)
+    if reg == REG_KL:
+        # A block of zero weights (log w = -inf) has out = -inf and a mask of
+        # exactly 0 near x; its out tangent, (1 - p) dx / eps, may overflow,
+        # and exp's forward-mode derivative would make 0 * inf = NaN of the
+        # mask's 0 tangent.
+        out = tf.where(tf.math.is_inf(out) & (out < 0), tf.stop_gradient(out), out)
+        return tf.cast(_axis_back(tf.exp(out), ax), x.dtype)
+    return tf.cast(_axis_back(out, ax), x.dtype)
 
 
 def spearman(
@@ -976,28 +1163,14 @@ def spearman(
     >>> float(spearman(tf.constant([0.1, 0.5, 0.3]), [1.0, 3.0, 2.0], eps=0.01))
     1.0
     """
-    eps = check_eps(eps)
+    eps = _check_eps(eps)
     check_regularization(regularization)
     pred, moved, ax = _prepare(pred, axis, "pred")
-    target = _secondary(target, "target")
-    if target.shape.rank != pred.shape.rank or not target.shape.is_compatible_with(pred.shape):
-        raise ValueError(f"target must have the shape of pred {_shape_text(pred.shape)}, "
-                         f"got {_shape_text(target.shape)}")
+    target = _same_shape(_secondary(target, "target"), pred, "target", "pred")
     _static_length(moved, "pred")
     ranks = soft_rank(moved, eps, regularization=regularization)
     target_ranks = tf.stop_gradient(soft_rank(tf.cast(_axis_last(target, ax), moved.dtype), 0.0))
     return tf.cast(_operators.pearson_last_axis(_OPS, ranks, target_ranks), pred.dtype)
-
-
-def _concrete_quantiles(q: Any):
-    if isinstance(q, (tf.Tensor, tf.Variable)) and not tf.executing_eagerly():
-        static = tf.get_static_value(q)
-        if static is None:
-            raise TypeError(
-                "q must be known when the graph is built (a Python number, a numpy array or "
-                "a constant tensor): it selects sorted positions, so it cannot be traced")
-        q = static
-    return _operators.check_quantiles(q)
 
 
 def soft_quantile(
@@ -1044,9 +1217,11 @@ def soft_quantile(
     >>> float(soft_quantile(tf.constant([4.0, 1.0, 3.0, 2.0]), 0.5, eps=0.01))
     2.5
     """
-    eps = check_eps(eps)
+    eps = _check_eps(eps)
     check_regularization(regularization)
-    quantiles, scalar = _concrete_quantiles(q)
+    # q selects sorted positions, so it must be known when the graph is built.
+    quantiles, scalar = _operators.check_quantiles(
+        _static_argument(q, "q", "number or 1-D array of numbers"))
     x, moved, _ = _prepare(x, axis, "x")
     _static_length(moved, "x")
     ordered = soft_sort(moved, eps, regularization=regularization)
@@ -1122,16 +1297,9 @@ def isotonic_regression(
     y, moved, ax = _prepare(y, axis, "y")
     weights_moved = None
     if weights is not None:
-        weights = _secondary(weights, "weights")
-        if weights.shape.rank != y.shape.rank or not weights.shape.is_compatible_with(y.shape):
-            raise ValueError(f"weights must have the shape of y {_shape_text(y.shape)}, "
-                             f"got {_shape_text(weights.shape)}")
+        weights = _same_shape(_secondary(weights, "weights"), y, "weights", "y")
         weights_moved = tf.cast(_axis_last(weights, ax), moved.dtype)
         if tf.executing_eagerly():
-            values = weights.numpy().astype(np.float64)
-            if not np.all(np.isfinite(values) & (values > 0)):
-                raise ValueError(_WEIGHTS_ERROR)
-            if not np.all(weights_moved.numpy() > 0):
-                raise ValueError(f"weights must stay > 0 in {moved.dtype.name} (underflow)")
-    out = _isotonic_op(moved, weights_moved, bool(increasing), reg)
+            check_weights(weights.numpy(), moved.dtype.as_numpy_dtype)
+    out = _isotonic_op(moved, weights_moved, check_increasing(increasing), reg)
     return tf.cast(_axis_back(out, ax), y.dtype)

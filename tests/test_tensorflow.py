@@ -125,6 +125,16 @@ def test_integer_and_bool_raise(dtype):
         srtf.soft_rank(tf.zeros(4, dtype))
 
 
+def test_integer_message_has_no_torch_idiom_and_a_huge_int_eps_is_the_limit():
+    with pytest.raises(TypeError, match="x must have a floating dtype") as info:
+        srtf.soft_rank(tf.constant([1, 2, 3]))
+    assert "x.float()" not in str(info.value)
+    x = tf.constant(_x((2, 5), seed=16, dtype=np.float64))
+    # 10**400 overflows a float: the eps = inf limit, (n + 1) / 2 for the ranks.
+    np.testing.assert_array_equal(srtf.soft_rank(x, 10**400).numpy(), np.full((2, 5), 3.0))
+    np.testing.assert_array_equal(srtf.soft_sort(x, 10**400).numpy(), srtf.soft_sort(x, np.inf).numpy())
+
+
 def test_complex_raises():
     with pytest.raises(TypeError, match=r"^x must have a real floating dtype"):
         srtf.soft_sort(tf.zeros(4, tf.complex64))
@@ -145,6 +155,121 @@ def test_bad_arguments_name_themselves():
         srtf.soft_rank(x, axis=2)
     with pytest.raises(TypeError, match="axis must be an int"):
         srtf.soft_rank(x, axis=0.0)
+
+
+# Every public function with an eps, and how to call it with that eps.
+WITH_EPS = {
+    "soft_rank": lambda x, eps: srtf.soft_rank(x, eps),
+    "soft_sort": lambda x, eps: srtf.soft_sort(x, eps, regularization="kl"),
+    "soft_topk_mask": lambda x, eps: srtf.soft_topk_mask(x, 2, eps),
+    "spearman": lambda x, eps: srtf.spearman(x, x[::-1], eps),
+    "soft_quantile": lambda x, eps: srtf.soft_quantile(x, [0.2, 0.7], eps),
+    "soft_median": lambda x, eps: srtf.soft_median(x, eps),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WITH_EPS))
+def test_eps_must_be_static_and_is_named(name):
+    # eps is a constant of the computation (as in softrank.jax): a derivative with
+    # respect to it would silently be None, so a variable, a traced tensor and a watched
+    # tensor are refused naming eps; a tensor whose value is known is taken as a number.
+    fn = WITH_EPS[name]
+    x = tf.constant(_x((3, 5), seed=11, dtype=np.float64))
+    want = fn(x, 0.5).numpy()
+    np.testing.assert_array_equal(fn(x, tf.constant(0.5, tf.float64)).numpy(), want)
+    np.testing.assert_array_equal(fn(x, np.float64(0.5)).numpy(), want)
+    # (a graph may round the last bit differently from eager execution)
+    np.testing.assert_allclose(
+        tf.function(lambda t: fn(t, tf.constant(0.5, tf.float64)))(x).numpy(), want,
+        rtol=1e-14, atol=1e-15)
+
+    variable = tf.Variable(0.5, dtype=tf.float64)
+    refused = r"eps must be a static Python number.*derivatives with respect to eps are not supported"
+    with pytest.raises(TypeError, match=refused):
+        fn(x, variable)
+    with pytest.raises(TypeError, match=refused):
+        tf.function(lambda t: fn(t, variable))(x)
+    with pytest.raises(TypeError, match="eps must be known when the graph is built"):
+        tf.function(fn)(x, tf.constant(0.5, tf.float64))
+    eps = tf.constant(0.5, tf.float64)
+    with tf.GradientTape() as tape:
+        tape.watch(eps)
+        with pytest.raises(TypeError, match="eps .*watches: derivatives with respect to eps"):
+            fn(x, eps)
+
+
+def test_keras_variable_eps_is_refused():
+    keras = pytest.importorskip("keras")
+    with pytest.raises(TypeError, match="eps must be a static Python number"):
+        srtf.soft_rank(tf.ones((2, 3)), keras.Variable(0.5))
+
+
+def test_k_and_q_take_known_tensors_and_refuse_the_others():
+    x = tf.constant(_x((3, 5), seed=12, dtype=np.float64))
+    want = srtf.soft_topk_mask(x, 2, 0.5).numpy()
+    np.testing.assert_allclose(want, srn.soft_topk_mask(x.numpy(), 2, 0.5), rtol=1e-12, atol=1e-12)
+    for k in (tf.constant(2), tf.constant(2, tf.int64), np.int32(2)):
+        np.testing.assert_array_equal(srtf.soft_topk_mask(x, k, 0.5).numpy(), want)
+    np.testing.assert_array_equal(
+        tf.function(lambda t: srtf.soft_topk_mask(t, tf.constant(2), 0.5))(x).numpy(), want)
+    with pytest.raises(TypeError, match="k must be known when the graph is built"):
+        tf.function(lambda t, k: srtf.soft_topk_mask(t, k))(x, tf.constant(2))
+    with pytest.raises(TypeError, match="k must be a static int.*derivatives with respect to k"):
+        srtf.soft_topk_mask(x, tf.Variable(2))
+    for k in (tf.constant(2.0), tf.constant(True)):
+        with pytest.raises(TypeError, match="k must be an int"):
+            srtf.soft_topk_mask(x, k)
+
+    quantiles = srtf.soft_quantile(x, [0.2, 0.7], 0.5).numpy()
+    np.testing.assert_array_equal(
+        srtf.soft_quantile(x, tf.constant([0.2, 0.7], tf.float64), 0.5).numpy(), quantiles)
+    with pytest.raises(TypeError, match="q must be a static .*derivatives with respect to q"):
+        srtf.soft_quantile(x, tf.Variable([0.2, 0.7], dtype=tf.float64))
+
+
+def test_graph_mode_never_broadcasts_target_or_weights():
+    # With an input_signature of unknown batch size, a target (or weights) of another
+    # shape is caught when the graph runs; eagerly (and where the static shapes already
+    # differ) when the op is built.
+    spec = tf.TensorSpec([None, 4], tf.float64)
+    pred = tf.constant(_x((3, 4), seed=13, dtype=np.float64))
+    target = tf.constant(_x((3, 4), seed=14, dtype=np.float64))
+    spearman = tf.function(lambda p, t: srtf.spearman(p, t, 0.5), input_signature=[spec, spec])
+    np.testing.assert_allclose(spearman(pred, target).numpy(),
+                               srn.spearman(pred.numpy(), target.numpy(), 0.5), rtol=1e-12, atol=1e-12)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="target must have the shape of pred"):
+        spearman(pred, target[:1])
+    with pytest.raises(ValueError, match="target must have the shape of pred"):
+        srtf.spearman(pred, target[:1])
+    with pytest.raises(ValueError, match=r"target must have the shape of pred \(None, 4\)"):
+        tf.function(lambda p, t: srtf.spearman(p, t),
+                    input_signature=[spec, tf.TensorSpec([None, 5], tf.float64)]).get_concrete_function()
+
+    weights = tf.constant(np.abs(_x((3, 4), seed=15, dtype=np.float64)) + 0.5)
+    isotonic = tf.function(lambda y, w: srtf.isotonic_regression(y, weights=w), input_signature=[spec, spec])
+    np.testing.assert_allclose(isotonic(pred, weights).numpy(),
+                               srn.isotonic_regression(pred.numpy(), weights=weights.numpy()),
+                               rtol=1e-12, atol=1e-12)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="weights must have the shape of y"):
+        isotonic(pred, weights[:1])
+
+
+def test_other_py_funcs_stay_not_differentiable():
+    # softrank gives PyFuncStateless ops a gradient by their token; another library's
+    # tf.numpy_function keeps TensorFlow's (none), eagerly and in a graph.
+    x = tf.constant([0.5, 1.0, 2.0], tf.float64)
+
+    def loss(t):
+        return tf.reduce_sum(tf.numpy_function(np.sin, [t], tf.float64, stateful=False) + t)
+
+    def grad(t):
+        with tf.GradientTape() as tape:
+            tape.watch(t)
+            value = loss(t)
+        return tape.gradient(value, t)
+
+    np.testing.assert_array_equal(grad(x).numpy(), np.ones(3))  # only the "+ t" term
+    np.testing.assert_array_equal(tf.function(grad)(x).numpy(), np.ones(3))
 
 
 def test_unknown_rank_raises():

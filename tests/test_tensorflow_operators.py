@@ -805,7 +805,8 @@ def test_bad_arguments_name_themselves():
                     tf.fill((3, 4), float("nan"))):
         with pytest.raises(ValueError, match="weights must be finite and > 0"):
             srtf.isotonic_regression(x, weights=weights)
-    with pytest.raises(ValueError, match=r"weights must stay > 0 in float32 \(underflow\)"):
+    with pytest.raises(ValueError,
+                       match=r"weights must stay > 0 in float32 \(the compute dtype; they underflow\)"):
         srtf.isotonic_regression(x, weights=tf.fill((3, 4), tf.constant(1e-300, tf.float64)))
     with pytest.raises(ValueError, match="weights must have the shape of y"):
         srtf.isotonic_regression(x, weights=tf.ones(4))
@@ -834,3 +835,38 @@ def test_public_names_and_literal_signatures():
         assert name in srtf.__all__
         hints = typing.get_type_hints(getattr(srtf, name))
         assert hints["regularization"] == Regularization
+
+
+@pytest.mark.parametrize("reg", ["l2", "kl"])
+def test_top_k_derivatives_where_x_over_eps_overflows(reg):
+    """|x| / eps beyond the float range (eps = 1e-300) with finite masks: the
+    eager and graph gradients and the forward-mode tangent equal
+    softrank.numpy's (tested there against the closed form), no NaN."""
+    c = np.array([[1.0, -2.0, 0.5, 3.0]])
+    for rows, k in (([[3e9, 1e9, 2e9, 5.0]], 2), ([[1e10, 1e10, -1e10, 0.0]], 1)):
+        x = tf.constant(rows, tf.float64)
+        _, vjp = srn.soft_topk_mask_with_vjp(np.array(rows), k, 1e-300, regularization=reg)
+        want = vjp(c)
+
+        def gradient(x, k=k):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = tf.reduce_sum(c * srtf.soft_topk_mask(x, k, 1e-300, regularization=reg))
+            return tape.gradient(y, x)
+
+        np.testing.assert_array_equal(gradient(x).numpy(), want)
+        np.testing.assert_array_equal(tf.function(gradient)(x).numpy(), want)
+        with tf.autodiff.ForwardAccumulator(x, tf.constant(c)) as acc:
+            mask = srtf.soft_topk_mask(x, k, 1e-300, regularization=reg)
+        np.testing.assert_array_equal(acc.jvp(mask).numpy(), want)  # (a symmetric Jacobian)
+
+
+def test_isotonic_increasing_and_weights_beyond_float32_are_refused():
+    y = tf.constant([[1.0, 3.0, 2.0, 4.0]])
+    for bad in ("decreasing", None, 0):
+        with pytest.raises(TypeError, match="increasing must be True or False"):
+            srtf.isotonic_regression(y, increasing=bad)
+    for weights, message in ((1e300, "weights must stay finite in float32"),
+                             (1e-50, r"weights must stay > 0 in float32")):
+        with pytest.raises(ValueError, match=message):
+            srtf.isotonic_regression(y, weights=tf.fill([1, 4], tf.constant(weights, tf.float64)))
