@@ -49,26 +49,48 @@ def z_scale(eps: float) -> float:
     return 1.0 / eps
 
 
-def _split_scale(eps: float) -> Tuple[float, float]:
-    """``(before, after)``, normal floats whose product is ``1 / eps``.
+# float32 (also where float16 and bfloat16 compute) and float64: the largest
+# finite value, and log2 of the largest factor _split_scale uses.
+_LARGEST = {4: 3.4028234663852886e38, 8: 1.7976931348623157e308}
+_FACTOR_EXPONENT = {4: 63, 8: 537}
+
+
+def _itemsize(value) -> int:
+    """4 (float32) or 8 (float64): the compute dtype of ``value`` (numpy,
+    torch and jax dtypes have ``itemsize``, TensorFlow's ``size``)."""
+    dtype = value.dtype
+    size = getattr(dtype, "itemsize", None)
+    if not isinstance(size, int):
+        size = getattr(dtype, "size", 8)
+    return 4 if size <= 4 else 8
+
+
+def _split_scale(eps: float, itemsize: int) -> Tuple[float, float]:
+    """``(before, after)``, finite in the compute dtype, whose product is ``1 / eps``.
 
     A linear map ``v -> C v / eps`` (C a block centring) is computed as
-    ``after * C(before * v)``: ``(1, 1 / eps)``, or where ``1 / eps``
-    overflows (a subnormal eps) ``(2^537, 2^-537 / eps)``, each at most
-    2^537. Then an exact 0 of ``C`` (a singleton block) stays 0 instead of
-    ``0 * inf = NaN``, and so does it in the transposed map that reverse mode
-    derives from a jvp (``before * C^T(after * g)``), which would overflow
-    ``g / eps`` before centring. (``v / eps`` would not do either: XLA flushes
-    a subnormal eps to 0.)"""
+    ``after * C(before * v)``: ``(1, 1 / eps)`` where ``1 / eps`` fits the
+    dtype; else two powers of two near its square root, each at most 2^537
+    (float64: a subnormal eps) or 2^63 (float32). Then an exact 0 of ``C``
+    (a singleton block) stays 0 instead of ``0 * inf = NaN``, and so does it
+    in the transposed map that reverse mode derives from a jvp (``before *
+    C^T(after * g)``), which would overflow ``g / eps`` before centring.
+    (``v / eps`` would not do either: XLA flushes a subnormal eps to 0.)
+    float32 below eps ~ 1e-38: the factor saturates at 2^126, so a pooled
+    block's derivative, beyond float32's range in truth, comes out as that
+    saturated value, and a singleton's stays 0.
+    """
     scale = 1.0 / eps
-    if math.isfinite(scale):
+    if scale <= _LARGEST[itemsize]:
         return 1.0, scale
-    return 2.0**537, 2.0**-537 / eps
+    cap = _FACTOR_EXPONENT[itemsize]
+    half = min((math.frexp(scale)[1] if math.isfinite(scale) else 1075) // 2 + 1, cap)
+    return 2.0**half, min(2.0**-half / eps, 2.0**cap)
 
 
 def times_scale(value, eps: float):
     """``value * z_scale(eps)``, finite where the product is (see :func:`_split_scale`)."""
-    before, after = _split_scale(eps)
+    before, after = _split_scale(eps, _itemsize(value))
     return value * after if before == 1.0 else value * before * after
 
 
@@ -100,8 +122,8 @@ def projection_jvp(ops, z, w, out, state, tz: Optional[Any], tw: Optional[Any], 
     sorted_tangent = None
     if tz is not None and scale != 0.0:
         # Centred, then scaled: a singleton block's exact 0 stays 0 at any eps.
-        before, after = _split_scale(eps)
         a = ops.take(tz, perm_z)
+        before, after = _split_scale(eps, _itemsize(a))
         if before != 1.0:
             a = a * before
         if reg == REG_L2:

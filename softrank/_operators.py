@@ -27,7 +27,8 @@ def check_k(k: Any, n: int) -> int:
     concrete 0-d integer array or tensor of a framework (as ``q`` and ``eps``
     take concrete scalars). Bools and floats are refused.
     """
-    if isinstance(k, (bool, np.bool_)) or "bool" in str(getattr(k, "dtype", "")):
+    if (isinstance(k, (bool, np.bool_)) or "bool" in str(getattr(k, "dtype", ""))
+            or len(getattr(k, "shape", ())) != 0):  # (torch's index takes a [2] too)
         raise TypeError(f"k must be an int, got {type(k).__name__} {k!r}")
     try:
         k = operator.index(k)

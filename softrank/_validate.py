@@ -129,12 +129,14 @@ def check_float_dtype_kind(kind: str, dtype_name: Any, allow_int: bool, name: st
     )
 
 
-def check_weights(values: np.ndarray, compute_dtype: Any) -> None:
+def check_weights(values: np.ndarray, compute_dtype: Any, flushes_subnormals: bool = False) -> None:
     """Raise unless the isotonic ``weights`` are finite and > 0, as given and
     once cast to the compute dtype (where 1e300 overflows to inf and 1e-50
     underflows to 0 in float32).
 
     ``values``: the weights as a numpy array of their own (real) dtype.
+    ``flushes_subnormals``: the computation flushes subnormal numbers to 0
+    (XLA): there a weight must be a normal number of the compute dtype.
     """
     exact = values.astype(np.float64, copy=False)
     if not np.all(np.isfinite(exact) & (exact > 0)):
@@ -144,7 +146,8 @@ def check_weights(values: np.ndarray, compute_dtype: Any) -> None:
         cast = values.astype(dtype)
     if not np.all(np.isfinite(cast)):
         raise ValueError(weights_overflow(dtype.name, float(np.finfo(dtype).max)))
-    if not np.all(cast > 0):
+    smallest = np.finfo(dtype).tiny if flushes_subnormals else 0.0
+    if not np.all(cast > smallest if smallest == 0.0 else cast >= smallest):
         raise ValueError(weights_underflow(dtype.name))
 
 

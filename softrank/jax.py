@@ -1236,7 +1236,7 @@ def isotonic_regression(
             # Concrete weights (numpy, or a jax array closed over under jit)
             # are checked as given: w_rows, made from them by jnp operations,
             # is itself traced under jit.
-            check_weights(np.asarray(weights), rows.dtype)
+            check_weights(np.asarray(weights), rows.dtype, flushes_subnormals=True)
     increasing = check_increasing(_static(increasing, "increasing", "bool"))
     solution = _isotonic(rows, w_rows, increasing, reg)[0]
     return _restore(solution, y, ax)

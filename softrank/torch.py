@@ -1304,10 +1304,20 @@ def _eps_argument(eps: Any) -> float:
                 "eps must be a Python number under torch.compile (a tensor's value "
                 "is data the graph cannot depend on); pass float(eps)"
             )
+        _refuse_differentiated(eps, "eps")
         eps = eps.detach()
     else:
         eps = _specialized(eps)
     return check_eps(eps)
+
+
+def _refuse_differentiated(value: Tensor, name: str) -> None:
+    """Raise where a derivative with respect to ``value`` (eps, q) is asked for:
+    it would come back None (or zero) without an error."""
+    if value.requires_grad or _is_functorch_wrapped(value):
+        raise TypeError(
+            f"{name} must not require a gradient: derivatives with respect to {name} are "
+            f"not supported; pass {name}.detach() or a Python number")
 
 
 def _specialized(value: Any) -> Any:
@@ -1630,6 +1640,8 @@ def _checked_levels(q: Any):
 
 def _quantile_levels(q: Any):
     if isinstance(q, Tensor):
+        if q.requires_grad:
+            _refuse_differentiated(q, "q")
         values = _known_values(q)
         if values is None:
             raise TypeError(

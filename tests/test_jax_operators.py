@@ -470,15 +470,18 @@ def test_isotonic_weights_that_overflow_or_underflow_in_the_compute_dtype_are_re
     inf weights would give NaN solutions, 0 weights meaningless ones."""
     y = np.array([[1.0, 3.0, 2.0, 4.0]], np.float32)
     cases = ((np.full((1, 4), 1e300), r"weights must stay finite in float32"),
-             (np.full((1, 4), 1e-50), r"weights must stay > 0 in float32"))
+             (np.full((1, 4), 1e-50), r"weights must stay > 0 in float32"),
+             # subnormal in float32: XLA flushes it to 0 (numpy would compute with it)
+             (np.full((1, 4), 1e-40), r"weights must stay > 0 in float32"))
     for weights, message in cases:
         for w in (weights, weights.tolist()):
             with pytest.raises(ValueError, match=message):
                 srj.isotonic_regression(y, weights=w)
             with pytest.raises(ValueError, match=message):
                 jax.jit(lambda v, w=w: srj.isotonic_regression(v, weights=w))(y)
-            with pytest.raises(ValueError, match=message):
-                srn.isotonic_regression(y, weights=w)
+            if np.all(weights < 1e-45) or np.all(weights > 1e39):
+                with pytest.raises(ValueError, match=message):
+                    srn.isotonic_regression(y, weights=w)
 
 
 @pytest.mark.parametrize("reg", REGS)

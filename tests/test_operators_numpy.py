@@ -395,6 +395,28 @@ def test_topk_vjp_where_x_over_eps_overflows(backend, regularization):
 
 
 @pytest.mark.parametrize("regularization", REGS)
+def test_topk_vjp_in_float32_where_one_over_eps_overflows_it(backend, regularization):
+    """float32, 1 / eps beyond its range (eps 1e-40, 1e-300): distinct values
+    (singleton blocks) give exactly 0, not 0 * inf = NaN; a tie within range
+    (eps 1e-30) gives the closed form m_i (delta_ij - 1/2) / eps; beyond it the
+    tie's derivative saturates finite (no NaN, no sign error)."""
+    distinct = np.array([[3.0, 1.0, 2.0, 5.0]], np.float32)
+    tied = np.array([[3.0, 3.0, -1.0, 0.0]], np.float32)
+    cot = np.array([[1.0, -2.0, 0.5, 3.0]], np.float32)
+    factor = 1.0 if regularization == "l2" else 0.5
+    jac = np.zeros((4, 4))
+    jac[:2, :2] = factor * (np.eye(2) - 0.5)
+    for eps in (1e-40, 1e-300):
+        _, vjp = srn.soft_topk_mask_with_vjp(distinct, 2, eps, regularization=regularization)
+        np.testing.assert_array_equal(vjp(cot), np.zeros((1, 4), np.float32))
+        _, vjp = srn.soft_topk_mask_with_vjp(tied, 1, eps, regularization=regularization)
+        got = vjp(cot)
+        assert np.all(np.isfinite(got)) and np.all(np.sign(got) == np.sign(cot @ jac)), got
+    _, vjp = srn.soft_topk_mask_with_vjp(tied, 1, 1e-30, regularization=regularization)
+    np.testing.assert_allclose(vjp(cot), (cot @ jac) / 1e-30, rtol=1e-6)
+
+
+@pytest.mark.parametrize("regularization", REGS)
 def test_vjp_nan_rows(backend, regularization):
     """A row whose output is NaN gets NaN gradients; the other rows are unaffected."""
     z = np.array([[0.3, -1.0, 2.0], [1.0, np.nan, 0.0]])
