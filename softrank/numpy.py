@@ -967,8 +967,7 @@ def _isotonic_prepare(y, weights, axis):
     return array, ax, rows, restore, w_rows
 
 
-def _checked_weights(solve: Callable[[], Any], array: np.ndarray, weights: Any, ax: int,
-                     dtype: np.dtype):
+def _checked_weights(solve: Callable[[], Any], weights: Any, dtype: np.dtype):
     """``solve()``, an engine call that checks ``0 < weights < inf`` (in the
     compute dtype) and raises otherwise; its error here says which: invalid
     weights, or valid ones that overflow or underflow in the compute dtype."""
@@ -1025,7 +1024,7 @@ def isotonic_regression(
     array, ax, rows, restore, w_rows = _isotonic_prepare(y, weights, axis)
     solution, _ = _checked_weights(
         lambda: _engine.engine().isotonic_forward(rows, w_rows, increasing, reg),
-        array, weights, ax, rows.dtype)
+        weights, rows.dtype)
     return restore(solution)
 
 
@@ -1047,8 +1046,7 @@ def isotonic_regression_with_vjp(
     increasing = check_increasing(increasing)
     array, ax, rows, restore, w_rows = _isotonic_prepare(y, weights, axis)
     solution, blocks = _checked_weights(
-        lambda: _host.isotonic(rows, w_rows, increasing, reg), array, weights, ax,
-        rows.dtype)
+        lambda: _host.isotonic(rows, w_rows, increasing, reg), weights, rows.dtype)
     shape = array.shape
     weights_dtype = np.asarray(weights).dtype if weights is not None else None
     value = restore(solution)
@@ -1095,7 +1093,7 @@ def isotonic_regression_vjp(
         vec = _prepare_like(array.shape, cotangent, ax, rows.dtype, "cotangent", "y")
         eng = _engine.engine()
         _, blocks = _checked_weights(lambda: eng.isotonic_forward(rows, w_rows, increasing),
-                                     array, weights, ax, rows.dtype)
+                                     weights, rows.dtype)
         return restore(eng.isotonic_vjp(w_rows, blocks, vec))
     _, vjp = isotonic_regression_with_vjp(y, weights=weights, increasing=increasing,
                                           regularization=regularization, axis=axis)

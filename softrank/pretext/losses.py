@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from softrank.pretext._checks import as_count
 
 __all__ = [
     "DEFAULT_EPS",
@@ -77,22 +77,10 @@ def _check_temperature(temperature: Any) -> float:
 
 
 def _check_num_iterations(num_iterations: Any) -> int:
-    """``num_iterations`` as an int; raise unless it is an integer >= 1.
-
-    With 0 iterations the "soft permutation" is the raw scaled logits, not a
-    normalised matrix, and the loss is not a cross entropy.
-    """
-    if isinstance(num_iterations, bool):
-        raise TypeError(f"num_iterations must be an int, got bool {num_iterations!r}")
-    try:
-        value = operator.index(num_iterations)
-    except TypeError:
-        raise TypeError(
-            f"num_iterations must be an int, got {type(num_iterations).__name__} {num_iterations!r}"
-        ) from None
-    if value < 1:
-        raise ValueError(f"num_iterations must be >= 1, got {value}")
-    return value
+    """``num_iterations`` as an int >= 1: with 0 iterations the "soft
+    permutation" is the raw scaled logits, not a normalised matrix, and the
+    loss is not a cross entropy."""
+    return as_count(num_iterations, "num_iterations", minimum=1)
 
 
 def _check_permutations(permutations: Any, batch: int, num_patches: int, name: str = "permutations") -> None:

@@ -17,12 +17,12 @@ patches' embeddings in their natural order (:meth:`PatchEncoder.features`).
 from __future__ import annotations
 
 import math
-import operator
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from softrank.pretext._checks import as_count
 from softrank.pretext.losses import (
     DEFAULT_EPS,
     _check_num_iterations,
@@ -37,19 +37,6 @@ from softrank.pretext.permutations import ranks_that_unshuffle
 __all__ = ["METHODS", "PatchEncoder", "PretextModel"]
 
 METHODS = ("soft_rank", "classification", "sinkhorn")
-
-
-def _positive_int(value: Any, name: str) -> int:
-    """``value`` as an int >= 1 (numpy integers accepted); raise naming ``name`` otherwise."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool {value!r}")
-    try:
-        number = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
-    if number < 1:
-        raise ValueError(f"{name} must be >= 1, got {number}")
-    return number
 
 
 class PatchEncoder(nn.Module):
@@ -150,7 +137,7 @@ class PretextModel(nn.Module):
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.encoder = encoder
         self.method = method
-        self.num_patches = _positive_int(num_patches, "num_patches")
+        self.num_patches = as_count(num_patches, "num_patches", minimum=1)
         self.eps = float(eps)
         # Checked here, where the model is built, rather than at the first training step.
         self.sinkhorn_temperature = _check_temperature(sinkhorn_temperature)
@@ -165,7 +152,7 @@ class PretextModel(nn.Module):
         else:
             if num_permutations is None:
                 raise ValueError("num_permutations (K >= 1) is required for method='classification'")
-            num_permutations = _positive_int(num_permutations, "num_permutations")
+            num_permutations = as_count(num_permutations, "num_permutations", minimum=1)
             self.head = _mlp_head(self.num_patches * d, head_hidden_dim, num_permutations)
 
     def forward(

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import operator
 from typing import Any, Sequence, Tuple, Union
+from softrank.pretext._checks import as_count
 
 __all__ = [
     "IMAGE_KINDS",
@@ -127,20 +128,6 @@ def _merge_axes(patches: Any, event_ndim: int, counts: Sequence[int], name: str)
     return merged.reshape(tuple(batch) + tuple(c * p for c, p in zip(counts, piece)))
 
 
-def _as_count(value: Any, name: str) -> int:
-    """``value`` as a Python int; numpy and other integer types are accepted through ``operator.index``.
-
-    A float such as 2.7 is refused rather than truncated to 2, which would split
-    into a different number of patches than asked for; so is a bool.
-    """
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
-
-
 def _is_integer(value: Any) -> bool:
     if isinstance(value, bool):
         return False
@@ -161,7 +148,7 @@ def _as_pair(grid: GridSpec, name: str) -> Tuple[int, int]:
         raise TypeError(f"{name} must be an int or a pair (rows, cols), got {type(grid).__name__} {grid!r}")
     if len(grid) != 2:
         raise ValueError(f"{name} must be an int or a pair (rows, cols), got {grid!r}")
-    return _as_count(grid[0], f"{name}[0]"), _as_count(grid[1], f"{name}[1]")
+    return as_count(grid[0], f"{name}[0]"), as_count(grid[1], f"{name}[1]")
 
 
 def _as_strips(grid: GridSpec, kind: str, what: str) -> int:
@@ -289,7 +276,7 @@ def split_video(videos: Any, num_clips: int | None = None) -> Any:
     """
     _check_array(videos, "videos")
     frames = int(videos.shape[-4]) if len(videos.shape) >= 4 else 0
-    clips = frames if num_clips is None else _as_count(num_clips, "num_clips")
+    clips = frames if num_clips is None else as_count(num_clips, "num_clips")
     return _split_axes(videos, 4, (clips, 1, 1, 1), "videos")
 
 
@@ -306,7 +293,7 @@ def merge_video(patches: Any, num_clips: int | None = None) -> Any:
     """
     _check_array(patches, "patches")
     if num_clips is not None:
-        clips = _as_count(num_clips, "num_clips")
+        clips = as_count(num_clips, "num_clips")
     else:
         clips = int(patches.shape[-5]) if len(patches.shape) >= 5 else 0  # 0: _merge_axes reports the shape
     return _merge_axes(patches, 4, (clips, 1, 1, 1), "patches")
@@ -325,7 +312,7 @@ def split_signal(signals: Any, num_segments: int) -> Any:
     -------
     Tensor or ndarray, shape (..., num_segments, L / num_segments)
     """
-    return _split_axes(signals, 1, (_as_count(num_segments, "num_segments"),), "signals")
+    return _split_axes(signals, 1, (as_count(num_segments, "num_segments"),), "signals")
 
 
 def merge_signal(patches: Any, num_segments: int | None = None) -> Any:
@@ -341,7 +328,7 @@ def merge_signal(patches: Any, num_segments: int | None = None) -> Any:
     """
     _check_array(patches, "patches")
     if num_segments is not None:
-        segments = _as_count(num_segments, "num_segments")
+        segments = as_count(num_segments, "num_segments")
     else:
         segments = int(patches.shape[-2]) if len(patches.shape) >= 2 else 0  # 0: _merge_axes reports the shape
     return _merge_axes(patches, 1, (segments,), "patches")

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import itertools
 import math
-import operator
 from typing import Optional, Tuple
 
 import numpy as np
 import torch
+from softrank.pretext._checks import as_count
 
 __all__ = [
     "random_permutations",
@@ -155,16 +155,6 @@ def _hamming_to_all(candidates: np.ndarray, permutation: np.ndarray) -> np.ndarr
     return np.count_nonzero(candidates != permutation, axis=1)
 
 
-def _as_count(value: object, name: str) -> int:
-    """``value`` as a Python int (numpy integers accepted); ``TypeError`` naming ``name`` otherwise."""
-    if isinstance(value, bool):  # True would silently count as 1
-        raise TypeError(f"{name} must be an int, got bool {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
-
-
 def _factorial_capped(n: int, cap: int) -> int:
     """``min(n!, cap + 1)``: enough to compare ``n!`` with ``cap`` without forming a huge ``n!``."""
     total = 1
@@ -256,8 +246,8 @@ def hamming_permutation_set(
     >>> perms.shape, len({tuple(p) for p in perms})
     ((10, 9), 10)
     """
-    num_permutations = _as_count(num_permutations, "num_permutations")
-    num_patches = _as_count(num_patches, "num_patches")
+    num_permutations = as_count(num_permutations, "num_permutations")
+    num_patches = as_count(num_patches, "num_patches")
     if num_patches < 1:
         raise ValueError(f"num_patches must be >= 1, got {num_patches}")
     if num_permutations < 1:
@@ -270,7 +260,7 @@ def hamming_permutation_set(
     if pool_size is None:
         pool_size = max(10_000, 20 * num_permutations)
     else:
-        pool_size = _as_count(pool_size, "pool_size")
+        pool_size = as_count(pool_size, "pool_size")
         if pool_size < num_permutations:
             raise ValueError(f"pool_size={pool_size} must be >= num_permutations={num_permutations}")
     rng = np.random.default_rng(seed)
