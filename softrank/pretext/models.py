@@ -192,7 +192,7 @@ class PretextModel(nn.Module):
             raise ValueError(
                 f"shuffled_patches must have shape (B, n={self.num_patches}, ...), got {shape}"
             )
-        if self.method != "classification":
+        if self.method == "soft_rank":  # (gumbel_sinkhorn_loss checks its own, once)
             _check_permutations(permutations, shape[0], self.num_patches)
         embeddings = self.encoder(shuffled_patches)
         if self.method == "soft_rank":
