@@ -246,9 +246,14 @@ def test_bad_arguments_name_themselves():
 def test_eps_as_tensor_or_numpy_scalar():
     x = _x((2, 6), seed=16)
     want = srt.soft_rank(x, 0.25)
-    for eps in (torch.tensor(0.25), np.float64(0.25), 0.25, torch.tensor(0.25, requires_grad=True)):
+    for eps in (torch.tensor(0.25), np.float64(0.25), 0.25,
+                torch.tensor(0.25, requires_grad=True).detach()):
         torch.testing.assert_close(srt.soft_rank(x, eps), want, rtol=0, atol=0)
     torch.testing.assert_close(srt.soft_rank(x, 1), srt.soft_rank(x, 1.0), rtol=0, atol=0)
+    # An eps that requires a gradient would get None back for it: refused, as
+    # softrank.jax refuses a traced eps and softrank.tensorflow a watched one.
+    with pytest.raises(TypeError, match="eps must not require a gradient"):
+        srt.soft_rank(x, torch.tensor(0.25, requires_grad=True))
 
 
 def test_limits_eps_zero_and_infinity():
