@@ -8,6 +8,11 @@
 #include <thread>
 #include <vector>
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#define SOFTRANK_HAVE_FORK 1
+#endif
+
 namespace softrank {
 namespace {
 
@@ -119,11 +124,36 @@ class ThreadPool {
   std::atomic<int> limit_{1};
 };
 
+// The pool in use. A forked child inherits the parent's pool object but none
+// of its threads, and possibly a mutex that one of them held at the fork, so
+// the child starts a pool of its own (keeping the thread count). The
+// parent's is leaked in the child: destroying it would join threads that do
+// not exist there.
+std::atomic<ThreadPool*> current_pool{nullptr};
+
+#ifdef SOFTRANK_HAVE_FORK
+void fresh_pool_after_fork() {
+  ThreadPool* inherited = current_pool.load();
+  if (inherited == nullptr) return;
+  auto* fresh = new ThreadPool();
+  fresh->set_limit(inherited->limit());
+  current_pool.store(fresh);
+}
+#endif
+
 ThreadPool& pool() {
   // Leaked on purpose, with detached workers: joining threads during
   // interpreter shutdown can deadlock, and the OS reclaims them at exit.
-  static ThreadPool* instance = new ThreadPool();
-  return *instance;
+  static ThreadPool* const first = [] {
+    auto* created = new ThreadPool();
+    current_pool.store(created);
+#ifdef SOFTRANK_HAVE_FORK
+    pthread_atfork(nullptr, nullptr, fresh_pool_after_fork);
+#endif
+    return created;
+  }();
+  (void)first;
+  return *current_pool.load();
 }
 
 }  // namespace

@@ -8,6 +8,8 @@ requires them, elsewhere they are skipped when missing).
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -208,3 +210,53 @@ def _adapters_threads_and_thread_count(name):
         for got in pool.map(run, range(6)):
             for a, b in zip(got, ref):
                 assert a.tobytes() == b.tobytes()
+
+
+def _thread_count() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not os.path.isdir("/proc/self/task"),
+                    reason="needs os.fork and /proc/self/task (Linux)")
+def test_a_forked_child_gets_a_pool_of_its_own():
+    """A child forked after the pool started (a fork-based DataLoader or
+    multiprocessing worker) inherits none of the pool's threads. It must start
+    threads of its own (it used to run every call on one thread, and could hang
+    on a mutex a pool thread held at the fork), keep the thread count, and give
+    the parent's results bit for bit. Forks happen while another thread keeps
+    the pool busy, so some land mid-call."""
+    if softrank.backend() != "native":
+        pytest.skip("the thread pool is the compiled core's (numba has its own)")
+    softrank.set_num_threads(3)
+    x, g, _ = _inputs((64, 700), 21)
+    expected = srn.soft_rank_vjp(x, g, 0.6)
+    stop = threading.Event()
+
+    def keep_busy():
+        while not stop.is_set():
+            srn.soft_rank(x, 0.6)
+
+    busy = threading.Thread(target=keep_busy)
+    busy.start()
+    try:
+        for attempt in range(8):
+            pid = os.fork()
+            if pid == 0:  # the child: report through the exit status only
+                code = 1
+                try:
+                    signal.alarm(60)  # a hang fails the test instead of stalling it
+                    before = _thread_count()
+                    ok = softrank.get_num_threads() == 3
+                    for _ in range(3):
+                        ok = ok and srn.soft_rank_vjp(x, g, 0.6).tobytes() == expected.tobytes()
+                    code = 0 if ok and _thread_count() > before else 2
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            assert os.WIFEXITED(status), f"fork {attempt}: the child was killed ({status}), a hang"
+            assert os.WEXITSTATUS(status) == 0, (
+                f"fork {attempt}: exit {os.WEXITSTATUS(status)} "
+                "(1: error, 2: wrong result, thread count, or no threads of its own)")
+    finally:
+        stop.set()
+        busy.join()
