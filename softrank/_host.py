@@ -183,5 +183,9 @@ class NumpyOps:
     def move_last_to_first(a):
         return np.moveaxis(a, -1, 0)
 
+    @staticmethod
+    def stop_gradient_where_neg_inf(a):
+        return a
+
 
 NUMPY_OPS = NumpyOps()

@@ -8,7 +8,9 @@ part of that namespace). Functions here that take ``ops`` also need:
 ``take_columns(a, index)`` (``a[..., index]`` for a 1-D integer index),
 ``sum_last(a)`` (sum over the last axis, removing it), ``sqrt``,
 ``constant(values, like)`` (a numpy array as a non-differentiable array of
-``like``'s dtype and device) and ``move_last_to_first(a)``.
+``like``'s dtype and device), ``move_last_to_first(a)`` and
+``stop_gradient_where_neg_inf(a)`` (``a``, not differentiated where it is
+-inf).
 """
 from __future__ import annotations
 
@@ -54,6 +56,20 @@ def topk_weights(n: int, k: int, reg: int, dtype: np.dtype) -> np.ndarray:
     weights = np.zeros(n, dtype=dtype)
     weights[:k] = 1.0
     return weights
+
+
+def topk_mask_from_projection(ops, out, reg: int):
+    """The soft top-k mask from the projection of ``x / eps`` onto the permutahedron of
+    :func:`topk_weights`: ``out`` itself (l2), or ``exp(out)`` (kl).
+
+    For kl a block of zero weights (log w = -inf) has out = -inf and a mask
+    of exactly 0 near x. Its out tangent, (1 - p) dx / eps, may overflow, and
+    exp's forward-mode derivative would make 0 * inf = NaN of the mask's 0
+    tangent, so out is not differentiated there.
+    """
+    if reg != REG_KL:
+        return out
+    return ops.exp(ops.stop_gradient_where_neg_inf(out))
 
 
 def rho(n: int, dtype: np.dtype) -> np.ndarray:

@@ -102,7 +102,7 @@ from jax.extend.mlir import ir
 from jax.interpreters import ad, batching, mlir
 
 from softrank import _derivatives, _engine, _host, _layout, _operators
-from softrank._engine import OP_RANK, OP_SORT, REG_KL, REG_L2
+from softrank._engine import OP_RANK, OP_SORT, REG_L2
 from softrank._types import Direction, Regularization
 from softrank._validate import (
     check_axis,
@@ -824,6 +824,10 @@ class _JaxOps:
     def move_last_to_first(a):
         return jnp.moveaxis(a, -1, 0)
 
+    @staticmethod
+    def stop_gradient_where_neg_inf(a):
+        return jnp.where(jnp.isneginf(a), jax.lax.stop_gradient(a), a)
+
 
 _OPS = _JaxOps()
 
@@ -1041,13 +1045,7 @@ def soft_topk_mask(
     w_rows = jnp.broadcast_to(jnp.asarray(_operators.topk_weights(n, k, reg, rows.dtype)),
                               rows.shape)
     out = _projection(rows, w_rows, eps, reg)[0]
-    if reg == REG_KL:
-        # A block of zero weights (log w = -inf) has out = -inf and a mask of
-        # exactly 0 near x; its out tangent, (1 - p) dx / eps, may overflow,
-        # and exp's jvp would make 0 * inf = NaN of the mask's 0 tangent.
-        out = jnp.where(jnp.isneginf(out), jax.lax.stop_gradient(out), out)
-        return _restore(jnp.exp(out), x, ax)
-    return _restore(out, x, ax)
+    return _restore(_operators.topk_mask_from_projection(_OPS, out, reg), x, ax)
 
 
 def spearman(

@@ -745,6 +745,10 @@ class _TensorFlowOps:
         rank = a.shape.rank
         return tf.transpose(a, [rank - 1, *range(rank - 1)])
 
+    @staticmethod
+    def stop_gradient_where_neg_inf(a):
+        return tf.where(tf.math.is_inf(a) & (a < 0), tf.stop_gradient(a), a)
+
 
 _OPS = _TensorFlowOps()
 _STATE_DTYPES = [tf.int64] * 6  # perm_z, inv_z, perm_w, inv_w, block_start, segments
@@ -1107,14 +1111,7 @@ def soft_topk_mask(
     weights = _operators.topk_weights(n, k, reg, moved.dtype.as_numpy_dtype)
     w_moved = tf.broadcast_to(tf.constant(weights), tf.shape(moved))
     out = _projection_op(moved, w_moved, reg, eps, need_w=False)
-    if reg == REG_KL:
-        # A block of zero weights (log w = -inf) has out = -inf and a mask of
-        # exactly 0 near x; its out tangent, (1 - p) dx / eps, may overflow,
-        # and exp's forward-mode derivative would make 0 * inf = NaN of the
-        # mask's 0 tangent.
-        out = tf.where(tf.math.is_inf(out) & (out < 0), tf.stop_gradient(out), out)
-        return tf.cast(_axis_back(tf.exp(out), ax), x.dtype)
-    return tf.cast(_axis_back(out, ax), x.dtype)
+    return tf.cast(_axis_back(_operators.topk_mask_from_projection(_OPS, out, reg), ax), x.dtype)
 
 
 def spearman(

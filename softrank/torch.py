@@ -102,7 +102,7 @@ from torch.autograd import forward_ad as _forward_ad
 from torch.fx.experimental.symbolic_shapes import guard_scalar as _guard_scalar
 
 from softrank import _derivatives, _engine, _host, _layout, _operators, _torch_cuda
-from softrank._engine import OP_RANK, OP_SORT, REG_KL, REG_L2
+from softrank._engine import OP_RANK, OP_SORT, REG_L2
 from softrank._types import Direction, Regularization
 from softrank._validate import (
     check_axis,
@@ -765,6 +765,10 @@ class _TorchOps:
     @staticmethod
     def move_last_to_first(a):
         return a.movedim(-1, 0)
+
+    @staticmethod
+    def stop_gradient_where_neg_inf(a):
+        return torch.where(torch.isneginf(a), a.detach(), a)
 
 
 _TORCH_OPS = _TorchOps()
@@ -1535,14 +1539,7 @@ def soft_topk_mask(
     k = _operators.check_k(k, n)
     weights = _topk_row(n, k, reg, dtype, moved)
     out = _projection(moved, weights, eps, reg)[0]
-    if reg == REG_KL:
-        # A block of zero weights (log w = -inf) has out = -inf and a mask of
-        # exactly 0 near x; its out tangent, (1 - p) dx / eps, may overflow,
-        # and exp's forward-mode derivative would make 0 * inf = NaN of the
-        # mask's 0 tangent.
-        out = torch.where(torch.isneginf(out), out.detach(), out)
-        return _from_last(out.exp(), axis, x.dtype)
-    return _from_last(out, axis, x.dtype)
+    return _from_last(_operators.topk_mask_from_projection(_TORCH_OPS, out, reg), axis, x.dtype)
 
 
 def spearman(
