@@ -915,14 +915,15 @@ def _restore(result, x, ax: int):
     return jnp.moveaxis(result, -1, ax).astype(x.dtype)
 
 
-def _like_rows(other: Any, x, ax: int, rows, name: str, reference: str):
-    """``other`` (any real dtype, ints included) of ``x``'s shape, laid out like ``rows``."""
+def _like_rows(other: Any, x, ax: int, rows, name: str, reference: str, dtype=None):
+    """``other`` (any real dtype, ints included) of ``x``'s shape, laid out like
+    ``rows`` (in ``dtype``, by default ``rows``')."""
     other = jnp.asarray(other)
     check_float_dtype_kind(np.dtype(other.dtype).kind, str(other.dtype), allow_int=True,
                            name=name)
     if other.shape != x.shape:
         raise ValueError(f"{name} must have the shape of {reference} {x.shape}, got {other.shape}")
-    return jnp.moveaxis(other, ax, -1).astype(rows.dtype)
+    return jnp.moveaxis(other, ax, -1).astype(rows.dtype if dtype is None else dtype)
 
 
 def permutahedron_projection(
@@ -1097,9 +1098,13 @@ def spearman(
     eps = check_eps(_static(eps, "eps", "Python number"))
     check_regularization(regularization)
     pred, ax, rows = _prepare(pred, axis, "pred")
-    target_rows = jax.lax.stop_gradient(_like_rows(target, pred, ax, rows, "target", "pred"))
+    # The target is ranked in float64 where jax has it (x64 on), then its ranks
+    # are cast: cast first, distinct targets (int64 above 2^24 for float32
+    # pred) would merge into ties.
+    target_rows = jax.lax.stop_gradient(_like_rows(
+        target, pred, ax, rows, "target", "pred", jax.dtypes.canonicalize_dtype(jnp.float64)))
     ranks = soft_rank(rows, eps, regularization=regularization)
-    target_ranks = jax.lax.stop_gradient(soft_rank(target_rows, 0.0))
+    target_ranks = jax.lax.stop_gradient(soft_rank(target_rows, 0.0)).astype(rows.dtype)
     return _operators.pearson_last_axis(_OPS, ranks, target_ranks).astype(pred.dtype)
 
 

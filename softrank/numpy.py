@@ -759,10 +759,14 @@ def _spearman(pred, target, eps, regularization, axis):
     if target_array.shape != array.shape:
         raise ValueError(
             f"target must have the shape of pred {array.shape}, got {target_array.shape}")
-    target_rows = _prepare_like(array.shape, target_array, ax, rows.dtype, "target", "pred")
+    # The target is ranked in float64, then its ranks are cast: cast first,
+    # distinct targets (int64 above 2^24 for float32 pred) would merge into ties.
+    target_rows = _prepare_like(array.shape, target_array, ax, np.dtype(np.float64), "target",
+                                "pred")
     eng = _engine.engine()
     ranks, perm, blocks = eng.soft_forward(rows, _engine.OP_RANK, reg, False, eps)
-    target_ranks = eng.soft_forward_value(target_rows, _engine.OP_RANK, _engine.REG_L2, False, 0.0)
+    target_ranks = eng.soft_forward_value(target_rows, _engine.OP_RANK, _engine.REG_L2, False,
+                                          0.0).astype(rows.dtype, copy=False)
     corr = eng.pearson(ranks, target_ranks)
     return (array, ax, rows, _reduced_restore(array, ax, rows.dtype), ranks, target_ranks,
             (ranks, perm, blocks), (_engine.OP_RANK, reg, False, eps), corr)

@@ -1166,7 +1166,10 @@ def spearman(
     target = _same_shape(_secondary(target, "target"), pred, "target", "pred")
     _static_length(moved, "pred")
     ranks = soft_rank(moved, eps, regularization=regularization)
-    target_ranks = tf.stop_gradient(soft_rank(tf.cast(_axis_last(target, ax), moved.dtype), 0.0))
+    # The target is ranked in float64, then its ranks are cast: cast first,
+    # distinct targets (int64 above 2^24 for float32 pred) would merge into ties.
+    target_ranks = tf.cast(tf.stop_gradient(soft_rank(tf.cast(_axis_last(target, ax), tf.float64),
+                                                      0.0)), moved.dtype)
     return tf.cast(_operators.pearson_last_axis(_OPS, ranks, target_ranks), pred.dtype)
 
 

@@ -993,13 +993,12 @@ class _EagerSpearman(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pred, target, regularization, eps):
-        # pred, target: C-contiguous (rows, n) CPU tensors of one float dtype.
+        # pred, target: C-contiguous (rows, n) CPU tensors; target float64.
         reg = check_regularization(regularization)
         eng = _engine.engine()
         pred_host = _host_array(pred)
         ranks, perm, block_start = eng.soft_forward(pred_host, _engine.OP_RANK, reg, False, eps)
-        target_ranks = eng.soft_forward_value(
-            _host_array(target), _engine.OP_RANK, _engine.REG_L2, False, 0.0)
+        target_ranks = _target_ranks(target, ranks.dtype)
         corr = torch.from_numpy(eng.pearson(ranks, target_ranks))
         ctx.save_for_backward(pred)
         ctx.host = (pred_host, ranks, perm, block_start, target_ranks)
@@ -1594,7 +1593,10 @@ def spearman(
     if target.shape != pred.shape:
         raise ValueError(
             f"target must have the shape of pred {tuple(pred.shape)}, got {tuple(target.shape)}")
-    target = target.detach().to(dtype)
+    # The target is ranked in float64 (where the device has it), then its
+    # ranks are cast: cast first, distinct targets (int64 above 2^24 for
+    # float32 pred) would merge into ties.
+    target = target.detach().to(torch.float32 if target.device.type == "mps" else torch.float64)
     if axis != target.dim() - 1:
         target = target.movedim(axis, -1)
     if moved.is_cpu and moved.numel() and _eager(moved) and _eager(target):
@@ -1602,7 +1604,7 @@ def spearman(
         corr = _spearman_eager(moved, target, _eps_argument(eps), regularization)
     else:
         ranks = soft_rank(moved, eps, regularization=regularization)
-        target_ranks = soft_rank(target, 0.0).detach()
+        target_ranks = soft_rank(target, 0.0).detach().to(dtype)
         corr = _pearson(ranks, target_ranks)
     return corr if corr.dtype == pred.dtype else corr.to(pred.dtype)
 
@@ -1618,10 +1620,15 @@ def _spearman_eager(pred: Tensor, target: Tensor, eps: float, regularization: st
         eng = _engine.engine()
         ranks = eng.soft_forward_value(_host_array(rows), _engine.OP_RANK,
                                        check_regularization(regularization), False, eps)
-        target_ranks = eng.soft_forward_value(
-            _host_array(target_rows), _engine.OP_RANK, _engine.REG_L2, False, 0.0)
+        target_ranks = _target_ranks(target_rows, ranks.dtype)
         corr = torch.from_numpy(eng.pearson(ranks, target_ranks))
     return _unfold(corr, shape[:-1])
+
+
+def _target_ranks(target: Tensor, dtype: np.dtype) -> np.ndarray:
+    """The hard ranks of ``target`` (C-contiguous (rows, n) float64 CPU) in ``dtype``."""
+    return _engine.engine().soft_forward_value(
+        _host_array(target), _engine.OP_RANK, _engine.REG_L2, False, 0.0).astype(dtype, copy=False)
 
 
 @torch.compiler.assume_constant_result

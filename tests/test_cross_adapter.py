@@ -107,3 +107,43 @@ def test_adapter_matches_numpy_on_every_engine(adapter, backend):
         out, grad = ADAPTERS[adapter](op, x, cotangent, 0, **kwargs)
         np.testing.assert_allclose(out, want_out, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(grad, want_grad, rtol=1e-12, atol=1e-12)
+
+
+def _spearman_in(adapter, pred, target):
+    """``spearman(pred, target, eps=1e-3)`` of one adapter, as numpy."""
+    if adapter == "numpy":
+        return np.asarray(srn.spearman(pred, target, 1e-3))
+    if adapter == "torch":
+        torch = require("torch")
+        import softrank.torch as srt
+
+        out = srt.spearman(torch.from_numpy(pred).requires_grad_(), torch.from_numpy(target), 1e-3)
+        return out.detach().numpy()
+    if adapter == "jax":
+        jnp = require("jax.numpy")
+        import softrank.jax as srj
+
+        with jax_x64(True):  # jax's int64 (without x64 the target is int32 anyway)
+            return np.asarray(srj.spearman(jnp.asarray(pred), jnp.asarray(target), 1e-3))
+    tf = require("tensorflow")
+    import softrank.tensorflow as srtf
+
+    return srtf.spearman(tf.constant(pred), tf.constant(target), 1e-3).numpy()
+
+
+@pytest.mark.parametrize("adapter", ["numpy", *ADAPTERS])
+def test_spearman_ranks_the_target_in_its_own_precision(adapter):
+    """A float32 ``pred`` with int64 targets above 2^24: float32 spaces them 4
+    apart from 2^25, so ranking the target after a cast to pred's dtype merged
+    distinct targets into ties. The reference is the Pearson correlation of
+    the exact ranks (pred is spread wide enough that eps = 1e-3 is the hard
+    rank)."""
+    rng = np.random.default_rng(5)
+    n = 12
+    target = (2**25 + rng.permutation(n)).astype(np.int64)[None, :].repeat(2, axis=0)
+    pred = np.stack([rng.permutation(n), np.arange(n)]).astype(np.float32)
+    expected = [np.corrcoef(np.argsort(np.argsort(p)), np.argsort(np.argsort(t)))[0, 1]
+                for p, t in zip(pred, target)]
+    got = _spearman_in(adapter, pred, target)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
