@@ -434,6 +434,22 @@ def _formula_inputs(saved, output_index):
         yield [_without_level(t, level) for t in saved]
 
 
+def _joined_to(grad: Optional[Tensor], input: Tensor) -> Optional[Tensor]:
+    """``grad`` (the gradient of ``input``) made a function of ``input`` with a zero derivative.
+
+    In a backward that records a graph (``create_graph=True``), the l2
+    projection's and isotonic regression's gradients are piecewise constant:
+    they do not depend on ``input``, and torch then refuses a gradient of
+    them ("element 0 of tensors does not require grad") where soft_rank and
+    torch's relu give zeros. ``where`` joins ``input`` with a zero
+    derivative, with no NaN where ``input`` is infinite (as ``0 * input`` would).
+    """
+    if (grad is None or input is None or grad.requires_grad or not torch.is_grad_enabled()
+            or not input.requires_grad):
+        return grad
+    return torch.where(torch.zeros((), dtype=torch.bool, device=grad.device), input, grad)
+
+
 def _sum(a, b):
     if a is None:
         return b
@@ -809,7 +825,7 @@ class _Projection(torch.autograd.Function):
             _TORCH_OPS, z, w, out, state, grad_out, *ctx.params,
             need_z=ctx.needs_input_grad[0], need_w=ctx.needs_input_grad[1],
         )
-        return grad_z, grad_w, None, None
+        return _joined_to(grad_z, z), _joined_to(grad_w, w), None, None
 
     @staticmethod
     def jvp(ctx, z_tangent, w_tangent, *param_tangents):
@@ -850,7 +866,7 @@ class _Isotonic(torch.autograd.Function):
             _TORCH_OPS, y, weights, solution, block_start, grad_solution, ctx.reg,
             need_y=ctx.needs_input_grad[0], need_weights=ctx.needs_input_grad[1],
         )
-        return grad_y, grad_weights, None, None
+        return _joined_to(grad_y, y), _joined_to(grad_weights, weights), None, None
 
     @staticmethod
     def jvp(ctx, y_tangent, weights_tangent, *param_tangents):
@@ -966,7 +982,7 @@ class _EagerIsotonic(torch.autograd.Function):
             _TORCH_OPS, y, weights, solution, blocks, grad_solution, ctx.reg,
             need_y=need_y, need_weights=need_weights,
         )
-        return grad_y, grad_weights, None, None
+        return _joined_to(grad_y, y), _joined_to(grad_weights, weights), None, None
 
 
 _apply_isotonic_eager = super(torch.autograd.Function, _EagerIsotonic).apply

@@ -999,3 +999,38 @@ def test_tensor_eps_works_eagerly_and_raises_clearly_under_compile():
     compiled = torch.compile(lambda t, e: srt.soft_topk_mask(t, 2, e), fullgraph=True, backend="eager")
     with pytest.raises(Exception, match=r"eps must be a Python number under torch.compile"):
         compiled(x, eps)
+
+
+@pytest.mark.parametrize("name", ["soft_topk_mask", "isotonic_regression",
+                                  "permutahedron_projection", "soft_rank"])
+def test_l2_gradient_penalty_is_zero_not_an_error(name):
+    """l2 operators are piecewise linear, so a gradient penalty (the gradient
+    of a function of the gradient, create_graph=True) has a zero gradient,
+    as central differences of the penalty show away from ties. torch refused
+    it for three of them ("element 0 of tensors does not require grad"),
+    while soft_rank gave the zeros."""
+    calls = {
+        "soft_topk_mask": lambda a: srt.soft_topk_mask(a, 2, 0.7),
+        "isotonic_regression": srt.isotonic_regression,
+        "permutahedron_projection": srt.permutahedron_projection,
+        "soft_rank": lambda a: srt.soft_rank(a, 0.7),
+    }
+    f = calls[name]
+    rng = np.random.default_rng(3)
+    x = torch.tensor(rng.normal(size=(3, 6)), requires_grad=True)
+    weights = torch.tensor(rng.normal(size=(3, 6)))
+
+    def penalty(a, create_graph):
+        (g,) = torch.autograd.grad((f(a) * weights).sum(), a, create_graph=create_graph)
+        return (g * g).sum()
+
+    (penalty_grad,) = torch.autograd.grad(penalty(x, True), x)
+    step = 1e-6
+    expected = torch.zeros_like(x)
+    for index in np.ndindex(*x.shape):
+        shift = torch.zeros_like(x)
+        shift[index] = step
+        up = penalty((x.detach() + shift).requires_grad_(), False)
+        down = penalty((x.detach() - shift).requires_grad_(), False)
+        expected[index] = (up - down) / (2 * step)
+    torch.testing.assert_close(penalty_grad, expected, rtol=0, atol=1e-6)
