@@ -117,6 +117,8 @@ def check_float_dtype_kind(kind: str, dtype_name: Any, allow_int: bool, name: st
     """
     if kind == "f":
         return
+    if kind == "V" and str(dtype_name) == "bfloat16":  # ml_dtypes' bfloat16 (jax's, numpy's)
+        return
     if kind in "iub" and allow_int:
         return
     if kind in "iub":

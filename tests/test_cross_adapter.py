@@ -147,3 +147,36 @@ def test_spearman_ranks_the_target_in_its_own_precision(adapter):
     got = _spearman_in(adapter, pred, target)
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("adapter", ["numpy", "jax"])
+def test_bfloat16_second_arguments_are_accepted(adapter):
+    """ml_dtypes' bfloat16 (numpy dtype kind 'V') was accepted as ``x`` but
+    refused as a target, weights, ``w`` or cotangent ("must have a real
+    floating dtype, got bfloat16"). Each call equals the call on the same
+    values in float32."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = ml_dtypes.bfloat16
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(3, 7)).astype(np.float32)
+    other = rng.uniform(0.5, 2.0, size=(3, 7)).astype(bf16)
+    if adapter == "numpy":
+        mod, wrap = srn, np.asarray
+    else:
+        require("jax")
+        import jax.numpy as jnp
+        import softrank.jax as mod
+
+        wrap = jnp.asarray
+    calls = [
+        lambda o: mod.spearman(wrap(x), wrap(o), 0.5),
+        lambda o: mod.isotonic_regression(wrap(x), weights=wrap(o)),
+        lambda o: mod.permutahedron_projection(wrap(x), wrap(o)),
+    ]
+    if adapter == "numpy":
+        calls.append(lambda o: srn.soft_rank_vjp(x, o, 0.5))
+        calls.append(lambda o: srn.soft_rank_with_vjp(x, 0.5)[1](o))
+    for call in calls:
+        got = np.asarray(call(other), dtype=np.float64)
+        expected = np.asarray(call(other.astype(np.float32)), dtype=np.float64)
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
