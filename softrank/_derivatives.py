@@ -31,8 +31,9 @@ The ``ops`` namespace provides, for arrays of shape ``(..., n)``:
 ``take(a, index)`` (take_along_axis on the last axis), ``block_sum(v,
 block_start)`` (each position's sum of ``v`` over its block; blocks are
 contiguous runs of positions named by their first position), ``exp``, ``log``,
-``ones_like``, ``stop_gradient`` and ``nan_of(a)`` (NaN where ``a`` is NaN,
-else 0, never differentiated).
+``ones_like``, ``stop_gradient``, ``nan_of(a)`` (NaN where ``a`` is NaN,
+else 0, never differentiated) and ``row_scale(a)`` (``max(1, 2^-64 * the
+largest of a along the last axis)``, shape ``(..., 1)``, never differentiated).
 """
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ import math
 from typing import Any, Optional, Tuple
 
 from softrank._codes import REG_KL, REG_L2  # noqa: F401 (the adapters read them here too)
+
+
+# ops.row_scale's factor: weights above 2^64 are scaled (see _isotonic_parts).
+ROW_SCALE_FACTOR = 2.0**-64
 
 
 def z_scale(eps: float) -> float:
@@ -177,15 +182,35 @@ def projection_vjp(ops, z, w, out, state, cotangent, eps: float, reg: int,
 
 
 def _isotonic_parts(ops, y, weights, solution, block_start, reg):
-    unit = weights if weights is not None else ops.ones_like(y)
+    """``(unit, total_weight, scale, p)``: the weights divided by ``scale``, their
+    block totals, and for kl ``softmax_B(y)``.
+
+    ``scale`` is 1 unless the row's largest weight exceeds 2^64; then it is
+    that weight / 2^64, so that a block's total of weights near the largest
+    float stays finite, while 1 / scale stays a normal number (XLA flushes
+    subnormals: dividing by the largest weight itself would give 0). A
+    constant of the graph: every formula below is exact under the scaling.
+    """
+    if weights is None:
+        unit, scale = ops.ones_like(y), None
+    else:
+        scale = ops.row_scale(weights)
+        unit = weights / scale
     total_weight = ops.block_sum(unit, block_start)
     if reg == REG_L2:
-        return unit, total_weight, None
+        return unit, total_weight, scale, None
     # softmax_B(y); the block's LSE from the forward pass is only a shift
     # that keeps exp in range (the result does not depend on it).
-    shift = ops.stop_gradient(solution + ops.log(total_weight))
+    log_total = ops.log(total_weight) if scale is None else ops.log(total_weight) + ops.log(scale)
+    shift = ops.stop_gradient(solution + log_total)
     e = ops.exp(y - shift)
-    return unit, total_weight, e / ops.block_sum(e, block_start)
+    return unit, total_weight, scale, e / ops.block_sum(e, block_start)
+
+
+def _l2_block_mean(ops, y, unit, total_weight, block_start):
+    """The weighted mean of ``y`` over each block, as a formula in ``y`` and the
+    weights (each term a fraction of a ``y``: no overflow near the largest float)."""
+    return ops.block_sum(unit / total_weight * y, block_start)
 
 
 def isotonic_jvp(ops, y, weights, solution, block_start, ty: Optional[Any],
@@ -196,7 +221,7 @@ def isotonic_jvp(ops, y, weights, solution, block_start, ty: Optional[Any],
     :func:`softrank._host.isotonic`); ``weights`` None means unit weights (then
     ``tweights`` must be None).
     """
-    unit, total_weight, p = _isotonic_parts(ops, y, weights, solution, block_start, reg)
+    unit, total_weight, scale, p = _isotonic_parts(ops, y, weights, solution, block_start, reg)
     result = ops.nan_of(solution)
     if ty is not None:
         if reg == REG_L2:
@@ -204,8 +229,9 @@ def isotonic_jvp(ops, y, weights, solution, block_start, ty: Optional[Any],
         else:
             result = result + ops.block_sum(p * ty, block_start)
     if tweights is not None:
+        tweights = tweights / scale
         if reg == REG_L2:
-            mean = ops.block_sum(unit * y, block_start) / total_weight
+            mean = _l2_block_mean(ops, y, unit, total_weight, block_start)
             result = result + ops.block_sum(tweights * (y - mean), block_start) / total_weight
         else:
             result = result - ops.block_sum(tweights, block_start) / total_weight
@@ -215,7 +241,7 @@ def isotonic_jvp(ops, y, weights, solution, block_start, ty: Optional[Any],
 def isotonic_vjp(ops, y, weights, solution, block_start, cotangent, reg: int,
                  need_y: bool = True, need_weights: bool = True) -> Tuple[Any, Any]:
     """``(grad_y, grad_weights)`` of ``sum(cotangent * solution)``; None where not needed."""
-    unit, total_weight, p = _isotonic_parts(ops, y, weights, solution, block_start, reg)
+    unit, total_weight, scale, p = _isotonic_parts(ops, y, weights, solution, block_start, reg)
     total = ops.block_sum(cotangent, block_start)
     poison = ops.nan_of(solution)
     grad_y = grad_weights = None
@@ -223,8 +249,8 @@ def isotonic_vjp(ops, y, weights, solution, block_start, cotangent, reg: int,
         grad_y = (unit * total / total_weight if reg == REG_L2 else p * total) + poison
     if need_weights and weights is not None:
         if reg == REG_L2:
-            mean = ops.block_sum(unit * y, block_start) / total_weight
-            grad_weights = (y - mean) * total / total_weight + poison
+            mean = _l2_block_mean(ops, y, unit, total_weight, block_start)
+            grad_weights = (y - mean) * (total / total_weight) / scale + poison
         else:
-            grad_weights = -total / total_weight + poison
+            grad_weights = -total / total_weight / scale + poison
     return grad_y, grad_weights

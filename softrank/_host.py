@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from softrank import _engine
+from softrank import _derivatives, _engine
 
 __all__ = ["forward", "forward_value", "vjp", "jvp", "hvp", "projection", "isotonic",
            "ProjectionState", "NumpyOps", "NUMPY_OPS"]
@@ -182,6 +182,11 @@ class NumpyOps:
     @staticmethod
     def move_last_to_first(a):
         return np.moveaxis(a, -1, 0)
+
+    @staticmethod
+    def row_scale(a):
+        largest = a.max(axis=-1, keepdims=True, initial=0.0)
+        return np.maximum(largest * _derivatives.ROW_SCALE_FACTOR, np.ones((), a.dtype))
 
     @staticmethod
     def stop_gradient_where_neg_inf(a):

@@ -825,6 +825,12 @@ class _JaxOps:
         return jnp.moveaxis(a, -1, 0)
 
     @staticmethod
+    def row_scale(a):
+        largest = jnp.max(a, axis=-1, keepdims=True, initial=0.0)
+        return jax.lax.stop_gradient(
+            jnp.maximum(largest * _derivatives.ROW_SCALE_FACTOR, jnp.ones((), a.dtype)))
+
+    @staticmethod
     def stop_gradient_where_neg_inf(a):
         return jnp.where(jnp.isneginf(a), jax.lax.stop_gradient(a), a)
 

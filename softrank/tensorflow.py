@@ -746,6 +746,12 @@ class _TensorFlowOps:
         return tf.transpose(a, [rank - 1, *range(rank - 1)])
 
     @staticmethod
+    def row_scale(a):
+        largest = tf.reduce_max(a, axis=-1, keepdims=True)
+        return tf.stop_gradient(tf.maximum(largest * _derivatives.ROW_SCALE_FACTOR,
+                                           tf.ones((), a.dtype)))
+
+    @staticmethod
     def stop_gradient_where_neg_inf(a):
         return tf.where(tf.math.is_inf(a) & (a < 0), tf.stop_gradient(a), a)
 

@@ -783,6 +783,13 @@ class _TorchOps:
         return a.movedim(-1, 0)
 
     @staticmethod
+    def row_scale(a):
+        a = a.detach()
+        if a.shape[-1] == 0:
+            return torch.ones((*a.shape[:-1], 1), dtype=a.dtype, device=a.device)
+        return (a.amax(-1, keepdim=True) * _derivatives.ROW_SCALE_FACTOR).clamp_min(1.0)
+
+    @staticmethod
     def stop_gradient_where_neg_inf(a):
         return torch.where(torch.isneginf(a), a.detach(), a)
 

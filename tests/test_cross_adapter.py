@@ -180,3 +180,73 @@ def test_bfloat16_second_arguments_are_accepted(adapter):
         got = np.asarray(call(other), dtype=np.float64)
         expected = np.asarray(call(other.astype(np.float32)), dtype=np.float64)
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def _isotonic_first_value_and_grads(adapter, y, weights, regularization, factor):
+    """``solution[0]`` of ``isotonic_regression(y, weights)`` and the gradients
+    of ``factor * solution[0]`` in ``y`` and in ``weights``, float64,
+    through one adapter."""
+    if adapter == "numpy":
+        value, vjp = srn.isotonic_regression_with_vjp(y, weights=weights,
+                                                      regularization=regularization)
+        grad_y, grad_w = vjp(np.eye(len(y))[0] * factor)
+        return value[0], grad_y, grad_w
+    if adapter == "torch":
+        torch = require("torch")
+        import softrank.torch as srt
+
+        yt = torch.tensor(y, requires_grad=True)
+        wt = torch.tensor(weights, requires_grad=True)
+        value = srt.isotonic_regression(yt, weights=wt, regularization=regularization)[0]
+        (value * factor).backward()
+        return value.item(), yt.grad.numpy(), wt.grad.numpy()
+    if adapter == "jax":
+        jax = require("jax")
+        import softrank.jax as srj
+
+        with jax_x64(True):
+            def first(a, b):
+                return srj.isotonic_regression(a, weights=b, regularization=regularization)[0]
+
+            value = first(y, weights)
+            grad_y, grad_w = jax.grad(lambda a, b: first(a, b) * factor,
+                                      argnums=(0, 1))(y, weights)
+            return float(value), np.asarray(grad_y), np.asarray(grad_w)
+    tf = require("tensorflow")
+    import softrank.tensorflow as srtf
+
+    yt, wt = tf.Variable(y), tf.Variable(weights)
+    with tf.GradientTape() as tape:
+        value = srtf.isotonic_regression(yt, weights=wt, regularization=regularization)[0]
+        loss = value * factor
+    grad_y, grad_w = tape.gradient(loss, [yt, wt])
+    return float(value), grad_y.numpy(), grad_w.numpy()
+
+
+@pytest.mark.parametrize("adapter", ["numpy", *ADAPTERS])
+def test_isotonic_gradients_near_the_largest_float(adapter):
+    """The weighted isotonic gradients where ``weights * y`` or a block's total
+    weight overflows although the solution is finite: the backward gave inf,
+    NaN or 0 there (it formed ``sum(w y)`` and ``sum(w)``). Closed forms: a
+    pooled block has v = sum(w y) / W, dv/dy = w / W, dv/dw = (y - v) / W
+    (l2); v = log sum(e^y) - log W, dv/dy = softmax(y), dv/dw = -1 / W (kl)."""
+    big = 1.7e308
+    # l2: y near -max with weights 1, 2 (w * y overflows; W = 3)
+    y, w = np.array([1.0, -big]), np.array([1.0, 2.0])
+    v = (1.0 - 2.0 * big) / 3.0 if np.isfinite(2.0 * big) else 1.0 / 3.0 - 2.0 * (big / 3.0)
+    cases = [("l2", y, w, v, w / 3.0, (y - v) / 3.0, 1.0)]
+    # both regularizations: weights near max (W overflows), y = (2, 1) pooled
+    y, w = np.array([2.0, 1.0]), np.array([big, big])
+    # (their gradients in w, about 1e-309, are subnormal, which XLA and
+    # TensorFlow flush to 0: the loss is scaled by 1e20 to keep them normal)
+    cases.append(("l2", y, w, 1.5, np.array([0.5, 0.5]), np.array([0.5, -0.5]) / big / 2.0,
+                  1e20))
+    softmax = np.exp(y) / np.exp(y).sum()
+    cases.append(("kl", y, w, np.log(np.exp(y).sum()) - np.log(big) - np.log(2.0), softmax,
+                  np.array([-1.0, -1.0]) / big / 2.0, 1e20))
+    for reg, y, w, value, grad_y, grad_w, factor in cases:
+        got = _isotonic_first_value_and_grads(adapter, y, w, reg, factor)
+        assert np.isfinite(got[2]).all()
+        np.testing.assert_allclose(got[0], value, rtol=1e-12)
+        np.testing.assert_allclose(got[1], grad_y * factor, rtol=1e-12, atol=0)
+        np.testing.assert_allclose(got[2], grad_w * factor, rtol=1e-12, atol=0)
