@@ -26,6 +26,22 @@ using softrank::index_t;
 
 namespace {
 
+// Releases the GIL for a scope, as py::gil_scoped_release, but its destructor
+// may throw. At interpreter exit Python ends a daemon thread that asks for
+// the GIL back by pthread_exit, whose forced unwinding must pass through
+// this destructor: through pybind11's noexcept one it calls std::terminate,
+// and the process aborted at exit (pybind/pybind11#2215).
+class GilRelease {
+ public:
+  GilRelease() : state_(PyEval_SaveThread()) {}
+  ~GilRelease() noexcept(false) { PyEval_RestoreThread(state_); }
+  GilRelease(const GilRelease&) = delete;
+  GilRelease& operator=(const GilRelease&) = delete;
+
+ private:
+  PyThreadState* state_;
+};
+
 // Output buffers of the soft operators come from a small cache of recently
 // freed ones, keyed by size. Every call returns fresh (rows, n) arrays (out,
 // perm, block starts, gradients); through malloc, a call that frees about a
@@ -215,7 +231,7 @@ ForwardResult run_forward(const py::array& x_arg, int op, int reg, bool descendi
     block_ptr = r.blocks.mutable_data();
   }
   {
-    py::gil_scoped_release release;
+    GilRelease release;
     if (kind == Kind::Float32)
       softrank::soft_forward_batch(cdata_of<float>(x), rows, n, spec, data_of<float>(r.out),
                                    perm_ptr, block_ptr);
@@ -274,7 +290,7 @@ py::array soft_product(const py::array& x_arg, const py::array& out_arg,
   const index_t n = static_cast<index_t>(x.shape(1));
   py::array result = new_rows_array(x.dtype(), x.shape(0), x.shape(1));
   {
-    py::gil_scoped_release release;
+    GilRelease release;
     if (kind == Kind::Float32)
       softrank::soft_product_batch(cdata_of<float>(x), cdata_of<float>(out),
                                    cdata_of<index_t>(perm), cdata_of<index_t>(blocks),
@@ -303,7 +319,7 @@ py::array soft_hvp(const py::array& x_arg, const py::array& out_arg, const py::a
   const index_t n = static_cast<index_t>(x.shape(1));
   py::array result = new_rows_array(x.dtype(), x.shape(0), x.shape(1));
   {
-    py::gil_scoped_release release;
+    GilRelease release;
     if (kind == Kind::Float32)
       softrank::soft_hvp_batch(cdata_of<float>(x), cdata_of<float>(out), cdata_of<index_t>(perm),
                                cdata_of<index_t>(blocks), cdata_of<float>(cotangent),
@@ -350,7 +366,7 @@ py::tuple isotonic_forward(const py::array& y_arg, const py::object& weights, bo
   py::array blocks = new_rows_array(py::dtype::of<index_t>(), y.shape(0), y.shape(1));
   index_t* block_ptr = data_of<index_t>(blocks);
   {
-    py::gil_scoped_release release;
+    GilRelease release;
     if (kind == Kind::Float32 && reg == 0)
       softrank::isotonic_forward_batch(cdata_of<float>(y), weighted ? cdata_of<float>(w) : nullptr,
                                        rows, n, increasing, data_of<float>(solution), block_ptr);
@@ -392,7 +408,7 @@ py::object projection_forward_impl(const py::array& z_arg, const py::array& w_ar
   index_t* pb = data_of<index_t>(blocks);
   const auto regularization = static_cast<softrank::Reg>(reg);
   {
-    py::gil_scoped_release release;
+    GilRelease release;
     if (kind == Kind::Float32)
       softrank::projection_forward_batch(cdata_of<float>(z), cdata_of<float>(w), rows, n, eps,
                                          regularization, data_of<float>(out), pz, pw, pb);
@@ -420,7 +436,7 @@ py::array pearson(const py::array& a_arg, const py::array& b_arg) {
   const index_t n = static_cast<index_t>(a.shape(1));
   py::array corr(a.dtype(), std::vector<py::ssize_t>{a.shape(0)});
   {
-    py::gil_scoped_release release;
+    GilRelease release;
     if (kind == Kind::Float32)
       softrank::pearson_batch(cdata_of<float>(a), cdata_of<float>(b), rows, n,
                               data_of<float>(corr));
@@ -447,7 +463,7 @@ py::array pearson_vjp(const py::array& a_arg, const py::array& b_arg,
   const index_t n = static_cast<index_t>(a.shape(1));
   py::array grad = new_rows_array(a.dtype(), a.shape(0), a.shape(1));
   {
-    py::gil_scoped_release release;
+    GilRelease release;
     if (kind == Kind::Float32)
       softrank::pearson_vjp_batch(cdata_of<float>(a), cdata_of<float>(b),
                                   cdata_of<float>(cotangent), rows, n, data_of<float>(grad));
@@ -472,7 +488,7 @@ py::array inverse_permutations(const py::array& perm_arg) {
   index_t* q = data_of<index_t>(inverse);
   bool valid = true;
   {
-    py::gil_scoped_release release;
+    GilRelease release;
     for (std::int64_t r = 0; r < rows && valid; ++r) {
       const index_t* row = p + r * n;
       index_t* out = q + r * n;
@@ -507,7 +523,7 @@ py::array isotonic_vjp(const py::object& weights, const py::array& blocks_arg,
   const index_t n = static_cast<index_t>(cotangent.shape(1));
   py::array grad = new_rows_array(cotangent.dtype(), cotangent.shape(0), cotangent.shape(1));
   {
-    py::gil_scoped_release release;
+    GilRelease release;
     if (kind == Kind::Float32)
       softrank::isotonic_vjp_batch(weighted ? cdata_of<float>(w) : nullptr,
                                    cdata_of<index_t>(blocks), cdata_of<float>(cotangent), rows, n,
@@ -536,7 +552,7 @@ py::tuple isotonic_vjp_weighted(const py::array& y_arg, const py::array& solutio
   py::array grad = new_rows_array(cotangent.dtype(), rows, n);
   py::array grad_weights = new_rows_array(cotangent.dtype(), rows, n);
   {
-    py::gil_scoped_release release;
+    GilRelease release;
     if (kind == Kind::Float32)
       softrank::isotonic_vjp_batch(cdata_of<float>(w), cdata_of<index_t>(blocks),
                                    cdata_of<float>(cotangent), rows, n, data_of<float>(grad),
@@ -636,7 +652,7 @@ void cuda_forward(const std::string& dtype, std::uintptr_t x, std::int64_t rows,
   if (!any) return;
   check_workspace(softrank::cuda::soft_forward_workspace(f64, rows, static_cast<index_t>(n)),
                   workspace_bytes);
-  py::gil_scoped_release release;
+  GilRelease release;
   softrank::cuda::soft_forward(f64, px, rows, static_cast<index_t>(n), spec, pout,
                                static_cast<index_t*>(pperm), static_cast<index_t*>(pblocks),
                                pwork, static_cast<std::size_t>(workspace_bytes),
@@ -661,7 +677,7 @@ void cuda_product(const std::string& dtype, std::uintptr_t x, std::uintptr_t out
   if (!any) return;
   check_workspace(softrank::cuda::soft_product_workspace(f64, rows, static_cast<index_t>(n)),
                   workspace_bytes);
-  py::gil_scoped_release release;
+  GilRelease release;
   softrank::cuda::soft_product(f64, px, pout, static_cast<const index_t*>(pperm),
                                static_cast<const index_t*>(pblocks), pvec, rows,
                                static_cast<index_t>(n), spec, transpose, presult, pwork,
@@ -776,9 +792,12 @@ PYBIND11_MODULE(_C, m) {
         "Both gradients (y, weights) of a weighted l2 isotonic regression.");
   m.def(
       "set_num_threads",
-      [](int k) {
-        if (k < 1) throw py::value_error("num_threads must be >= 1");
-        softrank::set_num_threads(k);
+      [](long long k) {
+        if (k < 1 || k > softrank::kMaxThreads)
+          throw py::value_error("num_threads must lie in [1, " +
+                                std::to_string(softrank::kMaxThreads) + "], got " +
+                                std::to_string(k));
+        softrank::set_num_threads(static_cast<int>(k));
       },
       py::arg("num_threads"));
   m.def("get_num_threads", &softrank::get_num_threads);

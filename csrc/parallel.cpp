@@ -46,12 +46,12 @@ class ThreadPool {
  public:
   ThreadPool() {
     const unsigned hw = std::thread::hardware_concurrency();
-    limit_ = hw == 0 ? 1 : static_cast<int>(hw);
+    limit_ = hw == 0 ? 1 : static_cast<int>(std::min<unsigned>(hw, kMaxThreads));
   }
 
   void set_limit(int k) {
     std::lock_guard<std::mutex> run_lock(run_mutex_);
-    limit_ = std::max(1, k);
+    limit_ = std::min(std::max(1, k), kMaxThreads);
   }
   int limit() const { return limit_; }
 
@@ -102,12 +102,18 @@ class ThreadPool {
         std::this_thread::yield();
       std::shared_ptr<Job> job;
       {
+        // A worker that a job does not need (after the thread count was
+        // lowered) goes back to sleep without spinning, so idle workers cost
+        // the callers nothing.
         std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return generation_.load() != seen; });
-        seen = generation_.load();
+        wake_.wait(lock, [&] {
+          if (generation_.load() == seen) return false;
+          seen = generation_.load();
+          return current_ && id < current_->helpers;
+        });
         job = current_;
       }
-      if (job && id < job->helpers) job->drain();
+      job->drain();
     }
   }
 

@@ -36,6 +36,10 @@ def simd_level() -> str:
     return str(engine().simd_level())
 
 
+# More threads only multiply the per-call costs (the core caps its pool here too).
+MAX_NUM_THREADS = 1024
+
+
 def set_num_threads(num_threads: int) -> None:
     """Bound the CPU threads the engine uses (default: all cores).
 
@@ -44,7 +48,8 @@ def set_num_threads(num_threads: int) -> None:
     Parameters
     ----------
     num_threads : int
-        At least 1.
+        In [1, 1024]. The numba engine clips it to its pool size
+        (``NUMBA_NUM_THREADS``, by default the number of cores).
     """
     import numbers
 
@@ -52,8 +57,8 @@ def set_num_threads(num_threads: int) -> None:
 
     if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
         raise TypeError(f"num_threads must be an int, got {type(num_threads).__name__}")
-    if num_threads < 1:
-        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    if not 1 <= num_threads <= MAX_NUM_THREADS:
+        raise ValueError(f"num_threads must lie in [1, {MAX_NUM_THREADS}], got {num_threads}")
     engine().set_num_threads(int(num_threads))
 
 

@@ -28,6 +28,8 @@ different merge decisions near ties.
 from __future__ import annotations
 
 import math
+import os
+import types
 
 import numba
 import numpy as np
@@ -777,6 +779,60 @@ def _isotonic_vjp_row(w, has_w, bs, g, res, y, sol, res_w, with_weights):
 
 
 # ---------------------------------------------------------------------------
+# Threads. numba's thread count is per calling thread, and its GNU OpenMP
+# threading layer (numba's choice where TBB is missing) kills a forked child
+# that runs a parallel kernel after its parent did ("fork() called from a
+# process already using GNU OpenMP"): a fork-based DataLoader or
+# multiprocessing worker. So the count set by set_num_threads is applied in
+# every calling thread, and a child forked from a process that ran the
+# parallel kernels runs each kernel's serial twin (the same code, compiled
+# without parallel=True: prange is then range).
+# ---------------------------------------------------------------------------
+
+_thread_limit = None  # set_num_threads' count, None for numba's default
+_parallel_used = False  # this process ran a parallel kernel
+_serial_only = False  # a fork child of a process that had run one under OpenMP
+
+
+def _after_fork_in_child():
+    global _serial_only
+    if _parallel_used and not _serial_only:
+        try:
+            layer = numba.threading_layer()
+        except ValueError:  # no layer initialised: nothing ran in parallel
+            return
+        _serial_only = layer == "omp"
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _RowKernel:
+    """A kernel that runs ``prange`` over row chunks, compiled (lazily, on
+    first call, cached on disk) with ``parallel=True`` and as a serial twin,
+    which a fork child of an OpenMP process calls instead (see above)."""
+
+    def __init__(self, func):
+        self.parallel = njit(parallel=True, **_JIT)(func)
+        # A function of its own name, so that numba's disk cache keeps the two apart.
+        twin = types.FunctionType(func.__code__, func.__globals__, func.__name__ + "_serial",
+                                  func.__defaults__, func.__closure__)
+        twin.__qualname__ = func.__qualname__ + "_serial"
+        self.serial = njit(**_JIT)(twin)
+
+    def __call__(self, *args):
+        global _parallel_used
+        if _serial_only:
+            return self.serial(*args)
+        _parallel_used = True
+        return self.parallel(*args)
+
+
+def _row_kernel(func):
+    return _RowKernel(func)
+
+
+# ---------------------------------------------------------------------------
 # Parallel kernels: prange over contiguous chunks of rows. A chunk allocates
 # its scratch once and reuses it for all its rows (many short rows would
 # otherwise spend their time in the allocator). Rows never interact, so the
@@ -784,7 +840,7 @@ def _isotonic_vjp_row(w, has_w, bs, g, res, y, sol, res_w, with_weights):
 # ---------------------------------------------------------------------------
 
 
-@njit(parallel=True, **_JIT)
+@_row_kernel
 def _soft_forward_kernel(x, out, perm, bs, op, reg, descending, eps, chunks):
     rows, n = x.shape
     for c in prange(chunks):
@@ -802,7 +858,7 @@ def _soft_forward_kernel(x, out, perm, bs, op, reg, descending, eps, chunks):
                          keys, key_buf, idx_buf, bstart, bref, bstat, bstat2)
 
 
-@njit(parallel=True, **_JIT)
+@_row_kernel
 def _soft_backward_kernel(x, out, perm, bs, vec, res, op, reg, descending, eps,
                           jvp, status, chunks):
     rows = x.shape[0]
@@ -903,7 +959,7 @@ def _hvp_row(x, out, perm, bs, c, t, res, work, op, reg, descending, eps):
     return 0
 
 
-@njit(parallel=True, **_JIT)
+@_row_kernel
 def _hvp_kernel(x, out, perm, bs, c, t, res, op, reg, descending, eps, status, chunks):
     rows, n = x.shape
     for k in prange(chunks):
@@ -915,7 +971,7 @@ def _hvp_kernel(x, out, perm, bs, c, t, res, op, reg, descending, eps, status, c
                                  op, reg, descending, eps)
 
 
-@njit(parallel=True, **_JIT)
+@_row_kernel
 def _isotonic_forward_kernel(y, w, has_w, increasing, sol, bs, chunks):
     rows, n = y.shape
     for c in prange(chunks):
@@ -934,7 +990,7 @@ def _isotonic_forward_kernel(y, w, has_w, increasing, sol, bs, chunks):
                           ys, ws, bstart, bref, bstat, bw)
 
 
-@njit(parallel=True, **_JIT)
+@_row_kernel
 def _isotonic_vjp_kernel(w, has_w, bs, g, res, y, sol, res_w, with_weights, chunks):
     rows = g.shape[0]
     for c in prange(chunks):
@@ -1185,7 +1241,7 @@ def _projection_row(z, w, eps, reg, out, perm_z, perm_w, bs, s, ws, key_buf, idx
         out[perm_z[i]] = sorted_out[i]
 
 
-@njit(parallel=True, **_JIT)
+@_row_kernel
 def _projection_kernel(z, w, eps, reg, out, perm_z, perm_w, bs, chunks):
     rows, n = z.shape
     for c in prange(chunks):
@@ -1282,7 +1338,7 @@ def _isotonic_kl_row(y, w, has_w, increasing, sol, bs, bstart, bref, bsum, bw, w
             bs[i] = bstart[k]
 
 
-@njit(parallel=True, **_JIT)
+@_row_kernel
 def _isotonic_kl_kernel(y, w, has_w, increasing, sol, bs, chunks):
     rows, n = y.shape
     for c in prange(chunks):
@@ -1354,7 +1410,7 @@ def _pearson_moments(a, b):
     return scale_a, scale_b, mean_a, mean_b, norm_a, norm_b, ab / norm_a / norm_b
 
 
-@njit(parallel=True, **_JIT)
+@_row_kernel
 def _pearson_kernel(a, b, corr, chunks):
     rows = a.shape[0]
     for c in prange(chunks):
@@ -1362,7 +1418,7 @@ def _pearson_kernel(a, b, corr, chunks):
             corr[r] = _pearson_moments(a[r], b[r])[6]
 
 
-@njit(parallel=True, **_JIT)
+@_row_kernel
 def _pearson_vjp_kernel(a, b, cotangent, grad, chunks):
     rows, n = a.shape
     for c in prange(chunks):
@@ -1439,7 +1495,15 @@ def _check_codes(op, reg, descending, eps):
 
 
 def _chunks(rows):
-    """How many row chunks to hand to prange: a few per thread for balance."""
+    """How many row chunks to hand to prange: a few per thread for balance.
+
+    Called right before each kernel: it also applies set_num_threads' count to
+    the calling thread (numba's count is per thread).
+    """
+    if _serial_only:
+        return min(rows, 4)
+    if _thread_limit is not None and numba.get_num_threads() != _thread_limit:
+        numba.set_num_threads(_thread_limit)
     return min(rows, 4 * numba.get_num_threads())
 
 
@@ -1803,12 +1867,18 @@ def set_num_threads(k):
         >= 1. Values above numba's pool size (``NUMBA_NUM_THREADS``) are
         clipped, since numba refuses them.
     """
+    global _thread_limit
     k = int(k)
     if k < 1:
         raise ValueError(f"num_threads must be >= 1, got {k}")
-    numba.set_num_threads(min(k, numba.config.NUMBA_NUM_THREADS))
+    _thread_limit = min(k, numba.config.NUMBA_NUM_THREADS)
+    if not _serial_only:
+        numba.set_num_threads(_thread_limit)
 
 
 def get_num_threads():
-    """The number of threads the parallel kernels use."""
-    return int(numba.get_num_threads())
+    """The number of threads the parallel kernels use (1 in a fork child that
+    runs the serial kernels, see ``_RowKernel``)."""
+    if _serial_only:
+        return 1
+    return _thread_limit if _thread_limit is not None else int(numba.get_num_threads())

@@ -19,6 +19,7 @@ import pytest
 import softrank
 import softrank.numpy as srn
 from softrank import _engine
+from child_python import run_python
 from frameworks import jax_x64, require
 
 KWARGS = [
@@ -260,3 +261,111 @@ def test_a_forked_child_gets_a_pool_of_its_own():
     finally:
         stop.set()
         busy.join()
+
+
+@pytest.mark.parametrize("backend_name", _engine.available_backends())
+def test_interpreter_exit_with_a_daemon_thread_inside_the_engine(backend_name):
+    """Python ends a daemon thread that asks for the GIL back during
+    interpreter exit by pthread_exit; through pybind11's noexcept GIL guard
+    that called std::terminate, and the process aborted (rc 134) at exit."""
+    code = (
+        "import threading, time\n"
+        "import numpy as np, softrank.numpy as srn\n"
+        "x = np.random.default_rng(0).standard_normal((1, 1 << 18))\n"
+        "def spin():\n"
+        "    while True:\n"
+        "        srn.soft_rank(x, 0.5)\n"
+        "threading.Thread(target=spin, daemon=True).start()\n"
+        "time.sleep(0.5)\n"
+        "print('exiting')\n"
+    )
+    for attempt in range(3):
+        result = run_python(code, env={**os.environ, "SOFTRANK_BACKEND": backend_name},
+                            timeout=120)
+        assert result.returncode == 0 and "exiting" in result.stdout, (
+            attempt, result.returncode, result.stderr[-2000:])
+
+
+def test_set_num_threads_bounds():
+    """Counts above 1024 are refused, naming the range (2^30 threads raised a
+    bare 'cannot create std::vector larger than max_size()' at the next call,
+    3e8 was killed for memory, and >= 2^31 gave pybind11's 'incompatible
+    function arguments'); 1024 itself works and keeps results bitwise (in a
+    child process: the pool keeps its threads)."""
+    for bad in (1025, 2**30, 2**31, 2**70):
+        with pytest.raises(ValueError, match=r"num_threads must lie in \[1, 1024\]"):
+            softrank.set_num_threads(bad)
+    if softrank.backend() == "native":
+        for bad in (0, 1025, 2**31):  # the core checks what it is handed too
+            with pytest.raises(ValueError, match="num_threads must lie in"):
+                _engine.engine().set_num_threads(bad)
+        code = (
+            "import numpy as np, softrank, softrank.numpy as srn\n"
+            "x = np.random.default_rng(4).normal(size=(1, 300_000))\n"
+            "expected = srn.soft_rank(x, 0.6).tobytes()\n"
+            "softrank.set_num_threads(1024)\n"
+            "assert softrank.get_num_threads() == 1024\n"
+            "assert srn.soft_rank(x, 0.6).tobytes() == expected\n"
+            "print('same')\n"
+        )
+        result = run_python(code, timeout=300)
+        assert result.returncode == 0 and "same" in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_numba_engine_in_a_forked_child():
+    """numba's GNU OpenMP threading layer killed (SIGTERM) a forked child that
+    ran a parallel kernel after its parent had ("fork() called from a process
+    already using GNU OpenMP"): a fork-based DataLoader worker. The child now
+    runs the kernels' serial twins and gets the parent's results bit for bit."""
+    if "numba" not in _engine.available_backends():
+        pytest.skip("numba is not installed")
+    saved = (_engine._engine, _engine._engine_name)
+    _engine.force_backend("numba")
+    try:
+        x, g, w = _inputs((64, 700), 22)
+        expected = _every_op(x, g, w)  # runs every parallel kernel here first
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.alarm(120)
+                got = _every_op(x, g, w)
+                same = all(a.tobytes() == b.tobytes() for a, b in zip(got, expected))
+                code = 0 if same and softrank.get_num_threads() == 1 else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status), f"the child was killed by signal {os.WTERMSIG(status)}"
+        assert os.WEXITSTATUS(status) == 0, "the child's results differ (2) or it raised (1)"
+    finally:
+        _engine._engine, _engine._engine_name = saved
+
+
+def test_numba_thread_count_holds_in_every_thread():
+    """numba's thread count is per calling thread: set_num_threads(1) bound the
+    setting thread only, and a call from another thread (a threading.Thread,
+    jax's or TensorFlow's host callbacks) ran on every core."""
+    if "numba" not in _engine.available_backends():
+        pytest.skip("numba is not installed")
+    import numba
+
+    saved = (_engine._engine, _engine._engine_name)
+    _engine.force_backend("numba")
+    numba_threads = softrank.get_num_threads()
+    try:
+        softrank.set_num_threads(1)
+        x, _, _ = _inputs((64, 50), 23)
+        seen = []
+
+        def call():
+            srn.soft_rank(x, 0.6)
+            seen.append((softrank.get_num_threads(), numba.get_num_threads()))
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        thread.join()
+        assert seen == [(1, 1)]
+    finally:
+        softrank.set_num_threads(numba_threads)
+        _engine._engine, _engine._engine_name = saved

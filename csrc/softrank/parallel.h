@@ -15,6 +15,11 @@ namespace softrank {
 // returns when all are done. The calling thread takes part.
 void parallel_for(std::int64_t num_tasks, const std::function<void(std::int64_t)>& task);
 
+// The most threads a pool may use: more only multiplies the per-call costs
+// (a thread each, and four tasks each for a long row).
+constexpr int kMaxThreads = 1024;
+
+// Clamped to [1, kMaxThreads].
 void set_num_threads(int num_threads);
 int get_num_threads();
 
