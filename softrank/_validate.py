@@ -108,6 +108,18 @@ def check_axis(axis: Any, ndim: int, name: str = "axis", array_name: str = "x") 
     return axis % ndim
 
 
+FLOAT16_LARGEST = 65504
+
+
+def check_float16_ranks(n: Any) -> None:
+    """Raise unless the soft ranks of a float16 ``x`` of length ``n`` (up to
+    ``n``) fit float16: past 65504 they would silently be inf."""
+    if n > FLOAT16_LARGEST:
+        raise ValueError(
+            f"soft_rank of a float16 x needs n <= {FLOAT16_LARGEST} (the largest float16; ranks "
+            f"reach n), got n = {n} along the axis: cast x to float32 or bfloat16 first")
+
+
 def check_float_dtype_kind(kind: str, dtype_name: Any, allow_int: bool, name: str = "x") -> None:
     """Reject complex, object, string and (unless ``allow_int``) integer dtypes.
 

@@ -108,6 +108,7 @@ from softrank._validate import (
     check_axis,
     check_direction,
     check_eps,
+    check_float16_ranks,
     check_float_dtype_kind,
     check_increasing,
     check_regularization,
@@ -605,6 +606,8 @@ def _apply(x: Any, eps: Any, regularization: Any, direction: Any, axis: Any, op:
     compute_dtype = _compute_dtype(x.dtype)
     ax = check_axis(axis, x.ndim)
     moved = jnp.moveaxis(x, ax, -1).astype(compute_dtype)
+    if op == OP_RANK and x.dtype == jnp.float16:
+        check_float16_ranks(moved.shape[-1])
     out = _value_p.bind(moved, **params)
     return jnp.moveaxis(out, -1, ax).astype(x.dtype)
 

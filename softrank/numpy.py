@@ -23,6 +23,7 @@ from softrank._validate import (
     check_axis,
     check_direction,
     check_eps,
+    check_float16_ranks,
     check_float_dtype_kind,
     check_increasing,
     check_regularization,
@@ -136,6 +137,8 @@ def _soft_forward(x, eps, regularization, direction, axis, op):
     reg = check_regularization(regularization)
     descending = check_direction(direction)
     array, ax, rows, restore = _prepare(x, axis)
+    if op == _engine.OP_RANK and array.dtype == np.float16:
+        check_float16_ranks(rows.shape[1])
     out, perm, blocks = _engine.engine().soft_forward(rows, op, reg, descending, eps)
     return array, ax, rows, restore, (out, perm, blocks), (op, reg, descending, eps)
 
@@ -145,7 +148,9 @@ def _soft_value(x, eps, regularization, direction, axis, op):
     eps = check_eps(eps)
     reg = check_regularization(regularization)
     descending = check_direction(direction)
-    _, _, rows, restore = _prepare(x, axis)
+    array, _, rows, restore = _prepare(x, axis)
+    if op == _engine.OP_RANK and array.dtype == np.float16:
+        check_float16_ranks(rows.shape[1])
     return restore(_engine.engine().soft_forward_value(rows, op, reg, descending, eps))
 
 

@@ -100,6 +100,7 @@ from softrank._validate import (
     check_axis,
     check_direction,
     check_eps,
+    check_float16_ranks,
     check_float_dtype_kind,
     check_increasing,
     check_regularization,
@@ -588,6 +589,8 @@ def _apply(x: Any, eps: Any, regularization: Any, direction: Any, axis: Any, op:
     if ndim is None:
         raise ValueError("x must have a statically known rank (number of dimensions)")
     ax = check_axis(axis, ndim)
+    if op == OP_RANK and x.dtype == tf.float16 and x.shape[ax] is not None:
+        check_float16_ranks(x.shape[ax])
     params = tf.constant([op, reg, descending, eps], tf.float64)
     out = _soft_op(tf.cast(_axis_last(x, ax), compute_dtype), params, reg == REG_KL)
     return tf.cast(_axis_back(out, ax), x.dtype)

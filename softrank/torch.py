@@ -108,6 +108,7 @@ from softrank._validate import (
     check_axis,
     check_direction,
     check_eps,
+    check_float16_ranks,
     check_float_dtype_kind,
     check_increasing,
     check_regularization,
@@ -1130,6 +1131,8 @@ def _soft_op(x: Any, eps: Any, regularization: Any, direction: Any, dim: Any, op
         last = axis == ndim - 1
         moved = x if last else x.movedim(axis, -1)
     if compute_dtype is not dtype:
+        if dtype is torch.float16 and op == OP_RANK:
+            check_float16_ranks(moved.shape[-1])
         moved = moved.to(compute_dtype)
     # The operators take any (..., n): x goes to them as it is, not reshaped
     # to rows. Under torch.compile a reshaped x would be an intermediate of

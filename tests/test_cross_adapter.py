@@ -250,3 +250,36 @@ def test_isotonic_gradients_near_the_largest_float(adapter):
         np.testing.assert_allclose(got[0], value, rtol=1e-12)
         np.testing.assert_allclose(got[1], grad_y * factor, rtol=1e-12, atol=0)
         np.testing.assert_allclose(got[2], grad_w * factor, rtol=1e-12, atol=0)
+
+
+def _soft_rank_in(adapter, x, eps):
+    if adapter == "numpy":
+        return np.asarray(srn.soft_rank(x, eps))
+    if adapter == "torch":
+        torch = require("torch")
+        import softrank.torch as srt
+
+        return srt.soft_rank(torch.from_numpy(x), eps).numpy()
+    if adapter == "jax":
+        jnp = require("jax.numpy")
+        import softrank.jax as srj
+
+        return np.asarray(srj.soft_rank(jnp.asarray(x), eps))
+    tf = require("tensorflow")
+    import softrank.tensorflow as srtf
+
+    return srtf.soft_rank(tf.constant(x), eps).numpy()
+
+
+@pytest.mark.parametrize("adapter", ["numpy", *ADAPTERS])
+def test_float16_soft_ranks_past_the_largest_float16_are_refused(adapter):
+    """Soft ranks reach n, and float16's largest value is 65504: beyond it the
+    ranks came back inf, silently. n = 65504 still works (its largest rank is
+    exactly 65504); n = 65505 is refused, naming float16 and n."""
+    x = np.zeros(65504, dtype=np.float16)
+    x[7] = 1.0
+    ranks = _soft_rank_in(adapter, x, 1e-7)
+    assert ranks.dtype == np.float16 and np.isfinite(ranks).all()
+    assert ranks[7] == 65504.0
+    with pytest.raises(ValueError, match=r"float16 x needs n <= 65504.*n = 65505"):
+        _soft_rank_in(adapter, np.zeros(65505, dtype=np.float16), 1e-3)
