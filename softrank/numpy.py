@@ -107,7 +107,10 @@ def _as_array(value: Any, name: str) -> np.ndarray:
         raise TypeError(
             f"{name} is a numpy masked array: softrank has no masks; pass the values to use "
             f"(e.g. {name}.filled(fill_value), or {name}.compressed() for a 1-D array)")
-    return np.asarray(value)
+    try:
+        return np.asarray(value)
+    except ValueError as error:  # a ragged nested list
+        raise ValueError(f"{name} is not an array of one shape: {error}") from None
 
 
 def _prepare(x: Any, axis: Any, name: str = "x"):
@@ -307,7 +310,7 @@ def _soft_with_vjp(x, eps, regularization, direction, axis, op, name):
     def vjp(cotangent: ArrayLike) -> np.ndarray:
         return _soft_product(shape, ax, rows, restore, state, args, cotangent, False)
 
-    vjp.__name__ = vjp.__qualname__ = name + "_vjp"
+    _name_pullback(vjp, name)
     vjp.__doc__ = (
         f"Gradient of ``sum(cotangent * {name}(x))`` with respect to ``x``, from the "
         f"stored forward state, O(n) per row. ``cotangent`` must have the shape of "
@@ -525,8 +528,16 @@ def _gradient_dtype(input_dtype: np.dtype, compute: np.dtype) -> np.dtype:
     return input_dtype if input_dtype.kind == "f" or input_dtype.name == "bfloat16" else compute
 
 
+def _name_pullback(fn: Callable, name: str) -> None:
+    """Names the pullback of ``name``: ``<name>_vjp``, qualified as a local
+    function of ``<name>_with_vjp`` (pickle then refuses it as a local object,
+    instead of as "not the same object as softrank.numpy.<name>_vjp")."""
+    fn.__name__ = name + "_vjp"
+    fn.__qualname__ = f"{name}_with_vjp.<locals>.{name}_vjp"
+
+
 def _pullback(name: str, shape: Tuple[int, ...], fn: Callable, doc: str) -> Callable:
-    fn.__name__ = fn.__qualname__ = name + "_vjp"
+    _name_pullback(fn, name)
     fn.__doc__ = doc + f" ``cotangent`` must have shape {shape}."
     return fn
 

@@ -191,3 +191,27 @@ def test_rejects_before_computing(backend):
     _raises_naming(lambda: srn.soft_rank(x, -1.0), "eps", ValueError)
     _raises_naming(lambda: srn.soft_rank_vjp(x, x[:, :10], 1.0), "cotangent", ValueError)
     np.testing.assert_array_equal(x, before)
+
+
+def test_ragged_lists_are_refused_naming_the_argument():
+    """numpy's own 'inhomogeneous shape' ValueError named no argument."""
+    ragged = [[3.0, 1.0, 2.0], [1.0, 2.0]]
+    for name, call in _calls(x=[[3.0, 1.0, 2.0], [1.0, 2.0, 0.0]]):
+        call()  # the rectangular list is accepted
+    _raises_naming(lambda: srn.soft_rank(ragged), "x")
+    _raises_naming(lambda: srn.soft_rank_vjp(X[:, :3], ragged), "cotangent")
+    _raises_naming(lambda: srn.isotonic_regression(ragged), "y")
+    _raises_naming(lambda: srn.spearman(X, [[1.0], [2.0, 3.0]]), "target")
+
+
+def test_a_pullback_is_refused_by_pickle_as_a_local_function():
+    """Pickling a pullback said it was 'not the same object as
+    softrank.numpy.soft_rank_vjp', a different public function."""
+    import pickle
+
+    for with_vjp in (srn.soft_rank_with_vjp, srn.soft_sort_with_vjp,
+                     srn.isotonic_regression_with_vjp, srn.soft_topk_mask_with_vjp):
+        args = (X, 2) if with_vjp is srn.soft_topk_mask_with_vjp else (X,)
+        _, vjp = with_vjp(*args)
+        with pytest.raises((AttributeError, pickle.PicklingError), match="local object"):
+            pickle.dumps(vjp)
