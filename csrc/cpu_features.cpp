@@ -2,6 +2,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 namespace softrank {
 namespace {
@@ -15,9 +16,17 @@ SimdLevel detect_cpu() {
   return SimdLevel::Baseline;
 }
 
+// Set to anything but "" or "0", surrounding whitespace ignored (as
+// SOFTRANK_DISABLE_CUDA, read in softrank/_engine.py).
 bool avx512_disabled_by_environment() {
   const char* value = std::getenv("SOFTRANK_DISABLE_AVX512");
-  return value != nullptr && value[0] != '\0' && std::strcmp(value, "0") != 0;
+  if (value == nullptr) return false;
+  std::string text(value);
+  const char* space = " \t\n\r\f\v";
+  const auto first = text.find_first_not_of(space);
+  if (first == std::string::npos) return false;
+  text = text.substr(first, text.find_last_not_of(space) - first + 1);
+  return text != "0";
 }
 
 }  // namespace

@@ -77,6 +77,10 @@ def test_level_follows_cpu_and_switch():
     capped = "avx2" if best == "avx512" else best
     assert _run("1")["level"] == capped
     assert _run("0")["level"] == best  # "0" does not disable
+    # whitespace around the value is ignored, as for SOFTRANK_DISABLE_CUDA
+    assert _run(" 0 ")["level"] == best
+    assert _run("  ")["level"] == best
+    assert _run(" 1\n")["level"] == capped
 
 
 def test_portable_path_matches_default_path():
