@@ -231,8 +231,10 @@ def _jitted(prim: Primitive, params: tuple) -> Any:
 
 
 def _eager(prim: Primitive, *args, **params):
-    """Outside a trace a primitive runs as its own jitted program."""
-    return _jitted(prim, tuple(sorted(params.items())))(*args)
+    """Outside a trace a primitive runs as its own jitted program (also under
+    ``jax.disable_jit()``, where jit would bind the primitive again, here)."""
+    with jax.disable_jit(False):
+        return _jitted(prim, tuple(sorted(params.items())))(*args)
 
 
 def _make(name: str, multiple_results: bool = False) -> Primitive:

@@ -267,3 +267,39 @@ def test_public_signatures_use_the_literal_aliases():
         hints = typing.get_type_hints(fn)
         assert hints["regularization"] == Regularization
         assert hints["direction"] == Direction
+
+
+DISABLE_JIT_CALLS = {
+    "soft_rank": lambda x: srj.soft_rank(x, 0.5),
+    "soft_sort kl": lambda x: srj.soft_sort(x, 0.5, regularization="kl"),
+    "soft_topk_mask": lambda x: srj.soft_topk_mask(x, 2, 0.5),
+    "soft_quantile": lambda x: srj.soft_quantile(x, 0.3, 0.5),
+    "soft_median": lambda x: srj.soft_median(x, 0.5),
+    "spearman": lambda x: srj.spearman(x, jnp.broadcast_to(jnp.arange(x.shape[-1]), x.shape), 0.5),
+    "isotonic_regression": srj.isotonic_regression,
+    "permutahedron_projection": srj.permutahedron_projection,
+}
+
+
+@pytest.mark.parametrize("name", sorted(DISABLE_JIT_CALLS))
+def test_every_operator_under_disable_jit(name):
+    """``jax.disable_jit()`` (a debugging switch) made every primitive's eager
+    rule call jax.jit, which bound the primitive again: RecursionError. Values
+    and gradients equal softrank.numpy's (the with_vjp pullbacks)."""
+    f = DISABLE_JIT_CALLS[name]
+    x = np.random.default_rng(2).normal(size=(3, 6)).astype(np.float32)
+
+    def loss(z):
+        return jnp.sum(f(z) ** 2)
+
+    expected_value, expected_grad = f(x), jax.grad(loss)(x)
+    with jax.disable_jit():
+        value, grad = f(x), jax.grad(loss)(x)
+        jitted_grad = jax.jit(jax.grad(loss))(x)
+    np.testing.assert_allclose(value, expected_value, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jitted_grad, expected_grad, rtol=1e-5, atol=1e-6)
+    reference = {"soft_rank": srn.soft_rank(x, 0.5), "isotonic_regression":
+                 srn.isotonic_regression(x), "soft_topk_mask": srn.soft_topk_mask(x, 2, 0.5)}
+    if name in reference:
+        np.testing.assert_allclose(value, reference[name], rtol=1e-6, atol=1e-6)
