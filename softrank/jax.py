@@ -67,6 +67,13 @@ calls it (the import registers the targets). The target names carry a
 version: a later softrank that changes a handler's signature gives it a new
 name, so an old export either runs unchanged or fails to find its target.
 
+Not supported: ``jax.experimental.jet`` (Taylor mode). ``soft_rank``,
+``soft_sort`` and the operators composed of them refuse it with a
+NotImplementedError; ``permutahedron_projection``, ``soft_topk_mask`` and
+``isotonic_regression`` (``jax.custom_jvp`` functions) get jax's own error,
+as any custom_jvp does. Nest ``jax.jvp`` / ``jax.jacfwd`` for derivatives of
+higher order.
+
 ``eps``, ``regularization`` and ``direction`` are static: pass Python values
 (a traced ``eps`` raises). float16 and bfloat16 are computed in float32 and
 returned in their own dtype; integer and bool arrays raise TypeError.
@@ -249,6 +256,27 @@ _value_p = _make("softrank_forward_value")
 _jvp_p = _make("softrank_jvp")
 _vjp_p = _make("softrank_vjp")
 _hvp_p = _make("softrank_hvp")
+
+
+def _refuse_jet(*args, **params):
+    raise NotImplementedError(
+        "softrank.jax does not support jax.experimental.jet (Taylor-mode derivatives): nest "
+        "jax.jvp or jax.jacfwd for derivatives of higher order")
+
+
+def _register_jet_refusals(*primitives: Primitive) -> None:
+    """jet has no rule for these primitives and would fail with a bare KeyError."""
+    try:
+        from jax.experimental import jet
+    except ImportError:  # (an experimental module: it may move)
+        return
+    rules = getattr(jet, "jet_rules", None)
+    if isinstance(rules, dict):
+        for prim in primitives:
+            rules.setdefault(prim, _refuse_jet)
+
+
+_register_jet_refusals(_forward_p, _value_p, _jvp_p, _vjp_p, _hvp_p)
 
 
 def _like(x, dtype=None):
@@ -773,6 +801,7 @@ _projection_p = _make("softrank_projection", multiple_results=True)
 _projection_p.def_abstract_eval(
     lambda z, w, **_: (_like(z),) + (_like(z, jnp.int32),) * len(_host.ProjectionState._fields))
 _isotonic_p = _make("softrank_isotonic", multiple_results=True)
+_register_jet_refusals(_projection_p, _isotonic_p)
 _isotonic_p.def_abstract_eval(lambda y, *_, **__: (_like(y), _like(y, jnp.int32)))
 for _prim, _fn, _cpu in ((_projection_p, _projection_host, _projection_cpu_lowering),
                          (_isotonic_p, _isotonic_host, _isotonic_cpu_lowering)):

@@ -303,3 +303,20 @@ def test_every_operator_under_disable_jit(name):
                  srn.isotonic_regression(x), "soft_topk_mask": srn.soft_topk_mask(x, 2, 0.5)}
     if name in reference:
         np.testing.assert_allclose(value, reference[name], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(DISABLE_JIT_CALLS))
+def test_jet_is_refused(name):
+    """jax.experimental.jet has no rules for softrank: the primitives raised a
+    bare KeyError ('softrank_forward_value'); now a NotImplementedError that
+    names jet. The custom_jvp operators get jax's own error (as every
+    custom_jvp does); none returns a value."""
+    jet = pytest.importorskip("jax.experimental.jet")
+    f = DISABLE_JIT_CALLS[name]
+    x = np.random.default_rng(2).normal(size=(3, 6)).astype(np.float32)
+    custom_jvp = name in ("isotonic_regression", "permutahedron_projection", "soft_topk_mask")
+    expected = Exception if custom_jvp else NotImplementedError
+    with pytest.raises(expected) as info:
+        jet.jet(lambda z: jnp.sum(f(z) ** 2), (x,), ((np.ones_like(x), np.zeros_like(x)),))
+    if not custom_jvp:
+        assert "jax.experimental.jet" in str(info.value)
