@@ -583,7 +583,7 @@ def _apply(x: Any, eps: Any, regularization: Any, direction: Any, axis: Any, op:
     eps = _check_eps(eps)
     reg = check_regularization(regularization)
     descending = check_direction(direction)
-    x = tf.convert_to_tensor(x)
+    x = _dense_tensor(x, "x")
     compute_dtype = _compute_dtype(x.dtype, "x")
     ndim = x.shape.rank
     if ndim is None:
@@ -900,9 +900,20 @@ def _axis_back(x: tf.Tensor, ax: int) -> tf.Tensor:
     return tf.transpose(x, _layout.axis_last_order(ndim, ax)[1])
 
 
+def _dense_tensor(value: Any, name: str) -> tf.Tensor:
+    """``tf.convert_to_tensor(value)``, refusing ragged and sparse tensors by name
+    (their conversion errors name neither the argument nor the problem)."""
+    if isinstance(value, (tf.RaggedTensor, tf.SparseTensor)):
+        kind = "RaggedTensor" if isinstance(value, tf.RaggedTensor) else "SparseTensor"
+        hint = ("value.to_tensor(default_value) for a padded tensor, or apply the operator to "
+                "each row" if kind == "RaggedTensor" else "tf.sparse.to_dense(value)")
+        raise TypeError(f"{name} is a tf.{kind}: softrank takes dense tensors ({hint})")
+    return tf.convert_to_tensor(value)
+
+
 def _prepare(x: Any, axis: Any, name: str):
     """``(x as a tensor, x in its compute dtype with axis last, the axis)``."""
-    x = tf.convert_to_tensor(x)
+    x = _dense_tensor(x, name)
     compute_dtype = _compute_dtype(x.dtype, name)
     if x.shape.rank is None:
         raise ValueError(f"{name} must have a statically known rank (number of dimensions)")
@@ -921,7 +932,7 @@ def _static_length(moved: tf.Tensor, name: str) -> int:
 
 def _secondary(value: Any, name: str) -> tf.Tensor:
     """A tensor of floats (integers and booleans accepted) of known rank."""
-    value = tf.convert_to_tensor(value)
+    value = _dense_tensor(value, name)
     if not value.dtype.is_floating:
         check_float_dtype_kind(_dtype_kind(value.dtype), value.dtype.name, allow_int=True,
                                name=name)

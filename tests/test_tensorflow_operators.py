@@ -870,3 +870,32 @@ def test_isotonic_increasing_and_weights_beyond_float32_are_refused():
                              (1e-50, r"weights must stay > 0 in float32")):
         with pytest.raises(ValueError, match=message):
             srtf.isotonic_regression(y, weights=tf.fill([1, 4], tf.constant(weights, tf.float64)))
+
+
+RAGGED_SPARSE_CALLS = [
+    ("x", lambda v: srtf.soft_rank(v, 0.5)),
+    ("x", lambda v: srtf.soft_sort(v, 0.5)),
+    ("x", lambda v: srtf.soft_topk_mask(v, 1, 0.5)),
+    ("x", lambda v: srtf.soft_quantile(v, 0.5, 0.5)),
+    ("x", lambda v: srtf.soft_median(v, 0.5)),
+    ("pred", lambda v: srtf.spearman(v, tf.ones((2, 3)), 0.5)),
+    ("target", lambda v: srtf.spearman(tf.ones((2, 3)), v, 0.5)),
+    ("y", srtf.isotonic_regression),
+    ("weights", lambda v: srtf.isotonic_regression(tf.ones((2, 3)), weights=v)),
+    ("z", srtf.permutahedron_projection),
+    ("w", lambda v: srtf.permutahedron_projection(tf.ones((2, 3)), v)),
+]
+
+
+@pytest.mark.parametrize("name, call", RAGGED_SPARSE_CALLS)
+def test_ragged_and_sparse_tensors_are_refused_by_name(name, call):
+    """Their conversion errors named neither the argument nor the problem
+    ("object of type 'RaggedTensor' has no len()", "Attempt to convert a
+    value (SparseTensor(...))"), eagerly and inside tf.function."""
+    ragged = tf.ragged.constant([[1.0, 2.0, 3.0], [4.0, 5.0]])
+    sparse = tf.sparse.from_dense(tf.constant([[1.0, 0.0, 3.0], [0.0, 5.0, 6.0]]))
+    for value, kind in ((ragged, "RaggedTensor"), (sparse, "SparseTensor")):
+        with pytest.raises(TypeError, match=rf"^{name} is a tf\.{kind}"):
+            call(value)
+    with pytest.raises(TypeError, match=rf"{name} is a tf\.RaggedTensor"):
+        tf.function(call)(ragged)
