@@ -27,6 +27,9 @@ def compute_dtype_name(dtype_name: str, kind: str, itemsize: int, allow_int: boo
     if dtype_name == "bfloat16":  # (ml_dtypes' numpy bfloat16 has kind 'V')
         return "float32"
     check_float_dtype_kind(kind, dtype_name, allow_int=allow_int, name=name)
+    if kind == "f" and itemsize < 2:  # float8 (torch's): its ranks would saturate at 448
+        raise TypeError(f"{name} must have dtype float16, bfloat16, float32 or float64, got "
+                        f"{dtype_name}: cast it to one of them first")
     return "float64" if kind in "iub" or itemsize >= 8 else "float32"
 
 

@@ -158,6 +158,19 @@ def _host_array(tensor: Tensor) -> np.ndarray:
     return tensor.detach().cpu().numpy()
 
 
+def _saved_host(tensor: Optional[Tensor]) -> Optional[np.ndarray]:
+    """The host array of a tensor from ``ctx.saved_tensors``.
+
+    A backward reads the saved tensors, never host views kept from the
+    forward: under ``torch.autograd.graph.saved_tensors_hooks`` (offloading,
+    compression) they are what the hooks unpacked, which the backward must
+    use, while the forward's buffers may have been changed in place since.
+    """
+    if tensor is None:
+        return None
+    return _host_array(tensor if tensor.is_contiguous() else tensor.contiguous())
+
+
 def _rows_of(tensor: Tensor) -> Tensor:
     """``tensor`` (its operator dim last, ``dim() >= 1``) as C-contiguous ``(rows, n)``.
 
@@ -650,24 +663,24 @@ class _EagerForward(torch.autograd.Function):
         x_host = _host_array(x)
         out_host, perm, block_start = _engine.engine().soft_forward(x_host, op, reg, descending, eps)
         out = torch.from_numpy(out_host)
-        # Saved so that autograd catches in-place changes to them: the
-        # backward reads their buffers through the host arrays.
+        # The backward reads x and out from the saved tensors (_saved_host).
         ctx.save_for_backward(x, out)
-        ctx.host = (x_host, out_host, perm, block_start)
+        ctx.host = (perm, block_start)
         ctx.params = (op, reg, descending, eps)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, out = ctx.saved_tensors
-        x_host, out_host, perm, block_start = ctx.host
+        perm, block_start = ctx.host
         if not torch.is_grad_enabled() and _eager(grad_out):
             if grad_out.dtype != x.dtype:
                 grad_out = grad_out.to(x.dtype)
             if not grad_out.is_contiguous():  # (a broadcast cotangent, as from sum().backward())
                 grad_out = grad_out.contiguous()
             grad = _engine.engine().soft_vjp(
-                x_host, out_host, perm, block_start, _host_array(grad_out), *ctx.params
+                _saved_host(x), _saved_host(out), perm, block_start, _host_array(grad_out),
+                *ctx.params
             )
             grad = torch.from_numpy(grad)
         else:
@@ -963,17 +976,17 @@ class _EagerIsotonic(torch.autograd.Function):
         solution_host, block_start = _engine.engine().isotonic_forward(
             y_host, weights_host, increasing, reg)
         solution = torch.from_numpy(solution_host)
-        # Saved so that autograd catches in-place changes to them: the
-        # backward reads their buffers through the host arrays.
+        # The backward reads y, weights and solution from the saved tensors (_saved_host).
         ctx.save_for_backward(y, weights, solution)
-        ctx.host = (y_host, weights_host, solution_host, block_start)
+        ctx.host = block_start
         ctx.reg = reg
         return solution
 
     @staticmethod
     def backward(ctx, grad_solution):
         y, weights, solution = ctx.saved_tensors
-        y_host, weights_host, solution_host, block_start = ctx.host
+        block_start = ctx.host
+        y_host, weights_host, solution_host = map(_saved_host, (y, weights, solution))
         need_y, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.reg == _engine.REG_L2 and not torch.is_grad_enabled() and _eager(grad_solution):
             cotangent = _host_array(grad_solution.to(y.dtype).contiguous())
@@ -1025,14 +1038,14 @@ class _EagerSpearman(torch.autograd.Function):
         target_ranks = _target_ranks(target, ranks.dtype)
         corr = torch.from_numpy(eng.pearson(ranks, target_ranks))
         ctx.save_for_backward(pred)
-        ctx.host = (pred_host, ranks, perm, block_start, target_ranks)
+        ctx.host = (ranks, perm, block_start, target_ranks)  # (private: not the caller's)
         ctx.params = (regularization, reg, eps)
         return corr
 
     @staticmethod
     def backward(ctx, grad_corr):
         (pred,) = ctx.saved_tensors
-        pred_host, ranks, perm, block_start, target_ranks = ctx.host
+        ranks, perm, block_start, target_ranks = ctx.host
         regularization, reg, eps = ctx.params
         if torch.is_grad_enabled() or not _eager(grad_corr):
             with torch.enable_grad():
@@ -1043,7 +1056,7 @@ class _EagerSpearman(torch.autograd.Function):
         eng = _engine.engine()
         cotangent = eng.pearson_vjp(ranks, target_ranks,
                                     _host_array(grad_corr.to(pred.dtype).contiguous()))
-        grad = eng.soft_vjp(pred_host, ranks, perm, block_start, cotangent,
+        grad = eng.soft_vjp(_saved_host(pred), ranks, perm, block_start, cotangent,
                             _engine.OP_RANK, reg, False, eps)
         return torch.from_numpy(grad), None, None, None
 
@@ -1111,6 +1124,8 @@ def _isotonic(y, weights, increasing, reg):
 def _soft_op(x: Any, eps: Any, regularization: Any, direction: Any, dim: Any, op: int) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout is not torch.strided or x.is_nested or x.is_quantized:
+        _refuse_layout(x, "x")
     if torch._C._get_tracing_state() is not None:
         raise RuntimeError(_NO_JIT)
     if type(eps) is not float or not eps >= 0.0:
@@ -1275,6 +1290,19 @@ def _no_jit() -> None:
         raise RuntimeError(_NO_JIT)
 
 
+def _refuse_layout(tensor: Tensor, name: str) -> None:
+    """Raise, naming ``name``, for a sparse, nested or quantized tensor (their
+    own errors in the operators named neither the argument nor the problem)."""
+    if tensor.is_nested:
+        kind, hint = "nested", f"{name}.unbind() and apply the operator to each tensor"
+    elif tensor.is_quantized:
+        kind, hint = "quantized", f"{name}.dequantize()"
+    else:
+        kind, hint = f"sparse ({_dtype_name(tensor.layout)})", f"{name}.to_dense()"
+    raise TypeError(f"{name} is a {kind} tensor: softrank takes dense strided tensors; "
+                    f"use {hint}")
+
+
 def _dtype_kind(dtype: torch.dtype) -> str:
     """numpy's kind code of a torch dtype, for :func:`check_float_dtype_kind`."""
     if dtype.is_floating_point:
@@ -1296,6 +1324,8 @@ def _to_last(x: Any, dim: Any, name: str):
     """``(x with dim last in its compute dtype, dim normalised, compute dtype)``."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout is not torch.strided or x.is_nested or x.is_quantized:
+        _refuse_layout(x, name)
     compute_dtype = _COMPUTE_DTYPE.get(x.dtype) or _compute_dtype(x.dtype, name)
     axis = check_axis(dim, x.dim(), name="dim", array_name=name)
     moved = x if axis == x.dim() - 1 else x.movedim(axis, -1)
@@ -1315,6 +1345,8 @@ def _operand(value: Any, name: str, like: Tensor) -> Tensor:
     """A further tensor argument (``w``, ``target``, ``weights``): real or integer, on ``like``'s device."""
     if not isinstance(value, Tensor):
         value = torch.as_tensor(value, device=like.device)
+    if value.layout is not torch.strided or value.is_nested or value.is_quantized:
+        _refuse_layout(value, name)
     check_float_dtype_kind(_dtype_kind(value.dtype), _dtype_name(value.dtype), allow_int=True,
                            name=name)
     if value.device != like.device:
@@ -1334,6 +1366,11 @@ def _eps_argument(eps: Any) -> float:
                 "is data the graph cannot depend on); pass float(eps)"
             )
         _refuse_differentiated(eps, "eps")
+        if eps.is_complex() or eps.dtype == torch.bool:
+            raise TypeError(f"eps must be a real number, got a {_dtype_name(eps.dtype)} tensor")
+        if eps.is_meta:
+            raise TypeError("eps must be a Python number or a tensor holding a value, got a "
+                            "meta tensor (it has no value)")
         eps = eps.detach()
     else:
         eps = _specialized(eps)
@@ -1561,7 +1598,7 @@ def soft_topk_mask(
     reg = check_regularization(regularization)
     moved, axis, dtype = _to_last(x, dim, "x")
     n = moved.shape[-1]
-    k = _operators.check_k(k, n)
+    k = _operators.check_k(_specialized(k), n)
     weights = _topk_row(n, k, reg, dtype, moved)
     out = _projection(moved, weights, eps, reg)[0]
     return _from_last(_operators.topk_mask_from_projection(_TORCH_OPS, out, reg), axis, x.dtype)
@@ -1672,6 +1709,22 @@ def _checked_levels(q: Any):
     return tuple(values.tolist()), scalar
 
 
+def _check_plain_levels(levels: tuple, q: Any) -> None:
+    """The errors of ``_operators.check_quantiles`` for Python values, raised
+    by plain Python that torch.compile traces: raised inside
+    :func:`_checked_levels` (a constant of the graph) they surface as dynamo's
+    InternalTorchDynamoError, which ``except ValueError`` misses."""
+    for level in levels:
+        if isinstance(level, (bool, str, bytes, complex)):
+            raise TypeError(
+                f"q must be a real number or a 1-D array of real numbers in [0, 1], "
+                f"got {type(q).__name__} {q!r}")
+        if isinstance(level, (list, tuple)):
+            raise ValueError(f"q must be a scalar or 1-D, got a nested sequence {q!r}")
+        if isinstance(level, (int, float)) and not 0.0 <= level <= 1.0:
+            raise ValueError(f"q must lie in [0, 1] (no NaN), got {q!r}")
+
+
 def _quantile_levels(q: Any):
     if isinstance(q, Tensor):
         if q.requires_grad:
@@ -1685,8 +1738,10 @@ def _quantile_levels(q: Any):
         q = values.cpu().numpy()
     elif isinstance(q, (list, tuple)):
         q = tuple(_specialized(level) for level in q)
+        _check_plain_levels(q, q)
     else:
         q = _specialized(q)
+        _check_plain_levels((q,), q)
     levels, scalar = _checked_levels(q)
     return np.array(levels, dtype=np.float64), scalar
 

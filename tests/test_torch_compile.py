@@ -193,3 +193,35 @@ def test_compiled_q_argument_that_changes_gives_the_eager_quantiles(as_list, dyn
         torch.testing.assert_close(compiled(x, q), f(x, q), rtol=0, atol=0, msg=f"q={q!r}")
     with pytest.raises(Exception, match=r"q must lie in \[0, 1\]"):
         compiled(x, 1.5)
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_compiled_k_argument_that_changes_gives_the_eager_mask(dynamic):
+    """An int k argument arrives as a SymInt once it changes (or with
+    dynamic=True): check_k crashed dynamo ("Unsupported hasattr call")."""
+    def f(t, k):
+        return srt.soft_topk_mask(t, k, 0.5)
+
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, dynamic=dynamic, backend="eager")
+    for k in (2, 3, 0, 6):
+        torch.testing.assert_close(compiled(x, k), f(x, k), rtol=0, atol=0, msg=f"k={k}")
+    with pytest.raises(Exception, match=r"k must lie in \[0, n\]"):
+        compiled(x, 7)
+
+
+@pytest.mark.parametrize("q, error", [(1.5, ValueError), (float("nan"), ValueError),
+                                      ([[0.1]], ValueError), ("a", TypeError),
+                                      (True, TypeError), ([0.2, 2.0], ValueError)])
+def test_compiled_invalid_q_raises_the_eager_exception_type(q, error):
+    """An invalid q under torch.compile raised dynamo's InternalTorchDynamoError
+    (the check ran inside a constant-result function), which `except
+    ValueError` misses; now the eager ValueError / TypeError, naming q."""
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(6))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: srt.soft_quantile(t, q, 0.5), backend="eager")
+    with pytest.raises(error, match=r"^q must"):
+        srt.soft_quantile(x, q, 0.5)
+    with pytest.raises(error, match=r"^q must"):
+        compiled(x)

@@ -1034,3 +1034,94 @@ def test_l2_gradient_penalty_is_zero_not_an_error(name):
         down = penalty((x.detach() - shift).requires_grad_(), False)
         expected[index] = (up - down) / (2 * step)
     torch.testing.assert_close(penalty_grad, expected, rtol=0, atol=1e-6)
+
+
+SAVED_HOOK_CASES = {
+    "soft_sort kl": lambda a, w: srt.soft_sort(a, 3.0, regularization="kl"),
+    "soft_rank kl": lambda a, w: srt.soft_rank(a, 3.0, regularization="kl"),
+    "spearman kl": lambda a, w: srt.spearman(a, torch.arange(6.0).expand(3, 6), 3.0,
+                                             regularization="kl"),
+    "isotonic l2 weighted": lambda a, w: srt.isotonic_regression(a, weights=w),
+    "isotonic kl weighted": lambda a, w: srt.isotonic_regression(a, weights=w,
+                                                                 regularization="kl"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAVED_HOOK_CASES))
+def test_backward_reads_what_saved_tensor_hooks_unpack(name):
+    """Under saved_tensors_hooks that pack a copy (activation offloading or
+    compression), torch promises the backward the packed values; the eager
+    CPU path read host views of the live buffers instead, so changing the
+    input in place after the forward gave a wrong gradient (no error)."""
+    f = SAVED_HOOK_CASES[name]
+    rng = np.random.default_rng(4)
+    x0 = torch.tensor(rng.normal(size=(3, 6)))
+    w0 = torch.tensor(rng.uniform(0.5, 1.5, size=(3, 6)))
+
+    def gradients(change_after_forward):
+        leaf, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+            x = leaf * 1.0
+            out = f(x, w)
+        if change_after_forward:
+            with torch.no_grad():
+                x.mul_(-3.0)
+                w.mul_(5.0)
+        cotangent = torch.linspace(-1, 2, out.numel(), dtype=out.dtype).reshape(out.shape)
+        return torch.autograd.grad(out, (leaf, w), cotangent, allow_unused=True)
+
+    for got, expected in zip(gradients(True), gradients(False)):
+        if expected is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def _unusual_tensors():
+    dense = torch.tensor([[0.3, 0.0, 2.0], [1.0, -1.0, 0.0]])
+    yield "sparse", dense.to_sparse()
+    yield "sparse", dense.to_sparse_csr()
+    yield "nested", torch.nested.nested_tensor([dense[0], dense[1, :2]])
+    yield "quantized", torch.quantize_per_tensor(dense, 0.1, 0, torch.qint8)
+
+
+LAYOUT_CALLS = [
+    ("x", lambda v: srt.soft_rank(v, 0.5)),
+    ("x", lambda v: srt.soft_sort(v, 0.5)),
+    ("x", lambda v: srt.soft_topk_mask(v, 1, 0.5)),
+    ("x", lambda v: srt.soft_quantile(v, 0.5, 0.5)),
+    ("pred", lambda v: srt.spearman(v, torch.ones(2, 3), 0.5)),
+    ("target", lambda v: srt.spearman(torch.ones(2, 3), v, 0.5)),
+    ("y", srt.isotonic_regression),
+    ("weights", lambda v: srt.isotonic_regression(torch.ones(2, 3), weights=v)),
+    ("z", srt.permutahedron_projection),
+    ("w", lambda v: srt.permutahedron_projection(torch.ones(2, 3), v)),
+]
+
+
+@pytest.mark.parametrize("name, call", LAYOUT_CALLS)
+def test_sparse_nested_and_quantized_tensors_are_refused_by_name(name, call):
+    """They failed inside the operators with errors naming neither the
+    argument nor the problem ("unsupported memory format option", "Could not
+    run 'softrank::projection_forward' ... SparseCPU", "NestedTensorImpl
+    doesn't support sizes"), or a quantized operand was read as integers."""
+    for kind, value in _unusual_tensors():
+        if kind == "quantized" and name in ("x", "pred", "y", "z"):
+            continue  # (refused by dtype, as before: a quantized x is not real)
+        with pytest.raises(TypeError, match=rf"^{name} is a {kind}"):
+            call(value)
+
+
+def test_float8_and_odd_eps_tensors_are_refused():
+    """float8 ranks saturated at 448 silently; a complex or bool eps tensor was
+    read as its real part or as 1, a meta eps raised '.item() cannot be called
+    on meta tensors'."""
+    if hasattr(torch, "float8_e4m3fn"):
+        with pytest.raises(TypeError, match=r"x must have dtype float16, bfloat16, float32 or"):
+            srt.soft_rank(torch.zeros(500, dtype=torch.float8_e4m3fn), 0.0)
+    x = torch.randn(2, 5)
+    for eps in (torch.tensor(0.5 + 0j), torch.tensor(True)):
+        with pytest.raises(TypeError, match="eps must be a real number"):
+            srt.soft_rank(x, eps)
+    with pytest.raises(TypeError, match="eps must be a Python number .* meta tensor"):
+        srt.soft_rank(x.to("meta"), torch.tensor(0.5, device="meta"))
