@@ -1036,6 +1036,16 @@ def _projection_l2_merges(eps, pool_all, ref_a, off_a, cnt_a, w_a, ref_b, off_b,
     return ds <= eps * dw
 
 
+@njit(**_JIT)
+def _twice_finite(half):
+    """2 * half for an output formed at half scale: where rounding took a finite
+    half past half the largest double, that largest double (common.h)."""
+    twice = 2.0 * half
+    if math.isinf(twice) and math.isfinite(half):
+        return math.copysign(_DBL_MAX, twice)
+    return twice
+
+
 # kl projection block: a = ref, b = log sum exp((s - ref) / eps), c = log sum exp(ws).
 @njit(**_JIT)
 def _projection_kl_centred(v, ref, eps, pool_all):
@@ -1230,7 +1240,7 @@ def _projection_row(z, w, eps, reg, out, perm_z, perm_w, bs, s, ws, key_buf, idx
             elif kl_runs:
                 value = (s[i] - ba[k]) / eps + shift
                 if wide and value == -_INF:  # (halving a subnormal s would round)
-                    value = 2.0 * ((0.5 * s[i] - 0.5 * ba[k]) / eps + 0.5 * shift)
+                    value = _twice_finite((0.5 * s[i] - 0.5 * ba[k]) / eps + 0.5 * shift)
             else:
                 value = _projection_kl_centred(s[i], ba[k], eps, pool_all) - bb[k] + bc[k]
             if k_scale != 0:  # scaled back within [min w, max w] (ws is scaled too)

@@ -712,3 +712,15 @@ def test_isotonic_kl_nonfinite_rows(eng):
     sol, bs = eng.isotonic_forward(y, None, True, KL)
     assert np.all(np.isnan(sol[:2])) and np.all(bs[:2] == -1)
     assert np.all(np.isfinite(sol[2]))
+
+
+def test_kl_projection_of_values_at_both_ends_of_the_doubles(eng):
+    """Found by the fuzzer: a kl row holding -DBL_MAX and nearly DBL_MAX pools
+    into one block wider than a double, formed at half scale; rounding took
+    the doubled output of -DBL_MAX to -inf, outside [min w, max w]. With z = w
+    (a vertex of P(w)) the projection is z itself."""
+    big, dbl_max = float.fromhex("0x1.fffffffp+1023"), np.finfo(np.float64).max
+    z = _row([big, 1.0, 0.0, -dbl_max])
+    out, _, _, block_start = eng.projection_forward(z, z.copy(), 1.0, KL)
+    assert out[0, 0] == big and out[0, 3] == -dbl_max, out
+    assert np.all(np.isfinite(out)) and np.all(out >= -dbl_max) and np.all(out <= big), out

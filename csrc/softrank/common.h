@@ -42,6 +42,17 @@ SOFTRANK_HD double log_add_exp(double a, double b) {
   return hi + std::log1p(std::exp(lo - hi));
 }
 
+// 2 * half, for an output formed at half scale (a block's spread of z / eps
+// wider than a double) that lies in [min w, max w]: where rounding took a
+// finite half past half the largest double, the output is that largest
+// double, not an infinity (a kl row holding both -DBL_MAX and DBL_MAX).
+SOFTRANK_HD double twice_finite(double half) {
+  const double twice = 2.0 * half;
+  if (std::isinf(twice) && std::isfinite(half))
+    return std::copysign(std::numeric_limits<double>::max(), twice);
+  return twice;
+}
+
 // Sum of rho_i = n - i over sorted positions [s, e): closed form, in double.
 SOFTRANK_HD double rho_sum(index_t n, index_t s, index_t e) {
   const double m = static_cast<double>(e - s);

@@ -193,7 +193,7 @@ struct ProjectionKlRule {
     const double v = centred(s[i], o.ref) - o.lse_s + o.lse_w;
     // (only the positions that overflow: halving a subnormal s would round)
     if (o.wide && v == -kInf)
-      return 2.0 * ((0.5 * s[i] - 0.5 * o.ref) / eps - 0.5 * o.lse_s + 0.5 * o.lse_w);
+      return twice_finite((0.5 * s[i] - 0.5 * o.ref) / eps - 0.5 * o.lse_s + 0.5 * o.lse_w);
     return v;
   }
 };
@@ -282,7 +282,7 @@ struct ProjectionKlRunsRule {
     const double v = (s[i] - o.ref) / eps + o.shift;
     // (only the positions that overflow: halving a subnormal s would round)
     if (o.wide && v == -std::numeric_limits<double>::infinity())
-      return 2.0 * ((0.5 * s[i] - 0.5 * o.ref) / eps + 0.5 * o.shift);
+      return twice_finite((0.5 * s[i] - 0.5 * o.ref) / eps + 0.5 * o.shift);
     return v;
   }
 };

@@ -419,3 +419,20 @@ TEST(regressions, rank_of_huge_and_subnormal_values_at_subnormal_eps) {
     for (int i = 0; i < 4; ++i) CHECK_NEAR(f.out[i], want[i], 1e-15) << "eps" << e << "d" << i;
   }
 }
+
+// Bug (found by the fuzzer): a kl projection row holding both -DBL_MAX and
+// nearly DBL_MAX pools into one block whose spread of z / eps is wider than a
+// double; its outputs are formed at half scale and doubled, and rounding took
+// the half of -DBL_MAX's output one ulp past -DBL_MAX / 2, so it came out
+// -inf (outside [min w, max w]). Fixed in common.h (twice_finite). z = w: the
+// projection of a permutation of w onto P(w) is z itself.
+TEST(regressions, kl_projection_of_values_at_both_ends_of_the_doubles) {
+  const double big = 0x1.fffffffp+1023, dbl_max = std::numeric_limits<double>::max();
+  const double z[4] = {big, 1.0, 0.0, -dbl_max};
+  double out[4];
+  index_t perm_z[4], perm_w[4], block[4];
+  softrank::projection_forward_batch<double>(z, z, 1, 4, 1.0, Reg::KL, out, perm_z, perm_w, block);
+  CHECK(out[0] == big) << out[0];
+  CHECK(out[3] == -dbl_max) << out[3];
+  for (int i : {1, 2}) CHECK(std::isfinite(out[i]) && out[i] >= -dbl_max && out[i] <= big) << i;
+}
