@@ -1121,11 +1121,8 @@ def spearman(
     -------
     jax.Array
         Shape of ``pred`` without ``axis``, dtype of ``pred``, values in [-1, 1]; NaN for a
-        constant row (as scipy), also where the soft ranks are constant (eps = inf). Nearly
-        constant soft ranks make the correlation ill-conditioned: once the spread of pred /
-        eps falls below ~1e-4 in float32 (~1e-12 in float64) their spread nears their
-        rounding error and the value loses accuracy, so choose eps on the scale of pred's
-        spread.
+        constant row (as scipy) and at eps = inf (constant soft ranks); ill-conditioned as
+        pred / eps nears a constant (see the README's Operators).
 
     Notes
     -----
