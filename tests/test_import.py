@@ -109,3 +109,22 @@ def test_shadowing_source_tree_is_named(tmp_path, with_numba):
         assert "error softrank was imported from" in proc.stdout, proc.stdout
         assert f"shadows the installed softrank in {installed_root}" in proc.stdout
         assert "pip install -e ." in proc.stdout
+
+
+def test_pretext_modules_without_torch_name_the_extra():
+    """softrank.pretext itself imports without torch; its torch modules raised
+    a bare ModuleNotFoundError, not the extra to install."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import softrank.pretext\n"
+        "for name in ('losses', 'models', 'permutations', 'demo'):\n"
+        "    try:\n"
+        "        __import__('softrank.pretext.' + name)\n"
+        "    except ImportError as exc:\n"
+        "        print(name, exc)\n"
+    )
+    proc = run_python(code, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("losses", "models", "permutations", "demo"):
+        assert f"{name} softrank.pretext needs PyTorch: pip install 'softrank[pretext]'" in \
+            proc.stdout, proc.stdout

@@ -64,7 +64,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
+try:
+    import torch
+except ImportError as exc:
+    raise ImportError("softrank.pretext needs PyTorch: pip install 'softrank[pretext]'") from exc
 
 from softrank.pretext import patches as patching
 from softrank.pretext.losses import DEFAULT_EPS, sample_gumbel

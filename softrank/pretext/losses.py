@@ -21,7 +21,10 @@ import math
 import numbers
 from typing import Any, Optional
 
-import torch
+try:
+    import torch
+except ImportError as exc:
+    raise ImportError("softrank.pretext needs PyTorch: pip install 'softrank[pretext]'") from exc
 import torch.nn.functional as F
 from softrank.pretext._checks import as_count
 

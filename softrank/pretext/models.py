@@ -19,7 +19,10 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-import torch
+try:
+    import torch
+except ImportError as exc:
+    raise ImportError("softrank.pretext needs PyTorch: pip install 'softrank[pretext]'") from exc
 from torch import nn
 
 from softrank.pretext._checks import as_count

@@ -19,7 +19,10 @@ import math
 from typing import Optional, Tuple
 
 import numpy as np
-import torch
+try:
+    import torch
+except ImportError as exc:
+    raise ImportError("softrank.pretext needs PyTorch: pip install 'softrank[pretext]'") from exc
 from softrank.pretext._checks import as_count
 
 __all__ = [
