@@ -708,8 +708,9 @@ def soft_sort(
     ----------
     x : array_like, shape (..., n, ...)
     eps : float, default 1.0
-        Regularization strength, >= 0, static. ``eps = 0`` returns the sorted
-        values; ``eps = inf`` the mean (l2) or log-mean-exp (kl) of each row.
+        Regularization strength, >= 0, static. ``eps = 0`` returns the sorted values;
+        ``eps = inf`` the mean (l2) or, for kl, ``-log-mean-exp(-x)`` ascending and
+        ``log-mean-exp(x)`` descending, of each row.
     regularization : {"l2", "kl"}
     direction : {"ascending", "descending"}
     axis : int, default -1

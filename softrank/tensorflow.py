@@ -665,7 +665,8 @@ def soft_sort(
         A floating tensor; float16 and bfloat16 run in float32.
     eps : float, default 1.0
         Regularization strength, >= 0. ``eps = 0`` returns the sorted values;
-        ``eps = inf`` the mean (l2) or log-mean-exp (kl) of each row.
+        ``eps = inf`` the mean (l2) or, for kl, ``-log-mean-exp(-x)`` ascending and
+        ``log-mean-exp(x)`` descending, of each row.
     regularization : {"l2", "kl"}
     direction : {"ascending", "descending"}
     axis : int, default -1

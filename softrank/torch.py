@@ -1252,8 +1252,9 @@ def soft_sort(
     x : Tensor, shape (..., n, ...)
         As in :func:`soft_rank`.
     eps : float, default 1.0
-        Regularization strength, >= 0, as in :func:`soft_rank`. ``eps = 0`` returns the sorted values;
-        ``eps = inf`` the mean (l2) or log-mean-exp (kl) of each row.
+        Regularization strength, >= 0, as in :func:`soft_rank`. ``eps = 0`` returns the
+        sorted values; ``eps = inf`` the mean (l2) or, for kl, ``-log-mean-exp(-x)``
+        ascending and ``log-mean-exp(x)`` descending, of each row.
     regularization : {"l2", "kl"}
     direction : {"ascending", "descending"}
     dim : int, default -1
