@@ -268,3 +268,20 @@ def test_pretext_model_refuses_a_wrong_number_of_patches_and_bad_permutations():
         PretextModel(encoder, "classification", 5, num_permutations=2.5)
     with pytest.raises(ValueError, match="num_patches"):
         PretextModel(encoder, "soft_rank", 0)
+
+
+def test_reorder_loss_refuses_target_ranks_outside_one_to_n():
+    """NaN targets gave a NaN loss and targets outside 1..n a loss above the
+    documented [0, 1), silently."""
+    scores = torch.tensor([[0.0, 1.0, 2.0]])
+    for bad in ([[float("nan"), 1.0, 2.0]], [[10.0, 0.0, 0.0]], [[0.0, 1.0, 2.0]]):
+        with pytest.raises(ValueError, match=r"target_ranks must hold ranks in \[1, n\] = \[1, 3\]"):
+            losses.reorder_loss(scores, torch.tensor(bad))
+    assert float(losses.reorder_loss(scores, torch.tensor([[1.0, 2.5, 2.5]]), eps=1e-3)) >= 0.0
+
+
+def test_sample_gumbel_refuses_an_integer_dtype():
+    """It returned integer 'noise' such as [0, 0, 0, 1]."""
+    with pytest.raises(TypeError, match="dtype must be a floating torch dtype"):
+        losses.sample_gumbel((4,), dtype=torch.int64)
+    assert losses.sample_gumbel((4,), dtype=torch.float64).dtype == torch.float64

@@ -187,3 +187,18 @@ def test_pairwise_hamming_refuses_a_non_matrix_and_is_exact_for_two_rows():
         perm.min_pairwise_hamming(np.arange(4))
     rows = np.array([[0, 1, 2, 3], [1, 0, 3, 2]])
     assert perm.hamming_set_summary(rows) == (4, 4.0)
+
+
+def test_counts_and_seeds_are_checked_by_name():
+    """batch_size was never checked (-1, 2.5 and True reached torch.rand's own
+    errors), a float num_patches passed the < 1 check, a negative seed reached
+    numpy's error and seed=None drew a different 'seeded' set on every call."""
+    for bad, error in ((-1, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="batch_size"):
+            perm.random_permutations(bad, 3)
+    with pytest.raises(TypeError, match="num_patches"):
+        perm.random_permutations(2, 2.5)
+    assert perm.random_permutations(0, 3).shape == (0, 3)
+    for bad, error in ((-1, ValueError), (None, TypeError), (1.5, TypeError)):
+        with pytest.raises(error, match="seed"):
+            perm.hamming_permutation_set(3, 3, seed=bad)

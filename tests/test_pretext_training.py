@@ -190,3 +190,57 @@ def test_pretrain_refuses_no_steps_or_an_empty_batch(steps, batch_size):
     model = PretextModel(PatchEncoder((4,), 4, 4), "soft_rank", 6, head_hidden_dim=4)
     with pytest.raises(ValueError, match="steps" if steps < 1 else "batch_size"):
         demo.pretrain(model, _toy_patches(), steps=steps, batch_size=batch_size, learning_rate=1e-3, seed=0)
+
+
+def test_pretrain_refuses_a_permutation_set_that_does_not_fit_the_head():
+    """A smaller set trained silently without some classes; a larger one only
+    failed on a step that happened to draw a label the head lacks."""
+    model = PretextModel(PatchEncoder((4,), 4, 4), "classification", 6, 20, head_hidden_dim=4)
+    for k in (10, 30):
+        permutation_set = torch.from_numpy(hamming_permutation_set(k, 6, seed=0))
+        with pytest.raises(ValueError, match=r"permutation_set must have shape \(K, n\) = \(20, 6\)"):
+            demo.pretrain(model, _toy_patches(), steps=1, batch_size=4, learning_rate=1e-3, seed=0,
+                          permutation_set=permutation_set)
+
+
+def test_run_demo_reports_the_hamming_spread_of_every_seed():
+    """Each seed trains on its own permutation set; the report kept only the
+    last seed's spread. Checked against hamming_set_summary of each seed's set
+    (a run of one step per seed)."""
+    from softrank.pretext.permutations import hamming_set_summary
+
+    config = demo.DemoConfig(datasets=("digits",), methods=("classification",), seeds=(0, 1),
+                             num_permutations=(20,), pretrain_steps=1, batch_size=8,
+                             embedding_dim=8, hidden_dim=8, show_progress=False)
+    results = demo.run_demo(config)
+    entries = [r for r in results if r.get("method") == "classification"]
+    assert entries
+    for entry in entries:  # (one per probe)
+        n = entry["num_patches"]
+        summaries = [hamming_set_summary(hamming_permutation_set(20, n, seed=s)) for s in (0, 1)]
+        assert summaries[0] != summaries[1]  # (else the test could not tell the seeds apart)
+        assert entry["hamming_per_seed"] == [[low, mean] for low, mean in summaries]
+        assert entry["hamming_min"] == min(low for low, _ in summaries)
+        assert entry["hamming_mean"] == pytest.approx(np.mean([mean for _, mean in summaries]))
+
+
+def test_dataset_sizes_and_feature_batches_are_checked_by_name():
+    """make_videos(size=4) failed with numpy's 'high - low < 0', num_frames=0
+    with an IndexError, make_digits(0) inside torch's interpolate,
+    make_spectrograms(0) divided by the std of nothing (RuntimeWarnings only),
+    and features(batch_size=0) with range()'s own error."""
+    from softrank.pretext import datasets
+
+    for call, name in ((lambda: datasets.make_videos(10, size=4), "size"),
+                       (lambda: datasets.make_videos(10, num_frames=0), "num_frames"),
+                       (lambda: datasets.make_videos(0), "num_examples"),
+                       (lambda: datasets.make_digits(0), "size"),
+                       (lambda: datasets.make_spectrograms(0), "num_examples"),
+                       (lambda: datasets.make_spectrograms(4, num_bins=0), "num_bins")):
+        with pytest.raises(ValueError, match=rf"^{name} must be >= "):
+            call()
+    videos, labels = datasets.make_videos(3, size=9, num_frames=2)
+    assert videos.shape == (3, 2, 1, 9, 9) and np.isfinite(videos).all()
+    encoder = PatchEncoder((4,), 4, 4)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        encoder.features(torch.randn(3, 2, 4), batch_size=0)

@@ -20,6 +20,8 @@ from typing import Tuple
 
 import numpy as np
 
+from softrank.pretext._checks import as_count
+
 __all__ = ["make_digits", "make_spectrograms", "make_videos", "TIMBRES", "SHAPES", "MOTIONS"]
 
 TIMBRES = ("sine", "sawtooth", "square", "bright", "formant", "hollow")
@@ -39,6 +41,7 @@ def make_digits(size: int = 12) -> Tuple[np.ndarray, np.ndarray]:
     images : numpy.ndarray, shape (1797, 1, size, size), float32
     labels : numpy.ndarray, shape (1797,), int64, values 0..9
     """
+    size = as_count(size, "size", minimum=1)
     import torch
     import torch.nn.functional as F
     from sklearn.datasets import load_digits
@@ -86,6 +89,9 @@ def make_spectrograms(
         Frequency on axis 1, time on axis 2.
     labels : numpy.ndarray, shape (num_examples,), int64, values 0..len(TIMBRES)-1
     """
+    num_examples = as_count(num_examples, "num_examples", minimum=1)
+    num_bins = as_count(num_bins, "num_bins", minimum=1)
+    num_frames = as_count(num_frames, "num_frames", minimum=1)
     rng = np.random.default_rng(seed)
     num_harmonics = 16
     profiles = _harmonic_profiles(num_harmonics)
@@ -142,6 +148,9 @@ def make_videos(
     videos : numpy.ndarray, shape (num_examples, num_frames, 1, size, size), float32
     labels : numpy.ndarray, shape (num_examples,), int64, values 0..5
     """
+    num_examples = as_count(num_examples, "num_examples", minimum=1)
+    num_frames = as_count(num_frames, "num_frames", minimum=1)
+    size = as_count(size, "size", minimum=9)  # (shapes start 4 pixels or more from the border)
     rng = np.random.default_rng(seed)
     shape_ids = rng.integers(len(SHAPES), size=num_examples)
     motion_ids = rng.integers(len(MOTIONS), size=num_examples)

@@ -297,8 +297,14 @@ def pretrain(
         # steps = 0 would leave no loss and no step time to report; batch_size = 0 no example.
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if model.method == "classification" and permutation_set is None:
-        raise ValueError("permutation_set is required for method='classification'")
+    if model.method == "classification":
+        if permutation_set is None:
+            raise ValueError("permutation_set is required for method='classification'")
+        expected = (model.num_permutations, model.num_patches)
+        if tuple(permutation_set.shape) != expected:
+            # (a smaller set leaves classes untrained; a larger one draws labels the head lacks)
+            raise ValueError(f"permutation_set must have shape (K, n) = {expected}, the "
+                             f"model's head, got {tuple(permutation_set.shape)}")
     if batch_size % dist_info.world_size:
         raise ValueError(f"batch_size={batch_size} must be a multiple of the world size {dist_info.world_size}")
     trained = _wrap_ddp(model, dist_info)
@@ -454,7 +460,8 @@ def run_demo(config: DemoConfig, dist_info: Optional[Distributed] = None) -> Lis
         mininterval=1.0, file=sys.stderr,
     )
     per_run: Dict[Tuple[str, str], Dict[str, list]] = {}
-    hamming_info: Dict[Tuple[str, int], Tuple[int, float]] = {}
+    # (dataset, K) -> the (min, mean) pairwise Hamming distance of each seed's set
+    hamming_info: Dict[Tuple[str, int], List[Tuple[int, float]]] = {}
     for name in config.datasets:
         dataset = data[name]
         n = dataset.num_patches
@@ -470,7 +477,8 @@ def run_demo(config: DemoConfig, dist_info: Optional[Distributed] = None) -> Lis
                     permutation_set = None
                     if spec.method == "classification":
                         chosen = hamming_permutation_set(spec.num_permutations, n, seed=seed)
-                        hamming_info[(name, spec.num_permutations)] = hamming_set_summary(chosen) if len(chosen) > 1 else (0, 0.0)
+                        hamming_info.setdefault((name, spec.num_permutations), []).append(
+                            hamming_set_summary(chosen) if len(chosen) > 1 else (0, 0.0))
                         permutation_set = torch.from_numpy(chosen)
                     torch.manual_seed(10_000 + seed)
                     model = PretextModel(
@@ -522,7 +530,12 @@ def run_demo(config: DemoConfig, dist_info: Optional[Distributed] = None) -> Lis
             if spec.method == "soft_rank":
                 entry["eps"] = config.eps
             if spec.method == "classification":
-                entry["hamming_min"], entry["hamming_mean"] = hamming_info[(name, spec.num_permutations)]
+                # Each seed draws its own set: the smallest distance over all
+                # of them, the mean of their means, and each seed's pair.
+                per_seed = hamming_info[(name, spec.num_permutations)]
+                entry["hamming_min"] = min(low for low, _ in per_seed)
+                entry["hamming_mean"] = float(np.mean([mean for _, mean in per_seed]))
+                entry["hamming_per_seed"] = [[low, mean] for low, mean in per_seed]
             results.append(entry)
     return results
 

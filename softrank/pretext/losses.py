@@ -167,6 +167,11 @@ def reorder_loss(
             f"scores must hold at least one example of at least one patch, got shape {tuple(scores.shape)}"
         )
     num_patches = scores.shape[1]
+    if target_ranks.is_complex() or target_ranks.dtype == torch.bool or not bool(
+            ((target_ranks >= 1) & (target_ranks <= num_patches)).all()):
+        # (NaN fails both comparisons; outside [1, n] the loss would leave [0, 1))
+        raise ValueError(f"target_ranks must hold ranks in [1, n] = [1, {num_patches}] (1-based, "
+                         f"no NaN)")
     ranks = soft_rank(scores, eps, regularization=regularization, direction="ascending", dim=1)
     error = (ranks - target_ranks.to(ranks.dtype)) / num_patches
     return error.pow(2).mean()
@@ -221,6 +226,8 @@ def sample_gumbel(shape: torch.Size | tuple, *, generator: Optional[torch.Genera
     -------
     torch.Tensor, shape ``shape``, ``dtype``
     """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch dtype, got {dtype!r}")
     tiny = torch.finfo(torch.float64).tiny
     uniform = torch.rand(shape, generator=generator, dtype=torch.float64).clamp_(tiny, 1.0 - 1e-16)
     return (-torch.log(-torch.log(uniform))).to(dtype)

@@ -94,6 +94,7 @@ class PatchEncoder(nn.Module):
         -------
         torch.Tensor, shape (N, n * embedding_dim), float32
         """
+        batch_size = as_count(batch_size, "batch_size", minimum=1)
         chunks = [self(patches[i:i + batch_size]).flatten(1) for i in range(0, len(patches), batch_size)]
         return torch.cat(chunks) if chunks else patches.new_zeros(0, patches.shape[1] * self.embedding_dim)
 
@@ -157,6 +158,8 @@ class PretextModel(nn.Module):
                 raise ValueError("num_permutations (K >= 1) is required for method='classification'")
             num_permutations = as_count(num_permutations, "num_permutations", minimum=1)
             self.head = _mlp_head(self.num_patches * d, head_hidden_dim, num_permutations)
+        # K, the classification head's classes (None for the other methods).
+        self.num_permutations = num_permutations if method == "classification" else None
 
     def forward(
         self,

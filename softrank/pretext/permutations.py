@@ -71,8 +71,8 @@ def random_permutations(
     >>> bool((perms.sort(dim=1).values == torch.arange(4)).all())
     True
     """
-    if num_patches < 1:
-        raise ValueError(f"num_patches must be >= 1, got {num_patches}")
+    batch_size = as_count(batch_size, "batch_size", minimum=0)
+    num_patches = as_count(num_patches, "num_patches", minimum=1)
     keys = torch.rand(batch_size, num_patches, generator=generator, dtype=torch.float64)
     return keys.argsort(dim=1).to(device=device)
 
@@ -251,6 +251,7 @@ def hamming_permutation_set(
     """
     num_permutations = as_count(num_permutations, "num_permutations")
     num_patches = as_count(num_patches, "num_patches")
+    seed = as_count(seed, "seed", minimum=0)  # (None would draw a different set each call)
     if num_patches < 1:
         raise ValueError(f"num_patches must be >= 1, got {num_patches}")
     if num_permutations < 1:
