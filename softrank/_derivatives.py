@@ -33,7 +33,9 @@ block_start)`` (each position's sum of ``v`` over its block; blocks are
 contiguous runs of positions named by their first position), ``exp``, ``log``,
 ``ones_like``, ``stop_gradient``, ``nan_of(a)`` (NaN where ``a`` is NaN,
 else 0, never differentiated) and ``row_scale(a)`` (``max(1, 2^-64 * the
-largest of a along the last axis)``, shape ``(..., 1)``, never differentiated).
+largest of a along the last axis)``, shape ``(..., 1)``, never differentiated;
+or None where it is 1 in every row, which an adapter of concrete arrays may
+tell).
 """
 from __future__ import annotations
 
@@ -195,7 +197,7 @@ def _isotonic_parts(ops, y, weights, solution, block_start, reg):
         unit, scale = ops.ones_like(y), None
     else:
         scale = ops.row_scale(weights)
-        unit = weights / scale
+        unit = weights if scale is None else weights / scale
     total_weight = ops.block_sum(unit, block_start)
     if reg == REG_L2:
         return unit, total_weight, scale, None
@@ -228,8 +230,9 @@ def isotonic_jvp(ops, y, weights, solution, block_start, ty: Optional[Any],
             result = result + ops.block_sum(unit * ty, block_start) / total_weight
         else:
             result = result + ops.block_sum(p * ty, block_start)
-    if tweights is not None:
+    if tweights is not None and scale is not None:
         tweights = tweights / scale
+    if tweights is not None:
         if reg == REG_L2:
             mean = _l2_block_mean(ops, y, unit, total_weight, block_start)
             result = result + ops.block_sum(tweights * (y - mean), block_start) / total_weight
@@ -250,7 +253,10 @@ def isotonic_vjp(ops, y, weights, solution, block_start, cotangent, reg: int,
     if need_weights and weights is not None:
         if reg == REG_L2:
             mean = _l2_block_mean(ops, y, unit, total_weight, block_start)
-            grad_weights = (y - mean) * (total / total_weight) / scale + poison
+            grad_weights = (y - mean) * (total / total_weight)
         else:
-            grad_weights = -total / total_weight / scale + poison
+            grad_weights = -total / total_weight
+        if scale is not None:
+            grad_weights = grad_weights / scale
+        grad_weights = grad_weights + poison
     return grad_y, grad_weights

@@ -185,7 +185,10 @@ class NumpyOps:
 
     @staticmethod
     def row_scale(a):
+        # None where no row needs scaling (concrete values: skip the divisions)
         largest = a.max(axis=-1, keepdims=True, initial=0.0)
+        if not (largest * _derivatives.ROW_SCALE_FACTOR > 1.0).any():
+            return None
         return np.maximum(largest * _derivatives.ROW_SCALE_FACTOR, np.ones((), a.dtype))
 
     @staticmethod
