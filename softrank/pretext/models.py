@@ -31,9 +31,9 @@ from softrank.pretext.losses import (
     _check_num_iterations,
     _check_permutations,
     _check_temperature,
+    _reorder_loss,
     gumbel_sinkhorn_loss,
     permutation_classification_loss,
-    reorder_loss,
 )
 from softrank.pretext.permutations import ranks_that_unshuffle
 
@@ -203,7 +203,8 @@ class PretextModel(nn.Module):
         embeddings = self.encoder(shuffled_patches)
         if self.method == "soft_rank":
             scores = self.head(embeddings).squeeze(-1)
-            return reorder_loss(scores, ranks_that_unshuffle(permutations, scores.dtype), self.eps)
+            # (ranks of checked permutations: reorder_loss's own check would sync again)
+            return _reorder_loss(scores, ranks_that_unshuffle(permutations, scores.dtype), self.eps)
         if self.method == "sinkhorn":
             return gumbel_sinkhorn_loss(
                 self.head(embeddings),
