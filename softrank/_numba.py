@@ -546,7 +546,9 @@ def _backward_row(x, out, perm, bs, vec, res, op, reg, descending, eps, jvp):
                 for i in range(s, e):
                     p = perm[i]
                     dot += np.float64(vec[p]) * np.float64(out[p])
-                c = dot / _rho_sum(n, s, e)
+                # (a singleton's r is n - s exactly in exact arithmetic: its
+                # product is 0, not v's rounding amplified by 1/eps; soft_row.h)
+                c = np.float64(vec[perm[s]]) if e - s == 1 else dot / _rho_sum(n, s, e)
                 for i in range(s, e):
                     p = perm[i]
                     r = np.float64(out[p])

@@ -1153,3 +1153,25 @@ def test_pearson_and_its_vjp(eng, dtype):
         eng.pearson_vjp(a, b, np.ones(5, dtype))
     with pytest.raises(TypeError, match="cotangent"):
         eng.pearson_vjp(a, b, np.ones(6, np.float64 if dtype == np.float32 else np.float32))
+
+
+@pytest.mark.parametrize("n", [3, 2**18 + 3])
+def test_kl_rank_products_of_singleton_blocks_are_zero(eng, n):
+    """Distinct values at a small eps: every block a singleton, whose Jacobian
+    is exactly 0. The kl rank's jvp/vjp formed v - v r / (n - s), and r (an
+    exp) is n - s only up to rounding: -6.7e284 at eps = 1e-300, so that
+    <g, J t> != <J^T g, t>. n = 2^18 + 3 takes the core's long-row path."""
+    rng = np.random.default_rng(11)
+    if n == 3:  # (the audit's row)
+        x = np.array([-2.0401783097541677, -1.3952489643767971, -0.2962228264851077])
+    else:
+        x = np.sort(rng.normal(size=n)) * n  # gaps far above eps
+    rows = np.ascontiguousarray(x[None, :])
+    vec = np.ascontiguousarray(rng.normal(size=(1, n)))
+    for eps in (1e-8, 1e-300, 5e-324):
+        for descending in (False, True):
+            out, perm, bs = eng.soft_forward(rows, 0, 1, descending, eps)
+            assert (bs[0] == np.arange(n)).all()  # (singletons: the premise)
+            for product in (eng.soft_vjp, eng.soft_jvp):
+                got = product(rows, out, perm, bs, vec, 0, 1, descending, eps)
+                assert not np.any(got), (product.__name__, eps, descending, got[got != 0][:3])

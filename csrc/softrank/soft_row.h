@@ -559,9 +559,10 @@ SOFTRANK_HD void soft_product_range(const T* x, const T* out, const index_t* per
         if (e - s == 1) {
           const index_t p = perm[s];
           const double v = static_cast<double>(vec[p]), r = static_cast<double>(out[p]);
-          double dot = 0.0;
-          dot += v * r;
-          const double d = v - dot / static_cast<double>(n - s);
+          // A singleton's r is R_B = n - s in exact arithmetic, so its
+          // product is 0 (NaN for a NaN v). v - v r / (n - s) left r's
+          // rounding, which 1/eps then amplified (6.7e284 at eps = 1e-300).
+          const double d = v - v;
           result[p] = static_cast<T>(divide ? sg * (r * d / eps) : scale * r * d);
           return;
         }
@@ -700,7 +701,10 @@ SOFTRANK_HD void product_fragment_write(const T* out, const index_t* perm, const
     const double scale = (eps == 0.0 || std::isinf(eps)) ? 0.0 : sg / eps;
     const bool divide = std::isinf(scale * static_cast<double>(n));  // (soft_product_range)
     const bool l2 = spec.reg == Reg::L2;
-    const double c = l2 ? sums.a / static_cast<double>(e - s) : sums.a / rho_sum(n, s, e);
+    // (a kl singleton's mean is its own v exactly: see soft_product_range)
+    const double c = l2 ? sums.a / static_cast<double>(e - s)
+                        : (e - s == 1 ? static_cast<double>(vec[perm[s]])
+                                      : sums.a / rho_sum(n, s, e));
     for (index_t i = i0; i < i1; ++i) {
       const double v = static_cast<double>(vec[perm[i]]);
       const double r = l2 ? 1.0 : static_cast<double>(out[perm[i]]);

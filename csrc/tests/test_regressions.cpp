@@ -436,3 +436,38 @@ TEST(regressions, kl_projection_of_values_at_both_ends_of_the_doubles) {
   CHECK(out[3] == -dbl_max) << out[3];
   for (int i : {1, 2}) CHECK(std::isfinite(out[i]) && out[i] >= -dbl_max && out[i] <= big) << i;
 }
+
+// Bug: the kl rank's product on a singleton block formed v - v r / (n - s);
+// r (the kl rank, through exp) is n - s only up to rounding, and 1/eps
+// amplified that: jvp [-6.7e284, 0, 0] at eps = 1e-300 for x = [-2.04,
+// -1.395, -0.296] (exact: 0). Fixed in soft_row.h (the short-row and the
+// long-row fragment writers): a singleton's product is v - v. A row of 2^18
+// + 3 distinct values takes the long-row path.
+TEST(regressions, kl_rank_product_of_singleton_blocks_is_zero) {
+  for (std::int64_t n : {std::int64_t(3), (std::int64_t(1) << 18) + 3}) {
+    std::vector<double> x(static_cast<std::size_t>(n)), g(x.size());
+    for (std::size_t i = 0; i < x.size(); ++i) {
+      x[i] = -2.04 + 0.645 * static_cast<double>(i) + 1e-3 * static_cast<double>(i % 7);
+      g[i] = std::sin(0.37 * static_cast<double>(i) + 1.0);  // (varied v: r's rounding shows)
+    }
+    if (n == 3) {  // the audit's row
+      x = {-2.0401783097541677, -1.3952489643767971, -0.2962228264851077};
+      g = {0.3817342668576326, -0.3745125990267205, 0.19439326060896903};
+    }
+    for (double eps : {1e-8, 1e-300, kDenorm})
+      for (bool descending : {false, true}) {
+        const OpSpec s{Op::Rank, Reg::KL, descending, eps};
+        const Forward<double> f = forward(x, 1, static_cast<index_t>(n), s);
+        for (bool transpose : {true, false}) {
+          const std::vector<double> r =
+              product(x, f, g, 1, static_cast<index_t>(n), s, transpose);
+          for (std::size_t i = 0; i < r.size(); ++i)
+            if (r[i] != 0.0) {
+              CHECK(r[i] == 0.0) << "n" << n << describe(s) << "transpose" << transpose << i
+                                 << r[i];
+              break;
+            }
+        }
+      }
+  }
+}
