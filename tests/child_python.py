@@ -10,6 +10,7 @@ directory that holds the imported package, and that directory also leads its
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,26 @@ from typing import Mapping, Optional
 import softrank
 
 SOFTRANK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(softrank.__file__)))
+
+
+def import_errors_without(blocked: str, modules: list) -> dict:
+    """``{module: its ImportError message}`` for each of ``modules`` imported in a
+    child process where ``blocked`` (a framework) cannot be imported (its
+    ``sys.modules`` entry is None); a module that imports gets no entry."""
+    code = (
+        "import json, sys\n"
+        f"sys.modules[{blocked!r}] = None\n"
+        "errors = {}\n"
+        f"for name in {list(modules)!r}:\n"
+        "    try:\n"
+        "        __import__(name)\n"
+        "    except ImportError as exc:\n"
+        "        errors[name] = str(exc)\n"
+        "print(json.dumps(errors))\n"
+    )
+    proc = run_python(code, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def run_python(code: str, *args: str, env: Optional[Mapping[str, str]] = None,

@@ -12,7 +12,7 @@ import pytest
 import softrank
 from softrank._engine import available_backends
 
-from child_python import run_python
+from child_python import import_errors_without, run_python
 
 HEAVY = ("torch", "jax", "tensorflow", "numba")
 
@@ -114,17 +114,8 @@ def test_shadowing_source_tree_is_named(tmp_path, with_numba):
 def test_pretext_modules_without_torch_name_the_extra():
     """softrank.pretext itself imports without torch; its torch modules raised
     a bare ModuleNotFoundError, not the extra to install."""
-    code = (
-        "import sys; sys.modules['torch'] = None\n"
-        "import softrank.pretext\n"
-        "for name in ('losses', 'models', 'permutations', 'demo'):\n"
-        "    try:\n"
-        "        __import__('softrank.pretext.' + name)\n"
-        "    except ImportError as exc:\n"
-        "        print(name, exc)\n"
-    )
-    proc = run_python(code, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    for name in ("losses", "models", "permutations", "demo"):
-        assert f"{name} softrank.pretext needs PyTorch: pip install 'softrank[pretext]'" in \
-            proc.stdout, proc.stdout
+    names = [f"softrank.pretext.{name}" for name in ("losses", "models", "permutations", "demo")]
+    errors = import_errors_without("torch", ["softrank.pretext", *names])
+    assert "softrank.pretext" not in errors
+    for name in names:
+        assert errors.get(name) == "softrank.pretext needs PyTorch: pip install 'softrank[pretext]'"

@@ -19,7 +19,7 @@ import softrank.torch as srt  # noqa: E402
 from torch_fd import HESSIAN_ATOL, HESSIAN_RTOL, contract, fd_hessian, fd_jacobian  # noqa: E402
 from softrank import _engine  # noqa: E402
 from softrank._types import Direction, Regularization  # noqa: E402
-from child_python import run_python
+from child_python import import_errors_without
 
 # torch's own gradcheck and inductor call deprecated torch.jit APIs, and the
 # TorchScript tests call them on purpose.
@@ -425,16 +425,8 @@ def test_jit_script_raises_naming_the_alternatives():
 
 
 def test_import_without_torch_names_the_extra():
-    code = (
-        "import sys; sys.modules['torch'] = None\n"
-        "try:\n"
-        "    import softrank.torch\n"
-        "except ImportError as exc:\n"
-        "    print(exc)\n"
-    )
-    proc = run_python(code, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "softrank.torch needs PyTorch: pip install 'softrank[torch]'" in proc.stdout
+    errors = import_errors_without("torch", ["softrank.torch"])
+    assert errors == {"softrank.torch": "softrank.torch needs PyTorch: pip install 'softrank[torch]'"}
 
 
 def test_public_signatures_use_the_literal_aliases():
