@@ -358,6 +358,16 @@ def _sort_kl_log_ratio(xs, s, e, ref, total, total_rho, eps, inv, multiply, tole
 
 
 @njit(**_JIT)
+def _twice_finite(half):
+    """2 * half for an output formed at half scale: where rounding took a finite
+    half past half the largest double, that largest double (common.h)."""
+    twice = 2.0 * half
+    if math.isinf(twice) and math.isfinite(half):
+        return math.copysign(_DBL_MAX, twice)
+    return twice
+
+
+@njit(**_JIT)
 def _forward_row(x, out, perm, bs, op, reg, descending, eps,
                  keys, key_buf, idx_buf, bstart, bref, bstat, bstat2):
     """Soft rank / soft sort of one row; see ALGORITHM.md "Outputs".
@@ -481,7 +491,13 @@ def _forward_row(x, out, perm, bs, op, reg, descending, eps,
                 base = ref + _sort_kl_log_ratio(xs, s, e, ref, bstat[k], bstat2[k],
                                                 eps, inv, multiply, tolerance)
                 for i in range(s, e):
-                    out[i] = sgn * (base - _scale(float(i - s), eps, inv, multiply))
+                    value = base - _scale(float(i - s), eps, inv, multiply)
+                    if value == -np.inf:
+                        # (i - s) / eps past the largest double: at half
+                        # scale (soft_row.h, sort_kl_output_wide)
+                        value = _twice_finite(
+                            0.5 * base - _scale(0.5 * float(i - s), eps, inv, multiply))
+                    out[i] = sgn * value
 
 
 @njit(**_JIT)
@@ -1036,16 +1052,6 @@ def _projection_l2_merges(eps, pool_all, ref_a, off_a, cnt_a, w_a, ref_b, off_b,
     ds = counts * (ref_a - ref_b) + (cnt_b * off_a - cnt_a * off_b)
     dw = cnt_b * w_a - cnt_a * w_b
     return ds <= eps * dw
-
-
-@njit(**_JIT)
-def _twice_finite(half):
-    """2 * half for an output formed at half scale: where rounding took a finite
-    half past half the largest double, that largest double (common.h)."""
-    twice = 2.0 * half
-    if math.isinf(twice) and math.isfinite(half):
-        return math.copysign(_DBL_MAX, twice)
-    return twice
 
 
 # kl projection block: a = ref, b = log sum exp((s - ref) / eps), c = log sum exp(ws).

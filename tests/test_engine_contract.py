@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import reference as R
 from softrank import _engine
 
 BACKENDS = _engine.available_backends()
@@ -777,6 +778,33 @@ def test_kl_sort_near_dbl_max_at_subnormal_eps_is_the_hard_sort(descending, eps)
         np.testing.assert_array_equal(out, want[:, ::-1] if descending else want)
         for fn, g in back.items():
             assert np.all(np.isfinite(g)), fn
+
+
+@pytest.mark.parametrize("descending", [False, True])
+@pytest.mark.parametrize("eps", (2.5075569267720519e-308, 3e-308, 1e-307))
+def test_kl_sort_block_wider_than_a_double_at_tiny_normal_eps(eng, descending, eps):
+    """Found by the fuzzer: where 1/eps is finite but a block's k / eps (its
+    outputs step down by 1/eps) passes DBL_MAX, the kl sort formed base - inf:
+    an inf output for a row holding -DBL_MAX and nearly DBL_MAX, though every
+    output lies in [min x, max x]. Now formed at half scale where it
+    overflows (soft_row.h, sort_kl_output_wide). Against the mpmath min-max
+    reference, both engines, gradients finite."""
+    m = _DBL_MAX
+    rows = [[0.0, 2.7373745703402606e-312, 1.7976923052802614e308, -m, 0.0, 0.0],
+            [m, -m, 1.0, -1.0, 0.5 * m, -0.5 * m, 0.0, 1e300, -1e300, 3.0, m, -m]]
+    for row in rows:
+        x = np.array([row])
+        out = eng.soft_forward(x, _engine.OP_SORT, _engine.REG_KL, descending, eps)[0]
+        want = R.soft_sort_ref(x[0], eps, "kl", "descending" if descending else "ascending")
+        assert np.all(np.isfinite(want))
+        np.testing.assert_allclose(out[0], want, rtol=0, atol=4e-16 * m)
+    if _BOTH:
+        rng = np.random.default_rng([11, int(descending)])
+        for row in rows:
+            _, back = _engine_pair_all(np.array([row]), _engine.OP_SORT, _engine.REG_KL,
+                                       descending, eps, rng)
+            for fn, g in back.items():
+                assert np.all(np.isfinite(g)), fn
 
 
 @pytest.mark.parametrize("reg", REGS)

@@ -129,6 +129,17 @@ SOFTRANK_HD void sort_kl_log_ratios(const double* xs, const double* decay, index
   }
 }
 
+// The kl sort's output base - k / eps at position k of a block, where k / eps
+// may pass the largest double (x spread across most of the doubles, at an eps
+// below ~n / DBL_MAX): base - inf would be -inf, whereas the output lies in
+// [min x, max x]. Formed at half scale there (only at the positions that
+// overflow, so that the others keep the bits of the plain expression).
+SOFTRANK_HD double sort_kl_output_wide(double base, double k, const InverseScale& scale) {
+  const double v = base - scale(k);
+  if (v != -std::numeric_limits<double>::infinity()) return v;
+  return twice_finite(0.5 * base - scale(0.5 * k));
+}
+
 // The output pass of soft_forward_sorted over the blocks in stack slots
 // [k_begin, k_end), the last ending at sorted position `end`, writing the
 // sorted positions in [clip_lo, clip_hi) only: a long row's output is cut by
@@ -227,7 +238,14 @@ SOFTRANK_HD void write_outputs(index_t k_begin, index_t k_end, index_t end, inde
         }
       } else {
         const double base = ref + b.stat[k];  // log(S/Q), see sort_kl_log_ratios
-        if (scale.multiply) {
+        if (std::isinf(scale(static_cast<double>(be - bs - 1)))) {
+          // A block whose (i - bs) / eps passes the largest double.
+          for (index_t i = s; i < e; ++i) {
+            block_start[i] = bs;
+            out[i] = static_cast<T>(sgn * sort_kl_output_wide(base, static_cast<double>(i - bs),
+                                                              scale));
+          }
+        } else if (scale.multiply) {
           const double inv = scale.inv;
           for (index_t i = s; i < e; ++i) {
             block_start[i] = bs;

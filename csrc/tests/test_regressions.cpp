@@ -471,3 +471,34 @@ TEST(regressions, kl_rank_product_of_singleton_blocks_is_zero) {
       }
   }
 }
+
+// Bug (found by the fuzzer in CI): where 1/eps is finite but a kl sort
+// block's steps k / eps pass DBL_MAX (eps = 2.5e-308, a block of 6), its
+// outputs base - k / eps came out base - inf: the row [0, 2.7e-312, ~DBL_MAX,
+// -DBL_MAX, 0, 0] sorted ascending gave +inf last, though every output lies in
+// [min x, max x]. Fixed in soft_row.h (sort_kl_output_wide: at half scale
+// where k / eps overflows). e^-x is dominated by e^DBL_MAX, so the row pools
+// into one block: the output at k is k / eps - DBL_MAX (ascending), written
+// here as (k - 4) / eps + (4 / eps - DBL_MAX) so that nothing overflows.
+TEST(regressions, kl_sort_block_whose_steps_pass_the_largest_double) {
+  const double dbl_max = std::numeric_limits<double>::max(), eps = 2.5075569267720519e-308;
+  const std::vector<double> x{0.0, 2.7373745703402606e-312, 1.7976923052802614e308, -dbl_max,
+                              0.0, 0.0};
+  for (bool descending : {false, true}) {
+    const OpSpec s{Op::Sort, Reg::KL, descending, eps};
+    const Forward<double> f = forward(x, 1, 6, s);
+    // descending: the top is ~DBL_MAX itself, and e^x is dominated by it
+    const double top = descending ? 1.7976923052802614e308 : dbl_max;
+    const double sign = descending ? 1.0 : -1.0;
+    for (int k = 0; k < 6; ++k) {
+      const double want = -sign * ((k - 4) / eps + (4 / eps - top));
+      CHECK(std::isfinite(f.out[k])) << describe(s) << k << f.out[k];
+      CHECK_NEAR(f.out[k], want, 4e-16 * dbl_max) << describe(s) << k;
+    }
+    const std::vector<double> g{0.3, -0.2, 0.7, 0.1, -0.5, 0.25};
+    for (bool transpose : {true, false}) {
+      const std::vector<double> r = product(x, f, g, 1, 6, s, transpose);
+      for (int i = 0; i < 6; ++i) CHECK(std::isfinite(r[i])) << describe(s) << transpose << i;
+    }
+  }
+}
