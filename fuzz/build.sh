@@ -19,7 +19,7 @@ if [ -z "$cxx" ]; then
 fi
 flags=(-std=c++17 -g -O1 -fno-omit-frame-pointer
        -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
-       -Icsrc)
+       -fsanitize-coverage-ignorelist=fuzz/coverage_ignore.txt -Icsrc)
 # Every core source (csrc/*.cpp: threading, dispatch, vector math), objects
 # compiled in parallel (2 jobs: the machines are shared).
 objs=()

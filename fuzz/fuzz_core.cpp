@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "softrank/batched.h"
+#include "softrank/parallel.h"
 
 using softrank::index_t;
 using softrank::Op;
@@ -499,6 +500,18 @@ void run(Reader& in, std::uint8_t flags, double eps, std::int64_t rows) {
 }
 
 }  // namespace
+
+// SOFTRANK_FUZZ_THREADS=k runs the core's pool on k threads. With one, a run
+// of a fixed -seed and -runs is reproducible: on the pool, which thread takes
+// a task (and so which thread-local scratch grows) depends on timing, and
+// the coverage it records steers the fuzzer (fuzz/run.sh, what .ci/run does).
+extern "C" int LLVMFuzzerInitialize(int* /*argc*/, char*** /*argv*/) {
+  if (const char* threads = std::getenv("SOFTRANK_FUZZ_THREADS")) {
+    const int k = std::atoi(threads);
+    if (k >= 1) softrank::set_num_threads(k);
+  }
+  return 0;
+}
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   Reader in{data, size};
