@@ -37,9 +37,11 @@ fi
 # Reproducible. What steers libFuzzer besides its seed: the coverage of each
 # input (the pool's threads pick tasks by timing: one thread), the operands
 # of compared pointers (stack and heap addresses: ASLR off, and an
-# environment of fixed size, since it sits on the stack) and the order of the
-# seeds (a directory's listing order depends on the file system: a sorted
-# list instead).
+# environment of fixed size, since it sits on the stack; and no report of
+# newly covered functions, whose symbolized source paths, those of the
+# directory the binary was built in, are allocated on the heap and shift it)
+# and the order of the seeds (a directory's listing order depends on the
+# file system: a sorted list instead).
 rm -rf "$build/corpus"
 mkdir -p "$build/corpus"
 seeds="$(LC_ALL=C find fuzz/seeds -type f | LC_ALL=C sort | paste -s -d, -)"
@@ -52,4 +54,4 @@ fi
 exec env -i PATH=/usr/local/bin:/usr/bin:/bin SOFTRANK_FUZZ_THREADS=1 \
   SOFTRANK_DISABLE_AVX512="${SOFTRANK_DISABLE_AVX512:-0}" ASAN_OPTIONS="$asan" UBSAN_OPTIONS="$ubsan" \
   ${no_aslr[@]+"${no_aslr[@]}"} "$build/fuzz_core" "${common[@]}" -runs="$FUZZ_RUNS" \
-  -seed="${FUZZ_SEED:-1}" -reload=0 -seed_inputs="$seeds" "$build/corpus"
+  -seed="${FUZZ_SEED:-1}" -reload=0 -print_funcs=0 -seed_inputs="$seeds" "$build/corpus"
