@@ -95,6 +95,29 @@ def projection_weights_shared(w_shape: Tuple[Any, ...], z_shape: Tuple[Any, ...]
     )
 
 
+def _level_type_error(q: Any) -> TypeError:
+    return TypeError(f"q must be a real number or a 1-D array of real numbers in [0, 1], "
+                     f"got {type(q).__name__} {q!r}")
+
+
+def _level_range_error(q: Any) -> ValueError:
+    return ValueError(f"q must lie in [0, 1] (no NaN), got {q!r}")
+
+
+def check_plain_quantile_levels(levels: tuple, q: Any) -> None:
+    """The errors of :func:`check_quantiles` for the Python values ``levels``
+    (``q``'s entries, or ``(q,)``), in plain Python: torch.compile traces it,
+    where an error raised inside a constant-result function surfaces as
+    dynamo's InternalTorchDynamoError, which ``except ValueError`` misses."""
+    for level in levels:
+        if isinstance(level, (bool, str, bytes, complex)):
+            raise _level_type_error(q)
+        if isinstance(level, (list, tuple)):
+            raise ValueError(f"q must be a scalar or 1-D, got a nested sequence {q!r}")
+        if isinstance(level, (int, float)) and not 0.0 <= level <= 1.0:
+            raise _level_range_error(q)
+
+
 def check_quantiles(q: Any) -> Tuple[np.ndarray, bool]:
     """``(q as a 1-D float64 array, whether q was a scalar)``; q must lie in [0, 1].
 
@@ -112,9 +135,7 @@ def check_quantiles(q: Any) -> Tuple[np.ndarray, bool]:
             or "bool" in str(dtype) or "complex" in str(dtype)
             or (isinstance(q, (list, tuple)) and any(isinstance(v, odd) for v in q))):
         # np.asarray parses "0.5" and reads True as 1.0: neither is a level.
-        raise TypeError(
-            f"q must be a real number or a 1-D array of real numbers in [0, 1], "
-            f"got {type(q).__name__} {q!r}")
+        raise _level_type_error(q)
     try:
         values = np.asarray(q, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -124,7 +145,7 @@ def check_quantiles(q: Any) -> Tuple[np.ndarray, bool]:
     if values.ndim > 1:
         raise ValueError(f"q must be a scalar or 1-D, got shape {values.shape}")
     if not np.all((values >= 0.0) & (values <= 1.0)):
-        raise ValueError(f"q must lie in [0, 1] (no NaN), got {q!r}")
+        raise _level_range_error(q)
     return values.reshape(-1), values.ndim == 0
 
 

@@ -1707,22 +1707,6 @@ def _checked_levels(q: Any):
     return tuple(values.tolist()), scalar
 
 
-def _check_plain_levels(levels: tuple, q: Any) -> None:
-    """The errors of ``_operators.check_quantiles`` for Python values, raised
-    by plain Python that torch.compile traces: raised inside
-    :func:`_checked_levels` (a constant of the graph) they surface as dynamo's
-    InternalTorchDynamoError, which ``except ValueError`` misses."""
-    for level in levels:
-        if isinstance(level, (bool, str, bytes, complex)):
-            raise TypeError(
-                f"q must be a real number or a 1-D array of real numbers in [0, 1], "
-                f"got {type(q).__name__} {q!r}")
-        if isinstance(level, (list, tuple)):
-            raise ValueError(f"q must be a scalar or 1-D, got a nested sequence {q!r}")
-        if isinstance(level, (int, float)) and not 0.0 <= level <= 1.0:
-            raise ValueError(f"q must lie in [0, 1] (no NaN), got {q!r}")
-
-
 def _quantile_levels(q: Any):
     if isinstance(q, Tensor):
         if q.requires_grad:
@@ -1736,10 +1720,10 @@ def _quantile_levels(q: Any):
         q = values.cpu().numpy()
     elif isinstance(q, (list, tuple)):
         q = tuple(_specialized(level) for level in q)
-        _check_plain_levels(q, q)
+        _operators.check_plain_quantile_levels(q, q)
     else:
         q = _specialized(q)
-        _check_plain_levels((q,), q)
+        _operators.check_plain_quantile_levels((q,), q)
     levels, scalar = _checked_levels(q)
     return np.array(levels, dtype=np.float64), scalar
 
