@@ -368,6 +368,16 @@ def _twice_finite(half):
 
 
 @njit(**_JIT)
+def _sort_kl_output_wide(base, k, eps, inv, multiply):
+    """``base - k / eps``, formed at half scale where ``k / eps`` passes the
+    largest double (soft_row.h, sort_kl_output_wide); the same bits elsewhere."""
+    value = base - _scale(k, eps, inv, multiply)
+    if value != -np.inf:
+        return value
+    return _twice_finite(0.5 * base - _scale(0.5 * k, eps, inv, multiply))
+
+
+@njit(**_JIT)
 def _forward_row(x, out, perm, bs, op, reg, descending, eps,
                  keys, key_buf, idx_buf, bstart, bref, bstat, bstat2):
     """Soft rank / soft sort of one row; see ALGORITHM.md "Outputs".
@@ -491,13 +501,19 @@ def _forward_row(x, out, perm, bs, op, reg, descending, eps,
                 base = ref + _sort_kl_log_ratio(xs, s, e, ref, bstat[k], bstat2[k],
                                                 eps, inv, multiply, tolerance)
                 for i in range(s, e):
-                    value = base - _scale(float(i - s), eps, inv, multiply)
-                    if value == -np.inf:
-                        # (i - s) / eps past the largest double: at half
-                        # scale (soft_row.h, sort_kl_output_wide)
-                        value = _twice_finite(
-                            0.5 * base - _scale(0.5 * float(i - s), eps, inv, multiply))
-                    out[i] = sgn * value
+                    out[i] = sgn * (base - _scale(float(i - s), eps, inv, multiply))
+    if (eps != 0.0 and op == _OP_SORT and reg == _REG_KL and count > 0
+            and np.isinf(_scale(float(n - bstart[0]), eps, inv, multiply))):
+        # A block's steps (i - s) / eps can pass the largest double: its
+        # outputs again, in a pass apart as in write_outputs (soft_row.h), so
+        # that the common loop above carries no test.
+        for k in range(count):
+            s = bstart[k]
+            e = bstart[k + 1] if k + 1 < count else n
+            base = bref[k] + _sort_kl_log_ratio(xs, s, e, bref[k], bstat[k], bstat2[k],
+                                                eps, inv, multiply, tolerance)
+            for i in range(s, e):
+                out[i] = sgn * _sort_kl_output_wide(base, float(i - s), eps, inv, multiply)
 
 
 @njit(**_JIT)
