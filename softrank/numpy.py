@@ -1067,8 +1067,10 @@ def isotonic_regression_with_vjp(
     reg = check_regularization(regularization)
     increasing = check_increasing(increasing)
     array, ax, rows, restore, w_rows = _isotonic_prepare(y, weights, axis)
-    solution, blocks = _checked_weights(
-        lambda: _host.isotonic(rows, w_rows, increasing, reg), weights, rows.dtype)
+    eng = _engine.engine()
+    # block_start as the engine gives it (a NaN row's is -1): its l2 vjp reads it
+    solution, block_start = _checked_weights(
+        lambda: eng.isotonic_forward(rows, w_rows, increasing, reg), weights, rows.dtype)
     shape = array.shape
     weights_dtype = np.asarray(weights).dtype if weights is not None else None
     value = restore(solution)
@@ -1082,7 +1084,15 @@ def isotonic_regression_with_vjp(
 
     def vjp(cotangent: ArrayLike):
         g = _prepare_like(shape, cotangent, ax, rows.dtype, "cotangent", "y")
-        grad_y, grad_w = _derivatives.isotonic_vjp(_OPS, rows, w_rows, solution, blocks, g, reg)
+        if reg == _engine.REG_L2 and w_rows is None:
+            grad_y, grad_w = eng.isotonic_vjp(None, block_start, g), None
+        elif reg == _engine.REG_L2:  # both gradients in one O(n) pass of the engine
+            grad_y, grad_w = eng.isotonic_vjp_weighted(rows, solution, w_rows, block_start, g)
+        else:
+            # (A NaN row's blocks are -1: one block, whose formulas give NaN.)
+            blocks = np.maximum(block_start, 0).astype(np.int64)
+            grad_y, grad_w = _derivatives.isotonic_vjp(_OPS, rows, w_rows, solution, blocks, g,
+                                                       reg)
         if grad_w is None:
             return restore(grad_y), None
         return restore(grad_y), restore(grad_w).astype(_gradient_dtype(weights_dtype, rows.dtype),
