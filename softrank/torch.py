@@ -145,6 +145,13 @@ _NO_JIT = (
     "the result as a constant, torch.jit.script cannot compile the engine call); "
     "use torch.compile or torch.export, which keep softrank's operators in the graph"
 )
+_NO_FUNCTIONALIZE = (
+    "softrank.torch does not support torch.func.functionalize (torch has no "
+    "functionalization rule for the custom autograd functions that carry its "
+    "derivatives); its operators never mutate their inputs, so they need none: "
+    "call them outside functionalize, or use torch.compile or torch.export, "
+    "which functionalize the rest of the graph around them"
+)
 
 
 # --- kernels: the engine on host arrays -------------------------------------
@@ -337,6 +344,8 @@ _function_modes = torch._C._is_torch_function_mode_enabled
 _below_autograd = torch._C._AutoDispatchBelowAutograd
 # (torch.autograd.functional's vectorize=True still batches with the legacy vmap.)
 _is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+_functorch_levels = torch._functorch.pyfunctorch.retrieve_all_functorch_interpreters
+_FUNCTIONALIZE = torch._C._functorch.TransformType.Functionalize
 
 
 def _eager(tensor: Tensor) -> bool:
@@ -1157,6 +1166,7 @@ def _soft_op(x: Any, eps: Any, regularization: Any, direction: Any, dim: Any, op
     # "torch.compile with aot_autograd does not currently support double
     # backward", as it does where the saved tensor is the input itself.
     if _functorch_active():
+        _refuse_functionalize()
         out = _Forward.apply(_contiguous(moved), op, reg, descending, eps)[0]
     elif not (moved.is_cpu and _eager(moved)):
         out = _OPS.soft_forward(_contiguous(moved), op, reg, descending, eps)[0]
@@ -1289,6 +1299,13 @@ _NUMPY_DTYPE = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.
 def _no_jit() -> None:
     if torch._C._get_tracing_state() is not None:
         raise RuntimeError(_NO_JIT)
+    _refuse_functionalize()
+
+
+def _refuse_functionalize() -> None:
+    if not _is_compiling() and _functorch_active() and any(
+            level.key() == _FUNCTIONALIZE for level in _functorch_levels()):
+        raise RuntimeError(_NO_FUNCTIONALIZE)
 
 
 def _refuse_layout(tensor: Tensor, name: str) -> None:
@@ -1381,10 +1398,23 @@ def _eps_argument(eps: Any) -> float:
 def _refuse_differentiated(value: Tensor, name: str) -> None:
     """Raise where a derivative with respect to ``value`` (eps, q) is asked for:
     it would come back None (or zero) without an error."""
+    if _is_vmapped(value):
+        raise TypeError(
+            f"{name} must be one value for every row (a Python number or a plain 0-d "
+            f"tensor), got a tensor batched by vmap: call the operator once per {name}")
     if value.requires_grad or _is_functorch_wrapped(value):
         raise TypeError(
             f"{name} must not require a gradient: derivatives with respect to {name} are "
             f"not supported; pass {name}.detach() or a Python number")
+
+
+def _is_vmapped(tensor: Tensor) -> bool:
+    """Whether a torch.func.vmap level batches ``tensor``."""
+    while _is_functorch_wrapped(tensor):
+        if torch._C._functorch.is_batchedtensor(tensor):
+            return True
+        tensor = torch._C._functorch.get_unwrapped(tensor)
+    return False
 
 
 def _specialized(value: Any) -> Any:
@@ -1457,7 +1487,9 @@ def _known_values(tensor: Tensor):
     are symbolic or batched: they cannot be inspected by Python control flow.
     Under the differentiating torch.func transforms they are concrete.
     """
-    if _is_compiling():
+    if _is_compiling() or _dispatch_modes():
+        # (a dispatch mode, such as the proxy mode of make_fx and
+        # torch.func.linearize, traces every operation: reading a value fails)
         return None
     while _is_functorch_wrapped(tensor):
         if torch._C._functorch.is_batchedtensor(tensor):

@@ -22,6 +22,7 @@ torch = require("torch")
 import softrank.numpy as srn  # noqa: E402
 import softrank.torch as srt  # noqa: E402
 from torch_fd import HESSIAN_ATOL, HESSIAN_RTOL, contract, fd_hessian, fd_jacobian  # noqa: E402
+from torch.fx.experimental.proxy_tensor import make_fx  # noqa: E402
 from softrank import _engine, _operators  # noqa: E402
 from softrank._types import Regularization  # noqa: E402
 
@@ -580,6 +581,34 @@ def test_vmap_of_isotonic_over_a_batch_of_weights(reg, engine_calls):
     grads = torch.func.vmap(torch.func.grad(lambda w: (f(w) * cotangent).sum()))(weight_batch)
     want = torch.stack([_pull(fd_jacobian(f, w), cotangent) for w in weight_batch])
     torch.testing.assert_close(grads, want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("reg", REGS)
+@pytest.mark.parametrize("wrt", ["y", "weights"])
+def test_weighted_isotonic_under_linearize_and_make_fx(reg, wrt):
+    # torch.func.linearize traces with make_fx's proxy mode, under which the
+    # weights' values cannot be read: the check of the weights is the kernel's.
+    y = _spread(_x((3, 6), seed=38))
+    weights = _positive((3, 6), seed=39)
+    tangent = _x((3, 6), seed=40)
+
+    def f(value):
+        if wrt == "y":
+            return srt.isotonic_regression(value, weights=weights, regularization=reg)
+        return srt.isotonic_regression(y, weights=value, regularization=reg)
+
+    point = y if wrt == "y" else weights
+    out, linear = torch.func.linearize(f, point)
+    torch.testing.assert_close(out, f(point), rtol=0, atol=0)
+    torch.testing.assert_close(linear(tangent), contract(fd_jacobian(f, point), tangent),
+                               rtol=RTOL, atol=ATOL)
+    traced = make_fx(lambda a, b: srt.isotonic_regression(a, weights=b, regularization=reg))
+    torch.testing.assert_close(traced(y, weights)(y, weights),
+                               srt.isotonic_regression(y, weights=weights, regularization=reg),
+                               rtol=0, atol=0)
+    for bad in (-weights, weights * float("nan")):
+        with pytest.raises(ValueError, match="weights must be finite and > 0"):
+            traced(y, bad)
 
 
 def test_vmapped_q_raises_clearly():

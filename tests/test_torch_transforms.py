@@ -404,6 +404,36 @@ def test_compile_gives_the_finite_difference_gradient():
     torch.testing.assert_close(grad, fd_jacobian(g, x), rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("name", ["soft_rank", "soft_sort", "permutahedron_projection",
+                                  "soft_topk_mask", "spearman", "soft_quantile", "soft_median",
+                                  "isotonic_regression"])
+@pytest.mark.parametrize("nesting", ["alone", "under vmap", "under grad"])
+def test_functionalize_raises_naming_it(name, nesting):
+    # torch has no functionalization rule for custom autograd functions: its
+    # own error ("NYI: Functionalize rule for custom_function_call") named
+    # neither softrank nor what to do.
+    x = _x((3, 5))
+    calls = {"soft_topk_mask": lambda t: srt.soft_topk_mask(t, 2),
+             "spearman": lambda t: srt.spearman(t, t.detach() * 2.0),
+             "soft_quantile": lambda t: srt.soft_quantile(t, 0.3)}
+    f = torch.func.functionalize(calls.get(name, getattr(srt, name)))
+    if nesting == "under vmap":
+        f = torch.func.vmap(f)
+    elif nesting == "under grad":
+        f = torch.func.grad(lambda t, f=f: f(t).sum())
+    with pytest.raises(RuntimeError, match="does not support torch.func.functionalize"):
+        f(x)
+
+
+@pytest.mark.parametrize("name", ["soft_rank", "soft_topk_mask"])
+def test_vmapped_eps_raises_naming_vmap(name):
+    x = _x((3, 5))
+    call = (lambda e: srt.soft_rank(x, e)) if name == "soft_rank" else (
+        lambda e: srt.soft_topk_mask(x, 2, e))
+    with pytest.raises(TypeError, match="eps must be one value for every row.*batched by vmap"):
+        torch.func.vmap(call)(torch.tensor([0.5, 1.0], dtype=torch.float64))
+
+
 def test_jit_trace_raises_instead_of_recording_a_constant():
     x = _x((2, 5), seed=28)
     for requires_grad in (False, True):
