@@ -1066,8 +1066,10 @@ def _projection_l2_merges(eps, pool_all, ref_a, off_a, cnt_a, w_a, ref_b, off_b,
         return True
     counts = cnt_a * cnt_b
     ds = counts * (ref_a - ref_b) + (cnt_b * off_a - cnt_a * off_b)
+    if eps == 0.0:
+        return ds <= 0.0  # ties of s (projection.h: strict for 0 < eps < inf)
     dw = cnt_b * w_a - cnt_a * w_b
-    return ds <= eps * dw
+    return ds < eps * dw
 
 
 # kl projection block: a = ref, b = log sum exp((s - ref) / eps), c = log sum exp(ws).
@@ -1089,15 +1091,15 @@ def _projection_kl_merges(eps, pool_all, ref_a, ls_a, lw_a, ref_b, ls_b, lw_b):
     left = (ref_a - ref_b) / eps + (ls_a - ls_b)
     right = lw_a - lw_b
     if math.isfinite(left) and math.isfinite(right):
-        return left <= right
+        return left < right
     # a spread past the largest double: the test at half scale
-    return (0.5 * ref_a - 0.5 * ref_b) / eps + 0.5 * (ls_a - ls_b) <= 0.5 * lw_a - 0.5 * lw_b
+    return (0.5 * ref_a - 0.5 * ref_b) / eps + 0.5 * (ls_a - ls_b) < 0.5 * lw_a - 0.5 * lw_b
 
 
 # kl projection with 0 < eps < inf (csrc/softrank/projection.h,
 # ProjectionKlRunsRule, each block's references its first position's s and
 # ws): a = ref (s), b = S = sum exp((s - ref) / eps), c = wref (ws), d = W =
-# sum exp(ws - wref), 0 where every ws is -inf. V_a <= V_b compares products
+# sum exp(ws - wref), 0 where every ws is -inf. V_a < V_b compares products
 # with e = exp(-|d|), d = (ref_a - ref_b) / eps - (wref_a - wref_b); on logs
 # where e is below 2^-100.
 _KL_RUNS_SMALL = 2.0**-100
@@ -1113,18 +1115,18 @@ def _projection_kl_runs_merges(eps, ref_a, sum_a, wref_a, wsum_a, ref_b, sum_b, 
             return True
         dh = (0.5 * ref_a - 0.5 * ref_b) / eps - (0.5 * wref_a - 0.5 * wref_b)
         log_wa = math.log(wsum_a) if wsum_a > 0.0 else -_INF
-        return dh + 0.5 * (math.log(sum_a) + math.log(wsum_b)) <= 0.5 * (math.log(sum_b) + log_wa)
+        return dh + 0.5 * (math.log(sum_a) + math.log(wsum_b)) < 0.5 * (math.log(sum_b) + log_wa)
     d = dr - dq
     if d == 0.0:
-        return sum_a * wsum_b <= sum_b * wsum_a
+        return sum_a * wsum_b < sum_b * wsum_a
     e = math.exp(-d if d > 0.0 else d)
     if e >= _KL_RUNS_SMALL:
         if d > 0.0:
-            return sum_a * wsum_b <= e * sum_b * wsum_a
-        return e * sum_a * wsum_b <= sum_b * wsum_a
+            return sum_a * wsum_b < e * sum_b * wsum_a
+        return e * sum_a * wsum_b < sum_b * wsum_a
     log_wb = math.log(wsum_b) if wsum_b > 0.0 else -_INF
     log_wa = math.log(wsum_a) if wsum_a > 0.0 else -_INF
-    return dr + math.log(sum_a) + log_wb <= dq + math.log(sum_b) + log_wa
+    return dr + math.log(sum_a) + log_wb < dq + math.log(sum_b) + log_wa
 
 
 @njit(**_JIT)

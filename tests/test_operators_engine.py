@@ -428,7 +428,8 @@ def test_structure_perms_and_blocks(eng, reg, dtype):
         if eps in (0.0, np.inf):
             continue
         # The isotonic dual v = s / eps - (sorted out) is constant on each block and
-        # strictly decreasing from block to block (adjacent equal blocks are pooled).
+        # non-increasing from block to block (blocks of equal value stay apart:
+        # z tied where w is tied, projection.h).
         s = np.take_along_axis(z.astype(np.float64), pz.astype(np.int64), 1) / eps
         so = np.take_along_axis(out.astype(np.float64), pz.astype(np.int64), 1)
         v = s - so

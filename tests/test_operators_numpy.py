@@ -360,6 +360,40 @@ def test_topk_vjp_matches_fd(backend, regularization, k):
 
 
 @pytest.mark.parametrize("regularization", REGS)
+def test_gradients_where_ties_of_x_meet_ties_of_w(backend, regularization):
+    """z tied where w is tied too (a ReLU's zeros inside the top-k mask's
+    zeros, any ties at k = n): P is locally constant in those entries, so the
+    gradient is that of finite differences (0 for l2), not the pooled block's
+    (I - 11^T / m) / eps, which PAV pooling equal values gave."""
+    g = np.array([0.0, 1.0, 0.0, 0.0, 0.0])
+    cases = [  # (x, k, eps)
+        (np.array([3.0, 0.0, 0.0, 0.0, -2.0]), 1, 0.5),
+        (np.array([3.0, 2.0, 0.0, 0.0, 0.0]), 2, 0.5),
+        (np.array([1.0, 1.0, 2.0, 2.0, 2.0]), 5, 1.0),
+        (np.array([1.0, 1.0, 2.0, -1.0, -1.0]), 5, 0.3),
+    ]
+    if regularization == "l2":  # (kl needs k >= 1)
+        cases.append((np.array([0.0, 0.0, 1.0, 0.0, 0.0]), 0, 1.0))
+    for x, k, eps in cases:
+        mask, vjp = srn.soft_topk_mask_with_vjp(x, k, eps, regularization=regularization)
+        f = lambda a, k=k, eps=eps: srn.soft_topk_mask(a, k, eps, regularization=regularization)  # noqa: E731
+        for cotangent in (g, np.arange(5.0) - 1.5):
+            expected = _fd_grad(f, x, cotangent)
+            if regularization == "l2":
+                np.testing.assert_array_equal(expected, np.zeros(5))
+            _assert_grad(vjp(cotangent), expected, tol=1e-8)
+    z, w = np.array([2.0, 2.0, 0.0, 5.0]), np.array([1.0, 1.0, 0.0, 3.0])
+    out, vjp = srn.permutahedron_projection_with_vjp(z, w, regularization=regularization)
+    for cotangent in np.eye(4):
+        grad_z, _ = vjp(cotangent)
+        expected = _fd_grad(
+            lambda a: srn.permutahedron_projection(a, w, regularization=regularization), z,
+            cotangent)
+        np.testing.assert_array_equal(expected, np.zeros(4))  # out = w at these z
+        _assert_grad(grad_z, expected, tol=1e-8)
+
+
+@pytest.mark.parametrize("regularization", REGS)
 def test_topk_vjp_zero_in_the_limits(backend, regularization):
     """eps = 0 and eps = inf: the mask is locally constant in x, so its gradient is 0."""
     x = np.array([[0.3, -1.0, 2.0, 0.5], [1.0, 1.0, 0.0, -2.0]])

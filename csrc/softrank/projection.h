@@ -31,9 +31,14 @@ namespace softrank {
 // Both see the sorted z (`s`, decreasing) and the sorted w (`ws`, decreasing)
 // of one row. Block values are V = (mean or LSE of s) / eps - (mean or LSE of
 // ws); the isotonic solution is non-increasing, so adjacent blocks pool when
-// V_a <= V_b. Statistics of s are kept relative to the block's first (its
-// largest) value `ref`, so that only differences of nearby values are scaled
-// by 1/eps.
+// they violate it, V_a < V_b, and not where V_a = V_b (for 0 < eps < inf).
+// Equal values come from z tied where w is tied too (w's repeated values:
+// the top-k mask's ones and zeros), where P is locally constant in z: pooled,
+// such a block would carry the Jacobian (I - 11^T / m) / eps of a pooled
+// block instead of 0 (a top-k mask's gradient pushed between the tied zeros
+// of a ReLU). Pooled or not, their outputs are the same. Statistics of s are
+// kept relative to the block's first (its largest) value `ref`, so that only
+// differences of nearby values are scaled by 1/eps.
 
 struct ProjectionL2Rule {
   struct Block {
@@ -51,14 +56,16 @@ struct ProjectionL2Rule {
   SOFTRANK_HD Block item(const double* sorted, index_t i) const {
     return Block{i, sorted[i], 0.0, 1.0, ws[i]};
   }
-  // mean_a(s) - mean_b(s) <= eps (mean_a(ws) - mean_b(ws)), multiplied through
-  // by count_a count_b (no division in the test).
+  // mean_a(s) - mean_b(s) < eps (mean_a(ws) - mean_b(ws)), multiplied through
+  // by count_a count_b (no division in the test); eps = 0 pools ties of s
+  // (ds >= 0: s is sorted).
   SOFTRANK_HD bool merges(const Block& a, const Block& b) const {
     if (pool_all) return true;
     const double counts = a.count * b.count;
     const double ds = counts * (a.ref - b.ref) + (b.count * a.offset - a.count * b.offset);
+    if (eps == 0.0) return ds <= 0.0;
     const double dw = b.count * a.w_sum - a.count * b.w_sum;
-    return ds <= eps * dw;
+    return ds < eps * dw;
   }
   SOFTRANK_HD Block pool(const Block& a, const Block& b) const {
     return Block{a.start, a.ref, a.offset + b.offset + b.count * (b.ref - a.ref),
@@ -151,19 +158,19 @@ struct ProjectionKlRule {
   SOFTRANK_HD Block item(const double* sorted, index_t i) const {
     return Block{i, sorted[i], 0.0, ws[i]};
   }
-  // (ref_a - ref_b) / eps + lse_s_a - lse_s_b <= lse_w_a - lse_w_b. A block
+  // (ref_a - ref_b) / eps + lse_s_a - lse_s_b < lse_w_a - lse_w_b. A block
   // whose ws are all -inf (zeros of e^w) has V = +inf and always pools.
   SOFTRANK_HD bool merges(const Block& a, const Block& b) const {
     if (pool_all || b.lse_w == -kInf) return true;
     if (eps == 0.0) return a.ref == b.ref;  // the hard limit pools ties only
     const double left = (a.ref - b.ref) / eps + (a.lse_s - b.lse_s);  // >= 0 but for lse_s
     const double right = a.lse_w - b.lse_w;
-    if (std::isfinite(left) && std::isfinite(right)) return left <= right;
+    if (std::isfinite(left) && std::isfinite(right)) return left < right;
     // A spread of z / eps or of w wider than a double (left or right is
-    // +inf, and inf <= inf would pool): the test at half scale, where the
-    // right side is finite and the left overflows only where it is the
+    // +inf, where inf < inf cannot decide): the test at half scale, where
+    // the right side is finite and the left overflows only where it is the
     // larger.
-    return (0.5 * a.ref - 0.5 * b.ref) / eps + 0.5 * (a.lse_s - b.lse_s) <=
+    return (0.5 * a.ref - 0.5 * b.ref) / eps + 0.5 * (a.lse_s - b.lse_s) <
            0.5 * a.lse_w - 0.5 * b.lse_w;
   }
   SOFTRANK_HD Block pool(const Block& a, const Block& b) const {
@@ -208,7 +215,7 @@ struct ProjectionKlRule {
 // passes. A block keeps the references of its first position, S = sum t
 // and W = sum u relative to them, so V = R / eps + log S - Q - log W. With
 // d = (R_a - R_b) / eps - (Q_a - Q_b) and e = exp(-|d|) (1, and no exp call,
-// where both pairs of references agree), V_a <= V_b reads S_a W_b <= e S_b
+// where both pairs of references agree), V_a < V_b reads S_a W_b < e S_b
 // W_a where d >= 0 and e S_a W_b <= S_b W_a otherwise; S and W lie in
 // [2^-433, 2^31] (W may be 0: every ws of the block -inf, V = +inf, and the
 // test pools), so where e >= 2^-100 every product is a normal double or 0;
@@ -238,13 +245,13 @@ struct ProjectionKlRunsRule {
     const double dq = a.ref_w - b.ref_w;                                    // >= 0
     if (!(std::isfinite(dr) && std::isfinite(dq))) return merges_past_overflow(a, b);
     const double d = dr - dq;
-    if (d == 0.0) return a.sum_s * b.sum_w <= b.sum_s * a.sum_w;
+    if (d == 0.0) return a.sum_s * b.sum_w < b.sum_s * a.sum_w;
     const double e = exp_nonpositive(d > 0.0 ? -d : d);
     if (e >= kSmall) {
-      return d > 0.0 ? a.sum_s * b.sum_w <= e * b.sum_s * a.sum_w
-                     : e * a.sum_s * b.sum_w <= b.sum_s * a.sum_w;
+      return d > 0.0 ? a.sum_s * b.sum_w < e * b.sum_s * a.sum_w
+                     : e * a.sum_s * b.sum_w < b.sum_s * a.sum_w;
     }
-    return dr + std::log(a.sum_s) + std::log(b.sum_w) <= dq + std::log(b.sum_s) + std::log(a.sum_w);
+    return dr + std::log(a.sum_s) + std::log(b.sum_w) < dq + std::log(b.sum_s) + std::log(a.sum_w);
   }
   // dr or dq past the largest double (a spread of z / eps or of w wider than
   // a double, where d would be inf - inf): the log test at half scale. dq / 2
@@ -253,7 +260,7 @@ struct ProjectionKlRunsRule {
   SOFTRANK_HD bool merges_past_overflow(const Block& a, const Block& b) const {
     if (b.sum_w == 0.0) return true;
     const double dh = (0.5 * a.ref_s - 0.5 * b.ref_s) / eps - (0.5 * a.ref_w - 0.5 * b.ref_w);
-    return dh + 0.5 * (std::log(a.sum_s) + std::log(b.sum_w)) <=
+    return dh + 0.5 * (std::log(a.sum_s) + std::log(b.sum_w)) <
            0.5 * (std::log(b.sum_s) + std::log(a.sum_w));
   }
   SOFTRANK_HD Block pool(const Block& a, const Block& b) const {

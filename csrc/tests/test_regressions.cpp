@@ -437,6 +437,43 @@ TEST(regressions, kl_projection_of_values_at_both_ends_of_the_doubles) {
   for (int i : {1, 2}) CHECK(std::isfinite(out[i]) && out[i] >= -dbl_max && out[i] <= big) << i;
 }
 
+// Bug (found by an audit): the projection pooled adjacent blocks of equal
+// value, which z tied where w is tied too gives (a ReLU's zeros among the
+// top-k mask's zeros). P is locally constant in those entries, but a pooled
+// block carries the Jacobian (I - 11^T / m) / eps: the mask's gradient pushed
+// between the tied zeros. Fixed in projection.h: the rules pool violations
+// only (V_a < V_b) for 0 < eps < inf; eps = 0 still pools ties of z. Every
+// rule (l2, ProjectionKlRule, and the runs rule of the C++ kl loop) keeps
+// the tied entries apart, with the same outputs.
+TEST(regressions, projection_keeps_ties_of_z_against_ties_of_w_apart) {
+  const double z[5] = {3.0, 0.0, 0.0, 0.0, -2.0}, w[5] = {1.0, 0.0, 0.0, 0.0, 0.0};
+  for (Reg reg : {Reg::L2, Reg::KL}) {
+    for (double eps : {0.5, 1.0, 2.0}) {  // (above 3, z[0] / eps - 1 < 0: a violation)
+      double out[5];
+      index_t perm_z[5], perm_w[5], block[5];
+      softrank::projection_forward_batch<double>(z, w, 1, 5, eps, reg, out, perm_z, perm_w,
+                                                 block);
+      for (index_t i = 0; i < 5; ++i) {
+        CHECK(block[i] == i) << "reg" << static_cast<int>(reg) << "eps" << eps << "i" << i;
+        CHECK(out[i] == w[i]) << out[i] << "vs" << w[i];
+      }
+    }
+    // eps = 0 still pools the ties of z (the hard limit: the tied entries
+    // share their w).
+    double out[5];
+    index_t perm_z[5], perm_w[5], block[5];
+    softrank::projection_forward_batch<double>(z, w, 1, 5, 0.0, reg, out, perm_z, perm_w, block);
+    CHECK(block[2] == 1 && block[3] == 1) << block[2] << block[3];
+  }
+  const double s[3] = {2.0, 2.0, 0.0}, ws[3] = {1.0, 1.0, 0.0};
+  const softrank::ProjectionKlRule rule{s, ws, 1.0, false};
+  softrank::ProjectionKlRule::Block stack[3];
+  double sorted_out[3];
+  index_t block_start[3];
+  softrank::project_sorted(rule, 3, stack, sorted_out, block_start);
+  for (index_t i = 0; i < 3; ++i) CHECK(block_start[i] == i && sorted_out[i] == ws[i]) << i;
+}
+
 // Bug: the kl rank's product on a singleton block formed v - v r / (n - s);
 // r (the kl rank, through exp) is n - s only up to rounding, and 1/eps
 // amplified that: jvp [-6.7e284, 0, 0] at eps = 1e-300 for x = [-2.04,
