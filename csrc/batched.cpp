@@ -10,6 +10,7 @@
 #include <mutex>
 #include <vector>
 
+#include "softrank/fp_env.h"
 #include "softrank/isotonic.h"
 #include "softrank/parallel.h"
 #include "softrank/pearson.h"
@@ -253,6 +254,7 @@ bool use_long_row_path(std::int64_t rows, index_t n) {
 template <class T>
 void soft_forward_batch(const T* x, std::int64_t rows, index_t n, const OpSpec& spec, T* out,
                         index_t* perm, index_t* block_start) {
+  const StandardSubnormals subnormals;  // (fp_env.h)
   // perm = block_start = nullptr: the caller wants the values only. Each
   // row's state then goes to per-thread scratch (in cache) instead of two
   // more (rows, n) arrays that the caller would allocate, fault in and drop.
@@ -331,6 +333,7 @@ template <class T>
 void soft_product_batch(const T* x, const T* out, const index_t* perm, const index_t* block_start,
                         const T* vec, std::int64_t rows, index_t n, const OpSpec& spec,
                         bool transpose, T* result) {
+  const StandardSubnormals subnormals;  // (fp_env.h)
   if (use_long_row_path(rows, n)) {
     const ParallelRanges ranges{get_num_threads()};
     for (std::int64_t r = 0; r < rows; ++r) {
@@ -362,6 +365,7 @@ template <class T>
 void soft_hvp_batch(const T* x, const T* out, const index_t* perm, const index_t* block_start,
                     const T* c, const T* t, std::int64_t rows, index_t n, const OpSpec& spec,
                     T* result) {
+  const StandardSubnormals subnormals;  // (fp_env.h)
   for_each_row(rows, n, [&](std::int64_t r) {
     const std::int64_t off = r * n;
     ThreadScratch& s = thread_scratch();
@@ -402,6 +406,7 @@ void for_each_isotonic_row(const T* y, const T* w, std::int64_t rows, index_t n,
 template <class T>
 void isotonic_forward_batch(const T* y, const T* w, std::int64_t rows, index_t n, bool increasing,
                             T* solution, index_t* block_start) {
+  const StandardSubnormals subnormals;  // (fp_env.h)
   for_each_isotonic_row(y, w, rows, n, solution, block_start,
                         [&](const T* yr, const T* wr, const IsotonicScratch& scratch, T* sol,
                             index_t* blocks, const auto& ranges) {
@@ -414,6 +419,7 @@ template <class T>
 void isotonic_vjp_batch(const T* w, const index_t* block_start, const T* cotangent,
                         std::int64_t rows, index_t n, T* grad, const T* y, const T* solution,
                         T* grad_weights) {
+  const StandardSubnormals subnormals;  // (fp_env.h)
   if (isotonic_rows_on_pool(rows, n)) {  // each row's blocks split over the pool
     const ParallelRanges ranges{get_num_threads()};
     for (std::int64_t r = 0; r < rows; ++r) {
@@ -476,6 +482,7 @@ template <class T>
 void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t n, double eps,
                               Reg reg, T* out, index_t* perm_z, index_t* perm_w,
                               index_t* block_start, index_t* inv_z, index_t* inv_w) {
+  const StandardSubnormals subnormals;  // (fp_env.h)
   const bool pool_all = std::isinf(eps);
   // Fewer rows than threads: a row's two sorts run at the same time.
   const bool sort_pairs_in_parallel = n >= kParallelSortPairMin && get_num_threads() > 1 &&
@@ -614,6 +621,7 @@ void projection_forward_batch(const T* z, const T* w, std::int64_t rows, index_t
 template <class T>
 void isotonic_kl_forward_batch(const T* y, const T* w, std::int64_t rows, index_t n,
                                bool increasing, T* solution, index_t* block_start) {
+  const StandardSubnormals subnormals;  // (fp_env.h)
   for_each_isotonic_row(y, w, rows, n, solution, block_start,
                         [&](const T* yr, const T* wr, const IsotonicScratch& scratch, T* sol,
                             index_t* blocks, const auto& ranges) {
@@ -624,6 +632,7 @@ void isotonic_kl_forward_batch(const T* y, const T* w, std::int64_t rows, index_
 
 template <class T>
 void pearson_batch(const T* a, const T* b, std::int64_t rows, index_t n, T* corr) {
+  const StandardSubnormals subnormals;  // (fp_env.h)
   if (n == 0) {  // (for_each_row visits no row of length 0)
     for (std::int64_t r = 0; r < rows; ++r) corr[r] = static_cast<T>(kNaN);
     return;
@@ -636,6 +645,7 @@ void pearson_batch(const T* a, const T* b, std::int64_t rows, index_t n, T* corr
 template <class T>
 void pearson_vjp_batch(const T* a, const T* b, const T* cotangent, std::int64_t rows, index_t n,
                        T* grad) {
+  const StandardSubnormals subnormals;  // (fp_env.h)
   for_each_row(rows, n, [&](std::int64_t r) {
     pearson_vjp_row(a + r * n, b + r * n, n, static_cast<double>(cotangent[r]), grad + r * n);
   });

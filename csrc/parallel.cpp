@@ -8,6 +8,8 @@
 #include <thread>
 #include <vector>
 
+#include "softrank/fp_env.h"
+
 #if defined(__unix__) || defined(__APPLE__)
 #include <pthread.h>
 #define SOFTRANK_HAVE_FORK 1
@@ -93,6 +95,9 @@ class ThreadPool {
   }
 
   void worker_loop(int id) {
+    // (a worker inherits the flush flags of the thread that created it: a
+    // framework's, fp_env.h)
+    use_standard_subnormals();
     std::uint64_t seen = 0;
     for (;;) {
       // Calls often come back to back (the passes of one long row, the

@@ -115,9 +115,14 @@ def check_float16_ranks(n: Any) -> None:
     """Raise unless the soft ranks of a float16 ``x`` of length ``n`` (up to
     ``n``) fit float16: past 65504 they would silently be inf."""
     if n > FLOAT16_LARGEST:
-        raise ValueError(
-            f"soft_rank of a float16 x needs n <= {FLOAT16_LARGEST} (the largest float16; ranks "
-            f"reach n), got n = {n} along the axis: cast x to float32 or bfloat16 first")
+        raise ValueError(float16_ranks_message(n))
+
+
+def float16_ranks_message(n: Any = None) -> str:
+    """:func:`check_float16_ranks`'s message (``n`` None: not known where it is formed)."""
+    got = "" if n is None else f", got n = {n}"
+    return (f"soft_rank of a float16 x needs n <= {FLOAT16_LARGEST} (the largest float16; ranks "
+            f"reach n){got} along the axis: cast x to float32 or bfloat16 first")
 
 
 def check_float_dtype_kind(kind: str, dtype_name: Any, allow_int: bool, name: str = "x") -> None:

@@ -105,6 +105,8 @@ from softrank._validate import (
     check_increasing,
     check_regularization,
     check_weights,
+    float16_ranks_message,
+    FLOAT16_LARGEST,
 )
 
 __all__ = [
@@ -589,8 +591,14 @@ def _apply(x: Any, eps: Any, regularization: Any, direction: Any, axis: Any, op:
     if ndim is None:
         raise ValueError("x must have a statically known rank (number of dimensions)")
     ax = check_axis(axis, ndim)
-    if op == OP_RANK and x.dtype == tf.float16 and x.shape[ax] is not None:
-        check_float16_ranks(x.shape[ax])
+    if op == OP_RANK and x.dtype == tf.float16:
+        if x.shape[ax] is not None:
+            check_float16_ranks(x.shape[ax])
+        else:  # (n known only when the graph runs: checked there)
+            with tf.control_dependencies([tf.debugging.assert_less_equal(
+                    tf.shape(x, out_type=tf.int64)[ax], tf.constant(FLOAT16_LARGEST, tf.int64),
+                    message=float16_ranks_message())]):
+                x = tf.identity(x)
     params = tf.constant([op, reg, descending, eps], tf.float64)
     out = _soft_op(tf.cast(_axis_last(x, ax), compute_dtype), params, reg == REG_KL)
     return tf.cast(_axis_back(out, ax), x.dtype)
@@ -1322,6 +1330,8 @@ def isotonic_regression(
         weights = _same_shape(_secondary(weights, "weights"), y, "weights", "y")
         weights_moved = tf.cast(_axis_last(weights, ax), moved.dtype)
         if tf.executing_eagerly():
-            check_weights(weights.numpy(), moved.dtype.as_numpy_dtype)
+            # (TensorFlow's threads, which run the engine's callback, read
+            # subnormal numbers as 0, as XLA's do for softrank.jax)
+            check_weights(weights.numpy(), moved.dtype.as_numpy_dtype, flushes_subnormals=True)
     out = _isotonic_op(moved, weights_moved, check_increasing(increasing), reg)
     return tf.cast(_axis_back(out, ax), y.dtype)

@@ -38,30 +38,30 @@ def _numpy(op, x, cotangent, **kwargs):
     return forward(x, EPS, **kwargs), vjp(x, cotangent, EPS, **kwargs)
 
 
-def _torch(op, x, cotangent, axis, **kwargs):
+def _torch(op, x, cotangent, axis, eps=EPS, **kwargs):
     torch = require("torch")
     import softrank.torch as srt
 
     forward = {"rank": srt.soft_rank, "sort": srt.soft_sort}[op]
     xt = torch.from_numpy(x.copy()).requires_grad_(True)
-    out = forward(xt, EPS, dim=axis, **kwargs)
+    out = forward(xt, eps, dim=axis, **kwargs)
     (grad,) = torch.autograd.grad(out, xt, torch.from_numpy(cotangent))
     return out.detach().numpy(), grad.numpy()
 
 
-def _jax(op, x, cotangent, axis, **kwargs):
+def _jax(op, x, cotangent, axis, eps=EPS, **kwargs):
     jax = require("jax")
     import softrank.jax as srj
 
     forward = {"rank": srj.soft_rank, "sort": srj.soft_sort}[op]
     with jax_x64(x.dtype == np.float64):
-        out, pullback = jax.vjp(lambda v: forward(v, EPS, axis=axis, **kwargs), x)
+        out, pullback = jax.vjp(lambda v: forward(v, eps, axis=axis, **kwargs), x)
         (grad,) = pullback(cotangent)
         assert out.dtype == x.dtype and grad.dtype == x.dtype
         return np.asarray(out), np.asarray(grad)
 
 
-def _tensorflow(op, x, cotangent, axis, **kwargs):
+def _tensorflow(op, x, cotangent, axis, eps=EPS, **kwargs):
     tf = require("tensorflow")
     import softrank.tensorflow as srtf
 
@@ -69,7 +69,7 @@ def _tensorflow(op, x, cotangent, axis, **kwargs):
     xt = tf.constant(x)
     with tf.GradientTape() as tape:
         tape.watch(xt)
-        out = forward(xt, EPS, axis=axis, **kwargs)
+        out = forward(xt, eps, axis=axis, **kwargs)
     grad = tape.gradient(out, xt, output_gradients=tf.constant(cotangent))
     return out.numpy(), grad.numpy()
 
@@ -283,3 +283,43 @@ def test_float16_soft_ranks_past_the_largest_float16_are_refused(adapter):
     assert ranks[7] == 65504.0
     with pytest.raises(ValueError, match=r"float16 x needs n <= 65504.*n = 65505"):
         _soft_rank_in(adapter, np.zeros(65505, dtype=np.float16), 1e-3)
+
+
+def test_float16_soft_ranks_with_n_unknown_when_tensorflow_traces():
+    """A tf.function whose n is known only when it runs checks n there."""
+    tf = require("tensorflow")
+    import softrank.tensorflow as srtf
+
+    f = tf.function(lambda v: srtf.soft_rank(v, 1e-7),
+                    input_signature=[tf.TensorSpec([None], tf.float16)])
+    x = np.zeros(65504, dtype=np.float16)
+    x[7] = 1.0
+    assert f(tf.constant(x)).numpy()[7] == 65504.0
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"float16 x needs n <= 65504"):
+        f(tf.constant(np.zeros(65505, dtype=np.float16)))
+
+
+@pytest.mark.parametrize("adapter", sorted(ADAPTERS))
+@pytest.mark.parametrize("dtype", sorted(TOLERANCE))
+def test_subnormal_inputs_as_numpy_computes_them(adapter, dtype):
+    """XLA's and TensorFlow's threads flush subnormal numbers to zero (and
+    read them as zero); the core clears those flags for its calls, so the
+    adapters that run it there rank subnormal values as numpy does (jax
+    ranked [3e-40, 1e-40, 2e-40] as three ties)."""
+    tiny = np.finfo(dtype).tiny
+    x = (np.array([[3.0, 1.0, 2.0, -0.5, 2.5, 1.5]]) * tiny / 8).astype(dtype)
+    assert np.all(np.abs(x) < tiny) and np.all(x != 0)  # subnormal
+    rng = np.random.default_rng(41)
+    cotangent = rng.normal(size=x.shape).astype(dtype)
+    # eps = 0, and an eps (a double) at which x / eps is of order 1
+    for eps in (0.0, float(tiny) / 8):
+        for op in OPS:
+            want = {"rank": srn.soft_rank, "sort": srn.soft_sort}[op](x, eps)
+            if eps == 0.0:
+                hard = (np.argsort(np.argsort(x, axis=-1), axis=-1) + 1.0 if op == "rank"
+                        else np.sort(x, axis=-1))
+                np.testing.assert_array_equal(want, hard)
+            else:
+                assert len(np.unique(want)) == x.shape[-1]  # not ties
+            got, _ = ADAPTERS[adapter](op, x, cotangent, -1, eps=eps)
+            np.testing.assert_array_equal(got, want)

@@ -808,6 +808,10 @@ def test_bad_arguments_name_themselves():
     with pytest.raises(ValueError,
                        match=r"weights must stay > 0 in float32 \(the compute dtype; they underflow\)"):
         srtf.isotonic_regression(x, weights=tf.fill((3, 4), tf.constant(1e-300, tf.float64)))
+    # subnormal float32 weights: TensorFlow's threads read them as 0 (as XLA's)
+    with pytest.raises(ValueError,
+                       match=r"weights must stay > 0 in float32 \(the compute dtype; they underflow\)"):
+        srtf.isotonic_regression(x, weights=tf.fill((3, 4), tf.constant(1e-40, tf.float32)))
     with pytest.raises(ValueError, match="weights must have the shape of y"):
         srtf.isotonic_regression(x, weights=tf.ones(4))
     with pytest.raises(ValueError, match="target must have the shape of pred"):

@@ -3,6 +3,9 @@
 // results.
 #include <atomic>
 #include <thread>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include "helpers.h"
 
@@ -114,6 +117,42 @@ TEST(threads, bitwise_identical_for_any_thread_count) {
   }
   softrank::set_num_threads(saved);
 }
+
+#if defined(__x86_64__) || defined(__i386__)
+// The caller's flush-to-zero and denormals-are-zero (XLA's and TensorFlow's
+// threads set them) change nothing: each call clears them on the calling
+// thread and restores them on return, and pool threads created by such a
+// thread clear their own (fp_env.h). Subnormal inputs and intermediates:
+// jax ranked [3e-310, 1e-310, 2e-310] as three ties.
+TEST(threads, flush_to_zero_of_the_caller_changes_nothing) {
+  Rng rng(37);
+  const int saved = softrank::get_num_threads();
+  const Case c{40, 1000};
+  Input in = make_input(rng, c);
+  for (double& v : in.x) v *= 1e-309;  // subnormal doubles (0 once cast to float)
+  const double eps = 1e-309;
+  std::vector<Outputs> want;
+  for (const OpSpec& s : all_specs(eps)) want.push_back(run_all(in.x, in.g, in.w, c, s));
+  std::thread flushing([&] {
+    const unsigned flush = 0x8040u;  // MXCSR: FTZ, DAZ
+    _mm_setcsr(_mm_getcsr() | flush);
+    // More threads than any test before: workers created from this thread.
+    softrank::set_num_threads(24);
+    std::size_t k = 0;
+    for (const OpSpec& s : all_specs(eps)) {
+      const std::string diff = difference(want[k++], run_all(in.x, in.g, in.w, c, s));
+      CHECK(diff.empty()) << describe(s) << diff;
+    }
+    CHECK((_mm_getcsr() & flush) == flush) << "the caller's flags are restored";
+    const std::vector<double> row = {3e-310, 1e-310, 2e-310};
+    const Forward<double> f = forward(row, 1, 3, OpSpec{Op::Rank, Reg::L2, false, 0.0});
+    CHECK(f.out[0] == 3.0 && f.out[1] == 1.0 && f.out[2] == 2.0)
+        << f.out[0] << f.out[1] << f.out[2];
+  });
+  flushing.join();
+  softrank::set_num_threads(saved);
+}
+#endif
 
 TEST(threads, concurrent_callers_get_sequential_results) {
   Rng rng(32);
