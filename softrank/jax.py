@@ -967,6 +967,17 @@ def _like_rows(other: Any, x, ax: int, rows, name: str, reference: str, dtype=No
     return jnp.moveaxis(other, ax, -1).astype(rows.dtype if dtype is None else dtype)
 
 
+def _concrete_n(n: Any, what: str) -> int:
+    """``n``, the row length, where ``what`` needs its value (it builds w of
+    length n, or selects sorted positions): a symbolic dimension of
+    jax.export's shape polymorphism is refused by name."""
+    if not isinstance(n, (int, np.integer)):
+        raise ValueError(
+            f"{what} needs a concrete row length n, got the symbolic dimension {n} (jax.export "
+            f"with a symbolic shape): export with a fixed n (a symbolic batch works)")
+    return int(n)
+
+
 def permutahedron_projection(
     z: Any,
     w: Any = None,
@@ -1023,6 +1034,7 @@ def permutahedron_projection(
     z, ax, rows = _prepare(z, axis, "z")
     n = rows.shape[-1]
     if w is None:
+        _concrete_n(n, "permutahedron_projection with the default w")
         w_rows = jnp.broadcast_to(jnp.asarray(_operators.rho(n, rows.dtype)), rows.shape)
     else:
         w = jnp.asarray(w)
@@ -1082,7 +1094,7 @@ def soft_topk_mask(
     eps = check_eps(_static(eps, "eps", "Python number"))
     reg = check_regularization(regularization)
     x, ax, rows = _prepare(x, axis, "x")
-    n = rows.shape[-1]
+    n = _concrete_n(rows.shape[-1], "soft_topk_mask")
     k = _operators.check_k(_static(k, "k", "Python int"), n)
     w_rows = jnp.broadcast_to(jnp.asarray(_operators.topk_weights(n, k, reg, rows.dtype)),
                               rows.shape)
@@ -1183,7 +1195,8 @@ def soft_quantile(
     -----
     Composed of :func:`soft_sort` and jax operations (a weighted sum of two
     sorted positions), so it has every transform and export of
-    :func:`soft_sort`.
+    :func:`soft_sort`, but for a symbolic n under jax.export (the positions
+    depend on n's value: an error).
 
     Examples
     --------
@@ -1196,6 +1209,7 @@ def soft_quantile(
     check_regularization(regularization)
     quantiles, scalar = _operators.check_quantiles(_static(q, "q", "number or 1-D array"))
     x, _, rows = _prepare(x, axis, "x")
+    _concrete_n(rows.shape[-1], "soft_quantile")
     sorted_rows = soft_sort(rows, eps, regularization=regularization)
     return _operators.quantile_from_sorted(_OPS, sorted_rows, quantiles, scalar).astype(x.dtype)
 

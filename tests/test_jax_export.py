@@ -56,6 +56,22 @@ def test_export_with_a_symbolic_batch(ffi_path):
         np.testing.assert_array_equal(restored.call(x), srj.soft_rank(x, 0.2, direction="descending"))
 
 
+def test_export_with_a_symbolic_n_where_n_must_be_known_says_so(ffi_path):
+    """Top-k (w of length n), quantiles (sorted positions) and the default w
+    of the projection need n's value; the rest take a symbolic n."""
+    spec = jax.ShapeDtypeStruct(export.symbolic_shape("b, n"), jnp.float32)
+    for name, f in [("soft_topk_mask", lambda v: srj.soft_topk_mask(v, 1, 0.5)),
+                    ("soft_quantile", lambda v: srj.soft_quantile(v, 0.3)),
+                    ("soft_quantile", lambda v: srj.soft_median(v)),
+                    ("permutahedron_projection", lambda v: srj.permutahedron_projection(v))]:
+        with pytest.raises(ValueError, match=f"{name}.*needs a concrete row length n"):
+            export.export(jax.jit(f), disabled_checks=srj.export_disabled_checks())(spec)
+    exported = export.export(jax.jit(lambda v: srj.permutahedron_projection(v, v * 0.5)),
+                             disabled_checks=srj.export_disabled_checks())(spec)
+    x = np.random.default_rng(3).normal(size=(2, 5)).astype(np.float32)
+    np.testing.assert_array_equal(exported.call(x), srj.permutahedron_projection(x, x * 0.5))
+
+
 def test_export_without_the_disabled_checks_names_the_targets(ffi_path):
     x = np.ones((2, 4), np.float32)
     with pytest.raises(ValueError, match="softrank_forward_value_v1"):
