@@ -221,7 +221,8 @@ def _pav_soft(xs, op, reg, eps, bstart, bref, bstat, bstat2):
     ref)/eps)``; sort kl ``S = sum exp(xs - ref)`` and ``Q = sum_k exp(-k/eps)``.
     The kl sums lie in ``[1, m]`` (every exponent is <= 0), so they cannot
     overflow. The newest block B is held in locals and merged into the stack
-    top A while "V_A <= V_B" (equal values are pooled too); the tests are the
+    top A while "V_A <= V_B" (equal values are pooled too; the sort kl test
+    is strict, pav.h); the tests are the
     overflow-free product forms of the table in ALGORITHM.md, evaluated in
     exactly the order the C++ core uses so that both engines take the same
     merge decisions even at ties. ``eps = inf`` merges everything.
@@ -277,18 +278,18 @@ def _pav_soft(xs, op, reg, eps, bstart, bref, bstat, bstat2):
                 if merge_all:
                     merge = True
                 elif eu >= _DBL_MIN and ev >= _DBL_MIN:
-                    merge = stat2_a * stat * eu <= ev * stat_a * stat2
+                    merge = stat2_a * stat * eu < ev * stat_a * stat2  # strict (pav.h)
                 elif np.isinf(u) and np.isinf(v):
                     # u - v = inf - inf (refs near +-DBL_MAX, a subnormal eps):
                     # the log test at half scale (pav.h, sort_kl_merges).
                     half_u = 0.5 * ref_a - 0.5 * ref
                     half_v = _scale(0.5 * float(s - sa), eps, inv, multiply)
-                    merge = 0.5 * np.log(stat2_a * stat) - half_u <= (
+                    merge = 0.5 * np.log(stat2_a * stat) - half_u < (
                         0.5 * np.log(stat_a * stat2) - half_v
                     )
                 else:
                     # Both sides would underflow: the same test on logs.
-                    merge = np.log(stat2_a * stat) - u <= np.log(stat_a * stat2) - v
+                    merge = np.log(stat2_a * stat) - u < np.log(stat_a * stat2) - v
                 if not merge:
                     break
                 stat = stat_a + eu * stat

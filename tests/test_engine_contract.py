@@ -807,6 +807,26 @@ def test_kl_sort_block_wider_than_a_double_at_tiny_normal_eps(eng, descending, e
                 assert np.all(np.isfinite(g)), fn
 
 
+@pytest.mark.parametrize("descending", [False, True])
+def test_kl_sort_where_gaps_and_one_over_eps_are_below_rounding(eng, descending):
+    """Where every gap of x and 1/eps are below 2^-53, the kl sort's merge
+    test reads both sides as equal. It pooled there, moving x sorted by up to
+    n / eps (all-zero x at eps = 1e17 gave [-1e-17, 0, 1e-17]); the exact
+    blocks stay apart (each gap < 1/eps), so the output is x sorted. Against
+    the mpmath min-max reference, to a hundredth of the row's spread."""
+    cases = [(np.zeros(3), 1e17), (1e-17 * np.array([3.0, 1.0, 4.0, 2.0]), 3e16),
+             (np.zeros(4), 1e300), (1e-300 * np.array([3.0, 1.0, 4.0, 2.0]), 1e30),
+             (1e-20 * np.array([5.0, -1.0, 0.0, 2.0, 2.0]), 1e18)]
+    for row, eps in cases:
+        out = eng.soft_forward(np.array([row]), _engine.OP_SORT, _engine.REG_KL, descending,
+                               eps)[0][0]
+        want = R.soft_sort_ref(row, eps, "kl", "descending" if descending else "ascending")
+        np.testing.assert_allclose(want, np.sort(row)[::-1] if descending else np.sort(row),
+                                   rtol=1e-3, atol=0)
+        scale = 1e-2 * max(np.ptp(row), 1e-320)
+        np.testing.assert_allclose(out, want, rtol=0, atol=scale)
+
+
 @pytest.mark.parametrize("reg", REGS)
 @pytest.mark.parametrize("descending", [False, True])
 @pytest.mark.parametrize("eps", (1e-3, 1.0, 1e300))

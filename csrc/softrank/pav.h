@@ -93,8 +93,14 @@ struct InverseScale {
 // exact exps.) R is the sum of rho over a block (see RankKlPooling).
 //
 // Sort kl: S = sum exp(xs - ref) and Q = sum_{k<m} exp(-k/eps), both in
-// [1, m]. Merge when Q_a S_b exp(-u) <= S_a Q_b exp(-v), u = ref_a - ref_b,
+// [1, m]. Merge when Q_a S_b exp(-u) < S_a Q_b exp(-v), u = ref_a - ref_b,
 // v = m_a / eps; where either factor underflows the same test runs on logs.
+// Strictly: the blocks pool where they violate the order. Where both sides
+// round to the same value (gaps of x and 1/eps both below 2^-53, where
+// exp(-u) and exp(-v) are 1), the exact test cannot be read from them, and
+// pooling moved x sorted by up to n / eps: all-zero x at eps = 1e17 came out
+// [-1e-17, 0, 1e-17] (exact: 0, as every gap 0 < 1/eps); apart, each output
+// is its x, within those roundings of the exact one.
 // `step[i] = exp(xs[i] - xs[i-1])` and `decay[k] = exp(-k/eps)` are tabulated
 // beforehand (vectorised) and each block carries `tail = exp(xs[last] - ref)`.
 
@@ -162,7 +168,7 @@ SOFTRANK_HD bool sort_kl_merges(bool merge_all, const InverseScale& scale, index
                                 index_t s, double ref, double sum, double sum_rho) {
   if (merge_all) return true;
   if (eu >= std::numeric_limits<double>::min() && ev >= std::numeric_limits<double>::min())
-    return sum_rho_a * sum * eu <= ev * sum_a * sum_rho;
+    return sum_rho_a * sum * eu < ev * sum_a * sum_rho;
   const double u = ref_a - ref, v = scale(static_cast<double>(s - sa));
   if (std::isinf(u) && std::isinf(v)) {
     // u and v are both beyond DBL_MAX (refs near +-DBL_MAX, and a subnormal
@@ -170,7 +176,7 @@ SOFTRANK_HD bool sort_kl_merges(bool merge_all, const InverseScale& scale, index
     // where the blocks stay apart). The same test at half scale: u / 2 is
     // finite, and where v / 2 still overflows, v > u and the blocks do not merge.
     const double half_u = 0.5 * ref_a - 0.5 * ref, half_v = scale(0.5 * static_cast<double>(s - sa));
-    return 0.5 * std::log(sum_rho_a * sum) - half_u <= 0.5 * std::log(sum_a * sum_rho) - half_v;
+    return 0.5 * std::log(sum_rho_a * sum) - half_u < 0.5 * std::log(sum_a * sum_rho) - half_v;
   }
   // Both logs lie in [0, log(m_a m_b)] <= [0, 43.7] (m < 2^31), so where
   // u - v is outside [-44, 44] the logs cannot change the answer: decide
@@ -178,7 +184,7 @@ SOFTRANK_HD bool sort_kl_merges(bool merge_all, const InverseScale& scale, index
   // widely spread values).
   if (u - v >= 44.0) return true;
   if (u - v < -44.0) return false;
-  return std::log(sum_rho_a * sum) - u <= std::log(sum_a * sum_rho) - v;
+  return std::log(sum_rho_a * sum) - u < std::log(sum_a * sum_rho) - v;
 }
 
 // stat = S, stat2 = Q, tail = exp(xs[last] - ref).

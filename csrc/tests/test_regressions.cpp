@@ -437,6 +437,33 @@ TEST(regressions, kl_projection_of_values_at_both_ends_of_the_doubles) {
   for (int i : {1, 2}) CHECK(std::isfinite(out[i]) && out[i] >= -dbl_max && out[i] <= big) << i;
 }
 
+// Bug (found by an audit): the kl sort's merge test pooled where both of its
+// sides round to the same value, as where every gap of x and 1/eps are below
+// 2^-53 (exp(-u) and exp(-v) both 1): all-zero x at eps = 1e17 came out
+// [-1e-17, 0, 1e-17] and 1e-300 [3, 1, 4, 2] at eps = 1e30 was pooled to
+// +-1.5e-30. The exact blocks stay apart (each gap < 1/eps): x sorted. Fixed
+// in pav.h (sort_kl_merges is strict).
+TEST(regressions, kl_sort_keeps_blocks_apart_below_rounding) {
+  struct Case {
+    std::vector<double> x;
+    double eps;
+  };
+  const Case cases[] = {{{0.0, 0.0, 0.0}, 1e17},
+                        {{3e-17, 1e-17, 4e-17, 2e-17}, 3e16},
+                        {{3e-300, 1e-300, 4e-300, 2e-300}, 1e30}};
+  for (const Case& c : cases) {
+    for (bool descending : {false, true}) {
+      const index_t n = static_cast<index_t>(c.x.size());
+      const Forward<double> f = forward(c.x, 1, n, OpSpec{Op::Sort, Reg::KL, descending, c.eps});
+      std::vector<double> sorted = c.x;
+      std::sort(sorted.begin(), sorted.end());
+      if (descending) std::reverse(sorted.begin(), sorted.end());
+      for (index_t i = 0; i < n; ++i)
+        CHECK(f.out[i] == sorted[i]) << "eps" << c.eps << "i" << i << f.out[i] << "vs" << sorted[i];
+    }
+  }
+}
+
 // Bug (found by an audit): the projection pooled adjacent blocks of equal
 // value, which z tied where w is tied too gives (a ReLU's zeros among the
 // top-k mask's zeros). P is locally constant in those entries, but a pooled
