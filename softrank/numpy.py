@@ -659,8 +659,9 @@ def permutahedron_projection_with_vjp(
 
     def vjp(cotangent: ArrayLike):
         g = _prepare_like(shape, cotangent, ax, rows.dtype, "cotangent", "z")
-        grad_z, grad_w = _derivatives.projection_vjp(
-            _OPS, rows, w_rows, out, state, g, 1.0, reg, need_w=w_given)
+        with np.errstate(invalid="ignore"):  # (a non-finite row's NaN: inf - inf)
+            grad_z, grad_w = _derivatives.projection_vjp(
+                _OPS, rows, w_rows, out, state, g, 1.0, reg, need_w=w_given)
         if not w_given:
             return restore(grad_z), None
         grad_w = grad_w.sum(axis=0) if shared else restore(grad_w)
@@ -755,8 +756,9 @@ def soft_topk_mask_with_vjp(
         if reg == _engine.REG_KL:
             g = g * mask  # d exp(out) = exp(out) d out
         # Differences of x over a tiny eps may overflow to -inf on purpose
-        # (softmax weights of exactly 0; see _derivatives._block_softmax).
-        with np.errstate(over="ignore"):
+        # (softmax weights of exactly 0; see _derivatives._block_softmax), and
+        # a non-finite row's are NaN (inf - inf).
+        with np.errstate(over="ignore", invalid="ignore"):
             grad, _ = _derivatives.projection_vjp(_OPS, rows, w_rows, out, state, g, eps, reg,
                                                   need_w=False)
         return restore(grad)
