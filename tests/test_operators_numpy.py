@@ -831,3 +831,22 @@ def test_fss_isotonic_kl(backend, fss, record_property):
         assert err <= FSS_RTOL, (s, w, err)
     record_property("max_rel_err_isotonic_kl", worst)
     print(f"\n[{backend}] fast-soft-sort isotonic_kl, {FSS_CASES} cases: max rel err {worst:.2e}")
+
+
+@pytest.mark.parametrize("regularization", REGS)
+def test_pullbacks_of_non_finite_rows_give_nan_without_warnings(backend, regularization):
+    """A row holding NaN or inf: NaN in its gradient only (the documented
+    result), and no RuntimeWarning (the kl pullbacks warned 'invalid value
+    encountered in subtract', which -W error turns into an exception)."""
+    x = np.array([[1.0, np.nan, 2.0], [3.0, 1.0, 2.5], [np.inf, 0.0, 1.0]])
+    ones = np.ones_like(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grads = [
+            srn.soft_topk_mask_with_vjp(x, 1, 0.7, regularization=regularization)[1](ones),
+            srn.permutahedron_projection_with_vjp(x, x, regularization=regularization)[1](ones)[0],
+            srn.spearman_with_vjp(x, np.arange(9.0).reshape(3, 3), 0.7,
+                                  regularization=regularization)[1](np.ones(3)),
+        ]
+    for grad in grads:
+        assert np.all(np.isnan(grad[[0, 2]])) and np.all(np.isfinite(grad[1]))
