@@ -99,6 +99,7 @@ except ImportError as exc:
 import numpy as np
 from torch import Tensor
 from torch.autograd import forward_ad as _forward_ad
+from torch.fx.experimental.proxy_tensor import get_proxy_mode as _proxy_mode
 from torch.fx.experimental.symbolic_shapes import guard_scalar as _guard_scalar
 
 from softrank import _derivatives, _engine, _host, _layout, _operators, _torch_cuda
@@ -1487,9 +1488,10 @@ def _known_values(tensor: Tensor):
     are symbolic or batched: they cannot be inspected by Python control flow.
     Under the differentiating torch.func transforms they are concrete.
     """
-    if _is_compiling() or _dispatch_modes():
-        # (a dispatch mode, such as the proxy mode of make_fx and
-        # torch.func.linearize, traces every operation: reading a value fails)
+    if _is_compiling() or _proxy_mode() is not None:
+        # (make_fx's proxy mode, which torch.func.linearize uses too, traces
+        # every operation: reading a value there fails. Other dispatch modes,
+        # such as FlopCounterMode, run the operations and read values.)
         return None
     while _is_functorch_wrapped(tensor):
         if torch._C._functorch.is_batchedtensor(tensor):

@@ -611,6 +611,24 @@ def test_weighted_isotonic_under_linearize_and_make_fx(reg, wrt):
             traced(y, bad)
 
 
+def test_values_are_read_under_a_dispatch_mode_that_runs_operations():
+    """Only make_fx's proxy mode hides values: under a mode that runs the
+    operations (FlopCounterMode) a tensor q is read and weights are checked
+    as in plain eager code."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = _x((3, 6), seed=41)
+    weights = _positive((3, 6), seed=42)
+    with FlopCounterMode(display=False):
+        got = srt.soft_quantile(x, torch.tensor([0.25, 0.5]), 0.1)
+        solution = srt.isotonic_regression(x, weights=weights)
+        with pytest.raises(ValueError, match="weights must be finite and > 0"):
+            srt.isotonic_regression(x, weights=-weights)
+    torch.testing.assert_close(got, srt.soft_quantile(x, [0.25, 0.5], 0.1), rtol=0, atol=0)
+    torch.testing.assert_close(solution, srt.isotonic_regression(x, weights=weights), rtol=0,
+                               atol=0)
+
+
 def test_vmapped_q_raises_clearly():
     x = _x((3, 5), seed=35)
     with pytest.raises(TypeError, match="q must be concrete"):
