@@ -147,6 +147,29 @@ def test_forged_state_in_range_never_crashes(eng):
             assert r.shape == x.shape
 
 
+def test_forged_state_of_a_long_row_stays_inside_the_row(eng):
+    """Rows of 2^18 items or more take the long-row products (soft_product_team
+    in soft_row.h), which read two block_start entries as positions per piece:
+    forged ones must not reach outside the row either (a block_start of
+    2^31 - 1 after a valid first entry read x[perm[2^31 - 1]] and crashed)."""
+    n = 1 << 18
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(1, n))
+    g = rng.normal(size=x.shape)
+    for op, reg, desc in [(0, 0, False), (0, 1, True), (1, 0, True), (1, 1, False)]:
+        out, perm, blocks = _state(eng, x, op, reg, desc, 0.7)
+        high = np.full_like(blocks, 2**31 - 1)
+        high[0, 0] = 0
+        low = np.full_like(blocks, -(10**9))
+        low[0, 0] = 0
+        shuffled = rng.integers(-(2**31), 2**31 - 1, size=blocks.shape, dtype=np.int32)
+        shuffled[0, 0] = 0
+        for b in (high, low, shuffled):
+            for fn in ("soft_vjp", "soft_jvp"):
+                r = getattr(eng, fn)(x, out, perm, b, g, op, reg, desc, 0.7)
+                assert r.shape == x.shape and r.dtype == x.dtype
+
+
 def test_negative_block_start_marks_a_nan_row(eng):
     x = _x()
     out, perm, blocks = _state(eng, x)

@@ -800,6 +800,15 @@ SOFTRANK_HD void soft_product_team(const T* x, const T* out, const index_t* perm
   }
   // Whether position i starts a block (a block boundary).
   auto starts = [&](index_t i) { return i == n || block_start[i] == i; };
+  // The two entries read as positions: the start of the block that runs into
+  // a piece at lo (in [0, lo) in a forward pass's state) and of the block that
+  // runs out of it at hi (in [inner_lo, hi)). Clamped there, so that a forged
+  // state (block_start anything) stays inside the row, as in
+  // soft_product_range: the bindings check the state, a device caller cannot.
+  auto clamped = [](index_t v, index_t low, index_t high) {
+    return v < low ? low : (v > high ? high : v);
+  };
+  auto lead_start = [&](index_t lo) { return clamped(block_start[lo], 0, lo); };
   // 1. Each piece: its leading and trailing fragments' sums, and its inner blocks.
   ranges.tasks(pieces, [&](index_t p) {
     const index_t lo = piece_lo(p), hi = piece_lo(p + 1);
@@ -809,14 +818,14 @@ SOFTRANK_HD void soft_product_team(const T* x, const T* out, const index_t* perm
     if (lo < hi && !starts(lo)) {
       while (inner_lo < hi && !starts(inner_lo)) ++inner_lo;
       const ProductSums sums = product_fragment_sums(x, out, perm, vec, spec, transpose,
-                                                     block_start[lo], lo, inner_lo, work);
+                                                     lead_start(lo), lo, inner_lo, work);
       scratch.lead[2 * p] = sums.a;
       scratch.lead[2 * p + 1] = sums.z;
       scratch.lead_end[2 * p] = inner_lo;
     }
     index_t inner_hi = hi;
     if (inner_lo < hi && !starts(hi)) {
-      inner_hi = block_start[hi];  // >= inner_lo: that block starts in this piece
+      inner_hi = clamped(block_start[hi], inner_lo, hi);  // that block starts in this piece
       const ProductSums sums = product_fragment_sums(x, out, perm, vec, spec, transpose,
                                                      inner_hi, inner_hi, hi, work);
       scratch.trail[2 * p] = sums.a;
@@ -872,7 +881,7 @@ SOFTRANK_HD void soft_product_team(const T* x, const T* out, const index_t* perm
   ranges.tasks(pieces, [&](index_t p) {
     const index_t lo = piece_lo(p), hi = piece_lo(p + 1);
     if (scratch.lead_end[2 * p] >= 0)
-      product_fragment_write(out, perm, vec, n, spec, transpose, result, block_start[lo],
+      product_fragment_write(out, perm, vec, n, spec, transpose, result, lead_start(lo),
                              scratch.lead_end[2 * p + 1],
                              ProductSums{scratch.lead[2 * p], scratch.lead[2 * p + 1]}, lo,
                              scratch.lead_end[2 * p], work);
