@@ -129,6 +129,29 @@ def test_bad_sizes_raise_value_error(call):
 
 
 @pytest.mark.parametrize("call, match", [
+    # merge_* took counts that split_* refuses: numpy's or torch's reshape
+    # errors, or, with no patches, an empty "image".
+    (lambda: P.merge_image(np.zeros((1, 1, 2, 2)), "grid", -1), "grid must be >= 1, got -1"),
+    (lambda: P.merge_image(_require("torch").zeros((4, 1, 2, 2)), "grid", -2), "grid must be >= 1, got -2"),
+    (lambda: P.merge_image(np.zeros((1, 3, 1, 2, 2)), "grid", (-1, -3)), r"grid\[0\] must be >= 1"),
+    (lambda: P.merge_image(np.zeros((1, 1, 2, 2)), "vertical", 0), "grid must be >= 1, got 0"),
+    (lambda: P.merge_spectrogram(_require("torch").zeros((1, 2, 2)), "both", (-1, -1)), r"grid\[0\] must be >= 1"),
+    (lambda: P.merge_spectrogram(np.zeros((1, 2, 2)), "time", -1), "grid must be >= 1"),
+    (lambda: P.merge_signal(np.zeros((0, 4))), r"shape \(0, 4\) holds no patches"),
+    (lambda: P.merge_signal(np.zeros((3, 4)), -3), "num_segments must be >= 1, got -3"),
+    (lambda: P.merge_image(np.zeros((0, 1, 2, 2)), "grid", 0), "grid must be >= 1, got 0"),
+    (lambda: P.merge_video(np.zeros((0, 1, 1, 2, 2))), "holds no patches"),
+    (lambda: P.merge_video(np.zeros((2, 1, 1, 2, 2)), -2), "num_clips must be >= 1"),
+    (lambda: P.split_image(np.zeros((1, 1, 2, 2)), "grid", 0), "grid must be >= 1, got 0"),
+    (lambda: P.split_video(np.zeros((2, 1, 1, 2, 2)), 0), "num_clips must be >= 1"),
+])
+def test_counts_below_one_are_named(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+
+@pytest.mark.parametrize("call, match", [
     (lambda: P.split_image(np.zeros((1, 4, 6)), "grid", (2.7, 3)), r"grid\[0\] must be an int, got float 2.7"),
     (lambda: P.split_image(np.zeros((1, 4, 6)), "grid", (2, 3.0)), r"grid\[1\] must be an int"),
     (lambda: P.split_image(np.zeros((1, 4, 6)), "grid", 2.0), "grid"),

@@ -138,6 +138,11 @@ class DemoConfig:
             values = getattr(self, name)
             if not values or any(v not in allowed for v in values):
                 raise ValueError(f"DemoConfig.{name} must be a non-empty tuple drawn from {allowed}, got {values!r}")
+        for name in ("datasets", "seeds"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                # A repeated seed would count one run as two independent ones (and shrink the std).
+                raise ValueError(f"DemoConfig.{name} must not repeat an entry, got {values!r}")
         if self.patches not in patching.IMAGE_KINDS:
             raise ValueError(f"DemoConfig.patches must be one of {patching.IMAGE_KINDS}, got {self.patches!r}")
 
@@ -724,9 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
     config = DemoConfig(
-        datasets=tuple(args.datasets),
+        datasets=tuple(dict.fromkeys(args.datasets)),  # a repeated entry runs once, as methods and K do
         methods=tuple(m for m in METHOD_ORDER if m in args.methods),
-        seeds=tuple(args.seeds),
+        seeds=tuple(dict.fromkeys(args.seeds)),
         num_permutations=tuple(args.num_permutations),
         patches=args.patches,
         batch_size=args.batch_size,

@@ -114,6 +114,8 @@ def _merge_axes(patches: Any, event_ndim: int, counts: Sequence[int], name: str)
     for count in counts:
         num_patches *= count
     nb = len(shape) - event_ndim - 1
+    if shape[nb] < 1:  # (a count read from the shape: split_* never makes zero patches)
+        raise ValueError(f"{name} of shape {shape} holds no patches along axis {nb}: nothing to merge")
     if shape[nb] != num_patches:
         raise ValueError(
             f"{name} of shape {shape} must hold {num_patches} patches along axis {nb}, "
@@ -142,20 +144,20 @@ def _as_pair(grid: GridSpec, name: str) -> Tuple[int, int]:
     if isinstance(grid, bool):
         raise TypeError(f"{name} must be an int or a pair (rows, cols), got bool {grid!r}")
     if _is_integer(grid):
-        count = operator.index(grid)
+        count = as_count(grid, name, minimum=1)
         return count, count
     if isinstance(grid, (str, bytes)) or not hasattr(grid, "__len__"):
         raise TypeError(f"{name} must be an int or a pair (rows, cols), got {type(grid).__name__} {grid!r}")
     if len(grid) != 2:
         raise ValueError(f"{name} must be an int or a pair (rows, cols), got {grid!r}")
-    return as_count(grid[0], f"{name}[0]"), as_count(grid[1], f"{name}[1]")
+    return as_count(grid[0], f"{name}[0]", minimum=1), as_count(grid[1], f"{name}[1]", minimum=1)
 
 
 def _as_strips(grid: GridSpec, kind: str, what: str) -> int:
     """The number of strips or pieces for a one-axis ``kind``; ``grid`` must be one integer."""
     if not _is_integer(grid):
         raise TypeError(f"grid must be the number of {what} (an int) for kind={kind!r}, got {grid!r}")
-    return operator.index(grid)
+    return as_count(grid, "grid", minimum=1)
 
 
 def image_grid(kind: str, grid: GridSpec) -> Tuple[int, int]:
@@ -276,7 +278,7 @@ def split_video(videos: Any, num_clips: int | None = None) -> Any:
     """
     _check_array(videos, "videos")
     frames = int(videos.shape[-4]) if len(videos.shape) >= 4 else 0
-    clips = frames if num_clips is None else as_count(num_clips, "num_clips")
+    clips = frames if num_clips is None else as_count(num_clips, "num_clips", minimum=1)
     return _split_axes(videos, 4, (clips, 1, 1, 1), "videos")
 
 
@@ -293,7 +295,7 @@ def merge_video(patches: Any, num_clips: int | None = None) -> Any:
     """
     _check_array(patches, "patches")
     if num_clips is not None:
-        clips = as_count(num_clips, "num_clips")
+        clips = as_count(num_clips, "num_clips", minimum=1)
     else:
         clips = int(patches.shape[-5]) if len(patches.shape) >= 5 else 0  # 0: _merge_axes reports the shape
     return _merge_axes(patches, 4, (clips, 1, 1, 1), "patches")
@@ -312,7 +314,7 @@ def split_signal(signals: Any, num_segments: int) -> Any:
     -------
     Tensor or ndarray, shape (..., num_segments, L / num_segments)
     """
-    return _split_axes(signals, 1, (as_count(num_segments, "num_segments"),), "signals")
+    return _split_axes(signals, 1, (as_count(num_segments, "num_segments", minimum=1),), "signals")
 
 
 def merge_signal(patches: Any, num_segments: int | None = None) -> Any:
@@ -328,7 +330,7 @@ def merge_signal(patches: Any, num_segments: int | None = None) -> Any:
     """
     _check_array(patches, "patches")
     if num_segments is not None:
-        segments = as_count(num_segments, "num_segments")
+        segments = as_count(num_segments, "num_segments", minimum=1)
     else:
         segments = int(patches.shape[-2]) if len(patches.shape) >= 2 else 0  # 0: _merge_axes reports the shape
     return _merge_axes(patches, 1, (segments,), "patches")
