@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check of softrank's CUDA core, in one go (well under 8 minutes):
 #   1. build softrank in place with SOFTRANK_CUDA=ON (CMake, no network, no pip);
-#   2. pytest -m cuda tests/test_cuda.py tests/test_cuda_core.py (the CUDA paths
-#      and the CUDA core against the CPU engine); the summary counts its skips;
+#   2. pytest -m cuda tests/test_cuda_core.py (the CUDA core against the CPU
+#      engine); the summary counts its skips;
 #   3. torchsort from a local source, where one is found (optional);
-#   4. the GPU benchmark table (benchmarks/test_bench_cuda.py);
+#   4. the GPU benchmark table (benchmarks/test_bench_cuda.py), then (4b)
+#      pytest -m cuda tests/test_cuda.py (the torch and jax paths), a stage of
+#      its own so that a timeout in one keeps the other's counts;
 #   5. compute-sanitizer memcheck over forward + backward (float32/float64, l2/kl,
 #      rank/sort, short and long rows), in what is left of the budget: last, so
 #      that a slow sanitizer never costs the table;
@@ -153,12 +155,21 @@ if ! "$py" -c "import hypothesis" 2>/dev/null; then
   # tests/conftest.py needs hypothesis; the cuda tests do not.
   pytest_args+=(--noconftest -o "markers=cuda: needs a CUDA GPU")
 fi
-stage tests 200 "$py" -m pytest "${pytest_args[@]}" --durations=10 tests/test_cuda.py \
-  tests/test_cuda_core.py
 # pytest's last line ("N passed, M skipped in T s") on the summary: a skipped
 # cuda test on a GPU machine is coverage missing (the -rs list in the log says why).
-counts=$(grep -E '[0-9]+ (passed|failed|error)' "$logs/tests.log" | tail -n 1 | tr -d '=')
-[[ -n "$counts" ]] && summary[${#summary[@]} - 1]+=" [${counts# }]"
+# Two stages: a timeout kills pytest before its summary, and the core's tests
+# (kernels against the CPU engine) should not be lost to the adapters' (cold
+# torch.compile and jax jit compiles).
+cuda_tests() {
+  local name=$1 cap=$2 file=$3
+  stage "$name" "$cap" "$py" -m pytest "${pytest_args[@]}" --durations=10 "$file"
+  local counts
+  counts=$(grep -E '[0-9]+ (passed|failed|error)' "$logs/$name.log" 2>/dev/null | tail -n 1 | tr -d '=')
+  [[ -n "$counts" ]] && summary[${#summary[@]} - 1]+=" [${counts# }]"
+  return 0
+}
+cuda_tests tests_core 150 tests/test_cuda_core.py
+# (tests/test_cuda.py runs after the benchmark table: see stage 4b.)
 
 # --- 3. torchsort (optional) --------------------------------------------------------------
 torchsort_src=""
@@ -176,11 +187,12 @@ elif [[ -z "$torchsort_src" ]]; then
 elif (($(remaining) < 200)); then
   summary+=("torchsort: SKIPPED (under 200 s left for it and the benchmarks)")
 else
-  mkdir -p "$logs/site"
+  # (Installed beside the logs, not under them: $OUT comes back to the caller.)
+  torchsort_site=$(mktemp -d -t softrank-torchsort.XXXXXX)
   failed_before=$failed
   if stage torchsort 150 "$py" -m pip install --no-build-isolation --no-deps --no-index \
-    --target "$logs/site" "$torchsort_src"; then
-    export PYTHONPATH="$logs/site${PYTHONPATH:+:$PYTHONPATH}"
+    --target "$torchsort_site" "$torchsort_src"; then
+    export PYTHONPATH="$torchsort_site${PYTHONPATH:+:$PYTHONPATH}"
   else
     # Optional: its failure is reported, not counted.
     summary[${#summary[@]} - 1]+=" (optional: benchmarks run without it)"
@@ -190,6 +202,11 @@ fi
 
 # --- 4. the benchmark table -----------------------------------------------------------------
 stage benchmark 240 "$py" benchmarks/test_bench_cuda.py
+
+# --- 4b. the torch and jax paths on the GPU -------------------------------------------------
+# After the table: their cold torch.compile and jax compiles are the slowest
+# tests, and the table is what the check exists to show.
+cuda_tests tests_adapters 150 tests/test_cuda.py
 
 # --- 5. compute-sanitizer -----------------------------------------------------------------
 # (nvcc on PATH may be a wrapper script: the toolkit's own bin is looked in too.)
@@ -213,19 +230,24 @@ import softrank.torch as srt
 torch.manual_seed(0)
 both = (torch.float32, torch.float64)
 # A thread per row, a block per row, rows sorted whole (few rows of >= 4096),
-# the grid (a cooperative launch; one dtype: memcheck is slow on 2^20 items).
-for n, rows, dtypes in ((1, 3, both), (7, 5, both), (1000, 16, both), (5000, 4, both),
-                        (2**20 + 3, 1, (torch.float32,))):
-    for dtype in dtypes:
-        x = torch.randn(rows, n, dtype=dtype, device="cuda")
-        if rows > 1:
-            x[0, n // 2] = float("nan")  # a non-finite row
-        for fn in (srt.soft_rank, srt.soft_sort):
-            for reg in ("l2", "kl"):
-                leaf = x.clone().requires_grad_()
-                y = fn(leaf, 0.5, regularization=reg, direction="descending" if n == 7 else "ascending")
-                y.backward(torch.randn_like(y))
-                _ = torch.func.jvp(lambda v: fn(v, 0.5, regularization=reg), (x,), (x,))
+# every operator, regularization and product; then the grid (a cooperative
+# launch) on one row of 2^20 + 3 items, two of the four operators (rank l2 and
+# sort kl, forward and backward): memcheck is slow there, and the grid runs
+# the same team routines for all four.
+cases = [(n, rows, dtype, fn, reg, True)
+         for n, rows in ((1, 3), (7, 5), (1000, 16), (5000, 4)) for dtype in both
+         for fn in (srt.soft_rank, srt.soft_sort) for reg in ("l2", "kl")]
+cases += [(2**20 + 3, 1, torch.float32, srt.soft_rank, "l2", False),
+          (2**20 + 3, 1, torch.float32, srt.soft_sort, "kl", False)]
+for n, rows, dtype, fn, reg, with_jvp in cases:
+    x = torch.randn(rows, n, dtype=dtype, device="cuda")
+    if rows > 1:
+        x[0, n // 2] = float("nan")  # a non-finite row
+    leaf = x.clone().requires_grad_()
+    y = fn(leaf, 0.5, regularization=reg, direction="descending" if n == 7 else "ascending")
+    y.backward(torch.randn_like(y))
+    if with_jvp:
+        _ = torch.func.jvp(lambda v: fn(v, 0.5, regularization=reg), (x,), (x,))
 torch.cuda.synchronize()
 print("sanitizer script done")
 EOF
