@@ -24,6 +24,7 @@ import itertools
 import json
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -203,8 +204,12 @@ class HostCore:
     CPU engine: the pointers are those of CPU tensors. Checks every argument's type
     and that the workspace has the size the sizing function asked for."""
 
-    def __init__(self):
+    def __init__(self, device_count: int = 1):
         self.streams = []
+        self.device_count = device_count
+
+    def cuda_device_count(self) -> int:
+        return self.device_count
 
     @staticmethod
     def cuda_soft_forward_workspace(dtype: str, rows: int, n: int) -> int:
@@ -295,6 +300,36 @@ def test_cuda_kernels_call_the_core_interface(host_core, dtype, shape):
     assert set(host_core.streams) <= {0x5EED}
     # One forward and two products per combination, none for an empty tensor.
     assert len(host_core.streams) == (0 if x.numel() == 0 else 3 * len(combinations))
+
+
+def test_cuda_kernels_take_the_host_path_where_the_core_sees_no_gpu(host_core):
+    """torch sees a GPU that the core does not (its static CUDA runtime needs a
+    newer driver): every op would fail in the core; CUDA tensors go to the host
+    kernels instead, with one warning, and the core is asked once, at the first
+    call (not at import)."""
+    blind = HostCore(device_count=0)
+    asked = []
+    count = blind.cuda_device_count
+    blind.cuda_device_count = lambda: asked.append(1) or count()
+    kernels = _torch_cuda.cuda_kernels(blind, srt._HOST_KERNELS)
+    assert asked == []
+    x = torch.tensor([[0.3, -1.0, 2.0, 0.3]], dtype=torch.float64)
+    params = (0, 1, False, 0.5)
+    with pytest.warns(RuntimeWarning, match="CUDA core sees no GPU"):
+        state = kernels["soft_forward"](x, *params)
+    expected = srt._forward_kernel(x, *params)
+    for got, want in zip(state, expected):
+        assert torch.equal(got, want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in ("soft_vjp", "soft_jvp"):
+            got = kernels[name](x, *expected, torch.ones_like(x), *params)
+            assert torch.equal(got, srt._HOST_KERNELS[name](x, *expected, torch.ones_like(x), *params))
+    assert asked == [1] and blind.streams == []  # asked once; the core never launched
+    # A core that sees a GPU runs the kernels (the interface's stream recorded).
+    kernels = _torch_cuda.cuda_kernels(host_core, srt._HOST_KERNELS)
+    kernels["soft_forward"](x, *params)
+    assert host_core.streams == [0x5EED]
 
 
 def test_cuda_kernels_refuse_half_types(host_core):
