@@ -187,7 +187,7 @@ def test_demo_command_line_runs_a_repeated_dataset_or_seed_once():
     ("pretrain_steps", 0), ("batch_size", 0), ("few_labels_per_class", 0), ("num_permutations", (100, 0)),
     ("seeds", (-1,)), ("seeds", ()), ("eps", float("nan")), ("learning_rate", 0.0), ("test_fraction", 1.0),
     ("sinkhorn_iterations", 0), ("datasets", ("mnist",)), ("patches", "diagonal"),
-    ("seeds", (0, 1, 0)), ("datasets", ("digits", "digits")),
+    ("seeds", (0, 1, 0)), ("datasets", ("digits", "digits")), ("few_labels_per_class", 10**6),
 ])
 def test_run_demo_refuses_a_bad_config_before_any_work(field, value):
     config = demo.DemoConfig(**{field: value})

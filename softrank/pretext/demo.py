@@ -458,6 +458,16 @@ def run_demo(config: DemoConfig, dist_info: Optional[Distributed] = None) -> Lis
 
     dist_info = dist_info or Distributed()
     data = {name: load_patched(name, config.patches, config.num_examples) for name in config.datasets}
+    for name in config.datasets:  # (before any training: the splits are cheap)
+        for seed in config.seeds:
+            _, _, few = _splits(data[name].labels, seed, config.test_fraction, config.few_labels_per_class)
+            smallest = int(np.unique(data[name].labels[few], return_counts=True)[1].min())
+            if smallest < config.few_labels_per_class:
+                # Fewer were used than asked for, and the results said the number asked for.
+                raise ValueError(
+                    f"DemoConfig.few_labels_per_class={config.few_labels_per_class} exceeds the {smallest} "
+                    f"training examples of the smallest class of {name!r} (seed {seed}); use at most {smallest}"
+                )
     plan = [(name, spec) for name in config.datasets for spec in method_specs(config, data[name].num_patches)]
     total_steps = sum(config.pretrain_steps for _, spec in plan if spec.method != "none") * len(config.seeds)
     progress = tqdm(
