@@ -195,6 +195,23 @@ def test_run_demo_refuses_a_bad_config_before_any_work(field, value):
         demo.run_demo(config)
 
 
+@pytest.mark.parametrize("eps, exc", [
+    (0.0, ValueError), (-1.0, ValueError), (float("inf"), ValueError), (float("nan"), ValueError),
+    ("abc", TypeError), (None, TypeError), (True, TypeError),
+])
+def test_pretext_model_refuses_an_eps_that_cannot_train(eps, exc):
+    # eps = 0 (hard ranks) built a model whose reorder loss has a zero gradient:
+    # it trained nothing, silently; "abc" failed in float() without naming eps.
+    with pytest.raises(exc, match="eps"):
+        PretextModel(PatchEncoder((4,), 4, 4), "soft_rank", 6, head_hidden_dim=4, eps=eps)
+
+
+def test_pretext_model_takes_any_real_eps():
+    for eps in (0.5, 2, np.float32(0.25), torch.tensor(3.0)):
+        model = PretextModel(PatchEncoder((4,), 4, 4), "soft_rank", 6, head_hidden_dim=4, eps=eps)
+        assert type(model.eps) is float and model.eps == float(eps)
+
+
 @pytest.mark.parametrize("steps, batch_size", [(0, 4), (-5, 4), (1, 0)])
 def test_pretrain_refuses_no_steps_or_an_empty_batch(steps, batch_size):
     model = PretextModel(PatchEncoder((4,), 4, 4), "soft_rank", 6, head_hidden_dim=4)

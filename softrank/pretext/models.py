@@ -103,6 +103,20 @@ def _mlp_head(in_dim: int, hidden_dim: int, out_dim: int, output_bias: bool = Tr
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim, bias=output_bias))
 
 
+def _check_training_eps(eps: object) -> float:
+    """``eps`` as a float in (0, inf): at 0 the soft ranks are the hard ones and
+    at inf constant, and either way the reorder loss has a zero gradient, so a
+    model built with it would train nothing, silently."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) and not (
+            hasattr(eps, "__float__") and not isinstance(eps, (str, bytes))):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__} {eps!r}")
+    value = float(eps)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"eps must be finite and > 0 to train (at 0 or inf the reorder loss has "
+                         f"a zero gradient), got {value!r}")
+    return value
+
+
 class PretextModel(nn.Module):
     """Encoder plus the head of one pretext task; ``forward`` returns the loss.
 
@@ -119,7 +133,8 @@ class PretextModel(nn.Module):
         ``K``; required for ``"classification"``.
     head_hidden_dim : int, default 128
     eps : float, default :data:`~softrank.pretext.losses.DEFAULT_EPS`
-        Soft-rank strength (``"soft_rank"``).
+        Soft-rank strength (``"soft_rank"``), finite and > 0 (at 0 or inf the
+        reorder loss has a zero gradient).
     sinkhorn_temperature : float, default 1.0
     sinkhorn_iterations : int, default 20
     """
@@ -142,7 +157,7 @@ class PretextModel(nn.Module):
         self.encoder = encoder
         self.method = method
         self.num_patches = as_count(num_patches, "num_patches", minimum=1)
-        self.eps = float(eps)
+        self.eps = _check_training_eps(eps)
         # Checked here, where the model is built, rather than at the first training step.
         self.sinkhorn_temperature = _check_temperature(sinkhorn_temperature)
         self.sinkhorn_iterations = _check_num_iterations(sinkhorn_iterations)
