@@ -122,6 +122,16 @@ def test_hamming_set_rejects_impossible_requests():
         perm.hamming_permutation_set(10, 9, pool_size=5)
 
 
+def test_hamming_set_refuses_a_pool_past_memory_by_name():
+    # The default pool of 20 K candidates: 2e10 rows of 25 (MemoryError before).
+    with pytest.raises(ValueError, match=r"3725 GiB.*num_permutations=1000000000"):
+        perm.hamming_permutation_set(10**9, 25)
+    with pytest.raises(ValueError, match="pool_size"):
+        perm.hamming_permutation_set(10, 25, pool_size=10**9)
+    # Where n! is below the pool, the pool is the n! permutations: no refusal.
+    assert perm.hamming_permutation_set(3, 3, pool_size=10**12).shape == (3, 3)
+
+
 @pytest.mark.parametrize("k, n, pool_size", [(100, 5, 100), (50, 6, 60), (119, 5, 119), (120, 5, 120), (30, 4, 24)])
 def test_hamming_set_is_distinct_even_from_a_small_pool(k, n, pool_size):
     # pool_size close to n!: many random draws repeat, and before the fix the greedy step

@@ -201,6 +201,9 @@ def _candidate_pool(
     return pool
 
 
+_MAX_POOL_BYTES = 2**34  # 16 GiB of int64 candidates: far past any K the greedy loop could finish
+
+
 def hamming_permutation_set(
     num_permutations: int,
     num_patches: int,
@@ -241,7 +244,8 @@ def hamming_permutation_set(
     TypeError
         If ``num_permutations``, ``num_patches`` or ``pool_size`` is not an integer.
     ValueError
-        If ``n < 1``, ``K < 1``, ``K > n!`` or ``pool_size < K``.
+        If ``n < 1``, ``K < 1``, ``K > n!`` or ``pool_size < K``, or the pool
+        would take more than 16 GiB.
 
     Examples
     --------
@@ -267,6 +271,14 @@ def hamming_permutation_set(
         pool_size = as_count(pool_size, "pool_size")
         if pool_size < num_permutations:
             raise ValueError(f"pool_size={pool_size} must be >= num_permutations={num_permutations}")
+    pool_bytes = min(pool_size, _factorial_capped(num_patches, pool_size)) * num_patches * 8
+    if pool_bytes > _MAX_POOL_BYTES:
+        # (numpy's MemoryError, or swapping, said nothing of which argument to change)
+        raise ValueError(
+            f"a candidate pool of {pool_size} permutations of {num_patches} patches needs "
+            f"{pool_bytes / 2**30:.0f} GiB (pool_size defaults to max(10000, 20 * num_permutations)); "
+            f"ask for fewer permutations (num_permutations={num_permutations}) or a smaller pool_size"
+        )
     rng = np.random.default_rng(seed)
     pool = _candidate_pool(num_patches, pool_size, num_permutations, rng)
     available = np.ones(len(pool), dtype=bool)
