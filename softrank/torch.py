@@ -632,7 +632,10 @@ def _second_derivative(state, t, u, params):
 def _third_derivative(*args):
     raise NotImplementedError(
         "softrank: third derivatives of soft_rank/soft_sort are not implemented "
-        "(first and second derivatives are)"
+        "(first and second derivatives are). torch.autograd.functional.hvp asks for one to "
+        "compute a second derivative (its double-backward trick): use "
+        "torch.autograd.functional.vhp, equal to hvp for the symmetric Hessian of a scalar "
+        "function, or torch.func.jvp of torch.func.grad"
     )
 
 
@@ -1403,10 +1406,19 @@ def _refuse_differentiated(value: Tensor, name: str) -> None:
         raise TypeError(
             f"{name} must be one value for every row (a Python number or a plain 0-d "
             f"tensor), got a tensor batched by vmap: call the operator once per {name}")
-    if value.requires_grad or _is_functorch_wrapped(value):
+    if value.requires_grad or _is_functorch_wrapped(value) or _has_forward_tangent(value):
         raise TypeError(
             f"{name} must not require a gradient: derivatives with respect to {name} are "
             f"not supported; pass {name}.detach() or a Python number")
+
+
+def _has_forward_tangent(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a dual tensor of ``torch.autograd.forward_ad``: it
+    requires no gradient and no functorch level wraps it, but its tangent would
+    be dropped (a None or zero output tangent)."""
+    if _is_compiling():
+        return False  # (a tensor eps or q is refused under compile before this)
+    return _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(tensor).tangent is not None
 
 
 def _is_vmapped(tensor: Tensor) -> bool:
@@ -1743,7 +1755,9 @@ def _checked_levels(q: Any):
 
 def _quantile_levels(q: Any):
     if isinstance(q, Tensor):
-        if q.requires_grad:
+        if not _is_vmapped(q):  # (a vmapped q: the "concrete" error below)
+            # A q under torch.func.jvp / forward_ad requires no gradient, but
+            # its tangent would be dropped.
             _refuse_differentiated(q, "q")
         values = _known_values(q)
         if values is None:

@@ -1002,6 +1002,59 @@ def test_bad_arguments_raise_naming_the_argument():
             call()
 
 
+def test_a_forward_mode_eps_or_q_is_refused_not_dropped():
+    """A dual eps or q of torch.autograd.forward_ad requires no gradient and no
+    functorch level wraps it: its tangent was dropped (a None output tangent,
+    or zeros where x was dual too); torch.func.jvp with respect to q failed
+    with "Cannot access data pointer". Every operator taking eps or q refuses."""
+    from torch.autograd import forward_ad
+
+    x = _x((2, 5), seed=58)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    with forward_ad.dual_level():
+        eps = forward_ad.make_dual(torch.tensor(1.3, dtype=torch.float64), one)
+        q = forward_ad.make_dual(torch.tensor(0.3, dtype=torch.float64), one)
+        dual_x = forward_ad.make_dual(x, torch.zeros_like(x))
+        for op in (lambda e: srt.soft_rank(x, e), lambda e: srt.soft_sort(dual_x, e),
+                   lambda e: srt.soft_topk_mask(x, 2, e), lambda e: srt.spearman(x, x.flip(-1), e),
+                   lambda e: srt.soft_quantile(x, 0.3, e), lambda e: srt.soft_median(dual_x, e)):
+            with pytest.raises(TypeError, match="eps must not require a gradient"):
+                op(eps)
+        for values in (q, torch.stack([q, q])):
+            with pytest.raises(TypeError, match="q must not require a gradient"):
+                srt.soft_quantile(dual_x, values, 1.0)
+        # Plain eps and q inside a dual level: x's tangent still flows.
+        out = srt.soft_quantile(forward_ad.make_dual(x, torch.ones_like(x)), torch.tensor(0.3),
+                                torch.tensor(1.0))
+        assert torch.allclose(forward_ad.unpack_dual(out).tangent, torch.ones(2, dtype=torch.float64))
+    for q0, tangent in ((torch.tensor(0.3, dtype=torch.float64), one),
+                        (torch.tensor([0.3, 0.6], dtype=torch.float64), torch.ones(2, dtype=torch.float64))):
+        with pytest.raises(TypeError, match="q must not require a gradient"):
+            torch.func.jvp(lambda v: srt.soft_quantile(x, v, 1.0), (q0,), (tangent,))
+
+
+def test_autograd_functional_hvp_names_vhp():
+    # torch.autograd.functional.hvp's double-backward trick asks for a third
+    # derivative; the error names the routes that compute the same second derivative.
+    import torch.autograd.functional as autograd_functional
+
+    x = _x((5,), seed=59)
+    v = _x((5,), seed=60)
+
+    def f(a):
+        return (srt.soft_rank(a, 1.0, regularization="kl") ** 3).sum()
+
+    with pytest.raises(NotImplementedError, match=r"functional\.vhp"):
+        autograd_functional.hvp(f, x, v)
+    _, vhp = autograd_functional.vhp(f, x, v)
+    _, jvp_of_grad = torch.func.jvp(torch.func.grad(f), (x,), (v,))
+    assert torch.allclose(vhp, jvp_of_grad, rtol=1e-12, atol=1e-12)
+    # Against central differences of the gradient.
+    h = 1e-6
+    fd = (torch.func.grad(f)(x + h * v) - torch.func.grad(f)(x - h * v)) / (2 * h)
+    assert torch.allclose(vhp, fd, rtol=1e-6, atol=1e-8)
+
+
 def test_weights_are_checked_under_the_differentiating_transforms():
     y = _x((2, 4), seed=54)
     with pytest.raises(ValueError, match=r"weights must be finite and > 0"):
