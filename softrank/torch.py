@@ -1393,7 +1393,8 @@ def _eps_argument(eps: Any) -> float:
         if eps.is_meta:
             raise TypeError("eps must be a Python number or a tensor holding a value, got a "
                             "meta tensor (it has no value)")
-        eps = eps.detach()
+        values = _known_values(eps)  # (unwrapped from a transform that does not differentiate it)
+        eps = eps.detach() if values is None else values
     else:
         eps = _specialized(eps)
     return check_eps(eps)
@@ -1406,10 +1407,25 @@ def _refuse_differentiated(value: Tensor, name: str) -> None:
         raise TypeError(
             f"{name} must be one value for every row (a Python number or a plain 0-d "
             f"tensor), got a tensor batched by vmap: call the operator once per {name}")
-    if value.requires_grad or _is_functorch_wrapped(value) or _has_forward_tangent(value):
+    if _is_differentiated(value):
         raise TypeError(
             f"{name} must not require a gradient: derivatives with respect to {name} are "
             f"not supported; pass {name}.detach() or a Python number")
+
+
+def _is_differentiated(value: Tensor) -> bool:
+    """Whether a derivative with respect to ``value`` is being taken at any level:
+    it requires a gradient (autograd, a ``torch.func.grad`` / ``jacrev`` level) or
+    carries a forward-mode tangent (``forward_ad``, a ``torch.func.jvp`` / ``jacfwd``
+    level). A tensor a transform merely wraps (an argument it does not
+    differentiate, or one made inside the transformed function) is not."""
+    tensor = value
+    while True:
+        if tensor.requires_grad or _has_forward_tangent(tensor):
+            return True
+        if not _is_functorch_wrapped(tensor):
+            return False
+        tensor = torch._C._functorch.get_unwrapped(tensor)
 
 
 def _has_forward_tangent(tensor: Tensor) -> bool:
@@ -1755,17 +1771,25 @@ def _checked_levels(q: Any):
 
 def _quantile_levels(q: Any):
     if isinstance(q, Tensor):
+        concrete_error = TypeError(
+            "q must be concrete (a Python number, a list or a plain tensor): it selects "
+            "sorted positions, so it cannot be traced, compiled or vmapped"
+        )
+        if _is_compiling():
+            raise concrete_error
         if not _is_vmapped(q):  # (a vmapped q: the "concrete" error below)
             # A q under torch.func.jvp / forward_ad requires no gradient, but
             # its tangent would be dropped.
             _refuse_differentiated(q, "q")
         values = _known_values(q)
         if values is None:
-            raise TypeError(
-                "q must be concrete (a Python number, a list or a plain tensor): it selects "
-                "sorted positions, so it cannot be traced, compiled or vmapped"
-            )
-        q = values.cpu().numpy()
+            raise concrete_error
+        try:
+            q = values.cpu().numpy()
+        except RuntimeError:
+            # Under a differentiating torch.func transform even a captured
+            # plain tensor has no storage numpy can read; tolist reads it.
+            q = np.asarray(values.tolist())
     elif isinstance(q, (list, tuple)):
         q = tuple(_specialized(level) for level in q)
         _operators.check_plain_quantile_levels(q, q)

@@ -1033,6 +1033,39 @@ def test_a_forward_mode_eps_or_q_is_refused_not_dropped():
             torch.func.jvp(lambda v: srt.soft_quantile(x, v, 1.0), (q0,), (tangent,))
 
 
+def test_a_plain_tensor_q_or_eps_under_the_differentiating_transforms():
+    """A tensor q or eps that a torch.func transform does not differentiate
+    (captured, an argument it does not differentiate, or made inside the
+    function) is read as its value: q failed with "Cannot access data pointer"
+    (numpy could not read it there) or was refused as differentiated."""
+    x = _x((2, 5), seed=61)
+    q0 = torch.tensor(0.3, dtype=torch.float64)
+    levels = torch.tensor([0.2, 0.7], dtype=torch.float64)
+
+    def reference(q, eps=1.0, reg="l2"):
+        a = x.clone().requires_grad_()
+        srt.soft_quantile(a, float(q) if q.dim() == 0 else q.tolist(), eps, regularization=reg).sum().backward()
+        return a.grad
+
+    grad = torch.func.grad
+    assert torch.allclose(grad(lambda a: srt.soft_quantile(a, q0, 1.0).sum())(x), reference(q0))
+    assert torch.allclose(grad(lambda a, q: srt.soft_quantile(a, q, 1.0).sum())(x, q0), reference(q0))
+    assert torch.allclose(grad(lambda a: srt.soft_quantile(a, levels.clone(), 1.0).sum())(x), reference(levels))
+    jac = torch.func.jacrev(lambda a: srt.soft_quantile(a, levels, 1.0, regularization="kl"))(x)
+    assert torch.allclose(jac.sum(dim=(0, 1)), reference(levels, reg="kl"))
+    _, tangent = torch.func.jvp(lambda a: srt.soft_quantile(a, q0, 1.0), (x,), (torch.ones_like(x),))
+    assert torch.allclose(tangent, torch.ones(2, dtype=torch.float64))  # a shift moves the quantile
+    a = x.clone().requires_grad_()
+    (srt.soft_rank(a, 0.7) ** 2).sum().backward()
+    got = grad(lambda v: (srt.soft_rank(v, torch.tensor(0.7, dtype=torch.float64)) ** 2).sum())(x)
+    assert torch.allclose(got, a.grad)
+    # Differentiated ones are still refused, by name.
+    with pytest.raises(TypeError, match="q must not require a gradient"):
+        grad(lambda q: srt.soft_quantile(x, q, 1.0).sum())(q0)
+    with pytest.raises(TypeError, match="eps must not require a gradient"):
+        torch.func.jacfwd(lambda e: srt.soft_sort(x, e))(torch.tensor(0.5, dtype=torch.float64))
+
+
 def test_autograd_functional_hvp_names_vhp():
     # torch.autograd.functional.hvp's double-backward trick asks for a third
     # derivative; the error names the routes that compute the same second derivative.
