@@ -187,7 +187,8 @@ def test_demo_command_line_runs_a_repeated_dataset_or_seed_once():
     ("pretrain_steps", 0), ("batch_size", 0), ("few_labels_per_class", 0), ("num_permutations", (100, 0)),
     ("seeds", (-1,)), ("seeds", ()), ("eps", float("nan")), ("learning_rate", 0.0), ("test_fraction", 1.0),
     ("sinkhorn_iterations", 0), ("datasets", ("mnist",)), ("patches", "diagonal"),
-    ("seeds", (0, 1, 0)), ("datasets", ("digits", "digits")), ("few_labels_per_class", 10**6),
+    ("seeds", (0, 1, 0)), ("datasets", ("digits", "digits")), ("methods", ("soft_rank", "soft_rank")),
+    ("few_labels_per_class", 10**6),
 ])
 def test_run_demo_refuses_a_bad_config_before_any_work(field, value):
     config = demo.DemoConfig(**{field: value})
@@ -204,6 +205,12 @@ def test_pretext_model_refuses_an_eps_that_cannot_train(eps, exc):
     # it trained nothing, silently; "abc" failed in float() without naming eps.
     with pytest.raises(exc, match="eps"):
         PretextModel(PatchEncoder((4,), 4, 4), "soft_rank", 6, head_hidden_dim=4, eps=eps)
+
+
+def test_pretext_model_checks_eps_only_for_the_soft_rank_method():
+    # The baselines never read eps: an eps of 0 there was accepted before and still is.
+    PretextModel(PatchEncoder((4,), 4, 4), "classification", 6, 10, head_hidden_dim=4, eps=0.0)
+    PretextModel(PatchEncoder((4,), 4, 4), "sinkhorn", 6, head_hidden_dim=4, eps=float("inf"))
 
 
 def test_pretext_model_takes_any_real_eps():

@@ -138,7 +138,7 @@ class DemoConfig:
             values = getattr(self, name)
             if not values or any(v not in allowed for v in values):
                 raise ValueError(f"DemoConfig.{name} must be a non-empty tuple drawn from {allowed}, got {values!r}")
-        for name in ("datasets", "seeds"):
+        for name in ("datasets", "methods", "seeds"):
             values = getattr(self, name)
             if len(set(values)) != len(values):
                 # A repeated seed would count one run as two independent ones (and shrink the std).

@@ -133,8 +133,8 @@ class PretextModel(nn.Module):
         ``K``; required for ``"classification"``.
     head_hidden_dim : int, default 128
     eps : float, default :data:`~softrank.pretext.losses.DEFAULT_EPS`
-        Soft-rank strength (``"soft_rank"``), finite and > 0 (at 0 or inf the
-        reorder loss has a zero gradient).
+        Soft-rank strength (``"soft_rank"`` only), finite and > 0 (at 0 or inf
+        the reorder loss has a zero gradient).
     sinkhorn_temperature : float, default 1.0
     sinkhorn_iterations : int, default 20
     """
@@ -157,7 +157,8 @@ class PretextModel(nn.Module):
         self.encoder = encoder
         self.method = method
         self.num_patches = as_count(num_patches, "num_patches", minimum=1)
-        self.eps = _check_training_eps(eps)
+        # (eps is read by the soft_rank method only: the others keep it unchecked, as before)
+        self.eps = _check_training_eps(eps) if method == "soft_rank" else eps
         # Checked here, where the model is built, rather than at the first training step.
         self.sinkhorn_temperature = _check_temperature(sinkhorn_temperature)
         self.sinkhorn_iterations = _check_num_iterations(sinkhorn_iterations)

@@ -201,7 +201,9 @@ def _candidate_pool(
     return pool
 
 
-_MAX_POOL_BYTES = 2**34  # 16 GiB of int64 candidates: far past any K the greedy loop could finish
+# 16 GiB of int64 candidates (the pool's own size; drawing it takes a few times
+# more at its peak): far past any K the greedy loop could finish.
+_MAX_POOL_BYTES = 2**34
 
 
 def hamming_permutation_set(
@@ -245,7 +247,7 @@ def hamming_permutation_set(
         If ``num_permutations``, ``num_patches`` or ``pool_size`` is not an integer.
     ValueError
         If ``n < 1``, ``K < 1``, ``K > n!`` or ``pool_size < K``, or the pool
-        would take more than 16 GiB.
+        itself would take more than 16 GiB (``pool_size * n`` int64).
 
     Examples
     --------
