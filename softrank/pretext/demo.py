@@ -458,16 +458,20 @@ def run_demo(config: DemoConfig, dist_info: Optional[Distributed] = None) -> Lis
 
     dist_info = dist_info or Distributed()
     data = {name: load_patched(name, config.patches, config.num_examples) for name in config.datasets}
-    for name in config.datasets:  # (before any training: the splits are cheap)
-        for seed in config.seeds:
-            _, _, few = _splits(data[name].labels, seed, config.test_fraction, config.few_labels_per_class)
-            smallest = int(np.unique(data[name].labels[few], return_counts=True)[1].min())
-            if smallest < config.few_labels_per_class:
-                # Fewer were used than asked for, and the results said the number asked for.
-                raise ValueError(
-                    f"DemoConfig.few_labels_per_class={config.few_labels_per_class} exceeds the {smallest} "
-                    f"training examples of the smallest class of {name!r} (seed {seed}); use at most {smallest}"
-                )
+    # Every run's (train, test, few) split, made once, before any training, so
+    # that a few-label budget the data cannot meet fails first.
+    splits = {
+        (name, seed): _splits(data[name].labels, seed, config.test_fraction, config.few_labels_per_class)
+        for name in config.datasets for seed in config.seeds
+    }
+    for (name, seed), (_, _, few) in splits.items():
+        smallest = int(np.unique(data[name].labels[few], return_counts=True)[1].min())
+        if smallest < config.few_labels_per_class:
+            # Fewer were used than asked for, and the results said the number asked for.
+            raise ValueError(
+                f"DemoConfig.few_labels_per_class={config.few_labels_per_class} exceeds the {smallest} "
+                f"training examples of the smallest class of {name!r} (seed {seed}); use at most {smallest}"
+            )
     plan = [(name, spec) for name in config.datasets for spec in method_specs(config, data[name].num_patches)]
     total_steps = sum(config.pretrain_steps for _, spec in plan if spec.method != "none") * len(config.seeds)
     progress = tqdm(
@@ -482,7 +486,7 @@ def run_demo(config: DemoConfig, dist_info: Optional[Distributed] = None) -> Lis
         n = dataset.num_patches
         patch_shape = tuple(dataset.patches.shape[2:])
         for seed in config.seeds:
-            train, test, few = _splits(dataset.labels, seed, config.test_fraction, config.few_labels_per_class)
+            train, test, few = splits[(name, seed)]
             torch.manual_seed(seed)
             initial_encoder = PatchEncoder(patch_shape, config.embedding_dim, config.hidden_dim)
             for spec in method_specs(config, n):
