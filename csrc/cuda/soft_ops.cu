@@ -518,6 +518,13 @@ __global__ void __launch_bounds__(kTeamThreads)
 }
 
 // --- The products ------------------------------------------------------------------
+//
+// The state (perm, block_start) may come from any caller of the op, and a
+// device op cannot check it without a host synchronisation: perm is read
+// through ClampedPositions (an entry outside [0, n) reads as 0) and the
+// block starts as soft_row.h reads them (runs, and clamped positions in
+// soft_product_team), so a forged state gives unspecified products, never an
+// access outside its row. The ops' own forward passes always hand a valid one.
 
 template <class T>
 __global__ void product_rows(const T* x, const T* out, const index_t* perm,
@@ -527,8 +534,8 @@ __global__ void product_rows(const T* x, const T* out, const index_t* perm,
   for (std::int64_t r = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
        r < rows; r += stride) {
     const std::int64_t off = r * n;
-    soft_product_row(x + off, out + off, perm + off, block_start + off, vec + off, n, spec,
-                     transpose, result + off, work + off);
+    soft_product_row(x + off, out + off, ClampedPositions{perm + off, n}, block_start + off,
+                     vec + off, n, spec, transpose, result + off, work + off);
   }
 }
 
@@ -551,8 +558,8 @@ __device__ void product_team_row(const T* x, const T* out, const index_t* perm,
                                  index_t n, const OpSpec& spec, bool transpose, T* result,
                                  double* work, const ProductScratch& s, Team team) {
   const std::int64_t off = r * n;
-  soft_product_team(x + off, out + off, perm + off, block_start + off, vec + off, n, spec,
-                    transpose, result + off, work + off, s.pieces, s.row(r),
+  soft_product_team(x + off, out + off, ClampedPositions{perm + off, n}, block_start + off,
+                    vec + off, n, spec, transpose, result + off, work + off, s.pieces, s.row(r),
                     TeamRanges<Team>{team});
 }
 

@@ -497,6 +497,24 @@ SOFTRANK_HD void fill_non_finite_row(index_t n, T* out, index_t* perm, index_t* 
   }
 }
 
+// The products below read the forward pass's permutation through `Positions`:
+// a `const index_t*`, whose entries the CPU bindings have checked to lie in
+// [0, n) before any product runs, or ClampedPositions, which the CUDA core
+// passes: a device op cannot check its state without synchronising with the
+// host, so an entry outside [0, n) (a state forged for torch.ops.softrank.
+// soft_vjp) reads as position 0. The products of such a state are then
+// unspecified, as those of any forged in-range state, but every read and write
+// stays inside the row. For a permutation of [0, n) both give the same bits.
+struct ClampedPositions {
+  const index_t* perm;
+  index_t n;
+  SOFTRANK_HD index_t operator[](index_t i) const {
+    const index_t p = perm[i];
+    // (one unsigned compare: negative entries wrap above any n)
+    return static_cast<std::uint32_t>(p) < static_cast<std::uint32_t>(n) ? p : 0;
+  }
+};
+
 // The block softmax of the kl soft sort's backward pass, recomputed from x and
 // perm: p_i = exp(x'_i - top) / sum over the block, top its largest (first)
 // x'. A row's exps are one vectorised call, not one per block (a kl sort of
@@ -510,8 +528,8 @@ SOFTRANK_HD void fill_non_finite_row(index_t n, T* out, index_t* perm, index_t* 
 // The blocks are for_each_block's (runs of block_start entries equal to the
 // run's first position), never block_start[i] read as an index: a forged
 // state (block_start anything) must not reach outside the row.
-template <class T>
-SOFTRANK_HD void block_softmax_exponents(const T* x, const index_t* perm,
+template <class T, class Positions>
+SOFTRANK_HD void block_softmax_exponents(const T* x, Positions perm,
                                          const index_t* block_start, index_t lo, index_t hi,
                                          bool negate, double* p) {
   if (hi <= lo) return;
@@ -540,8 +558,8 @@ SOFTRANK_HD void block_softmax_normalise(index_t s, index_t e, double* p) {
 // the vjp maps sorted positions to columns and the jvp columns to positions.
 // soft_product_range computes the sorted positions [lo, hi), lo and hi block
 // boundaries (the long-row driver splits a row so); soft_product_row all.
-template <class T>
-SOFTRANK_HD void soft_product_range(const T* x, const T* out, const index_t* perm,
+template <class T, class Positions>
+SOFTRANK_HD void soft_product_range(const T* x, const T* out, Positions perm,
                                     const index_t* block_start, const T* vec, index_t n,
                                     const OpSpec& spec, bool transpose, T* result, double* work,
                                     index_t lo, index_t hi) {
@@ -649,8 +667,8 @@ SOFTRANK_HD void soft_product_range(const T* x, const T* out, const index_t* per
   });
 }
 
-template <class T>
-SOFTRANK_HD void soft_product_row(const T* x, const T* out, const index_t* perm,
+template <class T, class Positions>
+SOFTRANK_HD void soft_product_row(const T* x, const T* out, Positions perm,
                                   const index_t* block_start, const T* vec, index_t n,
                                   const OpSpec& spec, bool transpose, T* result, double* work) {
   soft_product_range(x, out, perm, block_start, vec, n, spec, transpose, result, work, 0, n);
@@ -680,8 +698,8 @@ struct ProductSums {
   double z;
 };
 
-template <class T>
-SOFTRANK_HD ProductSums product_fragment_sums(const T* x, const T* out, const index_t* perm,
+template <class T, class Positions>
+SOFTRANK_HD ProductSums product_fragment_sums(const T* x, const T* out, Positions perm,
                                               const T* vec, const OpSpec& spec, bool transpose,
                                               index_t s, index_t i0, index_t i1, double* work) {
   // In lane_sum's four partial sums: a fragment may be most of a row (a
@@ -718,8 +736,8 @@ SOFTRANK_HD ProductSums product_fragment_sums(const T* x, const T* out, const in
 // Writes the products at sorted positions [i0, i1) of the block [s, e) whose
 // whole sums are `sums`; work[i0, i1): the softmax weights that
 // product_fragment_sums left there (the kl sort's).
-template <class T>
-SOFTRANK_HD void product_fragment_write(const T* out, const index_t* perm, const T* vec,
+template <class T, class Positions>
+SOFTRANK_HD void product_fragment_write(const T* out, Positions perm, const T* vec,
                                         index_t n, const OpSpec& spec, bool transpose, T* result,
                                         index_t s, index_t e, ProductSums sums, index_t i0,
                                         index_t i1, const double* work) {
@@ -782,8 +800,8 @@ SOFTRANK_HD index_t product_piece_count(index_t n, std::int64_t members, index_t
 }
 
 // The products of one row (soft_product_row's), by the team `ranges`.
-template <class T, class Ranges>
-SOFTRANK_HD void soft_product_team(const T* x, const T* out, const index_t* perm,
+template <class T, class Positions, class Ranges>
+SOFTRANK_HD void soft_product_team(const T* x, const T* out, Positions perm,
                                    const index_t* block_start, const T* vec, index_t n,
                                    const OpSpec& spec, bool transpose, T* result, double* work,
                                    index_t pieces, ProductPieces scratch, const Ranges& ranges) {

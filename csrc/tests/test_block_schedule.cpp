@@ -3,6 +3,7 @@
 // std::threads with a barrier: every output and block start must equal the
 // CPU engine's bit for bit. A missing or misplaced barrier shows as wrong or
 // unrepeatable results (and, under csrc/tests/run_tsan.sh, as a data race).
+#include <climits>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -319,6 +320,101 @@ void check_gpu_cuts(int members) {
   }
 }
 
+// The products as the CUDA core runs them, reading perm through
+// ClampedPositions: with a forward pass's own state the same bits as through
+// the raw pointer (soft_product_row, and soft_product_team by a team of
+// std::threads); with a forged perm (entries -1, n, INT_MAX, INT_MIN, beyond
+// the row) every read and write stays inside the row: each buffer sits
+// between guard entries that must be left as they were, and no access
+// faults (rows of n items, 2^18 + 5 included, put INT_MAX far past any
+// mapping).
+template <class T>
+void check_clamped_positions(int members) {
+  Rng rng(211 + sizeof(T) + members);
+  constexpr int kGuard = 64;
+  for (int n : {1, 2, 9, 1000, 20011, (1 << 18) + 5}) {
+    const bool huge = n > (1 << 18);
+    std::vector<T> x = team_row<T>(rng, n, 1);  // (kind 1: ties)
+    // Each buffer inside guards: [kGuard sentinels | row | kGuard sentinels].
+    auto guarded = [&](const std::vector<T>& row) {
+      std::vector<T> g(n + 2 * kGuard, sentinel<T>());
+      for (int i = 0; i < n; ++i) g[kGuard + i] = row[i];
+      return g;
+    };
+    std::vector<T> v(n);
+    for (T& e : v) e = static_cast<T>(rng.normal());
+    for (const OpSpec& spec : all_specs(0.7)) {
+      if (huge && spec.descending) continue;
+      const Forward<T> f = forward(x, 1, n, spec);
+      for (bool transpose : {false, true}) {
+        const index_t pieces =
+            softrank::product_piece_count(n, members, softrank::kMinTeamChunk, 1 << 20);
+        // 1. A valid state: the same bits through either reader.
+        {
+          std::vector<T> raw(n), clamped(n);
+          std::vector<double> work(n);
+          softrank::soft_product_row(x.data(), f.out.data(), f.perm.data(), f.block.data(),
+                                     v.data(), n, spec, transpose, raw.data(), work.data());
+          softrank::soft_product_row(x.data(), f.out.data(),
+                                     softrank::ClampedPositions{f.perm.data(), n},
+                                     f.block.data(), v.data(), n, spec, transpose,
+                                     clamped.data(), work.data());
+          bool same = true;
+          for (int i = 0; i < n; ++i) same = same && check::same_bits(raw[i], clamped[i]);
+          CHECK(same) << describe(spec) << "n" << n << "transpose" << transpose << "row";
+        }
+        // 2. Forged perms, by one thread (soft_product_row) and by a team.
+        const std::vector<index_t> forged_values = {-1, static_cast<index_t>(n), INT_MAX,
+                                                    INT_MIN, static_cast<index_t>(n) + 100000};
+        for (int forgery = 0; forgery < 3; ++forgery) {
+          std::vector<index_t> perm = f.perm;
+          for (int i = 0; i < n; ++i) {
+            const bool forge = forgery == 0 ? true : (forgery == 1 ? i % 3 == 0 : i == n - 1);
+            if (forge) perm[i] = forged_values[(i + forgery) % forged_values.size()];
+          }
+          for (bool team : {false, true}) {
+            if (team && n < 2) continue;
+            std::vector<T> gx = guarded(x), gout = guarded(f.out), gv = guarded(v);
+            std::vector<T> gresult(n + 2 * kGuard, sentinel<T>());
+            std::vector<double> gwork(n + 2 * kGuard, 7.25);
+            std::vector<double> lead(2 * pieces), trail(2 * pieces);
+            std::vector<index_t> lead_end(2 * pieces), trail_end(2 * pieces);
+            const softrank::ClampedPositions positions{perm.data(), n};
+            if (!team) {
+              softrank::soft_product_row(gx.data() + kGuard, gout.data() + kGuard, positions,
+                                         f.block.data(), gv.data() + kGuard, n, spec, transpose,
+                                         gresult.data() + kGuard, gwork.data() + kGuard);
+            } else {
+              const softrank::ProductPieces scratch{lead.data(), trail.data(), lead_end.data(),
+                                                    trail_end.data()};
+              Barrier barrier(members);
+              std::vector<std::thread> threads;
+              for (int m = 0; m < members; ++m)
+                threads.emplace_back([&, m] {
+                  softrank::soft_product_team(
+                      gx.data() + kGuard, gout.data() + kGuard, positions, f.block.data(),
+                      gv.data() + kGuard, n, spec, transpose, gresult.data() + kGuard,
+                      gwork.data() + kGuard, pieces, scratch,
+                      softrank::TeamRanges<ThreadTeam>{ThreadTeam{m, members, &barrier}});
+                });
+              for (auto& t : threads) t.join();
+            }
+            bool guards_kept = true;
+            for (int g = 0; g < kGuard; ++g)
+              for (std::size_t at : {static_cast<std::size_t>(g),
+                                     static_cast<std::size_t>(n + kGuard + g)})
+                guards_kept = guards_kept && is_sentinel(gresult[at]) && is_sentinel(gx[at]) &&
+                              is_sentinel(gout[at]) && is_sentinel(gv[at]) &&
+                              gwork[at] == 7.25;
+            CHECK(guards_kept) << describe(spec) << "n" << n << "transpose" << transpose
+                               << "forgery" << forgery << "team" << team;
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 TEST(block_schedule, team_forward_float32) { check_team_forward<float>(5); }
@@ -329,3 +425,5 @@ TEST(block_schedule, team_products_float32) { check_team_products<float>(4); }
 TEST(block_schedule, team_products_float64) { check_team_products<double>(3); }
 TEST(block_schedule, gpu_cuts_float32) { check_gpu_cuts<float>(4); }
 TEST(block_schedule, gpu_cuts_float64) { check_gpu_cuts<double>(3); }
+TEST(block_schedule, clamped_positions_float32) { check_clamped_positions<float>(3); }
+TEST(block_schedule, clamped_positions_float64) { check_clamped_positions<double>(2); }
