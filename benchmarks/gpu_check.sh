@@ -248,6 +248,19 @@ for n, rows, dtype, fn, reg, with_jvp in cases:
     y.backward(torch.randn_like(y))
     if with_jvp:
         _ = torch.func.jvp(lambda v: fn(v, 0.5, regularization=reg), (x,), (x,))
+# A forged state handed to the ops directly: perm entries outside [0, n) must
+# read clamped (soft_row.h, ClampedPositions), on a thread per row and a team.
+for n, rows in ((7, 5), (5000, 2)):
+    x = torch.randn(rows, n, device="cuda")
+    for op, reg in ((0, 0), (1, 1)):
+        params = (op, reg, False, 0.5)
+        out, perm, block_start = torch.ops.softrank.soft_forward(x, *params)
+        for forged in (-1, n, 2**31 - 1):
+            bad = perm.clone()
+            bad[:, ::3] = forged
+            for name in ("soft_vjp", "soft_jvp"):
+                getattr(torch.ops.softrank, name)(x, out, bad, block_start, torch.randn_like(x),
+                                                  *params)
 torch.cuda.synchronize()
 print("sanitizer script done")
 EOF

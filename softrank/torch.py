@@ -8,7 +8,11 @@ operator acts along the last dim of ``x`` (shape ``(..., n)``):
 
 ``softrank::soft_forward(x, op, reg, descending, eps) -> (out, perm, block_start)``
     the engine's forward pass; ``perm`` and ``block_start`` are int32 and
-    not differentiable.
+    not differentiable. The products below take that state as it came: on
+    the CPU a ``perm`` outside ``[0, n)`` raises ValueError; on a GPU (where
+    a check would synchronise with the host) it reads clamped, and any state
+    not made by ``soft_forward`` gives unspecified values, never an access
+    outside the row.
 ``softrank::soft_vjp(x, out, perm, block_start, cotangent, op, reg, descending, eps)``
     the vector-Jacobian product, itself differentiable (w.r.t. ``x`` and
     ``cotangent``, in reverse and forward mode).

@@ -294,6 +294,39 @@ def test_device_matches_the_cpu_engine(dtype, kind, shape):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(3, 7), (2, 70_001)])
+def test_a_forged_perm_stays_inside_its_row_on_the_device(dtype, shape):
+    # A device op cannot check the state it is handed without a host
+    # synchronisation: the products read perm clamped (soft_row.h,
+    # ClampedPositions), so a forged one gives unspecified values, never an
+    # illegal address, which would poison the CUDA context for every later op.
+    torch = _torch_cuda()
+    c = _C()
+    x = _rows(dtype, *shape, "ties", seed=5)
+    vec = np.random.default_rng(3).standard_normal(shape).astype(dtype)
+    int_max, int_min = 2**31 - 1, -(2**31)
+    for op in (0, 1):
+        for reg in (0, 1):
+            xd, out_d, perm_d, blocks_d = _device_forward(torch, x, op, reg, False, 0.7)
+            for forged in (-1, shape[1], int_max, int_min):
+                bad = perm_d.clone()
+                bad[:, ::3] = forged
+                for transpose in (True, False):
+                    _device_product(torch, xd, out_d, bad, blocks_d, vec, op, reg, False, 0.7,
+                                    transpose)
+            # The context still works, and the state the forward made still
+            # gives the CPU engine's products.
+            out, perm, blocks = c.soft_forward(x, op, reg, False, 0.7)
+            expected = c.soft_vjp(x, out, perm, blocks, vec, op, reg, False, 0.7)
+            got = _device_product(torch, xd, out_d, perm_d, blocks_d, vec, op, reg, False, 0.7,
+                                  True)
+            tol = 1e-5 if dtype == "float32" else 1e-12
+            scale = max(1.0, float(np.nanmax(np.abs(expected), initial=0.0)))
+            np.testing.assert_allclose(got, expected, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("kind", ["random", "ties", "constant", "nan"])
 @pytest.mark.parametrize(
     "shape", [(3, 513), (5, 4096), (128, 4096), (2, 70_001), (2, 2**20 + 3)]
