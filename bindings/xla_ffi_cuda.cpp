@@ -109,7 +109,9 @@ ffi::Error forward_value(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi
 }
 
 // vjp (transpose) and jvp. Unlike the CPU handler, this one cannot read perm
-// to check it (it lives on the device): the state must be a forward pass's.
+// to check it (it lives on the device): the kernels read it clamped into the
+// row (soft_row.h, ClampedPositions), so a state that is not a forward pass's
+// gives unspecified values, never an access outside its row.
 ffi::Error product(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffer x,
                    ffi::AnyBuffer out, ffi::Buffer<ffi::S32> perm,
                    ffi::Buffer<ffi::S32> block_start, ffi::AnyBuffer vec,
