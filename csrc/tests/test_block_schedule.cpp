@@ -47,6 +47,16 @@ struct ThreadTeam {
   void sync() const { barrier->wait(); }
 };
 
+// Runs body(team) on `members` std::threads, each with its ThreadTeam.
+template <class Body>
+void run_team(int members, Body body) {
+  Barrier barrier(members);
+  std::vector<std::thread> threads;
+  for (int m = 0; m < members; ++m)
+    threads.emplace_back([&, m] { body(ThreadTeam{m, members, &barrier}); });
+  for (auto& t : threads) t.join();
+}
+
 // What soft_forward_sorted reads of its scratch, as the CUDA core passes it.
 struct TeamScratch {
   double* xs;
@@ -102,15 +112,10 @@ void team_forward(const std::vector<T>& x, int n, const OpSpec& spec,
                       nullptr};
   out.assign(n, sentinel<T>());
   block.assign(n, -7);
-  Barrier barrier(members);
-  std::vector<std::thread> team;
-  for (int m = 0; m < members; ++m)
-    team.emplace_back([&, m] {
-      softrank::soft_forward_sorted(
-          n, spec, w, out.data(), perm.data(), block.data(),
-          softrank::TeamRanges<ThreadTeam>{ThreadTeam{m, members, &barrier}, chunking});
-    });
-  for (auto& t : team) t.join();
+  run_team(members, [&](ThreadTeam member) {
+    softrank::soft_forward_sorted(n, spec, w, out.data(), perm.data(), block.data(),
+                                  softrank::TeamRanges<ThreadTeam>{member, chunking});
+  });
 }
 
 // With the CPU's chunks the team computes the CPU engine's bits.
@@ -211,16 +216,11 @@ double team_product_error(const std::vector<T>& x, const Forward<T>& f, const st
   std::vector<index_t> lead_end(2 * pieces), trail_end(2 * pieces);
   const softrank::ProductPieces scratch{lead.data(), trail.data(), lead_end.data(),
                                         trail_end.data()};
-  Barrier barrier(members);
-  std::vector<std::thread> team;
-  for (int m = 0; m < members; ++m)
-    team.emplace_back([&, m] {
-      softrank::soft_product_team(x.data(), f.out.data(), f.perm.data(), f.block.data(), v.data(),
-                                  n, spec, transpose, result.data(), work.data(), pieces, scratch,
-                                  softrank::TeamRanges<ThreadTeam>{
-                                      ThreadTeam{m, members, &barrier}});
-    });
-  for (auto& t : team) t.join();
+  run_team(members, [&](ThreadTeam member) {
+    softrank::soft_product_team(x.data(), f.out.data(), f.perm.data(), f.block.data(), v.data(), n,
+                                spec, transpose, result.data(), work.data(), pieces, scratch,
+                                softrank::TeamRanges<ThreadTeam>{member});
+  });
   double row_scale = 1.0, worst = 0.0;
   for (int i = 0; i < n; ++i)
     row_scale = std::max(row_scale, std::fabs(static_cast<double>(ref[i])));
@@ -387,17 +387,13 @@ void check_clamped_positions(int members) {
             } else {
               const softrank::ProductPieces scratch{lead.data(), trail.data(), lead_end.data(),
                                                     trail_end.data()};
-              Barrier barrier(members);
-              std::vector<std::thread> threads;
-              for (int m = 0; m < members; ++m)
-                threads.emplace_back([&, m] {
-                  softrank::soft_product_team(
-                      gx.data() + kGuard, gout.data() + kGuard, positions, f.block.data(),
-                      gv.data() + kGuard, n, spec, transpose, gresult.data() + kGuard,
-                      gwork.data() + kGuard, pieces, scratch,
-                      softrank::TeamRanges<ThreadTeam>{ThreadTeam{m, members, &barrier}});
-                });
-              for (auto& t : threads) t.join();
+              run_team(members, [&](ThreadTeam member) {
+                softrank::soft_product_team(
+                    gx.data() + kGuard, gout.data() + kGuard, positions, f.block.data(),
+                    gv.data() + kGuard, n, spec, transpose, gresult.data() + kGuard,
+                    gwork.data() + kGuard, pieces, scratch,
+                    softrank::TeamRanges<ThreadTeam>{member});
+              });
             }
             bool guards_kept = true;
             for (int g = 0; g < kGuard; ++g)
