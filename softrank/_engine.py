@@ -212,6 +212,52 @@ def cuda_core() -> ModuleType | None:
     return _C if compiled is not None and compiled() else None
 
 
+class CudaDeviceCheck:
+    """Whether the CUDA core sees a GPU: asked once, at the first use on a GPU
+    (never at import: the CUDA runtime's first call initialises the driver in
+    this process, which a forked child then cannot use), and remembered.
+
+    A framework can see a GPU that the core does not: the core links its CUDA
+    runtime statically, and a driver older than the toolkit that built it makes
+    every call fail. The adapters then compute on the host, as in a build
+    without the CUDA core, with one RuntimeWarning that says why, rather than
+    failing every op.
+
+    Parameters
+    ----------
+    cuda : module
+        The compiled core with its CUDA core (:func:`cuda_core`).
+    framework : str
+        Who sees the GPU, for the warning: "torch" or "jax".
+    what : str
+        What is computed on the host instead, for the warning: "CUDA tensors".
+    """
+
+    def __init__(self, cuda: ModuleType, framework: str, what: str):
+        self._cuda = cuda
+        self._framework = framework
+        self._what = what
+        self._answer: bool | None = None
+
+    def __call__(self) -> bool:
+        if self._answer is None:
+            self._answer = self._cuda.cuda_device_count() > 0
+            if not self._answer:
+                import warnings
+
+                warnings.warn(
+                    f"softrank's CUDA core sees no GPU although {self._framework} does: its CUDA "
+                    "runtime (linked statically) needs a newer driver than this machine's "
+                    "(compare nvidia-smi's CUDA version with that of the nvcc that built "
+                    f"softrank). {self._what} are computed on the host instead (a copy each "
+                    "way). Rebuild softrank with a toolkit the driver supports, or set "
+                    "SOFTRANK_DISABLE_CUDA=1 to choose the host path without this warning.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        return self._answer
+
+
 def force_backend(name: str) -> None:
     """Switch the engine in this process ("native" or "numba"); for tests and benchmarks."""
     global _engine, _engine_name

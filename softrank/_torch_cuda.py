@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from types import ModuleType
 from typing import Callable, Dict, Iterator, Optional
 
@@ -192,7 +191,7 @@ def cuda_kernels(cuda: Optional[ModuleType],
     kernels = dict(host_kernels)
     if cuda is None:
         return kernels
-    sees_a_gpu = _DeviceCheck(cuda)
+    sees_a_gpu = _engine.CudaDeviceCheck(cuda, "torch", "CUDA tensors")
     for name, kernel in (("soft_forward", _forward_kernel(cuda)),
                          ("soft_vjp", _product_kernel(cuda, transpose=True)),
                          ("soft_jvp", _product_kernel(cuda, transpose=False))):
@@ -201,39 +200,7 @@ def cuda_kernels(cuda: Optional[ModuleType],
     return kernels
 
 
-class _DeviceCheck:
-    """Whether the CUDA core sees a GPU, asked at the first CUDA tensor (never at
-    import: the CUDA runtime's first call initialises the driver in this process,
-    which a forked child then cannot use) and remembered.
-
-    torch can see a GPU that the core does not: the core links its CUDA runtime
-    statically, and a driver older than the toolkit that built it makes every
-    call fail. CUDA tensors are then computed on the host, as in a build without
-    the CUDA core, with one warning that says why, rather than failing every op.
-    """
-
-    def __init__(self, cuda: ModuleType):
-        self._cuda = cuda
-        self._answer: Optional[bool] = None
-
-    def __call__(self) -> bool:
-        if self._answer is None:
-            self._answer = self._cuda.cuda_device_count() > 0
-            if not self._answer:
-                warnings.warn(
-                    "softrank's CUDA core sees no GPU although torch does: its CUDA runtime "
-                    "(linked statically) needs a newer driver than this machine's (compare "
-                    "nvidia-smi's CUDA version with that of the nvcc that built softrank). "
-                    "CUDA tensors are computed on the host instead (a copy each way). Rebuild "
-                    "softrank with a toolkit the driver supports, or set SOFTRANK_DISABLE_CUDA=1 "
-                    "to choose the host path without this warning.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-        return self._answer
-
-
-def _on_the_core_where_it_sees_a_gpu(sees_a_gpu: _DeviceCheck, kernel: Callable,
+def _on_the_core_where_it_sees_a_gpu(sees_a_gpu: _engine.CudaDeviceCheck, kernel: Callable,
                                      host_kernel: Callable) -> Callable:
     def dispatch(*args):
         return (kernel if sees_a_gpu() else host_kernel)(*args)

@@ -41,7 +41,9 @@ platform "CUDA", on XLA's stream, scratch from XLA's allocator), and
 ``softrank_hvp`` is lowered to its composition of the jvp and vjp calls: the
 soft rank, the soft sort and their derivatives stay on the GPU
 (``SOFTRANK_DISABLE_CUDA`` set when this module is imported leaves the CUDA
-handlers unregistered: the callback below then serves the GPU too). The
+handlers unregistered: the callback below then serves the GPU too; so does a
+CUDA core that sees no GPU where jax does, its statically linked runtime
+needing a newer driver, with one RuntimeWarning at the first CUDA lowering). The
 operators on the permutahedron below are computed on the host there. XLA
 picks the lowering by the platform it compiles for, never by
 ``jax.default_backend()``. Otherwise (another platform, the numba engine on
@@ -182,6 +184,27 @@ def _register_cuda_targets() -> frozenset:
 
 _HAVE_FFI_TARGETS = _register_targets()
 _CUDA_FFI_TARGETS = _register_cuda_targets()
+_CUDA_CORE_SEES_A_GPU = (_engine.CudaDeviceCheck(_engine.cuda_core(), "jax", "CUDA arrays")
+                         if _engine.cuda_core() is not None else None)
+
+
+def _jax_has_cuda_devices() -> bool:
+    """Whether jax runs CUDA devices in this process (not only lowers for them)."""
+    try:
+        return bool(jax.devices("cuda"))
+    except RuntimeError:  # (no CUDA backend)
+        return False
+
+
+def _cuda_custom_calls_run_here() -> bool:
+    """Whether a CUDA lowering's custom calls into the CUDA core can run: the core
+    sees a GPU (asked at the first CUDA lowering, with one warning where it does
+    not: :class:`softrank._engine.CudaDeviceCheck`; the arrays then take the
+    host callback), or this process lowers for CUDA without running it there
+    (``jax.export`` for another machine), where nothing here is asked."""
+    if not _jax_has_cuda_devices():
+        return True
+    return _CUDA_CORE_SEES_A_GPU is not None and _CUDA_CORE_SEES_A_GPU()
 
 
 def _ffi_ready() -> bool:
@@ -193,9 +216,10 @@ def _ffi_ready() -> bool:
 def _lowers_to_ffi(platform: str, target: str) -> bool:
     """Whether a lowering for ``platform`` ("cpu" or "cuda") can call ``target``
     as an XLA custom call. On CUDA: where the core was built with that CUDA
-    handler (the CUDA core is the GPU's only engine, whichever runs on the CPU)."""
+    handler (the CUDA core is the GPU's only engine, whichever runs on the CPU)
+    and can run it (:func:`_cuda_custom_calls_run_here`)."""
     if platform == "cuda":
-        return target in _CUDA_FFI_TARGETS
+        return target in _CUDA_FFI_TARGETS and _cuda_custom_calls_run_here()
     return _ffi_ready()
 
 

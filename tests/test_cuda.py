@@ -470,6 +470,46 @@ def test_jax_cuda_lowering_without_handlers_is_the_callback(monkeypatch):
     assert text is None or ("softrank_forward_value_v1" not in text and "callback" in text)
 
 
+def test_jax_cuda_lowering_takes_the_callback_where_the_core_sees_no_gpu(monkeypatch):
+    """jax runs a GPU that the core does not see (its static CUDA runtime needs a
+    newer driver): the CUDA lowering takes the host callback, with one warning,
+    the core asked once; where the core sees one, the custom calls; and where
+    jax only lowers for CUDA (an export for another machine), the custom calls
+    without asking the core."""
+    srj = require("softrank.jax")
+    import jax.numpy as jnp
+
+    x = jnp.ones((3, 4), jnp.float32)
+    monkeypatch.setattr(srj, "_CUDA_FFI_TARGETS", frozenset(
+        ["softrank_forward_v1", "softrank_forward_value_v1", "softrank_vjp_v1",
+         "softrank_jvp_v1"]))
+    asked = []
+
+    def device_check(count):
+        core = HostCore(device_count=count)
+        core.cuda_device_count = lambda: asked.append(count) or count
+        return _engine.CudaDeviceCheck(core, "jax", "CUDA arrays")
+
+    # Lowering for CUDA on a machine where jax runs none: the core is not asked.
+    monkeypatch.setattr(srj, "_CUDA_CORE_SEES_A_GPU", device_check(0))
+    text = _cuda_lowering_text(lambda x: srj.soft_rank(x), x)
+    assert "custom_call @softrank_forward_value_v1" in text and asked == []
+    # jax runs a GPU, the core sees none: the callback, one warning, one question.
+    monkeypatch.setattr(srj, "_jax_has_cuda_devices", lambda: True)
+    with pytest.warns(RuntimeWarning, match="CUDA core sees no GPU although jax does"):
+        text = _cuda_lowering_text(lambda x: srj.soft_rank(x), x)
+    assert text is None or ("softrank_forward_value_v1" not in text and "callback" in text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text = _cuda_lowering_text(lambda x: srj.soft_sort(x * 2.0), x)
+    assert text is None or ("softrank_forward_value_v1" not in text and "callback" in text)
+    assert asked == [0]
+    # ... the core sees it: the custom calls.
+    monkeypatch.setattr(srj, "_CUDA_CORE_SEES_A_GPU", device_check(1))
+    text = _cuda_lowering_text(lambda x: srj.soft_rank(x), x)
+    assert "custom_call @softrank_forward_value_v1" in text and asked == [0, 1]
+
+
 # --- on a GPU: torch ------------------------------------------------------------------
 
 
