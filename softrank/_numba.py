@@ -1322,6 +1322,31 @@ def _isotonic_kl_merges(increasing, ref_a, sum_a, w_a, ref_b, sum_b, w_b):
 
 
 @njit(**_JIT)
+def _isotonic_kl_block_value(y, w, has_w, start, end, ref, total, weight, shift):
+    """The value of the kl block [start, end) as the C++ core writes it
+    (isotonic.h, isotonic_kl_forward_row): ref + log(total / weight) is exact to
+    about eps (1 + |ref|), so a block of one is y - log(w), and a longer one
+    whose value is below 2^-10 (1 + |ref|) is recomputed about its own largest y
+    (through expm1 / log1p where the quotient is near 1)."""
+    if end - start == 1:
+        return float(y[start]) - math.log(float(w[start])) if has_w else float(y[start])
+    value = ref + (math.log(total) - math.log(weight)) - shift
+    if not abs(value) < 0.0009765625 * (1.0 + abs(ref)):  # 2^-10
+        return value
+    top = float(y[start])
+    for i in range(start + 1, end):
+        top = max(top, float(y[i]))
+    excess = 0.0
+    for i in range(start, end):
+        excess += math.expm1(float(y[i]) - top)
+    size = float(end - start)
+    ratio_minus_one = (excess + (size - weight)) / weight
+    if abs(ratio_minus_one) < 0.5:
+        return top + math.log1p(ratio_minus_one) - shift
+    return top + (math.log(size + excess) - math.log(weight)) - shift
+
+
+@njit(**_JIT)
 def _isotonic_kl_row(y, w, has_w, increasing, sol, bs, bstart, bref, bsum, bw, ws):
     n = y.shape[0]
     for i in range(n):
@@ -1369,7 +1394,8 @@ def _isotonic_kl_row(y, w, has_w, increasing, sol, bs, bstart, bref, bsum, bw, w
     shift = exponent * _LN2
     for k in range(top):
         e = bstart[k + 1] if k + 1 < top else n
-        value = bref[k] + (math.log(bsum[k]) - math.log(bw[k])) - shift
+        value = _isotonic_kl_block_value(y, w, has_w, bstart[k], e, bref[k], bsum[k], bw[k],
+                                         shift)
         for i in range(bstart[k], e):
             sol[i] = value
             bs[i] = bstart[k]

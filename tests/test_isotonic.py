@@ -116,3 +116,61 @@ def test_vjp_closed_form_and_axis(backend):
                 expected[blk] = W[r, blk] / W[r, blk].sum() * G[r, blk].sum()
                 start = end
         np.testing.assert_allclose(got[:, r], expected, rtol=1e-12, atol=1e-14)
+
+
+def _isotonic_kl_mpmath(y, w, increasing):
+    """The kl isotonic regression by PAV in 60-digit arithmetic: each block's
+    value is log(sum_B exp(y) / sum_B w), pooled while adjacent values violate
+    the order (an independent reference, exact far below float64's rounding)."""
+    import mpmath
+
+    with mpmath.workdps(60):
+        blocks = []  # [log-sum-exp of y, sum of w, size]
+        for yi, wi in zip(y, w):
+            blocks.append([mpmath.mpf(float(yi)), mpmath.mpf(float(wi)), 1])
+            while len(blocks) > 1:
+                (la, wa, _), (lb, wb, _) = blocks[-2], blocks[-1]
+                va, vb = la - mpmath.log(wa), lb - mpmath.log(wb)
+                if (va < vb) if increasing else (va > vb):
+                    break  # in order: no violation
+                b = blocks.pop()
+                a = blocks.pop()
+                blocks.append([mpmath.log(mpmath.exp(a[0]) + mpmath.exp(b[0])), a[1] + b[1],
+                               a[2] + b[2]])
+        return np.array([float(l - mpmath.log(s)) for l, s, m in blocks for _ in range(m)])
+
+
+def test_kl_values_small_against_their_run_keep_their_digits(backend):
+    # A block's value was R + log(S / W) with R the largest value of its run
+    # (up to 300 above it), exact only to about eps (1 + |R|): an already
+    # isotonic [1, 1e-12, 1e-200] read [1, 9.99867e-13, 0]. Now a block of one
+    # is y - log(w) (y for unit weights) and a small block value is recomputed
+    # about the block's own largest y.
+    y = np.array([1.0, 1e-12, 1e-200])
+    np.testing.assert_array_equal(
+        srn.isotonic_regression(y, regularization="kl", increasing=False), y)
+    np.testing.assert_array_equal(
+        srn.isotonic_regression(y[::-1].copy(), regularization="kl", increasing=True), y[::-1])
+    w = np.array([2.0, 0.5, 3.0])
+    np.testing.assert_allclose(
+        srn.isotonic_regression(np.array([299.0, 0.1, 1e-10]), weights=w, regularization="kl",
+                                increasing=False),
+        [299.0 - math.log(2.0), 0.1 - math.log(0.5), 1e-10 - math.log(3.0)], rtol=1e-15)
+    rng = np.random.default_rng(11)
+    for trial in range(60):
+        n = int(rng.integers(2, 14))
+        # (Spread far above eps (1 + |R|), the pooling decisions' resolution,
+        # which this does not change: the blocks are the exact ones.)
+        small = rng.normal(size=n) * 10.0 ** rng.integers(-10, -5)
+        y = np.concatenate([[float(rng.choice([1.0, 30.0, -5.0]))], small])
+        weighted = trial % 3 == 2
+        w = rng.uniform(0.5, 1.5, size=y.size) if weighted else np.ones(y.size)
+        increasing = bool(trial % 2)
+        got = srn.isotonic_regression(y, weights=w if weighted else None, regularization="kl",
+                                      increasing=increasing)
+        expected = _isotonic_kl_mpmath(y, w, increasing)
+        # Relative to each value, to a few ulps of the block's own terms: the
+        # pooled values of near-equal tiny y are tiny themselves (unit weights).
+        scale = np.abs(expected) + (0.0 if not weighted else np.abs(np.log(w)).max())
+        assert np.all(np.abs(got - expected) <= 1e-13 * scale + 1e-300), (
+            y.tolist(), w.tolist(), increasing, got, expected)
