@@ -462,7 +462,7 @@ def _formula_inputs(saved, output_index):
         yield [_without_level(t, level) for t in saved]
 
 
-def _joined_to(grad: Optional[Tensor], input: Tensor) -> Optional[Tensor]:
+def _joined_to(grad: Optional[Tensor], input: Tensor, needed: bool) -> Optional[Tensor]:
     """``grad`` (the gradient of ``input``) made a function of ``input`` with a zero derivative.
 
     In a backward that records a graph (``create_graph=True``), the l2
@@ -471,9 +471,13 @@ def _joined_to(grad: Optional[Tensor], input: Tensor) -> Optional[Tensor]:
     them ("element 0 of tensors does not require grad") where soft_rank and
     torch's relu give zeros. ``where`` joins ``input`` with a zero
     derivative, with no NaN where ``input`` is infinite (as ``0 * input`` would).
+    ``needed``: ``ctx.needs_input_grad`` of ``input``, not ``input.requires_grad``,
+    which is False for the batched tensors that ``vmap``'s generated rule saves
+    (the double backward through ``vmap`` then failed so).
     """
-    if (grad is None or input is None or grad.requires_grad or not torch.is_grad_enabled()
-            or not input.requires_grad):
+    if grad is None or input is None or not needed or not torch.is_grad_enabled():
+        return grad
+    if grad.requires_grad:  # (already a function of the inputs)
         return grad
     return torch.where(torch.zeros((), dtype=torch.bool, device=grad.device), input, grad)
 
@@ -863,7 +867,8 @@ class _Projection(torch.autograd.Function):
             _TORCH_OPS, z, w, out, state, grad_out, *ctx.params,
             need_z=ctx.needs_input_grad[0], need_w=ctx.needs_input_grad[1],
         )
-        return _joined_to(grad_z, z), _joined_to(grad_w, w), None, None
+        return (_joined_to(grad_z, z, ctx.needs_input_grad[0]),
+                _joined_to(grad_w, w, ctx.needs_input_grad[1]), None, None)
 
     @staticmethod
     def jvp(ctx, z_tangent, w_tangent, *param_tangents):
@@ -904,7 +909,8 @@ class _Isotonic(torch.autograd.Function):
             _TORCH_OPS, y, weights, solution, block_start, grad_solution, ctx.reg,
             need_y=ctx.needs_input_grad[0], need_weights=ctx.needs_input_grad[1],
         )
-        return _joined_to(grad_y, y), _joined_to(grad_weights, weights), None, None
+        return (_joined_to(grad_y, y, ctx.needs_input_grad[0]),
+                _joined_to(grad_weights, weights, ctx.needs_input_grad[1]), None, None)
 
     @staticmethod
     def jvp(ctx, y_tangent, weights_tangent, *param_tangents):
@@ -1020,7 +1026,8 @@ class _EagerIsotonic(torch.autograd.Function):
             _TORCH_OPS, y, weights, solution, blocks, grad_solution, ctx.reg,
             need_y=need_y, need_weights=need_weights,
         )
-        return _joined_to(grad_y, y), _joined_to(grad_weights, weights), None, None
+        return (_joined_to(grad_y, y, ctx.needs_input_grad[0]),
+                _joined_to(grad_weights, weights, ctx.needs_input_grad[1]), None, None)
 
 
 _apply_isotonic_eager = super(torch.autograd.Function, _EagerIsotonic).apply

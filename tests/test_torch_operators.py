@@ -1134,21 +1134,23 @@ def test_tensor_eps_works_eagerly_and_raises_clearly_under_compile():
         compiled(x, eps)
 
 
+@pytest.mark.parametrize("through_vmap", [False, True])
 @pytest.mark.parametrize("name", ["soft_topk_mask", "isotonic_regression",
                                   "permutahedron_projection", "soft_rank"])
-def test_l2_gradient_penalty_is_zero_not_an_error(name):
+def test_l2_gradient_penalty_is_zero_not_an_error(name, through_vmap):
     """l2 operators are piecewise linear, so a gradient penalty (the gradient
     of a function of the gradient, create_graph=True) has a zero gradient,
     as central differences of the penalty show away from ties. torch refused
     it for three of them ("element 0 of tensors does not require grad"),
-    while soft_rank gave the zeros."""
+    while soft_rank gave the zeros; and again through torch.func.vmap, whose
+    generated rule saves batched inputs that do not read as requiring grad."""
     calls = {
         "soft_topk_mask": lambda a: srt.soft_topk_mask(a, 2, 0.7),
         "isotonic_regression": srt.isotonic_regression,
         "permutahedron_projection": srt.permutahedron_projection,
         "soft_rank": lambda a: srt.soft_rank(a, 0.7),
     }
-    f = calls[name]
+    f = torch.func.vmap(calls[name]) if through_vmap else calls[name]
     rng = np.random.default_rng(3)
     x = torch.tensor(rng.normal(size=(3, 6)), requires_grad=True)
     weights = torch.tensor(rng.normal(size=(3, 6)))
