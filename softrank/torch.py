@@ -1407,7 +1407,7 @@ def _eps_argument(eps: Any) -> float:
         values = _known_values(eps)  # (unwrapped from a transform that does not differentiate it)
         eps = eps.detach() if values is None else values
     else:
-        eps = _specialized(eps)
+        eps = _specialized(eps, "eps")
     return check_eps(eps)
 
 
@@ -1456,7 +1456,7 @@ def _is_vmapped(tensor: Tensor) -> bool:
     return False
 
 
-def _specialized(value: Any) -> Any:
+def _specialized(value: Any, name: str, integral: bool = False) -> Any:
     """A Python number argument as a plain Python number.
 
     An int or float argument of a compiled function arrives symbolic (a
@@ -1465,10 +1465,22 @@ def _specialized(value: Any) -> Any:
     numpy) and ``torch.compiler.assume_constant_result`` cannot take it.
     ``guard_scalar`` specializes it, with a guard, to the number it holds:
     a constant of the graph (another value compiles again), as a float eps
-    passed to the operators always was. Anything else is returned as it is.
+    passed to the operators always was. Under compile, anything but a Python
+    number, a str, a bool or a tensor (a numpy scalar) is refused naming
+    ``name``. Anything else is returned as it is.
     """
     if isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool):
         return _guard_scalar(value)
+    if _is_compiling() and not isinstance(value, (bool, str, Tensor)) and value is not None:
+        # Dynamo traces a numpy scalar or 0-d array (eps = np.float64(0.5), a
+        # config's value) as an array that neither isinstance nor the checks
+        # of softrank._validate can read ("does not support tracing
+        # ndarray.dtype"), and its float() as data the graph cannot guard on
+        # (float32): refused by name, as a tensor eps is.
+        raise TypeError(
+            f"{name} must be a Python {'int' if integral else 'number'} under torch.compile, "
+            f"got a numpy value or another number type the compiler traces as data; pass "
+            f"{'int' if integral else 'float'}({name}) from outside the compiled function")
     return value
 
 
@@ -1671,7 +1683,12 @@ def soft_topk_mask(
     reg = check_regularization(regularization)
     moved, axis, dtype = _to_last(x, dim, "x")
     n = moved.shape[-1]
-    k = _operators.check_k(_specialized(k), n)
+    if isinstance(k, Tensor) and _is_compiling():
+        # (its value selects w: data the graph cannot depend on; Inductor
+        # failed on it with GuardOnDataDependentSymNode)
+        raise TypeError("k must be a Python int under torch.compile (a tensor's value is data "
+                        "the graph cannot depend on); pass int(k)")
+    k = _operators.check_k(_specialized(k, "k", integral=True), n)
     weights = _topk_row(n, k, reg, dtype, moved)
     out = _projection(moved, weights, eps, reg)[0]
     return _from_last(_operators.topk_mask_from_projection(_TORCH_OPS, out, reg), axis, x.dtype)
@@ -1801,10 +1818,10 @@ def _quantile_levels(q: Any):
             # plain tensor has no storage numpy can read; tolist reads it.
             q = np.asarray(values.tolist())
     elif isinstance(q, (list, tuple)):
-        q = tuple(_specialized(level) for level in q)
+        q = tuple(_specialized(level, "q") for level in q)
         _operators.check_plain_quantile_levels(q, q)
     else:
-        q = _specialized(q)
+        q = _specialized(q, "q")
         _operators.check_plain_quantile_levels((q,), q)
     levels, scalar = _checked_levels(q)
     return np.array(levels, dtype=np.float64), scalar

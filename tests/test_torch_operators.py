@@ -1134,6 +1134,35 @@ def test_tensor_eps_works_eagerly_and_raises_clearly_under_compile():
         compiled(x, eps)
 
 
+@pytest.mark.parametrize("value", [np.float64(0.5), np.float32(0.5), np.array(0.5)],
+                         ids=["float64", "float32", "0-d array"])
+def test_numpy_eps_or_k_under_compile_is_refused_by_name(value):
+    """Dynamo traces a numpy scalar as an array the checks cannot read: the
+    error was "does not support tracing ndarray.dtype" (or a data-dependent
+    guard); now a TypeError naming eps / k, and eager takes them as before."""
+    x = _x((2, 6), seed=59)
+    torch.testing.assert_close(srt.soft_rank(x, value), srt.soft_rank(x, 0.5), rtol=0, atol=0)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"eps must be a Python number under torch.compile"):
+        torch.compile(lambda t: srt.soft_rank(t, value), fullgraph=True, backend="eager")(x)
+    k = np.int64(2)
+    torch.testing.assert_close(srt.soft_topk_mask(x, k), srt.soft_topk_mask(x, 2), rtol=0, atol=0)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"k must be a Python int under torch.compile"):
+        torch.compile(lambda t: srt.soft_topk_mask(t, k), fullgraph=True, backend="eager")(x)
+
+
+def test_tensor_k_works_eagerly_and_raises_clearly_under_compile():
+    # (Inductor failed on it with GuardOnDataDependentSymNode.)
+    x = _x((2, 6), seed=60)
+    k = torch.tensor(2)
+    torch.testing.assert_close(srt.soft_topk_mask(x, k), srt.soft_topk_mask(x, 2), rtol=0, atol=0)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t, kk: srt.soft_topk_mask(t, kk), fullgraph=True)
+    with pytest.raises(Exception, match=r"k must be a Python int under torch.compile"):
+        compiled(x, k)
+
+
 @pytest.mark.parametrize("through_vmap", [False, True])
 @pytest.mark.parametrize("name", ["soft_topk_mask", "isotonic_regression",
                                   "permutahedron_projection", "soft_rank"])
