@@ -212,3 +212,20 @@ def test_counts_and_seeds_are_checked_by_name():
     for bad, error in ((-1, ValueError), (None, TypeError), (1.5, TypeError)):
         with pytest.raises(error, match="seed"):
             perm.hamming_permutation_set(3, 3, seed=bad)
+
+
+def test_hamming_set_refuses_a_greedy_selection_past_a_minute_by_name():
+    # K * pool steps at about 30 ns each: K = 9! = 362880 of 9 patches (the pool is
+    # all 9!) is 1.3e11 steps, an hour with no sign of progress; refused at once.
+    assert perm._checked_pool_size(10_000, 12, None) == 200_000  # 2e9 steps: the most accepted
+    with pytest.raises(ValueError, match=r"num_permutations=10001 from a pool of 200020 candidates .* 2\.0e\+09 steps"):
+        perm._checked_pool_size(10_001, 12, None)
+    with pytest.raises(ValueError, match=r"num_permutations=362880 .* K \* pool = 1\.3e\+11 steps, about 66 min"):
+        perm.hamming_permutation_set(362_880, 9)
+    with pytest.raises(ValueError, match="or a smaller pool_size"):
+        perm.hamming_permutation_set(2001, 12, pool_size=10**6)
+    # The pool is n! where that is smaller: K = 8! = 40320 of 8 patches is 1.6e9 steps, accepted.
+    assert perm._checked_pool_size(40_320, 8, None) == 806_400
+    # The memory guard still answers first for a pool past 16 GiB.
+    with pytest.raises(ValueError, match="GiB"):
+        perm.hamming_permutation_set(10**8, 12)

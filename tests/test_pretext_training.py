@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
+import sys
 
 import numpy as np
 import pytest
@@ -278,3 +280,104 @@ def test_dataset_sizes_and_feature_batches_are_checked_by_name():
     encoder = PatchEncoder((4,), 4, 4)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         encoder.features(torch.randn(3, 2, 4), batch_size=0)
+
+
+def _usage_error(capsys, argv) -> str:
+    """Run the command line, check it stops with argparse's usage error (exit code 2), return stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "usage: softrank-pretext-demo" in error, error
+    return error
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_demo_command_line_checks_the_output_paths_before_training(option, tmp_path, capsys, monkeypatch):
+    """The files were opened only after training (15 minutes or more): a missing
+    directory ended there in a FileNotFoundError traceback, with the results lost."""
+    _require("matplotlib")
+    monkeypatch.setattr(demo, "run_demo", lambda *args, **kwargs: pytest.fail("run_demo was called"))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access  # (root may write anywhere, so the unwritable directory is simulated)
+    monkeypatch.setattr(demo.os, "access", lambda path, mode, **kwargs: (
+        False if os.fspath(path) == str(locked) else real_access(path, mode, **kwargs)))
+    for path, words in ((tmp_path / "missing" / "out", "does not exist"), (tmp_path, "is a directory"),
+                        (locked / "out", "is not writable")):
+        error = _usage_error(capsys, [option, str(path), "--no-progress"])
+        assert f"argument {option}:" in error and words in error, error
+
+
+def test_demo_command_line_needs_matplotlib_for_a_plot_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(demo, "run_demo", lambda *args, **kwargs: pytest.fail("run_demo was called"))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # (import matplotlib now raises ImportError)
+    error = _usage_error(capsys, ["--plot", str(tmp_path / "plot.png"), "--no-progress"])
+    assert "argument --plot: needs matplotlib: pip install 'softrank[pretext]'" in error, error
+
+
+def test_demo_writes_the_json_before_the_plot(tmp_path, monkeypatch):
+    """The plot was saved first, so a plot that failed lost the JSON too."""
+    _require("matplotlib")
+
+    def failing_plot(results, path):
+        raise OSError("the plot failed")
+
+    monkeypatch.setattr(demo, "run_demo", lambda *args, **kwargs: [])
+    monkeypatch.setattr(demo, "save_plot", failing_plot)
+    json_path = tmp_path / "results.json"
+    with pytest.raises(OSError, match="the plot failed"):
+        demo.main(["--json", str(json_path), "--plot", str(tmp_path / "plot.png"), "--no-progress"])
+    assert json.loads(json_path.read_text())["results"] == []
+
+
+def test_demo_command_line_refuses_too_few_labels_as_a_usage_error(capsys, monkeypatch):
+    """It ended in a ValueError traceback (exit code 1); the library still raises that ValueError."""
+    _require("sklearn")
+    monkeypatch.setattr(demo, "pretrain", lambda *args, **kwargs: pytest.fail("pretrain was called"))
+    error = _usage_error(capsys, [
+        "--datasets", "spectrograms", "--seeds", "0", "--few-labels-per-class", "1000", "--no-progress",
+    ])
+    assert re.search(r"argument --few-labels-per-class: 1000 exceeds the (\d+) training examples of the "
+                     r"smallest class of 'spectrograms' \(seed 0\); use at most \1$", error.strip()), error
+
+
+def test_demo_refuses_a_permutation_set_too_slow_to_choose_before_training(capsys, monkeypatch):
+    """K = 1e8 is capped at 9! = 362880 for 9 patches, whose greedy Hamming set
+    (K * pool = 1.3e11 steps) seemed to hang, after the runs before it."""
+    _require("sklearn")
+    monkeypatch.setattr(demo, "pretrain", lambda *args, **kwargs: pytest.fail("pretrain was called"))
+    monkeypatch.setattr(demo, "hamming_permutation_set", lambda *args, **kwargs: pytest.fail("a set was chosen"))
+    argv = ["--datasets", "digits", "--methods", "soft_rank", "classification", "--seeds", "0",
+            "--num-permutations", "100", "100000000", "--no-progress"]
+    error = _usage_error(capsys, argv)
+    assert ("argument --num-permutations: 100000000 is too many for 'digits' (9 patches, capped at 9! = 362880): "
+            "choosing num_permutations=362880") in error, error
+    config = demo.DemoConfig(datasets=("digits",), methods=("classification",), seeds=(0,),
+                             num_permutations=(100, 10**8), show_progress=False)
+    with pytest.raises(ValueError, match=r"^DemoConfig.num_permutations: 100000000 is too many for 'digits'"):
+        demo.run_demo(config)
+    # Without the classification method, K is never used and nothing is refused.
+    config.methods = ("none",)
+    assert {entry["method"] for entry in demo.run_demo(config)} == {"none"}
+
+
+def test_demo_needs_no_tqdm_without_a_progress_bar(monkeypatch, capsys):
+    """tqdm was imported even under --no-progress: without it, a bare ModuleNotFoundError."""
+    _require("sklearn")
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    code = demo.main(["--datasets", "spectrograms", "--methods", "none", "--seeds", "0",
+                      "--few-labels-per-class", "2", "--no-progress"])
+    assert code == 0 and "none" in capsys.readouterr().out
+    monkeypatch.setattr(demo, "load_patched", lambda *args, **kwargs: pytest.fail("data was made"))
+    with pytest.raises(ImportError, match=r"^softrank.pretext.demo needs tqdm: pip install 'softrank\[pretext\]'$"):
+        demo.run_demo(demo.DemoConfig(datasets=("spectrograms",), show_progress=True))
+
+
+def test_demo_names_the_extra_when_scikit_learn_is_missing(monkeypatch):
+    monkeypatch.setattr(demo, "load_patched", lambda *args, **kwargs: pytest.fail("data was made"))
+    for module in ("sklearn", "sklearn.model_selection"):
+        monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ImportError, match=r"^softrank.pretext.demo needs scikit-learn: pip install 'softrank\[pretext\]'$"):
+        demo.run_demo(demo.DemoConfig(datasets=("spectrograms",), show_progress=False))

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import math
 import os
@@ -73,6 +74,7 @@ from softrank.pretext import patches as patching
 from softrank.pretext.losses import DEFAULT_EPS, sample_gumbel
 from softrank.pretext.models import PatchEncoder, PretextModel
 from softrank.pretext.permutations import (
+    _checked_pool_size,
     apply_permutations,
     hamming_permutation_set,
     hamming_set_summary,
@@ -150,6 +152,45 @@ class DemoConfig:
 QUICK = dict(pretrain_steps=1000)
 
 _MAX_SEED = 2**32 - 1  # scikit-learn's random_state and numpy's legacy seeding accept 0..2**32 - 1
+
+
+class _DataConfigError(ValueError):
+    """A :class:`DemoConfig` field that only the data refutes (found before any training).
+
+    A ``ValueError`` naming the field for :func:`run_demo`'s callers; ``option``
+    and ``usage`` let :func:`main` report it as a usage error naming the option
+    (it used to end in a traceback, after the data were made).
+    """
+
+    def __init__(self, field_name: str, usage: str, *, separator: str = "="):
+        # DemoConfig.few_labels_per_class=10 exceeds ... / --few-labels-per-class: 10 exceeds ...
+        super().__init__(f"DemoConfig.{field_name}{separator}{usage}")
+        self.option = "--" + field_name.replace("_", "-")
+        self.usage = usage
+
+
+def _import_extra(module: str, package: str):
+    """Import ``module``, or say which extra provides it, as the torch guard above does.
+
+    (A missing tqdm or scikit-learn used to end in a bare ``ModuleNotFoundError``.)
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"softrank.pretext.demo needs {package}: pip install 'softrank[pretext]'") from exc
+
+
+class _NoProgress:
+    """What the progress bar's callers use of tqdm, doing nothing: no tqdm is needed without a bar."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass
@@ -451,12 +492,19 @@ def run_demo(config: DemoConfig, dist_info: Optional[Distributed] = None) -> Lis
     Raises
     ------
     ValueError
-        If a field of ``config`` is out of range (:meth:`DemoConfig.validate`).
+        If a field of ``config`` is out of range (:meth:`DemoConfig.validate`),
+        or, before any training, the data refute it:
+        ``few_labels_per_class`` above a class's training examples, or a ``K``
+        of ``num_permutations`` whose Hamming set would take too long to choose.
+    ImportError
+        If scikit-learn, or tqdm while the progress bar shows, is missing.
     """
     config.validate()
-    from tqdm.auto import tqdm
-
     dist_info = dist_info or Distributed()
+    # Imported first, so that a missing package fails before any data is made.
+    _import_extra("sklearn", "scikit-learn")  # (the splits and the digits)
+    show_progress = config.show_progress and dist_info.is_main
+    tqdm = _import_extra("tqdm.auto", "tqdm").tqdm if show_progress else None
     data = {name: load_patched(name, config.patches, config.num_examples) for name in config.datasets}
     # Every run's (train, test, few) split, made once, before any training, so
     # that a few-label budget the data cannot meet fails first.
@@ -468,16 +516,32 @@ def run_demo(config: DemoConfig, dist_info: Optional[Distributed] = None) -> Lis
         smallest = int(np.unique(data[name].labels[few], return_counts=True)[1].min())
         if smallest < config.few_labels_per_class:
             # Fewer were used than asked for, and the results said the number asked for.
-            raise ValueError(
-                f"DemoConfig.few_labels_per_class={config.few_labels_per_class} exceeds the {smallest} "
-                f"training examples of the smallest class of {name!r} (seed {seed}); use at most {smallest}"
+            raise _DataConfigError(
+                "few_labels_per_class",
+                f"{config.few_labels_per_class} exceeds the {smallest} training examples of the "
+                f"smallest class of {name!r} (seed {seed}); use at most {smallest}",
             )
+    if "classification" in config.methods:
+        # Each seed chooses its Hamming set just before it trains on it: a K too
+        # large for its n (capped at n!) seemed to hang after other runs had finished.
+        for name in config.datasets:
+            n = data[name].num_patches
+            for k in config.num_permutations:
+                capped = min(k, math.factorial(n))
+                try:
+                    _checked_pool_size(capped, n, None)
+                except ValueError as exc:
+                    cap = f", capped at {n}! = {capped}" if capped < k else ""
+                    raise _DataConfigError(
+                        "num_permutations", f"{k} is too many for {name!r} ({n} patches{cap}): {exc}",
+                        separator=": ",  # (the field is a tuple; this names one of its entries)
+                    ) from None
     plan = [(name, spec) for name in config.datasets for spec in method_specs(config, data[name].num_patches)]
     total_steps = sum(config.pretrain_steps for _, spec in plan if spec.method != "none") * len(config.seeds)
-    progress = tqdm(
-        total=total_steps, desc="pre-training", unit="step", disable=not (config.show_progress and dist_info.is_main),
-        mininterval=1.0, file=sys.stderr,
-    )
+    if show_progress:
+        progress = tqdm(total=total_steps, desc="pre-training", unit="step", mininterval=1.0, file=sys.stderr)
+    else:
+        progress = _NoProgress()
     per_run: Dict[Tuple[str, str], Dict[str, list]] = {}
     # (dataset, K) -> the (min, mean) pairwise Hamming distance of each seed's set
     hamming_info: Dict[Tuple[str, int], List[Tuple[int, float]]] = {}
@@ -723,7 +787,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", choices=METHOD_ORDER, default=list(defaults.methods))
     parser.add_argument("--seeds", nargs="+", type=_bounded_int(0, _MAX_SEED), default=list(defaults.seeds))
     parser.add_argument("--num-permutations", nargs="+", type=positive, default=list(defaults.num_permutations),
-                        help="K values of the classification baseline (capped at n!)")
+                        help="K values of the classification baseline (capped at n!; a K whose "
+                        "Hamming set would take over a minute to choose, as K > 10000 for 9 patches, is refused)")
     parser.add_argument("--patches", choices=patching.IMAGE_KINDS, default=defaults.patches,
                         help="image split; spectrograms follow: grid=time-frequency tiles, "
                         "vertical=time segments, horizontal=frequency bands")
@@ -760,11 +825,37 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
     return config
 
 
+def _check_output_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, as a usage error naming the option, an output file that could not be written.
+
+    The files are written only after training (a full run takes 15 minutes or
+    more), where a missing directory used to end in a traceback that lost the
+    results; so the directory, and matplotlib for ``--plot``, are checked first.
+    """
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if not path:
+            continue
+        directory = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            parser.error(f"argument {option}: {path!r} is a directory, not a file")
+        if not os.path.isdir(directory):
+            parser.error(f"argument {option}: directory {directory!r} of {path!r} does not exist")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            parser.error(f"argument {option}: directory {directory!r} of {path!r} is not writable")
+    if args.plot:
+        try:
+            importlib.import_module("matplotlib")  # (save_plot imports it again, after training)
+        except ImportError:
+            parser.error("argument --plot: needs matplotlib: pip install 'softrank[pretext]'")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point (``python -m softrank.pretext.demo``).
 
-    Prints the table and the verdict on each claim; with ``--plot PATH`` saves
-    the plot (nothing is written unless asked for), and with ``--json PATH`` writes ``{"results": [...], "plot": PATH, "config": {...},
+    Prints the table and the verdict on each claim; with ``--json PATH`` writes
+    the results and then, with ``--plot PATH``, saves the plot (nothing is
+    written unless asked for; both directories, and matplotlib, are checked
+    before training). The JSON is ``{"results": [...], "plot": PATH, "config": {...},
     "wall_time_s": ..., "world_size": ...}``, where each result has ``dataset``,
     ``method`` (soft_rank | classification | sinkhorn | none),
     ``num_permutations`` (K, classification only), ``labels`` (few | all),
@@ -779,23 +870,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.batch_size % world_size:
         # Checked before the process group is joined, so every process stops with the same usage error.
         parser.error(f"argument --batch-size: {args.batch_size} is not a multiple of the {world_size} processes")
+    _check_output_paths(parser, args)
     config = config_from_args(args)
     dist_info = init_distributed()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    results = run_demo(config, dist_info)
+    try:
+        results = run_demo(config, dist_info)
+    except _DataConfigError as exc:
+        # Raised before any training, alike on every process, so each stops with this usage error.
+        parser.error(f"argument {exc.option}: {exc.usage}")
     wall_time = time.perf_counter() - start
     if dist_info.is_main:
         print(format_table(results))
         print()
         for line in claims(results):
             print(line)
-        if args.plot:
-            save_plot(results, args.plot)
-            print(f"\nplot: {args.plot}")
-        print(f"\nwall time {wall_time:.0f} s on {dist_info.world_size} process(es), "
-              f"{torch.get_num_threads()} thread(s) each")
         if args.json:
+            # Written before the plot, so that a plot that fails still leaves the results.
             payload = {
                 "results": results,
                 "plot": args.plot,
@@ -805,6 +897,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             }
             with open(args.json, "w") as handle:
                 json.dump(payload, handle, indent=2)
+        if args.plot:
+            save_plot(results, args.plot)
+            print(f"\nplot: {args.plot}")
+        print(f"\nwall time {wall_time:.0f} s on {dist_info.world_size} process(es), "
+              f"{torch.get_num_threads()} thread(s) each")
     if dist_info.world_size > 1:
         import torch.distributed as dist
 

@@ -205,6 +205,51 @@ def _candidate_pool(
 # more at its peak): far past any K the greedy loop could finish.
 _MAX_POOL_BYTES = 2**34
 
+# The greedy loop compares every candidate with each of the K chosen ones: K * pool
+# units of work. Measured on 2 slow cores (numpy, n = 9): about 30 ns a unit for
+# large pools (K = 5000 and 7000 with their default pools of 20 K: 14 s and 30 s),
+# up to 55 ns for small or cache-unfriendly ones, growing slowly with n (about 45 ns
+# at n = 16, 96 ns at n = 64). 2e9 units is thus about a minute at the demo's n; a
+# default pool reaches it at K = 10000, while K = 1e8 used to hang without a word.
+_MAX_GREEDY_WORK = 2 * 10**9
+_GREEDY_SECONDS_PER_UNIT = 30e-9  # (the measured rate, for the estimate in the message)
+
+
+def _checked_pool_size(num_permutations: int, num_patches: int, pool_size: Optional[int]) -> int:
+    """The candidate pool size for :func:`hamming_permutation_set`, refused past memory or time.
+
+    ``num_permutations`` and ``num_patches`` are already checked counts with
+    ``1 <= K <= n!``. Returns ``pool_size`` (default ``max(10000, 20 * K)``);
+    raises ``ValueError`` naming the argument to change when the pool would
+    take more than 16 GiB or the greedy selection more than about a minute.
+    """
+    if pool_size is None:
+        pool_size = max(10_000, 20 * num_permutations)
+    else:
+        pool_size = as_count(pool_size, "pool_size")
+        if pool_size < num_permutations:
+            raise ValueError(f"pool_size={pool_size} must be >= num_permutations={num_permutations}")
+    candidates = min(pool_size, _factorial_capped(num_patches, pool_size))  # the pool's length
+    pool_bytes = candidates * num_patches * 8
+    if pool_bytes > _MAX_POOL_BYTES:
+        # (numpy's MemoryError, or swapping, said nothing of which argument to change)
+        raise ValueError(
+            f"a candidate pool of {pool_size} permutations of {num_patches} patches needs "
+            f"{pool_bytes / 2**30:.0f} GiB (pool_size defaults to max(10000, 20 * num_permutations)); "
+            f"ask for fewer permutations (num_permutations={num_permutations}) or a smaller pool_size"
+        )
+    work = num_permutations * candidates
+    if work > _MAX_GREEDY_WORK:
+        # (the loop gives no sign of progress: a K of 1e8 looked like a hang)
+        minutes = work * _GREEDY_SECONDS_PER_UNIT / 60
+        raise ValueError(
+            f"choosing num_permutations={num_permutations} from a pool of {candidates} candidates "
+            f"costs the greedy selection K * pool = {work:.1e} steps, about {minutes:.0f} min "
+            f"(at most {_MAX_GREEDY_WORK:.0e}, about a minute, is allowed; pool_size defaults to "
+            f"max(10000, 20 * num_permutations)); ask for fewer permutations or a smaller pool_size"
+        )
+    return pool_size
+
 
 def hamming_permutation_set(
     num_permutations: int,
@@ -247,7 +292,9 @@ def hamming_permutation_set(
         If ``num_permutations``, ``num_patches`` or ``pool_size`` is not an integer.
     ValueError
         If ``n < 1``, ``K < 1``, ``K > n!`` or ``pool_size < K``, or the pool
-        itself would take more than 16 GiB (``pool_size * n`` int64).
+        itself would take more than 16 GiB (``pool_size * n`` int64), or the
+        greedy selection more than about a minute (``K`` times the pool's
+        length above 2e9; with the default pool, ``K > 10000``).
 
     Examples
     --------
@@ -267,20 +314,7 @@ def hamming_permutation_set(
             f"num_permutations={num_permutations} exceeds the {math.factorial(num_patches)} "
             f"permutations of {num_patches} patches"
         )
-    if pool_size is None:
-        pool_size = max(10_000, 20 * num_permutations)
-    else:
-        pool_size = as_count(pool_size, "pool_size")
-        if pool_size < num_permutations:
-            raise ValueError(f"pool_size={pool_size} must be >= num_permutations={num_permutations}")
-    pool_bytes = min(pool_size, _factorial_capped(num_patches, pool_size)) * num_patches * 8
-    if pool_bytes > _MAX_POOL_BYTES:
-        # (numpy's MemoryError, or swapping, said nothing of which argument to change)
-        raise ValueError(
-            f"a candidate pool of {pool_size} permutations of {num_patches} patches needs "
-            f"{pool_bytes / 2**30:.0f} GiB (pool_size defaults to max(10000, 20 * num_permutations)); "
-            f"ask for fewer permutations (num_permutations={num_permutations}) or a smaller pool_size"
-        )
+    pool_size = _checked_pool_size(num_permutations, num_patches, pool_size)
     rng = np.random.default_rng(seed)
     pool = _candidate_pool(num_patches, pool_size, num_permutations, rng)
     available = np.ones(len(pool), dtype=bool)
