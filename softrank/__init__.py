@@ -55,7 +55,10 @@ def set_num_threads(num_threads: int) -> None:
 
     from softrank._engine import engine
 
-    if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
+    from softrank._validate import is_time_value
+
+    if (isinstance(num_threads, bool) or is_time_value(num_threads)
+            or not isinstance(num_threads, numbers.Integral)):
         raise TypeError(f"num_threads must be an int, got {type(num_threads).__name__}")
     if not 1 <= num_threads <= MAX_NUM_THREADS:
         raise ValueError(f"num_threads must lie in [1, {MAX_NUM_THREADS}], got {num_threads}")

@@ -109,6 +109,12 @@ def _load() -> None:
     except ImportError as exc:  # numba missing and no compiled core
         if shadowed is not None:
             raise ImportError(_shadow_message(shadowed)) from exc
+        if forced == "numba":  # (the compiled core may well be here: it was not asked)
+            raise ImportError(
+                "SOFTRANK_BACKEND=numba asks for the numba engine, but numba is not "
+                "installed: `pip install numba`, or unset SOFTRANK_BACKEND to use the "
+                "compiled core"
+            ) from exc
         raise ImportError(
             "softrank has no compiled core here and numba is not installed; "
             "reinstall softrank with a C++ compiler or `pip install numba`"

@@ -20,6 +20,7 @@ from typing import Any, Tuple
 import numpy as np
 
 from softrank._codes import REG_KL
+from softrank._validate import is_time_value
 
 
 def check_k(k: Any, n: int) -> int:
@@ -30,6 +31,7 @@ def check_k(k: Any, n: int) -> int:
     take concrete scalars). Bools and floats are refused.
     """
     if (isinstance(k, (bool, np.bool_)) or "bool" in str(getattr(k, "dtype", ""))
+            or is_time_value(k)
             or len(getattr(k, "shape", ())) != 0):  # (torch's index takes a [2] too)
         raise TypeError(f"k must be an int, got {type(k).__name__} {k!r}")
     try:
@@ -131,7 +133,7 @@ def check_quantiles(q: Any) -> Tuple[np.ndarray, bool]:
         except (TypeError, ValueError):
             pass
     odd = (bool, np.bool_, str, bytes)
-    if (isinstance(q, odd) or getattr(dtype, "kind", None) in ("b", "U", "S", "c")
+    if (q is None or isinstance(q, odd) or getattr(dtype, "kind", None) in ("b", "U", "S", "c", "m", "M")
             or "bool" in str(dtype) or "complex" in str(dtype)
             or (isinstance(q, (list, tuple)) and any(isinstance(v, odd) for v in q))):
         # np.asarray parses "0.5" and reads True as 1.0: neither is a level.

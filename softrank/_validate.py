@@ -16,6 +16,13 @@ from softrank._codes import REGULARIZATIONS
 DIRECTIONS = ("ascending", "descending")
 
 
+def is_time_value(value: Any) -> bool:
+    """Whether ``value`` is a numpy datetime64 / timedelta64 scalar or array: numpy
+    registers timedelta64 as a ``numbers.Integral``, so the number checks would
+    otherwise take one (an eps, axis, k or thread count of "2 seconds")."""
+    return getattr(getattr(value, "dtype", None), "kind", None) in ("m", "M")
+
+
 def check_eps(eps: Any) -> float:
     """Return ``eps`` as a float, or raise if it is not a real number >= 0.
 
@@ -24,6 +31,8 @@ def check_eps(eps: Any) -> float:
     """
     if type(eps) is float and eps >= 0.0:  # the common case, checked cheaply
         return eps
+    if is_time_value(eps):
+        raise TypeError(f"eps must be a real number >= 0, got {type(eps).__name__} {eps!r}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         # numpy / framework 0-d scalars are accepted through float().
         if hasattr(eps, "dtype") and getattr(eps, "shape", None) in ((), None):
@@ -48,8 +57,9 @@ def check_eps(eps: Any) -> float:
         value = math.inf if eps > 0 else -math.inf
     if math.isnan(value):
         raise ValueError("eps must be a number >= 0, got NaN")
-    if value < 0:
-        raise ValueError(f"eps must be >= 0 (0 gives the hard operator), got {value!r}")
+    if value < 0 or (value == 0 and eps < 0):  # (Fraction(-1, 10**400) rounds to -0.0)
+        shown = value if value < 0 else f"{type(eps).__name__} below 0, {float(eps)!r} as a float"
+        raise ValueError(f"eps must be >= 0 (0 gives the hard operator), got {shown!r}")
     return value
 
 
@@ -97,7 +107,7 @@ def check_axis(axis: Any, ndim: int, name: str = "axis", array_name: str = "x") 
             f"{array_name} must have at least one dimension (got a 0-d scalar); "
             "the operator acts along an axis"
         )
-    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+    if isinstance(axis, bool) or is_time_value(axis) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(axis).__name__} {axis!r}")
     axis = int(axis)
     if not -ndim <= axis < ndim:

@@ -55,6 +55,22 @@ def test_env_forces_numba():
     assert res["backend"] == "numba"
 
 
+def test_env_forcing_numba_without_numba_names_the_variable():
+    # The message said "no compiled core here ... reinstall with a C++
+    # compiler", though the core was there and only numba was missing.
+    env = dict(os.environ)
+    env["SOFTRANK_BACKEND"] = "numba"
+    proc = run_python("import sys; sys.modules['numba'] = None\n"
+                      "import softrank\n"
+                      "try:\n"
+                      "    softrank.backend()\n"
+                      "except ImportError as exc:\n"
+                      "    print('ImportError:', exc)\n", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "SOFTRANK_BACKEND=numba" in proc.stdout and "pip install numba" in proc.stdout, proc.stdout
+    assert "no compiled core" not in proc.stdout
+
+
 def _shadowing_trees(tmp_path):
     """Two copies of the package: ``source/softrank`` without its compiled core (what
     a source checkout's root holds) and ``installed/softrank`` with it."""

@@ -215,3 +215,26 @@ def test_a_pullback_is_refused_by_pickle_as_a_local_function():
         _, vjp = with_vjp(*args)
         with pytest.raises((AttributeError, pickle.PicklingError), match="local object"):
             pickle.dumps(vjp)
+
+
+def test_time_values_none_and_a_negative_fraction_are_refused_by_name(backend):
+    # numpy registers timedelta64 as a numbers.Integral: an eps, axis, k,
+    # q or thread count of "2 seconds" was taken (or failed in float()
+    # without naming the argument); q=None was a ValueError about its range;
+    # Fraction(-1, 10**400) rounds to -0.0 and was taken as eps = 0.
+    import softrank
+    from fractions import Fraction
+
+    seconds = np.timedelta64(2, "s")
+    for name, call in [
+        ("eps", lambda: srn.soft_rank(X, seconds)),
+        ("axis", lambda: srn.soft_rank(X, 1.0, axis=np.timedelta64(0))),
+        ("k", lambda: srn.soft_topk_mask(X, seconds)),
+        ("q", lambda: srn.soft_quantile(X, np.timedelta64(0, "s"))),
+        ("q", lambda: srn.soft_quantile(X, None)),
+        ("num_threads", lambda: softrank.set_num_threads(seconds)),
+    ]:
+        error = _raises_naming(call, name, TypeError)
+        assert "timedelta" in str(error) or "None" in str(error), str(error)
+    _raises_naming(lambda: srn.soft_rank(X, Fraction(-1, 10**400)), "eps", ValueError)
+    np.testing.assert_array_equal(srn.soft_rank(X, Fraction(1, 2)), srn.soft_rank(X, 0.5))
