@@ -225,3 +225,17 @@ def test_compiled_invalid_q_raises_the_eager_exception_type(q, error):
         srt.soft_quantile(x, q, 0.5)
     with pytest.raises(error, match=r"^q must"):
         compiled(x)
+
+
+def test_compile_around_a_func_transform_with_graph_breaks_gives_the_eager_results():
+    # (fullgraph=True there stops in dynamo itself: see the README's table)
+    x = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(61))
+    torch._dynamo.reset()
+    batched = torch.compile(lambda v: torch.func.vmap(lambda r: srt.soft_rank(r, 0.5))(v))
+    torch.testing.assert_close(batched(x), srt.soft_rank(x, 0.5), rtol=1e-12, atol=1e-12)
+
+    def loss(r):
+        return (srt.soft_sort(r, 0.5, regularization="kl") ** 2).sum()
+
+    gradient = torch.compile(lambda v: torch.func.grad(loss)(v))
+    torch.testing.assert_close(gradient(x), torch.func.grad(loss)(x), rtol=1e-12, atol=1e-12)
