@@ -20,7 +20,7 @@ from typing import Any, Tuple
 import numpy as np
 
 from softrank._codes import REG_KL
-from softrank._validate import is_time_value
+from softrank._validate import FLOAT16_LARGEST, is_time_value
 
 
 def check_k(k: Any, n: int) -> int:
@@ -72,6 +72,19 @@ def topk_mask_from_projection(ops, out, reg: int):
     if reg != REG_KL:
         return out
     return ops.exp(ops.stop_gradient_where_neg_inf(out))
+
+
+def check_default_w_fits(n: Any, input_dtype: Any) -> None:
+    """Raise for a float16 ``z`` longer than 65504 (the largest float16) with the
+    default ``w = (n, ..., 1)``: the projection's output, cast back to float16,
+    would be inf without a word (soft_rank refuses that n the same way)."""
+    name = str(input_dtype)
+    if ("float16" in name and "bfloat16" not in name and isinstance(n, int)
+            and n > FLOAT16_LARGEST):
+        raise ValueError(
+            f"permutahedron_projection of a float16 z with the default w = (n, ..., 1) needs "
+            f"n <= {FLOAT16_LARGEST} (the largest float16), got n = {n} along the axis: cast z "
+            f"to float32 or bfloat16, or pass w")
 
 
 def rho(n: int, dtype: np.dtype) -> np.ndarray:

@@ -1059,6 +1059,7 @@ def permutahedron_projection(
     n = rows.shape[-1]
     if w is None:
         _concrete_n(n, "permutahedron_projection with the default w")
+        _operators.check_default_w_fits(n, z.dtype)
         w_rows = jnp.broadcast_to(jnp.asarray(_operators.rho(n, rows.dtype)), rows.shape)
     else:
         w = jnp.asarray(w)

@@ -561,6 +561,7 @@ def _projection_weights(w: Any, array: np.ndarray, ax: int, rows: np.ndarray):
     one vector for every row."""
     n = rows.shape[1]
     if w is None:
+        _operators.check_default_w_fits(n, array.dtype)
         return _shared_rows(_operators.rho(n, rows.dtype), rows.shape), True
     w_array = _as_array(w, "w")
     check_float_dtype_kind(w_array.dtype.kind, w_array.dtype, allow_int=True, name="w")

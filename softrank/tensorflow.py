@@ -1069,6 +1069,7 @@ def permutahedron_projection(
     n = _static_length(moved, "z")
     dtype = moved.dtype
     if w is None:
+        _operators.check_default_w_fits(n, z.dtype)
         w_moved = tf.broadcast_to(tf.constant(_operators.rho(n, dtype.as_numpy_dtype)),
                                   tf.shape(moved))
     else:

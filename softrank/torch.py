@@ -1614,6 +1614,7 @@ def permutahedron_projection(
     moved, axis, dtype = _to_last(z, dim, "z")
     n = moved.shape[-1]
     if w is None:
+        _operators.check_default_w_fits(n, z.dtype)
         weights = _rho_row(n, dtype, moved)
     else:
         w = _operand(w, "w", z)

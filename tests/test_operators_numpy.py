@@ -850,3 +850,14 @@ def test_pullbacks_of_non_finite_rows_give_nan_without_warnings(backend, regular
         ]
     for grad in grads:
         assert np.all(np.isnan(grad[[0, 2]])) and np.all(np.isfinite(grad[1]))
+
+
+def test_float16_projection_with_the_default_w_past_65504_is_refused():
+    # w = (n, ..., 1) past the largest float16: the output, cast back to
+    # float16, was inf without a word (soft_rank refuses that n already).
+    z = np.linspace(-6e4, 6e4, 65505).astype(np.float16)
+    with pytest.raises(ValueError, match=r"float16.*n <= 65504"):
+        srn.permutahedron_projection(z)
+    w = np.linspace(1.0, 2.0, z.size)
+    assert np.isfinite(srn.permutahedron_projection(z, w)).all()  # (an explicit w fits)
+    assert np.isfinite(srn.permutahedron_projection(z[:65504])).all()
