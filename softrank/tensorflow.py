@@ -250,9 +250,13 @@ _HIGHER_ORDER_ERROR = (
 )
 
 _GRAPH_FORWARD_ERROR = (
-    "softrank.tensorflow does not support a tf.autodiff.ForwardAccumulator created "
-    "inside a tf.function. Create the accumulator outside the tf.function (around "
-    "the call) or run eagerly."
+    "softrank.tensorflow does not support forward-mode tangents inside a graph that "
+    "TensorFlow builds itself: a tf.autodiff.ForwardAccumulator created inside a "
+    "tf.function, or an eager accumulator around tf.vectorized_map or a tape's "
+    "jacobian / batch_jacobian (their pfor traces a graph that sees the tangents). "
+    "Create the accumulator outside the tf.function (around the call), or use "
+    "tf.map_fn, jacobian(..., experimental_use_pfor=False), or "
+    "tf.function(lambda z: tf.vectorized_map(f, z)) under the accumulator."
 )
 
 

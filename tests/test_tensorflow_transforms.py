@@ -384,3 +384,22 @@ def test_keras_jit_compile_raises():
     data = np.ones((4, 5), np.float32)
     with pytest.raises(NotImplementedError, match=r"model\.compile\(\.\.\., jit_compile=False\)"):
         model.fit(data, data, epochs=1, verbose=0)
+
+
+def test_forward_accumulator_around_vectorized_map_names_the_workarounds_which_work():
+    # pfor's graph sees the eager accumulator's tangents: the refusal spoke of
+    # "an accumulator created inside a tf.function", which the user never made.
+    x = tf.random.stateless_normal((3, 6), seed=(4, 2), dtype=tf.float64)
+    tangent = tf.reshape(tf.range(18, dtype=tf.float64), (3, 6))
+    with pytest.raises(NotImplementedError, match="vectorized_map"):
+        with tf.autodiff.ForwardAccumulator(x, tangent):
+            tf.vectorized_map(lambda r: srtf.soft_rank(r, 0.7), x)
+    with tf.autodiff.ForwardAccumulator(x, tangent) as plain:
+        expected = plain.jvp(srtf.soft_rank(x, 0.7))
+    with tf.autodiff.ForwardAccumulator(x, tangent) as mapped:
+        by_map_fn = mapped.jvp(tf.map_fn(lambda r: srtf.soft_rank(r, 0.7), x))
+    with tf.autodiff.ForwardAccumulator(x, tangent) as traced:
+        in_function = traced.jvp(
+            tf.function(lambda z: tf.vectorized_map(lambda r: srtf.soft_rank(r, 0.7), z))(x))
+    np.testing.assert_allclose(by_map_fn.numpy(), expected.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(in_function.numpy(), expected.numpy(), rtol=1e-12, atol=1e-12)
