@@ -182,6 +182,10 @@ def _register_cuda_targets() -> frozenset:
     return frozenset(handlers)
 
 
+# jax's error for a comparison of symbolic dimensions that nothing decides
+# (jax.export); () (catching nothing) where this jax does not name it.
+_INCONCLUSIVE_DIMENSION = getattr(jax.core, "InconclusiveDimensionOperation", ())
+
 _HAVE_FFI_TARGETS = _register_targets()
 _CUDA_FFI_TARGETS = _register_cuda_targets()
 _CUDA_CORE_SEES_A_GPU = (_engine.CudaDeviceCheck(_engine.cuda_core(), "jax", "CUDA arrays")
@@ -661,7 +665,17 @@ def _apply(x: Any, eps: Any, regularization: Any, direction: Any, axis: Any, op:
     ax = check_axis(axis, x.ndim)
     moved = jnp.moveaxis(x, ax, -1).astype(compute_dtype)
     if op == OP_RANK and x.dtype == jnp.float16:
-        check_float16_ranks(moved.shape[-1])
+        n = moved.shape[-1]
+        try:
+            check_float16_ranks(n)
+        except _INCONCLUSIVE_DIMENSION:
+            # A symbolic n (jax.export) that nothing bounds: the ranks might pass
+            # 65504 and be inf, and jax's own error did not say what to do.
+            raise ValueError(
+                f"soft_rank of a float16 x with a symbolic n ({n}) needs n <= 65504 (the "
+                f"largest float16; ranks reach n): export with the constraint, e.g. "
+                f"jax.export.symbolic_shape('b, n', constraints=['n <= 65504']), or cast x "
+                f"to float32 or bfloat16 first") from None
     out = _value_p.bind(moved, **params)
     return jnp.moveaxis(out, -1, ax).astype(x.dtype)
 

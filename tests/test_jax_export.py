@@ -72,6 +72,21 @@ def test_export_with_a_symbolic_n_where_n_must_be_known_says_so(ffi_path):
     np.testing.assert_array_equal(exported.call(x), srj.permutahedron_projection(x, x * 0.5))
 
 
+def test_export_of_a_float16_rank_with_a_symbolic_n_asks_for_its_bound(ffi_path):
+    # float16 ranks reach n, inf past 65504: an unbounded symbolic n failed in
+    # jax's comparison ("'n' > '65504' is inconclusive"); now softrank's error
+    # names the constraint, and with it the export runs.
+    f = jax.jit(lambda v: srj.soft_rank(v, 0.5))
+    unbounded = jax.ShapeDtypeStruct(export.symbolic_shape("b, n"), jnp.float16)
+    with pytest.raises(ValueError, match=r"constraints=\['n <= 65504'\]"):
+        export.export(f, disabled_checks=srj.export_disabled_checks())(unbounded)
+    bounded = jax.ShapeDtypeStruct(
+        export.symbolic_shape("b, n", constraints=["n <= 65504"]), jnp.float16)
+    exported = export.export(f, disabled_checks=srj.export_disabled_checks())(bounded)
+    x = np.random.default_rng(4).normal(size=(2, 7)).astype(np.float16)
+    np.testing.assert_array_equal(exported.call(x), srj.soft_rank(x, 0.5))
+
+
 def test_export_without_the_disabled_checks_names_the_targets(ffi_path):
     x = np.ones((2, 4), np.float32)
     with pytest.raises(ValueError, match="softrank_forward_value_v1"):
