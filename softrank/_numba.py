@@ -1328,8 +1328,8 @@ def _isotonic_kl_block_value(y, w, has_w, start, end, ref, total, weight, shift)
     about eps (1 + |ref|), so a block of one is y - log(w), and a longer one
     whose value is below 2^-10 (1 + |ref|) is recomputed about its own largest y
     (through expm1 / log1p where the quotient is near 1)."""
-    if end - start == 1:
-        return float(y[start]) - math.log(float(w[start])) if has_w else float(y[start])
+    if end - start == 1:  # (the scaled weight, as the pooling saw it)
+        return float(y[start]) - math.log(weight) - shift if has_w else float(y[start])
     value = ref + (math.log(total) - math.log(weight)) - shift
     if not abs(value) < 0.0009765625 * (1.0 + abs(ref)):  # 2^-10
         return value
@@ -1399,6 +1399,12 @@ def _isotonic_kl_row(y, w, has_w, increasing, sol, bs, bstart, bref, bsum, bw, w
         for i in range(bstart[k], e):
             sol[i] = value
             bs[i] = bstart[k]
+    # Neighbours within the pooling's resolution, their values computed more
+    # exactly, may come out an ulp or so out of order: each is brought to its
+    # predecessor's value (isotonic.h, isotonic_kl_forward_row).
+    for i in range(1, n):
+        if (sol[i] < sol[i - 1]) if increasing else (sol[i] > sol[i - 1]):
+            sol[i] = sol[i - 1]
 
 
 @_row_kernel

@@ -58,8 +58,8 @@ def check_eps(eps: Any) -> float:
     if math.isnan(value):
         raise ValueError("eps must be a number >= 0, got NaN")
     if value < 0 or (value == 0 and eps < 0):  # (Fraction(-1, 10**400) rounds to -0.0)
-        shown = value if value < 0 else f"{type(eps).__name__} below 0, {float(eps)!r} as a float"
-        raise ValueError(f"eps must be >= 0 (0 gives the hard operator), got {shown!r}")
+        shown = repr(value) if value < 0 else f"{eps!r}, below 0 (-0.0 as a float)"
+        raise ValueError(f"eps must be >= 0 (0 gives the hard operator), got {shown}")
     return value
 
 

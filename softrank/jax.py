@@ -184,7 +184,8 @@ def _register_cuda_targets() -> frozenset:
 
 # jax's error for a comparison of symbolic dimensions that nothing decides
 # (jax.export); () (catching nothing) where this jax does not name it.
-_INCONCLUSIVE_DIMENSION = getattr(jax.core, "InconclusiveDimensionOperation", ())
+_INCONCLUSIVE_DIMENSION = (getattr(jax.errors, "InconclusiveDimensionOperation", None)
+                           or getattr(jax.core, "InconclusiveDimensionOperation", ()))
 
 _HAVE_FFI_TARGETS = _register_targets()
 _CUDA_FFI_TARGETS = _register_cuda_targets()

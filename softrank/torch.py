@@ -94,6 +94,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from typing import Any, Optional
 
 try:
@@ -1407,7 +1408,7 @@ def _eps_argument(eps: Any) -> float:
         values = _known_values(eps)  # (unwrapped from a transform that does not differentiate it)
         eps = eps.detach() if values is None else values
     else:
-        eps = _specialized(eps, "eps")
+        eps = _specialized(eps, "eps", scalar_only=True)
     return check_eps(eps)
 
 
@@ -1456,7 +1457,7 @@ def _is_vmapped(tensor: Tensor) -> bool:
     return False
 
 
-def _specialized(value: Any, name: str, integral: bool = False) -> Any:
+def _specialized(value: Any, name: str, integral: bool = False, scalar_only: bool = False) -> Any:
     """A Python number argument as a plain Python number.
 
     An int or float argument of a compiled function arrives symbolic (a
@@ -1465,13 +1466,15 @@ def _specialized(value: Any, name: str, integral: bool = False) -> Any:
     numpy) and ``torch.compiler.assume_constant_result`` cannot take it.
     ``guard_scalar`` specializes it, with a guard, to the number it holds:
     a constant of the graph (another value compiles again), as a float eps
-    passed to the operators always was. Under compile, anything but a Python
-    number, a str, a bool or a tensor (a numpy scalar) is refused naming
-    ``name``. Anything else is returned as it is.
+    passed to the operators always was. Where ``scalar_only`` (eps, k), under
+    compile, anything but a real number (int, float, Fraction, ...), a str, a
+    bool or a tensor (a numpy scalar or array) is refused naming ``name``.
+    Anything else is returned as it is.
     """
     if isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool):
         return _guard_scalar(value)
-    if _is_compiling() and not isinstance(value, (bool, str, Tensor)) and value is not None:
+    if (scalar_only and _is_compiling() and value is not None
+            and not isinstance(value, (bool, str, Tensor, numbers.Real))):
         # Dynamo traces a numpy scalar or 0-d array (eps = np.float64(0.5), a
         # config's value) as an array that neither isinstance nor the checks
         # of softrank._validate can read ("does not support tracing
@@ -1689,7 +1692,7 @@ def soft_topk_mask(
         # failed on it with GuardOnDataDependentSymNode)
         raise TypeError("k must be a Python int under torch.compile (a tensor's value is data "
                         "the graph cannot depend on); pass int(k)")
-    k = _operators.check_k(_specialized(k, "k", integral=True), n)
+    k = _operators.check_k(_specialized(k, "k", integral=True, scalar_only=True), n)
     weights = _topk_row(n, k, reg, dtype, moved)
     out = _projection(moved, weights, eps, reg)[0]
     return _from_last(_operators.topk_mask_from_projection(_TORCH_OPS, out, reg), axis, x.dtype)

@@ -1150,6 +1150,13 @@ def test_numpy_eps_or_k_under_compile_is_refused_by_name(value):
     torch._dynamo.reset()
     with pytest.raises(Exception, match=r"k must be a Python int under torch.compile"):
         torch.compile(lambda t: srt.soft_topk_mask(t, k), fullgraph=True, backend="eager")(x)
+    # What compiled before stays compiled: a numpy array q, a Fraction eps.
+    from fractions import Fraction
+
+    torch._dynamo.reset()
+    got = torch.compile(lambda t: srt.soft_quantile(t, np.array([0.25, 0.75]), Fraction(1, 2)),
+                        fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(got, srt.soft_quantile(x, [0.25, 0.75], 0.5), rtol=0, atol=0)
 
 
 def test_tensor_k_works_eagerly_and_raises_clearly_under_compile():

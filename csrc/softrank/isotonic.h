@@ -407,9 +407,10 @@ void isotonic_kl_forward_row(const T* y, const T* w, index_t n, bool increasing,
   // is small (the value of a block of near-equal y, to about eps (|m| + |v|)),
   // else m + log(sum exp(y - m) / W). Blocks near R keep the pooling's sums.
   auto value_of = [&](index_t k, index_t bs, index_t be) {
-    if (be - bs == 1)
-      return w ? static_cast<double>(y[bs]) - std::log(static_cast<double>(w[bs]))
-               : static_cast<double>(y[bs]);
+    // (the scaled weight, as the pooling saw it: weights spread past 2^1074
+    // flush to the smallest double there)
+    if (be - bs == 1) return w ? static_cast<double>(y[bs]) - std::log(s.ws[bs]) - shift
+                               : static_cast<double>(y[bs]);
     const double value = rule.value(b.ref[k], b.stat[k], b.stat2[k]) - shift;
     if (!(std::fabs(value) < 0x1p-10 * (1.0 + std::fabs(b.ref[k])))) return value;
     double top = static_cast<double>(y[bs]);
@@ -422,6 +423,17 @@ void isotonic_kl_forward_row(const T* y, const T* w, index_t n, bool increasing,
     return rule.value(top, size + excess, weight) - shift;
   };
   isotonic_write_blocks(b, blocks, n, value_of, solution, block_start, ranges);
+  // The pooling decided the blocks to its resolution, eps (1 + |R|); two
+  // neighbours within it, their values now computed more exactly, may come
+  // out an ulp or so out of order: each is brought to its predecessor's value
+  // there (a change within that resolution), so the solution stays monotone.
+  ranges.single([&] {
+    for (index_t i = 1; i < n; ++i) {
+      const bool out_of_order = increasing ? solution[i] < solution[i - 1]
+                                           : solution[i] > solution[i - 1];
+      if (out_of_order) solution[i] = solution[i - 1];
+    }
+  });
 }
 
 // Gradient of sum(cotangent * solution) with respect to y (l2): grad_j =
