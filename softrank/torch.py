@@ -1472,6 +1472,9 @@ def _specialized(value: Any, name: str, integral: bool = False, scalar_only: boo
     Anything else is returned as it is.
     """
     if isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool):
+        if type(value) not in (int, float) and isinstance(value, (int, float)):
+            # a subclass (an IntEnum, np.float64): guard_scalar asserts a plain int
+            value = int(value) if isinstance(value, int) else float(value)
         return _guard_scalar(value)
     if (scalar_only and _is_compiling() and value is not None
             and not isinstance(value, (bool, str, Tensor, numbers.Real))):

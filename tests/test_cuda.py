@@ -491,6 +491,7 @@ def test_jax_cuda_lowering_takes_the_callback_where_the_core_sees_no_gpu(monkeyp
         return _engine.CudaDeviceCheck(core, "jax", "CUDA arrays")
 
     # Lowering for CUDA on a machine where jax runs none: the core is not asked.
+    monkeypatch.setattr(srj, "_jax_has_cuda_devices", lambda: False)
     monkeypatch.setattr(srj, "_CUDA_CORE_SEES_A_GPU", device_check(0))
     text = _cuda_lowering_text(lambda x: srj.soft_rank(x), x)
     assert "custom_call @softrank_forward_value_v1" in text and asked == []

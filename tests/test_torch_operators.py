@@ -1159,6 +1159,21 @@ def test_numpy_eps_or_k_under_compile_is_refused_by_name(value):
     torch.testing.assert_close(got, srt.soft_quantile(x, [0.25, 0.75], 0.5), rtol=0, atol=0)
 
 
+def test_int_enum_eps_and_k_work_as_their_values():
+    # guard_scalar asserted a plain int: an IntEnum eps or k failed with
+    # "AssertionError: Expected int", where softrank.numpy takes it.
+    import enum
+
+    class Setting(enum.IntEnum):
+        ONE = 1
+        TWO = 2
+
+    x = _x((2, 6), seed=62)
+    torch.testing.assert_close(srt.soft_rank(x, Setting.ONE), srt.soft_rank(x, 1.0), rtol=0, atol=0)
+    torch.testing.assert_close(srt.soft_topk_mask(x, Setting.TWO), srt.soft_topk_mask(x, 2),
+                               rtol=0, atol=0)
+
+
 def test_tensor_k_works_eagerly_and_raises_clearly_under_compile():
     # (Inductor failed on it with GuardOnDataDependentSymNode.)
     x = _x((2, 6), seed=60)
