@@ -79,8 +79,10 @@ def check_default_w_fits(n: Any, input_dtype: Any) -> None:
     default ``w = (n, ..., 1)``: the projection's output, cast back to float16,
     would be inf without a word (soft_rank refuses that n the same way)."""
     name = str(input_dtype)
-    if ("float16" in name and "bfloat16" not in name and isinstance(n, int)
-            and n > FLOAT16_LARGEST):
+    # (n: an int, or a torch SymInt under compile(dynamic=True) / export, where the
+    # comparison guards the graph to n <= 65504 as soft_rank's check does; jax and
+    # TensorFlow pass a concrete n here.)
+    if "float16" in name and "bfloat16" not in name and n > FLOAT16_LARGEST:
         raise ValueError(
             f"permutahedron_projection of a float16 z with the default w = (n, ..., 1) needs "
             f"n <= {FLOAT16_LARGEST} (the largest float16), got n = {n} along the axis: cast z "

@@ -811,7 +811,9 @@ def spearman(
     ----------
     pred : array_like, shape (..., n, ...)
     target : array_like, shape of ``pred``
-        Not differentiated (its ranks are piecewise constant).
+        Not differentiated (its ranks are piecewise constant). A row of
+        ``target`` holding NaN or +-inf gives NaN, as a row of ``pred`` does
+        (``scipy.stats.spearmanr`` ranks +-inf).
     eps : float, default 1.0
     regularization : {"l2", "kl"}
     axis : int, default -1

@@ -1378,7 +1378,13 @@ def _from_last(result: Tensor, axis: int, dtype: torch.dtype) -> Tensor:
 def _operand(value: Any, name: str, like: Tensor) -> Tensor:
     """A further tensor argument (``w``, ``target``, ``weights``): real or integer, on ``like``'s device."""
     if not isinstance(value, Tensor):
-        value = torch.as_tensor(value, device=like.device)
+        try:
+            value = torch.as_tensor(value, device=like.device)
+        except (TypeError, ValueError, RuntimeError) as error:
+            # (torch's own message, "new(): invalid data type 'str'" or "Could
+            # not infer dtype of object", names neither the argument nor what it takes)
+            raise TypeError(f"{name} must be a tensor or an array_like of real numbers, got "
+                            f"{type(value).__name__} ({error})") from None
     if value.layout is not torch.strided or value.is_nested or value.is_quantized:
         _refuse_layout(value, name)
     check_float_dtype_kind(_dtype_kind(value.dtype), _dtype_name(value.dtype), allow_int=True,
@@ -1432,8 +1438,11 @@ def _is_differentiated(value: Tensor) -> bool:
     level). A tensor a transform merely wraps (an argument it does not
     differentiate, or one made inside the transformed function) is not."""
     tensor = value
+    # Under no_grad / inference_mode a tensor that requires a gradient (a learnable
+    # temperature, an nn.Parameter, evaluated) records nothing: no derivative is taken.
+    recording = torch.is_grad_enabled()
     while True:
-        if tensor.requires_grad or _has_forward_tangent(tensor):
+        if (tensor.requires_grad and recording) or _has_forward_tangent(tensor):
             return True
         if not _is_functorch_wrapped(tensor):
             return False
@@ -1553,7 +1562,9 @@ def _known_values(tensor: Tensor):
         if torch._C._functorch.is_batchedtensor(tensor):
             return None
         tensor = torch._C._functorch.get_unwrapped(tensor)
-    if type(tensor) is not Tensor or tensor.is_meta:
+    # (An nn.Parameter holds plain values; other subclasses, fake or
+    # functional tensors, may not.)
+    if type(tensor) not in (Tensor, torch.nn.Parameter) or tensor.is_meta:
         return None
     return tensor.detach()
 
@@ -1722,7 +1733,9 @@ def spearman(
         As ``x`` in :func:`soft_rank`.
     target : Tensor or array_like, shape of ``pred``
         Real or integer (e.g. relevance labels), on ``pred``'s device. Not
-        differentiated (its ranks are piecewise constant).
+        differentiated (its ranks are piecewise constant). A row of ``target``
+        holding NaN or +-inf gives NaN, as a row of ``pred`` does
+        (``scipy.stats.spearmanr`` ranks +-inf).
     eps : float, default 1.0
         As in :func:`soft_rank`.
     regularization : {"l2", "kl"}

@@ -586,6 +586,22 @@ def test_spearman_constant_rows_are_nan(backend):
     np.testing.assert_allclose(got[2], 1.0, rtol=1e-15)
 
 
+def test_spearman_with_a_non_finite_target_row_is_nan_in_that_row_only(backend):
+    # The documented rule (a row of target holding NaN or +-inf gives NaN, as a
+    # row of pred does); the other rows, and their gradients, stay exact.
+    rng = np.random.default_rng(43)
+    pred = rng.normal(size=(4, 6))
+    target = rng.normal(size=(4, 6))
+    target[1, 2], target[2, 0] = np.inf, np.nan
+    value, vjp = srn.spearman_with_vjp(pred, target, 0.5)
+    assert np.isnan(value[1:3]).all()
+    clean = [0, 3]
+    np.testing.assert_array_equal(value[clean], srn.spearman(pred[clean], target[clean], 0.5))
+    grad = vjp(np.ones(4))
+    np.testing.assert_array_equal(grad[clean],
+                                  srn.spearman_with_vjp(pred[clean], target[clean], 0.5)[1](np.ones(2)))
+
+
 @pytest.mark.parametrize("regularization", REGS)
 def test_spearman_vjp_matches_fd(backend, regularization):
     rng = np.random.default_rng(42)

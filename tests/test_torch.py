@@ -256,6 +256,40 @@ def test_eps_as_tensor_or_numpy_scalar():
         srt.soft_rank(x, torch.tensor(0.25, requires_grad=True))
 
 
+def test_a_learnable_eps_or_q_is_read_where_no_gradient_is_recorded():
+    """An eps or q that requires a gradient (an nn.Parameter temperature, in
+    evaluation) was refused under no_grad and inference_mode too, where autograd
+    records nothing and no derivative can be asked for. Where it records, and
+    under a torch.func.grad started inside no_grad, it is still refused."""
+    x = _x((2, 6), seed=17)
+    eps = torch.nn.Parameter(torch.tensor(0.25, dtype=torch.float64))
+    q = torch.nn.Parameter(torch.tensor(0.3, dtype=torch.float64))
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            torch.testing.assert_close(srt.soft_rank(x, eps), srt.soft_rank(x, 0.25), rtol=0, atol=0)
+            torch.testing.assert_close(srt.soft_quantile(x, q, eps), srt.soft_quantile(x, 0.3, 0.25),
+                                       rtol=0, atol=0)
+    with torch.no_grad(), pytest.raises(TypeError, match="eps must not require a gradient"):
+        torch.func.grad(lambda e: srt.soft_sort(x, e).sum())(torch.tensor(0.5, dtype=torch.float64))
+    with pytest.raises(TypeError, match="eps must not require a gradient"):
+        srt.soft_rank(x, eps)
+    with pytest.raises(TypeError, match="q must not require a gradient"):
+        srt.soft_quantile(x, q, 0.25)
+
+
+def test_a_further_argument_that_is_not_numbers_is_named():
+    # torch.as_tensor's own errors ("new(): invalid data type 'str'", "Could not
+    # infer dtype of object") named neither the argument nor what it takes.
+    x = _x((2, 4), seed=18)
+    for value in ("abcd", object(), [[1.0, "a", 2.0, 3.0]] * 2):
+        with pytest.raises(TypeError, match="w must be a tensor or an array_like of real numbers"):
+            srt.permutahedron_projection(x, value)
+        with pytest.raises(TypeError, match="target must be a tensor or an array_like of real"):
+            srt.spearman(x, value)
+        with pytest.raises(TypeError, match="weights must be a tensor or an array_like of real"):
+            srt.isotonic_regression(x, weights=value)
+
+
 def test_limits_eps_zero_and_infinity():
     x = torch.tensor([[3.0, 1.0, 2.0, 1.0]], dtype=torch.float64, requires_grad=True)
     hard = srt.soft_rank(x, 0.0)

@@ -87,6 +87,30 @@ def test_compiled_with_dynamic_shapes():
         torch.testing.assert_close(grad, want)
 
 
+def test_exported_float16_projection_with_a_dynamic_n_bounds_n_for_the_default_w():
+    """With a symbolic n (torch.export with a dynamic dim) the float16 check of the
+    default w was skipped (it compared only a Python int): the exported program
+    ran any n, and past n = 65504 its output was inf. The check now bounds n as
+    soft_rank's does: export asks for the constraint, and runs with it."""
+
+    class Projection(torch.nn.Module):
+        def forward(self, z):
+            return srt.permutahedron_projection(z)
+
+    example = (torch.randn(1, 8, dtype=torch.float16),)
+    with pytest.raises(Exception, match=r"max=65504"):
+        torch.export.export(Projection(), example,
+                            dynamic_shapes=({1: torch.export.Dim("n", min=2)},))
+    exported = torch.export.export(Projection(), example,
+                                   dynamic_shapes=({1: torch.export.Dim("n", min=2, max=65504)},))
+    for n in (5, 300):
+        z = torch.randn(1, n, dtype=torch.float16)
+        torch.testing.assert_close(exported.module()(z), srt.permutahedron_projection(z),
+                                   rtol=0, atol=0)
+    with pytest.raises(Exception, match=r"n|65504"):
+        exported.module()(torch.randn(1, 65505, dtype=torch.float16))
+
+
 # --- a gradient penalty (double backward) through a compiled graph ----------------------
 # AOTAutograd cannot differentiate its compiled backward: it raises, as for
 # torch.sin, where the tensor the backward needs is the graph's input. A 1-D x

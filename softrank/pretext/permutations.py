@@ -294,7 +294,9 @@ def hamming_permutation_set(
         If ``n < 1``, ``K < 1``, ``K > n!`` or ``pool_size < K``, or the pool
         itself would take more than 16 GiB (``pool_size * n`` int64), or the
         greedy selection more than about a minute (``K`` times the pool's
-        length above 2e9; with the default pool, ``K > 10000``).
+        length above 2e9; with the default pool, ``K > 10000`` where ``n! >= 20 K``,
+        as at 9 patches; at 8 or fewer, whose pools hold all ``n!`` permutations,
+        no ``K <= n!`` reaches it).
 
     Examples
     --------
