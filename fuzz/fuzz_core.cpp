@@ -336,10 +336,9 @@ void check_isotonic_kl(const std::vector<T>& y, const std::vector<T>* w, std::in
     const bool known_weight_limit = w && whi > 0x1p900 && whi > std::ldexp(wlo, 1000);
     for (index_t i = 0; i < n; ++i) {
       const double v = static_cast<double>(sol[off + i]);
-      if (known_weight_limit && std::isfinite(v)) continue;
       // (float32: the solution is rounded to float; its bounds are not.)
       const double tol = rel * scale + (sizeof(T) == 4 ? 1e-7 * std::fabs(v) : 0.0);
-      if (!std::isfinite(v) || v < lo - tol || v > hi + tol)
+      if (!std::isfinite(v) || (!known_weight_limit && (v < lo - tol || v > hi + tol)))
         fail("isotonic kl: solution not finite or outside its term ratios", dummy, n, i, v, lo);
       if (i > 0) {
         const double p = static_cast<double>(sol[off + i - 1]);

@@ -473,7 +473,7 @@ def _forward_row(x, out, perm, bs, op, reg, descending, eps,
                 for i in range(s, e):
                     out[perm[i]] = r
             else:
-                out[s] = sgn * xs[s]
+                out[s] = sgn * xs[s] + 0.0  # (+ 0.0: +0.0, not -0.0; soft_row.h)
         elif op == _OP_RANK:
             if reg == _REG_L2:
                 base = _rho_mean(n, s, e)
@@ -497,12 +497,12 @@ def _forward_row(x, out, perm, bs, op, reg, descending, eps,
                 centre = 0.5 * (float(s) + float(e) - 1.0)
                 for i in range(s, e):
                     out[i] = sgn * (_scale(centre - float(i), eps_out, inv_out,
-                                           multiply_out) + mean)
+                                           multiply_out) + mean) + 0.0
             else:
                 base = ref + _sort_kl_log_ratio(xs, s, e, ref, bstat[k], bstat2[k],
                                                 eps, inv, multiply, tolerance)
                 for i in range(s, e):
-                    out[i] = sgn * (base - _scale(float(i - s), eps, inv, multiply))
+                    out[i] = sgn * (base - _scale(float(i - s), eps, inv, multiply)) + 0.0
     if (eps != 0.0 and op == _OP_SORT and reg == _REG_KL and count > 0
             and np.isinf(_scale(float(n - bstart[0]), eps, inv, multiply))):
         # A block's steps (i - s) / eps can pass the largest double: its
@@ -514,7 +514,7 @@ def _forward_row(x, out, perm, bs, op, reg, descending, eps,
             base = bref[k] + _sort_kl_log_ratio(xs, s, e, bref[k], bstat[k], bstat2[k],
                                                 eps, inv, multiply, tolerance)
             for i in range(s, e):
-                out[i] = sgn * _sort_kl_output_wide(base, float(i - s), eps, inv, multiply)
+                out[i] = sgn * _sort_kl_output_wide(base, float(i - s), eps, inv, multiply) + 0.0
 
 
 @njit(**_JIT)
@@ -749,7 +749,7 @@ def _isotonic_row(y, w, has_w, increasing, sol, bs, ys, ws, bstart, bref, bstat,
         e = bstart[k + 1] if k + 1 < top else n
         # Clamped only when outside, as in the C++ core (fmin/fmax of +-0 may
         # return either zero).
-        value = sign * (bref[k] + bstat[k])
+        value = sign * (bref[k] + bstat[k]) + 0.0  # (a zero is +0.0, as in isotonic.h)
         if value > bound:
             value = bound
         if value < -bound:

@@ -151,9 +151,15 @@ def composed_hvp(vjp: Callable, jvp: Callable) -> Callable:
         if reg == REG_L2 or eps == 0.0 or (math.isinf(eps) and op == OP_RANK):
             result = torch.zeros_like(x)
         elif op == OP_RANK:
-            jc = jvp(*state, cotangent, *params)
+            # 1 / g = sign * eps applied to J c before the product, as softrank.jax
+            # does: J c and J t are O(g) each, so applying it after the outer jvp
+            # passed through O(g^3), which overflowed (inf, then NaN) for tied
+            # values at eps ~1e-13 in float32 and ~1e-104 in float64, where the
+            # engine's g^2 result is finite.
+            inverse_scale = -eps if descending else eps
+            jc = jvp(*state, cotangent, *params) * inverse_scale
             jt = jvp(*state, tangent, *params)
-            result = jvp(*state, jc * jt / (out * out), *params) * (-eps if descending else eps)
+            result = jvp(*state, jc * jt / (out * out), *params)
         else:
             index = perm.to(device=x.device, dtype=torch.int64)
             positions = torch.arange(index.shape[-1], device=x.device).expand_as(index)

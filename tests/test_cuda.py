@@ -378,6 +378,27 @@ def test_composed_hvp_is_the_engine_s(dtype, n):
         assert float(error.max()) <= TOL[dtype], params
 
 
+@pytest.mark.parametrize("dtype, eps", [(torch.float32, 1e-13), (torch.float32, 1e-16),
+                                        (torch.float64, 1e-104), (torch.float64, 1e-140)])
+@pytest.mark.parametrize("descending", [False, True])
+def test_composed_hvp_of_tied_values_at_a_small_eps_stays_finite(dtype, eps, descending):
+    """The kl rank's composed second derivative applied 1 / g = eps after the
+    outer jvp: its intermediate, O(g^3), overflowed to inf (then NaN) where the
+    engine's O(g^2) result is finite. Tied values pool at any eps."""
+    hvp = _torch_cuda.composed_hvp(srt._vjp_kernel, srt._jvp_kernel)
+    x = torch.tensor([[1.0, 1.0, 1.0, 3.0, 2.0], [2.0, 2.0, 0.5, 0.5, 0.5]], dtype=dtype)
+    c = torch.tensor([[0.3, -1.2, 0.5, 0.7, 0.1], [0.2, -0.4, 0.9, -0.3, 0.6]], dtype=dtype)
+    t = torch.tensor([[1.1, 0.4, -0.2, -0.9, 0.6], [-0.5, 0.8, 0.3, 0.1, -0.7]], dtype=dtype)
+    params = (0, 1, descending, eps)
+    state = srt._forward_kernel(x, *params)
+    expected = srt._hvp_kernel(x, *state, c, t, *params)
+    assert torch.isfinite(expected).all() and expected.abs().max() > 1 / eps  # (the test's premise)
+    got = hvp(x, *state, c, t, *params)
+    assert torch.isfinite(got).all()
+    scale = _hvp_scale(x, *state, c, t, params)
+    assert float(((got.double() - expected.double()).abs() / scale).max()) <= TOL[dtype]
+
+
 # --- runnable anywhere: jax's lowering for the cuda platform ------------------------------
 
 

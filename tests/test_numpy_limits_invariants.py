@@ -61,6 +61,25 @@ def test_eps_zero_is_hard_operator(backend):
                     err_msg=f"sort {reg} {d} {x}")
 
 
+def test_a_zero_output_is_positive_zero(backend):
+    """np.sort keeps a +0.0 input +0.0; an ascending sort, computed as the
+    negated descending one, returned -0.0 (printed "-0."), at eps = 0 and above,
+    and a decreasing isotonic regression of zeros did too."""
+    x = np.array([[0.0, 1.0, 2.0], [2.0, 0.0, 1.0]])
+    outputs = [srn.soft_sort(x, 0.0), srn.soft_sort(x, 1e-3),
+               srn.soft_sort(x, 1e-3, regularization="kl"),
+               srn.soft_sort(-x, 0.0, direction="descending"),
+               srn.isotonic_regression(np.zeros((2, 3)), increasing=False),
+               srn.isotonic_regression(np.zeros((2, 3))),
+               srn.permutahedron_projection(np.array([0.0, 1.0]), np.array([0.0, 1.0])),
+               srn.soft_quantile(x, 0.0, 1e-3)]
+    for out in outputs:
+        zeros = out == 0.0
+        assert zeros.any()
+        assert not np.signbit(out[zeros]).any(), out
+    np.testing.assert_array_equal(srn.soft_sort(x, 0.0), np.sort(x))
+
+
 def test_hand_checked_hard_ranks(backend):
     x = np.array([10.0, 30.0, 20.0, 20.0])
     np.testing.assert_array_equal(srn.soft_rank(x, 0), [1.0, 4.0, 2.5, 2.5])

@@ -228,7 +228,8 @@ void isotonic_forward_row(const T* y, const T* w, index_t n, bool increasing,
     const double mean_minus_ref = w ? b.stat[k] : b.stat[k] / b.stat2[k];
     // Clamped only when outside: fmin/fmax may return either zero for +-0,
     // which would make an all-zero row's sign platform-dependent.
-    double value = sign * (b.ref[k] + mean_minus_ref);
+    // (+ 0.0: a zero value is +0.0 in either direction, not -0.0 when decreasing)
+    double value = sign * (b.ref[k] + mean_minus_ref) + 0.0;
     if (value > bound) value = bound;
     if (value < -bound) value = -bound;
     return shift != 0 ? std::ldexp(value, -shift) : value;

@@ -154,6 +154,8 @@ SOFTRANK_HD void write_outputs(index_t k_begin, index_t k_end, index_t end, inde
                                InverseScale scale_out, double unscale, double sgn, bool rank_kl,
                                double* xs, T* out, const index_t* perm, index_t* block_start,
                                index_t clip_lo, index_t clip_hi) {
+  // Sort outputs are sgn * v; the "+ 0.0" makes a zero +0.0 (np.sort's
+  // zero for a +0.0 input) where an ascending sort's negation gave -0.0.
   // rank kl: the span of sorted positions in blocks of two or more, the
   // only ones whose outputs need an exp.
   index_t exp_lo = end, exp_hi = 0;
@@ -186,7 +188,7 @@ SOFTRANK_HD void write_outputs(index_t k_begin, index_t k_end, index_t end, inde
         const double r = rho_mean(n, bs, be);
         for (index_t i = s; i < e; ++i) out[perm[i]] = static_cast<T>(r);
       } else {
-        for (index_t i = s; i < e; ++i) out[i] = static_cast<T>(sgn * xs[i]);
+        for (index_t i = s; i < e; ++i) out[i] = static_cast<T>(sgn * xs[i] + 0.0);
       }
       continue;
     }
@@ -227,13 +229,13 @@ SOFTRANK_HD void write_outputs(index_t k_begin, index_t k_end, index_t end, inde
           const double inv = scale_out.inv;
           for (index_t i = s; i < e; ++i) {
             block_start[i] = bs;
-            out[i] = static_cast<T>(sgn * ((centre - static_cast<double>(i)) * inv + mean));
+            out[i] = static_cast<T>(sgn * ((centre - static_cast<double>(i)) * inv + mean) + 0.0);
           }
         } else {
           const double e_out = scale_out.eps;
           for (index_t i = s; i < e; ++i) {
             block_start[i] = bs;
-            out[i] = static_cast<T>(sgn * ((centre - static_cast<double>(i)) / e_out + mean));
+            out[i] = static_cast<T>(sgn * ((centre - static_cast<double>(i)) / e_out + mean) + 0.0);
           }
         }
       } else {
@@ -242,12 +244,12 @@ SOFTRANK_HD void write_outputs(index_t k_begin, index_t k_end, index_t end, inde
           const double inv = scale.inv;
           for (index_t i = s; i < e; ++i) {
             block_start[i] = bs;
-            out[i] = static_cast<T>(sgn * (base - static_cast<double>(i - bs) * inv));
+            out[i] = static_cast<T>(sgn * (base - static_cast<double>(i - bs) * inv) + 0.0);
           }
         } else {
           for (index_t i = s; i < e; ++i) {
             block_start[i] = bs;
-            out[i] = static_cast<T>(sgn * (base - static_cast<double>(i - bs) / scale.eps));
+            out[i] = static_cast<T>(sgn * (base - static_cast<double>(i - bs) / scale.eps) + 0.0);
           }
         }
       }
@@ -267,7 +269,7 @@ SOFTRANK_HD void write_outputs(index_t k_begin, index_t k_end, index_t end, inde
       const index_t s = bs > clip_lo ? bs : clip_lo, e = be < clip_hi ? be : clip_hi;
       const double base = b.ref[k] + b.stat[k];
       for (index_t i = s; i < e; ++i)
-        out[i] = static_cast<T>(sgn * sort_kl_output_wide(base, static_cast<double>(i - bs), scale));
+        out[i] = static_cast<T>(sgn * sort_kl_output_wide(base, static_cast<double>(i - bs), scale) + 0.0);
     }
   }
   if (rank_kl && exp_lo < exp_hi) {
