@@ -722,6 +722,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_device_count", &softrank::cuda::device_count,
         "The number of usable CUDA devices: 0 without the CUDA core, a driver or a device. "
         "Never raises.");
+  m.def("cuda_device_capability", &softrank::cuda::device_capability,
+        "The current CUDA device's compute capability, 10 * major + minor; -1 where it "
+        "cannot be asked. Never raises.");
+  m.def("cuda_device_runs_kernels", &softrank::cuda::device_runs_kernels,
+        "Whether this build has a kernel image for the current CUDA device (False for a GPU "
+        "older than the architectures it was built for, or without a device). Never raises.");
   m.def("cuda_soft_forward_workspace", &cuda_forward_workspace, py::arg("dtype"), py::arg("rows"),
         py::arg("n"), "Scratch bytes cuda_soft_forward needs for a (rows, n) batch of dtype.");
   m.def("cuda_soft_forward", &cuda_forward, py::arg("dtype"), py::arg("x"), py::arg("rows"),

@@ -225,9 +225,10 @@ class CudaDeviceCheck:
 
     A framework can see a GPU that the core does not: the core links its CUDA
     runtime statically, and a driver older than the toolkit that built it makes
-    every call fail. The adapters then compute on the host, as in a build
-    without the CUDA core, with one RuntimeWarning that says why, rather than
-    failing every op.
+    every call fail. A GPU older than every architecture the core was built for
+    (a T4 or V100 under the default ``80;90``) runs none of its kernels. The
+    adapters then compute on the host, as in a build without the CUDA core, with
+    one RuntimeWarning that says why, rather than failing every op.
 
     Parameters
     ----------
@@ -247,10 +248,13 @@ class CudaDeviceCheck:
 
     def __call__(self) -> bool:
         if self._answer is None:
-            self._answer = self._cuda.cuda_device_count() > 0
-            if not self._answer:
-                import warnings
+            import warnings
 
+            count = self._cuda.cuda_device_count()
+            # (asked of the current device, the one the first op runs on)
+            runs_kernels = count > 0 and self._cuda.cuda_device_runs_kernels()
+            self._answer = runs_kernels
+            if count == 0:
                 warnings.warn(
                     f"softrank's CUDA core sees no GPU although {self._framework} does: its CUDA "
                     "runtime (linked statically) needs a newer driver than this machine's "
@@ -258,6 +262,20 @@ class CudaDeviceCheck:
                     f"softrank). {self._what} are computed on the host instead (a copy each "
                     "way). Rebuild softrank with a toolkit the driver supports, or set "
                     "SOFTRANK_DISABLE_CUDA=1 to choose the host path without this warning.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            elif not runs_kernels:
+                capability = self._cuda.cuda_device_capability()
+                named = (f"compute capability {capability // 10}.{capability % 10}"
+                         if capability > 0 else "its compute capability")
+                warnings.warn(
+                    f"softrank's CUDA core has no kernel for this GPU ({named}): it was built "
+                    "for newer architectures (CMAKE_CUDA_ARCHITECTURES, 80;90 by default). "
+                    f"{self._what} are computed on the host instead (a copy each way). Rebuild "
+                    "softrank for this GPU (pip install with -C cmake.define."
+                    "CMAKE_CUDA_ARCHITECTURES=native), or set SOFTRANK_DISABLE_CUDA=1 to choose "
+                    "the host path without this warning.",
                     RuntimeWarning,
                     stacklevel=3,
                 )

@@ -204,12 +204,20 @@ class HostCore:
     CPU engine: the pointers are those of CPU tensors. Checks every argument's type
     and that the workspace has the size the sizing function asked for."""
 
-    def __init__(self, device_count: int = 1):
+    def __init__(self, device_count: int = 1, runs_kernels: bool = True, capability: int = 90):
         self.streams = []
         self.device_count = device_count
+        self.runs_kernels = runs_kernels
+        self.capability = capability
 
     def cuda_device_count(self) -> int:
         return self.device_count
+
+    def cuda_device_runs_kernels(self) -> bool:
+        return self.device_count > 0 and self.runs_kernels
+
+    def cuda_device_capability(self) -> int:
+        return self.capability if self.device_count > 0 else -1
 
     @staticmethod
     def cuda_soft_forward_workspace(dtype: str, rows: int, n: int) -> int:
@@ -330,6 +338,29 @@ def test_cuda_kernels_take_the_host_path_where_the_core_sees_no_gpu(host_core):
     kernels = _torch_cuda.cuda_kernels(host_core, srt._HOST_KERNELS)
     kernels["soft_forward"](x, *params)
     assert host_core.streams == [0x5EED]
+
+
+def test_cuda_kernels_take_the_host_path_on_a_gpu_the_core_has_no_kernel_for(host_core):
+    """A GPU older than every architecture the core was built for (a T4, compute
+    capability 7.5, under the default 80;90): each launch would fail with "no
+    kernel image is available". The check asks the core once; CUDA tensors take
+    the host kernels, with one warning naming the capability and the rebuild."""
+    old_gpu = HostCore(device_count=1, runs_kernels=False, capability=75)
+    asked = []
+    runs = old_gpu.cuda_device_runs_kernels
+    old_gpu.cuda_device_runs_kernels = lambda: asked.append(1) or runs()
+    kernels = _torch_cuda.cuda_kernels(old_gpu, srt._HOST_KERNELS)
+    x = torch.tensor([[0.3, -1.0, 2.0, 0.3]], dtype=torch.float64)
+    params = (1, 1, True, 0.5)
+    with pytest.warns(RuntimeWarning, match=r"no kernel for this GPU \(compute capability 7\.5\)"
+                      r".*CMAKE_CUDA_ARCHITECTURES"):
+        state = kernels["soft_forward"](x, *params)
+    for got, want in zip(state, srt._forward_kernel(x, *params)):
+        assert torch.equal(got, want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels["soft_vjp"](x, *state, torch.ones_like(x), *params)
+    assert asked == [1] and old_gpu.streams == []
 
 
 def test_cuda_kernels_refuse_half_types(host_core):

@@ -81,6 +81,14 @@ def test_device_count_never_raises():
     assert c.cuda_device_count() == count  # a failed query leaves no error behind
     if not c.cuda_compiled() or not os.path.exists("/dev/nvidiactl"):
         assert count == 0
+    # The kernel-image check of the current device: never raises either.
+    runs, capability = c.cuda_device_runs_kernels(), c.cuda_device_capability()
+    assert isinstance(runs, bool) and isinstance(capability, int)
+    assert c.cuda_device_count() == count
+    if count == 0:
+        assert not runs and capability == -1
+    else:
+        assert capability >= 10
 
 
 def test_without_the_core_every_op_raises_runtime_error():
@@ -255,6 +263,19 @@ def _device_product(torch, xd, out, perm, blocks, vec, op, reg, descending, eps,
                         result.data_ptr(), work.data_ptr(), nbytes, stream)
     torch.cuda.synchronize()
     return result.cpu().numpy()
+
+
+@pytest.mark.cuda
+def test_the_device_runs_the_core_s_kernels():
+    """The GPU check machine's device has a kernel image (the fallback's
+    question, asked of a GPU the core was built for) and reports its capability
+    as torch does."""
+    torch = _torch_cuda()
+    c = _C()
+    torch.cuda.init()
+    assert c.cuda_device_runs_kernels()
+    major, minor = torch.cuda.get_device_capability()
+    assert c.cuda_device_capability() == 10 * major + minor
 
 
 @pytest.mark.cuda

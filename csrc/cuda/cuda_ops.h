@@ -27,6 +27,17 @@ bool compiled() noexcept;
 // The number of usable CUDA devices: 0 without the core, a driver or a device.
 int device_count() noexcept;
 
+// The current device's compute capability as 10 * major + minor (80 for an
+// A100), or -1 where the runtime cannot tell (no core, driver or device).
+int device_capability() noexcept;
+
+// Whether this build has a kernel image the current device runs (SASS for
+// its architecture or PTX it can compile): false for a GPU older than every
+// CMAKE_CUDA_ARCHITECTURES entry, whose launches would fail with "no kernel
+// image is available". Asks the current device only, so that no other
+// device gets a context. Never raises.
+bool device_runs_kernels() noexcept;
+
 // Scratch bytes of soft_forward / soft_product for a (rows, n) batch. They
 // query CUB's temporary storage for the current device, so they throw (as
 // the ops do) where there is no usable device.

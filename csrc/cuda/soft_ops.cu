@@ -862,6 +862,27 @@ int device_count() noexcept {
   return count;
 }
 
+int device_capability() noexcept {
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  return 10 * major + minor;
+}
+
+bool device_runs_kernels() noexcept {
+  // Any of the core's kernels: all are built for the same architectures.
+  cudaFuncAttributes attributes;
+  if (cudaFuncGetAttributes(&attributes, fill_items) != cudaSuccess) {
+    cudaGetLastError();  // (cudaErrorNoKernelImageForDevice is not sticky)
+    return false;
+  }
+  return true;
+}
+
 std::size_t soft_forward_workspace(bool f64, std::int64_t rows, index_t n) {
   return f64 ? forward_workspace<double>(rows, n) : forward_workspace<float>(rows, n);
 }

@@ -17,6 +17,10 @@ bool compiled() noexcept { return false; }
 
 int device_count() noexcept { return 0; }
 
+int device_capability() noexcept { return -1; }
+
+bool device_runs_kernels() noexcept { return false; }
+
 std::size_t soft_forward_workspace(bool, std::int64_t, index_t) { absent(); }
 
 std::size_t soft_product_workspace(bool, std::int64_t, index_t) { absent(); }
