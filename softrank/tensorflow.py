@@ -854,6 +854,34 @@ def _isotonic_op(y: tf.Tensor, weights: Any, increasing: bool, reg: int) -> tf.T
     return isotonic(*_in_current_graph([y, params, *weighted]))
 
 
+def _scale_factors(eps: tf.Tensor, dtype: tf.DType):
+    """:func:`softrank._derivatives._split_scale` of a float64 scalar tensor ``eps``,
+    as two tensors of ``dtype`` (``(1, 0)`` at eps = 0 and inf: ``z_scale``).
+
+    TensorFlow's CPU kernels flush subnormals to zero (a subnormal eps compares
+    equal to 0 and ``1 / eps`` is inf), so a subnormal ``eps = m * 2^-1074`` is
+    read off its bits: ``1 / eps = 2^1074 / m``, computed exactly as
+    ``(2^537 / m) * 2^537``. Where ``1 / eps`` does not fit ``dtype``,
+    _split_scale's exponent is always its cap (float32: ``1 / eps > 2^128``;
+    float64: ``1 / eps`` is inf), so the factors are ``2^cap`` and
+    ``min(2^-cap / eps, 2^cap)``.
+    """
+    itemsize = 4 if dtype.size <= 4 else 8
+    cap = _derivatives._FACTOR_EXPONENT[itemsize]
+    bits = tf.bitcast(eps, tf.int64)
+    subnormal = (bits > 0) & (bits < 2**52)
+    mantissa = tf.cast(tf.where(subnormal, bits, tf.ones_like(bits)), tf.float64)
+    recip = tf.where(subnormal, 2.0**537 / mantissa * 2.0**537, 1.0 / eps)
+    ratio = tf.where(subnormal, 2.0**(1074 - cap) / mantissa, 2.0**-cap / eps)
+    zero = ((eps == 0.0) & ~subnormal) | tf.math.is_inf(eps)
+    fits = recip <= _derivatives._LARGEST[itemsize]
+    one = tf.ones_like(eps)
+    before = tf.where(fits | zero, one, one * 2.0**cap)
+    after = tf.where(zero, tf.zeros_like(eps),
+                     tf.where(fits, recip, tf.minimum(ratio, 2.0**cap)))
+    return tf.cast(before, dtype), tf.cast(after, dtype)
+
+
 def _structure_gradient(name, inputs, outputs, upstream):
     """The gradient of a projection / isotonic callback op in a graph (see
     :func:`_host_callback_gradient`): the eager custom gradients' formulas on the op's
@@ -874,15 +902,28 @@ def _structure_gradient(name, inputs, outputs, upstream):
                                                 outputs[1:-1], upstream, float(static[0]), reg)
             grad_z, grad_w = _graph_connected(grads, outputs[0], z, w, upstream)
             return [grad_z, grad_w, None]
-        eps = params[0]
-        # The factor of dz (z_scale): 1/eps, or 0 at eps = 0 and inf. Scaling z
-        # by it and the result again is the formula at that eps.
-        scale = tf.cast(tf.where((eps == 0.0) | tf.math.is_inf(eps), tf.zeros_like(eps),
-                                 1.0 / eps), z.dtype)
-        grads = _derivatives.projection_vjp(_TensorFlowOps(outputs[-1]), z * scale, w,
-                                            outputs[0], outputs[1:-1], upstream, 1.0, reg)
+        # eps as a tensor (pfor's copy of the op): the formulas at eps = 1 on z
+        # scaled by z_scale(eps), and their z gradient scaled again. As in
+        # _derivatives, each block's head is subtracted from z before the scaling
+        # (the block softmax is shift invariant), so that z / eps beyond the float
+        # range gives 0 at the head and -inf below it, not inf - inf = NaN; and
+        # the scaling is by _derivatives._split_scale's finite factors, which keep a
+        # singleton block's exact 0 at 0 where 1 / eps overflows.
+        before, after = _scale_factors(params[0], z.dtype)
+        ops = _TensorFlowOps(outputs[-1])
+        perm_z, inv_z, _, _, block_start = outputs[1:-1]
+        scaled_z = z
+        if reg == REG_KL:
+            sorted_z = ops.take(z, perm_z)
+            shifted = ops.take(sorted_z - tf.stop_gradient(ops.take(sorted_z, block_start)),
+                               inv_z)
+            # eps = 0 or inf (after = 0): no derivative in z; a shift of -inf
+            # (a block spanning the float range) must not make 0 * inf.
+            scaled_z = tf.where(after == 0.0, tf.zeros_like(shifted), shifted * before * after)
+        grads = _derivatives.projection_vjp(ops, scaled_z, w, outputs[0], outputs[1:-1],
+                                            upstream, 1.0, reg)
         grad_z, grad_w = _graph_connected(grads, outputs[0], z, w, upstream)
-        return [grad_z * scale, grad_w, None]
+        return [grad_z * before * after, grad_w, None]
     y, *weighted, _ = inputs
     weights = weighted[0] if weighted else None
     grads = _derivatives.isotonic_vjp(_TensorFlowOps(outputs[2]), y, weights, outputs[0],
@@ -1170,7 +1211,8 @@ def spearman(
         statically known.
     target : tensor_like, shape of ``pred``
         Floats or integers. Not differentiated (its ranks are piecewise
-        constant).
+        constant). A row of ``target`` holding NaN or +-inf gives NaN, as a
+        row of ``pred`` does (``scipy.stats.spearmanr`` ranks +-inf).
     eps : float, default 1.0
     regularization : {"l2", "kl"}
     axis : int, default -1

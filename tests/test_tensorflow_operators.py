@@ -865,6 +865,38 @@ def test_top_k_derivatives_where_x_over_eps_overflows(reg):
         np.testing.assert_array_equal(acc.jvp(mask).numpy(), want)  # (a symmetric Jacobian)
 
 
+@pytest.mark.parametrize("reg", ["l2", "kl"])
+@pytest.mark.parametrize("dtype, eps", [(tf.float64, 1e-300), (tf.float64, 5e-324),
+                                        (tf.float64, 1e-3), (tf.float32, 1e-30),
+                                        (tf.float32, 1e-40)])
+def test_top_k_gradient_in_vectorized_map_where_x_over_eps_overflows(reg, dtype, eps):
+    """Under vectorized_map the gradient of pfor's copy of the op reads eps as a
+    tensor. Where |x| / eps overflows it equals the eager gradient of each row:
+    no NaN from inf - inf at a block's head (kl), nor 0 * inf where 1 / eps
+    overflows (float64's subnormal eps, read as 0 by TensorFlow's kernels; float32
+    below 3e-39), and +-inf where a pooled block's derivative is beyond the range."""
+    x = tf.constant([[1e12, 0.5, -3.0, 2.0], [1.0, 1.0, 1.0, -1.0], [0.3, -0.2, 0.1, 0.05],
+                     [-1e12, 1e12, 0.25, 0.25]], dtype)
+    c = tf.constant(_normal(x.shape, 58), dtype)
+    for k in (1, 2):
+        def mask(row, k=k):
+            return srtf.soft_topk_mask(row, k, eps, regularization=reg)
+
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(c * tf.vectorized_map(mask, x))
+        grad = tape.gradient(loss, x).numpy()
+        want = []
+        for i in range(x.shape[0]):
+            row = x[i]
+            with tf.GradientTape() as tape:
+                tape.watch(row)
+                loss = tf.reduce_sum(c[i] * mask(row))
+            want.append(tape.gradient(loss, row).numpy())
+        assert not np.isnan(grad).any()
+        np.testing.assert_array_equal(grad, np.stack(want))
+
+
 def test_isotonic_increasing_and_weights_beyond_float32_are_refused():
     y = tf.constant([[1.0, 3.0, 2.0, 4.0]])
     for bad in ("decreasing", None, 0):
