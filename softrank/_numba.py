@@ -493,16 +493,19 @@ def _forward_row(x, out, perm, bs, op, reg, descending, eps,
                                                           multiply))
         else:
             if reg == _REG_L2:
-                mean = unscale * (ref + bstat[k] / float(e - s))
+                # The sign folded into the block's terms, its constant made +0.0
+                # where zero: no -0.0 output (write_outputs in soft_row.h).
+                mean = sgn * (unscale * (ref + bstat[k] / float(e - s))) + 0.0
                 centre = 0.5 * (float(s) + float(e) - 1.0)
                 for i in range(s, e):
-                    out[i] = sgn * (_scale(centre - float(i), eps_out, inv_out,
-                                           multiply_out) + mean) + 0.0
+                    out[i] = _scale(centre - float(i), sgn * eps_out, sgn * inv_out,
+                                    multiply_out) + mean
             else:
                 base = ref + _sort_kl_log_ratio(xs, s, e, ref, bstat[k], bstat2[k],
                                                 eps, inv, multiply, tolerance)
+                base = sgn * base + 0.0
                 for i in range(s, e):
-                    out[i] = sgn * (base - _scale(float(i - s), eps, inv, multiply)) + 0.0
+                    out[i] = base - _scale(float(i - s), sgn * eps, sgn * inv, multiply)
     if (eps != 0.0 and op == _OP_SORT and reg == _REG_KL and count > 0
             and np.isinf(_scale(float(n - bstart[0]), eps, inv, multiply))):
         # A block's steps (i - s) / eps can pass the largest double: its

@@ -5,7 +5,9 @@ shape, with or without ``jax_enable_x64``, and work under every JAX
 transform: ``jit``, ``vmap``, ``grad``/``vjp``/``jacrev``, ``jvp``/
 ``jacfwd``, derivatives of every order (``hessian``, ``jacrev(jacrev)``,
 ``jacfwd(jacfwd)``, ...), ``checkpoint``, ``scan``, ``pmap``, ``shard_map``
-and ``jax.export``. A batch-sharded input is computed where its shards live.
+and ``jax.export``. A batch-sharded input is computed where its shards live;
+one sharded along the ranked axis has each row gathered whole (with Auto or
+Explicit mesh axes); outputs and gradients of the input's shape keep its sharding.
 
 The operator is built on five primitives over rows (the last axis; every
 leading axis is a batch axis), one per entry point of the engine contract
@@ -165,12 +167,12 @@ def _register_targets() -> bool:
     return True
 
 
-def _register_cuda_targets() -> frozenset:
-    """Register the CUDA core's XLA FFI handlers (platform "CUDA"; the same
-    target names as the CPU ones); their names, empty where the core was built
-    without CUDA or without the CPU handlers (then the API version is unchecked),
-    or where ``SOFTRANK_DISABLE_CUDA`` is set (:func:`softrank._engine.cuda_core`)."""
-    cuda = _engine.cuda_core()
+def _register_cuda_targets(cuda: Any) -> frozenset:
+    """Register the CUDA core ``cuda``'s XLA FFI handlers (platform "CUDA"; the
+    same target names as the CPU ones); their names, empty where there is no
+    CUDA core (``cuda`` None: built without CUDA, or ``SOFTRANK_DISABLE_CUDA``
+    set, :func:`softrank._engine.cuda_core`) or the core was built without the
+    CPU handlers (then the API version is unchecked)."""
     if not _HAVE_FFI_TARGETS or cuda is None:
         return frozenset()
     targets = getattr(cuda, "xla_ffi_cuda_targets", None)
@@ -188,9 +190,11 @@ _INCONCLUSIVE_DIMENSION = (getattr(jax.errors, "InconclusiveDimensionOperation",
                            or getattr(jax.core, "InconclusiveDimensionOperation", ()))
 
 _HAVE_FFI_TARGETS = _register_targets()
-_CUDA_FFI_TARGETS = _register_cuda_targets()
-_CUDA_CORE_SEES_A_GPU = (_engine.CudaDeviceCheck(_engine.cuda_core(), "jax", "CUDA arrays")
-                         if _engine.cuda_core() is not None else None)
+# The CUDA core, looked up once, at import (as SOFTRANK_DISABLE_CUDA is read).
+_CUDA_CORE = _engine.cuda_core()
+_CUDA_FFI_TARGETS = _register_cuda_targets(_CUDA_CORE)
+_CUDA_CORE_SEES_A_GPU = (_engine.CudaDeviceCheck(_CUDA_CORE, "jax", "CUDA arrays")
+                         if _CUDA_CORE is not None else None)
 
 
 def _jax_has_cuda_devices() -> bool:
@@ -322,6 +326,56 @@ def _zero_like(value):
     return ad.Zero(jax.typeof(value).to_tangent_aval())
 
 
+# --- sharded rows --------------------------------------------------------------
+#
+# The primitives partition themselves (their sharding rule gathers each row
+# whole, see _partitioning_attributes). The jax operations along a row that
+# the derivatives and the operators are made of (gathers, scatters) are laid
+# out here: with jax's Explicit mesh axes, which are part of an array's type,
+# jax refuses a gather or scatter along a sharded axis ("out sharding could not
+# be resolved unambiguously") and a vmap over operands sharded differently, so
+# the rows are made whole (and the operands alike) first, and the result
+# takes back the layout the caller has. Auto axes (XLA propagates shardings
+# and gathers what it needs) and Manual ones (inside shard_map) are not in
+# the type: there nothing is resharded.
+
+
+def _spec(a) -> tuple:
+    """The Explicit mesh axes of each dimension of ``a`` (None: unsharded)."""
+    spec = tuple(getattr(getattr(jax.typeof(a), "sharding", None), "spec", None) or ())
+    return spec + (None,) * (np.ndim(a) - len(spec))
+
+
+def _whole_rows(a, like=None):
+    """``a`` with its last axis (the row) unsharded and every leading axis
+    sharded as in ``like`` (default: ``a`` itself), for an operation along the
+    rows; ``a`` itself where that is already its layout."""
+    reference = a if like is None else like
+    target = (*_spec(reference)[:-1], None)
+    if _spec(a) == target:
+        return a
+    meshes = [jax.typeof(v).sharding.mesh for v in (reference, a)]
+    mesh = next((m for m in meshes if not m.empty), meshes[0])
+    return jax.sharding.reshard(
+        a, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*target)))
+
+
+def _laid_out_like(a, like):
+    """``a`` (computed on whole rows) resharded as ``like``, of the same shape."""
+    if _spec(a) == _spec(like):
+        return a
+    return jax.sharding.reshard(a, jax.typeof(like).sharding)
+
+
+def _over_rows(fn: Callable, ndim: int) -> Callable:
+    """``fn`` of one row mapped over the ``ndim - 1`` leading axes (a vmap per
+    axis, not a reshape into one batch axis, which would merge a sharded
+    axis with others)."""
+    for _ in range(ndim - 1):
+        fn = jax.vmap(fn)
+    return fn
+
+
 def _second_is_zero(op: int, reg: int, eps: float) -> bool:
     """Where J(x) is locally constant: l2 (piecewise linear), eps = 0 (piecewise
     constant) and the rank at eps = inf (constant). Not the kl sort at
@@ -363,14 +417,15 @@ def _second(x, out, perm, block_start, t, u, params: dict, *, engine_hvp: bool =
         # to 0 for eps beyond ~1e155 (0 / 0 = NaN in the third derivative).
         inverse_scale = (-1.0 if descending else 1.0) * eps
         return jvp(jvp(t) * inverse_scale * jvp(u) / (out * out))
-    # The sorted position of each column (the inverse of perm, row by row).
-    rows = perm.reshape(-1, perm.shape[-1])
+    # The sorted position of each column (the inverse of perm, row by row),
+    # scattered along whole rows (see _whole_rows).
     positions = jnp.arange(perm.shape[-1], dtype=perm.dtype)
-    inverse = jnp.zeros_like(rows).at[jnp.arange(rows.shape[0])[:, None], rows].set(
-        jnp.broadcast_to(positions, rows.shape), unique_indices=True).reshape(perm.shape)
+    inverse = _laid_out_like(_over_rows(
+        lambda row: jnp.zeros_like(row).at[row].set(positions, unique_indices=True),
+        perm.ndim)(_whole_rows(perm)), perm)
 
     def centred(v):
-        return v - jnp.take_along_axis(jvp(v), inverse, axis=-1)
+        return v - _OPS.take(jvp(v), inverse)
 
     return (1.0 if descending else -1.0) * jvp(centred(t) * centred(u))
 
@@ -661,7 +716,7 @@ def _apply(x: Any, eps: Any, regularization: Any, direction: Any, axis: Any, op:
             "not supported")
     params = dict(op=op, reg=check_regularization(regularization),
                   descending=check_direction(direction), eps=check_eps(eps))
-    x = jnp.asarray(x)
+    x = _array_argument(x, "x")
     compute_dtype = _compute_dtype(x.dtype)
     ax = check_axis(axis, x.ndim)
     moved = jnp.moveaxis(x, ax, -1).astype(compute_dtype)
@@ -859,23 +914,32 @@ class _JaxOps:
     ones_like = staticmethod(jnp.ones_like)
     stop_gradient = staticmethod(jax.lax.stop_gradient)
 
+    # The gathers run on whole rows, with the operands laid out alike, and
+    # return the index's layout (see _whole_rows).
+
     @staticmethod
     def take(a, index):
-        return jnp.take_along_axis(a, index, axis=-1, mode="promise_in_bounds")
+        rows = _whole_rows(index)
+        out = jnp.take_along_axis(_whole_rows(a, rows), rows, axis=-1, mode="promise_in_bounds")
+        return _laid_out_like(out, index)
 
     @staticmethod
     def block_sum(v, block_start):
         # Blocks are contiguous runs of positions named by their first
         # position: a segment sum per row (batched, so a batch-sharded array
         # stays sharded), read back at every position of the block.
-        shape = v.shape
         if v.size == 0:
             return v
-        rows = v.reshape(-1, shape[-1])
-        starts = block_start.reshape(rows.shape)
-        sums = jax.vmap(functools.partial(jax.ops.segment_sum, num_segments=shape[-1],
-                                          indices_are_sorted=True))(rows, starts)
-        return jnp.take_along_axis(sums, starts, axis=-1, mode="promise_in_bounds").reshape(shape)
+        segment_sum = functools.partial(jax.ops.segment_sum, num_segments=v.shape[-1],
+                                        indices_are_sorted=True)
+
+        def row(values, starts):
+            return jnp.take_along_axis(segment_sum(values, starts), starts, axis=-1,
+                                       mode="promise_in_bounds")
+
+        starts = _whole_rows(block_start)
+        sums = _over_rows(row, v.ndim)(_whole_rows(v, starts), starts)
+        return _laid_out_like(sums, block_start)
 
     @staticmethod
     def nan_of(a):
@@ -884,7 +948,8 @@ class _JaxOps:
 
     @staticmethod
     def take_columns(a, index):
-        return a[..., index]
+        # (columns picked from whole rows: the result's last axis is unsharded)
+        return _whole_rows(a)[..., index]
 
     @staticmethod
     def sum_last(a):
@@ -982,10 +1047,21 @@ def _static(value: Any, name: str, what: str) -> Any:
     return value
 
 
+def _array_argument(value: Any, name: str):
+    """``jnp.asarray(value)``, naming the argument where jax cannot read it as an
+    array (its own message, "Value 'abc' with dtype <U3 is not a valid JAX array
+    type" or "None is not a valid value for jnp.array", names neither)."""
+    try:
+        return jnp.asarray(value)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{name} must be a jax array or an array_like of real numbers, got "
+                        f"{type(value).__name__} ({error})") from None
+
+
 def _prepare(x: Any, axis: Any, name: str):
     """``x`` as a jax array, its axis, and its rows: the axis last, in the compute dtype
     (:mod:`softrank._layout`'s policy; integers refused, as by soft_rank)."""
-    x = jnp.asarray(x)
+    x = _array_argument(x, name)
     dtype = _compute_dtype(x.dtype, name)
     ax = check_axis(axis, x.ndim, array_name=name)
     return x, ax, jnp.moveaxis(x, ax, -1).astype(dtype)
@@ -998,7 +1074,7 @@ def _restore(result, x, ax: int):
 def _like_rows(other: Any, x, ax: int, rows, name: str, reference: str, dtype=None):
     """``other`` (any real dtype, ints included) of ``x``'s shape, laid out like
     ``rows`` (in ``dtype``, by default ``rows``')."""
-    other = jnp.asarray(other)
+    other = _array_argument(other, name)
     check_float_dtype_kind(np.dtype(other.dtype).kind, str(other.dtype), allow_int=True,
                            name=name)
     if other.shape != x.shape:
@@ -1077,7 +1153,7 @@ def permutahedron_projection(
         _operators.check_default_w_fits(n, z.dtype)
         w_rows = jnp.broadcast_to(jnp.asarray(_operators.rho(n, rows.dtype)), rows.shape)
     else:
-        w = jnp.asarray(w)
+        w = _array_argument(w, "w")
         check_float_dtype_kind(np.dtype(w.dtype).kind, str(w.dtype), allow_int=True, name="w")
         if _operators.projection_weights_shared(w.shape, z.shape, n, w.shape == z.shape):
             w_rows = jnp.broadcast_to(w.astype(rows.dtype), rows.shape)
@@ -1162,8 +1238,11 @@ def spearman(
     pred : array_like, shape (..., n, ...)
         A floating array; float16 and bfloat16 run in float32.
     target : array_like, shape of ``pred``
-        Any real dtype. Not differentiated (its ranks are piecewise
-        constant; its gradient is zero).
+        Any real dtype; integers are ranked exactly (not through a float, so
+        with x64 off int32 targets above 2^24 keep their order). Not
+        differentiated (its ranks are piecewise constant; its gradient is
+        zero). A row of ``target`` holding NaN or +-inf gives NaN, as a row of
+        ``pred`` does (``scipy.stats.spearmanr`` ranks +-inf).
     eps : float, default 1.0
         Static, >= 0.
     regularization : {"l2", "kl"}
@@ -1192,14 +1271,51 @@ def spearman(
     eps = check_eps(_static(eps, "eps", "Python number"))
     check_regularization(regularization)
     pred, ax, rows = _prepare(pred, axis, "pred")
-    # The target is ranked in float64 where jax has it (x64 on), then its ranks
-    # are cast: cast first, distinct targets (int64 above 2^24 for float32
-    # pred) would merge into ties.
-    target_rows = jax.lax.stop_gradient(_like_rows(
-        target, pred, ax, rows, "target", "pred", jax.dtypes.canonicalize_dtype(jnp.float64)))
+    target = _array_argument(target, "target")
+    if np.dtype(target.dtype).kind in "iub":
+        # Integers are ranked by comparing the integers themselves: cast to a
+        # float first (float32 where x64 is off), distinct ones above 2^24
+        # (2^53 in float64) would merge into ties.
+        target_rows = _like_rows(target, pred, ax, rows, "target", "pred", target.dtype)
+        target_ranks = _integer_ranks(target_rows, rows)
+    else:
+        # A float target is ranked in float64 where jax has it (x64 on), then
+        # its ranks are cast: cast first, distinct targets closer than float32's
+        # resolution (for float32 pred) would merge into ties.
+        target_rows = jax.lax.stop_gradient(_like_rows(
+            target, pred, ax, rows, "target", "pred", jax.dtypes.canonicalize_dtype(jnp.float64)))
+        target_ranks = soft_rank(target_rows, 0.0).astype(rows.dtype)
     ranks = soft_rank(rows, eps, regularization=regularization)
-    target_ranks = jax.lax.stop_gradient(soft_rank(target_rows, 0.0)).astype(rows.dtype)
+    target_ranks = jax.lax.stop_gradient(target_ranks)
     return _operators.pearson_last_axis(_OPS, ranks, target_ranks).astype(pred.dtype)
+
+
+def _integer_ranks(values, like):
+    """The ranks (1 to n, tied values their mean rank: scipy's "average") of the
+    integer or bool ``values`` along the last axis, exact, laid out and typed
+    as ``like`` (the float rows of the same shape).
+
+    Each value's tie group is found in the sorted row by comparing integers
+    (first and last sorted position of the group: a running max and min), and
+    its mean rank read back at the value's column: sorts, gathers and
+    cumulative operations along the row, so jit, vmap, export (with a symbolic
+    batch or n) and sharding apply as to any jax operations.
+    """
+    values = _whole_rows(values, like)
+    last_axis = values.ndim - 1
+    n = values.shape[-1]
+    order = jnp.argsort(values, axis=-1)
+    ordered = jnp.take_along_axis(values, order, axis=-1)
+    changes = ordered[..., 1:] != ordered[..., :-1]
+    edge = jnp.ones_like(ordered[..., :1], dtype=bool)  # (empty where n = 0)
+    first = jnp.concatenate([edge, changes], axis=-1)  # a group starts here
+    last = jnp.concatenate([changes, edge], axis=-1)  # a group ends here
+    position = jnp.arange(n, dtype=jnp.int32)
+    start = jax.lax.cummax(jnp.where(first, position, 0), axis=last_axis)
+    end = jax.lax.cummin(jnp.where(last, position, n - 1), axis=last_axis, reverse=True)
+    mean_rank = (start + end).astype(like.dtype) / 2 + 1
+    ranks = jnp.take_along_axis(mean_rank, jnp.argsort(order, axis=-1), axis=-1)
+    return _laid_out_like(ranks, like)
 
 
 def soft_quantile(

@@ -593,6 +593,41 @@ def test_spearman_at_eps_zero_and_small_eps_equals_scipy():
                                    want, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("x64, dtype, base", [(False, np.int32, 2**24), (True, np.int64, 2**53)])
+def test_spearman_ranks_integer_targets_exactly(x64, dtype, base):
+    """Integer targets are ranked as integers: without x64 an int32 target above
+    2^24 (in float32, 2^24 + 1 == 2^24), with it an int64 one above 2^53,
+    keeps its distinct values (they were cast to float first, and merged into
+    ties). Ranks as scipy.stats.rankdata ("average") of the target; the
+    reference is scipy.stats.spearmanr of pred and those ranks (spearmanr
+    itself casts an int64 target to float64)."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = _rng(27)
+    with jax_x64(x64):
+        float_dtype = np.float64 if x64 else np.float32
+        pred = rng.normal(size=(5, 9)).astype(float_dtype)
+        target = (base + rng.integers(0, 4, size=(5, 9))).astype(dtype)  # ties
+        target[1] = base + np.arange(9)[::-1]  # distinct, one apart
+        target[2, :4] = base  # only base and base + 1
+        target[2, 4:] = base + 1
+        ranks = scipy_stats.rankdata(target, axis=-1).astype(float_dtype)
+        want = np.array([scipy_stats.spearmanr(p, r).statistic for p, r in zip(pred, ranks)])
+        tol = 1e-12 if x64 else 1e-6
+        for reg in REGS:
+            got = srj.spearman(pred, target, 0.0, regularization=reg)
+            assert got.dtype == float_dtype
+            np.testing.assert_allclose(np.asarray(got), want, rtol=tol, atol=tol)
+            got = jax.jit(lambda p, t: srj.spearman(p, t, 1e-4, regularization=reg, axis=0))(
+                pred.T, target.T)
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e3 * tol, atol=1e3 * tol)
+        # the target's own hard ranks correlate with it exactly
+        np.testing.assert_allclose(np.asarray(srj.spearman(ranks, target, 0.0)), 1.0,
+                                   rtol=tol, atol=tol)
+        grad = jax.grad(lambda p: jnp.sum(srj.spearman(p, target, 0.5)))(pred)
+        want = jax.grad(lambda p: jnp.sum(srj.spearman(p, ranks, 0.5)))(pred)
+        np.testing.assert_allclose(np.asarray(grad), np.asarray(want), rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("reg", REGS)
 def test_soft_quantile_at_eps_zero_equals_np_quantile(reg):
     x = _rng(20).normal(size=(4, 7, 3))
@@ -778,6 +813,21 @@ def test_export_of_the_soft_rank_and_soft_sort_compositions():
 
 
 # --- argument errors ----------------------------------------------------------------------
+
+
+def test_arguments_jax_cannot_read_as_arrays_are_named():
+    # jax's own messages ("Value 'abcd' with dtype <U4 is not a valid JAX array
+    # type", "None is not a valid value for jnp.array") named no argument.
+    x = np.ones((2, 4))
+    for value in ("abcd", None, object()):
+        for name, call in (("x", lambda v: srj.soft_rank(v)), ("x", lambda v: srj.soft_median(v)),
+                           ("w", lambda v: srj.permutahedron_projection(x, v)),
+                           ("target", lambda v: srj.spearman(x, v)),
+                           ("weights", lambda v: srj.isotonic_regression(x, weights=v))):
+            if value is None and name in ("w", "weights"):
+                continue  # (their default)
+            with pytest.raises(TypeError, match=f"^{name} must be a jax array or an array_like"):
+                call(value)
 
 
 def test_bad_arguments_raise_naming_the_argument():

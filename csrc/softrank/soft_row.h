@@ -154,8 +154,8 @@ SOFTRANK_HD void write_outputs(index_t k_begin, index_t k_end, index_t end, inde
                                InverseScale scale_out, double unscale, double sgn, bool rank_kl,
                                double* xs, T* out, const index_t* perm, index_t* block_start,
                                index_t clip_lo, index_t clip_hi) {
-  // Sort outputs are sgn * v; the "+ 0.0" makes a zero +0.0 (np.sort's
-  // zero for a +0.0 input) where an ascending sort's negation gave -0.0.
+  // Sort outputs are sgn * v: a zero is made +0.0 (np.sort's zero for a +0.0
+  // input), where an ascending sort's negation gave -0.0.
   // rank kl: the span of sorted positions in blocks of two or more, the
   // only ones whose outputs need an exp.
   index_t exp_lo = end, exp_hi = 0;
@@ -220,36 +220,41 @@ SOFTRANK_HD void write_outputs(index_t k_begin, index_t k_end, index_t end, inde
         exp_hi = e;
       }
     } else {
+      // The sign is folded into the block's terms (sgn * (a + b) is (sgn * a) +
+      // (sgn * b) exactly: a product by +-1 is exact and rounding is
+      // symmetric), and "+ 0.0" makes the block's constant term +0.0 where it
+      // is zero, so that no output is -0.0, at no cost per element.
       if (spec.reg == Reg::L2) {
-        const double mean = unscale * (ref + b.stat[k] / static_cast<double>(be - bs));
+        const double mean = sgn * (unscale * (ref + b.stat[k] / static_cast<double>(be - bs))) + 0.0;
         // (double: bs + be overflows index_t for rows longer than 2^30)
         const double centre = 0.5 * (static_cast<double>(bs) + static_cast<double>(be) - 1.0);
         // scale_out(v) with its branch hoisted, so that the loop vectorises.
         if (scale_out.multiply) {
-          const double inv = scale_out.inv;
+          const double inv = sgn * scale_out.inv;
           for (index_t i = s; i < e; ++i) {
             block_start[i] = bs;
-            out[i] = static_cast<T>(sgn * ((centre - static_cast<double>(i)) * inv + mean) + 0.0);
+            out[i] = static_cast<T>((centre - static_cast<double>(i)) * inv + mean);
           }
         } else {
-          const double e_out = scale_out.eps;
+          const double e_out = sgn * scale_out.eps;
           for (index_t i = s; i < e; ++i) {
             block_start[i] = bs;
-            out[i] = static_cast<T>(sgn * ((centre - static_cast<double>(i)) / e_out + mean) + 0.0);
+            out[i] = static_cast<T>((centre - static_cast<double>(i)) / e_out + mean);
           }
         }
       } else {
-        const double base = ref + b.stat[k];  // log(S/Q), see sort_kl_log_ratios
+        const double base = sgn * (ref + b.stat[k]) + 0.0;  // log(S/Q), see sort_kl_log_ratios
         if (scale.multiply) {
-          const double inv = scale.inv;
+          const double inv = sgn * scale.inv;
           for (index_t i = s; i < e; ++i) {
             block_start[i] = bs;
-            out[i] = static_cast<T>(sgn * (base - static_cast<double>(i - bs) * inv) + 0.0);
+            out[i] = static_cast<T>(base - static_cast<double>(i - bs) * inv);
           }
         } else {
+          const double step_eps = sgn * scale.eps;
           for (index_t i = s; i < e; ++i) {
             block_start[i] = bs;
-            out[i] = static_cast<T>(sgn * (base - static_cast<double>(i - bs) / scale.eps) + 0.0);
+            out[i] = static_cast<T>(base - static_cast<double>(i - bs) / step_eps);
           }
         }
       }
