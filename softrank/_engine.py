@@ -246,6 +246,11 @@ class CudaDeviceCheck:
         self._what = what
         self._answer: bool | None = None
 
+    @property
+    def answered(self) -> bool:
+        """Whether the core has been asked (the answer is remembered)."""
+        return self._answer is not None
+
     def __call__(self) -> bool:
         if self._answer is None:
             import warnings

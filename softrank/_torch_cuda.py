@@ -148,7 +148,9 @@ def composed_hvp(vjp: Callable, jvp: Callable) -> Callable:
         state = (x, out, perm, block_start)
         cotangent = cotangent.to(device=x.device, dtype=x.dtype)
         tangent = tangent.to(device=x.device, dtype=x.dtype)
-        if reg == REG_L2 or eps == 0.0 or (math.isinf(eps) and op == OP_RANK):
+        # (an eps past the dtype's largest value is inf in the products: the rank's
+        # second derivative, O(1 / eps^2), is 0 there, as the engine computes it)
+        if reg == REG_L2 or eps == 0.0 or (op == OP_RANK and eps > torch.finfo(x.dtype).max):
             result = torch.zeros_like(x)
         elif op == OP_RANK:
             # 1 / g = sign * eps applied to J c before the product, as softrank.jax
@@ -209,7 +211,13 @@ def cuda_kernels(cuda: Optional[ModuleType],
 def _on_the_core_where_it_sees_a_gpu(sees_a_gpu: _engine.CudaDeviceCheck, kernel: Callable,
                                      host_kernel: Callable) -> Callable:
     def dispatch(*args):
-        return (kernel if sees_a_gpu() else host_kernel)(*args)
+        if not sees_a_gpu.answered and args[0].is_cuda:
+            # (the core asks its current device: make it the tensor's, once)
+            with torch.cuda.device(args[0].device):
+                on_the_core = sees_a_gpu()
+        else:
+            on_the_core = sees_a_gpu()
+        return (kernel if on_the_core else host_kernel)(*args)
 
     dispatch.__name__ = dispatch.__qualname__ = getattr(kernel, "__name__", "kernel")
     return dispatch

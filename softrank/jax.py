@@ -367,13 +367,20 @@ def _laid_out_like(a, like):
     return jax.sharding.reshard(a, jax.typeof(like).sharding)
 
 
-def _over_rows(fn: Callable, ndim: int) -> Callable:
-    """``fn`` of one row mapped over the ``ndim - 1`` leading axes (a vmap per
-    axis, not a reshape into one batch axis, which would merge a sharded
-    axis with others)."""
-    for _ in range(ndim - 1):
-        fn = jax.vmap(fn)
-    return fn
+def _over_rows(fn: Callable, *arrays):
+    """``fn`` of rows (operands of one shape ``(..., n)``) applied to ``arrays``:
+    one vmap over their rows reshaped into one batch axis, the fastest form
+    (XLA's 2-D gathers and scatters); a vmap per leading axis where one of them
+    is sharded along an Explicit mesh axis, which a reshape would merge with
+    the others (jax refuses that)."""
+    shape = arrays[0].shape
+    if len(shape) <= 2 or any(any(_spec(a)[:-1]) for a in arrays):
+        mapped = fn
+        for _ in range(len(shape) - 1):
+            mapped = jax.vmap(mapped)
+        return mapped(*arrays)
+    rows = [a.reshape(-1, shape[-1]) for a in arrays]
+    return jax.vmap(fn)(*rows).reshape(shape)
 
 
 def _second_is_zero(op: int, reg: int, eps: float) -> bool:
@@ -422,7 +429,7 @@ def _second(x, out, perm, block_start, t, u, params: dict, *, engine_hvp: bool =
     positions = jnp.arange(perm.shape[-1], dtype=perm.dtype)
     inverse = _laid_out_like(_over_rows(
         lambda row: jnp.zeros_like(row).at[row].set(positions, unique_indices=True),
-        perm.ndim)(_whole_rows(perm)), perm)
+        _whole_rows(perm)), perm)
 
     def centred(v):
         return v - _OPS.take(jvp(v), inverse)
@@ -938,7 +945,7 @@ class _JaxOps:
                                        mode="promise_in_bounds")
 
         starts = _whole_rows(block_start)
-        sums = _over_rows(row, v.ndim)(_whole_rows(v, starts), starts)
+        sums = _over_rows(row, _whole_rows(v, starts), starts)
         return _laid_out_like(sums, block_start)
 
     @staticmethod

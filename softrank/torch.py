@@ -1378,11 +1378,16 @@ def _from_last(result: Tensor, axis: int, dtype: torch.dtype) -> Tensor:
 def _operand(value: Any, name: str, like: Tensor) -> Tensor:
     """A further tensor argument (``w``, ``target``, ``weights``): real or integer, on ``like``'s device."""
     if not isinstance(value, Tensor):
+        if isinstance(value, np.ndarray):
+            value = np.ascontiguousarray(value)  # (torch reads no negative strides: a[::-1])
         try:
             value = torch.as_tensor(value, device=like.device)
-        except (TypeError, ValueError, RuntimeError) as error:
+        except (TypeError, RuntimeError) as error:
             # (torch's own message, "new(): invalid data type 'str'" or "Could
-            # not infer dtype of object", names neither the argument nor what it takes)
+            # not infer dtype of object", names neither the argument nor what it
+            # takes; other errors, out of memory among them, are not about that)
+            if isinstance(error, RuntimeError) and "Could not infer dtype" not in str(error):
+                raise
             raise TypeError(f"{name} must be a tensor or an array_like of real numbers, got "
                             f"{type(value).__name__} ({error})") from None
     if value.layout is not torch.strided or value.is_nested or value.is_quantized:

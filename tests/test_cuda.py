@@ -430,6 +430,19 @@ def test_composed_hvp_of_tied_values_at_a_small_eps_stays_finite(dtype, eps, des
     assert float(((got.double() - expected.double()).abs() / scale).max()) <= TOL[dtype]
 
 
+def test_composed_hvp_with_an_eps_past_float32_s_range_is_the_engine_s_zero():
+    # eps = 1e39 is inf in float32 products: 0 * inf gave NaN where the engine's
+    # rank second derivative (computed in double, O(1 / eps^2)) is 0.
+    hvp = _torch_cuda.composed_hvp(srt._vjp_kernel, srt._jvp_kernel)
+    x = torch.tensor([[1.0, 1.0, 3.0, 2.0]], dtype=torch.float32)
+    c, t = torch.ones_like(x), torch.arange(4.0).reshape(1, 4)
+    for descending in (False, True):
+        params = (0, 1, descending, 1e39)
+        state = srt._forward_kernel(x, *params)
+        expected = srt._hvp_kernel(x, *state, c, t, *params)
+        assert torch.equal(hvp(x, *state, c, t, *params), expected)
+
+
 # --- runnable anywhere: jax's lowering for the cuda platform ------------------------------
 
 

@@ -288,6 +288,10 @@ def test_a_further_argument_that_is_not_numbers_is_named():
             srt.spearman(x, value)
         with pytest.raises(TypeError, match="weights must be a tensor or an array_like of real"):
             srt.isotonic_regression(x, weights=value)
+    # A numpy array with negative strides is numbers too (torch.as_tensor refused it).
+    w = np.arange(1.0, 5.0)
+    torch.testing.assert_close(srt.permutahedron_projection(x, w[::-1]),
+                               srt.permutahedron_projection(x, w[::-1].copy()), rtol=0, atol=0)
 
 
 def test_limits_eps_zero_and_infinity():
