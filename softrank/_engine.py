@@ -253,37 +253,37 @@ class CudaDeviceCheck:
 
     def __call__(self) -> bool:
         if self._answer is None:
-            import warnings
-
             count = self._cuda.cuda_device_count()
             # (asked of the current device, the one the first op runs on)
-            runs_kernels = count > 0 and self._cuda.cuda_device_runs_kernels()
-            self._answer = runs_kernels
-            if count == 0:
-                warnings.warn(
-                    f"softrank's CUDA core sees no GPU although {self._framework} does: its CUDA "
+            self._answer = count > 0 and self._cuda.cuda_device_runs_kernels()
+            if not self._answer:
+                self._warn(self._reason(count))
+        return self._answer
+
+    def _reason(self, count: int) -> str:
+        """Why the core runs no kernel here, and the rebuild that would."""
+        if count == 0:
+            return (f"softrank's CUDA core sees no GPU although {self._framework} does: its CUDA "
                     "runtime (linked statically) needs a newer driver than this machine's "
                     "(compare nvidia-smi's CUDA version with that of the nvcc that built "
-                    f"softrank). {self._what} are computed on the host instead (a copy each "
-                    "way). Rebuild softrank with a toolkit the driver supports, or set "
-                    "SOFTRANK_DISABLE_CUDA=1 to choose the host path without this warning.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            elif not runs_kernels:
-                capability = self._cuda.cuda_device_capability()
-                named = (f"compute capability {capability // 10}.{capability % 10}"
-                         if capability > 0 else "its compute capability")
-                warnings.warn(
-                    f"softrank's CUDA core has no kernel for this GPU ({named}): it was built "
-                    "for newer architectures (CMAKE_CUDA_ARCHITECTURES, 80;90 by default). "
-                    f"{self._what} are computed on the host instead (a copy each way). Rebuild "
-                    "softrank for this GPU (pip install with -C cmake.define."
-                    "CMAKE_CUDA_ARCHITECTURES=native), or set SOFTRANK_DISABLE_CUDA=1 to choose "
-                    "the host path without this warning.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+                    "softrank). Rebuild softrank with a toolkit the driver supports")
+        capability = self._cuda.cuda_device_capability()
+        named = (f"compute capability {capability // 10}.{capability % 10}"
+                 if capability > 0 else "its compute capability")
+        return (f"softrank's CUDA core has no kernel for this GPU ({named}): it was built for "
+                "newer architectures (CMAKE_CUDA_ARCHITECTURES, 80;90 by default). Rebuild "
+                "softrank for this GPU (pip install with -C cmake.define."
+                "CMAKE_CUDA_ARCHITECTURES=native)")
+
+    def _warn(self, reason: str) -> None:
+        import warnings
+
+        warnings.warn(
+            f"{reason}, or set SOFTRANK_DISABLE_CUDA=1 to choose the host path without this "
+            f"warning. {self._what} are computed on the host instead (a copy each way).",
+            RuntimeWarning,
+            stacklevel=4,
+        )
         return self._answer
 
 

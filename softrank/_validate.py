@@ -192,3 +192,10 @@ def weights_overflow(dtype_name: str, largest: float) -> str:
 def weights_underflow(dtype_name: str) -> str:
     """The message for valid weights that round to 0 in the compute dtype."""
     return f"weights must stay > 0 in {dtype_name} (the compute dtype; they underflow)"
+
+
+def not_numbers(name: str, array_kind: str, value: Any, error: Exception) -> str:
+    """The message for an argument a framework cannot read as an array of
+    numbers (its own message names neither the argument nor what it takes)."""
+    return (f"{name} must be {array_kind} or an array_like of real numbers, got "
+            f"{type(value).__name__} ({error})")

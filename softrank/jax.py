@@ -124,6 +124,7 @@ from softrank._validate import (
     check_increasing,
     check_regularization,
     check_weights,
+    not_numbers,
 )
 
 __all__ = [
@@ -383,6 +384,16 @@ def _over_rows(fn: Callable, *arrays):
     return jax.vmap(fn)(*rows).reshape(shape)
 
 
+def _inverse_permutation(perm):
+    """The inverse of each row's permutation ``perm`` (shape ``(..., n)``): one
+    O(n) scatter per row, along whole rows (see :func:`_whole_rows`), laid out
+    as ``perm``."""
+    positions = jnp.arange(perm.shape[-1], dtype=perm.dtype)
+    return _laid_out_like(_over_rows(
+        lambda row: jnp.zeros_like(row).at[row].set(positions, unique_indices=True),
+        _whole_rows(perm)), perm)
+
+
 def _second_is_zero(op: int, reg: int, eps: float) -> bool:
     """Where J(x) is locally constant: l2 (piecewise linear), eps = 0 (piecewise
     constant) and the rank at eps = inf (constant). Not the kl sort at
@@ -424,12 +435,7 @@ def _second(x, out, perm, block_start, t, u, params: dict, *, engine_hvp: bool =
         # to 0 for eps beyond ~1e155 (0 / 0 = NaN in the third derivative).
         inverse_scale = (-1.0 if descending else 1.0) * eps
         return jvp(jvp(t) * inverse_scale * jvp(u) / (out * out))
-    # The sorted position of each column (the inverse of perm, row by row),
-    # scattered along whole rows (see _whole_rows).
-    positions = jnp.arange(perm.shape[-1], dtype=perm.dtype)
-    inverse = _laid_out_like(_over_rows(
-        lambda row: jnp.zeros_like(row).at[row].set(positions, unique_indices=True),
-        _whole_rows(perm)), perm)
+    inverse = _inverse_permutation(perm)  # the sorted position of each column
 
     def centred(v):
         return v - _OPS.take(jvp(v), inverse)
@@ -1061,8 +1067,7 @@ def _array_argument(value: Any, name: str):
     try:
         return jnp.asarray(value)
     except (TypeError, ValueError) as error:
-        raise TypeError(f"{name} must be a jax array or an array_like of real numbers, got "
-                        f"{type(value).__name__} ({error})") from None
+        raise TypeError(not_numbers(name, "a jax array", value, error)) from None
 
 
 def _prepare(x: Any, axis: Any, name: str):
@@ -1321,7 +1326,7 @@ def _integer_ranks(values, like):
     start = jax.lax.cummax(jnp.where(first, position, 0), axis=last_axis)
     end = jax.lax.cummin(jnp.where(last, position, n - 1), axis=last_axis, reverse=True)
     mean_rank = (start + end).astype(like.dtype) / 2 + 1
-    ranks = jnp.take_along_axis(mean_rank, jnp.argsort(order, axis=-1), axis=-1)
+    ranks = jnp.take_along_axis(mean_rank, _inverse_permutation(order), axis=-1)
     return _laid_out_like(ranks, like)
 
 

@@ -118,6 +118,7 @@ from softrank._validate import (
     check_float_dtype_kind,
     check_increasing,
     check_regularization,
+    not_numbers,
     WEIGHTS_INVALID,
     weights_overflow,
     weights_underflow,
@@ -1388,8 +1389,7 @@ def _operand(value: Any, name: str, like: Tensor) -> Tensor:
             # takes; other errors, out of memory among them, are not about that)
             if isinstance(error, RuntimeError) and "Could not infer dtype" not in str(error):
                 raise
-            raise TypeError(f"{name} must be a tensor or an array_like of real numbers, got "
-                            f"{type(value).__name__} ({error})") from None
+            raise TypeError(not_numbers(name, "a tensor", value, error)) from None
     if value.layout is not torch.strided or value.is_nested or value.is_quantized:
         _refuse_layout(value, name)
     check_float_dtype_kind(_dtype_kind(value.dtype), _dtype_name(value.dtype), allow_int=True,
