@@ -276,15 +276,29 @@ class CudaDeviceCheck:
                 "CMAKE_CUDA_ARCHITECTURES=native)")
 
     def _warn(self, reason: str) -> None:
-        import warnings
-
-        warnings.warn(
+        warn_at_user_code(
             f"{reason}, or set SOFTRANK_DISABLE_CUDA=1 to choose the host path without this "
-            f"warning. {self._what} are computed on the host instead (a copy each way).",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-        return self._answer
+            f"warning. {self._what} are computed on the host instead (a copy each way).")
+
+
+# The packages whose frames lie between a user's call and a warning raised on
+# its behalf (torch.ops dispatch, jax's tracing and lowering, softrank itself).
+_LIBRARY_PACKAGES = frozenset({"softrank", "torch", "jax", "jaxlib"})
+
+
+def warn_at_user_code(message: str, category: type = RuntimeWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside softrank, torch
+    and jax, the line that asked for the work, however deep in dispatch or
+    tracing the warning arises (what Python 3.12's ``skip_file_prefixes`` does,
+    by module name, on every Python)."""
+    import sys
+    import warnings
+
+    level, frame = 2, sys._getframe(1)
+    while (frame is not None
+           and frame.f_globals.get("__name__", "").partition(".")[0] in _LIBRARY_PACKAGES):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def force_backend(name: str) -> None:

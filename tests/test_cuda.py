@@ -323,8 +323,10 @@ def test_cuda_kernels_take_the_host_path_where_the_core_sees_no_gpu(host_core):
     assert asked == []
     x = torch.tensor([[0.3, -1.0, 2.0, 0.3]], dtype=torch.float64)
     params = (0, 1, False, 0.5)
-    with pytest.warns(RuntimeWarning, match="CUDA core sees no GPU"):
+    with pytest.warns(RuntimeWarning, match="CUDA core sees no GPU") as record:
         state = kernels["soft_forward"](x, *params)
+    # (attributed to the line that called the kernel, not a frame inside softrank)
+    assert [w.filename for w in record] == [__file__]
     expected = srt._forward_kernel(x, *params)
     for got, want in zip(state, expected):
         assert torch.equal(got, want)
@@ -562,8 +564,11 @@ def test_jax_cuda_lowering_takes_the_callback_where_the_core_sees_no_gpu(monkeyp
     assert "custom_call @softrank_forward_value_v1" in text and asked == []
     # jax runs a GPU, the core sees none: the callback, one warning, one question.
     monkeypatch.setattr(srj, "_jax_has_cuda_devices", lambda: True)
-    with pytest.warns(RuntimeWarning, match="CUDA core sees no GPU although jax does"):
+    with pytest.warns(RuntimeWarning, match="CUDA core sees no GPU although jax does") as record:
         text = _cuda_lowering_text(lambda x: srj.soft_rank(x), x)
+    # (attributed to this file's code that asked for the lowering, not to a
+    # frame inside softrank or jax's tracing)
+    assert [w.filename for w in record] == [__file__]
     assert text is None or ("softrank_forward_value_v1" not in text and "callback" in text)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
