@@ -223,13 +223,21 @@ def _ffi_ready() -> bool:
     return _HAVE_FFI_TARGETS and _engine.backend() == "native"
 
 
-def _lowers_to_ffi(platform: str, target: str) -> bool:
+def _for_export(ctx) -> bool:
+    """Whether ``ctx`` lowers for ``jax.export`` (a serialized module, to be run
+    wherever softrank is installed), not to run in this process."""
+    return bool(getattr(ctx.module_context.lowering_parameters, "for_export", False))
+
+
+def _lowers_to_ffi(platform: str, target: str, for_export: bool = False) -> bool:
     """Whether a lowering for ``platform`` ("cpu" or "cuda") can call ``target``
     as an XLA custom call. On CUDA: where the core was built with that CUDA
     handler (the CUDA core is the GPU's only engine, whichever runs on the CPU)
-    and can run it (:func:`_cuda_custom_calls_run_here`)."""
+    and can run it here (:func:`_cuda_custom_calls_run_here`), or the lowering
+    is for ``jax.export``: the exported module runs on another process's core,
+    and the host callback cannot be serialized."""
     if platform == "cuda":
-        return target in _CUDA_FFI_TARGETS and _cuda_custom_calls_run_here()
+        return target in _CUDA_FFI_TARGETS and (for_export or _cuda_custom_calls_run_here())
     return _ffi_ready()
 
 
@@ -659,7 +667,7 @@ def _callback_lowering(ctx, *args, prim_name: str, **params):
     now, so that the tests can count its calls). Under jit with sharded
     operands XLA runs a callback on one device (it gathers the operands
     there); inside shard_map it runs on every shard."""
-    if getattr(ctx.module_context.lowering_parameters, "for_export", False):
+    if _for_export(ctx):
         raise NotImplementedError(
             "softrank.jax: jax.export needs softrank's XLA custom calls (the CPU platform and "
             "the native engine built with the XLA FFI handlers); here the operator runs "
@@ -680,7 +688,7 @@ def _ffi_call_lowering(ctx, *args, prim_name: str, platform: str, op, reg, desce
     else the host callback."""
     params = dict(op=op, reg=reg, descending=descending, eps=eps)
     target = _TARGETS[prim_name]
-    if not _lowers_to_ffi(platform, target):
+    if not _lowers_to_ffi(platform, target, _for_export(ctx)):
         return _callback_lowering(ctx, *args, prim_name=prim_name, **params)
     rule = jax.ffi.ffi_lowering(target, extra_attributes=_partitioning_attributes(ctx))
     return rule(ctx, *args, op=np.int32(op), reg=np.int32(reg), descending=bool(descending),
@@ -691,7 +699,8 @@ def _cuda_hvp_lowering(ctx, *args, **params):
     """The CUDA core has no hvp handler: the hvp is lowered as its composition of
     the jvp and vjp custom calls (:func:`_hvp_from_state`), or the callback where
     those are missing too."""
-    if not all(_lowers_to_ffi("cuda", _TARGETS[name]) for name in ("softrank_jvp", "softrank_vjp")):
+    if not all(_lowers_to_ffi("cuda", _TARGETS[name], _for_export(ctx))
+               for name in ("softrank_jvp", "softrank_vjp")):
         return _callback_lowering(ctx, *args, prim_name=_hvp_p.name, **params)
     return mlir.lower_fun(lambda *a: (_hvp_from_state(*a, params),),
                           multiple_results=True)(ctx, *args)
@@ -864,7 +873,7 @@ def _host_lowering(ctx, *args, host, **params):
     """The engine through jax.pure_callback, on every platform. Under jit with
     sharded operands XLA runs the callback on one device (it gathers the
     operands there); inside shard_map it runs on every shard."""
-    if getattr(ctx.module_context.lowering_parameters, "for_export", False):
+    if _for_export(ctx):
         raise NotImplementedError(
             "softrank.jax: jax.export needs softrank's XLA custom calls (the CPU platform and "
             "the native engine built with the XLA FFI handlers); here permutahedron_projection, "

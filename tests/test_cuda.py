@@ -24,6 +24,7 @@ import itertools
 import json
 import math
 import os
+import re
 import warnings
 
 import numpy as np
@@ -542,8 +543,10 @@ def test_jax_cuda_lowering_takes_the_callback_where_the_core_sees_no_gpu(monkeyp
     newer driver): the CUDA lowering takes the host callback, with one warning,
     the core asked once; where the core sees one, the custom calls; and where
     jax only lowers for CUDA (an export for another machine), the custom calls
-    without asking the core."""
+    without asking the core; a jax.export for CUDA, the custom calls even where
+    the core sees no GPU (the callback cannot be serialized)."""
     srj = require("softrank.jax")
+    import jax
     import jax.numpy as jnp
 
     x = jnp.ones((3, 4), jnp.float32)
@@ -574,6 +577,16 @@ def test_jax_cuda_lowering_takes_the_callback_where_the_core_sees_no_gpu(monkeyp
         warnings.simplefilter("error")
         text = _cuda_lowering_text(lambda x: srj.soft_sort(x * 2.0), x)
     assert text is None or ("softrank_forward_value_v1" not in text and "callback" in text)
+    assert asked == [0]
+    # ... but a jax.export for CUDA (a module serialized to run elsewhere, where
+    # the host callback cannot go) emits the custom calls, the core not asked again.
+    from jax import export
+
+    for fn in (lambda x: srj.soft_rank(x), lambda x: srj.soft_sort(x, regularization="kl")):
+        exported = export.export(jax.jit(jax.grad(lambda x: fn(x).sum())), platforms=["cuda"],
+                                 disabled_checks=srj.export_disabled_checks())(x)
+        calls = set(re.findall(r"custom_call @(\w+)", exported.mlir_module()))
+        assert calls == {"softrank_forward_v1", "softrank_vjp_v1"}  # (no host callback)
     assert asked == [0]
     # ... the core sees it: the custom calls.
     monkeypatch.setattr(srj, "_CUDA_CORE_SEES_A_GPU", device_check(1))
