@@ -29,7 +29,10 @@ and their compositions), batched gradients (``is_grads_batched``,
 ``vectorize=True``), ``torch.compile(fullgraph=True)`` with static or
 dynamic shapes (a Python-number ``eps`` or ``q`` is a constant of the graph:
 a new value compiles again), ``torch.export`` (with dynamic dims, the
-operator's own included), meta tensors. A vmapped dim is just more
+operator's own included), meta tensors, DTensors (``torch.distributed.tensor``)
+replicated or sharded along any dim but the operator's (computed shard by
+shard; one sharded along the operator's dim is gathered first; a further
+tensor argument must then be a DTensor too). A vmapped dim is just more
 rows to the engine, so ``vmap`` makes one engine call for the whole batch.
 What raises, saying what to use instead: ``torch.jit.trace`` and
 ``torch.jit.script`` (use ``torch.compile`` or ``torch.export``), third
@@ -95,6 +98,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import sys
 from typing import Any, Optional
 
 try:
@@ -773,6 +777,72 @@ torch.library.register_vmap("softrank::soft_hvp", _product_vmap("soft_hvp", 6), 
 # --- the operators on the permutahedron: derivatives in torch operations -----------
 
 
+# --- DTensor (torch.distributed.tensor) ----------------------------------------------
+# Every operator computes row by row along its last dim (the public functions
+# move the operator's dim there): a DTensor replicated or sharded along a
+# leading dim is computed shard by shard, exactly and without communication;
+# the last dim must be whole. The strategies below say so to DTensor's sharding
+# propagation, which redistributes any other placement (the ranked dim sharded,
+# Partial) to one of them first: the ranked rows are gathered, never ranked per
+# shard. They are registered the first time a DTensor reaches a public
+# function, not at import: importing torch.distributed.tensor takes about a
+# second, and a DTensor exists only once it has been imported.
+
+# The number of tensor outputs of each operator.
+_OUTPUT_COUNTS = {"soft_forward": 3, "soft_vjp": 1, "soft_jvp": 1, "soft_hvp": 1,
+                  "projection_forward": 6, "isotonic_forward": 2, "pearson": 1}
+_dtensor_registered = False
+
+
+def _is_dtensor(value: Any) -> bool:
+    """Whether ``value`` is a DTensor (without importing torch.distributed.tensor)."""
+    if type(value) is Tensor:
+        return False
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(value, module.DTensor)
+
+
+def _row_strategy(output_count: int):
+    """register_sharding's strategy of an operator computed along the last dim."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    def strategy(*args):
+        ndim = next(a.ndim for a in args if hasattr(a, "ndim"))
+
+        def inputs(placement):
+            # (None for the int, float and bool arguments and an absent weights)
+            return [placement if hasattr(a, "ndim") and a.ndim == ndim
+                    else Replicate() if hasattr(a, "ndim") else None for a in args]
+
+        strategies = [([Replicate()] * output_count, inputs(Replicate()))]
+        strategies += [([Shard(d)] * output_count, inputs(Shard(d))) for d in range(ndim - 1)]
+        return strategies
+
+    return strategy
+
+
+def _dtensor_input(x: Tensor) -> None:
+    """Register the operators' DTensor sharding strategies, once, if ``x`` is a DTensor."""
+    global _dtensor_registered
+    if _dtensor_registered or not _is_dtensor(x):
+        return
+    from torch.distributed.tensor.experimental import register_sharding
+
+    for name, output_count in _OUTPUT_COUNTS.items():
+        register_sharding(getattr(_OPS, name).default)(_row_strategy(output_count))
+    _dtensor_registered = True
+
+
+def _replicated_like(value: Tensor, like: Tensor) -> Tensor:
+    """``value`` (a plain tensor) as ``like`` holds it: replicated on a DTensor ``like``'s mesh."""
+    if type(like) is Tensor or not _is_dtensor(like):
+        return value
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = like.device_mesh
+    return DTensor.from_local(value, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
 class _TorchOps:
     """The namespace of :mod:`softrank._derivatives` and :mod:`softrank._operators`.
 
@@ -805,7 +875,7 @@ class _TorchOps:
 
     @staticmethod
     def take_columns(a, index):
-        return a.index_select(-1, torch.as_tensor(index, device=a.device))
+        return a.index_select(-1, _replicated_like(torch.as_tensor(index, device=a.device), a))
 
     @staticmethod
     def sum_last(a):
@@ -813,7 +883,7 @@ class _TorchOps:
 
     @staticmethod
     def constant(values, like):
-        return torch.as_tensor(values, dtype=like.dtype, device=like.device)
+        return _replicated_like(torch.as_tensor(values, dtype=like.dtype, device=like.device), like)
 
     @staticmethod
     def move_last_to_first(a):
@@ -1150,6 +1220,8 @@ def _isotonic(y, weights, increasing, reg):
 def _soft_op(x: Any, eps: Any, regularization: Any, direction: Any, dim: Any, op: int) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if type(x) is not Tensor:
+        _dtensor_input(x)
     if x.layout is not torch.strided or x.is_nested or x.is_quantized:
         _refuse_layout(x, "x")
     if torch._C._get_tracing_state() is not None:
@@ -1359,6 +1431,8 @@ def _to_last(x: Any, dim: Any, name: str):
     """``(x with dim last in its compute dtype, dim normalised, compute dtype)``."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if type(x) is not Tensor:
+        _dtensor_input(x)
     if x.layout is not torch.strided or x.is_nested or x.is_quantized:
         _refuse_layout(x, name)
     compute_dtype = _COMPUTE_DTYPE.get(x.dtype) or _compute_dtype(x.dtype, name)
@@ -1376,8 +1450,25 @@ def _from_last(result: Tensor, axis: int, dtype: torch.dtype) -> Tensor:
     return result if result.dtype == dtype else result.to(dtype)
 
 
-def _operand(value: Any, name: str, like: Tensor) -> Tensor:
-    """A further tensor argument (``w``, ``target``, ``weights``): real or integer, on ``like``'s device."""
+def _operand(value: Any, name: str, like: Tensor, like_name: str) -> Tensor:
+    """A further tensor argument (``w``, ``target``, ``weights``): real or integer, on ``like``'s device.
+
+    With a DTensor ``like``, an array_like becomes a replicated DTensor; a
+    plain tensor is refused, as torch's own operations refuse a plain tensor
+    mixed with DTensors (and a DTensor with a plain ``like``).
+    """
+    if isinstance(value, Tensor) and _is_dtensor(value) != _is_dtensor(like):
+        if _is_dtensor(like):
+            raise TypeError(
+                f"{name} is a plain torch.Tensor but {like_name} is a DTensor: softrank, as "
+                f"torch's own operations, does not mix them; pass {name} as a DTensor on "
+                f"{like_name}'s device mesh (torch.distributed.tensor.distribute_tensor("
+                f"{name}, {like_name}.device_mesh, [Replicate()]) or DTensor.from_local), or "
+                "as a numpy array or list (replicated)")
+        raise TypeError(
+            f"{name} is a DTensor but {like_name} is a plain torch.Tensor: softrank, as "
+            f"torch's own operations, does not mix them; pass {like_name} as a DTensor too, "
+            f"or {name}.full_tensor()")
     if not isinstance(value, Tensor):
         if isinstance(value, np.ndarray):
             value = np.ascontiguousarray(value)  # (torch reads no negative strides: a[::-1])
@@ -1390,6 +1481,7 @@ def _operand(value: Any, name: str, like: Tensor) -> Tensor:
             if isinstance(error, RuntimeError) and "Could not infer dtype" not in str(error):
                 raise
             raise TypeError(not_numbers(name, "a tensor", value, error)) from None
+        value = _replicated_like(value, like)
     if value.layout is not torch.strided or value.is_nested or value.is_quantized:
         _refuse_layout(value, name)
     check_float_dtype_kind(_dtype_kind(value.dtype), _dtype_name(value.dtype), allow_int=True,
@@ -1506,7 +1598,7 @@ def _specialized(value: Any, name: str, integral: bool = False, scalar_only: boo
 
 def _constant(values: np.ndarray, like: Tensor) -> Tensor:
     """A numpy vector as a constant row, broadcast to ``like``'s shape (no copy per row)."""
-    return torch.as_tensor(values, device=like.device).expand(like.shape)
+    return _replicated_like(torch.as_tensor(values, device=like.device), like).expand(like.shape)
 
 
 # A symbolic n (torch.export with a dynamic size along the operator's dim)
@@ -1639,7 +1731,7 @@ def permutahedron_projection(
         _operators.check_default_w_fits(n, z.dtype)
         weights = _rho_row(n, dtype, moved)
     else:
-        w = _operand(w, "w", z)
+        w = _operand(w, "w", z, "z")
         # (ndim first: comparing a 1-D w's length with z's batch size would
         # make torch.export guard a dynamic batch dim.)
         same_shape = w.dim() == z.dim() and w.shape == z.shape
@@ -1768,7 +1860,7 @@ def spearman(
     """
     _no_jit()
     moved, axis, dtype = _to_last(pred, dim, "pred")
-    target = _operand(target, "target", pred)
+    target = _operand(target, "target", pred, "pred")
     if target.shape != pred.shape:
         raise ValueError(
             f"target must have the shape of pred {tuple(pred.shape)}, got {tuple(target.shape)}")
@@ -1810,7 +1902,20 @@ def _target_ranks(target: Tensor, dtype: np.dtype) -> np.ndarray:
         _host_array(target), _engine.OP_RANK, _engine.REG_L2, False, 0.0).astype(dtype, copy=False)
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result``, without importing torch._dynamo.
+
+    That decorator imports torch._dynamo (and with it torch.distributed.tensor,
+    about a second) only to set the attribute below, which dynamo reads when it
+    traces a call of ``fn``: ``import softrank.torch`` stays fast.
+    """
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _checked_levels(q: Any):
     """``q`` checked, as a tuple of floats and whether it was a scalar.
 
@@ -1977,7 +2082,7 @@ def isotonic_regression(
     moved, axis, dtype = _to_last(y, dim, "y")
     moved_weights = None
     if weights is not None:
-        weights = _operand(weights, "weights", y)
+        weights = _operand(weights, "weights", y, "y")
         if weights.shape != y.shape:
             raise ValueError(
                 f"weights must have the shape of y {tuple(y.shape)}, got {tuple(weights.shape)}")

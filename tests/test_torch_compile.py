@@ -263,3 +263,14 @@ def test_compile_around_a_func_transform_with_graph_breaks_gives_the_eager_resul
 
     gradient = torch.compile(lambda v: torch.func.grad(loss)(v))
     torch.testing.assert_close(gradient(x), torch.func.grad(loss)(x), rtol=1e-12, atol=1e-12)
+
+
+def test_softrank_marks_constant_results_as_torch_s_decorator_does():
+    """softrank.torch marks ``_checked_levels`` (q's checks: a constant of the
+    graph) without importing torch._dynamo at import (which would also import
+    torch.distributed.tensor): it sets the attribute that
+    ``torch.compiler.assume_constant_result`` sets. A torch that marks functions
+    otherwise fails here, not silently in the compiled quantiles."""
+    marked = torch.compiler.assume_constant_result(lambda: 0)
+    assert getattr(marked, "_dynamo_marked_constant", None) is True
+    assert getattr(srt._checked_levels, "_dynamo_marked_constant", None) is True
