@@ -35,7 +35,10 @@ contiguous runs of positions named by their first position), ``exp``, ``log``,
 else 0, never differentiated) and ``row_scale(a)`` (``max(1, 2^-64 * the
 largest of a along the last axis)``, shape ``(..., 1)``, never differentiated;
 or None where it is 1 in every row, which an adapter of concrete arrays may
-tell).
+tell). Optionally ``times_factors(value, before, after)``: ``value * before *
+after`` for :func:`_split_scale`'s two finite factors (Python floats, ``after
+!= 0``), multiplied in that order and never folded into their product, which
+overflows; without it, that plain product (see :func:`times_scale`).
 """
 from __future__ import annotations
 
@@ -95,10 +98,22 @@ def _split_scale(eps: float, itemsize: int) -> Tuple[float, float]:
     return 2.0**half, min(2.0**-half / eps, 2.0**cap)
 
 
-def times_scale(value, eps: float):
-    """``value * z_scale(eps)``, finite where the product is (see :func:`_split_scale`)."""
+def times_scale(value, eps: float, ops: Any = None):
+    """``value * z_scale(eps)``, finite where the product is (see :func:`_split_scale`).
+
+    Where ``1 / eps`` overflows, ``value * before * after`` goes through
+    ``ops.times_factors`` where the adapter has one: a graph optimiser that
+    folds the two constants into one (TensorFlow's grappler) would multiply by
+    their product, inf, and turn an exact 0 into NaN. Where ``1 / eps`` fits,
+    one multiply, as every adapter computes it.
+    """
     before, after = _split_scale(eps, _itemsize(value))
-    return value * after if before == 1.0 else value * before * after
+    if before == 1.0:
+        return value * after
+    times_factors = getattr(ops, "times_factors", None)
+    if times_factors is None:
+        return value * before * after
+    return times_factors(value, before, after)
 
 
 def _block_softmax(ops, values, block_start, eps: Optional[float] = None):
@@ -112,7 +127,7 @@ def _block_softmax(ops, values, block_start, eps: Optional[float] = None):
     """
     head = ops.stop_gradient(ops.take(values, block_start))  # the block's largest value
     shifted = values - head
-    e = ops.exp(shifted if eps is None else times_scale(shifted, eps))
+    e = ops.exp(shifted if eps is None else times_scale(shifted, eps, ops))
     return e / ops.block_sum(e, block_start)
 
 
@@ -170,10 +185,10 @@ def projection_vjp(ops, z, w, out, state, cotangent, eps: float, reg: int,
         if scale == 0.0:
             grad_z = cotangent * 0.0 + poison
         elif reg == REG_L2:
-            grad_z = ops.take(times_scale(g - total / count, eps), inv_z) + poison
+            grad_z = ops.take(times_scale(g - total / count, eps, ops), inv_z) + poison
         else:
             p = _block_softmax(ops, ops.take(z, perm_z), block_start, eps)
-            grad_z = ops.take(times_scale(g - p * total, eps), inv_z) + poison
+            grad_z = ops.take(times_scale(g - p * total, eps, ops), inv_z) + poison
     if need_w:
         if reg == REG_L2:
             sorted_grad = total / count

@@ -771,6 +771,22 @@ class _TensorFlowOps:
     def stop_gradient_where_neg_inf(a):
         return tf.where(tf.math.is_inf(a) & (a < 0), tf.stop_gradient(a), a)
 
+    @staticmethod
+    def times_factors(value, before, after):
+        """``value * before * after`` with the second factor applied by ``MulNoNan``.
+
+        In a graph (tf.function, vectorized_map) grappler's constant folding
+        and arithmetic optimizer fold ``value * before * after`` into ``value *
+        (before * after)``: at a subnormal float64 eps that product is ``2^1074 =
+        inf``, and a singleton block's exact 0 became NaN, while eager ops gave
+        0. Grappler rewrites no ``MulNoNan``, nor a chain of a ``Mul`` and a
+        ``MulNoNan`` (nor their gradients, a ``MulNoNan`` then a ``Mul``); with
+        ``after != 0`` it is exactly a multiply (NaN and inf in ``value`` stay),
+        so the result is bitwise the eager one, and the other adapters' plain
+        product.
+        """
+        return tf.math.multiply_no_nan(value * before, after)
+
 
 _OPS = _TensorFlowOps()
 _STATE_DTYPES = [tf.int64] * 6  # perm_z, inv_z, perm_w, inv_w, block_start, segments

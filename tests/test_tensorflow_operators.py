@@ -897,6 +897,46 @@ def test_top_k_gradient_in_vectorized_map_where_x_over_eps_overflows(reg, dtype,
         np.testing.assert_array_equal(grad, np.stack(want))
 
 
+@pytest.mark.parametrize("reg", ["l2", "kl"])
+@pytest.mark.parametrize("dtype, eps", [(tf.float64, 5e-324), (tf.float64, 1e-310),
+                                        (tf.float64, 1e-300), (tf.float64, 1e-3),
+                                        (tf.float32, 1e-40), (tf.float32, 1e-30)])
+def test_graph_gradients_at_a_python_float_eps_equal_the_eager_ones(reg, dtype, eps):
+    """eps a Python float: where 1 / eps overflows, the gradient scales by two finite
+    constants (_derivatives._split_scale), which grappler folded into one, inf, so
+    a singleton block's exact 0 gave NaN under tf.function and in per-example
+    gradients under vectorized_map, not eagerly. Each graph gradient (and pfor's
+    batch_jacobian) equals the eager gradients of the rows, bitwise; soft_rank and
+    soft_sort (the engine's derivatives) alongside."""
+    x = tf.constant([[1e12, 0.5, -3.0, 2.0], [1.0, 1.0, 1.0, -1.0], [0.3, -0.2, 0.1, 0.3],
+                     [3.0, 1.0, 3.0, -2.0], [-1e12, 1e12, 0.25, 0.25]], dtype)
+    c = tf.constant(_normal(x.shape, 59), dtype)
+    operators = [lambda v, k=k: srtf.soft_topk_mask(v, k, eps, regularization=reg)
+                 for k in (1, 2)]
+    operators += [lambda v: srtf.soft_rank(v, eps, regularization=reg),
+                  lambda v: srtf.soft_sort(v, eps, regularization=reg)]
+    for op in operators:
+        def gradient(v, c_v, op=op):
+            with tf.GradientTape() as tape:
+                tape.watch(v)
+                loss = tf.reduce_sum(c_v * op(v))
+            return tape.gradient(loss, v)
+
+        rows = [gradient(x[i], c[i]).numpy() for i in range(x.shape[0])]
+        jacobians = [np.stack([gradient(x[i], tf.one_hot(j, x.shape[1], dtype=dtype)).numpy()
+                               for j in range(x.shape[1])]) for i in range(x.shape[0])]
+        graph = tf.function(gradient)
+        np.testing.assert_array_equal(graph(x, c).numpy(), np.stack(rows))
+        for i in range(x.shape[0]):
+            np.testing.assert_array_equal(graph(x[i], c[i]).numpy(), rows[i])
+        per_example = tf.vectorized_map(lambda pair: gradient(*pair), (x, c))  # (a graph too)
+        np.testing.assert_array_equal(per_example.numpy(), np.stack(rows))
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.vectorized_map(op, x)
+        np.testing.assert_array_equal(tape.batch_jacobian(y, x).numpy(), np.stack(jacobians))
+
+
 def test_isotonic_increasing_and_weights_beyond_float32_are_refused():
     y = tf.constant([[1.0, 3.0, 2.0, 4.0]])
     for bad in ("decreasing", None, 0):
