@@ -936,6 +936,15 @@ class _JaxOps:
     ones_like = staticmethod(jnp.ones_like)
     stop_gradient = staticmethod(jax.lax.stop_gradient)
 
+    @staticmethod
+    def times_factors(value, before, after):
+        """``value * before * after`` (see :func:`softrank._derivatives.times_scale`):
+        under jit, XLA's simplifier folds the two constants into their product,
+        inf at a subnormal eps, and a singleton's exact 0 became NaN; the
+        optimization barrier keeps the two multiplies apart (it has jvp,
+        transpose and batching rules, so grad, vmap and jvp go through it)."""
+        return jax.lax.optimization_barrier(value * before) * after
+
     # The gathers run on whole rows, with the operands laid out alike, and
     # return the index's layout (see _whole_rows).
 

@@ -884,3 +884,37 @@ def test_traced_static_arguments_raise_naming_them():
         jax.jit(srj.soft_quantile)(x, 0.5)
     with pytest.raises(TypeError, match="eps must be a static Python number"):
         jax.jit(srj.spearman)(x, x, 0.5)
+
+
+@pytest.mark.parametrize("eps", [1e-310, 5e-324])
+@pytest.mark.parametrize("reg", REGS)
+@pytest.mark.parametrize("k", [1, 2])
+def test_jitted_top_k_derivatives_at_a_subnormal_eps_have_no_nan(eps, reg, k):
+    """At a subnormal eps, 1 / eps overflows and the gradient is scaled by two
+    finite factors (softrank._derivatives._split_scale), so that a singleton
+    block's exact 0 stays 0. Under jit, XLA folded the two constants into their
+    product, inf, and 0 * inf gave NaN where the unjitted call gives 0. The
+    references: the unjitted gradient and jvp, and the hard top-k's derivative
+    (0 off the ties; +-inf on the tie at the k-th place where there is one)."""
+    x = jnp.array([[3.0, 1.0, 2.0, 2.0, 0.5]])
+    direction = jnp.arange(1.0, 6.0)[None]
+
+    def mask(v):
+        return srj.soft_topk_mask(v, k, eps, regularization=reg)
+
+    def loss(v):
+        return (mask(v) * direction).sum()
+
+    def tangent(v, t):
+        return jax.jvp(mask, (v,), (t,))[1]
+
+    for eager, jitted in ((jax.grad(loss)(x), jax.jit(jax.grad(loss))(x)),
+                          (tangent(x, direction), jax.jit(tangent)(x, direction))):
+        eager, jitted = np.asarray(eager), np.asarray(jitted)
+        assert not np.isnan(eager).any()
+        assert not np.isnan(jitted).any(), (eager, jitted)
+        assert np.array_equal(np.isinf(jitted), np.isinf(eager))
+        assert np.array_equal(jitted[np.isinf(eager)], eager[np.isinf(eager)])
+        # The ties at 2.0 sit at the k-th place only for k = 2; the rest is exact 0.
+        if k == 1:
+            assert np.array_equal(eager, np.zeros_like(eager))
