@@ -8,7 +8,6 @@ case; the tests below check its records.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import pickle
 import socket
@@ -17,17 +16,10 @@ import sys
 import zlib
 
 import pytest
+from frameworks import require
 
-
-def _require(module: str):
-    """Import ``module``; skip when it is missing, except under CI where it must be there."""
-    if os.environ.get("CI"):
-        return importlib.import_module(module)
-    return pytest.importorskip(module)
-
-
-torch = _require("torch")
-_require("softrank.torch")
+torch = require("torch")
+require("softrank.torch")
 
 WORLD = 2
 Q = [0.2, 0.5, 0.9]
