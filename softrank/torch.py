@@ -796,8 +796,8 @@ _dtensor_registered = False
 
 def _is_dtensor(value: Any) -> bool:
     """Whether ``value`` is a DTensor (without importing torch.distributed.tensor)."""
-    if type(value) is Tensor:
-        return False
+    # (isinstance only: dynamo cannot guard type() of a tensor made inside a
+    # compiled function, an nn.Parameter built there, and fails hard)
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(value, module.DTensor)
 
@@ -835,7 +835,7 @@ def _dtensor_input(x: Tensor) -> None:
 
 def _replicated_like(value: Tensor, like: Tensor) -> Tensor:
     """``value`` (a plain tensor) as ``like`` holds it: replicated on a DTensor ``like``'s mesh."""
-    if type(like) is Tensor or not _is_dtensor(like):
+    if not _is_dtensor(like):
         return value
     from torch.distributed.tensor import DTensor, Replicate
 
@@ -1220,8 +1220,7 @@ def _isotonic(y, weights, increasing, reg):
 def _soft_op(x: Any, eps: Any, regularization: Any, direction: Any, dim: Any, op: int) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if type(x) is not Tensor:
-        _dtensor_input(x)
+    _dtensor_input(x)
     if x.layout is not torch.strided or x.is_nested or x.is_quantized:
         _refuse_layout(x, "x")
     if torch._C._get_tracing_state() is not None:
@@ -1431,8 +1430,7 @@ def _to_last(x: Any, dim: Any, name: str):
     """``(x with dim last in its compute dtype, dim normalised, compute dtype)``."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if type(x) is not Tensor:
-        _dtensor_input(x)
+    _dtensor_input(x)
     if x.layout is not torch.strided or x.is_nested or x.is_quantized:
         _refuse_layout(x, name)
     compute_dtype = _COMPUTE_DTYPE.get(x.dtype) or _compute_dtype(x.dtype, name)

@@ -274,3 +274,24 @@ def test_softrank_marks_constant_results_as_torch_s_decorator_does():
     marked = torch.compiler.assume_constant_result(lambda: 0)
     assert getattr(marked, "_dynamo_marked_constant", None) is True
     assert getattr(srt._checked_levels, "_dynamo_marked_constant", None) is True
+
+
+def test_compiled_operators_on_parameters_made_inside_the_function():
+    """nn.Parameters built inside a compiled function (a graph break: dynamo
+    refuses the constructor under fullgraph) reach every tensor check of the
+    operators; dynamo cannot guard ``type()`` of such a tensor (it failed hard,
+    "name 'SYNTHETIC_LOCAL' is not defined"), so the checks must not use it."""
+    torch.manual_seed(0)
+    z, w = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    cases = [
+        lambda: srt.permutahedron_projection(z, torch.nn.Parameter(w)),
+        lambda: srt.permutahedron_projection(torch.nn.Parameter(z), torch.nn.Parameter(w)),
+        lambda: srt.spearman(z, torch.nn.Parameter(w)),
+        lambda: srt.soft_rank(torch.nn.Parameter(z), 0.5),
+        lambda: srt.soft_quantile(torch.nn.Parameter(z), [0.3, 0.5], 0.5),
+        lambda: srt.isotonic_regression(torch.nn.Parameter(z), weights=torch.nn.Parameter(w.exp())),
+    ]
+    for case in cases:
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(case)(), case(),
+                                   rtol=1e-12, atol=1e-12)
