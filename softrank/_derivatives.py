@@ -89,6 +89,12 @@ def _split_scale(eps: float, itemsize: int) -> Tuple[float, float]:
     float32 below eps ~ 1e-38: the factor saturates at 2^126, so a pooled
     block's derivative, beyond float32's range in truth, comes out as that
     saturated value, and a singleton's stays 0.
+
+    The vjp is computed the same way, ``after * C^T(before * g)``, because
+    TensorFlow's forward mode transposes it. The price, in every map and its
+    transpose alike: a tangent or cotangent beyond ``largest / before`` (float64:
+    2^487, about 4e146; float32: 2^65) overflows before the centring, so a pooled
+    block of such values gives NaN where ``C`` alone would give an exact 0.
     """
     scale = 1.0 / eps
     if scale <= _LARGEST[itemsize]:
@@ -184,11 +190,22 @@ def projection_vjp(ops, z, w, out, state, cotangent, eps: float, reg: int,
     if need_z:
         if scale == 0.0:
             grad_z = cotangent * 0.0 + poison
-        elif reg == REG_L2:
-            grad_z = ops.take(times_scale(g - total / count, eps, ops), inv_z) + poison
         else:
-            p = _block_softmax(ops, ops.take(z, perm_z), block_start, eps)
-            grad_z = ops.take(times_scale(g - p * total, eps, ops), inv_z) + poison
+            # after * C^T(before * g), as _split_scale computes a scaled map: its
+            # transpose (TensorFlow's forward mode transposes this vjp) is then
+            # before * C(after * t), finite too, where scaling first would give
+            # inf - inf inside the centring.
+            before, after = _split_scale(eps, _itemsize(g))
+            scaled, scaled_total = g, total
+            if before != 1.0:  # (one product, so that the transpose sums before scaling)
+                scaled = g * before
+                scaled_total = ops.block_sum(scaled, block_start)
+            if reg == REG_L2:
+                centred = scaled - scaled_total / count
+            else:
+                p = _block_softmax(ops, ops.take(z, perm_z), block_start, eps)
+                centred = scaled - p * scaled_total
+            grad_z = ops.take(centred * after, inv_z) + poison
     if need_w:
         if reg == REG_L2:
             sorted_grad = total / count

@@ -937,6 +937,55 @@ def test_graph_gradients_at_a_python_float_eps_equal_the_eager_ones(reg, dtype, 
         np.testing.assert_array_equal(tape.batch_jacobian(y, x).numpy(), np.stack(jacobians))
 
 
+@pytest.mark.parametrize("reg", ["l2", "kl"])
+@pytest.mark.parametrize("dtype, eps", [(tf.float64, 5e-324), (tf.float64, 1e-310),
+                                        (tf.float64, 1e-300), (tf.float32, 1e-40),
+                                        (tf.float32, 1e-30)])
+def test_forward_mode_top_k_at_a_tiny_eps_is_the_tie_blocks_centred_tangent(reg, dtype, eps):
+    """ForwardAccumulator builds a jvp by transposing the vjp. Where 1 / eps
+    overflows, the vjp had applied both of _split_scale's factors after the
+    block centring, so its transpose applied them before it: inf - inf = NaN in
+    every pooled block, and at singletons too (eagerly as well as in graphs).
+
+    As eps -> 0 the only pooled blocks are the exact ties that straddle the
+    k-th place. Within one, the l2 tangent of entry i is ``(t_i - mean_block t)
+    / eps``; kl's mask is ``exp`` of a projection whose softmax over tied values
+    is uniform, so its tangent is that times the mask's value there. Where
+    ``1 / eps`` overflows: +-inf in float64, and float32's documented saturated
+    factor 2^126 (_split_scale). Exactly 0 for equal tangents and outside such
+    ties. Eagerly and through tf.function."""
+    x = np.array([[0.7, -1.2, 2.5, 0.1],     # distinct: all singletons
+                  [1.0, 1.0, 1.0, -1.0],     # a tie across the boundary (k = 1, 2)
+                  [3.0, 1.0, 3.0, -2.0],     # k = 1: a tie across it, equal tangents
+                  [-5.0, 0.25, 0.25, 0.25]])  # the three largest tied (k = 1, 2)
+    t = np.array([[1.0, 0.5, -0.25, 2.0], [1.0, 0.5, -0.25, 2.0],
+                  [1.0, 2.0, 1.0, 0.0], [3.0, -1.0, 0.5, 1.0]])
+    ties = [[], [0, 1, 2], [0, 2], [1, 2, 3]]  # the pooled block of each row
+    with np.errstate(over="ignore"):
+        inverse = np.float64(1.0 / dtype.as_numpy_dtype(eps))  # inf where it overflows dtype
+    if dtype == tf.float32:
+        inverse = min(inverse, 2.0**126)
+    for k in (1, 2):
+        expected = np.zeros_like(x)
+        for row, block in enumerate(ties):
+            if k == 2 and row == 2:
+                continue  # the tie sits on two ones of w: no block straddles the boundary
+            centred = t[row, block] - t[row, block].mean()
+            if reg == "kl":
+                centred = centred * min(k, len(block)) / len(block)  # the mask's value
+            expected[row, block] = [0.0 if c == 0.0 else c * inverse for c in centred]
+        op = lambda v, k=k: srtf.soft_topk_mask(v, k, eps, regularization=reg)  # noqa: E731
+        for f in (op, tf.function(op)):
+            primal = tf.constant(x, dtype)
+            with tf.autodiff.ForwardAccumulator(primal, tf.constant(t, dtype)) as accumulator:
+                out = f(primal)
+            jvp = accumulator.jvp(out).numpy().astype(np.float64)
+            assert not np.isnan(jvp).any(), (k, f, jvp)
+            np.testing.assert_array_equal(np.isinf(jvp), np.isinf(expected))
+            np.testing.assert_allclose(jvp, expected, rtol=1e-5 if dtype == tf.float32 else 1e-12,
+                                       atol=0.0)
+
+
 def test_isotonic_increasing_and_weights_beyond_float32_are_refused():
     y = tf.constant([[1.0, 3.0, 2.0, 4.0]])
     for bad in ("decreasing", None, 0):
