@@ -35,10 +35,11 @@ contiguous runs of positions named by their first position), ``exp``, ``log``,
 else 0, never differentiated) and ``row_scale(a)`` (``max(1, 2^-64 * the
 largest of a along the last axis)``, shape ``(..., 1)``, never differentiated;
 or None where it is 1 in every row, which an adapter of concrete arrays may
-tell). Optionally ``times_factors(value, before, after)``: ``value * before *
+tell), and ``times_factors(value, before, after)``: ``value * before *
 after`` for :func:`_split_scale`'s two finite factors (Python floats, ``after
 != 0``), multiplied in that order and never folded into their product, which
-overflows; without it, that plain product (see :func:`times_scale`).
+overflows (the plain product where no optimiser folds constants; see
+:func:`times_scale`).
 """
 from __future__ import annotations
 
@@ -104,22 +105,19 @@ def _split_scale(eps: float, itemsize: int) -> Tuple[float, float]:
     return 2.0**half, min(2.0**-half / eps, 2.0**cap)
 
 
-def times_scale(value, eps: float, ops: Any = None):
+def times_scale(value, eps: float, ops: Any):
     """``value * z_scale(eps)``, finite where the product is (see :func:`_split_scale`).
 
     Where ``1 / eps`` overflows, ``value * before * after`` goes through
-    ``ops.times_factors`` where the adapter has one: a graph optimiser that
-    folds the two constants into one (TensorFlow's grappler) would multiply by
-    their product, inf, and turn an exact 0 into NaN. Where ``1 / eps`` fits,
-    one multiply, as every adapter computes it.
+    ``ops.times_factors``: a graph optimiser that folds the two constants into
+    one (TensorFlow's grappler, XLA's simplifier) would multiply by their
+    product, inf, and turn an exact 0 into NaN. Where ``1 / eps`` fits, one
+    multiply, as every adapter computes it.
     """
     before, after = _split_scale(eps, _itemsize(value))
     if before == 1.0:
         return value * after
-    times_factors = getattr(ops, "times_factors", None)
-    if times_factors is None:
-        return value * before * after
-    return times_factors(value, before, after)
+    return ops.times_factors(value, before, after)
 
 
 def _block_softmax(ops, values, block_start, eps: Optional[float] = None):

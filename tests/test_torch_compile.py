@@ -295,3 +295,26 @@ def test_compiled_operators_on_parameters_made_inside_the_function():
         torch._dynamo.reset()
         torch.testing.assert_close(torch.compile(case)(), case(),
                                    rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("regularization", ["l2", "kl"])
+def test_compiled_top_k_gradients_at_a_subnormal_eps_are_the_eager_ones(regularization):
+    """Where 1 / eps overflows, _derivatives scales by two finite constants
+    (ops.times_factors): a compiler that folded them into their product, inf,
+    would turn a singleton block's exact 0 into NaN, as TensorFlow's grappler
+    and XLA did. Inductor's gradients equal eager's, bitwise."""
+    x = torch.tensor([[1e12, 0.5, -3.0, 2.0], [1.0, 1.0, 1.0, -1.0], [0.3, -0.2, 0.1, 0.3],
+                      [3.0, 1.0, 3.0, -2.0], [-1e12, 1e12, 0.25, 0.25]], dtype=torch.float64,
+                     requires_grad=True)
+    weights = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for eps in (5e-324, 1e-310):
+        for k in (1, 2):
+            def loss(v, c, eps=eps, k=k):
+                return (srt.soft_topk_mask(v, k, eps, regularization=regularization) * c).sum()
+
+            x.requires_grad_(True)
+            (eager_loss, eager_grads), (compiled_loss, grads) = _eager_and_compiled(
+                loss, "inductor", x, weights)
+            assert not torch.isnan(grads[0]).any()
+            assert torch.equal(grads[0], eager_grads[0]), (eps, k)
+            assert torch.equal(compiled_loss, eager_loss)
