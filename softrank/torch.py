@@ -1459,8 +1459,9 @@ def _operand(value: Any, name: str, like: Tensor, like_name: str) -> Tensor:
     plain tensor is refused, as torch's own operations refuse a plain tensor
     mixed with DTensors (and a DTensor with a plain ``like``).
     """
-    if isinstance(value, Tensor) and _is_dtensor(value) != _is_dtensor(like):
-        if _is_dtensor(like):
+    like_is_dtensor = _is_dtensor(like)
+    if isinstance(value, Tensor) and _is_dtensor(value) != like_is_dtensor:
+        if like_is_dtensor:
             raise TypeError(
                 f"{name} is a plain torch.Tensor but {like_name} is a DTensor: softrank, as "
                 f"torch's own operations, does not mix them; pass {name} as a DTensor on "
