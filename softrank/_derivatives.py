@@ -93,9 +93,12 @@ def _split_scale(eps: float, itemsize: int) -> Tuple[float, float]:
 
     The vjp is computed the same way, ``after * C^T(before * g)``, because
     TensorFlow's forward mode transposes it. The price, in every map and its
-    transpose alike: a tangent or cotangent beyond ``largest / before`` (float64:
-    2^487, about 4e146; float32: 2^65) overflows before the centring, so a pooled
-    block of such values gives NaN where ``C`` alone would give an exact 0.
+    transpose alike (jax's reverse mode always paid it): a tangent or cotangent
+    entry beyond ``largest / before`` (float64: 2^487, about 4e146; float32:
+    2^65) overflows before the centring, and every entry of its block, a
+    singleton's too, comes out NaN where centring first gives 0 or +-inf. A
+    float32 second derivative at an eps below ~3e-39 reaches it (kl): its
+    cotangent is a first derivative, up to the saturated 2^126.
     """
     scale = 1.0 / eps
     if scale <= _LARGEST[itemsize]:
